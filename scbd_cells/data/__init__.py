@@ -1,0 +1,1 @@
+"""Data stage: schema names, ingest, the store, sampler and loader."""

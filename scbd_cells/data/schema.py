@@ -1,0 +1,31 @@
+"""Schema: the names every stage shares (store keys, table columns, AnnData keys).
+
+Keep names here so that a rename happens in one place; tests and docs refer to
+these constants rather than to string literals.
+"""
+
+from __future__ import annotations
+
+# --- store ------------------------------------------------------------------
+STORE_FORMAT = "scbd-cells-store"
+STORE_FORMAT_VERSION = 1
+
+# Canonical per-cell columns in ``Store.obs`` (besides the carried metadata).
+CELL_ID = "cell_id"
+PERTURBATION = "perturbation"
+GUIDE = "guide"
+BATCH = "batch"
+SPLIT = "split"
+SPLITS = ("train", "val", "test")
+
+# --- simulated screen -------------------------------------------------------
+CONTROL_LABEL = "nontargeting"
+SIM_CHANNELS = ("dna_damage", "actin", "dna", "microtubules")
+
+# --- AnnData ----------------------------------------------------------------
+OBSM_BATCH_EMBEDDING = "X_scbd_batch"
+OBSM_ENCODER = "X_scbd_encoder"
+OBSM_BATCH_ENCODER = "X_scbd_batch_encoder"
+UNS_SCBD = "scbd"
+N_CELLS = "n_cells"
+N_GUIDES = "n_guides"

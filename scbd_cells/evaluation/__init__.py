@@ -1,0 +1,1 @@
+"""Evaluation stage: complexes files, CORUM precision-recall, batch prediction, report."""

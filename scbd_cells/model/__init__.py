@@ -1,0 +1,1 @@
+"""Model stage: encoders, the SCBD module and its losses."""

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny simulated screen and its store, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep CPU tests predictable on small CI machines.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` simulated screen (crops layout), seed 0."""
+    from scbd_cells import simulate
+
+    out_dir = tmp_path_factory.mktemp("tiny_screen") / "screen"
+    simulate(out_dir, preset="tiny", seed=0)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_screen: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny screen ingested into a store (perturbation = gene, batch = plate,well)."""
+    from scbd_cells import ingest
+
+    store_path = tmp_path_factory.mktemp("tiny_store") / "screen.zarr"
+    ingest(
+        tiny_screen / "cells.csv",
+        out=store_path,
+        perturbation_column="gene",
+        guide_column="guide",
+        control="nontargeting",
+    )
+    return store_path
