@@ -1,0 +1,48 @@
+"""The command line as a user meets it: help, version, subcommands, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from scbd_cells import __version__
+from scbd_cells.cli import app
+
+COMMANDS = ["simulate", "ingest", "info", "train", "embed", "baseline", "evaluate", "demo"]
+runner = CliRunner()
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output, f"`scbd-cells --help` does not list {command}"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_subcommand_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_package_error_becomes_clean_exit(tmp_path) -> None:
+    """A store that does not exist: exit code 1 or 2, a message, no traceback."""
+    missing = tmp_path / "missing.zarr"
+    result = subprocess.run(
+        [sys.executable, "-m", "scbd_cells", "info", str(missing)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode in (1, 2)
+    assert "Traceback" not in result.stderr
+    assert "missing.zarr" in result.stderr
