@@ -1,0 +1,346 @@
+"""Loader: class-balanced training batches and in-order cell streams, read fast from the store.
+
+Two readers serve two access patterns:
+
+- :class:`BalancedLoader` turns the sampler's global batches (store rows,
+  grouped by class) into :class:`Batch` tensors on the training device. Rank
+  ``r`` of ``world_size`` reads only its slice of the global batch. Reads run on
+  background threads (zarr decompression releases the GIL), land in pinned host
+  memory and are copied to the device without blocking. Images stay integer
+  until the model's ``Preprocessor`` turns them into normalised floats on the
+  device; uint16 is widened to int32 on the device (torch cannot index uint16
+  CUDA tensors in every version we support).
+- :func:`iter_cells` streams cells in the order given, a bounded number of
+  pieces ahead, for validation and embedding.
+
+Both read through :class:`CellReader`, which keeps an in-memory copy of the
+images when they fit the ``cache_gb`` budget and otherwise reads sorted,
+de-duplicated rows so that the store can serve contiguous runs and whole chunks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from scbd_cells.data import schema
+from scbd_cells.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# Rows per piece when copying a store into memory: large contiguous reads.
+_CACHE_PIECE_BYTES = 256 * 2**20
+
+
+class Batch(NamedTuple):
+    """One rank's share of a class-balanced batch, on the training device.
+
+    Attributes
+    ----------
+    images
+        ``(b, C, H, W)`` integer tensor (the store's dtype; uint16 widened to
+        int32, uint32 to int64), not yet normalised.
+    perturbation
+        ``(b,)`` long perturbation codes (``store.codes("perturbation")``).
+    batch
+        ``(b,)`` long batch codes (``store.codes("batch")``).
+    indices
+        ``(b,)`` long store rows of the cells.
+    """
+
+    images: torch.Tensor
+    perturbation: torch.Tensor
+    batch: torch.Tensor
+    indices: torch.Tensor
+
+
+def _images_nbytes(store: Any) -> int:
+    shape = store.images.shape
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(store.images.dtype).itemsize
+
+
+def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The signed dtype that holds ``dtype`` and that every torch op supports."""
+    if dtype == torch.uint16:
+        return torch.int32
+    if dtype == torch.uint32:
+        return torch.int64
+    return dtype
+
+
+class CellReader:
+    """Reads rows of a store's image array, from memory when the cache budget allows.
+
+    Parameters
+    ----------
+    store
+        An open store (``open_store``).
+    cache_gb
+        Budget in GB (10^9 bytes) for an in-memory copy of all images. If the
+        images fit, they are copied once, in large contiguous pieces; otherwise
+        every read goes to the store.
+    """
+
+    def __init__(self, store: Any, *, cache_gb: float = 0.0) -> None:
+        self.store = store
+        self.nbytes = _images_nbytes(store)
+        self.cached: np.ndarray | None = None
+        if cache_gb > 0 and self.nbytes <= cache_gb * 1e9:
+            self.cached = self._load_all()
+            logger.info("Cached %.2f GB of images in memory", self.nbytes / 1e9)
+        elif cache_gb > 0:
+            logger.info(
+                "Images (%.2f GB) exceed the cache budget (%.2f GB): reading from the store",
+                self.nbytes / 1e9,
+                cache_gb,
+            )
+
+    def _load_all(self) -> np.ndarray:
+        images = self.store.images
+        n_cells = images.shape[0]
+        row_bytes = max(1, self.nbytes // max(1, n_cells))
+        step = max(1, _CACHE_PIECE_BYTES // row_bytes)
+        out = np.empty(images.shape, dtype=images.dtype)
+        for start in range(0, n_cells, step):
+            stop = min(n_cells, start + step)
+            out[start:stop] = images[start:stop]
+        return out
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Images of ``indices`` (any order, repeats allowed), ``(len(indices), C, H, W)``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.cached is not None:
+            return self.cached[indices]
+        if indices.size == 0:
+            return np.empty((0, *self.store.images.shape[1:]), dtype=self.store.images.dtype)
+        # Sorted unique rows let the store merge runs and read each chunk once.
+        unique, inverse = np.unique(indices, return_inverse=True)
+        images = self.store.read(unique)
+        if unique.size == indices.size and np.array_equal(unique, indices):
+            return images
+        return images[inverse]
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device, non-blocking from pinned memory, widened to a safe integer dtype."""
+    wide = _wide_dtype(host.dtype)
+    if device.type == "cpu":
+        return host.to(wide) if wide != host.dtype else host
+    moved = host.to(device, non_blocking=True)
+    return moved.to(wide) if wide != moved.dtype else moved
+
+
+class BalancedLoader:
+    """Endless class-balanced batches for one rank, prefetched on background threads.
+
+    Parameters
+    ----------
+    store
+        An open store.
+    sampler
+        A ``BalancedBatchSampler`` (or anything with ``next_indices()``,
+        ``state_dict()`` and ``load_state_dict()``). Every rank must hold a
+        sampler with the same seed: each draws the same global batch and reads
+        only its own slice.
+    device
+        Where the batches go (``"cuda:0"``, ``"cpu"``, a ``torch.device``).
+    rank, world_size
+        This process's rank and the number of ranks; rank ``r`` gets the
+        ``r``-th of ``world_size`` equal slices of each global batch.
+    cache_gb
+        In-memory cache budget for the images (see :class:`CellReader`).
+    workers
+        Background reader threads; 0 reads on the calling thread.
+    prefetch
+        Batches read ahead of the one being consumed (at least ``workers``).
+
+    Notes
+    -----
+    ``state_dict()`` is the sampler's state *before* the first batch not yet
+    handed out, so batches prefetched but never consumed are drawn again after
+    ``load_state_dict()``: resuming gives exactly the batches an uninterrupted
+    run would have given.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        sampler: Any,
+        *,
+        device: str | torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        cache_gb: float = 0.0,
+        workers: int = 2,
+        prefetch: int = 2,
+    ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise InputError(
+                f"Expected 0 <= rank < world_size, found rank={rank}, world_size={world_size}."
+            )
+        if workers < 0 or prefetch < 0:
+            raise InputError(
+                f"Expected workers >= 0 and prefetch >= 0, found {workers} and {prefetch}."
+            )
+        self.store = store
+        self.sampler = sampler
+        self.device = torch.device(device)
+        self.rank = rank
+        self.world_size = world_size
+        self.reader = CellReader(store, cache_gb=cache_gb)
+        self.perturbation_codes = np.asarray(store.codes(schema.PERTURBATION)[0], dtype=np.int64)
+        self.batch_codes = np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64)
+        self.workers = workers
+        self.depth = max(prefetch, workers, 1) if workers > 0 else 1
+        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._executor = ThreadPoolExecutor(workers, "scbd-loader") if workers > 0 else None
+        # (sampler state before drawing, pending host batch); oldest first.
+        self._pending: deque[tuple[dict, Future | tuple]] = deque()
+
+    # -- sampling and reading ---------------------------------------------------------
+    def _local_slice(self, global_indices: np.ndarray) -> np.ndarray:
+        total = global_indices.shape[0]
+        if total % self.world_size:
+            raise InputError(
+                f"Expected a global batch divisible by the {self.world_size} ranks, found "
+                f"{total} cells. Choose classes_per_batch * cells_per_class divisible by "
+                f"the number of processes."
+            )
+        size = total // self.world_size
+        return global_indices[self.rank * size : (self.rank + 1) * size]
+
+    def _read_host(self, indices: np.ndarray) -> tuple:
+        images = torch.from_numpy(np.ascontiguousarray(self.reader.read(indices)))
+        perturbation = torch.from_numpy(self.perturbation_codes[indices])
+        batch = torch.from_numpy(self.batch_codes[indices])
+        index_tensor = torch.from_numpy(indices)
+        host = (images, perturbation, batch, index_tensor)
+        if self._pin:
+            host = tuple(t.pin_memory() for t in host)
+        return host
+
+    def _submit(self) -> None:
+        state = copy.deepcopy(self.sampler.state_dict())
+        indices = self._local_slice(np.asarray(self.sampler.next_indices(), dtype=np.int64))
+        if self._executor is None:
+            self._pending.append((state, self._read_host(indices)))
+        else:
+            self._pending.append((state, self._executor.submit(self._read_host, indices)))
+
+    # -- iteration --------------------------------------------------------------------
+    def __iter__(self) -> BalancedLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        while len(self._pending) < self.depth:
+            self._submit()
+        _, pending = self._pending.popleft()
+        host = pending.result() if isinstance(pending, Future) else pending
+        # Start the next read before the copy, so the threads stay busy.
+        while len(self._pending) < self.depth:
+            self._submit()
+        images, perturbation, batch, indices = host
+        return Batch(
+            images=_to_device(images, self.device),
+            perturbation=perturbation.to(self.device, non_blocking=True),
+            batch=batch.to(self.device, non_blocking=True),
+            indices=indices.to(self.device, non_blocking=True),
+        )
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The sampler's state before the first batch not yet handed out (resume point)."""
+        if self._pending:
+            return copy.deepcopy(self._pending[0][0])
+        return copy.deepcopy(self.sampler.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the sampler and drop every prefetched batch (they are drawn again)."""
+        self._drain()
+        self.sampler.load_state_dict(copy.deepcopy(state))
+
+    def _drain(self) -> None:
+        for _, pending in self._pending:
+            if isinstance(pending, Future):
+                pending.cancel()
+        for _, pending in self._pending:
+            if isinstance(pending, Future) and not pending.cancelled():
+                pending.exception()  # wait, so no read outlives the reset
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Stop the background threads (the loader cannot be used afterwards)."""
+        self._drain()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> BalancedLoader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def iter_cells(
+    store: Any,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    batch_size: int,
+    workers: int = 2,
+    cache_gb: float = 0.0,
+    reader: CellReader | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream ``(indices, images)`` pieces of ``batch_size`` cells, in the order given.
+
+    Memory stays bounded: at most ``workers + 1`` pieces are held ahead of the
+    consumer.
+
+    Parameters
+    ----------
+    store
+        An open store.
+    indices
+        Store rows to read, in the order to yield them.
+    batch_size
+        Cells per piece (the last piece may be smaller).
+    workers
+        Background reader threads; 0 reads on the calling thread.
+    cache_gb
+        In-memory cache budget (ignored when ``reader`` is given).
+    reader
+        A :class:`CellReader` to reuse (e.g. one holding the cache).
+
+    Yields
+    ------
+    tuple
+        ``(indices int64 (n,), images (n, C, H, W) in the store dtype)``.
+    """
+    if batch_size < 1:
+        raise InputError(f"Expected batch_size >= 1, found {batch_size}.")
+    indices = np.asarray(indices, dtype=np.int64)
+    reader = reader if reader is not None else CellReader(store, cache_gb=cache_gb)
+    n_pieces = math.ceil(indices.size / batch_size)
+    pieces = (indices[i * batch_size : (i + 1) * batch_size] for i in range(n_pieces))
+    if workers <= 0:
+        for piece in pieces:
+            yield piece, reader.read(piece)
+        return
+    with ThreadPoolExecutor(workers, "scbd-cells") as executor:
+        ahead: deque[tuple[np.ndarray, Future]] = deque()
+        for piece in pieces:
+            ahead.append((piece, executor.submit(reader.read, piece)))
+            if len(ahead) > workers:
+                done_piece, future = ahead.popleft()
+                yield done_piece, future.result()
+        while ahead:
+            done_piece, future = ahead.popleft()
+            yield done_piece, future.result()

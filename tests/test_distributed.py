@@ -1,0 +1,134 @@
+"""Distributed: torchrun with 2 CPU processes (gloo) reproduces the single-process losses and gradients.
+
+The file is also the worker script: ``python -m torch.distributed.run
+--nproc-per-node 2 tests/test_distributed.py <case> <out_dir>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scbd_cells.distributed import (
+    DistInfo,
+    all_gather_nograd,
+    all_gather_with_grad,
+    gather_to_main,
+    init_distributed,
+    rank_seed,
+    shard_indices,
+)
+
+GLOBAL_BATCH = 16
+N_CLASSES = 4
+
+
+def _contrastive_loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A SupCon-style loss of the whole batch (each row depends on every other row)."""
+    logits = z @ z.T / 0.1
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]).float()
+    return -(log_prob * positives).sum(1).div(positives.sum(1)).mean()
+
+
+def _problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 5))
+    inputs = torch.randn(GLOBAL_BATCH, 6)
+    labels = torch.arange(GLOBAL_BATCH) % N_CLASSES
+    return model, inputs, labels
+
+
+def _forward_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor):
+    z = torch.nn.functional.normalize(model(inputs), dim=1)
+    return _contrastive_loss(all_gather_with_grad(z), labels)
+
+
+def _single_process() -> tuple[float, list[np.ndarray]]:
+    model, inputs, labels = _problem()
+    loss = _forward_loss(model, inputs, labels)
+    loss.backward()
+    return loss.item(), [p.grad.numpy().copy() for p in model.parameters()]
+
+
+# --------------------------------------------------------------------------- worker side
+def _worker_gradients(info: DistInfo, out_dir: Path) -> None:
+    model, inputs, labels = _problem()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    local = shard_indices(GLOBAL_BATCH, rank=info.rank, world_size=info.world_size)
+    loss = _forward_loss(ddp, inputs[local], labels)  # labels: the global batch's
+    loss.backward()
+    gathered = all_gather_nograd(torch.arange(info.rank + 1) + 10 * info.rank)
+    on_main = gather_to_main(np.full(info.rank + 2, info.rank))
+    if info.is_main:
+        np.savez(
+            out_dir / "result.npz",
+            loss=loss.item(),
+            gathered=gathered.numpy(),
+            on_main=on_main,
+            **{f"grad{i}": p.grad.numpy() for i, p in enumerate(model.parameters())},
+        )
+    elif on_main is not None:
+        raise RuntimeError("gather_to_main returned data on rank > 0")
+
+
+WORKERS = {"gradients": _worker_gradients}
+
+
+def _run_torchrun(case: str, out_dir: Path, *extra: str, timeout: int = 120) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCBD_CELLS_QUIET": "1"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+        __file__, case, str(out_dir), *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- tests
+def test_single_process_helpers_are_no_ops() -> None:
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+    tensor = torch.randn(3, 2, requires_grad=True)
+    assert all_gather_with_grad(tensor) is tensor
+    assert rank_seed(7, 0) == 7
+    assert len({rank_seed(7, r) for r in range(8)}) == 8
+
+
+def test_shard_indices_cover_everything_in_order() -> None:
+    for n, world in [(10, 3), (2, 4), (0, 2), (17, 1)]:
+        shards = [shard_indices(n, rank=r, world_size=world) for r in range(world)]
+        np.testing.assert_array_equal(np.concatenate(shards), np.arange(n))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_two_process_loss_and_gradients_equal_single_process(tmp_path: Path) -> None:
+    _run_torchrun("gradients", tmp_path)
+    result = np.load(tmp_path / "result.npz")
+    loss, grads = _single_process()
+    assert abs(float(result["loss"]) - loss) < 1e-5
+    for i, grad in enumerate(grads):
+        np.testing.assert_allclose(result[f"grad{i}"], grad, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(result["gathered"], [0, 10, 11])
+    np.testing.assert_array_equal(result["on_main"], [0, 0, 1, 1, 1])
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    case, out = sys.argv[1], Path(sys.argv[2])
+    dist_info = init_distributed("cpu")
+    try:
+        WORKERS[case](dist_info, out, *sys.argv[3:])
+    finally:
+        from scbd_cells.distributed import cleanup
+
+        cleanup()

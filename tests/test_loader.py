@@ -1,0 +1,174 @@
+"""Loader: class-balanced batches on the device, rank slices, exact resume with prefetch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scbd_cells.data.loader import BalancedLoader, Batch, CellReader, iter_cells
+
+
+class ArrayStore:
+    """A store stand-in over numpy (same read API as ``open_store``), for loader-only tests."""
+
+    def __init__(self, n_classes: int = 6, cells_per_class: int = 20, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        n_cells = n_classes * cells_per_class
+        self.images = rng.integers(0, 60000, size=(n_cells, 2, 4, 4), dtype=np.uint16)
+        # Each image carries its own row in pixel (0, 0, 0) so tests can check what was read.
+        self.images[:, 0, 0, 0] = np.arange(n_cells)
+        self.perturbation = np.repeat(np.arange(n_classes), cells_per_class).astype(np.int32)
+        self.batch = rng.integers(0, 3, size=n_cells).astype(np.int32)
+        self.obs = pd.DataFrame({"perturbation": self.perturbation})
+        self.n_reads = 0
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        self.n_reads += 1
+        assert np.all(np.diff(indices) > 0), "loader should read sorted unique rows"
+        return self.images[indices]
+
+    def codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+        codes = {"perturbation": self.perturbation, "batch": self.batch}[column]
+        return codes, [str(c) for c in np.unique(codes)]
+
+
+class CountingSampler:
+    """Deterministic stand-in sampler: seeded random rows, state = (seed, step)."""
+
+    def __init__(self, n_cells: int, batch_size: int, seed: int) -> None:
+        self.n_cells, self.batch_size, self.seed, self.step = n_cells, batch_size, seed, 0
+
+    def next_indices(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.step])
+        self.step += 1
+        return rng.integers(0, self.n_cells, size=self.batch_size).astype(np.int64)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = state["seed"], state["step"]
+
+
+def _rows(batch: Batch) -> np.ndarray:
+    return batch.images[:, 0, 0, 0].cpu().numpy()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("cache_gb", [0.0, 1.0])
+def test_batches_hold_the_sampled_cells_and_labels(workers: int, cache_gb: float) -> None:
+    store = ArrayStore()
+    sampler = CountingSampler(len(store.images), 12, seed=3)
+    reference = CountingSampler(len(store.images), 12, seed=3)
+    with BalancedLoader(store, sampler, device="cpu", workers=workers, cache_gb=cache_gb) as loader:
+        for _ in range(5):
+            batch = next(loader)
+            expected = reference.next_indices()
+            np.testing.assert_array_equal(batch.indices.numpy(), expected)
+            np.testing.assert_array_equal(_rows(batch), expected)
+            np.testing.assert_array_equal(batch.perturbation.numpy(), store.perturbation[expected])
+            np.testing.assert_array_equal(batch.batch.numpy(), store.batch[expected])
+            assert batch.images.dtype == torch.int32  # uint16 widened
+            assert batch.perturbation.dtype == torch.long
+            np.testing.assert_array_equal(
+                batch.images.numpy(), store.images[expected].astype(np.int32)
+            )
+
+
+def test_ranks_get_disjoint_slices_that_make_the_global_batch() -> None:
+    store = ArrayStore()
+    world_size = 3
+    loaders = [
+        BalancedLoader(
+            store,
+            CountingSampler(len(store.images), 12, seed=5),
+            device="cpu",
+            rank=rank,
+            world_size=world_size,
+            workers=1,
+        )
+        for rank in range(world_size)
+    ]
+    reference = CountingSampler(len(store.images), 12, seed=5)
+    for _ in range(3):
+        parts = [next(loader).indices.numpy() for loader in loaders]
+        assert all(len(part) == 4 for part in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), reference.next_indices())
+    for loader in loaders:
+        loader.close()
+
+
+def test_global_batch_not_divisible_by_ranks_is_refused() -> None:
+    from scbd_cells.errors import InputError
+
+    store = ArrayStore()
+    loader = BalancedLoader(
+        store, CountingSampler(len(store.images), 10, seed=0), device="cpu", world_size=4
+    )
+    with pytest.raises(InputError, match="divisible"):
+        next(loader)
+    loader.close()
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_resume_is_exact_despite_prefetch(prefetch: int) -> None:
+    store = ArrayStore()
+    uninterrupted = BalancedLoader(
+        store, CountingSampler(len(store.images), 8, seed=1), device="cpu", prefetch=prefetch
+    )
+    expected = [next(uninterrupted).indices.numpy() for _ in range(9)]
+    uninterrupted.close()
+
+    first = BalancedLoader(
+        store, CountingSampler(len(store.images), 8, seed=1), device="cpu", prefetch=prefetch
+    )
+    seen = [next(first).indices.numpy() for _ in range(4)]
+    state = first.state_dict()  # batches 5.. are prefetched but not consumed
+    first.close()
+    resumed = BalancedLoader(
+        store, CountingSampler(len(store.images), 8, seed=99), device="cpu", prefetch=prefetch
+    )
+    resumed.load_state_dict(state)
+    seen += [next(resumed).indices.numpy() for _ in range(5)]
+    resumed.close()
+    for got, want in zip(seen, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_load_state_dict_mid_stream_drops_prefetched_batches() -> None:
+    store = ArrayStore()
+    loader = BalancedLoader(
+        store, CountingSampler(len(store.images), 8, seed=2), device="cpu", prefetch=3
+    )
+    next(loader)
+    state = loader.state_dict()
+    second = next(loader).indices.numpy()
+    next(loader)
+    loader.load_state_dict(state)
+    np.testing.assert_array_equal(next(loader).indices.numpy(), second)
+    loader.close()
+
+
+def test_cell_reader_cache_and_store_agree_on_repeats_and_order() -> None:
+    store = ArrayStore()
+    rows = np.array([7, 3, 3, 100, 0, 7])
+    cached = CellReader(store, cache_gb=1.0)
+    assert cached.cached is not None
+    uncached = CellReader(store, cache_gb=0.0)
+    assert uncached.cached is None
+    np.testing.assert_array_equal(cached.read(rows), store.images[rows])
+    np.testing.assert_array_equal(uncached.read(rows), store.images[rows])
+    tiny_budget = CellReader(store, cache_gb=store.images.nbytes / 2e9)
+    assert tiny_budget.cached is None
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_iter_cells_yields_everything_in_order(workers: int) -> None:
+    store = ArrayStore()
+    order = np.random.default_rng(0).permutation(len(store.images))[:77]
+    pieces = list(iter_cells(store, order, batch_size=10, workers=workers))
+    assert [len(p[0]) for p in pieces] == [10] * 7 + [7]
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), order)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), store.images[order])
