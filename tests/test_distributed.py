@@ -1,4 +1,4 @@
-"""Distributed: torchrun with 2 CPU processes (gloo) reproduces the single-process losses and gradients.
+"""Distributed: torchrun, 2 CPU processes (gloo), reproduces single-process losses and gradients.
 
 The file is also the worker script: ``python -m torch.distributed.run
 --nproc-per-node 2 tests/test_distributed.py <case> <out_dir>``.
@@ -6,14 +6,12 @@ The file is also the worker script: ``python -m torch.distributed.run
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from scbd_cells.distributed import (
