@@ -1,0 +1,898 @@
+"""Store: the Zarr v3 group that holds a screen's cell images, labels, split and statistics.
+
+Layout (docs/store.md explains the reasoning)::
+
+    STORE.zarr/
+      zarr.json          group attributes: format, format_version, complete, channel_names,
+                         channel_stats, control, class_ranges, split_fractions, seed, store_id,
+                         layout, provenance
+      images/            (N, C, H, W) array in the input dtype, chunks of whole cells
+      obs.parquet        the per-cell table in store order (categorical labels)
+      rejected.csv       rows skipped by ``--skip-bad`` (row, cell_id, reason)
+
+Cells are stored grouped by perturbation (one contiguous run per class, classes
+in sorted order), shuffled within each class with the ingest seed so that wells
+mix. A store is written into ``STORE.zarr.partial`` and renamed to
+``STORE.zarr`` only once complete, so a finished-looking store is a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec
+
+from scbd_cells import __version__
+from scbd_cells.data import schema
+from scbd_cells.errors import DataError, InputError, StoreError
+
+log = logging.getLogger(__name__)
+
+IMAGES_KEY = "images"
+OBS_FILE = "obs.parquet"
+REJECTED_FILE = "rejected.csv"
+PARTIAL_SUFFIX = ".partial"
+STATE_FILE = "ingest_state.json"
+WRITTEN_FILE = "written_blocks.txt"
+TABLE_ROW = "table_row"
+
+DEFAULT_SPLIT_FRACTIONS = (0.83, 0.02, 0.15)
+DEFAULT_BATCH_COLUMNS = ("plate", "well")
+BATCH_SEPARATOR = "_"
+STAT_NAMES = ("mean", "std", "min", "max", "p01", "p99")
+
+# Chunks of about 1 MiB: large enough that zarr's per-chunk overhead is small,
+# small enough that a class-balanced batch (a few cells from each of many
+# classes) does not decode much it does not use. Writes go in blocks of whole
+# chunks of about 64 MiB, the unit of resumption after a crash.
+_CHUNK_TARGET_BYTES = 1 << 20
+_BLOCK_TARGET_BYTES = 64 << 20
+_MAX_ROWS_IN_MESSAGE = 5
+
+
+# ---------------------------------------------------------------------------
+# labels, layout and split
+# ---------------------------------------------------------------------------
+
+
+def describe_rows(rows: Sequence[Any], *, limit: int = _MAX_ROWS_IN_MESSAGE) -> str:
+    """``"rows 3, 7, 9 (and 12 more)"`` for an error message."""
+    rows = list(rows)
+    shown = ", ".join(str(row) for row in rows[:limit])
+    more = f" (and {len(rows) - limit} more)" if len(rows) > limit else ""
+    return f"row{'s' if len(rows) != 1 else ''} {shown}{more}"
+
+
+@dataclass
+class LabelledTable:
+    """The canonical per-cell table built from an input table, in table order."""
+
+    obs: pd.DataFrame
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)  # (row, cell_id, reason)
+
+
+def label_table(
+    table: pd.DataFrame,
+    *,
+    perturbation_column: str,
+    guide_column: str | None = None,
+    batch_columns: Sequence[str] = DEFAULT_BATCH_COLUMNS,
+    control: str | None = None,
+    skip_bad: bool = False,
+) -> LabelledTable:
+    """Check the label columns and build ``cell_id, perturbation, guide, batch`` plus metadata.
+
+    Parameters
+    ----------
+    table
+        One row per cell, in input order (``table_row`` = position in it).
+    perturbation_column, guide_column, batch_columns
+        Columns holding the labels; the batch columns are joined with ``_``.
+        Without a guide column the guide is the perturbation label.
+    control
+        The control's perturbation label; must occur in the table.
+    skip_bad
+        Reject rows with null labels or repeated cell ids instead of raising.
+
+    Returns
+    -------
+    LabelledTable
+        ``obs`` (string labels, not yet categorical, rejected rows dropped) and
+        the rejected rows.
+    """
+    if len(table) == 0:
+        raise DataError(
+            "The cells table is empty: expected one row per cell, found none. "
+            "Check the file (and any filter that produced it)."
+        )
+    batch_columns = list(batch_columns)
+    label_columns = [perturbation_column, *([guide_column] if guide_column else []), *batch_columns]
+    missing = [name for name in label_columns if name not in table.columns]
+    if missing:
+        raise InputError(
+            f"The cells table has no column {', '.join(map(repr, missing))}: expected the label "
+            f"columns {label_columns}, found columns {list(table.columns)}. Pass the right "
+            "--perturbation-column / --guide-column / --batch-columns."
+        )
+    table = table.reset_index(drop=True)
+    rejected: list[tuple[int, str, str]] = []
+    if schema.CELL_ID in table.columns:
+        cell_id = table[schema.CELL_ID].astype(str)
+        null_ids = table[schema.CELL_ID].isna().to_numpy()
+    else:
+        cell_id = pd.Series([str(row) for row in range(len(table))])
+        null_ids = np.zeros(len(table), bool)
+    bad = np.zeros(len(table), bool)
+    for name in label_columns:
+        nulls = table[name].isna().to_numpy()
+        if nulls.any():
+            rows = np.flatnonzero(nulls).tolist()
+            if not skip_bad:
+                raise DataError(
+                    f"Column {name!r} has empty (null) labels in {describe_rows(rows)} of the "
+                    "cells table (rows count from 0, header excluded). Every cell needs a "
+                    "label: fill or drop those rows, or pass --skip-bad to leave them out."
+                )
+            for row in rows:
+                if not bad[row]:
+                    rejected.append((row, cell_id[row], f"null label in column {name!r}"))
+            bad |= nulls
+    if null_ids.any():
+        rows = np.flatnonzero(null_ids).tolist()
+        if not skip_bad:
+            raise DataError(
+                f"Column {schema.CELL_ID!r} is empty in {describe_rows(rows)}. Fill in the cell "
+                "ids, drop the column (ids are then the row numbers), or pass --skip-bad."
+            )
+        rejected.extend((row, "", "null cell id") for row in rows if not bad[row])
+        bad |= null_ids
+    duplicated = cell_id.duplicated(keep="first").to_numpy() & ~bad
+    if duplicated.any():
+        rows = np.flatnonzero(duplicated).tolist()
+        if not skip_bad:
+            examples = ", ".join(f"{row} ({cell_id[row]!r})" for row in rows[:_MAX_ROWS_IN_MESSAGE])
+            raise DataError(
+                f"Column {schema.CELL_ID!r} repeats cell ids: {len(rows)} rows reuse an id seen "
+                f"earlier, e.g. rows {examples}. Cell ids must be unique: fix the table or pass "
+                "--skip-bad to keep only the first row of each id."
+            )
+        rejected.extend((row, cell_id[row], "duplicate cell id") for row in rows)
+        bad |= duplicated
+
+    perturbation = table[perturbation_column].astype(str)
+    if control is not None and not (perturbation[~bad] == str(control)).any():
+        known = sorted(perturbation[~bad].unique().tolist())
+        raise InputError(
+            f"The control label {control!r} does not occur in column {perturbation_column!r}: "
+            f"found labels {known[:10]}{' ...' if len(known) > 10 else ''}. Pass the control's "
+            "exact label with --control (or leave it out)."
+        )
+    guide = table[guide_column].astype(str) if guide_column else perturbation
+    if batch_columns:
+        batch = table[batch_columns[0]].astype(str)
+        for name in batch_columns[1:]:
+            batch = batch + BATCH_SEPARATOR + table[name].astype(str)
+    else:
+        batch = pd.Series(["all"] * len(table))
+
+    canonical = {
+        schema.CELL_ID: cell_id,
+        schema.PERTURBATION: perturbation,
+        schema.GUIDE: guide,
+        schema.BATCH: batch,
+    }
+    sources = {
+        schema.CELL_ID: schema.CELL_ID,
+        schema.PERTURBATION: perturbation_column,
+        schema.GUIDE: guide_column,
+    }
+    obs = pd.DataFrame({name: values.to_numpy(dtype=object) for name, values in canonical.items()})
+    for name in table.columns:
+        target = str(name)
+        if target in canonical or target in (schema.SPLIT, TABLE_ROW):
+            if sources.get(target) == name:
+                continue  # the canonical column already holds it
+            target = f"{target}_input"
+            log.info(
+                "Column %r of the table is kept as %r (the name is a store label).", name, target
+            )
+        obs[target] = table[name].to_numpy()
+    obs[TABLE_ROW] = np.arange(len(table), dtype=np.int64)
+    obs = obs[~bad].reset_index(drop=True)
+    return LabelledTable(obs=obs, rejected=sorted(rejected))
+
+
+def check_split_fractions(split_fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Three non-negative fractions (train, val, test) that sum to 1."""
+    fractions = tuple(float(value) for value in split_fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise InputError(
+            f"Split fractions must be three non-negative numbers (train, val, test) summing to 1; "
+            f"found {fractions}. Example: 0.83,0.02,0.15."
+        )
+    return fractions  # type: ignore[return-value]
+
+
+def layout_order(perturbation: pd.Series, *, seed: int) -> np.ndarray:
+    """Store order: rows grouped by perturbation (classes sorted), shuffled within each class.
+
+    Returns the table positions (int64) in store order.
+    """
+    rng = np.random.default_rng([seed, 0])
+    codes, categories = pd.factorize(perturbation, sort=True)
+    shuffled = rng.permutation(len(codes))
+    # stable sort of a random permutation by class = random order within each class
+    return shuffled[np.argsort(codes[shuffled], kind="stable")].astype(np.int64)
+
+
+def assign_split(
+    perturbation: pd.Series, *, split_fractions: Sequence[float], seed: int
+) -> np.ndarray:
+    """A train/val/test label per cell, stratified by perturbation and seeded.
+
+    Each class gives ``n * fraction`` cells to val and to test: the integer part
+    always, the fractional part with that probability, so small classes are
+    represented in proportion on average and every class keeps at least one
+    training cell.
+    """
+    train_fraction, val_fraction, test_fraction = check_split_fractions(split_fractions)
+    rng = np.random.default_rng([seed, 1])
+    codes, _ = pd.factorize(perturbation, sort=True)
+    split = np.zeros(len(codes), np.int8)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    for members in np.split(order, bounds):
+        size = len(members)
+        counts = []
+        for fraction in (val_fraction, test_fraction):
+            expected = size * fraction
+            counts.append(int(expected) + int(rng.random() < expected - int(expected)))
+        n_val, n_test = counts
+        while n_val + n_test >= size and (n_val or n_test) and train_fraction > 0:
+            if n_test >= n_val:
+                n_test -= 1
+            else:
+                n_val -= 1
+        members = rng.permutation(members)
+        split[members[:n_val]] = 1
+        split[members[n_val : n_val + n_test]] = 2
+    return np.asarray(schema.SPLITS, dtype=object)[split]
+
+
+def finalise_obs(obs: pd.DataFrame, *, split_fractions: Sequence[float], seed: int) -> pd.DataFrame:
+    """Order cells for the store, add the split, make labels categorical, index by cell id."""
+    split = assign_split(obs[schema.PERTURBATION], split_fractions=split_fractions, seed=seed)
+    obs = obs.assign(**{schema.SPLIT: split})
+    order = layout_order(obs[schema.PERTURBATION], seed=seed)
+    obs = obs.iloc[order].reset_index(drop=True)
+    for name in (schema.PERTURBATION, schema.GUIDE, schema.BATCH):
+        obs[name] = pd.Categorical(obs[name].astype(str))
+    obs[schema.SPLIT] = pd.Categorical(
+        obs[schema.SPLIT].astype(str), categories=list(schema.SPLITS)
+    )
+    obs[schema.CELL_ID] = obs[schema.CELL_ID].astype(str)
+    columns = [schema.CELL_ID, schema.PERTURBATION, schema.GUIDE, schema.BATCH, schema.SPLIT]
+    obs = obs[columns + [name for name in obs.columns if name not in columns]]
+    obs.index = pd.Index(obs[schema.CELL_ID].to_numpy(dtype=object), dtype=object)
+    return obs
+
+
+def class_ranges_of(perturbation: pd.Series) -> dict[str, tuple[int, int]]:
+    """``{class: (start, stop)}`` of a perturbation column already in store order."""
+    values = perturbation.astype(str).to_numpy()
+    if len(values) == 0:
+        return {}
+    starts = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1])
+    stops = np.concatenate([starts[1:], [len(values)]])
+    ranges = {
+        str(values[start]): (int(start), int(stop))
+        for start, stop in zip(starts, stops, strict=True)
+    }
+    if len(ranges) != len(starts):
+        raise StoreError("The store's cells are not grouped by perturbation; re-ingest it.")
+    return ranges
+
+
+# ---------------------------------------------------------------------------
+# per-channel statistics, accumulated block by block
+# ---------------------------------------------------------------------------
+
+
+class ChannelStats:
+    """Running per-channel mean, std, min, max and 1st/99th percentiles of raw intensities.
+
+    Integer images of up to 16 bits keep an exact histogram per channel (exact
+    percentiles, ``numpy.percentile(..., method="inverted_cdf")``); other dtypes
+    keep a seeded sample of up to 2,048 pixels per channel and block for the
+    percentiles. Mean and std (population, ddof 0) combine blocks exactly
+    (Chan et al.'s parallel update).
+    """
+
+    def __init__(self, n_channels: int, dtype: np.dtype, *, seed: int = 0) -> None:
+        self.n_channels = n_channels
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self.mean = np.zeros(n_channels)
+        self.m2 = np.zeros(n_channels)
+        self.minimum = np.full(n_channels, np.inf)
+        self.maximum = np.full(n_channels, -np.inf)
+        self._histogram: np.ndarray | None = None
+        self._offset = 0
+        if self.dtype.kind in "ui" and self.dtype.itemsize <= 2:
+            self._offset = int(np.iinfo(self.dtype).min)
+            self._histogram = np.zeros((n_channels, 1 << (8 * self.dtype.itemsize)), np.int64)
+        self._samples: list[np.ndarray] = []
+        self._rng = np.random.default_rng([seed, 2])
+
+    def update(self, images: np.ndarray) -> None:
+        """Add a block of cells, (n, C, H, W)."""
+        if len(images) == 0:
+            return
+        pixels = images.transpose(1, 0, 2, 3).reshape(self.n_channels, -1)  # (C, n*H*W)
+        count = pixels.shape[1]
+        block_mean = pixels.mean(axis=1, dtype=np.float64)
+        block_m2 = ((pixels - block_mean[:, None]) ** 2).sum(axis=1)
+        total = self.count + count
+        delta = block_mean - self.mean
+        self.mean = self.mean + delta * count / total
+        self.m2 = self.m2 + block_m2 + delta**2 * self.count * count / total
+        self.count = total
+        self.minimum = np.minimum(self.minimum, pixels.min(axis=1))
+        self.maximum = np.maximum(self.maximum, pixels.max(axis=1))
+        if self._histogram is not None:
+            for channel in range(self.n_channels):
+                values = pixels[channel].astype(np.int64) - self._offset
+                self._histogram[channel] += np.bincount(values, minlength=self._histogram.shape[1])
+        else:
+            take = min(count, 2048)
+            columns = self._rng.choice(count, size=take, replace=False)
+            self._samples.append(pixels[:, columns].astype(np.float64))
+
+    def result(self) -> dict[str, list[float]]:
+        """``{"mean": [...], "std": [...], "min", "max", "p01", "p99"}``, one value per channel."""
+        if self.count == 0:
+            nan = [float("nan")] * self.n_channels
+            return {name: list(nan) for name in STAT_NAMES}
+        if self._histogram is not None:
+            cumulative = np.cumsum(self._histogram, axis=1)
+            percentiles = []
+            for quantile in (0.01, 0.99):
+                # inverted CDF: smallest value whose cumulative count reaches q * n
+                target = np.ceil(quantile * self.count)
+                index = (cumulative < target).sum(axis=1)
+                percentiles.append(index + self._offset)
+            p01, p99 = percentiles
+        else:
+            samples = np.concatenate(self._samples, axis=1)
+            p01, p99 = np.quantile(samples, [0.01, 0.99], axis=1, method="inverted_cdf")
+        std = np.sqrt(np.maximum(self.m2 / self.count, 0))
+        values = (self.mean, std, self.minimum, self.maximum, p01, p99)
+        return {
+            name: [float(v) for v in value] for name, value in zip(STAT_NAMES, values, strict=True)
+        }
+
+
+# ---------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------
+
+
+def partial_path_of(path: Path) -> Path:
+    """Where a store is written before it is complete: ``STORE.zarr.partial``."""
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def chunk_cells_for(cell_bytes: int) -> int:
+    """Cells per chunk: about 1 MiB of raw pixels, between 8 and 1,024 cells."""
+    return int(min(1024, max(8, _CHUNK_TARGET_BYTES // max(cell_bytes, 1))))
+
+
+def _fsync_append(path: Path, line: str) -> None:
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(payload, indent=1))
+    os.replace(temporary, path)
+
+
+def _to_json(value: Any) -> Any:
+    """Make numpy scalars and tuples JSON-friendly for zarr attributes."""
+    return json.loads(
+        json.dumps(value, default=lambda item: item.item() if hasattr(item, "item") else str(item))
+    )
+
+
+class StoreWriter:
+    """Writes a store block by block into ``PATH.partial`` and renames it when complete.
+
+    A rerun with the same ``plan_key`` (same table, options and seed) resumes:
+    blocks listed in ``written_blocks.txt`` (appended, fsync'd, after each block
+    is stored) are kept, the rest are written again. A different ``plan_key``
+    discards the partial store and starts afresh.
+
+    Parameters
+    ----------
+    path
+        The final store path (``STORE.zarr``).
+    obs
+        The per-cell table in store order (from :func:`finalise_obs`).
+    image_shape
+        (C, H, W) of every cell.
+    dtype
+        Pixel dtype of the stored images.
+    plan_key
+        A string identifying everything that decides the store's content.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        obs: pd.DataFrame,
+        image_shape: tuple[int, int, int],
+        dtype: np.dtype,
+        channel_names: Sequence[str],
+        control: str | None,
+        split_fractions: Sequence[float],
+        seed: int,
+        provenance: dict,
+        plan_key: str,
+        overwrite: bool = False,
+        chunk_cells: int | None = None,
+        shard_cells: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.partial_path = partial_path_of(self.path)
+        self.obs = obs
+        self.image_shape = tuple(int(size) for size in image_shape)
+        self.dtype = np.dtype(dtype)
+        self.overwrite = overwrite
+        self.plan_key = plan_key
+        n_channels, height, width = self.image_shape
+        if len(channel_names) != n_channels:
+            raise InputError(
+                f"Expected {n_channels} channel names (the images have {n_channels} channels), "
+                f"found {len(channel_names)}: {list(channel_names)}. Pass one name per channel."
+            )
+        check_existing_output(self.path, overwrite=overwrite)
+        cell_bytes = n_channels * height * width * self.dtype.itemsize
+        self.chunk_cells = int(chunk_cells or chunk_cells_for(cell_bytes))
+        self.shard_cells = int(shard_cells) if shard_cells else None
+        unit = self.shard_cells or self.chunk_cells
+        if self.shard_cells and self.shard_cells % self.chunk_cells:
+            raise InputError(f"shard_cells ({shard_cells}) must be a multiple of chunk_cells.")
+        self.block_cells = unit * max(1, _BLOCK_TARGET_BYTES // (unit * cell_bytes))
+        self.n_cells = len(obs)
+        self.n_blocks = -(-self.n_cells // self.block_cells)
+        self.train_mask = (obs[schema.SPLIT].astype(str) == "train").to_numpy()
+        if not self.train_mask.any():
+            log.warning("No cell is in the train split; channel statistics use all cells.")
+            self.train_mask[:] = True
+        self.stats = ChannelStats(n_channels, self.dtype, seed=seed)
+        self.attributes = {
+            "format": schema.STORE_FORMAT,
+            "format_version": schema.STORE_FORMAT_VERSION,
+            "complete": False,
+            "n_cells": self.n_cells,
+            "channel_names": [str(name) for name in channel_names],
+            "dtype": self.dtype.name,
+            "image_size": [height, width],
+            "control": None if control is None else str(control),
+            "split_fractions": list(check_split_fractions(split_fractions)),
+            "seed": int(seed),
+            "class_ranges": {
+                name: list(bounds)
+                for name, bounds in class_ranges_of(obs[schema.PERTURBATION]).items()
+            },
+            "layout": {
+                "order": "grouped by perturbation (sorted), shuffled within class",
+                "chunk_cells": self.chunk_cells,
+                "shard_cells": self.shard_cells,
+                "block_cells": self.block_cells,
+            },
+            "provenance": _to_json(provenance),
+        }
+        self.done_blocks = self._open()
+
+    # -- setup -----------------------------------------------------------------
+
+    def _open(self) -> set[int]:
+        state_path = self.partial_path / STATE_FILE
+        if self.partial_path.exists():
+            state = None
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                pass
+            if state is not None and state.get("plan_key") == self.plan_key:
+                self.attributes["store_id"] = state["store_id"]
+                self.group = zarr.open_group(self.partial_path, mode="r+")
+                self.images = self.group[IMAGES_KEY]
+                written = self.partial_path / WRITTEN_FILE
+                lines = written.read_text().split() if written.exists() else []
+                done = {int(line) for line in lines}
+                log.info(
+                    "Resuming the unfinished store %s: %d of %d blocks already written.",
+                    self.partial_path,
+                    len(done),
+                    self.n_blocks,
+                )
+                self._restore_stats(done)
+                return done
+            log.info(
+                "Discarding an unfinished store from a different command: %s", self.partial_path
+            )
+            shutil.rmtree(self.partial_path)
+        store_id = uuid.uuid4().hex
+        self.attributes["store_id"] = store_id
+        self.group = zarr.open_group(self.partial_path, mode="w", zarr_format=3)
+        n_channels, height, width = self.image_shape
+        self.images = self.group.create_array(
+            IMAGES_KEY,
+            shape=(self.n_cells, n_channels, height, width),
+            dtype=self.dtype,
+            chunks=(self.chunk_cells, n_channels, height, width),
+            shards=(self.shard_cells, n_channels, height, width) if self.shard_cells else None,
+            compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+            fill_value=0,
+            dimension_names=("cell", "channel", "y", "x"),
+        )
+        self.group.attrs.update(self.attributes)
+        self.obs.to_parquet(self.partial_path / OBS_FILE, index=False)
+        (self.partial_path / WRITTEN_FILE).write_text("")
+        # the state file goes last: a partial store without it is simply restarted
+        _write_json_atomic(state_path, {"plan_key": self.plan_key, "store_id": store_id})
+        return set()
+
+    def _restore_stats(self, done: set[int]) -> None:
+        for block in sorted(done):
+            start, stop = self.block_bounds(block)
+            self.stats.update(self.images[start:stop][self.train_mask[start:stop]])
+
+    # -- writing ----------------------------------------------------------------
+
+    def block_bounds(self, block: int) -> tuple[int, int]:
+        """Store rows ``[start, stop)`` of a write block."""
+        start = block * self.block_cells
+        return start, min(start + self.block_cells, self.n_cells)
+
+    def pending_blocks(self) -> list[int]:
+        """Blocks not yet written, in order."""
+        return [block for block in range(self.n_blocks) if block not in self.done_blocks]
+
+    def write_block(self, block: int, images: np.ndarray) -> None:
+        """Store one block of cells (``block_bounds(block)``) and record it as written."""
+        start, stop = self.block_bounds(block)
+        expected = (stop - start, *self.image_shape)
+        if images.shape != expected:
+            raise DataError(
+                f"Block {block}: expected images of shape {expected}, got {images.shape}."
+            )
+        images = np.ascontiguousarray(images, dtype=self.dtype)
+        self.images[start:stop] = images
+        self.stats.update(images[self.train_mask[start:stop]])
+        _fsync_append(self.partial_path / WRITTEN_FILE, str(block))
+        self.done_blocks.add(block)
+
+    def finish(
+        self, *, rejected: Sequence[tuple[int, str, str]] = (), extra: dict | None = None
+    ) -> Path:
+        """Write the statistics and the completion flag, then rename ``.partial`` to the store."""
+        missing = self.pending_blocks()
+        if missing:
+            raise StoreError(f"Cannot finish the store: blocks {missing[:5]} were not written.")
+        rejected_table = pd.DataFrame(list(rejected), columns=["row", schema.CELL_ID, "reason"])
+        rejected_table.to_csv(self.partial_path / REJECTED_FILE, index=False)
+        attributes = {
+            "channel_stats": self.stats.result(),
+            "n_rejected": len(rejected_table),
+            **(_to_json(extra) if extra else {}),
+            "complete": True,
+        }
+        self.group.attrs.update(attributes)
+        for name in (STATE_FILE, WRITTEN_FILE):
+            (self.partial_path / name).unlink(missing_ok=True)
+        replaced = None
+        if self.path.exists():
+            replaced = self.path.with_name(f"{self.path.name}.replaced-{os.getpid()}")
+            os.replace(self.path, replaced)
+        os.replace(self.partial_path, self.path)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        log.info("Wrote %s (%d cells).", self.path, self.n_cells)
+        return self.path
+
+
+def check_existing_output(path: Path, *, overwrite: bool) -> None:
+    """Refuse to replace an existing store (or anything else) unless ``overwrite``."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise InputError(
+            f"The output {path} already exists. Pass --overwrite (overwrite=True) to replace it, "
+            "or choose another --out."
+        )
+    if path.is_file() or (
+        path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists()
+    ):
+        raise InputError(
+            f"The output {path} exists and is not a store; refusing to replace it even with "
+            "--overwrite. Remove it yourself or choose another --out."
+        )
+
+
+def create_store(
+    path: str | os.PathLike,
+    *,
+    images: np.ndarray,
+    obs: pd.DataFrame,
+    channel_names: Sequence[str],
+    perturbation_column: str,
+    guide_column: str | None = None,
+    batch_columns: Sequence[str] = DEFAULT_BATCH_COLUMNS,
+    control: str | None = None,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    seed: int = 0,
+    overwrite: bool = False,
+    chunk_cells: int | None = None,
+    shard_cells: int | None = None,
+) -> Store:
+    """Write in-memory images and their table as a store (tests, small screens, benchmarks).
+
+    Parameters
+    ----------
+    path
+        The store to create (``*.zarr``).
+    images
+        (N, C, H, W) pixels, row i belonging to row i of ``obs``; the dtype is kept.
+    obs
+        The cells table (a ``cell_id`` column, if present, names the cells).
+    channel_names
+        One name per channel.
+    perturbation_column, guide_column, batch_columns, control
+        Label columns, as for :func:`scbd_cells.ingest`.
+    split_fractions, seed
+        Train/val/test fractions and the seed of the split and the layout.
+    overwrite
+        Replace an existing store.
+    chunk_cells, shard_cells
+        Override the chunk (and optional shard) length in cells.
+
+    Returns
+    -------
+    Store
+        The finished store, opened.
+    """
+    path = Path(path)
+    images = np.asarray(images)
+    if images.ndim != 4 or len(images) != len(obs):
+        raise InputError(
+            f"Expected images of shape (N, C, H, W) with N = {len(obs)} (rows of obs); "
+            f"found shape {images.shape}."
+        )
+    labelled = label_table(
+        obs,
+        perturbation_column=perturbation_column,
+        guide_column=guide_column,
+        batch_columns=batch_columns,
+        control=control,
+    )
+    store_obs = finalise_obs(labelled.obs, split_fractions=split_fractions, seed=seed)
+    order = store_obs[TABLE_ROW].to_numpy()
+    provenance = {
+        "command": "create_store",
+        "table_sha256": None,
+        "version": __version__,
+        "created": pd.Timestamp.now(tz="UTC").isoformat(),
+        "source": "in-memory arrays",
+    }
+    writer = StoreWriter(
+        path,
+        obs=store_obs,
+        image_shape=images.shape[1:],
+        dtype=images.dtype,
+        channel_names=channel_names,
+        control=control,
+        split_fractions=split_fractions,
+        seed=seed,
+        provenance=provenance,
+        plan_key=uuid.uuid4().hex,  # in-memory input: never resumed
+        overwrite=overwrite,
+        chunk_cells=chunk_cells,
+        shard_cells=shard_cells,
+    )
+    for block in writer.pending_blocks():
+        start, stop = writer.block_bounds(block)
+        writer.write_block(block, images[order[start:stop]])
+    return open_store(writer.finish())
+
+
+# ---------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------
+
+
+class Store:
+    """A finished store, read-only. Use :func:`open_store`.
+
+    Attributes
+    ----------
+    path, format_version, n_cells, n_channels, image_size (H, W), dtype, channel_names,
+    control, channel_stats, provenance
+        What the names say; ``channel_stats`` holds per-channel ``mean, std, min,
+        max, p01, p99`` of raw intensities over the train split.
+    images
+        The (N, C, H, W) zarr array, read lazily (``store.images[a:b]`` is numpy).
+    """
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self._group = group
+        attributes = dict(group.attrs)
+        self.attributes = attributes
+        self.images = group[IMAGES_KEY]
+        self.format_version = int(attributes["format_version"])
+        self.n_cells, self.n_channels, height, width = (int(size) for size in self.images.shape)
+        self.image_size = (height, width)
+        self.dtype = np.dtype(self.images.dtype)
+        self.channel_names = list(attributes["channel_names"])
+        self.control = attributes.get("control")
+        self.channel_stats = {
+            name: list(values) for name, values in attributes["channel_stats"].items()
+        }
+        self.provenance = dict(attributes.get("provenance", {}))
+        self.store_id = str(attributes["store_id"])
+        self.split_fractions = tuple(attributes.get("split_fractions", DEFAULT_SPLIT_FRACTIONS))
+        self.layout = dict(attributes.get("layout", {}))
+
+    def __repr__(self) -> str:
+        return (
+            f"Store({str(self.path)!r}, n_cells={self.n_cells}, channels={self.channel_names}, "
+            f"image_size={self.image_size}, dtype={self.dtype.name})"
+        )
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    @cached_property
+    def obs(self) -> pd.DataFrame:
+        """The per-cell table in store order, indexed by cell id (str)."""
+        obs = pd.read_parquet(self.path / OBS_FILE)
+        obs.index = pd.Index(obs[schema.CELL_ID].astype(str).to_numpy(dtype=object), dtype=object)
+        return obs
+
+    @cached_property
+    def rejected(self) -> pd.DataFrame:
+        """Rows of the input table left out by ``--skip-bad`` (``row, cell_id, reason``)."""
+        path = self.path / REJECTED_FILE
+        if not path.exists():
+            return pd.DataFrame(columns=["row", schema.CELL_ID, "reason"])
+        return pd.read_csv(path, dtype={schema.CELL_ID: str, "reason": str})
+
+    def codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+        """Integer codes (int32, (N,)) and the categories of an ``obs`` column."""
+        if column not in self.obs.columns:
+            raise InputError(
+                f"The store has no column {column!r}; its columns are {list(self.obs.columns)}."
+            )
+        values = self.obs[column]
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            return values.cat.codes.to_numpy().astype(np.int32), [
+                str(c) for c in values.cat.categories
+            ]
+        codes, categories = pd.factorize(values.astype(str), sort=True)
+        return codes.astype(np.int32), [str(c) for c in categories]
+
+    def class_ranges(self) -> dict[str, tuple[int, int]]:
+        """``{perturbation: (start, stop)}``: each class is one contiguous run of store rows."""
+        return {name: (int(a), int(b)) for name, (a, b) in self.attributes["class_ranges"].items()}
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint records about the store it was trained on."""
+        return {
+            "n_channels": self.n_channels,
+            "image_size": list(self.image_size),
+            "dtype": self.dtype.name,
+            "channel_names": list(self.channel_names),
+            "store_id": self.store_id,
+        }
+
+    def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images of the given store rows, (len(indices), C, H, W), in the order given.
+
+        Rows are sorted and merged into contiguous runs; each run is one zarr
+        read of whole chunks, so sorted or contiguous requests are cheap and
+        every chunk is decoded once per call even when many rows share it.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out_shape = (len(indices), self.n_channels, *self.image_size)
+        if len(indices) == 0:
+            return np.empty(out_shape, self.dtype)
+        if indices.min() < 0 or indices.max() >= self.n_cells:
+            raise InputError(
+                f"Store rows must lie in [0, {self.n_cells}); "
+                f"found {indices.min()}..{indices.max()}."
+            )
+        unique, inverse = np.unique(indices, return_inverse=True)
+        chunk = int(self.images.chunks[0])
+        chunk_ids = np.unique(unique // chunk)
+        # merge touched chunks into runs of consecutive chunks, one read each
+        breaks = np.flatnonzero(np.diff(chunk_ids) != 1) + 1
+        pieces = []
+        for run in np.split(chunk_ids, breaks):
+            start = int(run[0]) * chunk
+            stop = min((int(run[-1]) + 1) * chunk, self.n_cells)
+            wanted = unique[(unique >= start) & (unique < stop)]
+            if len(wanted) == stop - start:
+                pieces.append(self.images[start:stop])
+            else:
+                pieces.append(self.images[start:stop][wanted - start])
+        gathered = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        return gathered[inverse]
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    """Open a finished store read-only.
+
+    Raises
+    ------
+    StoreError
+        If the path is missing, unfinished (an ingest is still running or was
+        killed), not a scbd-cells store, or of another format version.
+    """
+    path = Path(path)
+    partial = partial_path_of(path)
+    if not path.exists():
+        if partial.exists():
+            raise StoreError(
+                f"The store {path} is unfinished: an ingest into it was interrupted or is still "
+                f"running ({partial} exists). Rerun the same `scbd-cells ingest` command to "
+                "resume it."
+            )
+        raise StoreError(
+            f"No store at {path}. Create one with `scbd-cells ingest TABLE --out {path}`."
+        )
+    try:
+        group = zarr.open_group(path, mode="r", zarr_format=3)
+    except Exception as error:  # zarr raises several types for "not a group"
+        raise StoreError(
+            f"{path} is not a Zarr v3 store written by scbd-cells ({error}). "
+            "Create one with `scbd-cells ingest`."
+        ) from error
+    attributes = dict(group.attrs)
+    if attributes.get("format") != schema.STORE_FORMAT:
+        raise StoreError(
+            f"{path} is a Zarr group but not a scbd-cells store (format "
+            f"{attributes.get('format')!r}, expected {schema.STORE_FORMAT!r}). "
+            "Create one with `scbd-cells ingest`."
+        )
+    version = attributes.get("format_version")
+    if version != schema.STORE_FORMAT_VERSION:
+        raise StoreError(
+            f"{path} has store format version {version}; this scbd-cells (version {__version__}) "
+            f"reads version {schema.STORE_FORMAT_VERSION}. Re-ingest the table with this version."
+        )
+    if attributes.get("complete") is not True or IMAGES_KEY not in group:
+        raise StoreError(
+            f"The store {path} is unfinished (its completion flag is not set). Rerun the ingest "
+            "command that made it, with --overwrite if needed."
+        )
+    return Store(path, group)
