@@ -1,0 +1,184 @@
+"""Losses: equal to the paper's appendix B code; gradients flow; the normalised variant is sane."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scbd_cells.model.losses import (
+    batch_target_labels,
+    invariance_loss,
+    scbd_loss,
+    supcon_loss,
+)
+from scbd_cells.model.scbd import SCBDModel
+
+# --- appendix B of the paper, transcribed verbatim (the numerical reference) ------------
+
+
+def paper_supcon_loss(z, u, temperature):
+    batch_size = len(z)
+    u_col = u.unsqueeze(1)
+    u_row = u.unsqueeze(0)
+    mask_pos = (u_col == u_row).float()
+    offdiag_mask = 1.0 - torch.eye(batch_size)
+    mask_pos = mask_pos * offdiag_mask
+    logits = torch.matmul(z, z.T) / temperature
+    p = mask_pos / mask_pos.sum(dim=1, keepdim=True).clamp(min=1.0)
+    q = F.log_softmax(logits, dim=1)
+    return F.cross_entropy(q, p)
+
+
+def paper_invariance_loss(zc, e, temperature):
+    batch_size = len(zc)
+    e_col = e.unsqueeze(1)
+    e_row = e.unsqueeze(0)
+    mask_pos = (e_col == e_row).float()
+    mask_neg = 1.0 - mask_pos
+    offdiag_mask = 1.0 - torch.eye(batch_size)
+    mask_pos = mask_pos * offdiag_mask
+    logits = torch.matmul(zc, zc.T) / temperature
+    q = F.log_softmax(logits, dim=1)
+    log_prob_pos = (q * mask_pos).mean(dim=1)
+    log_prob_neg = (q * mask_neg).mean(dim=1)
+    return (log_prob_pos - log_prob_neg).abs().mean()
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _labels(structure: str, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    if structure == "random":
+        return torch.randint(0, 5, (batch_size,), generator=generator)
+    if structure == "balanced":  # classes x cells, as the sampler makes
+        return torch.arange(batch_size) // 4
+    if structure == "singleton":  # one label seen once, the rest paired
+        labels = torch.randint(0, 3, (batch_size,), generator=generator)
+        labels[0] = 99
+        return labels
+    if structure == "all_same":
+        return torch.zeros(batch_size, dtype=torch.long)
+    if structure == "all_distinct":
+        return torch.arange(batch_size)
+    raise ValueError(structure)
+
+
+STRUCTURES = ["random", "balanced", "singleton", "all_same", "all_distinct"]
+
+
+@pytest.mark.parametrize("batch_size", [2, 8, 33, 256])
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_losses_equal_appendix_b(batch_size: int, structure: str, temperature: float) -> None:
+    generator = torch.Generator().manual_seed(batch_size * 31 + len(structure))
+    z = F.normalize(torch.randn(batch_size, 16, generator=generator, dtype=torch.float64), dim=1)
+    labels = _labels(structure, batch_size, generator)
+    expected_supcon = paper_supcon_loss(z, labels, temperature)
+    expected_invariance = paper_invariance_loss(z, labels, temperature)
+    torch.testing.assert_close(
+        supcon_loss(z, labels, temperature=temperature), expected_supcon, rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        invariance_loss(z, labels, temperature=temperature),
+        expected_invariance,
+        rtol=0,
+        atol=1e-6,
+    )
+
+
+def test_losses_equal_appendix_b_float32_default_temperature() -> None:
+    generator = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(512, 64, generator=generator), dim=1)
+    labels = torch.randint(0, 40, (512,), generator=generator)
+    torch.testing.assert_close(
+        supcon_loss(z, labels), paper_supcon_loss(z, labels, 0.1), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(
+        invariance_loss(z, labels), paper_invariance_loss(z, labels, 0.1), rtol=0, atol=1e-6
+    )
+
+
+def test_normalized_variant_by_hand() -> None:
+    """Self excluded from the softmax, per-set means: checked against a loop over anchors."""
+    generator = torch.Generator().manual_seed(1)
+    z = F.normalize(torch.randn(12, 8, generator=generator, dtype=torch.float64), dim=1)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])
+    supcon_terms, invariance_terms = [], []
+    for i in range(12):
+        others = [j for j in range(12) if j != i]
+        logits = torch.stack([z[i] @ z[j] / 0.1 for j in others])
+        log_prob = dict(zip(others, F.log_softmax(logits, dim=0), strict=True))
+        positives = [j for j in others if labels[j] == labels[i]]
+        negatives = [j for j in others if labels[j] != labels[i]]
+        if positives:
+            supcon_terms.append(-torch.stack([log_prob[j] for j in positives]).mean())
+            mean_pos = torch.stack([log_prob[j] for j in positives]).mean()
+            mean_neg = torch.stack([log_prob[j] for j in negatives]).mean()
+            invariance_terms.append((mean_pos - mean_neg).abs())
+    torch.testing.assert_close(
+        supcon_loss(z, labels, normalized=True), torch.stack(supcon_terms).mean()
+    )
+    torch.testing.assert_close(
+        invariance_loss(z, labels, normalized=True), torch.stack(invariance_terms).mean()
+    )
+
+
+def test_invariance_scale_grows_with_wells_only_for_paper_version() -> None:
+    """The paper's invariance loss grows with the number of wells; the normalised one does not."""
+    generator = torch.Generator().manual_seed(2)
+    z = F.normalize(torch.randn(1024, 64, generator=generator), dim=1)  # well-independent z
+    paper, normalized = {}, {}
+    for n_wells in (2, 16):
+        wells = torch.arange(1024) % n_wells
+        paper[n_wells] = float(invariance_loss(z, wells))
+        normalized[n_wells] = float(invariance_loss(z, wells, normalized=True))
+    assert paper[16] > 5 * paper[2]
+    assert normalized[16] < 0.2 and normalized[2] < 0.2
+
+
+def test_scbd_loss_parts_and_gradients_reach_every_parameter() -> None:
+    torch.manual_seed(0)
+    model = SCBDModel({"encoder": "tiny", "in_channels": 3, "image_size": 16, "z_dim": 8})
+    images = torch.randn(24, 3, 16, 16)
+    perturbation = torch.arange(24) // 4
+    batch = torch.arange(24) % 3
+    output = model(images)
+    target = batch_target_labels(perturbation, batch, batch_target="perturbation+batch", n_batches=3)
+    assert len(set(target.tolist())) == 18
+    losses = scbd_loss(
+        output.z_perturbation,
+        output.z_batch,
+        perturbation=perturbation,
+        batch=batch,
+        batch_target=target,
+        alpha=2.0,
+    )
+    expected = (
+        paper_supcon_loss(output.z_perturbation, perturbation, 0.1)
+        + paper_supcon_loss(output.z_batch, target, 0.1)
+        + 2.0 * paper_invariance_loss(output.z_perturbation, batch, 0.1)
+    )
+    torch.testing.assert_close(losses.total, expected)
+    assert set(losses.items()) == {"loss", "supcon_perturbation", "supcon_batch", "invariance"}
+    losses.total.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_gradients_finite_with_degenerate_labels(normalized: bool) -> None:
+    z = F.normalize(torch.randn(6, 4), dim=1).requires_grad_(True)
+    for labels in (torch.zeros(6, dtype=torch.long), torch.arange(6)):
+        loss = supcon_loss(z, labels, normalized=normalized) + invariance_loss(
+            z, labels, normalized=normalized
+        )
+        (grad,) = torch.autograd.grad(loss, z)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_bad_shapes_raise() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        supcon_loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
