@@ -23,30 +23,31 @@ from scbd_cells.distributed import (
     rank_seed,
     shard_indices,
 )
+from scbd_cells.model.losses import scbd_loss
 
 GLOBAL_BATCH = 16
-N_CLASSES = 4
-
-
-def _contrastive_loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """A SupCon-style loss of the whole batch (each row depends on every other row)."""
-    logits = z @ z.T / 0.1
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positives = (labels[:, None] == labels[None, :]).float()
-    return -(log_prob * positives).sum(1).div(positives.sum(1)).mean()
 
 
 def _problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 5))
     inputs = torch.randn(GLOBAL_BATCH, 6)
-    labels = torch.arange(GLOBAL_BATCH) % N_CLASSES
-    return model, inputs, labels
+    labels = torch.stack([torch.arange(GLOBAL_BATCH) // 4, torch.arange(GLOBAL_BATCH) % 3])
+    return model, inputs, labels  # labels: (2, B) perturbation and batch codes
 
 
 def _forward_loss(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor):
-    z = torch.nn.functional.normalize(model(inputs), dim=1)
-    return _contrastive_loss(all_gather_with_grad(z), labels)
+    """The SCBD objective (supcon x2 + invariance) on the all-gathered global batch."""
+    z = torch.nn.functional.normalize(model(inputs), dim=1)  # (b, 5)
+    z = all_gather_with_grad(z)  # (B, 5)
+    z_perturbation, z_batch = z[:, :3], z[:, 3:]
+    return scbd_loss(
+        torch.nn.functional.normalize(z_perturbation, dim=1),
+        torch.nn.functional.normalize(z_batch, dim=1),
+        perturbation=labels[0],
+        batch=labels[1],
+        alpha=1.0,
+    ).total
 
 
 def _single_process() -> tuple[float, list[np.ndarray]]:
