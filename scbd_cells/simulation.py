@@ -1,0 +1,1237 @@
+"""Simulate: a synthetic optical pooled screen (cells table, uint16 images, complexes, truth).
+
+The screen is built in two stages:
+
+1. The *design* (one seeded generator, cheap, held in memory): genes grouped
+   into complexes with shared morphological effect vectors, guides with
+   efficacies, the non-targeting control, wells with technical effects, and
+   every cell's perturbation, well, field of view and position.
+2. The *images* (streamed, chunk by chunk, optionally in parallel): each chunk
+   is a few fields of view of one well, drawn from its own seed, so the output
+   does not depend on ``workers``. Cells are drawn vectorised (all cells of a
+   chunk at once) into fields, the well's technical effects are applied to the
+   whole field, and then either the fields (``layout="fields"``) or one crop per
+   cell (``layout="crops"``) are written as TIFF.
+
+A crop written in the crops layout is exactly the window that ingest cuts out
+of the matching field in the fields layout (same seed), so both layouts show
+the same cells. docs/simulator.md describes the model and its parameters.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tifffile
+from scipy import ndimage
+
+from scbd_cells import __version__
+from scbd_cells.data.schema import CONTROL_LABEL, SIM_CHANNELS
+from scbd_cells.errors import InputError
+from scbd_cells.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+#: Interpretable morphological parameters a gene can shift (per-cell values are
+#: standard normal in these units, so an effect of 0.5 is half a cell-to-cell SD).
+MORPHOLOGY = (
+    "cell_size",
+    "cell_elongation",
+    "nucleus_size",
+    "dna_intensity",
+    "foci_count",
+    "damage_intensity",
+    "actin_intensity",
+    "fibre_density",
+    "microtubule_intensity",
+    "microtubule_density",
+)
+LAYOUTS = ("crops", "fields")
+MIN_CROP_SIZE = 16
+#: Drawing sizes are defined for a 64 px crop and scaled to ``crop_size``.
+REFERENCE_CROP = 64
+
+
+@dataclass(frozen=True)
+class SimulationParams:
+    """Sizes and strengths of a simulated screen (a preset, possibly with overrides).
+
+    Attributes
+    ----------
+    n_genes
+        Targeted genes (the control comes on top).
+    n_complexes
+        Protein complexes; about ``fraction_in_complexes`` of the genes belong to one.
+    guides_per_gene
+        Guides (sgRNAs) per targeted gene.
+    control_guides
+        Guides of the non-targeting control.
+    cells_per_guide
+        Cells per targeting guide (spread over all wells).
+    control_cells_per_guide
+        Cells per control guide.
+    plates, wells_per_plate
+        Plates and wells; every well holds cells of every guide (a pooled screen).
+    crop_size
+        Side of a cell crop in pixels (and the slot pitch in a field).
+    field_grid
+        A field of view holds up to ``field_grid**2`` cells on a jittered grid.
+    effect_strength
+        Multiplies every gene effect (1: typical effects 0.3-1 cell-to-cell SDs).
+    batch_strength
+        Multiplies every per-well technical effect (0: no batch effect).
+    fraction_in_complexes
+        Fraction of genes that belong to a complex.
+    fraction_unassigned_with_effect
+        Of the genes outside complexes, the fraction with an effect of their own
+        (the others have none).
+    cells_per_chunk
+        Cells drawn together (memory per worker grows with it).
+    """
+
+    n_genes: int
+    n_complexes: int
+    guides_per_gene: int
+    control_guides: int
+    cells_per_guide: int
+    control_cells_per_guide: int
+    plates: int
+    wells_per_plate: int
+    crop_size: int = 64
+    field_grid: int = 6
+    effect_strength: float = 1.0
+    batch_strength: float = 1.0
+    fraction_in_complexes: float = 0.7
+    fraction_unassigned_with_effect: float = 0.3
+    cells_per_chunk: int = 1024
+
+    @property
+    def n_cells(self) -> int:
+        return (
+            self.n_genes * self.guides_per_gene * self.cells_per_guide
+            + self.control_guides * self.control_cells_per_guide
+        )
+
+
+PRESETS: dict[str, SimulationParams] = {
+    # Tests: ~1.4 k cells at 32 px, seconds.
+    "tiny": SimulationParams(
+        n_genes=16,
+        n_complexes=4,
+        guides_per_gene=2,
+        control_guides=4,
+        cells_per_guide=40,
+        control_cells_per_guide=40,
+        plates=2,
+        wells_per_plate=2,
+        crop_size=32,
+        field_grid=5,
+        cells_per_chunk=512,
+    ),
+    # The demo / main job: ~15 k cells at 64 px, trained at 32 px on a laptop CPU in minutes.
+    "demo": SimulationParams(
+        n_genes=80,
+        n_complexes=14,
+        guides_per_gene=4,
+        control_guides=24,
+        cells_per_guide=40,
+        control_cells_per_guide=60,
+        plates=2,
+        wells_per_plate=6,
+        crop_size=64,
+        field_grid=6,
+    ),
+    # Benchmarks: ~1.02 M cells at 32 px (about 12 GB of crops), written in parallel.
+    "large": SimulationParams(
+        n_genes=500,
+        n_complexes=90,
+        guides_per_gene=4,
+        control_guides=100,
+        cells_per_guide=480,
+        control_cells_per_guide=600,
+        plates=4,
+        wells_per_plate=8,
+        crop_size=32,
+        field_grid=8,
+        cells_per_chunk=4096,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """What :func:`simulate` wrote.
+
+    Attributes
+    ----------
+    out_dir
+        The screen's folder.
+    cells_path, complexes_path, truth_path
+        ``cells.csv``, ``complexes.txt`` (CORUM 5.x) and ``truth.json``.
+    preview_path
+        ``preview.png`` when asked for, else None.
+    layout
+        ``"crops"`` or ``"fields"``.
+    n_cells, n_genes, n_complexes, n_wells, n_fields
+        Sizes (``n_genes`` without the control).
+    params
+        The parameters used.
+    seconds
+        Wall time.
+    """
+
+    out_dir: Path
+    cells_path: Path
+    complexes_path: Path
+    truth_path: Path
+    preview_path: Path | None
+    layout: str
+    n_cells: int
+    n_genes: int
+    n_complexes: int
+    n_wells: int
+    n_fields: int
+    params: SimulationParams
+    seconds: float
+
+
+# ---------------------------------------------------------------------------
+# Design: genes, complexes, guides, wells, cells
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Design:
+    genes: list[str]  # targeted genes, then the control
+    gene_complex: list[int]  # complex index per targeted gene, -1 if none
+    gene_effects: np.ndarray  # (n_genes + 1, P) in per-cell SD units; control row zero
+    complex_names: list[str]
+    complex_effects: np.ndarray  # (n_complexes, P)
+    guides: list[str]
+    guide_gene: np.ndarray  # (n_guides,) gene index
+    guide_efficacy: np.ndarray  # (n_guides,) fraction of cells edited
+    plates: list[str]
+    wells: list[str]  # well name within its plate, per well
+    well_plate: np.ndarray  # (n_wells,) plate index
+    well_effects: list[dict[str, Any]]
+    # per cell (cell id = position), ordered by well, field, slot
+    cell_guide: np.ndarray
+    cell_well: np.ndarray
+    cell_tile: np.ndarray  # field index within the well
+    cell_field: np.ndarray  # global field index
+    cell_x: np.ndarray  # centroid column in the field (float)
+    cell_y: np.ndarray  # centroid row in the field (float)
+    cell_shift: np.ndarray  # (n_cells, P) float32 morphological shift of each cell
+    field_size: int
+    fields: list[tuple[int, int]] = field(default_factory=list)  # (well, tile) per global field
+
+
+def _well_name(index: int) -> str:
+    return f"{'ABCDEFGHIJKLMNOP'[index // 12]}{index % 12 + 1:02d}"
+
+
+def _design(params: SimulationParams, rng: np.random.Generator) -> _Design:
+    n_genes, n_complexes = params.n_genes, params.n_complexes
+    n_params = len(MORPHOLOGY)
+    genes = [f"GENE{i + 1:04d}" for i in range(n_genes)] + [CONTROL_LABEL]
+
+    # Complexes: a fraction of the genes, split into groups of random size (>= 2).
+    n_members = min(n_genes, max(2 * n_complexes, round(params.fraction_in_complexes * n_genes)))
+    order = rng.permutation(n_genes)
+    members = order[:n_members]
+    cuts = (
+        np.sort(rng.choice(np.arange(1, n_members), size=n_complexes - 1, replace=False))
+        if (n_complexes > 1)
+        else np.array([], dtype=int)
+    )
+    # Re-balance so no complex has fewer than 2 members when there are enough genes.
+    sizes = np.diff(np.concatenate([[0], cuts, [n_members]]))
+    sizes = _at_least(sizes, 2 if n_members >= 2 * n_complexes else 1)
+    gene_complex = np.full(n_genes, -1, dtype=int)
+    start = 0
+    for complex_index, size in enumerate(sizes):
+        gene_complex[members[start : start + size]] = complex_index
+        start += size
+
+    # Effects: a complex shifts 2-4 interpretable parameters; its members share the
+    # direction with their own strength (some members none); genes outside
+    # complexes mostly have no effect, a few have one of their own.
+    def random_effect() -> np.ndarray:
+        vector = np.zeros(n_params)
+        chosen = rng.choice(n_params, size=int(rng.integers(2, 5)), replace=False)
+        vector[chosen] = rng.normal(size=chosen.size)
+        return vector / np.linalg.norm(vector)
+
+    complex_strength = rng.uniform(0.5, 1.5, size=n_complexes) * params.effect_strength
+    complex_effects = (
+        np.stack([random_effect() * s for s in complex_strength])
+        if n_complexes
+        else (np.zeros((0, n_params)))
+    )
+    gene_effects = np.zeros((n_genes + 1, n_params))
+    for gene_index in range(n_genes):
+        complex_index = gene_complex[gene_index]
+        if complex_index >= 0:
+            loading = 0.0 if rng.random() < 0.1 else rng.uniform(0.6, 1.4)
+            gene_effects[gene_index] = loading * complex_effects[complex_index]
+        elif rng.random() < params.fraction_unassigned_with_effect:
+            gene_effects[gene_index] = (
+                random_effect() * rng.uniform(0.4, 1.2) * params.effect_strength
+            )
+    complex_names = [f"Simulated complex {i + 1}" for i in range(n_complexes)]
+
+    # Guides: most cut well, about one in six barely works (efficacy < 0.15).
+    guides, guide_gene, guide_efficacy = [], [], []
+    for gene_index, gene in enumerate(genes[:-1]):
+        for k in range(params.guides_per_gene):
+            guides.append(f"{gene}_{k + 1}")
+            guide_gene.append(gene_index)
+            inactive = rng.random() < 1 / 6
+            guide_efficacy.append(rng.uniform(0.0, 0.15) if inactive else rng.uniform(0.6, 1.0))
+    for k in range(params.control_guides):
+        guides.append(f"{CONTROL_LABEL}_{k:04d}")
+        guide_gene.append(n_genes)
+        guide_efficacy.append(0.0)
+    guide_gene_array = np.asarray(guide_gene)
+    guide_efficacy_array = np.asarray(guide_efficacy)
+
+    plates = [f"plate{p + 1}" for p in range(params.plates)]
+    wells = [_well_name(w) for _p in range(params.plates) for w in range(params.wells_per_plate)]
+    well_plate = np.repeat(np.arange(params.plates), params.wells_per_plate)
+    well_effects = _well_effects(params, rng, well_plate)
+
+    # Cells: each guide's cells go round-robin over the wells from a random start,
+    # so every well holds every guide (pooled screen); then shuffled within wells.
+    n_wells = len(wells)
+    cells_per = np.where(
+        guide_gene_array == n_genes, params.control_cells_per_guide, params.cells_per_guide
+    )
+    cell_guide = np.repeat(np.arange(len(guides)), cells_per)
+    offsets = rng.integers(0, n_wells, size=len(guides))
+    rank_in_guide = np.arange(cell_guide.size) - np.repeat(
+        np.cumsum(cells_per) - cells_per, cells_per
+    )
+    cell_well = (offsets[cell_guide] + rank_in_guide) % n_wells
+    order = np.lexsort((rng.random(cell_guide.size), cell_well))
+    cell_guide, cell_well = cell_guide[order], cell_well[order]
+
+    # Fields: consecutive cells of a well fill fields of up to grid**2 slots; the
+    # slots are a jittered grid with a quarter-pitch margin, so a few cells sit so
+    # close to the border that their crop would leave the field (as in real data).
+    pitch, grid = params.crop_size, params.field_grid
+    field_size = grid * pitch + pitch // 2
+    per_field = grid * grid
+    rank_in_well = np.arange(cell_guide.size) - np.searchsorted(cell_well, cell_well, side="left")
+    cell_tile = rank_in_well // per_field
+    fields = sorted(set(zip(cell_well.tolist(), cell_tile.tolist(), strict=True)))
+    field_index = {key: i for i, key in enumerate(fields)}
+    cell_field = np.array(
+        [field_index[key] for key in zip(cell_well.tolist(), cell_tile.tolist(), strict=True)]
+    )
+    slot = np.empty(cell_guide.size, dtype=int)
+    bounds = np.flatnonzero(np.diff(cell_field, prepend=-1, append=-1) != 0)
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        slot[start:stop] = rng.permutation(per_field)[: stop - start]
+    jitter = np.clip(
+        np.rint(rng.normal(0, pitch / 8, size=(cell_guide.size, 2))), -pitch // 3, pitch // 3
+    )
+    # Sub-pixel part of the centroid, kept inside (-0.5, 0.5) so round() gives the pixel drawn at.
+    subpixel = rng.uniform(-0.45, 0.45, size=(cell_guide.size, 2))
+    cell_y = pitch // 4 + (slot // grid) * pitch + pitch // 2 + jitter[:, 0] + subpixel[:, 0]
+    cell_x = pitch // 4 + (slot % grid) * pitch + pitch // 2 + jitter[:, 1] + subpixel[:, 1]
+
+    # Edited or not, per cell (a guide's efficacy is the fraction of its cells edited).
+    edited = rng.random(cell_guide.size) < guide_efficacy_array[cell_guide]
+    cell_shift = (gene_effects[guide_gene_array[cell_guide]] * edited[:, None]).astype(np.float32)
+
+    return _Design(
+        genes=genes,
+        gene_complex=gene_complex.tolist(),
+        gene_effects=gene_effects,
+        complex_names=complex_names,
+        complex_effects=complex_effects,
+        guides=guides,
+        guide_gene=guide_gene_array,
+        guide_efficacy=guide_efficacy_array,
+        plates=plates,
+        wells=wells,
+        well_plate=well_plate,
+        well_effects=well_effects,
+        cell_guide=cell_guide,
+        cell_well=cell_well,
+        cell_tile=cell_tile,
+        cell_field=cell_field,
+        cell_x=cell_x,
+        cell_y=cell_y,
+        cell_shift=cell_shift,
+        field_size=field_size,
+        fields=fields,
+    )
+
+
+def _at_least(sizes: np.ndarray, minimum: int) -> np.ndarray:
+    """Move members from the largest groups to groups below ``minimum``."""
+    sizes = sizes.copy()
+    while sizes.min() < minimum:
+        sizes[np.argmax(sizes)] -= 1
+        sizes[np.argmin(sizes)] += 1
+    return sizes
+
+
+def _well_effects(
+    params: SimulationParams, rng: np.random.Generator, well_plate: np.ndarray
+) -> list[dict[str, Any]]:
+    """Per-well technical effects: a plate part shared by its wells plus a well part."""
+    strength, n_channels, scale = params.batch_strength, len(SIM_CHANNELS), params.crop_size / 64
+    plate_gain = rng.normal(0, 0.15 * strength, size=(params.plates, n_channels))
+    plate_offset = rng.normal(0, 80 * strength, size=(params.plates, n_channels))
+    effects = []
+    for plate in well_plate:
+        angle = rng.uniform(0, 2 * np.pi)
+        effects.append(
+            {
+                "gain": np.exp(
+                    plate_gain[plate] + rng.normal(0, 0.15 * strength, n_channels)
+                ).tolist(),
+                "offset": np.maximum(
+                    50.0, 400 + plate_offset[plate] + rng.normal(0, 80 * strength, n_channels)
+                ).tolist(),
+                "blur_sigma": float(rng.uniform(0.0, 1.5) * strength * scale),
+                "gradient": float(rng.uniform(0.0, 0.35) * strength),
+                "gradient_angle": float(angle),
+                "vignetting": float(rng.uniform(0.0, 0.25) * strength),
+                "read_noise": float(20 + rng.uniform(0, 60) * strength),
+                "shot_noise": float(1.0 + rng.uniform(0, 3) * strength),
+            }
+        )
+    return effects
+
+
+# ---------------------------------------------------------------------------
+# Drawing cells (vectorised over cells)
+# ---------------------------------------------------------------------------
+
+
+def draw_cells(
+    shift: np.ndarray, *, crop_size: int, subpixel: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Draw cells, one per crop, without technical effects.
+
+    Parameters
+    ----------
+    shift
+        (N, P) morphological shift of each cell (gene effect if edited), in
+        per-cell SD units over :data:`MORPHOLOGY`.
+    crop_size
+        Side of each crop.
+    subpixel
+        (N, 2) row/column offset of the nucleus centre from the crop centre
+        ``crop_size // 2``, in (-0.5, 0.5).
+    rng
+        Source of the cell-to-cell variation.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N, 4, S, S) float32 photon counts before gain, blur and noise, channels
+        in :data:`scbd_cells.data.schema.SIM_CHANNELS` order.
+    """
+    n, size = shift.shape[0], crop_size
+    u = size / REFERENCE_CROP
+    z = rng.standard_normal((n, len(MORPHOLOGY))).astype(np.float32) + shift
+    # A shared "cell cycle" factor: bigger cells have bigger, brighter nuclei.
+    cycle = rng.standard_normal(n).astype(np.float32)
+    p = {name: z[:, i] for i, name in enumerate(MORPHOLOGY)}
+
+    def per_cell(values: np.ndarray) -> np.ndarray:
+        return values.astype(np.float32)[:, None, None]
+
+    # Geometry ------------------------------------------------------------
+    radius = 16.0 * u * np.exp(0.13 * p["cell_size"] + 0.06 * cycle)
+    aspect = np.exp(0.18 + 0.22 * p["cell_elongation"])
+    major = np.minimum(radius * np.sqrt(aspect), 0.44 * size)
+    minor = np.minimum(radius / np.sqrt(aspect), major)
+    angle = rng.uniform(0, np.pi, n)
+    nucleus_radius = np.minimum(
+        0.42 * radius * np.exp(0.12 * p["nucleus_size"] + 0.05 * cycle), minor * 0.9
+    )
+    nucleus_aspect = 1 + 0.25 * np.abs(rng.standard_normal(n))
+    nucleus_angle = angle + rng.normal(0, 0.4, n)
+    # The nucleus is off the cell centre, towards one end of the long axis.
+    nucleus_offset = rng.uniform(0, 0.35, n) * (major - nucleus_radius)
+    sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
+    centre = size // 2
+    nucleus_y = centre + subpixel[:, 0]
+    nucleus_x = centre + subpixel[:, 1]
+    cell_y = nucleus_y - sign * nucleus_offset * np.sin(angle)
+    cell_x = nucleus_x - sign * nucleus_offset * np.cos(angle)
+
+    rows = np.arange(size, dtype=np.float32)[None, :, None]
+    cols = np.arange(size, dtype=np.float32)[None, None, :]
+
+    # Cell body: an ellipse with a wavy outline (harmonics 2-5 of the polar angle).
+    dy, dx = rows - per_cell(cell_y), cols - per_cell(cell_x)
+    cos_a, sin_a = per_cell(np.cos(angle)), per_cell(np.sin(angle))
+    along = dx * cos_a + dy * sin_a  # (N, S, S)
+    across = -dx * sin_a + dy * cos_a
+    along /= per_cell(major)
+    across /= per_cell(minor)
+    rho = np.sqrt(np.square(along) + np.square(across)) + 1e-6
+    cos_phi, sin_phi = along / rho, across / rho
+    outline = np.ones_like(rho)
+    cos_k, sin_k = cos_phi, sin_phi
+    for k in range(2, 6):
+        cos_k, sin_k = cos_k * cos_phi - sin_k * sin_phi, sin_k * cos_phi + cos_k * sin_phi
+        amplitude = rng.normal(0, 0.07 / k**0.5, n)
+        phase = rng.uniform(0, 2 * np.pi, n)
+        outline += (
+            per_cell(amplitude * np.cos(phase)) * cos_k
+            + per_cell(amplitude * np.sin(phase)) * sin_k
+        )
+    relative = rho / outline  # 1 on the cell outline
+    edge = 0.08
+    body = _sigmoid((1 - relative) / edge)
+    # Fade to zero at the crop border so that nothing is cut off sharply.
+    border = np.minimum(np.minimum(rows, size - 1 - rows), np.minimum(cols, size - 1 - cols))
+    body *= np.clip(border / (2 * u + 1), 0, 1)
+
+    # Nucleus: a smaller ellipse with chromatin texture.
+    ny, nx = rows - per_cell(nucleus_y), cols - per_cell(nucleus_x)
+    cos_n, sin_n = per_cell(np.cos(nucleus_angle)), per_cell(np.sin(nucleus_angle))
+    n_along = (nx * cos_n + ny * sin_n) / per_cell(nucleus_radius * np.sqrt(nucleus_aspect))
+    n_across = (-nx * sin_n + ny * cos_n) / per_cell(nucleus_radius / np.sqrt(nucleus_aspect))
+    n_rho2 = np.square(n_along) + np.square(n_across)
+    nucleus = _sigmoid((1 - np.sqrt(n_rho2)) / 0.07)
+    texture = np.zeros_like(rho)
+    for _ in range(3):
+        wavelength = rng.uniform(3, 7, n) * u
+        direction = rng.uniform(0, 2 * np.pi, n)
+        # cos(a x + b y + c) = cos(a x) cos(b y + c) - sin(a x) sin(b y + c): separable, cheap.
+        along_x = (2 * np.pi * np.cos(direction) / wavelength)[:, None] * np.arange(size)
+        along_y = (2 * np.pi * np.sin(direction) / wavelength)[:, None] * np.arange(size)
+        along_y = along_y + rng.uniform(0, 2 * np.pi, n)[:, None]
+        texture += (np.cos(along_y)[:, :, None] * np.cos(along_x)[:, None, :]).astype(np.float32)
+        texture -= (np.sin(along_y)[:, :, None] * np.sin(along_x)[:, None, :]).astype(np.float32)
+    chromatin = nucleus * (1 + 0.12 * texture) * (1 + 0.25 * (1 - n_rho2).clip(0, 1))
+
+    images = np.empty((n, 4, size, size), dtype=np.float32)
+
+    # dna: Hoechst/DAPI-like nuclear stain.
+    dna_level = 5000 * np.exp(0.18 * p["dna_intensity"] + 0.1 * cycle)
+    images[:, 2] = per_cell(dna_level) * chromatin
+
+    # dna_damage: faint pan-nuclear signal plus foci (Poisson count, inside the nucleus).
+    foci_rate = 3.0 * np.exp(0.45 * p["foci_count"])
+    counts = np.minimum(rng.poisson(foci_rate), 40)
+    foci = np.zeros((n, size, size), dtype=np.float32)
+    total = int(counts.sum())
+    if total:
+        owner = np.repeat(np.arange(n), counts)
+        r = np.sqrt(rng.random(total)) * 0.85
+        theta = rng.uniform(0, 2 * np.pi, total)
+        a, b = r * np.cos(theta), r * np.sin(theta)
+        semi_major = (nucleus_radius * np.sqrt(nucleus_aspect))[owner]
+        semi_minor = (nucleus_radius / np.sqrt(nucleus_aspect))[owner]
+        ca, sa = np.cos(nucleus_angle[owner]), np.sin(nucleus_angle[owner])
+        fy = np.rint(nucleus_y[owner] + a * semi_major * sa + b * semi_minor * ca).astype(int)
+        fx = np.rint(nucleus_x[owner] + a * semi_major * ca - b * semi_minor * sa).astype(int)
+        fy, fx = np.clip(fy, 0, size - 1), np.clip(fx, 0, size - 1)
+        brightness = rng.lognormal(np.log(2500), 0.4, total)
+        np.add.at(foci, (owner, fy, fx), brightness)
+        foci = ndimage.gaussian_filter(
+            foci, sigma=(0, 1.0 * u + 0.3, 1.0 * u + 0.3), mode="constant"
+        )
+        foci *= 2 * np.pi * (1.0 * u + 0.3) ** 2 / 2  # peak ~ brightness / 2
+    damage_level = 500 * np.exp(0.3 * p["damage_intensity"])
+    images[:, 0] = per_cell(damage_level) * nucleus + foci * nucleus
+
+    # actin: cortex at the cell outline plus stress fibres along the long axis.
+    actin_level = 2500 * np.exp(0.22 * p["actin_intensity"])
+    cortex = np.exp(-np.square((relative - 0.97) / 0.06))
+    fibre_angle = angle + rng.normal(0, 0.25, n)
+    spacing = 5.0 * u * np.exp(-0.25 * p["fibre_density"])
+    fibre_along = dx * per_cell(np.cos(fibre_angle)) + dy * per_cell(np.sin(fibre_angle))
+    fibre_across = -dx * per_cell(np.sin(fibre_angle)) + dy * per_cell(np.cos(fibre_angle))
+    stripes = 0.5 + 0.5 * np.cos(
+        per_cell(2 * np.pi / spacing) * fibre_across
+        + per_cell(0.6 / u * rng.normal(0, 1, n)) * np.sin(fibre_along / (6 * u))
+        + per_cell(rng.uniform(0, 2 * np.pi, n))
+    )
+    stripes = np.square(stripes) * np.square(
+        np.square(stripes)
+    )  # ** 6, without the slow generic power
+    fibres = stripes * body * (0.6 + 0.4 * relative.clip(0, 1))
+    images[:, 1] = per_cell(actin_level) * (0.25 * body + 0.8 * cortex * body + 0.7 * fibres)
+
+    # microtubules: filaments radiating from the centrosome next to the nucleus, curving.
+    mt_level = 2000 * np.exp(0.22 * p["microtubule_intensity"])
+    spokes = np.round(20 * np.exp(0.25 * p["microtubule_density"])).clip(6, 48)
+    centrosome_y = nucleus_y + (cell_y - nucleus_y) * 0.5
+    centrosome_x = nucleus_x + (cell_x - nucleus_x) * 0.5
+    cy, cx = rows - per_cell(centrosome_y), cols - per_cell(centrosome_x)
+    distance = np.sqrt(np.square(cy) + np.square(cx))
+    polar = np.arctan2(cy, cx)
+    curl = rng.normal(0, 0.12, n) / u
+    # Irregular spacing: the polar angle is warped by a low harmonic before the spokes.
+    warp = per_cell(rng.uniform(0.5, 1.5, n)) * np.sin(
+        3 * polar + per_cell(rng.uniform(0, 2 * np.pi, n))
+    )
+    filaments = 0.5 + 0.5 * np.cos(
+        per_cell(spokes) * polar
+        + warp
+        + per_cell(curl) * distance
+        + per_cell(rng.uniform(0, 2 * np.pi, n))
+    )
+    filaments = np.square(filaments) * np.square(np.square(filaments))  # ** 6
+    aster = distance / (distance + 3 * u)
+    images[:, 3] = (
+        per_cell(mt_level) * body * (0.35 + 0.8 * filaments * aster) * (1 - 0.5 * nucleus)
+    )
+    return images
+
+
+def _sigmoid(values: np.ndarray) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(0.5 * values)
+
+
+# ---------------------------------------------------------------------------
+# Fields, technical effects, writing
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Fields of one well, drawn from one seed (picklable work item for a worker)."""
+
+    index: int
+    seed: int
+    well_label: str
+    well_effect: dict[str, Any]
+    tiles: np.ndarray  # (F,) tile numbers of the fields
+    cell_ids: np.ndarray  # (n,)
+    cell_field: np.ndarray  # (n,) index into tiles
+    cell_x: np.ndarray
+    cell_y: np.ndarray
+    cell_shift: np.ndarray
+    crop_size: int
+    field_size: int
+    layout: str
+    out_dir: Path
+
+
+def _render_chunk(chunk: _Chunk) -> int:
+    """Draw, degrade and write the fields (or crops) of one chunk; returns the number of cells."""
+    rng = np.random.default_rng(np.random.SeedSequence(chunk.seed, spawn_key=(chunk.index,)))
+    size, field_size = chunk.crop_size, chunk.field_size
+    pad = size // 2 + 1
+    centre_y, centre_x = np.rint(chunk.cell_y).astype(int), np.rint(chunk.cell_x).astype(int)
+    subpixel = np.stack([chunk.cell_y - centre_y, chunk.cell_x - centre_x], axis=1)
+    # Small batches keep the drawing's temporaries in the CPU cache (about 4x faster).
+    batch = max(8, 2**18 // (size * size))
+    cells = np.concatenate(
+        [
+            draw_cells(
+                chunk.cell_shift[i : i + batch],
+                crop_size=size,
+                subpixel=subpixel[i : i + batch],
+                rng=rng,
+            )
+            for i in range(0, subpixel.shape[0], batch)
+        ]
+    )
+
+    canvas_size = field_size + 2 * pad
+    canvas = np.zeros((chunk.tiles.size, 4, canvas_size, canvas_size), dtype=np.float32)
+    top = centre_y - size // 2 + pad
+    left = centre_x - size // 2 + pad
+    for i in range(cells.shape[0]):
+        canvas[chunk.cell_field[i], :, top[i] : top[i] + size, left[i] : left[i] + size] += cells[i]
+    del cells
+    fields = _degrade(canvas, chunk.well_effect, field_size=field_size, pad=pad, rng=rng)
+
+    if chunk.layout == "fields":
+        folder = chunk.out_dir / "fields" / chunk.well_label
+        folder.mkdir(parents=True, exist_ok=True)
+        inner = fields[:, :, pad : pad + field_size, pad : pad + field_size]
+        for f, tile in enumerate(chunk.tiles):
+            for c, channel in enumerate(SIM_CHANNELS):
+                _write_tiff(folder / f"tile{tile:04d}_{channel}.tif", inner[f, c])
+    else:
+        folder = chunk.out_dir / "images" / chunk.well_label
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, cell_id in enumerate(chunk.cell_ids):
+            crop = fields[chunk.cell_field[i], :, top[i] : top[i] + size, left[i] : left[i] + size]
+            _write_tiff(folder / f"cell{cell_id:07d}.tif", crop)
+    return int(chunk.cell_ids.size)
+
+
+def _degrade(
+    canvas: np.ndarray,
+    effect: dict[str, Any],
+    *,
+    field_size: int,
+    pad: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Apply one well's technical effects to its fields: (F, C, H, W) float -> uint16."""
+    sigma = effect["blur_sigma"]
+    if sigma > 0.05:
+        canvas = ndimage.gaussian_filter(canvas, sigma=(0, 0, sigma, sigma), mode="nearest")
+    size = canvas.shape[-1]
+    coords = (np.arange(size, dtype=np.float32) - pad - field_size / 2) / field_size
+    yy, xx = coords[:, None], coords[None, :]
+    angle = effect["gradient_angle"]
+    illumination = (
+        1
+        + effect["gradient"] * (xx * np.cos(angle) + yy * np.sin(angle))
+        - effect["vignetting"] * 2 * (xx**2 + yy**2)
+    ).astype(np.float32)
+    gain = np.asarray(effect["gain"], dtype=np.float32)[None, :, None, None]
+    offset = np.asarray(effect["offset"], dtype=np.float32)[None, :, None, None]
+    signal = canvas * illumination * gain
+    noise_sd = np.sqrt(effect["shot_noise"] * signal + effect["read_noise"] ** 2)
+    signal += offset * (0.85 + 0.15 * illumination)
+    signal += noise_sd * rng.standard_normal(signal.shape, dtype=np.float32)
+    return np.clip(np.rint(signal), 0, 65535).astype(np.uint16)
+
+
+_TIFF_TEMPLATES: dict[tuple[int, ...], tuple[bytes, int]] = {}
+
+
+def tiff_bytes(image: np.ndarray) -> bytes:
+    """The bytes ``tifffile.imwrite`` writes for a uint16 image (no timestamp), fast.
+
+    tifffile's header depends only on shape and dtype, so it is built once per
+    shape and the pixel data are spliced in; a test checks the result against
+    ``tifffile.imwrite`` byte for byte.
+    """
+    image = np.ascontiguousarray(image, dtype=np.uint16)
+    template = _TIFF_TEMPLATES.get(image.shape)
+    if template is None:
+        probe = np.arange(image.size, dtype=np.uint16).reshape(image.shape) * np.uint16(
+            7
+        ) + np.uint16(1)
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, probe)
+        raw = buffer.getvalue()
+        offset = raw.find(probe.tobytes())
+        if (
+            offset < 0 or raw.find(probe.tobytes(), offset + 1) >= 0
+        ):  # pragma: no cover - tifffile layout
+            buffer = io.BytesIO()
+            tifffile.imwrite(buffer, image)
+            return buffer.getvalue()
+        template = (raw, offset)
+        _TIFF_TEMPLATES[image.shape] = template
+    raw, offset = template
+    data = image.tobytes()
+    return raw[:offset] + data + raw[offset + len(data) :]
+
+
+def _write_tiff(path: Path, image: np.ndarray) -> None:
+    path.write_bytes(tiff_bytes(image))
+
+
+# ---------------------------------------------------------------------------
+# Public entry point
+# ---------------------------------------------------------------------------
+
+
+def simulate(
+    out_dir: str | os.PathLike[str],
+    *,
+    preset: str = "demo",
+    layout: str = "crops",
+    seed: int = 0,
+    overwrite: bool = False,
+    preview: bool = False,
+    workers: int = 1,
+    n_genes: int | None = None,
+    n_complexes: int | None = None,
+    guides_per_gene: int | None = None,
+    control_guides: int | None = None,
+    cells_per_guide: int | None = None,
+    control_cells_per_guide: int | None = None,
+    plates: int | None = None,
+    wells_per_plate: int | None = None,
+    crop_size: int | None = None,
+    effect_strength: float | None = None,
+    batch_strength: float | None = None,
+) -> SimulationResult:
+    """Simulate an optical pooled screen and write it to ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir
+        Folder to write; must be missing or empty unless ``overwrite``.
+    preset
+        ``"tiny"`` (tests, ~1.4 k cells), ``"demo"`` (~15 k cells at 64 px) or
+        ``"large"`` (~1 M cells at 32 px); see :data:`PRESETS`.
+    layout
+        ``"crops"``: one (C, H, W) uint16 TIFF per cell, column ``image_path``.
+        ``"fields"``: one single-channel TIFF per field and channel, columns
+        ``<channel>_path``; ``x`` / ``y`` locate each cell in its field.
+    seed
+        Everything is drawn from it; the same seed writes byte-identical files,
+        whatever ``workers``.
+    overwrite
+        Replace an existing simulated screen in ``out_dir``.
+    preview
+        Also write ``preview.png`` (example cells per complex and per well).
+    workers
+        Processes drawing and writing images.
+    n_genes, n_complexes, guides_per_gene, control_guides, cells_per_guide, \
+control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, batch_strength
+        Override the preset (see :class:`SimulationParams`).
+
+    Returns
+    -------
+    SimulationResult
+        Paths and sizes of what was written.
+    """
+    started = time.perf_counter()
+    if preset not in PRESETS:
+        raise InputError(
+            f"Unknown preset {preset!r}: expected one of {', '.join(PRESETS)}. "
+            "Pick a preset and override sizes with the size options."
+        )
+    if layout not in LAYOUTS:
+        raise InputError(f"Unknown layout {layout!r}: expected 'crops' or 'fields'.")
+    overrides = {
+        "n_genes": n_genes,
+        "n_complexes": n_complexes,
+        "guides_per_gene": guides_per_gene,
+        "control_guides": control_guides,
+        "cells_per_guide": cells_per_guide,
+        "control_cells_per_guide": control_cells_per_guide,
+        "plates": plates,
+        "wells_per_plate": wells_per_plate,
+        "crop_size": crop_size,
+        "effect_strength": effect_strength,
+        "batch_strength": batch_strength,
+    }
+    params = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    _check_params(params, workers=workers)
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, overwrite=overwrite)
+
+    rng = np.random.default_rng(seed)
+    design = _design(params, rng)
+    n_cells = design.cell_guide.size
+    logger.info(
+        "Simulating %s cells (%d genes in %d complexes, %d wells) at %d px into %s",
+        f"{n_cells:,}",
+        params.n_genes,
+        params.n_complexes,
+        len(design.wells),
+        params.crop_size,
+        out_dir,
+    )
+
+    chunks = list(_chunks(design, params, seed=seed, layout=layout, out_dir=out_dir))
+    with progress_bar(unit="cells") as bar:
+        task = bar.add_task("Simulating", total=n_cells)
+        if workers == 1:
+            for chunk in chunks:
+                bar.advance(task, _render_chunk(chunk))
+        else:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                for done in pool.map(_render_chunk, chunks):
+                    bar.advance(task, done)
+
+    complexes_path = out_dir / "complexes.txt"
+    _write_complexes(complexes_path, design)
+    truth_path = out_dir / "truth.json"
+    truth_path.write_text(
+        json.dumps(_truth(design, params, seed=seed, layout=layout), indent=1) + "\n"
+    )
+    cells_path = out_dir / "cells.csv"
+    table = _cells_table(design, layout=layout)
+    table.to_csv(cells_path, index=False, float_format="%.3f", lineterminator="\n")
+
+    preview_path = None
+    if preview:
+        preview_path = write_preview(out_dir, out_path=out_dir / "preview.png")
+    seconds = time.perf_counter() - started
+    logger.info(
+        "Wrote %s cells in %.1f s (%s cells/s)",
+        f"{n_cells:,}",
+        seconds,
+        f"{n_cells / seconds:,.0f}",
+    )
+    return SimulationResult(
+        out_dir=out_dir,
+        cells_path=cells_path,
+        complexes_path=complexes_path,
+        truth_path=truth_path,
+        preview_path=preview_path,
+        layout=layout,
+        n_cells=n_cells,
+        n_genes=params.n_genes,
+        n_complexes=params.n_complexes,
+        n_wells=len(design.wells),
+        n_fields=len(design.fields),
+        params=params,
+        seconds=seconds,
+    )
+
+
+def _check_params(params: SimulationParams, *, workers: int) -> None:
+    counts = {
+        "n_genes": params.n_genes,
+        "guides_per_gene": params.guides_per_gene,
+        "cells_per_guide": params.cells_per_guide,
+        "plates": params.plates,
+        "wells_per_plate": params.wells_per_plate,
+        "workers": workers,
+        "control_guides": params.control_guides,
+        "control_cells_per_guide": params.control_cells_per_guide,
+    }
+    for name, value in counts.items():
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}.")
+    if params.n_complexes < 0:
+        raise InputError(f"n_complexes must be 0 or more, got {params.n_complexes}.")
+    if 2 * params.n_complexes > params.n_genes:
+        raise InputError(
+            f"{params.n_complexes} complexes need at least {2 * params.n_complexes} genes (two per "
+            f"complex), got n_genes={params.n_genes}. Lower n_complexes or raise n_genes."
+        )
+    if params.crop_size < MIN_CROP_SIZE:
+        raise InputError(
+            f"crop_size must be at least {MIN_CROP_SIZE} px to draw a cell, got {params.crop_size}."
+        )
+    if params.crop_size > 512:
+        raise InputError(f"crop_size must be at most 512 px, got {params.crop_size}.")
+    if params.effect_strength < 0 or params.batch_strength < 0:
+        raise InputError(
+            f"effect_strength and batch_strength must be >= 0, got {params.effect_strength} "
+            f"and {params.batch_strength}."
+        )
+    if params.plates * params.wells_per_plate > 16 * 12:
+        raise InputError(
+            f"At most 192 wells per plate are named (A01-P12), got {params.wells_per_plate}."
+        )
+
+
+def _prepare_out_dir(out_dir: Path, *, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} is a file; give a folder for the simulated screen.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError(
+                f"{out_dir} exists and is not empty. Pass --overwrite (overwrite=True) to replace "
+                "a simulated screen, or choose another folder."
+            )
+        if not (out_dir / "truth.json").exists():
+            raise InputError(
+                f"{out_dir} is not empty and holds no truth.json, so it is not a simulated screen; "
+                "it is left alone even with --overwrite. Choose an empty or new folder."
+            )
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _chunks(design: _Design, params: SimulationParams, *, seed: int, layout: str, out_dir: Path):
+    """Work items: runs of whole fields of one well holding about ``cells_per_chunk`` cells."""
+    per_field = params.field_grid**2
+    fields_per_chunk = max(1, params.cells_per_chunk // per_field)
+    boundaries = np.flatnonzero(np.diff(design.cell_field, prepend=-1, append=-1) != 0)
+    field_start = boundaries[:-1]  # first cell of each global field
+    field_stop = boundaries[1:]
+    index = 0
+    for well in range(len(design.wells)):
+        well_fields = [f for f, (w, _tile) in enumerate(design.fields) if w == well]
+        for start in range(0, len(well_fields), fields_per_chunk):
+            group = well_fields[start : start + fields_per_chunk]
+            first, last = field_start[group[0]], field_stop[group[-1]]
+            rows = slice(first, last)
+            plate = design.plates[design.well_plate[well]]
+            yield _Chunk(
+                index=index,
+                seed=seed,
+                well_label=f"{plate}_{design.wells[well]}",
+                well_effect=design.well_effects[well],
+                tiles=np.array([design.fields[f][1] for f in group]),
+                cell_ids=np.arange(first, last),
+                cell_field=design.cell_field[rows] - group[0],
+                cell_x=design.cell_x[rows],
+                cell_y=design.cell_y[rows],
+                cell_shift=design.cell_shift[rows],
+                crop_size=params.crop_size,
+                field_size=design.field_size,
+                layout=layout,
+                out_dir=out_dir,
+            )
+            index += 1
+
+
+def _cells_table(design: _Design, *, layout: str) -> pd.DataFrame:
+    n = design.cell_guide.size
+    plate = np.asarray(design.plates)[design.well_plate[design.cell_well]]
+    well = np.asarray(design.wells)[design.cell_well]
+    label = np.char.add(np.char.add(plate.astype(str), "_"), well.astype(str))
+    columns: dict[str, Any] = {"cell_id": np.arange(n)}
+    if layout == "crops":
+        columns["image_path"] = [f"images/{w}/cell{i:07d}.tif" for i, w in enumerate(label)]
+    else:
+        for channel in SIM_CHANNELS:
+            columns[f"{channel}_path"] = [
+                f"fields/{w}/tile{t:04d}_{channel}.tif"
+                for w, t in zip(label, design.cell_tile, strict=True)
+            ]
+    columns["gene"] = np.asarray(design.genes)[design.guide_gene[design.cell_guide]]
+    columns["guide"] = np.asarray(design.guides)[design.cell_guide]
+    columns["plate"] = plate
+    columns["well"] = well
+    columns["tile"] = design.cell_tile
+    columns["x"] = np.round(design.cell_x, 3)
+    columns["y"] = np.round(design.cell_y, 3)
+    return pd.DataFrame(columns)
+
+
+def _write_complexes(path: Path, design: _Design) -> None:
+    """CORUM 5.x: tab-separated, snake_case header, ``;``-separated subunits, Human rows.
+
+    One extra Mouse row (a decoy of genes from different complexes) checks that
+    readers keep Human rows only, as they must with the real file.
+    """
+    header = [
+        "complex_id",
+        "complex_name",
+        "synonyms",
+        "cell_line",
+        "organism",
+        "subunits_gene_name",
+        "comment_complex",
+    ]
+    lines = ["\t".join(header)]
+    for index, name in enumerate(design.complex_names):
+        members = [g for g, c in zip(design.genes, design.gene_complex, strict=False) if c == index]
+        lines.append(
+            "\t".join(
+                [
+                    str(index + 1),
+                    name,
+                    "",
+                    "simulated",
+                    "Human",
+                    ";".join(members),
+                    "Members share one morphological effect (see truth.json).",
+                ]
+            )
+        )
+    if len(design.complex_names) >= 2:
+        decoy = [
+            design.genes[int(np.flatnonzero(np.asarray(design.gene_complex) == c)[0])]
+            for c in (0, 1)
+        ]
+        lines.append(
+            "\t".join(
+                [
+                    str(len(design.complex_names) + 1),
+                    "Decoy mouse complex",
+                    "",
+                    "simulated",
+                    "Mouse",
+                    ";".join(decoy),
+                    "Not a real relationship; readers must keep Human rows only.",
+                ]
+            )
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _truth(design: _Design, params: SimulationParams, *, seed: int, layout: str) -> dict[str, Any]:
+    def vector(values: np.ndarray) -> dict[str, float]:
+        return {name: round(float(v), 6) for name, v in zip(MORPHOLOGY, values, strict=True)}
+
+    return {
+        "scbd_cells_version": __version__,
+        "seed": seed,
+        "layout": layout,
+        "parameters": asdict(params),
+        "channels": list(SIM_CHANNELS),
+        "morphology": list(MORPHOLOGY),
+        "field_size": design.field_size,
+        "genes": {
+            gene: {
+                "complex": design.complex_names[c] if c >= 0 else None,
+                "effect": vector(design.gene_effects[i]),
+                "effect_norm": round(float(np.linalg.norm(design.gene_effects[i])), 6),
+            }
+            for i, (gene, c) in enumerate(zip(design.genes[:-1], design.gene_complex, strict=True))
+        },
+        "control": CONTROL_LABEL,
+        "complexes": {
+            name: {
+                "complex_id": i + 1,
+                "members": [
+                    g for g, c in zip(design.genes, design.gene_complex, strict=False) if c == i
+                ],
+                "effect": vector(design.complex_effects[i]),
+            }
+            for i, name in enumerate(design.complex_names)
+        },
+        "guides": {
+            guide: {"gene": design.genes[g], "efficacy": round(float(e), 6)}
+            for guide, g, e in zip(
+                design.guides, design.guide_gene, design.guide_efficacy, strict=True
+            )
+        },
+        "wells": {
+            f"{design.plates[design.well_plate[w]]}_{design.wells[w]}": {
+                key: [round(v, 6) for v in value] if isinstance(value, list) else round(value, 6)
+                for key, value in effect.items()
+            }
+            for w, effect in enumerate(design.well_effects)
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# Reading back and the preview figure
+# ---------------------------------------------------------------------------
+
+
+def read_crops(out_dir: str | os.PathLike[str], cell_ids: np.ndarray | list[int]) -> np.ndarray:
+    """Crops of some cells of a simulated screen, in either layout.
+
+    Parameters
+    ----------
+    out_dir
+        A folder written by :func:`simulate`.
+    cell_ids
+        Cells to read (``cell_id`` column).
+
+    Returns
+    -------
+    numpy.ndarray
+        (len(cell_ids), 4, S, S) uint16; in the fields layout the window that
+        ingest cuts (rows ``round(y) - S//2 ...``), zero-padded where it leaves
+        the field.
+    """
+    out_dir = Path(out_dir)
+    truth = json.loads((out_dir / "truth.json").read_text())
+    size = truth["parameters"]["crop_size"]
+    table = pd.read_csv(out_dir / "cells.csv").set_index("cell_id").loc[list(cell_ids)]
+    crops = np.zeros((len(table), len(SIM_CHANNELS), size, size), dtype=np.uint16)
+    for i, (_cell_id, row) in enumerate(table.iterrows()):
+        if "image_path" in table.columns:
+            crops[i] = tifffile.imread(out_dir / row["image_path"])
+            continue
+        top, left = round(row["y"]) - size // 2, round(row["x"]) - size // 2
+        for c, channel in enumerate(SIM_CHANNELS):
+            image = tifffile.imread(out_dir / row[f"{channel}_path"])
+            window = image[max(top, 0) : top + size, max(left, 0) : left + size]
+            crops[
+                i,
+                c,
+                max(-top, 0) : max(-top, 0) + window.shape[0],
+                max(-left, 0) : max(-left, 0) + window.shape[1],
+            ] = window
+    return crops
+
+
+def composite(crops: np.ndarray, *, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Colour composite (N, S, S, 3) in [0, 1]: DNA blue, actin magenta, microtubules green,
+    DNA-damage foci yellow, each channel scaled from ``low`` to ``high`` (per channel)."""
+    colours = np.array(
+        [[1.0, 0.85, 0.0], [0.85, 0.1, 0.75], [0.15, 0.35, 1.0], [0.1, 0.9, 0.2]], dtype=np.float32
+    )  # dna_damage, actin, dna, microtubules
+    scaled = (crops.astype(np.float32) - low[None, :, None, None]) / (high - low)[
+        None, :, None, None
+    ]
+    scaled = scaled.clip(0, 1)
+    return np.einsum("nchw,ck->nhwk", scaled, colours).clip(0, 1)
+
+
+def write_preview(
+    out_dir: str | os.PathLike[str], *, out_path: str | os.PathLike[str], per_row: int = 6
+) -> Path:
+    """Figure of example cells: one row per complex (strongest first) and the control,
+    then one row per well (control cells only, so that only the well differs).
+
+    Intensities are scaled the same way in every panel, so well-to-well
+    differences in brightness, background and blur stay visible.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir, out_path = Path(out_dir), Path(out_path)
+    truth = json.loads((out_dir / "truth.json").read_text())
+    table = pd.read_csv(
+        out_dir / "cells.csv", usecols=["cell_id", "gene", "guide", "plate", "well"]
+    )
+    rng = np.random.default_rng(truth["seed"])
+    efficacy = {guide: value["efficacy"] for guide, value in truth["guides"].items()}
+
+    complexes = sorted(
+        truth["complexes"].items(),
+        key=lambda item: -np.linalg.norm(list(item[1]["effect"].values())),
+    )[:6]
+    rows: list[tuple[str, np.ndarray]] = []
+    for name, info in complexes:
+        genes = [g for g in info["members"] if truth["genes"][g]["effect_norm"] > 0]
+        pool = table[table["gene"].isin(genes) & (table["guide"].map(efficacy) > 0.5)]
+        top_params = sorted(info["effect"].items(), key=lambda kv: -abs(kv[1]))[:2]
+        label = f"{name}\n" + ", ".join(f"{k} {v:+.1f}" for k, v in top_params)
+        rows.append((label, _sample(pool["cell_id"].to_numpy(), per_row, rng)))
+    control = table[table["gene"] == truth["control"]]
+    rows.append(
+        (f"{truth['control']} (control)", _sample(control["cell_id"].to_numpy(), per_row, rng))
+    )
+    wells = list(dict.fromkeys(zip(control["plate"], control["well"], strict=True)))[:8]
+    for plate, well in wells:
+        pool = control[(control["plate"] == plate) & (control["well"] == well)]
+        rows.append(
+            (f"{plate} {well} (control cells)", _sample(pool["cell_id"].to_numpy(), per_row, rng))
+        )
+
+    crops = read_crops(out_dir, np.concatenate([ids for _label, ids in rows]))
+    low = np.percentile(crops, 1, axis=(0, 2, 3))
+    high = np.percentile(crops, 99.7, axis=(0, 2, 3))
+    pictures = composite(crops, low=low, high=np.maximum(high, low + 1))
+
+    fig, axes = plt.subplots(
+        len(rows), per_row, figsize=(1.3 * per_row + 2.2, 1.3 * len(rows)), squeeze=False
+    )
+    position = 0
+    for r, (label, ids) in enumerate(rows):
+        for c in range(per_row):
+            axis = axes[r, c]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if c < ids.size:
+                axis.imshow(pictures[position + c], interpolation="nearest")
+            else:
+                axis.set_axis_off()
+        position += ids.size
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(
+        f"Simulated screen: rows 1-{len(complexes)} complexes (strongest first), then control "
+        "cells per well\nyellow: dna_damage, magenta: actin, blue: dna, green: microtubules",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return out_path
+
+
+def _sample(ids: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(ids, size=min(k, ids.size), replace=False)) if ids.size else ids
