@@ -1,0 +1,1034 @@
+"""Ingest: a cells table plus crops or fields of view -> a validated, resumable Zarr store.
+
+Three passes, each cheap compared with the next:
+
+1. the table: label columns, nulls, duplicate ids, the control label, image
+   columns, missing files, centroids (fields: one header read per field);
+2. a probe of the first few images fixes the reference (channels, size, dtype);
+3. the write: cells in store order (grouped by perturbation), read in parallel
+   block by block, optionally resized, written with their statistics. Fields of
+   view are read once each and all their cells cut out into a scratch file
+   first, because store order scatters a field's cells over the whole store.
+
+An image that fails in pass 3 (corrupt data, wrong channel count, another
+size) stops the ingest with the rows named, or with ``skip_bad`` is recorded
+and the ingest starts again without it. docs/store.md describes the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scbd_cells import __version__
+from scbd_cells.data import schema
+from scbd_cells.data.store import (
+    DEFAULT_BATCH_COLUMNS,
+    DEFAULT_SPLIT_FRACTIONS,
+    TABLE_ROW,
+    StoreWriter,
+    check_existing_output,
+    check_split_fractions,
+    finalise_obs,
+    label_table,
+)
+from scbd_cells.errors import DataError, InputError
+from scbd_cells.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_COLUMN = "image_path"
+SCRATCH_FILE = "crops.scratch.npy"
+FIELDS_DONE_FILE = "fields_done.txt"
+_PROBE_ROWS = 16
+_MAX_REPLANS = 3
+_MAX_ROWS_IN_MESSAGE = 5
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What ingest wrote.
+
+    Attributes
+    ----------
+    store_path
+        The finished store.
+    n_cells
+        Cells in the store.
+    n_rejected
+        Input rows left out because they were bad (``skip_bad``), listed in the
+        store's ``rejected.csv``.
+    n_border
+        Cells skipped because their crop would leave the field of view (fields only).
+    channel_names, image_size, dtype
+        What each stored cell looks like.
+    seconds, cells_per_second
+        Wall time of the whole ingest and its throughput.
+    resumed
+        Whether an interrupted ingest was continued.
+    """
+
+    store_path: Path
+    n_cells: int
+    n_rejected: int
+    n_border: int
+    channel_names: list[str]
+    image_size: tuple[int, int]
+    dtype: str
+    seconds: float
+    cells_per_second: float
+    resumed: bool
+
+
+class _ImageFailures(Exception):
+    """Some cells' images could not be used: ``{table row: reason}``."""
+
+    def __init__(self, failures: dict[int, str]) -> None:
+        super().__init__(f"{len(failures)} image failures")
+        self.failures = failures
+
+
+class _BadImage(Exception):
+    """One image is unusable; the message is the reason."""
+
+
+# ---------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------
+
+
+def read_table(table_path: Path) -> pd.DataFrame:
+    """Read a cells table: CSV, TSV (``.tsv``, ``.tab``, ``.txt``; gzip allowed) or Parquet."""
+    name = table_path.name.lower().removesuffix(".gz")
+    if not table_path.is_file():
+        raise InputError(
+            f"No cells table at {table_path}. Pass the path of a CSV, TSV or Parquet file."
+        )
+    try:
+        if name.endswith((".parquet", ".pq")):
+            return pd.read_parquet(table_path)
+        if name.endswith((".tsv", ".tab", ".txt")):
+            return pd.read_csv(table_path, sep="\t", low_memory=False)
+        if name.endswith(".csv"):
+            return pd.read_csv(table_path, low_memory=False)
+    except pd.errors.EmptyDataError as error:
+        raise DataError(
+            f"The cells table {table_path} is empty (no header, no rows). "
+            "Expected one row per cell."
+        ) from error
+    except Exception as error:  # parser errors of pandas / pyarrow
+        raise DataError(
+            f"Cannot read the cells table {table_path}: {error}. Check its format."
+        ) from error
+    raise InputError(
+        f"Unknown table format {table_path.name!r}: expected .csv, .tsv/.tab/.txt or .parquet."
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Pixels of a TIFF, NPY or PNG (any format Pillow reads) file, as stored."""
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(path)
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def image_header_shape(path: Path) -> tuple[int, ...]:
+    """The shape of an image file without decoding its pixels (TIFF, NPY; Pillow formats)."""
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tiff:
+            return tuple(tiff.series[0].shape)
+    if suffix == ".npy":
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        bands = len(image.getbands())
+        width, height = image.size
+        return (height, width) if bands == 1 else (height, width, bands)
+
+
+def to_chw(array: np.ndarray, n_channels: int | None) -> np.ndarray:
+    """Put a 2-D or 3-D image in (C, H, W) order.
+
+    A 3-D image is (C, H, W) if its first axis has ``n_channels`` entries,
+    else (H, W, C) if its last one does; with ``n_channels`` unknown, the
+    shorter of the first and last axes is the channel axis (ties: first).
+    """
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise _BadImage(f"has shape {array.shape}; expected (C, H, W), (H, W, C) or (H, W)")
+    if n_channels is None:
+        return array if array.shape[0] <= array.shape[-1] else np.moveaxis(array, -1, 0)
+    if array.shape[0] == n_channels:
+        return array
+    if array.shape[-1] == n_channels:
+        return np.moveaxis(array, -1, 0)
+    raise _BadImage(
+        f"has shape {array.shape}: wrong channel count, no axis has {n_channels} channels"
+    )
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize (n, C, H, W) images to (n, C, size, size), keeping the dtype.
+
+    Shrinking averages areas (``torch`` ``mode="area"``, anti-aliased by
+    construction); enlarging is bilinear. Integer results are rounded and
+    clipped to the dtype's range.
+    """
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size) or len(images) == 0:
+        return images
+    import torch
+    import torch.nn.functional as functional
+
+    tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    if size <= min(height, width):
+        resized = functional.interpolate(tensor, size=(size, size), mode="area")
+    else:
+        resized = functional.interpolate(
+            tensor, size=(size, size), mode="bilinear", align_corners=False
+        )
+    out = resized.numpy()
+    if images.dtype.kind in "ui":
+        info = np.iinfo(images.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(images.dtype)
+
+
+# ---------------------------------------------------------------------------
+# image sources
+# ---------------------------------------------------------------------------
+
+
+def _resolve(value: object, base_dir: Path) -> Path:
+    path = Path(str(value))
+    return path if path.is_absolute() else base_dir / path
+
+
+def _parallel_map(function: Callable, items: Sequence, workers: int) -> list:
+    if workers <= 1 or len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, items))
+
+
+def _failure_of(function: Callable, *args) -> tuple[object | None, str | None]:
+    """Run ``function``; return (result, None) or (None, reason) for an unusable image."""
+    try:
+        return function(*args), None
+    except _BadImage as error:
+        return None, str(error)
+    except FileNotFoundError as error:
+        return None, f"file not found: {error.filename or error}"
+    except Exception as error:  # decoders raise many types for corrupt files
+        return None, f"cannot read the image ({type(error).__name__}: {error})"
+
+
+@dataclass
+class _Reference:
+    """What every cell must look like: (C, H, W) before resizing, and dtype."""
+
+    n_channels: int
+    height: int
+    width: int
+    dtype: np.dtype
+
+
+class _CropSource:
+    """One file per cell (``image_column``) or one per cell and channel (``channel_columns``)."""
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        *,
+        columns: list[str],
+        per_channel: bool,
+        base_dir: Path,
+        n_channels: int | None,
+        workers: int,
+    ) -> None:
+        self.columns = columns
+        self.per_channel = per_channel
+        self.n_channels = len(columns) if per_channel else n_channels
+        self.workers = workers
+        self.paths = {
+            column: [None if pd.isna(v) else _resolve(v, base_dir) for v in table[column]]
+            for column in columns
+        }
+        self.reference: _Reference | None = None
+
+    def check(self, rows: np.ndarray) -> dict[int, str]:
+        """Table-level problems: empty paths and missing files."""
+        bad: dict[int, str] = {}
+        unique = {path for column in self.columns for path in (self.paths[column][r] for r in rows)}
+        unique.discard(None)
+        unique_list = sorted(unique)
+        exists = dict(
+            zip(unique_list, _parallel_map(os.path.isfile, unique_list, self.workers), strict=True)
+        )
+        for row in rows:
+            for column in self.columns:
+                path = self.paths[column][row]
+                if path is None:
+                    bad.setdefault(int(row), f"no image path in column {column!r}")
+                elif not exists[path]:
+                    bad.setdefault(int(row), f"file not found: {path}")
+        return bad
+
+    def _read_raw(self, row: int) -> np.ndarray:
+        if self.per_channel:
+            planes = []
+            for column in self.columns:
+                plane = read_image(self.paths[column][row])
+                plane = np.squeeze(plane)
+                if plane.ndim != 2:
+                    raise _BadImage(
+                        f"{self.paths[column][row]} has shape {plane.shape}: wrong channel count, "
+                        f"expected one channel per file in column {column!r}"
+                    )
+                planes.append(plane)
+            if len({plane.shape for plane in planes}) > 1:
+                raise _BadImage(f"its channel files differ in size: {[p.shape for p in planes]}")
+            if len({plane.dtype for plane in planes}) > 1:
+                raise _BadImage(
+                    f"its channel files differ in dtype: {[p.dtype.name for p in planes]}"
+                )
+            return np.stack(planes)
+        return to_chw(read_image(self.paths[self.columns[0]][row]), self.n_channels)
+
+    def probe(self, rows: np.ndarray) -> dict[int, str]:
+        """Fix the reference shape and dtype from the first readable images (the most common)."""
+        looks: Counter = Counter()
+        failures: dict[int, str] = {}
+        for row in rows[:_PROBE_ROWS]:
+            image, reason = _failure_of(self._read_raw, int(row))
+            if reason is not None:
+                failures[int(row)] = reason
+            else:
+                looks[(*image.shape, image.dtype.str)] += 1
+        if not looks:
+            raise _ImageFailures(failures)
+        n_channels, height, width, dtype = looks.most_common(1)[0][0]
+        self.reference = _Reference(n_channels, height, width, np.dtype(dtype))
+        return {}
+
+    def read_cell(self, row: int) -> np.ndarray:
+        """(C, H, W) pixels of one cell, checked against the reference."""
+        image = self._read_raw(row)
+        reference = self.reference
+        if image.shape[0] != reference.n_channels:
+            raise _BadImage(
+                f"has {image.shape[0]} channels (shape {image.shape}); wrong channel count, "
+                f"expected {reference.n_channels}"
+            )
+        if image.shape[1:] != (reference.height, reference.width):
+            raise _BadImage(
+                f"is {image.shape[1]}x{image.shape[2]} px; mismatched crop size, the other crops "
+                f"are {reference.height}x{reference.width}"
+            )
+        if image.dtype != reference.dtype:
+            if not np.can_cast(image.dtype, reference.dtype, casting="safe"):
+                raise _BadImage(f"has dtype {image.dtype}, the others {reference.dtype}")
+            image = image.astype(reference.dtype)
+        return image
+
+    def scan(self, rows: np.ndarray) -> dict[int, str]:
+        """Read every listed cell; return the failures."""
+        results = _parallel_map(
+            lambda row: _failure_of(self.read_cell, int(row)), list(rows), self.workers
+        )
+        return {int(row): reason for row, (_, reason) in zip(rows, results, strict=True) if reason}
+
+    def fill(
+        self, writer: StoreWriter, table_rows: np.ndarray, *, resize: int | None, bar, task
+    ) -> None:
+        """Write every pending block: reads of the next block overlap the write of this one."""
+        pending = writer.pending_blocks()
+        with ThreadPoolExecutor(self.workers) as pool:
+
+            def submit(block: int) -> tuple[int, list[Future]]:
+                start, stop = writer.block_bounds(block)
+                rows = table_rows[start:stop]
+                return block, [pool.submit(_failure_of, self.read_cell, int(row)) for row in rows]
+
+            in_flight: deque = deque()
+            for block in pending:
+                in_flight.append(submit(block))
+                if len(in_flight) >= 2:
+                    self._write(writer, *in_flight.popleft(), table_rows, resize, bar, task)
+            while in_flight:
+                self._write(writer, *in_flight.popleft(), table_rows, resize, bar, task)
+
+    @staticmethod
+    def _write(writer, block, futures, table_rows, resize, bar, task) -> None:
+        results = [future.result() for future in futures]
+        start, _ = writer.block_bounds(block)
+        failures = {
+            int(table_rows[start + i]): reason for i, (_, reason) in enumerate(results) if reason
+        }
+        if failures:
+            raise _ImageFailures(failures)
+        images = np.stack([image for image, _ in results])
+        if resize:
+            images = resize_images(images, resize)
+        writer.write_block(block, images)
+        bar.advance(task, len(images))
+
+
+class _FieldSource:
+    """Fields of view (one multi-channel file, or one file per channel) with cell centroids."""
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        *,
+        columns: list[str],
+        per_channel: bool,
+        base_dir: Path,
+        n_channels: int | None,
+        x_column: str,
+        y_column: str,
+        crop_size: int,
+        workers: int,
+    ) -> None:
+        self.columns = columns
+        self.per_channel = per_channel
+        self.n_channels = len(columns) if per_channel else n_channels
+        self.crop_size = crop_size
+        self.workers = workers
+        paths = [
+            [None if pd.isna(v) else _resolve(v, base_dir) for v in table[column]]
+            for column in columns
+        ]
+        self.field_of_row = [None if None in key else key for key in zip(*paths, strict=True)]
+        self.x = pd.to_numeric(table[x_column], errors="coerce").to_numpy(dtype=np.float64)
+        self.y = pd.to_numeric(table[y_column], errors="coerce").to_numpy(dtype=np.float64)
+        self.x_column, self.y_column = x_column, y_column
+        self.shapes: dict[tuple, tuple[int, int, int]] = {}
+        self.reference: _Reference | None = None
+        self.border_rows: list[int] = []
+
+    def _field_shape(self, field: tuple[Path, ...]) -> tuple[int, int, int]:
+        if self.per_channel:
+            shapes = [tuple(s for s in image_header_shape(path) if s != 1) for path in field]
+            if any(len(shape) != 2 for shape in shapes):
+                raise _BadImage(
+                    f"field files {[str(p) for p in field]} are not all single-channel: {shapes}"
+                )
+            if len(set(shapes)) > 1:
+                raise _BadImage(
+                    f"the channel files of field {field[0].name} differ in size: {shapes}"
+                )
+            return (len(field), *shapes[0])
+        shape = image_header_shape(field[0])
+        return to_chw(np.empty(shape, np.uint8), self.n_channels).shape
+
+    def crop_origin(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-left pixel of each cell's crop: ``rint(y) - S // 2``, ``rint(x) - S // 2``."""
+        half = self.crop_size // 2
+        return np.rint(self.y[rows]).astype(np.int64) - half, np.rint(self.x[rows]).astype(
+            np.int64
+        ) - half
+
+    def check(self, rows: np.ndarray) -> dict[int, str]:
+        """Missing or unreadable field files, null or outside centroids; border cells counted."""
+        bad: dict[int, str] = {}
+        fields = sorted({self.field_of_row[r] for r in rows} - {None})
+        missing = {}
+        for field in fields:
+            absent = [p for p in field if not p.is_file()]
+            if absent:
+                missing[field] = f"file not found: {absent[0]}"
+        readable = [field for field in fields if field not in missing]
+        shapes = _parallel_map(
+            lambda field: _failure_of(self._field_shape, field), readable, self.workers
+        )
+        for field, (shape, reason) in zip(readable, shapes, strict=True):
+            if reason is None:
+                self.shapes[field] = shape
+            else:
+                missing[field] = f"{field[0].name}: {reason}"
+        if self.shapes:
+            looks = Counter(shape[0] for shape in self.shapes.values())
+            self.n_channels = self.n_channels or looks.most_common(1)[0][0]
+        for row in rows:
+            row = int(row)
+            field = self.field_of_row[row]
+            if field is None:
+                bad[row] = f"no field path in column(s) {self.columns}"
+            elif field in missing:
+                bad[row] = missing[field]
+            elif self.shapes[field][0] != self.n_channels:
+                bad[row] = (
+                    f"field {field[0].name} has {self.shapes[field][0]} channels; "
+                    f"wrong channel count, expected {self.n_channels}"
+                )
+            elif not (np.isfinite(self.x[row]) and np.isfinite(self.y[row])):
+                bad[row] = f"no centroid (null {self.x_column!r} / {self.y_column!r})"
+            else:
+                _, height, width = self.shapes[field]
+                if not (0 <= self.x[row] < width and 0 <= self.y[row] < height):
+                    bad[row] = (
+                        f"centroid outside the image: ({self.x_column}={self.x[row]:g}, "
+                        f"{self.y_column}={self.y[row]:g}) in a {height}x{width} px field"
+                    )
+        # crops that would leave their field: skipped and counted, not errors
+        good = np.array([row for row in rows if int(row) not in bad], dtype=np.int64)
+        if len(good):
+            top, left = self.crop_origin(good)
+            limits = np.array([self.shapes[self.field_of_row[r]][1:] for r in good])
+            size = self.crop_size
+            inside = (
+                (top >= 0)
+                & (left >= 0)
+                & (top + size <= limits[:, 0])
+                & (left + size <= limits[:, 1])
+            )
+            self.border_rows = good[~inside].tolist()
+        return bad
+
+    def probe(self, rows: np.ndarray) -> dict[int, str]:
+        """Fix the reference from the field headers (dtype from one field read)."""
+        fields = [self.field_of_row[row] for row in rows]
+        if not fields:
+            raise _ImageFailures({})
+        pixels, reason = _failure_of(self._read_field, fields[0])
+        if reason is not None:
+            raise _ImageFailures({int(rows[0]): reason})
+        self.reference = _Reference(self.n_channels, self.crop_size, self.crop_size, pixels.dtype)
+        return {}
+
+    def _read_field(self, field: tuple[Path, ...]) -> np.ndarray:
+        if self.per_channel:
+            planes = [np.squeeze(read_image(path)) for path in field]
+            if len({plane.dtype for plane in planes}) > 1:
+                raise _BadImage(f"the channel files of {field[0].name} differ in dtype")
+            pixels = np.stack(planes)
+        else:
+            pixels = to_chw(read_image(field[0]), self.n_channels)
+        if pixels.shape != self.shapes[field]:
+            raise _BadImage(
+                f"{field[0].name} decodes to {pixels.shape}, its header says {self.shapes[field]}"
+            )
+        return pixels
+
+    def _cut(self, field: tuple[Path, ...], rows: np.ndarray) -> np.ndarray:
+        pixels = self._read_field(field)
+        if pixels.dtype != self.reference.dtype:
+            if not np.can_cast(pixels.dtype, self.reference.dtype, casting="safe"):
+                raise _BadImage(
+                    f"{field[0].name} has dtype {pixels.dtype}, the others {self.reference.dtype}"
+                )
+            pixels = pixels.astype(self.reference.dtype)
+        top, left = self.crop_origin(rows)
+        size = self.crop_size
+        return np.stack(
+            [pixels[:, t : t + size, s : s + size] for t, s in zip(top, left, strict=True)]
+        )
+
+    def _group(self, rows: np.ndarray) -> dict[tuple, np.ndarray]:
+        """``{field: positions in rows}``, fields in sorted order."""
+        by_field: dict[tuple, list[int]] = {}
+        for position, row in enumerate(rows):
+            by_field.setdefault(self.field_of_row[int(row)], []).append(position)
+        return {field: np.asarray(by_field[field]) for field in sorted(by_field)}
+
+    def scan(self, rows: np.ndarray) -> dict[int, str]:
+        """Read every field of the listed cells; return the failures (all cells of a bad field)."""
+        groups = self._group(rows)
+        results = _parallel_map(
+            lambda item: _failure_of(self._cut, item[0], rows[item[1]]),
+            list(groups.items()),
+            self.workers,
+        )
+        failures = {}
+        for positions, (_, reason) in zip(groups.values(), results, strict=True):
+            if reason:
+                failures.update({int(rows[p]): reason for p in positions})
+        return failures
+
+    def fill(
+        self, writer: StoreWriter, table_rows: np.ndarray, *, resize: int | None, bar, task
+    ) -> None:
+        """Cut every field once into a scratch array in store order, then write the blocks."""
+        size = resize or self.crop_size
+        shape = (len(table_rows), self.n_channels, size, size)
+        scratch_path = writer.partial_path / SCRATCH_FILE
+        done_path = writer.partial_path / FIELDS_DONE_FILE
+        groups = self._group(table_rows)
+        if writer.pending_blocks():
+            mode = "r+" if scratch_path.exists() else "w+"
+            scratch = np.lib.format.open_memmap(
+                scratch_path, mode=mode, dtype=self.reference.dtype, shape=shape
+            )
+            done = (
+                set(done_path.read_text().split()) if mode == "r+" and done_path.exists() else set()
+            )
+            todo = [
+                (i, field, positions)
+                for i, (field, positions) in enumerate(groups.items())
+                if str(i) not in done
+            ]
+            bar.advance(task, sum(len(groups[f]) for i, f in enumerate(groups) if str(i) in done))
+
+            def cut(item: tuple[int, tuple, np.ndarray]) -> tuple[int, str | None, np.ndarray]:
+                index, field, positions = item
+                crops, reason = _failure_of(self._cut, field, table_rows[positions])
+                if reason is None:
+                    scratch[positions] = resize_images(crops, resize) if resize else crops
+                return index, reason, positions
+
+            failures: dict[int, str] = {}
+            with open(done_path, "a") as done_log, ThreadPoolExecutor(self.workers) as pool:
+                for index, reason, positions in pool.map(cut, todo):
+                    if reason is not None:
+                        failures.update({int(table_rows[p]): reason for p in positions})
+                        continue
+                    # the memory map keeps the crops even if this process is killed now
+                    done_log.write(f"{index}\n")
+                    done_log.flush()
+                    bar.advance(task, len(positions))
+            if failures:
+                raise _ImageFailures(failures)
+            scratch.flush()
+            for block in writer.pending_blocks():
+                start, stop = writer.block_bounds(block)
+                writer.write_block(block, np.asarray(scratch[start:stop]))
+            del scratch
+        scratch_path.unlink(missing_ok=True)
+        done_path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------
+# ingest
+# ---------------------------------------------------------------------------
+
+
+def _image_failure_message(failures: dict[int, str], cell_ids: dict[int, str]) -> str:
+    rows = sorted(failures)
+    shown = "; ".join(
+        f"row {row} (cell {cell_ids.get(row, '?')}): {failures[row]}"
+        for row in rows[:_MAX_ROWS_IN_MESSAGE]
+    )
+    more = (
+        f"; and {len(rows) - _MAX_ROWS_IN_MESSAGE} more" if len(rows) > _MAX_ROWS_IN_MESSAGE else ""
+    )
+    return (
+        f"{len(rows)} cell image(s) cannot be used: {shown}{more}. Rows count from 0 (header "
+        "excluded). Fix or replace those files, or fix their rows in the table, or pass --skip-bad "
+        "to leave these cells out (they are then listed in rejected.csv inside the store)."
+    )
+
+
+def ingest(
+    table_path: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    perturbation_column: str,
+    guide_column: str | None = None,
+    batch_columns: Sequence[str] = DEFAULT_BATCH_COLUMNS,
+    control: str | None = None,
+    image_column: str | None = None,
+    channel_columns: Sequence[str] | None = None,
+    fov_column: str | None = None,
+    fov_channel_columns: Sequence[str] | None = None,
+    x_column: str | None = None,
+    y_column: str | None = None,
+    crop_size: int | None = None,
+    channel_names: Sequence[str] | None = None,
+    resize: int | None = None,
+    workers: int = 1,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    seed: int = 0,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+) -> IngestResult:
+    """Turn a cells table and its images into a store (``scbd-cells ingest``).
+
+    Parameters
+    ----------
+    table_path
+        Cells table (CSV, TSV or Parquet), one row per cell; relative image
+        paths resolve against its folder. A ``cell_id`` column names the cells
+        (else the row number does).
+    out
+        The store to write (``STORE.zarr``); written as ``STORE.zarr.partial``
+        and renamed when complete. Rerunning the same command after a crash
+        resumes it.
+    perturbation_column, guide_column, batch_columns, control
+        Label columns (batch columns joined with ``_``) and the control label.
+    image_column
+        Crops: a path per cell to a multi-channel TIFF ((C, H, W) or (H, W, C)),
+        NPY or PNG. Used by default when the table has an ``image_path`` column.
+    channel_columns
+        Crops: one single-channel file per cell and channel.
+    fov_column, fov_channel_columns
+        Fields of view: a multi-channel file per field, or one file per field
+        and channel; needs ``x_column``, ``y_column`` (pixels; x = column) and
+        ``crop_size``. The crop spans ``rint(y) - S // 2`` ... ``+ S - 1``;
+        cells whose crop leaves the field are skipped and counted.
+    channel_names
+        One name per channel (default: the channel columns without ``_path``,
+        else ``ch0, ch1, ...``).
+    resize
+        Store crops at ``resize`` x ``resize`` px (area average when shrinking).
+    workers
+        Threads reading images.
+    split_fractions, seed
+        Train/val/test fractions (stratified by perturbation) and the seed of
+        the split and of the order of cells within a class.
+    skip_bad
+        Leave bad rows out (recorded in ``rejected.csv``) instead of stopping.
+    overwrite
+        Replace an existing store.
+
+    Returns
+    -------
+    IngestResult
+    """
+    started = time.perf_counter()
+    table_path, out_path = Path(table_path).resolve(), Path(out).resolve()
+    arguments = {
+        "table": str(table_path),
+        "out": str(out_path),
+        "perturbation_column": perturbation_column,
+        "guide_column": guide_column,
+        "batch_columns": list(batch_columns),
+        "control": control,
+        "image_column": image_column,
+        "channel_columns": list(channel_columns) if channel_columns else None,
+        "fov_column": fov_column,
+        "fov_channel_columns": list(fov_channel_columns) if fov_channel_columns else None,
+        "x_column": x_column,
+        "y_column": y_column,
+        "crop_size": crop_size,
+        "channel_names": list(channel_names) if channel_names else None,
+        "resize": resize,
+        "split_fractions": list(check_split_fractions(split_fractions)),
+        "seed": seed,
+        "skip_bad": skip_bad,
+    }
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1; found {workers}.")
+    if resize is not None and resize < 1:
+        raise InputError(f"--resize must be a positive number of pixels; found {resize}.")
+    check_existing_output(out_path, overwrite=overwrite)
+    table = read_table(table_path)
+    source = _make_source(table, arguments, base_dir=table_path.parent, workers=workers)
+    arguments["image_column"] = getattr(source, "image_column", image_column)
+    labelled = label_table(
+        table,
+        perturbation_column=perturbation_column,
+        guide_column=guide_column,
+        batch_columns=batch_columns,
+        control=control,
+        skip_bad=skip_bad,
+    )
+    cell_ids = dict(
+        zip(labelled.obs[TABLE_ROW].tolist(), labelled.obs[schema.CELL_ID].tolist(), strict=True)
+    )
+    rejected = {row: reason for row, _, reason in labelled.rejected}
+    rejected_ids = {row: cell_id for row, cell_id, _ in labelled.rejected}
+    rows = labelled.obs[TABLE_ROW].to_numpy()
+    problems = source.check(rows)
+    _raise_or_reject(problems, rejected, cell_ids, skip_bad)
+    border = set(getattr(source, "border_rows", []))
+    if border:
+        log.info(
+            "Skipping %d cells whose %d px crop leaves the field of view.", len(border), crop_size
+        )
+
+    table_sha256 = file_sha256(table_path)
+    for _attempt in range(_MAX_REPLANS):
+        keep = ~labelled.obs[TABLE_ROW].isin(set(rejected) | border).to_numpy()
+        obs = labelled.obs[keep]
+        if len(obs) == 0:
+            raise DataError(
+                "No usable cells are left after leaving out bad rows "
+                f"({len(rejected)} rejected, {len(border)} at the border). "
+                "Check the table and images."
+            )
+        try:
+            source.probe(obs[TABLE_ROW].to_numpy())
+            return _write_store(
+                source,
+                obs,
+                out_path,
+                arguments=arguments,
+                table_sha256=table_sha256,
+                channel_names=channel_names,
+                rejected=rejected,
+                rejected_ids={**rejected_ids, **cell_ids},
+                border=border,
+                resize=resize,
+                overwrite=overwrite,
+                started=started,
+            )
+        except _ImageFailures as failures:
+            if not skip_bad:
+                raise DataError(_image_failure_message(failures.failures, cell_ids)) from None
+            log.warning(
+                "%d cell images cannot be used; checking every image, "
+                "then starting over without them.",
+                len(failures.failures),
+            )
+            remaining = obs[TABLE_ROW].to_numpy()
+            found = {**failures.failures, **source.scan(remaining)}
+            rejected.update(found)
+    raise DataError(
+        "Images kept failing after leaving out the bad ones; check the files (are they changing?)."
+    )
+
+
+def _raise_or_reject(
+    problems: dict[int, str], rejected: dict[int, str], cell_ids: dict, skip_bad: bool
+) -> None:
+    if not problems:
+        return
+    if not skip_bad:
+        raise DataError(_image_failure_message(problems, cell_ids))
+    log.warning(
+        "Leaving out %d rows with unusable images (see rejected.csv in the store).", len(problems)
+    )
+    rejected.update(problems)
+
+
+def _make_source(table: pd.DataFrame, arguments: dict, *, base_dir: Path, workers: int):
+    """Pick the image source from the options; check its columns exist."""
+    image_column = arguments["image_column"]
+    channel_columns = arguments["channel_columns"]
+    fov_column = arguments["fov_column"]
+    fov_channel_columns = arguments["fov_channel_columns"]
+    channel_names = arguments["channel_names"]
+    chosen = [
+        name
+        for name, value in (
+            ("--image-column", image_column),
+            ("--channel-columns", channel_columns),
+            ("--fov-column", fov_column),
+            ("--fov-channel-columns", fov_channel_columns),
+        )
+        if value
+    ]
+    if not chosen and DEFAULT_IMAGE_COLUMN in table.columns:
+        image_column = DEFAULT_IMAGE_COLUMN
+        chosen = ["--image-column"]
+    if len(chosen) != 1:
+        raise InputError(
+            "Say where the images are with exactly one of --image-column (a crop file per cell), "
+            "--channel-columns (a file per cell and channel), --fov-column or "
+            "--fov-channel-columns "
+            f"(fields of view, with --x-column, --y-column, --crop-size); found {chosen or 'none'}."
+        )
+    columns = (
+        [image_column]
+        if image_column
+        else list(channel_columns or fov_channel_columns or [fov_column])
+    )
+    fields = bool(fov_column or fov_channel_columns)
+    if fields:
+        missing_options = [
+            flag
+            for flag, value in (
+                ("--x-column", arguments["x_column"]),
+                ("--y-column", arguments["y_column"]),
+                ("--crop-size", arguments["crop_size"]),
+            )
+            if not value
+        ]
+        if missing_options:
+            raise InputError(
+                f"Fields of view need {', '.join(missing_options)}: the centroid columns (pixels, "
+                "x = column, y = row) and the crop size in pixels."
+            )
+        if arguments["crop_size"] < 1:
+            raise InputError(
+                f"--crop-size must be a positive number of pixels; found {arguments['crop_size']}."
+            )
+        columns_needed = [*columns, arguments["x_column"], arguments["y_column"]]
+    else:
+        columns_needed = columns
+    missing = [name for name in columns_needed if name not in table.columns]
+    if missing:
+        raise InputError(
+            f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
+            f"{list(table.columns)}. Name the image (and centroid) columns with the matching "
+            "option."
+        )
+    per_channel = bool(channel_columns or fov_channel_columns)
+    if per_channel and channel_names and len(channel_names) != len(columns):
+        raise InputError(
+            f"--channel-names gives {len(channel_names)} names for {len(columns)} channel columns; "
+            "give one name per channel column, in the same order."
+        )
+    n_channels = len(channel_names) if channel_names else None
+    if fields:
+        source = _FieldSource(
+            table,
+            columns=columns,
+            per_channel=per_channel,
+            base_dir=base_dir,
+            n_channels=n_channels,
+            x_column=arguments["x_column"],
+            y_column=arguments["y_column"],
+            crop_size=int(arguments["crop_size"]),
+            workers=workers,
+        )
+    else:
+        source = _CropSource(
+            table,
+            columns=columns,
+            per_channel=per_channel,
+            base_dir=base_dir,
+            n_channels=n_channels,
+            workers=workers,
+        )
+    source.image_column = image_column
+    return source
+
+
+def _default_channel_names(source) -> list[str]:
+    if source.per_channel:
+        names = []
+        for column in source.columns:
+            name = str(column)
+            for suffix in ("_path", "_file", "_filename"):
+                name = name.removesuffix(suffix)
+            names.append(name)
+        if len(set(names)) == len(names):
+            return names
+    return [f"ch{i}" for i in range(source.reference.n_channels)]
+
+
+def _write_store(
+    source,
+    obs: pd.DataFrame,
+    out_path: Path,
+    *,
+    arguments: dict,
+    table_sha256: str,
+    channel_names: Sequence[str] | None,
+    rejected: dict[int, str],
+    rejected_ids: dict[int, str],
+    border: set[int],
+    resize: int | None,
+    overwrite: bool,
+    started: float,
+) -> IngestResult:
+    reference = source.reference
+    names = list(channel_names) if channel_names else _default_channel_names(source)
+    if len(names) != reference.n_channels:
+        raise InputError(
+            f"--channel-names gives {len(names)} names but the images have {reference.n_channels} "
+            "channels; give one name per channel."
+        )
+    store_obs = finalise_obs(
+        obs, split_fractions=arguments["split_fractions"], seed=arguments["seed"]
+    )
+    table_rows = store_obs[TABLE_ROW].to_numpy()
+    height, width = (resize, resize) if resize else (reference.height, reference.width)
+    plan = {
+        "arguments": {key: value for key, value in arguments.items() if key != "out"},
+        "table_sha256": table_sha256,
+        "rejected": sorted(rejected),
+        "reference": [reference.n_channels, reference.height, reference.width, reference.dtype.str],
+        "format_version": schema.STORE_FORMAT_VERSION,
+        "version": __version__,
+    }
+    plan_key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+    provenance = {
+        "command": shlex.join(["scbd-cells", *sys.argv[1:]])
+        if _from_cli()
+        else "scbd_cells.ingest(...)",
+        "arguments": arguments,
+        "table": str(arguments["table"]),
+        "table_sha256": table_sha256,
+        "version": __version__,
+        "created": pd.Timestamp.now(tz="UTC").isoformat(),
+    }
+    writer = StoreWriter(
+        out_path,
+        obs=store_obs,
+        image_shape=(reference.n_channels, height, width),
+        dtype=reference.dtype,
+        channel_names=names,
+        control=arguments["control"],
+        split_fractions=arguments["split_fractions"],
+        seed=arguments["seed"],
+        provenance=provenance,
+        plan_key=plan_key,
+        overwrite=overwrite,
+    )
+    resumed = bool(writer.done_blocks) or (writer.partial_path / FIELDS_DONE_FILE).exists()
+    with progress_bar(unit="cells") as bar:
+        task = bar.add_task("Ingesting", total=writer.n_cells)
+        done_cells = sum(b - a for a, b in map(writer.block_bounds, writer.done_blocks))
+        if isinstance(source, _CropSource):
+            bar.advance(task, done_cells)
+        source.fill(writer, table_rows, resize=resize, bar=bar, task=task)
+    rejected_rows = [
+        (row, rejected_ids.get(row, ""), reason) for row, reason in sorted(rejected.items())
+    ]
+    rejected_rows += [
+        (row, rejected_ids.get(row, ""), "border: the crop leaves the field of view")
+        for row in sorted(border)
+    ]
+    writer.finish(
+        rejected=sorted(rejected_rows),
+        extra={"n_border": len(border), "source_image_size": [reference.height, reference.width]},
+    )
+    seconds = time.perf_counter() - started
+    return IngestResult(
+        store_path=out_path,
+        n_cells=writer.n_cells,
+        n_rejected=len(rejected),
+        n_border=len(border),
+        channel_names=names,
+        image_size=(height, width),
+        dtype=reference.dtype.name,
+        seconds=seconds,
+        cells_per_second=writer.n_cells / seconds if seconds > 0 else math.inf,
+        resumed=resumed,
+    )
+
+
+def _from_cli() -> bool:
+    program = Path(sys.argv[0]).name if sys.argv else ""
+    return program in ("scbd-cells", "__main__.py") or program.startswith("scbd")
