@@ -144,7 +144,9 @@ def test_scbd_loss_parts_and_gradients_reach_every_parameter() -> None:
     perturbation = torch.arange(24) // 4
     batch = torch.arange(24) % 3
     output = model(images)
-    target = batch_target_labels(perturbation, batch, batch_target="perturbation+batch", n_batches=3)
+    target = batch_target_labels(
+        perturbation, batch, batch_target="perturbation+batch", n_batches=3
+    )
     assert len(set(target.tolist())) == 18
     losses = scbd_loss(
         output.z_perturbation,

@@ -1,0 +1,188 @@
+"""Checkpoint: atomic save of plain-dict checkpoints, safe loading, and the trained model for embed.
+
+A checkpoint (``RUN_DIR/checkpoints/{best,last}.pt``) is a plain dict that
+``torch.load(path, weights_only=True)`` reads: ``model`` (state dict),
+``model_args``, ``optimizer``, ``step``, ``best_val_loss``, ``config`` (dict),
+``store_fingerprint``, ``vocab`` (``perturbation``, ``batch`` category lists),
+``channel_stats``, ``sampler`` (state), ``version``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scbd_cells import __version__
+from scbd_cells.errors import CheckpointError
+from scbd_cells.model.preprocess import Preprocessor
+from scbd_cells.model.scbd import SCBDModel
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_path_of(run_dir: Path, which: str) -> Path:
+    """``RUN_DIR/checkpoints/<which>.pt``."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"{which}.pt"
+
+
+def save_checkpoint(checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
+    """Write ``checkpoint`` atomically: a temporary file in the same folder, then a rename.
+
+    A crash during the write leaves the previous file intact.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {**checkpoint, "version": CHECKPOINT_VERSION, "package_version": __version__}
+    handle, tmp_name = tempfile.mkstemp(
+        prefix=f".{checkpoint_path.name}.", suffix=".tmp", dir=checkpoint_path.parent
+    )
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, checkpoint_path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(checkpoint_path: Path, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` (no code runs from the file).
+
+    Raises
+    ------
+    CheckpointError
+        Missing, unreadable, or not a scbd-cells checkpoint.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {checkpoint_path}. Train first (`scbd-cells train STORE --out "
+            "RUN_DIR`) and point at RUN_DIR or at a .pt file in RUN_DIR/checkpoints."
+        )
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises several types for a bad file
+        raise CheckpointError(
+            f"cannot read {checkpoint_path} as a scbd-cells checkpoint ({error}). The file may be "
+            "truncated or from another program; use another checkpoint or retrain."
+        ) from error
+    required = {"model", "model_args", "step", "version"}
+    missing = required - set(checkpoint) if isinstance(checkpoint, dict) else required
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint_path} is not a scbd-cells checkpoint (missing {sorted(missing)})."
+        )
+    if checkpoint["version"] != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{checkpoint_path} has checkpoint version {checkpoint['version']}; this scbd-cells "
+            f"reads version {CHECKPOINT_VERSION}. Retrain with this version."
+        )
+    return checkpoint
+
+
+@dataclass
+class TrainedModel:
+    """A trained SCBD model ready to embed, with what it was trained on.
+
+    Attributes
+    ----------
+    model
+        :class:`SCBDModel` in eval mode on the requested device.
+    preprocessor
+        Turns the store's integer images into the model's input.
+    model_args, vocab, store_fingerprint, config
+        As saved in the checkpoint.
+    checkpoint_path
+        The file loaded.
+    step
+        Training step of the checkpoint.
+    """
+
+    model: SCBDModel
+    preprocessor: Preprocessor
+    model_args: dict[str, Any]
+    vocab: dict[str, list[str]]
+    store_fingerprint: dict[str, Any]
+    config: dict[str, Any]
+    checkpoint_path: Path
+    step: int
+
+    def check_store(self, store: Any) -> None:
+        """Raise :class:`CheckpointError` when ``store`` does not fit the model (channels, size).
+
+        A store of another size is accepted only when it has the same channels
+        (the preprocessor resizes); different channel counts or names are refused.
+        """
+        expected = self.store_fingerprint
+        found = store.fingerprint()
+        if int(found["n_channels"]) != int(expected["n_channels"]):
+            raise CheckpointError(
+                f"the model was trained on {expected['n_channels']} channels "
+                f"({', '.join(expected['channel_names'])}); the store {store.path} has "
+                f"{found['n_channels']} ({', '.join(found['channel_names'])}). Use a store with "
+                "the training channels, or train on this store."
+            )
+        if list(found["channel_names"]) != list(expected["channel_names"]):
+            raise CheckpointError(
+                f"the model was trained on channels {expected['channel_names']} in that order; "
+                f"the store {store.path} has {found['channel_names']}. Re-ingest with the "
+                "training channel order, or train on this store."
+            )
+        if tuple(found["image_size"]) != tuple(expected["image_size"]):
+            if tuple(found["image_size"])[0] != tuple(found["image_size"])[1]:
+                raise CheckpointError(
+                    f"the model expects square images (trained on {expected['image_size']}); "
+                    f"the store {store.path} has {found['image_size']}. Re-ingest with square "
+                    "crops."
+                )
+
+
+def load_trained(
+    run_dir_or_checkpoint: str | os.PathLike,
+    *,
+    which: str = "best",
+    device: str | torch.device = "cpu",
+) -> TrainedModel:
+    """Rebuild the trained model from a run folder or a checkpoint file.
+
+    Parameters
+    ----------
+    run_dir_or_checkpoint
+        A run folder (``RUN_DIR`` of ``scbd-cells train``) or a ``.pt`` file.
+    which
+        ``best`` (lowest validation loss) or ``last``, for a run folder.
+    device
+        Where to put the model.
+    """
+    path = Path(run_dir_or_checkpoint)
+    checkpoint_path = path if path.is_file() else checkpoint_path_of(path, which)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = SCBDModel(checkpoint["model_args"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"the weights in {checkpoint_path} do not fit the model they describe ({error})."
+        ) from error
+    model.to(device).eval()
+    preprocessor = Preprocessor(
+        checkpoint["channel_stats"], image_size=checkpoint["model_args"]["image_size"]
+    )
+    return TrainedModel(
+        model=model,
+        preprocessor=preprocessor,
+        model_args=dict(checkpoint["model_args"]),
+        vocab={k: list(v) for k, v in checkpoint.get("vocab", {}).items()},
+        store_fingerprint=dict(checkpoint.get("store_fingerprint", {})),
+        config=dict(checkpoint.get("config", {})),
+        checkpoint_path=checkpoint_path,
+        step=int(checkpoint["step"]),
+    )

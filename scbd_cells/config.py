@@ -1,0 +1,173 @@
+"""Config: the train command's options as one frozen model; defaults < YAML < env < CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from scbd_cells.errors import InputError
+
+ENV_PREFIX = "SCBD_CELLS_TRAIN_"
+ENCODER_NAMES = ("resnet18", "resnet50", "densenet121", "tiny")
+
+
+class TrainConfig(BaseModel):
+    """Every option of ``scbd-cells train`` (paper A.1 defaults).
+
+    Facts of the data (channels, image size, vocabularies) come from the store,
+    not from here. A typo in a YAML key or keyword fails (``extra="forbid"``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # model
+    encoder: str = Field("resnet18", description="resnet18, resnet50, densenet121 or tiny")
+    z_dim: int = Field(64, ge=2, description="Size of z_c and z_s.")
+    image_size: int | None = Field(None, ge=8, description="Model input size; None = the store's.")
+    decoder: bool = Field(False, description="Train the additive decoder on detached z (A.1.1).")
+    # objective
+    alpha: float = Field(1.0, ge=0, description="Weight of the invariance loss.")
+    invariance: Literal["paper", "normalized"] = Field(
+        "paper", description="paper: appendix B; normalized: self excluded, per-set means."
+    )
+    temperature: float = Field(0.1, gt=0)
+    batch_target: Literal["batch", "perturbation+batch"] = "batch"
+    # batches (paper A.1: 256 classes x 8 cells = 2048)
+    classes_per_batch: int = Field(256, ge=1)
+    cells_per_class: int = Field(8, ge=1)
+    # optimisation
+    steps: int = Field(10_000, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    seed: int = 0
+    # validation and logging
+    val_every: int = Field(500, ge=1)
+    val_batches: int = Field(2, ge=1, description="Class-balanced val batches per val pass.")
+    log_every: int = Field(10, ge=1)
+    stall_tolerance: float = Field(
+        0.02, ge=0, description="Warn if the perturbation loss fell by less than this fraction."
+    )
+    # hardware and data path
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    compile: bool = False
+    cache_gb: float = Field(4.0, ge=0)
+    workers: int = Field(2, ge=0)
+    prefetch: int = Field(2, ge=0)
+
+    @field_validator("encoder")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        if value not in ENCODER_NAMES:
+            raise ValueError(f"unknown encoder {value!r}; choose one of {', '.join(ENCODER_NAMES)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError(f"unknown device {value!r}; choose auto, cpu, cuda or cuda:N")
+        return value
+
+    @property
+    def batch_size(self) -> int:
+        """Global batch size: classes_per_batch x cells_per_class."""
+        return self.classes_per_batch * self.cells_per_class
+
+
+def _env_options() -> dict[str, str]:
+    fields = TrainConfig.model_fields
+    options = {}
+    for key, value in os.environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in fields:
+                raise InputError(
+                    f"environment variable {key} names no train option; expected "
+                    f"{ENV_PREFIX}<OPTION> with OPTION one of {', '.join(fields)}."
+                )
+            options[name] = value
+    return options
+
+
+def read_config_file(config_path: str | os.PathLike) -> dict[str, Any]:
+    """Options from a YAML file (safe loading); a run's saved ``config.yaml`` works as is."""
+    config_path = Path(config_path)
+    try:
+        loaded = yaml.safe_load(config_path.read_text())
+    except OSError as error:
+        raise InputError(f"cannot read the config file {config_path}: {error}") from error
+    except yaml.YAMLError as error:
+        raise InputError(f"{config_path} is not valid YAML: {error}") from error
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise InputError(f"{config_path} must hold a mapping of option: value; found {loaded!r}")
+    return loaded
+
+
+def resolve_train_config(
+    *,
+    config_path: str | os.PathLike | None = None,
+    base: TrainConfig | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """Resolve options: defaults < ``base`` < YAML ``config_path`` < env < ``overrides``.
+
+    Environment variables are ``SCBD_CELLS_TRAIN_<OPTION>`` (e.g.
+    ``SCBD_CELLS_TRAIN_ALPHA=2``). ``overrides`` (the CLI's or the caller's
+    keywords) whose value is None are ignored.
+
+    Raises
+    ------
+    InputError
+        Unknown option or invalid value, naming which.
+    """
+    options: dict[str, Any] = {}
+    if isinstance(base, TrainConfig):
+        options.update(base.model_dump())
+    elif base is not None:
+        options.update(base)
+    if config_path is not None:
+        options.update(read_config_file(config_path))
+    options.update(_env_options())
+    options.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return TrainConfig(**options)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )
+        raise InputError(
+            f"invalid train options ({problems}). See `scbd-cells train --help`."
+        ) from error
+
+
+def save_config(config: TrainConfig, config_path: Path) -> None:
+    """Write the resolved config as YAML (re-loadable with ``--config``)."""
+    config_path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+
+
+def demo_train_options(n_classes: int) -> dict[str, Any]:
+    """CPU-feasible options for the demo screen (minutes on 2 cores); see docs/training.md.
+
+    Parameters
+    ----------
+    n_classes
+        Number of perturbation classes in the store's train split.
+    """
+    return {
+        "encoder": "resnet18",
+        "classes_per_batch": min(32, n_classes),
+        "cells_per_class": 8,
+        "steps": 300,
+        "val_every": 50,
+        "val_batches": 2,
+        "log_every": 10,
+        "alpha": 1.0,
+        "device": "auto",
+    }

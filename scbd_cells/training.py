@@ -1,0 +1,714 @@
+"""Train: the SCBD training loop, one readable function from store to checkpoints.
+
+``train(store_path, out=run_dir)`` reads class-balanced batches from the store,
+optimises SupCon(z_c; perturbation) + SupCon(z_s; batch target) +
+alpha * Invariance(z_c; batch) with AdamW, validates every ``val_every`` steps
+(validation losses plus a linear probe that predicts the well from z_c and
+from z_s), keeps ``best`` (lowest validation loss) and ``last`` checkpoints,
+and writes ``config.yaml``, ``metrics.csv`` and ``curves.png`` into the run
+folder. Distributed iff ``RANK`` is set (torchrun): the losses see the global
+batch through an all-gather with gradients; only rank 0 logs, validates and
+writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scbd_cells.checkpoint import checkpoint_path_of, load_checkpoint, save_checkpoint
+from scbd_cells.config import TrainConfig, read_config_file, resolve_train_config, save_config
+from scbd_cells.data import schema
+from scbd_cells.data.loader import BalancedLoader
+from scbd_cells.data.sampler import BalancedBatchSampler
+from scbd_cells.data.store import open_store
+from scbd_cells.distributed import (
+    all_gather_nograd,
+    all_gather_with_grad,
+    barrier,
+    cleanup,
+    init_distributed,
+)
+from scbd_cells.errors import CheckpointError, DataError, InputError, TrainingError
+from scbd_cells.model.losses import batch_target_labels, scbd_loss
+from scbd_cells.model.preprocess import Preprocessor
+from scbd_cells.model.scbd import SCBDModel
+from scbd_cells.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS = [
+    "step",
+    "phase",
+    "loss",
+    "supcon_perturbation",
+    "supcon_batch",
+    "invariance",
+    "reconstruction",
+    "well_f1_z_perturbation",
+    "well_f1_z_batch",
+    "well_f1_chance",
+    "steps_per_s",
+    "cells_per_s",
+    "elapsed_s",
+]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced.
+
+    Attributes
+    ----------
+    run_dir
+        The run folder.
+    best_checkpoint_path, last_checkpoint_path
+        ``checkpoints/best.pt`` (lowest validation loss) and ``checkpoints/last.pt``.
+    metrics_path
+        ``metrics.csv`` (one row per train log interval and per validation).
+    step
+        Steps done.
+    best_val_loss
+        Lowest validation loss seen.
+    interrupted
+        True when stopped by Ctrl-C (``last`` holds the state; rerun with ``resume=True``).
+    final_val
+        The last validation row (losses and well F1 of z_c, z_s and chance).
+    config
+        The resolved options.
+    """
+
+    run_dir: Path
+    best_checkpoint_path: Path
+    last_checkpoint_path: Path
+    metrics_path: Path
+    step: int
+    best_val_loss: float
+    interrupted: bool
+    final_val: dict[str, float]
+    config: TrainConfig
+
+
+def train(
+    store_path: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    config: TrainConfig | None = None,
+    config_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    **options: Any,
+) -> TrainResult:
+    """Train SCBD on a store and write the run folder ``out``.
+
+    Parameters
+    ----------
+    store_path
+        A store written by ``scbd-cells ingest``.
+    out
+        Run folder (created). Holds ``config.yaml``, ``metrics.csv``,
+        ``curves.png`` and ``checkpoints/{best,last}.pt``.
+    config
+        Base options (defaults when None).
+    config_path
+        YAML file of options (e.g. an earlier run's ``config.yaml``).
+    resume
+        Continue the run in ``out`` from ``checkpoints/last.pt`` exactly where it
+        stopped; its ``config.yaml`` is the base, ``options`` may change e.g. ``steps``.
+    **options
+        Any :class:`~scbd_cells.config.TrainConfig` field, e.g. ``alpha=1.0``,
+        ``steps=2000``. Precedence: defaults < config < config_path < env < options.
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    InputError
+        Bad options, unwritable run folder, a finished run in ``out`` without ``resume``.
+    DataError, StoreError
+        A store that cannot train SCBD (one well, another format version, ...).
+    TrainingError
+        A non-finite loss; ``checkpoints/last.pt`` keeps the last good state.
+    """
+    run_dir = Path(out)
+    last_path = checkpoint_path_of(run_dir, "last")
+    best_path = checkpoint_path_of(run_dir, "best")
+    if resume:
+        if not last_path.is_file():
+            raise CheckpointError(
+                f"nothing to resume in {run_dir}: no {last_path}. Start the run without --resume."
+            )
+        config = resolve_train_config(
+            base=read_config_file(run_dir / "config.yaml"),
+            config_path=config_path,
+            overrides=options,
+        )
+    else:
+        config = resolve_train_config(base=config, config_path=config_path, overrides=options)
+        if last_path.exists():
+            raise InputError(
+                f"{run_dir} already holds a run ({last_path}). Continue it with --resume, or "
+                "choose another --out."
+            )
+    store = open_store(store_path)
+    dist_info = init_distributed(config.device)
+    device = dist_info.device
+    if dist_info.is_main:
+        _prepare_run_dir(run_dir)
+    torch.manual_seed(config.seed)
+
+    # --- labels, splits and the class-balanced sampler -----------------------------------
+    perturbation_codes, perturbation_names = store.codes(schema.PERTURBATION)
+    batch_codes, batch_names = store.codes(schema.BATCH)
+    split = store.obs[schema.SPLIT].astype(str).to_numpy()
+    train_rows = np.flatnonzero(split == "train")
+    val_rows = np.flatnonzero(split == "val")
+    _check_labels(store, config, perturbation_codes, batch_codes, batch_names, train_rows)
+    if val_rows.size == 0:
+        logger.warning("The store has no val split: validating on train cells.")
+        val_rows = train_rows
+    sampler = BalancedBatchSampler(
+        perturbation_codes,
+        train_rows,
+        classes_per_batch=config.classes_per_batch,
+        cells_per_class=config.cells_per_class,
+        seed=config.seed,
+    )
+    if sampler.n_small_classes:
+        logger.info(
+            "%d perturbation classes have fewer than %d train cells; they are sampled with "
+            "replacement.",
+            sampler.n_small_classes,
+            config.cells_per_class,
+        )
+    _check_wells_per_batch(perturbation_codes, train_rows, config, batch_codes)
+    loader = BalancedLoader(
+        store,
+        sampler,
+        device=device,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        cache_gb=config.cache_gb,
+        workers=config.workers,
+        prefetch=config.prefetch,
+    )
+    n_batches = len(batch_names)
+
+    # --- model, preprocessing, optimiser ---------------------------------------------------
+    image_size = config.image_size or int(store.image_size[0])
+    model_args = {
+        "encoder": config.encoder,
+        "in_channels": store.n_channels,
+        "image_size": image_size,
+        "z_dim": config.z_dim,
+        "decoder": config.decoder,
+    }
+    model = SCBDModel(model_args).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    preprocessor = Preprocessor(store.channel_stats, image_size=image_size)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+
+    step, best_val_loss, history = 0, math.inf, []
+    if resume:
+        checkpoint = load_checkpoint(last_path)
+        _check_fingerprint(checkpoint, store, last_path)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        loader.load_state_dict(checkpoint["sampler"])
+        step, best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
+        history = _read_metrics(run_dir / "metrics.csv", up_to_step=step)
+        logger.info("Resuming %s at step %d", run_dir, step)
+    if dist_info.is_main:
+        save_config(config, run_dir / "config.yaml")
+        logger.info(
+            "Training %s x2 (%.1f M parameters) on %s: %d train cells, %d perturbations, "
+            "%d batch labels, batches of %d x %d = %d cells, %d steps",
+            config.encoder,
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            device,
+            train_rows.size,
+            len(np.unique(perturbation_codes[train_rows])),
+            n_batches,
+            config.classes_per_batch,
+            config.cells_per_class,
+            config.batch_size,
+            config.steps,
+        )
+
+    forward_model: torch.nn.Module = model
+    if dist_info.distributed:
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None
+        )
+    if config.compile:
+        forward_model = torch.compile(forward_model)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    val_set = _ValidationSet.build(store, config, perturbation_codes, batch_codes, val_rows)
+
+    def make_checkpoint() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "model_args": dict(model.model_args),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "best_val_loss": best_val_loss,
+            "config": config.model_dump(),
+            "store_fingerprint": store.fingerprint(),
+            "vocab": {
+                schema.PERTURBATION: list(perturbation_names),
+                schema.BATCH: list(batch_names),
+            },
+            "channel_stats": {k: list(v) for k, v in store.channel_stats.items()},
+            "sampler": loader.state_dict(),
+        }
+
+    # --- the loop ---------------------------------------------------------------------------
+    stop = _StopRequest()
+    stall = _StallMonitor(config)
+    window: dict[str, list[float]] = {}
+    window_start, start_time = time.perf_counter(), time.perf_counter()
+    steps_at_window_start = step
+    final_val: dict[str, float] = {}
+    model.train()
+    with stop.installed(), progress_bar(unit="steps") as bar:
+        task = bar.add_task("Training", total=config.steps, completed=step)
+        try:
+            while step < config.steps and not stop.requested:
+                batch = next(loader)
+                images = preprocessor(batch.images)  # (b, C, H, W) float32
+                if cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    output = forward_model(images)
+                # Losses in float32 on the global batch (all ranks' cells).
+                z_perturbation = all_gather_with_grad(output.z_perturbation.float())
+                z_batch = all_gather_with_grad(output.z_batch.float())
+                perturbation = _gather_labels(batch.perturbation, dist_info.distributed)
+                batch_label = _gather_labels(batch.batch, dist_info.distributed)
+                target = batch_target_labels(
+                    perturbation, batch_label, batch_target=config.batch_target, n_batches=n_batches
+                )
+                losses = scbd_loss(
+                    z_perturbation,
+                    z_batch,
+                    perturbation=perturbation,
+                    batch=batch_label,
+                    batch_target=target,
+                    alpha=config.alpha,
+                    temperature=config.temperature,
+                    normalized=config.invariance == "normalized",
+                )
+                total = losses.total
+                parts = losses.items()
+                if config.decoder:
+                    # Paper A.1.1: the decoder learns from detached embeddings only.
+                    with autocast:
+                        reconstruction = model.decode(
+                            output.z_perturbation.detach(), output.z_batch.detach()
+                        )
+                    reconstruction_loss = F.mse_loss(reconstruction.float(), images)
+                    total = total + reconstruction_loss
+                    parts["reconstruction"] = float(reconstruction_loss.detach())
+                if not all(math.isfinite(v) for v in parts.values()):
+                    raise TrainingError(
+                        f"the loss became non-finite at step {step + 1} ({_format(parts)}). "
+                        f"{last_path} keeps the last good state (step "
+                        f"{_last_saved_step(last_path)}). Try a lower --lr, a higher "
+                        "--temperature, or check the store's images for constant channels."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                step += 1
+                bar.advance(task)
+                for key, value in parts.items():
+                    window.setdefault(key, []).append(value)
+                stall.record(parts["supcon_perturbation"])
+
+                if step % config.log_every == 0 or step == config.steps:
+                    elapsed = time.perf_counter() - window_start
+                    steps_done = step - steps_at_window_start
+                    row = {k: float(np.mean(v)) for k, v in window.items()}
+                    row.update(
+                        step=step,
+                        phase="train",
+                        steps_per_s=steps_done / elapsed,
+                        cells_per_s=steps_done * config.batch_size / elapsed,
+                        elapsed_s=time.perf_counter() - start_time,
+                    )
+                    history.append(row)
+                    bar.update(
+                        task,
+                        description=f"Training [dim]loss {row['loss']:.3f} "
+                        f"{row['cells_per_s']:,.0f} cells/s[/]",
+                    )
+                    window, window_start, steps_at_window_start = {}, time.perf_counter(), step
+
+                if step % config.val_every == 0 or step == config.steps:
+                    if dist_info.is_main:
+                        final_val = val_set.evaluate(model, preprocessor, config, autocast, device)
+                        final_val.update(
+                            step=step, phase="val", elapsed_s=time.perf_counter() - start_time
+                        )
+                        history.append(final_val)
+                        logger.info("step %d  %s", step, _format(final_val))
+                        stall.check(step)
+                        if final_val["loss"] < best_val_loss:
+                            best_val_loss = final_val["loss"]
+                            save_checkpoint(make_checkpoint(), best_path)
+                        save_checkpoint(make_checkpoint(), last_path)
+                        _write_metrics(history, run_dir)
+                    barrier()
+        finally:
+            loader.close()
+    interrupted = stop.requested and step < config.steps
+    if interrupted and dist_info.is_main:
+        save_checkpoint(make_checkpoint(), last_path)
+        _write_metrics(history, run_dir)
+        logger.warning("Interrupted at step %d; %s saved. Continue with --resume.", step, last_path)
+    if dist_info.is_main and not best_path.exists():
+        save_checkpoint(make_checkpoint(), best_path)
+    barrier()
+    if dist_info.distributed:
+        cleanup()
+    return TrainResult(
+        run_dir=run_dir,
+        best_checkpoint_path=best_path,
+        last_checkpoint_path=last_path,
+        metrics_path=run_dir / "metrics.csv",
+        step=step,
+        best_val_loss=best_val_loss,
+        interrupted=interrupted,
+        final_val=final_val,
+        config=config,
+    )
+
+
+# --- checks of the input ---------------------------------------------------------------------
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder and prove it is writable before any work is done."""
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise InputError(
+            f"cannot write the run folder {run_dir} ({error.strerror or error}). Choose a "
+            "writable --out."
+        ) from error
+
+
+def _check_labels(
+    store: Any,
+    config: TrainConfig,
+    perturbation_codes: np.ndarray,
+    batch_codes: np.ndarray,
+    batch_names: list[str],
+    train_rows: np.ndarray,
+) -> None:
+    if train_rows.size == 0:
+        raise DataError(f"the store {store.path} has no train cells; re-ingest with a train split.")
+    n_train_batches = len(np.unique(batch_codes[train_rows]))
+    if n_train_batches < 2:
+        raise DataError(
+            f"the store {store.path} has one batch label ({batch_names[0]!r}) among its train "
+            "cells; SCBD needs cells from at least two batches (wells) to learn what is "
+            "technical. Re-ingest with --batch-columns naming the plate/well columns."
+        )
+    n_classes = len(np.unique(perturbation_codes[train_rows]))
+    if config.classes_per_batch > n_classes:
+        raise InputError(
+            f"--classes-per-batch {config.classes_per_batch} is larger than the number of "
+            f"perturbation classes in the train split ({n_classes}). Use --classes-per-batch "
+            f"{n_classes} or fewer (raise --cells-per-class to keep the batch size)."
+        )
+
+
+def _check_wells_per_batch(
+    perturbation_codes: np.ndarray,
+    train_rows: np.ndarray,
+    config: TrainConfig,
+    batch_codes: np.ndarray,
+) -> None:
+    """Stop when batches would hold cells of one well only; warn when of very few."""
+    probe = BalancedBatchSampler(
+        perturbation_codes,
+        train_rows,
+        classes_per_batch=config.classes_per_batch,
+        cells_per_class=config.cells_per_class,
+        seed=config.seed + 12345,  # its own generator: the training batches are untouched
+    )
+    n_wells = [len(np.unique(batch_codes[probe.next_indices()])) for _ in range(5)]
+    if max(n_wells) < 2:
+        raise DataError(
+            "every class-balanced batch holds cells of a single batch label (well): in this "
+            "store each perturbation was imaged in one well, so the well cannot be separated "
+            "from the perturbation. SCBD needs perturbations spread over several wells."
+        )
+    if min(n_wells) < 4:
+        logger.warning(
+            "Class-balanced batches hold only %d-%d wells; the invariance loss sees few wells "
+            "per batch. More --classes-per-batch helps.",
+            min(n_wells),
+            max(n_wells),
+        )
+    logger.info("Training batches hold cells of %d-%d wells", min(n_wells), max(n_wells))
+
+
+def _check_fingerprint(checkpoint: dict, store: Any, checkpoint_path: Path) -> None:
+    saved, found = checkpoint.get("store_fingerprint", {}), store.fingerprint()
+    if saved.get("store_id") != found["store_id"]:
+        raise CheckpointError(
+            f"{checkpoint_path} was trained on another store (id {saved.get('store_id')}, "
+            f"{store.path} has {found['store_id']}). Resume with the store the run started on."
+        )
+
+
+def _gather_labels(labels: torch.Tensor, distributed: bool) -> torch.Tensor:
+    return all_gather_nograd(labels) if distributed else labels
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+@dataclass
+class _ValidationSet:
+    """Fixed class-balanced val batches (same cells every pass), held in memory."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # images, perturbation, batch
+    n_batches: int
+
+    @classmethod
+    def build(
+        cls,
+        store: Any,
+        config: TrainConfig,
+        perturbation_codes: np.ndarray,
+        batch_codes: np.ndarray,
+        val_rows: np.ndarray,
+    ) -> _ValidationSet:
+        n_val_classes = len(np.unique(perturbation_codes[val_rows]))
+        sampler = BalancedBatchSampler(
+            perturbation_codes,
+            val_rows,
+            classes_per_batch=min(config.classes_per_batch, n_val_classes),
+            cells_per_class=config.cells_per_class,
+            seed=config.seed + 1,
+        )
+        batches = []
+        for _ in range(config.val_batches):
+            rows = sampler.next_indices()
+            unique, inverse = np.unique(rows, return_inverse=True)
+            images = store.read(unique)[inverse]
+            batches.append(
+                (
+                    torch.from_numpy(images.astype(np.int32, copy=False)),
+                    torch.from_numpy(perturbation_codes[rows].astype(np.int64)),
+                    torch.from_numpy(batch_codes[rows].astype(np.int64)),
+                )
+            )
+        return cls(batches, int(batch_codes.max()) + 1)
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: SCBDModel,
+        preprocessor: Preprocessor,
+        config: TrainConfig,
+        autocast: Any,
+        device: torch.device,
+    ) -> dict[str, float]:
+        from scbd_cells.evaluation.batch import batch_prediction_f1
+
+        model.eval()
+        parts: dict[str, list[float]] = {}
+        z_perturbation, z_batch, wells = [], [], []
+        for images, perturbation, batch in self.batches:
+            images = preprocessor(images.to(device))
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            perturbation, batch = perturbation.to(device), batch.to(device)
+            with autocast:
+                output = model(images)
+            z_c, z_s = output.z_perturbation.float(), output.z_batch.float()
+            target = batch_target_labels(
+                perturbation, batch, batch_target=config.batch_target, n_batches=self.n_batches
+            )
+            losses = scbd_loss(
+                z_c,
+                z_s,
+                perturbation=perturbation,
+                batch=batch,
+                batch_target=target,
+                alpha=config.alpha,
+                temperature=config.temperature,
+                normalized=config.invariance == "normalized",
+            )
+            for key, value in losses.items().items():
+                parts.setdefault(key, []).append(value)
+            z_perturbation.append(z_c.cpu().numpy())
+            z_batch.append(z_s.cpu().numpy())
+            wells.append(batch.cpu().numpy())
+        model.train()
+        row = {key: float(np.mean(values)) for key, values in parts.items()}
+        wells_all = np.concatenate(wells)
+        probe_c = batch_prediction_f1(np.concatenate(z_perturbation), wells_all, seed=config.seed)
+        probe_s = batch_prediction_f1(np.concatenate(z_batch), wells_all, seed=config.seed)
+        row.update(
+            well_f1_z_perturbation=probe_c.f1,
+            well_f1_z_batch=probe_s.f1,
+            well_f1_chance=probe_c.chance,
+        )
+        return row
+
+
+# --- monitoring, signals, metrics ---------------------------------------------------------------
+
+
+class _StallMonitor:
+    """Warns once when the perturbation SupCon loss has stopped falling (alpha too large)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.window = max(5, min(50, config.steps // 10))
+        self.first: list[float] = []
+        self.recent: list[float] = []
+        self.warned = False
+
+    def record(self, value: float) -> None:
+        if len(self.first) < self.window:
+            self.first.append(value)
+        self.recent = [*self.recent[-(self.window - 1) :], value]
+
+    def check(self, step: int) -> None:
+        if self.warned or step < 4 * self.window or len(self.first) < self.window:
+            return
+        start, now = float(np.mean(self.first)), float(np.mean(self.recent))
+        if now > start * (1 - self.config.stall_tolerance):
+            self.warned = True
+            logger.warning(
+                "The perturbation SupCon loss has not fallen in %d steps (%.3f at the start, "
+                "%.3f now): z_c is not learning the perturbation. If alpha (%.3g) is large, "
+                "the invariance term may dominate: lower --alpha or use --invariance "
+                "normalized (docs/training.md, choosing alpha).",
+                step,
+                start,
+                now,
+                self.config.alpha,
+            )
+
+
+class _StopRequest:
+    """Ctrl-C finishes the current step, then the loop saves ``last`` and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("Stopping after this step (Ctrl-C again to abort without saving)...")
+
+    @contextlib.contextmanager
+    def installed(self):
+        try:
+            previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _format(row: dict[str, Any]) -> str:
+    keys = [k for k in METRIC_COLUMNS if k in row and k not in ("step", "phase", "elapsed_s")]
+    return "  ".join(f"{k} {row[k]:.4g}" for k in keys)
+
+
+def _last_saved_step(last_path: Path) -> str:
+    if not last_path.exists():
+        return "none saved yet"
+    return str(torch.load(last_path, map_location="cpu", weights_only=True)["step"])
+
+
+def _read_metrics(metrics_path: Path, *, up_to_step: int) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    if not metrics_path.exists():
+        return []
+    table = pd.read_csv(metrics_path)
+    table = table[table["step"] <= up_to_step]
+    return [{k: v for k, v in row.items() if pd.notna(v)} for row in table.to_dict("records")]
+
+
+def _write_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
+    """metrics.csv (atomic) and curves.png."""
+    import pandas as pd
+
+    table = pd.DataFrame(history, columns=METRIC_COLUMNS)
+    tmp_path = run_dir / ".metrics.csv.tmp"
+    table.to_csv(tmp_path, index=False)
+    os.replace(tmp_path, run_dir / "metrics.csv")
+    plot_curves(table, run_dir / "curves.png")
+
+
+def plot_curves(table: Any, figure_path: Path, *, title: str | None = None) -> None:
+    """Four panels: the two SupCon losses, the invariance loss, and the well-probe F1."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    panels = [
+        ("supcon_perturbation", "SupCon(z_c; perturbation)"),
+        ("supcon_batch", "SupCon(z_s; batch target)"),
+        ("invariance", "Invariance(z_c; batch)"),
+    ]
+    for ax, (column, label) in zip(axes, panels, strict=False):
+        for phase, style in (("train", "-"), ("val", "o-")):
+            part = table[(table["phase"] == phase) & table[column].notna()]
+            if len(part):
+                ax.plot(part["step"], part[column], style, label=phase, markersize=3)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.legend()
+    ax = axes[3]
+    val = table[table["phase"] == "val"]
+    if len(val):
+        ax.plot(val["step"], val["well_f1_z_perturbation"], "o-", label="z_c", markersize=3)
+        ax.plot(val["step"], val["well_f1_z_batch"], "o-", label="z_s", markersize=3)
+        ax.plot(val["step"], val["well_f1_chance"], "k--", label="chance")
+    ax.set_title("well probe macro F1 (val)")
+    ax.set_xlabel("step")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp_path = figure_path.with_name(f".{figure_path.name}.tmp.png")
+    fig.savefig(tmp_path, dpi=90)
+    plt.close(fig)
+    os.replace(tmp_path, figure_path)

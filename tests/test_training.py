@@ -1,0 +1,183 @@
+"""Training: runs end to end on a tiny store, is deterministic, resumes exactly, fails clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scbd_cells import train
+from scbd_cells.checkpoint import load_checkpoint, load_trained
+from scbd_cells.config import resolve_train_config
+from scbd_cells.data.store import create_store
+from scbd_cells.errors import CheckpointError, DataError, InputError, StoreError
+
+# Tiny and fast: 2-layer encoder, 12 px, 24-cell batches.
+FAST = {
+    "encoder": "tiny",
+    "classes_per_batch": 6,
+    "cells_per_class": 4,
+    "val_batches": 1,
+    "log_every": 2,
+    "workers": 0,
+    "device": "cpu",
+    "z_dim": 8,
+}
+
+
+def _make_store(path: Path, *, n_wells: int = 4, seed: int = 0) -> Path:
+    """8 perturbations x ``n_wells`` wells, 2-channel 12 px uint16 crops with a well brightness."""
+    rng = np.random.default_rng(seed)
+    rows, images = [], []
+    for perturbation in range(8):
+        for well in range(n_wells):
+            for cell in range(6):
+                image = rng.normal(1000 + 200 * well, 50, size=(2, 12, 12))
+                image[perturbation % 2, 3:9, 3:9] += 300 * (perturbation // 2)
+                images.append(image.clip(0, 65535).astype(np.uint16))
+                rows.append(
+                    {
+                        "cell_id": f"p{perturbation}_w{well}_{cell}",
+                        "gene": f"gene_{perturbation}",
+                        "plate": "plate_1",
+                        "well": f"W{well}",
+                    }
+                )
+    create_store(
+        path,
+        images=np.stack(images),
+        obs=pd.DataFrame(rows),
+        channel_names=["dna", "actin"],
+        perturbation_column="gene",
+        split_fractions=(0.7, 0.15, 0.15),
+        seed=seed,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_store(tmp_path_factory.mktemp("train_store") / "screen.zarr")
+
+
+def test_train_writes_run_folder(small_store: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    result = train(small_store, out=tmp_path / "run", steps=6, val_every=3, alpha=1.0, **FAST)
+    assert result.step == 6 and not result.interrupted
+    for name in ("config.yaml", "metrics.csv", "curves.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+    metrics = pd.read_csv(result.metrics_path)
+    assert set(metrics["phase"]) == {"train", "val"}
+    val = metrics[metrics["phase"] == "val"]
+    assert list(val["step"]) == [3, 6]
+    assert val[["loss", "well_f1_z_perturbation", "well_f1_z_batch"]].notna().all().all()
+    assert np.isfinite(metrics["loss"]).all()
+    # plain-dict checkpoint, loadable without executing code, model rebuilt from model_args
+    checkpoint = torch.load(result.last_checkpoint_path, weights_only=True)
+    assert checkpoint["step"] == 6 and checkpoint["vocab"]["batch"][0].startswith("plate_1")
+    assert checkpoint["config"]["alpha"] == 1.0
+    trained = load_trained(tmp_path / "run", which="best")
+    assert trained.model_args["in_channels"] == 2 and not trained.model.training
+    from scbd_cells.data.store import open_store
+
+    store = open_store(small_store)
+    trained.check_store(store)
+    images = torch.from_numpy(store.read(np.arange(5)).astype(np.int32))
+    z = trained.model.embed_perturbation(trained.preprocessor(images))
+    assert z.shape == (5, 8)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+    # the saved config reloads as is
+    reloaded = resolve_train_config(config_path=tmp_path / "run" / "config.yaml")
+    assert reloaded == result.config
+
+
+def test_same_seed_same_losses(small_store: Path, tmp_path: Path) -> None:
+    first = train(small_store, out=tmp_path / "a", steps=4, val_every=4, seed=3, **FAST)
+    second = train(small_store, out=tmp_path / "b", steps=4, val_every=4, seed=3, **FAST)
+    columns = ["loss", "supcon_perturbation", "supcon_batch", "invariance"]
+    a = pd.read_csv(first.metrics_path)[columns].to_numpy()
+    b = pd.read_csv(second.metrics_path)[columns].to_numpy()
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_equals_uninterrupted(small_store: Path, tmp_path: Path) -> None:
+    options = {**FAST, "workers": 1, "prefetch": 2, "seed": 5, "val_every": 3}
+    whole = train(small_store, out=tmp_path / "whole", steps=6, **options)
+    half = train(small_store, out=tmp_path / "half", steps=3, **options)
+    assert half.step == 3
+    resumed = train(small_store, out=tmp_path / "half", resume=True, steps=6)
+    assert resumed.step == 6
+    expected = load_checkpoint(whole.last_checkpoint_path)
+    found = load_checkpoint(resumed.last_checkpoint_path)
+    for name, tensor in expected["model"].items():
+        torch.testing.assert_close(found["model"][name], tensor, rtol=0, atol=0, msg=name)
+    assert found["sampler"] == expected["sampler"]
+    rows = pd.read_csv(resumed.metrics_path)
+    assert list(rows[rows["phase"] == "val"]["step"]) == [3, 6]
+
+
+def test_decoder_trains_on_detached_embeddings(small_store: Path, tmp_path: Path) -> None:
+    result = train(
+        small_store,
+        out=tmp_path / "run",
+        steps=2,
+        val_every=2,
+        decoder=True,
+        image_size=16,
+        **FAST,
+    )
+    metrics = pd.read_csv(result.metrics_path)
+    assert metrics["reconstruction"].notna().any()
+    trained = load_trained(result.run_dir, which="last")
+    z = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    assert trained.model.decode(z, z).shape == (3, 2, 16, 16)
+
+
+def test_bad_inputs_fail_clearly(small_store: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="classes in the train split"):
+        train(small_store, out=tmp_path / "r1", steps=1, **{**FAST, "classes_per_batch": 9})
+    with pytest.raises(InputError, match="unknown encoder"):
+        train(small_store, out=tmp_path / "r2", steps=1, **{**FAST, "encoder": "vgg"})
+    with pytest.raises(InputError, match="alphaa"):
+        train(small_store, out=tmp_path / "r3", steps=1, alphaa=1.0, **FAST)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(small_store, out=tmp_path / "r4", resume=True)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match="cannot write the run folder"):
+        train(small_store, out=blocker / "run", steps=1, **FAST)
+    with pytest.raises(StoreError):
+        train(tmp_path / "missing.zarr", out=tmp_path / "r5", steps=1, **FAST)
+
+
+def test_one_well_store_is_refused(tmp_path: Path) -> None:
+    store_path = _make_store(tmp_path / "one_well.zarr", n_wells=1)
+    with pytest.raises(DataError, match="one batch label"):
+        train(store_path, out=tmp_path / "run", steps=1, **FAST)
+
+
+def test_non_finite_loss_stops_with_training_error(
+    small_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scbd_cells import training
+    from scbd_cells.errors import TrainingError
+
+    train(small_store, out=tmp_path / "run", steps=2, val_every=2, **FAST)
+    real_loss = training.scbd_loss
+
+    def broken_loss(*args, **kwargs):
+        losses = real_loss(*args, **kwargs)
+        return type(losses)(
+            losses.total * float("nan"),
+            losses.supcon_perturbation * float("nan"),
+            losses.supcon_batch,
+            losses.invariance,
+        )
+
+    monkeypatch.setattr(training, "scbd_loss", broken_loss)
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(small_store, out=tmp_path / "run", resume=True, steps=4)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
