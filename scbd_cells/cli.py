@@ -133,6 +133,140 @@ def simulate(
         stdout.print(f"Preview: {result.preview_path}")
 
 
+@app.command()
+def ingest(
+    table: Annotated[
+        Path, typer.Argument(help="Cells table: CSV, TSV or Parquet, one row per cell.")
+    ],
+    out: Annotated[Path, typer.Option(help="Store to write (STORE.zarr).")],
+    perturbation_column: Annotated[
+        str, typer.Option(help="Column with the perturbation (gene) label.")
+    ],
+    guide_column: Annotated[str | None, typer.Option(help="Column with the guide label.")] = None,
+    batch_columns: Annotated[
+        str, typer.Option(help="Comma-separated columns joined into the batch label.")
+    ] = "plate,well",
+    control: Annotated[
+        str | None, typer.Option(help="Label of the non-targeting control, e.g. nontargeting.")
+    ] = None,
+    image_column: Annotated[
+        str | None,
+        typer.Option(help="Crop file per cell (TIFF (C,H,W)/(H,W,C), NPY, PNG) [image_path]."),
+    ] = None,
+    channel_columns: Annotated[
+        str | None, typer.Option(help="Comma-separated columns: one crop file per channel.")
+    ] = None,
+    fov_column: Annotated[
+        str | None, typer.Option(help="Field-of-view file per cell (multi-channel).")
+    ] = None,
+    fov_channel_columns: Annotated[
+        str | None, typer.Option(help="Comma-separated columns: one field file per channel.")
+    ] = None,
+    x_column: Annotated[str | None, typer.Option(help="Centroid column (x = column, px).")] = None,
+    y_column: Annotated[str | None, typer.Option(help="Centroid row (y = row, px).")] = None,
+    crop_size: Annotated[int | None, typer.Option(help="Crop side cut from fields (px).")] = None,
+    channel_names: Annotated[
+        str | None, typer.Option(help="Comma-separated channel names, in channel order.")
+    ] = None,
+    resize: Annotated[
+        int | None, typer.Option(help="Store crops at PX x PX (area average).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Threads reading images.")] = 1,
+    split_fractions: Annotated[
+        str, typer.Option(help="Train,val,test fractions (stratified by perturbation).")
+    ] = "0.83,0.02,0.15",
+    seed: Annotated[
+        int, typer.Option(help="Seed of the split and of the order within a class.")
+    ] = 0,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Leave bad rows out (listed in STORE/rejected.csv), don't fail.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+) -> None:
+    """Turn a cells table and its images (crops or fields of view) into a store.
+
+    Rerun the same command after a crash to resume.
+    """
+    from scbd_cells.data.ingest import ingest as run_ingest
+    from scbd_cells.errors import InputError
+
+    try:
+        fractions = [float(part) for part in _split_csv(split_fractions) or []]
+    except ValueError as error:
+        raise InputError(
+            f"--split-fractions must be three numbers, e.g. 0.83,0.02,0.15 ({error})."
+        ) from None
+    result = run_ingest(
+        table, out=out, perturbation_column=perturbation_column, guide_column=guide_column,
+        batch_columns=_split_csv(batch_columns) or [], control=control, image_column=image_column,
+        channel_columns=_split_csv(channel_columns), fov_column=fov_column,
+        fov_channel_columns=_split_csv(fov_channel_columns), x_column=x_column, y_column=y_column,
+        crop_size=crop_size, channel_names=_split_csv(channel_names), resize=resize,
+        workers=workers, split_fractions=fractions, seed=seed, skip_bad=skip_bad,
+        overwrite=overwrite,
+    )
+    height, width = result.image_size
+    stdout.print(
+        f"[green]Ingested[/] {result.n_cells:,} cells ({len(result.channel_names)} channels "
+        f"{','.join(result.channel_names)}, {height}x{width} px, {result.dtype}) in "
+        f"{result.seconds:.1f} s ({result.cells_per_second:,.0f} cells/s"
+        f"{', resumed' if result.resumed else ''}) -> {result.store_path}"
+    )
+    if result.n_rejected or result.n_border:
+        stdout.print(
+            f"Left out {result.n_rejected:,} bad rows and {result.n_border:,} border cells "
+            f"(listed in {result.store_path / 'rejected.csv'})."
+        )
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="A store written by `scbd-cells ingest`.")],
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+) -> None:
+    """What is in a store: cells, channels, labels, split, size, format version."""
+    import json
+
+    from rich.table import Table
+
+    from scbd_cells.data.store import open_store
+
+    summary = open_store(store).summary()
+    if json_output:
+        stdout.print_json(json.dumps(summary))
+        return
+    per_class = summary["cells_per_perturbation"]
+    splits = summary["splits"]
+    control = summary["control"]
+    rows = [
+        ("cells", f"{summary['n_cells']:,}"),
+        ("channels", f"{summary['n_channels']}: {', '.join(summary['channel_names'])}"),
+        ("image size", "x".join(map(str, summary["image_size"])) + f" px, {summary['dtype']}"),
+        (
+            "size on disk",
+            f"{summary['size_bytes'] / 2**20:,.1f} MiB "
+            f"(raw {summary['raw_bytes'] / 2**20:,.1f} MiB)",
+        ),
+        (
+            "perturbations",
+            f"{summary['n_perturbations']:,} (cells per class: min {per_class['min']:,}, "
+            f"median {per_class['median']:,.0f}, max {per_class['max']:,})",
+        ),
+        ("guides", f"{summary['n_guides']:,}"),
+        ("batches", f"{summary['n_batches']:,}"),
+        ("control", f"{control} ({summary['control_cells']:,} cells)" if control else "none"),
+        ("split", f"train {splits['train']:,} / val {splits['val']:,} / test {splits['test']:,}"),
+        ("left out", f"{summary['n_rejected']:,} bad rows, {summary['n_border']:,} border cells"),
+        ("format", f"{summary['format']} (scbd-cells {summary['version']}, {summary['created']})"),
+    ]
+    table = Table(title=str(store), show_header=False)
+    for name, value in rows:
+        table.add_row(name, value)
+    stdout.print(table)
+
+
 # <subcommands>
 
 

@@ -1012,7 +1012,11 @@ def _write_store(
     ]
     writer.finish(
         rejected=sorted(rejected_rows),
-        extra={"n_border": len(border), "source_image_size": [reference.height, reference.width]},
+        extra={
+            "n_rejected": len(rejected),
+            "n_border": len(border),
+            "source_image_size": [reference.height, reference.width],
+        },
     )
     seconds = time.perf_counter() - started
     return IngestResult(

@@ -815,6 +815,48 @@ class Store:
             "store_id": self.store_id,
         }
 
+    def summary(self) -> dict:
+        """What ``scbd-cells info`` shows, JSON-friendly."""
+        obs = self.obs
+        per_class = obs[schema.PERTURBATION].value_counts()
+        size_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        control_cells = (
+            int((obs[schema.PERTURBATION].astype(str) == self.control).sum())
+            if self.control is not None
+            else None
+        )
+        splits = obs[schema.SPLIT].astype(str).value_counts()
+        return {
+            "path": str(self.path),
+            "format": f"{schema.STORE_FORMAT} v{self.format_version}",
+            "format_version": self.format_version,
+            "n_cells": self.n_cells,
+            "n_channels": self.n_channels,
+            "channel_names": list(self.channel_names),
+            "image_size": list(self.image_size),
+            "dtype": self.dtype.name,
+            "size_bytes": int(size_bytes),
+            "raw_bytes": int(self.n_cells * self.n_channels * np.prod(self.image_size))
+            * self.dtype.itemsize,
+            "n_perturbations": int(len(per_class)),
+            "cells_per_perturbation": {
+                "min": int(per_class.min()),
+                "median": float(per_class.median()),
+                "max": int(per_class.max()),
+            },
+            "n_guides": int(obs[schema.GUIDE].nunique()),
+            "n_batches": int(obs[schema.BATCH].nunique()),
+            "control": self.control,
+            "control_cells": control_cells,
+            "splits": {name: int(splits.get(name, 0)) for name in schema.SPLITS},
+            "n_rejected": int(self.attributes.get("n_rejected", 0)),
+            "n_border": int(self.attributes.get("n_border", 0)),
+            "chunk_cells": int(self.images.chunks[0]),
+            "store_id": self.store_id,
+            "created": self.provenance.get("created"),
+            "version": self.provenance.get("version"),
+        }
+
     def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Images of the given store rows, (len(indices), C, H, W), in the order given.
 
