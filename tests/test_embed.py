@@ -1,0 +1,148 @@
+"""embed: AnnData outputs (h5ad/zarr, aggregate), equality with the model, scanpy, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scbd_cells.checkpoint import load_trained, save_checkpoint
+from scbd_cells.data.store import create_store, open_store
+from scbd_cells.embedding import embed
+from scbd_cells.errors import CheckpointError, InputError
+from scbd_cells.model.scbd import DEFAULT_MODEL_ARGS, SCBDModel
+
+GENES = ["g1", "g2", "g3", "g4", "g5", "g6", "nontargeting"]
+
+
+def _make_store(path: Path, *, n_channels: int = 3, n: int = 210) -> Path:
+    rng = np.random.default_rng(0)
+    genes = np.array(GENES)[np.arange(n) % len(GENES)]
+    obs = pd.DataFrame(
+        {
+            "cell_id": [f"c{i}" for i in range(n)],
+            "gene": genes,
+            "guide": [f"{g}_{i % 2}" for i, g in enumerate(genes)],
+            "plate": "P1",
+            "well": np.array(["A01", "A02", "A03"])[rng.integers(0, 3, n)],
+            "tile": rng.integers(0, 5, n),
+        }
+    )
+    images = rng.integers(0, 4000, size=(n, n_channels, 16, 16), dtype=np.uint16)
+    create_store(
+        path,
+        images=images,
+        obs=obs,
+        channel_names=[f"ch{i}" for i in range(n_channels)],
+        perturbation_column="gene",
+        guide_column="guide",
+        control="nontargeting",
+    )
+    return path
+
+
+def _make_run(run_dir: Path, store_path: Path) -> Path:
+    torch.manual_seed(0)
+    store = open_store(store_path)
+    model_args = dict(DEFAULT_MODEL_ARGS, in_channels=store.n_channels, image_size=16, z_dim=8)
+    model = SCBDModel(model_args)
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_args": model_args,
+            "step": 1,
+            "best_val_loss": 0.0,
+            "config": {"alpha": 1.0, "note": None},
+            "store_fingerprint": store.fingerprint(),
+            "vocab": {"perturbation": GENES, "batch": ["P1_A01", "P1_A02", "P1_A03"]},
+            "channel_stats": store.channel_stats,
+        },
+        run_dir / "checkpoints" / "best.pt",
+    )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("embed")
+    store_path = _make_store(base / "screen.zarr")
+    return _make_run(base / "run", store_path), store_path
+
+
+def test_embed_h5ad_aggregate_and_scanpy(setup, tmp_path: Path) -> None:
+    import scanpy as sc
+
+    torch.set_num_threads(2)
+    run_dir, store_path = setup
+    result = embed(
+        run_dir,
+        store_path,
+        out=tmp_path / "cells.h5ad",
+        aggregate=True,
+        batch_size=64,
+        device="cpu",
+    )
+    cells = ad.read_h5ad(result.out_path)
+    store = open_store(store_path)
+    assert cells.shape == (store.n_cells, 8) and cells.X.dtype == np.float32
+    assert cells.obsm["X_scbd_batch"].shape == (store.n_cells, 8)
+    np.testing.assert_allclose(np.linalg.norm(cells.X, axis=1), 1, rtol=1e-5)
+    assert list(cells.obs_names) == list(store.obs.index)
+    assert isinstance(cells.obs["batch"].dtype, pd.CategoricalDtype)
+    assert cells.uns["scbd"]["control"] == "nontargeting"
+
+    trained = load_trained(run_dir, device="cpu")  # independent forward pass on a few cells
+    rows = np.array([0, 5, 100, 209])
+    with torch.inference_mode():
+        output = trained.model(
+            trained.preprocessor(torch.from_numpy(store.read(rows).astype(np.int32)))
+        )
+    np.testing.assert_allclose(cells.X[rows], output.z_perturbation.numpy(), atol=1e-5)
+    np.testing.assert_allclose(cells.obsm["X_scbd_batch"][rows], output.z_batch.numpy(), atol=1e-5)
+
+    genes = ad.read_h5ad(result.genes_path)
+    guides = ad.read_h5ad(result.guides_path)
+    assert sorted(genes.obs_names) == GENES[:-1]
+    assert genes.obs["n_cells"].sum() == 180 and guides.obs["n_cells"].sum() == 210
+    assert set(genes.obs["n_guides"]) == {2}
+
+    sc.pp.neighbors(cells, use_rep="X", n_neighbors=10)
+    sc.tl.umap(cells, random_state=0)
+    assert cells.obsm["X_umap"].shape == (store.n_cells, 2)
+    sc.pp.neighbors(genes, use_rep="X", n_neighbors=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "genes.h5ad", "guides.h5ad"]
+
+
+def test_embed_zarr_and_encoder(setup, tmp_path: Path) -> None:
+    run_dir, store_path = setup
+    result = embed(
+        run_dir,
+        store_path,
+        out=tmp_path / "cells.zarr",
+        representation="encoder",
+        batch_size=100,
+        device="cpu",
+        workers=0,
+    )
+    cells = ad.read_zarr(result.out_path)
+    assert cells.obsm["X_scbd_encoder"].shape == (210, 512)
+    assert cells.obsm["X_scbd_batch_encoder"].shape == (210, 512)
+    reference = embed(run_dir, store_path, out=tmp_path / "ref.h5ad", batch_size=33, device="cpu")
+    np.testing.assert_allclose(cells.X, ad.read_h5ad(reference.out_path).X, atol=1e-5)
+
+
+def test_mismatched_store_and_existing_output(setup, tmp_path: Path) -> None:
+    run_dir, _ = setup
+    other = _make_store(tmp_path / "two.zarr", n_channels=2, n=70)
+    with pytest.raises(CheckpointError, match="3 channels"):
+        embed(run_dir, other, out=tmp_path / "out" / "cells.h5ad", aggregate=True, device="cpu")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (tmp_path / "cells.h5ad").write_text("x")
+    with pytest.raises(InputError, match="already exists"):
+        embed(run_dir, other, out=tmp_path / "cells.h5ad", device="cpu")
+    with pytest.raises(InputError, match=".h5ad or .zarr"):
+        embed(run_dir, other, out=tmp_path / "cells.csv", device="cpu")

@@ -1,0 +1,129 @@
+"""Baseline features: vectorised measurements equal scikit-image's crop by crop; the output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from skimage.feature import graycomatrix, graycoprops
+from skimage.filters import threshold_otsu
+from skimage.measure import regionprops
+
+from scbd_cells.features import (
+    baseline,
+    cell_features,
+    feature_names,
+    glcm,
+    haralick,
+    otsu_thresholds,
+    shape_features,
+)
+
+
+def _blobs(n: int, size: int = 24, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size]
+    images = np.empty((n, size, size))
+    for k in range(n):
+        r, c = rng.uniform(8, size - 8, 2)
+        a, b = rng.uniform(3, 7, 2)
+        images[k] = 1000 * (((rows - r) / a) ** 2 + ((cols - c) / b) ** 2 < 1)
+        images[k] += rng.normal(200, 60, (size, size))
+    return images
+
+
+def test_otsu_matches_skimage() -> None:
+    images = _blobs(6)
+    ours = otsu_thresholds(images)
+    for k, image in enumerate(images):
+        assert ours[k] == pytest.approx(threshold_otsu(image, nbins=64), rel=1e-9)
+
+
+def test_shape_matches_regionprops() -> None:
+    masks = _blobs(6) > 600
+    ours = shape_features(masks)
+    for k, mask in enumerate(masks):
+        (region,) = regionprops(mask.astype(np.uint8))
+        assert ours[k, 0] == region.area
+        assert ours[k, 3] == pytest.approx(region.eccentricity, abs=1e-6)
+        assert ours[k, 4] == pytest.approx(region.axis_major_length, rel=1e-6)
+        assert ours[k, 5] == pytest.approx(region.axis_minor_length, rel=1e-6)
+
+
+def test_haralick_matches_graycoprops() -> None:
+    rng = np.random.default_rng(1)
+    levels = rng.integers(0, 8, size=(4, 16, 16))
+    levels[1] = 3  # a constant crop
+    ours = haralick(glcm(levels))
+    for k, image in enumerate(levels):
+        matrix = graycomatrix(
+            image.astype(np.uint8), [1], [0, np.pi / 2], levels=8, symmetric=True, normed=True
+        )
+        np.testing.assert_allclose(glcm(levels[k : k + 1])[0], matrix[:, :, 0, :], atol=1e-12)
+        for j, prop in enumerate(
+            ["contrast", "dissimilarity", "homogeneity", "energy", "correlation"]
+        ):
+            assert ours[k, j] == pytest.approx(graycoprops(matrix, prop).mean(), abs=1e-9)
+
+
+def test_cell_features_shape_and_finite() -> None:
+    images = np.stack([_blobs(5, seed=s) for s in range(2)], axis=1).astype(np.uint16)
+    values = cell_features(
+        images,
+        nucleus_channel=0,
+        channel_low=np.zeros(2, np.float32),
+        channel_high=np.full(2, 1500, np.float32),
+    )
+    assert values.shape == (5, len(feature_names(["a", "b"])))
+    assert np.isfinite(values).all()
+
+
+def _store(tmp_path: Path) -> Path:
+    from scbd_cells.data.store import create_store
+
+    rng = np.random.default_rng(0)
+    n = 240
+    wells = np.repeat(["A01", "A02", "B01"], n // 3)
+    gain = {"A01": 1.0, "A02": 1.6, "B01": 0.7}
+    blobs = np.stack([_blobs(n, seed=s) for s in range(3)], axis=1)
+    images = np.clip(blobs * np.array([gain[w] for w in wells])[:, None, None, None], 0, 60000)
+    genes = rng.choice(["g1", "g2", "g3", "nontargeting"], size=n)
+    obs = pd.DataFrame(
+        {
+            "cell_id": [f"c{i}" for i in range(n)],
+            "gene": genes,
+            "guide": [f"{g}_{rng.integers(2)}" for g in genes],
+            "plate": "P1",
+            "well": wells,
+        }
+    )
+    path = tmp_path / "s.zarr"
+    create_store(
+        path,
+        images=images.astype(np.uint16),
+        obs=obs,
+        channel_names=["actin", "dna", "tubulin"],
+        perturbation_column="gene",
+        guide_column="guide",
+        control="nontargeting",
+    )
+    return path
+
+
+def test_baseline_writes_anndata(tmp_path: Path) -> None:
+    store_path = _store(tmp_path)
+    result = baseline(store_path, out=tmp_path / "baseline.h5ad", n_components=16)
+    adata = ad.read_h5ad(result.out_path)
+    assert adata.shape == (240, 16) and adata.X.dtype == np.float32
+    assert adata.obsm["X_features"].shape == (240, result.n_features)
+    assert adata.uns["scbd"]["nucleus_channel"] == "dna"
+    assert {"perturbation", "guide", "batch"} <= set(adata.obs.columns)
+    assert isinstance(adata.obs["batch"].dtype, pd.CategoricalDtype)
+    again = baseline(store_path, out=tmp_path / "again.zarr", n_components=16)
+    np.testing.assert_array_equal(ad.read_zarr(again.out_path).X, adata.X)
+    with pytest.raises(Exception, match="already exists"):
+        baseline(store_path, out=tmp_path / "baseline.h5ad")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.zarr", "baseline.h5ad", "s.zarr"]
