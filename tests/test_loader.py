@@ -229,3 +229,61 @@ def test_real_sampler_resume_through_loader_state() -> None:
         loader.load_state_dict(state)
         for want in expected[2:]:
             np.testing.assert_array_equal(next(loader).indices.numpy(), want)
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory: pytest.TempPathFactory):
+    """A small zarr store from ``create_store`` (uint16, 6 genes, chunks of 16 cells)."""
+    from scbd_cells.data.store import create_store
+
+    rng = np.random.default_rng(0)
+    n_cells = 240
+    images = rng.integers(0, 65535, size=(n_cells, 2, 6, 6), dtype=np.uint16)
+    obs = pd.DataFrame(
+        {
+            "gene": [f"g{k}" for k in rng.integers(0, 6, n_cells)],
+            "plate": "p1",
+            "well": [f"w{k}" for k in rng.integers(0, 4, n_cells)],
+        }
+    )
+    path = tmp_path_factory.mktemp("loader_store") / "store.zarr"
+    return create_store(
+        path,
+        images=images,
+        obs=obs,
+        channel_names=["a", "b"],
+        perturbation_column="gene",
+        chunk_cells=16,
+    )
+
+
+@pytest.mark.parametrize("backend", ["memory", "tensorstore", "zarr"])
+def test_every_backend_reads_what_the_store_holds(real_store, backend: str) -> None:
+    rows = np.array([5, 200, 5, 17, 16, 0, 239, 100])
+    reader = CellReader(real_store, backend=backend)
+    assert reader.backend == backend
+    np.testing.assert_array_equal(reader.read(rows), real_store.images[:][rows])
+
+
+def test_auto_backend_caches_only_within_budget(real_store) -> None:
+    nbytes = real_store.images[:].nbytes
+    assert CellReader(real_store, cache_gb=2 * nbytes / 1e9).backend == "memory"
+    assert CellReader(real_store, cache_gb=nbytes / 2e9).backend in ("tensorstore", "zarr")
+
+
+def test_loader_on_a_real_store_gives_store_labels(real_store) -> None:
+    from scbd_cells.data.sampler import BalancedBatchSampler
+
+    perturbation, _ = real_store.codes("perturbation")
+    batch_codes, _ = real_store.codes("batch")
+    sampler = BalancedBatchSampler(
+        perturbation, np.arange(real_store.n_cells), classes_per_batch=4, cells_per_class=5, seed=0
+    )
+    images = real_store.images[:]
+    with BalancedLoader(real_store, sampler, device="cpu", cache_gb=0.0) as loader:
+        for _ in range(3):
+            batch = next(loader)
+            rows = batch.indices.numpy()
+            np.testing.assert_array_equal(batch.images.numpy(), images[rows].astype(np.int32))
+            np.testing.assert_array_equal(batch.perturbation.numpy(), perturbation[rows])
+            np.testing.assert_array_equal(batch.batch.numpy(), batch_codes[rows])

@@ -15,7 +15,8 @@ Two readers serve two access patterns:
 
 Both read through :class:`CellReader`, which keeps an in-memory copy of the
 images when they fit the ``cache_gb`` budget and otherwise reads sorted,
-de-duplicated rows so that the store can serve contiguous runs and whole chunks.
+de-duplicated rows through tensorstore (or zarr-python), whose decoded-chunk
+cache then gets the budget.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -77,41 +79,79 @@ def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class CellReader:
-    """Reads rows of a store's image array, from memory when the cache budget allows.
+    """Reads rows of a store's image array: from memory when the cache budget allows.
+
+    Three paths, fastest first:
+
+    - ``memory``: the images fit ``cache_gb``; they are copied once, in large
+      contiguous pieces on ``workers`` threads, and rows are gathered from RAM.
+    - ``tensorstore``: the store is read with tensorstore (C++, concurrent,
+      decoded-chunk cache of ``cache_gb``), several times faster than
+      zarr-python on scattered rows.
+    - ``zarr``: ``store.read`` (sorted rows merged into whole-chunk reads).
 
     Parameters
     ----------
     store
         An open store (``open_store``).
     cache_gb
-        Budget in GB (10^9 bytes) for an in-memory copy of all images. If the
-        images fit, they are copied once, in large contiguous pieces; otherwise
-        every read goes to the store.
+        Budget in GB (10^9 bytes) for an in-memory copy of the images; when
+        they do not fit, the budget becomes tensorstore's chunk cache.
+    workers
+        Threads for the one-off copy into memory and for tensorstore's decoding.
+    backend
+        ``"auto"`` (as above), or force ``"memory"``, ``"tensorstore"`` or ``"zarr"``.
     """
 
-    def __init__(self, store: Any, *, cache_gb: float = 0.0) -> None:
+    def __init__(
+        self, store: Any, *, cache_gb: float = 0.0, workers: int = 2, backend: str = "auto"
+    ) -> None:
+        if backend not in ("auto", "memory", "tensorstore", "zarr"):
+            raise InputError(
+                f"Expected backend auto, memory, tensorstore or zarr; found {backend!r}."
+            )
         self.store = store
         self.nbytes = _images_nbytes(store)
         self.cached: np.ndarray | None = None
-        if cache_gb > 0 and self.nbytes <= cache_gb * 1e9:
-            self.cached = self._load_all()
+        self._tensorstore: Any = None
+        fits = cache_gb > 0 and self.nbytes <= cache_gb * 1e9
+        if backend == "memory" or (backend == "auto" and fits):
+            self.cached = self._load_all(max(1, workers))
+            self.backend = "memory"
             logger.info("Cached %.2f GB of images in memory", self.nbytes / 1e9)
-        elif cache_gb > 0:
+            return
+        if backend in ("auto", "tensorstore"):
+            self._tensorstore = _open_tensorstore(store, cache_gb=cache_gb, workers=workers)
+            if self._tensorstore is None and backend == "tensorstore":
+                raise InputError(
+                    "Expected tensorstore to be importable and the store on a local disk; "
+                    "found neither. Install it with `pip install tensorstore` or use "
+                    "backend='zarr'."
+                )
+        self.backend = "tensorstore" if self._tensorstore is not None else "zarr"
+        if cache_gb > 0:
             logger.info(
-                "Images (%.2f GB) exceed the cache budget (%.2f GB): reading from the store",
+                "Images (%.2f GB) exceed the cache budget (%.2f GB): reading from the store (%s)",
                 self.nbytes / 1e9,
                 cache_gb,
+                self.backend,
             )
 
-    def _load_all(self) -> np.ndarray:
+    def _load_all(self, workers: int) -> np.ndarray:
         images = self.store.images
         n_cells = images.shape[0]
         row_bytes = max(1, self.nbytes // max(1, n_cells))
         step = max(1, _CACHE_PIECE_BYTES // row_bytes)
+        chunk = int(getattr(images, "chunks", (1,))[0] or 1)
+        step = max(chunk, step // chunk * chunk)  # whole chunks per piece
         out = np.empty(images.shape, dtype=images.dtype)
-        for start in range(0, n_cells, step):
+
+        def copy_piece(start: int) -> None:
             stop = min(n_cells, start + step)
             out[start:stop] = images[start:stop]
+
+        with ThreadPoolExecutor(workers, "scbd-cache") as executor:
+            list(executor.map(copy_piece, range(0, n_cells, step)))
         return out
 
     def read(self, indices: np.ndarray) -> np.ndarray:
@@ -123,10 +163,44 @@ class CellReader:
             return np.empty((0, *self.store.images.shape[1:]), dtype=self.store.images.dtype)
         # Sorted unique rows let the store merge runs and read each chunk once.
         unique, inverse = np.unique(indices, return_inverse=True)
-        images = self.store.read(unique)
+        if self._tensorstore is not None:
+            images = self._tensorstore.oindex[unique].read().result()
+        else:
+            images = self.store.read(unique)
         if unique.size == indices.size and np.array_equal(unique, indices):
             return images
         return images[inverse]
+
+
+def _open_tensorstore(store: Any, *, cache_gb: float, workers: int) -> Any:
+    """The store's image array opened with tensorstore, or None if that is not possible."""
+    try:
+        import tensorstore
+    except ImportError:
+        return None
+    array_dir = Path(getattr(store, "path", "")) / "images"
+    if not (array_dir / "zarr.json").is_file():
+        return None
+    context = tensorstore.Context(
+        {
+            "cache_pool": {"total_bytes_limit": int(max(0.0, cache_gb) * 1e9)},
+            "data_copy_concurrency": {"limit": max(1, workers)},
+            "file_io_concurrency": {"limit": max(4, 2 * workers)},
+        }
+    )
+    spec = {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": str(array_dir)},
+        "recheck_cached_data": False,  # a finished store is read-only
+    }
+    try:
+        array = tensorstore.open(spec, open=True, read=True, context=context).result()
+    except Exception as error:  # any failure just means: use zarr-python instead
+        logger.debug("tensorstore cannot open %s (%s); using zarr", array_dir, error)
+        return None
+    if tuple(array.shape) != tuple(store.images.shape):
+        return None
+    return array
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -195,7 +269,7 @@ class BalancedLoader:
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
-        self.reader = CellReader(store, cache_gb=cache_gb)
+        self.reader = CellReader(store, cache_gb=cache_gb, workers=max(1, workers))
         self.perturbation_codes = np.asarray(store.codes(schema.PERTURBATION)[0], dtype=np.int64)
         self.batch_codes = np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64)
         self.workers = workers
@@ -327,7 +401,8 @@ def iter_cells(
     if batch_size < 1:
         raise InputError(f"Expected batch_size >= 1, found {batch_size}.")
     indices = np.asarray(indices, dtype=np.int64)
-    reader = reader if reader is not None else CellReader(store, cache_gb=cache_gb)
+    if reader is None:
+        reader = CellReader(store, cache_gb=cache_gb, workers=max(1, workers))
     n_pieces = math.ceil(indices.size / batch_size)
     pieces = (indices[i * batch_size : (i + 1) * batch_size] for i in range(n_pieces))
     if workers <= 0:
