@@ -711,7 +711,10 @@ _TIFF_TEMPLATES: dict[tuple[int, ...], tuple[bytes, int]] = {}
 
 
 def tiff_bytes(image: np.ndarray) -> bytes:
-    """The bytes ``tifffile.imwrite`` writes for a uint16 image (no timestamp), fast.
+    """The bytes ``tifffile.imwrite(path, image, photometric="minisblack")`` writes, fast.
+
+    A (C, H, W) image becomes C pages (grey, no timestamp), which
+    ``tifffile.imread`` reads back as (C, H, W).
 
     tifffile's header depends only on shape and dtype, so it is built once per
     shape and the pixel data are spliced in; a test checks the result against
@@ -724,14 +727,14 @@ def tiff_bytes(image: np.ndarray) -> bytes:
             7
         ) + np.uint16(1)
         buffer = io.BytesIO()
-        tifffile.imwrite(buffer, probe)
+        tifffile.imwrite(buffer, probe, photometric="minisblack")
         raw = buffer.getvalue()
         offset = raw.find(probe.tobytes())
         if (
             offset < 0 or raw.find(probe.tobytes(), offset + 1) >= 0
         ):  # pragma: no cover - tifffile layout
             buffer = io.BytesIO()
-            tifffile.imwrite(buffer, image)
+            tifffile.imwrite(buffer, image, photometric="minisblack")
             return buffer.getvalue()
         template = (raw, offset)
         _TIFF_TEMPLATES[image.shape] = template
