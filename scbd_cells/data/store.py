@@ -457,6 +457,7 @@ class StoreWriter:
         overwrite: bool = False,
         chunk_cells: int | None = None,
         shard_cells: int | None = None,
+        block_cells: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.partial_path = partial_path_of(self.path)
@@ -479,6 +480,8 @@ class StoreWriter:
         if self.shard_cells and self.shard_cells % self.chunk_cells:
             raise InputError(f"shard_cells ({shard_cells}) must be a multiple of chunk_cells.")
         self.block_cells = unit * max(1, _BLOCK_TARGET_BYTES // (unit * cell_bytes))
+        if block_cells:
+            self.block_cells = unit * max(1, -(-int(block_cells) // unit))
         self.n_cells = len(obs)
         self.n_blocks = -(-self.n_cells // self.block_cells)
         self.train_mask = (obs[schema.SPLIT].astype(str) == "train").to_numpy()
