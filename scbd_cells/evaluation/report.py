@@ -1,0 +1,386 @@
+"""Evaluate: CORUM complex prediction and well prediction for embeddings side by side, as a report.
+
+``evaluate`` reads every embedding first (so a bad input fails before any work),
+computes the metrics, then writes the report into a temporary folder beside
+``out`` and renames it into place: a failed run leaves no partial report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scbd_cells.data import schema
+from scbd_cells.errors import DataError, InputError
+from scbd_cells.evaluation.batch import batch_prediction_f1, subsample
+from scbd_cells.evaluation.complexes import read_complexes
+from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
+from scbd_cells.profiles import aggregate_profiles
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = (
+    "corum_auprc",
+    "corum_recall_5_95",
+    "well_f1",
+    "well_f1_chance",
+    "n_genes",
+    "n_cells",
+)
+DEFAULT_MAX_CELLS = 50_000
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What :func:`evaluate` measured and where it wrote the report.
+
+    Attributes
+    ----------
+    metrics
+        The content of ``metrics.json``.
+    table
+        One row per embedding: ``embedding`` and the :data:`METRIC_KEYS`.
+    out_dir
+        The report folder.
+    report_path
+        ``out_dir / "report.md"``.
+    """
+
+    metrics: dict[str, Any]
+    table: pd.DataFrame
+    out_dir: Path
+    report_path: Path
+
+
+def read_embedding(path: Path) -> Any:
+    """Open a cell-level AnnData: ``.h5ad`` backed (read lazily), ``.zarr`` in memory."""
+    import anndata as ad
+
+    if not path.exists():
+        raise InputError(
+            f"Embedding {path} does not exist. Make one with `scbd-cells embed RUN_DIR "
+            "STORE.zarr --out cells.h5ad` or `scbd-cells baseline STORE.zarr --out baseline.h5ad`."
+        )
+    try:
+        if path.suffix == ".zarr":
+            return ad.read_zarr(path)
+        return ad.read_h5ad(path, backed="r")
+    except Exception as error:  # anndata/h5py raise many types for a bad file
+        raise DataError(
+            f"Could not read {path} as AnnData ({type(error).__name__}: {error}). Expected an "
+            ".h5ad or .zarr file written by `scbd-cells embed` or `scbd-cells baseline`."
+        ) from None
+
+
+def _names(paths: list[Path], keys: list[str], labels: list[str] | None) -> list[str]:
+    if labels is not None:
+        if len(labels) != len(paths):
+            raise InputError(
+                f"Got {len(labels)} label(s) for {len(paths)} embedding(s); give one --label "
+                "per embedding, in the same order."
+            )
+        names = list(labels)
+    else:
+        names = [p.stem if k == "X" else f"{p.stem}:{k}" for p, k in zip(paths, keys, strict=True)]
+    if len(set(names)) != len(names):
+        raise InputError(
+            f"Embedding names are not unique ({', '.join(names)}). Name them with --label."
+        )
+    return names
+
+
+def _close(datasets: list[Any]) -> None:
+    for adata in datasets:
+        if getattr(adata, "isbacked", False):
+            adata.file.close()
+
+
+def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
+    data = adata.X if key == "X" else adata.obsm[key]
+    block = data[positions]
+    if hasattr(block, "toarray"):
+        block = block.toarray()
+    return np.asarray(block, dtype=np.float32)
+
+
+def _control(adata: Any, control: str | None) -> str:
+    if control is not None:
+        return control
+    provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
+    found = provenance.get("control") if hasattr(provenance, "get") else None
+    return str(found) if found else schema.CONTROL_LABEL
+
+
+def evaluate(
+    embedding_paths: list[str | Path],
+    *,
+    corum: str | Path,
+    out: str | Path,
+    keys: list[str] | None = None,
+    labels: list[str] | None = None,
+    control: str | None = None,
+    perturbation_key: str = schema.PERTURBATION,
+    guide_key: str = schema.GUIDE,
+    batch_key: str = schema.BATCH,
+    max_cells: int | None = DEFAULT_MAX_CELLS,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> EvaluationResult:
+    """Evaluate cell embeddings: CORUM complex prediction (higher is better) and well F1 (lower).
+
+    Parameters
+    ----------
+    embedding_paths
+        Cell-level AnnData files (``.h5ad`` or ``.zarr``) with perturbation, guide and batch
+        columns in obs.
+    corum
+        Complexes file (CORUM 3.x/4.x/5.x, two-column or GMT).
+    out
+        Report folder; written atomically.
+    keys
+        The embedding of each file: ``"X"`` or an ``obsm`` key; one key for all files or one
+        per file. Default ``"X"`` (z_c for ``scbd-cells embed`` output).
+    labels
+        Names in the table (default: file stem, or ``stem:key``).
+    control
+        Non-targeting control label (default: the embedding's ``uns["scbd"]["control"]``,
+        else ``nontargeting``).
+    perturbation_key, guide_key, batch_key
+        obs columns.
+    max_cells
+        Cells (seeded subsample) for the well classifier; None uses all.
+    seed
+        Seeds the subsample, the 60/40 split and the classifier.
+    overwrite
+        Replace an existing report folder.
+
+    Returns
+    -------
+    EvaluationResult
+    """
+    paths = [Path(p) for p in embedding_paths]
+    out_dir = Path(out)
+    if not paths:
+        raise InputError("No embedding given. Pass one or more .h5ad/.zarr files.")
+    keys = list(keys) if keys else ["X"]
+    if len(keys) == 1:
+        keys = keys * len(paths)
+    if len(keys) != len(paths):
+        raise InputError(
+            f"Got {len(keys)} --key values for {len(paths)} embeddings; give one for all or "
+            "one per embedding."
+        )
+    names = _names(paths, keys, labels)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(
+            f"Report folder {out_dir} already exists and is not empty. Choose another --out "
+            "or pass --overwrite."
+        )
+    complexes = read_complexes(corum)
+
+    datasets: list[Any] = []
+    try:
+        for path, key in zip(paths, keys, strict=True):
+            adata = read_embedding(path)
+            datasets.append(adata)
+            if key != "X" and key not in adata.obsm:
+                raise DataError(
+                    f"{path} has no obsm key {key!r} (keys: "
+                    f"{', '.join(adata.obsm.keys()) or 'none'}). Choose one of them or 'X' "
+                    "with --key."
+                )
+            if batch_key not in adata.obs.columns:
+                raise DataError(
+                    f"{path} has no batch column {batch_key!r} in obs (columns: "
+                    f"{', '.join(map(str, adata.obs.columns[:12]))}). Well prediction needs "
+                    "it: embed from a store (which carries 'batch'), or name the column with "
+                    "--batch-key."
+                )
+    except BaseException:
+        _close(datasets)
+        raise
+
+    rows, curves = [], []
+    try:
+        for name, key, adata in zip(names, keys, datasets, strict=True):
+            log.info("Evaluating %s (%s, %d cells)", name, key, adata.n_obs)
+            genes = aggregate_profiles(
+                adata,
+                use_rep=key,
+                perturbation_key=perturbation_key,
+                guide_key=guide_key,
+                control=_control(adata, control),
+            ).genes
+            corum_result: CorumResult = corum_pr(
+                genes.X, list(genes.obs_names), complexes, percentiles=DEFAULT_PERCENTILES
+            )
+            positions = subsample(adata.n_obs, max_cells=max_cells, seed=seed)
+            batches = adata.obs[batch_key].astype(str).to_numpy()[positions]
+            well = batch_prediction_f1(_rows(adata, key, positions), batches, seed=seed)
+            rows.append(
+                {
+                    "embedding": name,
+                    "corum_auprc": corum_result.auprc,
+                    "corum_recall_5_95": corum_result.recall_5_95,
+                    "well_f1": well.f1,
+                    "well_f1_chance": well.chance,
+                    "n_genes": corum_result.n_genes,
+                    "n_cells": int(adata.n_obs),
+                }
+            )
+            curves.append(
+                pd.DataFrame(
+                    {
+                        "embedding": name,
+                        "percentile": corum_result.percentiles,
+                        "precision": corum_result.precision,
+                        "recall": corum_result.recall,
+                    }
+                )
+            )
+    finally:
+        _close(datasets)
+
+    table = pd.DataFrame(rows)
+    metrics = {
+        "embeddings": {row["embedding"]: {k: row[k] for k in METRIC_KEYS} for row in rows},
+        "settings": {
+            "corum": str(Path(corum)),
+            "complexes_format": complexes.format,
+            "percentiles": list(DEFAULT_PERCENTILES),
+            "keys": dict(zip(names, keys, strict=True)),
+            "files": {n: str(p) for n, p in zip(names, paths, strict=True)},
+            "batch_key": batch_key,
+            "max_cells": max_cells,
+            "seed": seed,
+        },
+    }
+    _write_report(
+        out_dir, metrics=metrics, table=table, curves=pd.concat(curves), overwrite=overwrite
+    )
+    return EvaluationResult(
+        metrics=metrics, table=table, out_dir=out_dir, report_path=out_dir / "report.md"
+    )
+
+
+def _plot_curves(curves: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 4), dpi=120)
+    for name, curve in curves.groupby("embedding", sort=False):
+        axes.plot(curve["recall"], curve["precision"], marker="o", markersize=3, label=name)
+    axes.set_xlabel("recall")
+    axes.set_ylabel("precision")
+    axes.set_title("CORUM complex prediction (p = 80..99)")
+    axes.legend(frameon=False)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def _plot_well(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5), dpi=120)
+    positions = np.arange(len(table))
+    axes.bar(positions, table["well_f1"], color="tab:red", alpha=0.8, label="held-out macro F1")
+    axes.scatter(
+        positions,
+        table["well_f1_chance"],
+        color="black",
+        marker="_",
+        s=600,
+        zorder=3,
+        label="chance",
+    )
+    axes.set_xticks(positions, table["embedding"], rotation=20)
+    axes.set_ylabel("macro F1 (lower is better)")
+    axes.set_title("Predicting the well from the embedding")
+    axes.legend(frameon=False)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The metrics table as Markdown (what ``report.md`` and the demo print)."""
+    lines = [
+        "| embedding | CORUM AUPRC ↑ | recall @ 5%/95% ↑ | well F1 ↓ | chance | genes | cells |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table.itertuples(index=False):
+        lines.append(
+            f"| {row.embedding} | {row.corum_auprc:.4f} | {row.corum_recall_5_95:.3f} | "
+            f"{row.well_f1:.3f} | {row.well_f1_chance:.3f} | {row.n_genes} | {row.n_cells} |"
+        )
+    return "\n".join(lines)
+
+
+def _report_text(metrics: dict[str, Any], table: pd.DataFrame) -> str:
+    settings = metrics["settings"]
+    return f"""# scbd-cells evaluation
+
+{format_table(table)}
+
+- **CORUM AUPRC**: area under the precision-recall curve of predicting "the two genes share a
+  complex" from the cosine similarity of their profiles, thresholds at the p-th / (100 − p)-th
+  percentiles for p = 80..99 (paper appendix A.3). Higher is better. **recall @ 5%/95%**: recall
+  at p = 95.
+- **well F1**: held-out macro F1 of a logistic regression predicting the batch
+  (`{settings["batch_key"]}`) from the cell embedding (60/40 split, standardised, seed
+  {settings["seed"]}, at most {settings["max_cells"]} cells). Lower is better; **chance** is the
+  expected F1 of guessing.
+
+Complexes: `{settings["corum"]}` ({settings["complexes_format"]}).
+
+![CORUM precision-recall](corum_pr.png)
+
+![well prediction](well_f1.png)
+
+Files: `metrics.json`, `corum_pr.csv`. Protocol: docs/evaluation.md.
+"""
+
+
+def _write_report(
+    out_dir: Path,
+    *,
+    metrics: dict[str, Any],
+    table: pd.DataFrame,
+    curves: pd.DataFrame,
+    overwrite: bool,
+) -> None:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        curves.to_csv(tmp_dir / "corum_pr.csv", index=False)
+        _plot_curves(curves, tmp_dir / "corum_pr.png")
+        _plot_well(table, tmp_dir / "well_f1.png")
+        (tmp_dir / "report.md").write_text(_report_text(metrics, table))
+        os.chmod(tmp_dir, 0o755)
+        if out_dir.exists():
+            if not overwrite and any(out_dir.iterdir()):
+                raise InputError(
+                    f"Report folder {out_dir} appeared while evaluating; not replaced."
+                )
+            shutil.rmtree(out_dir)
+        tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    log.info("Wrote the report to %s", out_dir)

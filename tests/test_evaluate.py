@@ -1,0 +1,109 @@
+"""evaluate: report files and keys, names, atomic output, and the bad inputs of DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from scbd_cells.errors import DataError, InputError
+from scbd_cells.evaluation.report import METRIC_KEYS, evaluate
+
+COMPLEXES = {"cA": ["g0", "g1", "g2", "g3"], "cB": ["g4", "g5", "g6"], "cC": ["g7", "g8", "g9"]}
+
+
+def _cells(path: Path, *, biology: float, well: float, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    genes = [f"g{i}" for i in range(12)] + ["nontargeting"]
+    n = 1300
+    gene = np.array(genes)[np.arange(n) % len(genes)]
+    batch = np.array(["w1", "w2", "w3", "w4"])[rng.integers(0, 4, n)]
+    centre = {g: rng.normal(size=16) for g in genes}
+    for members in COMPLEXES.values():
+        shared = rng.normal(size=16)
+        for g in members:
+            centre[g] = centre[g] + 2 * shared
+    centre["nontargeting"] = np.zeros(16)
+    well_shift = {w: rng.normal(size=16) for w in ["w1", "w2", "w3", "w4"]}
+    x = rng.normal(size=(n, 16))
+    x += biology * np.stack([centre[g] for g in gene]) + well * np.stack(
+        [well_shift[b] for b in batch]
+    )
+    obs = pd.DataFrame(
+        {
+            "perturbation": pd.Categorical(gene),
+            "guide": [f"{g}_{i % 3}" for i, g in enumerate(gene)],
+            "batch": pd.Categorical(batch),
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    adata = ad.AnnData(X=x.astype(np.float32), obs=obs, obsm={"alt": x[:, :8].astype(np.float32)})
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture
+def corum_file(tmp_path: Path) -> Path:
+    path = tmp_path / "complexes.txt"
+    lines = ["complex_id\tcomplex_name\torganism\tsubunits_gene_name"]
+    lines += [f"{i}\t{k}\tHuman\t{';'.join(v)}" for i, (k, v) in enumerate(COMPLEXES.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_report(tmp_path: Path, corum_file: Path) -> None:
+    good = _cells(tmp_path / "good.h5ad", biology=1.0, well=0.0)
+    bad = _cells(tmp_path / "bad.h5ad", biology=0.0, well=2.0, seed=1)
+    result = evaluate([good, bad], corum=corum_file, out=tmp_path / "report", max_cells=1000)
+    files = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert files == ["corum_pr.csv", "corum_pr.png", "metrics.json", "report.md", "well_f1.png"]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert set(metrics["embeddings"]) == {"good", "bad"}
+    assert all(set(m) == set(METRIC_KEYS) for m in metrics["embeddings"].values())
+    good_m, bad_m = metrics["embeddings"]["good"], metrics["embeddings"]["bad"]
+    assert good_m["corum_auprc"] > bad_m["corum_auprc"]
+    assert bad_m["well_f1"] > 2 * bad_m["well_f1_chance"]
+    assert good_m["well_f1"] < 1.5 * good_m["well_f1_chance"]
+    assert good_m["n_genes"] == 10 and good_m["n_cells"] == 1300
+    curve = pd.read_csv(tmp_path / "report" / "corum_pr.csv")
+    assert list(curve.columns) == ["embedding", "percentile", "precision", "recall"]
+    assert len(curve) == 40
+    assert "| good |" in result.report_path.read_text()
+    again = evaluate([good, bad], corum=corum_file, out=tmp_path / "again", max_cells=1000)
+    pd.testing.assert_frame_equal(result.table, again.table)
+
+    keyed = evaluate([good], corum=corum_file, out=tmp_path / "keyed", keys=["alt"])
+    assert list(keyed.metrics["embeddings"]) == ["good:alt"]
+    labelled = evaluate([good], corum=corum_file, out=tmp_path / "lab", labels=["mine"])
+    assert list(labelled.table["embedding"]) == ["mine"]
+
+
+def test_bad_inputs_leave_nothing(tmp_path: Path, corum_file: Path) -> None:
+    good = _cells(tmp_path / "good.h5ad", biology=1.0, well=0.0)
+    other = tmp_path / "other.txt"
+    other.write_text("x\tZZ1 ZZ2\n")
+    with pytest.raises(DataError, match="shares 0 gene"):
+        evaluate([good], corum=other, out=tmp_path / "r1")
+    with pytest.raises(DataError, match="control label 'NTC'"):
+        evaluate([good], corum=corum_file, out=tmp_path / "r2", control="NTC")
+    nobatch = ad.read_h5ad(good)
+    del nobatch.obs["batch"]
+    nobatch.write_h5ad(tmp_path / "nobatch.h5ad")
+    with pytest.raises(DataError, match="no batch column 'batch'"):
+        evaluate([tmp_path / "nobatch.h5ad"], corum=corum_file, out=tmp_path / "r3")
+    with pytest.raises(InputError, match="does not exist"):
+        evaluate([tmp_path / "missing.h5ad"], corum=corum_file, out=tmp_path / "r4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "complexes.txt",
+        "good.h5ad",
+        "nobatch.h5ad",
+        "other.txt",
+    ]
+    (tmp_path / "r5").mkdir()
+    (tmp_path / "r5" / "keep").write_text("")
+    with pytest.raises(InputError, match="--overwrite"):
+        evaluate([good], corum=corum_file, out=tmp_path / "r5")
