@@ -267,6 +267,252 @@ def info(
     stdout.print(table)
 
 
+def _train_default(name: str) -> str:
+    """``[default: X]`` for a train option (options are None so YAML/env can apply)."""
+    from scbd_cells.config import TrainConfig
+
+    # "\\[" keeps rich from reading "[default: ...]" as markup
+    return f" \\[default: {TrainConfig.model_fields[name].default}]"
+
+
+@app.command()
+def train(
+    store_path: Annotated[Path, typer.Argument(help="Store written by `scbd-cells ingest`.")],
+    out: Annotated[Path, typer.Option(help="Run folder: config, metrics, curves, checkpoints.")],
+    config: Annotated[
+        Path | None, typer.Option(help="YAML options (e.g. a run's config.yaml); CLI wins.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out exactly where it stopped.")
+    ] = False,
+    alpha: Annotated[
+        float | None, typer.Option(help="Invariance weight." + _train_default("alpha"))
+    ] = None,
+    invariance: Annotated[
+        str | None,
+        typer.Option(help="paper (appendix B) or normalized." + _train_default("invariance")),
+    ] = None,
+    batch_target: Annotated[
+        str | None,
+        typer.Option(help="batch or perturbation+batch." + _train_default("batch_target")),
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="SupCon temperature." + _train_default("temperature"))
+    ] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(help="resnet18, resnet50, densenet121, tiny." + _train_default("encoder")),
+    ] = None,
+    z_dim: Annotated[
+        int | None, typer.Option(help="Embedding size." + _train_default("z_dim"))
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Model input px; default: the store's size.")
+    ] = None,
+    classes_per_batch: Annotated[
+        int | None,
+        typer.Option(help="Perturbations per batch." + _train_default("classes_per_batch")),
+    ] = None,
+    cells_per_class: Annotated[
+        int | None, typer.Option(help="Cells per perturbation." + _train_default("cells_per_class"))
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps." + _train_default("steps"))
+    ] = None,
+    val_every: Annotated[
+        int | None, typer.Option(help="Validate every N steps." + _train_default("val_every"))
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="AdamW learning rate." + _train_default("lr"))
+    ] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="AdamW weight decay." + _train_default("weight_decay"))
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed." + _train_default("seed"))] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N." + _train_default("device"))
+    ] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+    ] = None,
+    decoder: Annotated[
+        bool | None, typer.Option("--decoder/--no-decoder", help="Train the additive decoder.")
+    ] = None,
+    cache_gb: Annotated[
+        float | None, typer.Option(help="RAM for caching images." + _train_default("cache_gb"))
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Loader threads." + _train_default("workers"))
+    ] = None,
+) -> None:
+    """Train SCBD: z_c keeps the perturbation, z_s takes the well (docs/training.md)."""
+    from scbd_cells.training import train as run_training
+
+    options = dict(
+        alpha=alpha, invariance=invariance, batch_target=batch_target, temperature=temperature,
+        encoder=encoder, z_dim=z_dim, image_size=image_size, classes_per_batch=classes_per_batch,
+        cells_per_class=cells_per_class, steps=steps, val_every=val_every, lr=lr,
+        weight_decay=weight_decay, seed=seed, device=device, compile=compile, decoder=decoder,
+        cache_gb=cache_gb, workers=workers,
+    )
+    result = run_training(store_path, out=out, config_path=config, resume=resume, **options)
+    val = result.final_val
+    if val:
+        stdout.print(
+            f"step {result.step}: val loss {val['loss']:.4f} (best {result.best_val_loss:.4f}); "
+            f"well F1 z_c {val['well_f1_z_perturbation']:.3f}, z_s {val['well_f1_z_batch']:.3f}, "
+            f"chance {val['well_f1_chance']:.3f}"
+        )
+    if result.interrupted:
+        stdout.print(f"[yellow]Interrupted[/] at step {result.step}; continue with --resume.")
+        raise typer.Exit(130)
+    stdout.print(f"[green]Trained[/] -> {result.best_checkpoint_path}")
+
+
+@app.command()
+def embed(
+    run_dir: Annotated[Path, typer.Argument(help="Training run folder (or a checkpoint .pt).")],
+    store: Annotated[Path, typer.Argument(help="Store to embed (channels must fit the model).")],
+    out: Annotated[Path, typer.Option(help="Cells AnnData to write: .h5ad or .zarr.")],
+    aggregate: Annotated[
+        bool, typer.Option(help="Also write guides.h5ad and genes.h5ad beside --out.")
+    ] = False,
+    representation: Annotated[
+        str, typer.Option(help="projection (z only) or encoder (also r_c, r_s in obsm).")
+    ] = "projection",
+    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 1024,
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cuda:N or cpu [CUDA when available].")
+    ] = None,
+    which: Annotated[str, typer.Option(help="Checkpoint of the run: best or last.")] = "best",
+    workers: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+) -> None:
+    """Embed every cell: X = z_c, obsm["X_scbd_batch"] = z_s, obs = the store's cell table."""
+    from scbd_cells.embedding import embed as run_embed
+
+    result = run_embed(
+        run_dir, store, out=out, aggregate=aggregate, representation=representation,
+        batch_size=batch_size, device=device, which=which, workers=workers, overwrite=overwrite,
+    )
+    stdout.print(f"[green]Embedded[/] {result.n_cells:,} cells -> {result.out_path}")
+    if result.genes_path is not None:
+        stdout.print(f"Profiles: {result.guides_path}, {result.genes_path}")
+
+
+@app.command()
+def baseline(
+    store: Annotated[Path, typer.Argument(help="Store to measure.")],
+    out: Annotated[Path, typer.Option(help="AnnData to write: .h5ad or .zarr.")],
+    n_components: Annotated[int, typer.Option(help="PCA dimensions.")] = 64,
+    nucleus_channel: Annotated[
+        str | None, typer.Option(help="Channel to segment nuclei on [dna/dapi/hoechst].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Cells measured at a time.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the PCA solver.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """CellProfiler-style reference: intensity, shape and texture features per cell, then PCA."""
+    from scbd_cells.features import baseline as run_baseline
+
+    result = run_baseline(
+        store, out=out, n_components=n_components, nucleus_channel=nucleus_channel,
+        batch_size=batch_size, seed=seed, overwrite=overwrite,
+    )
+    stdout.print(
+        f"[green]Baseline[/] {result.n_cells:,} cells x {result.n_features} features -> PCA "
+        f"{result.n_components} ({100 * result.explained_variance:.0f}% variance) -> "
+        f"{result.out_path}"
+    )
+
+
+def _print_table(table) -> None:
+    from rich.table import Table
+
+    view = Table(title="Evaluation (CORUM: higher is better; well F1: lower, vs chance)")
+    for column in ("embedding", "CORUM AUPRC", "recall@5/95%", "well F1", "chance", "genes",
+                   "cells"):
+        view.add_column(column, justify="left" if column == "embedding" else "right")
+    for row in table.itertuples(index=False):
+        view.add_row(
+            row.embedding, f"{row.corum_auprc:.4f}", f"{row.corum_recall_5_95:.3f}",
+            f"{row.well_f1:.3f}", f"{row.well_f1_chance:.3f}", str(row.n_genes),
+            f"{row.n_cells:,}",
+        )
+    stdout.print(view)
+
+
+@app.command()
+def evaluate(
+    embeddings: Annotated[
+        list[Path], typer.Argument(help="Cell-level AnnData files (.h5ad/.zarr) to compare.")
+    ],
+    corum: Annotated[
+        Path, typer.Option(help="Complexes file: CORUM 3.x/4.x/5.x, two-column or GMT.")
+    ],
+    out: Annotated[Path, typer.Option(help="Report folder to write.")],
+    key: Annotated[
+        list[str] | None,
+        typer.Option(help="X or an obsm key; once for all files or once per file [X]."),
+    ] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="Name in the table, once per file [file stem].")
+    ] = None,
+    control: Annotated[
+        str | None, typer.Option(help="Non-targeting control label [from the file, else "
+                                 "nontargeting].")
+    ] = None,
+    perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = "perturbation",
+    guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
+    batch_key: Annotated[str, typer.Option(help="obs column of the batch (well).")] = "batch",
+    max_cells: Annotated[
+        int | None, typer.Option(help="Cells (seeded subsample) for the well classifier.")
+    ] = 50_000,
+    seed: Annotated[int, typer.Option(help="Seed of the subsample, split and classifier.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+) -> None:
+    """CORUM complex prediction (paper A.3) and well-prediction F1 for embeddings side by side."""
+    from scbd_cells.evaluation.report import evaluate as run_evaluate
+
+    result = run_evaluate(
+        embeddings, corum=corum, out=out, keys=key, labels=label, control=control,
+        perturbation_key=perturbation_key, guide_key=guide_key, batch_key=batch_key,
+        max_cells=max_cells, seed=seed, overwrite=overwrite,
+    )
+    _print_table(result.table)
+    stdout.print(f"Report: {result.report_path}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Demo folder (new or empty).")] = Path("scbd-demo"),
+    preset: Annotated[str, typer.Option(help="Simulator preset: demo, or tiny (smoke test).")] = (
+        "demo"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of everything; same seed, same table.")] = 0,
+    alpha: Annotated[
+        float | None, typer.Option(help="Invariance weight of the SCBD model [train's default].")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Training steps per model [demo training options].")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Processes/threads for images.")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = False,
+) -> None:
+    """Simulate -> ingest -> train (alpha=0 and default) -> embed -> baseline -> evaluate."""
+    from scbd_cells.pipeline import demo as run_demo
+
+    result = run_demo(
+        out=out, preset=preset, seed=seed, alpha=alpha, steps=steps, device=device,
+        workers=workers, overwrite=overwrite,
+    )
+    _print_table(result.table)
+    stdout.print(
+        f"Report: {result.report_path} (total {sum(result.seconds.values()) / 60:.1f} min)"
+    )
+
+
 # <subcommands>
 
 

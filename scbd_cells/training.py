@@ -215,6 +215,7 @@ def train(
         "image_size": image_size,
         "z_dim": config.z_dim,
         "decoder": config.decoder,
+        "decoder_width": config.decoder_width,
     }
     model = SCBDModel(model_args).to(device)
     cuda = device.type == "cuda"
@@ -495,6 +496,7 @@ class _ValidationSet:
     """Fixed class-balanced val batches (same cells every pass), held in memory."""
 
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # images, perturbation, batch
+    rows: np.ndarray  # store rows of the cells, batch after batch
     n_batches: int
 
     @classmethod
@@ -514,9 +516,10 @@ class _ValidationSet:
             cells_per_class=config.cells_per_class,
             seed=config.seed + 1,
         )
-        batches = []
+        batches, all_rows = [], []
         for _ in range(config.val_batches):
             rows = sampler.next_indices()
+            all_rows.append(rows)
             unique, inverse = np.unique(rows, return_inverse=True)
             images = store.read(unique)[inverse]
             batches.append(
@@ -526,7 +529,7 @@ class _ValidationSet:
                     torch.from_numpy(batch_codes[rows].astype(np.int64)),
                 )
             )
-        return cls(batches, int(batch_codes.max()) + 1)
+        return cls(batches, np.concatenate(all_rows), int(batch_codes.max()) + 1)
 
     @torch.no_grad()
     def evaluate(
@@ -570,9 +573,12 @@ class _ValidationSet:
             wells.append(batch.cpu().numpy())
         model.train()
         row = {key: float(np.mean(values)) for key, values in parts.items()}
-        wells_all = np.concatenate(wells)
-        probe_c = batch_prediction_f1(np.concatenate(z_perturbation), wells_all, seed=config.seed)
-        probe_s = batch_prediction_f1(np.concatenate(z_batch), wells_all, seed=config.seed)
+        # Each cell once in the probe: a cell drawn twice must not sit on both sides of its split.
+        _, first = np.unique(self.rows, return_index=True)
+        wells_all = np.concatenate(wells)[first]
+        z_c_all, z_s_all = np.concatenate(z_perturbation)[first], np.concatenate(z_batch)[first]
+        probe_c = batch_prediction_f1(z_c_all, wells_all, seed=config.seed)
+        probe_s = batch_prediction_f1(z_s_all, wells_all, seed=config.seed)
         row.update(
             well_f1_z_perturbation=probe_c.f1,
             well_f1_z_batch=probe_s.f1,

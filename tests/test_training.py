@@ -126,6 +126,7 @@ def test_decoder_trains_on_detached_embeddings(small_store: Path, tmp_path: Path
         steps=2,
         val_every=2,
         decoder=True,
+        decoder_width=16,
         image_size=16,
         **FAST,
     )

@@ -1,0 +1,197 @@
+"""Measure what alpha does on simulated screens: the numbers and figures of docs/training.md.
+
+For each (screen, invariance variant, alpha) it trains SCBD on the CPU, then
+embeds held-out *test* cells with the best checkpoint and reports
+
+- the well macro F1 of a logistic regression on z_c and on z_s (and chance),
+- the perturbation macro F1 of a logistic regression on z_c (biology kept),
+- the perturbation SupCon loss on val at the first and last validation.
+
+Usage::
+
+    python examples/alpha_sweep.py --out /tmp/alpha --runs demo:paper:0 demo:paper:1
+    python examples/alpha_sweep.py --out /tmp/alpha --steps 150 \
+        --runs wells4:paper:0 wells4:paper:1 wells4:normalized:1 wells16:paper:1 ...
+
+Screens: ``demo`` (the demo preset: 12 wells), ``wells4`` and ``wells16`` (the
+demo preset with 2 and 8 wells per plate). Results append to
+``OUT/results.jsonl``; ``--report`` writes ``OUT/table.md`` and ``OUT/curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import scbd_cells
+from scbd_cells.checkpoint import load_trained
+from scbd_cells.data import schema
+from scbd_cells.data.loader import iter_cells
+from scbd_cells.evaluation.batch import batch_prediction_f1
+
+SCREENS = {"demo": {}, "wells4": {"wells_per_plate": 2}, "wells16": {"wells_per_plate": 8}}
+TEST_CELLS = 3000
+
+
+def make_store(out_dir: Path, screen: str) -> Path:
+    store_path = out_dir / f"{screen}.zarr"
+    if not store_path.exists():
+        screen_dir = out_dir / f"{screen}_screen"
+        if not (screen_dir / "cells.csv").exists():
+            scbd_cells.simulate(screen_dir, preset="demo", seed=0, **SCREENS[screen])
+        scbd_cells.ingest(
+            screen_dir / "cells.csv",
+            out=store_path,
+            perturbation_column="gene",
+            guide_column="guide",
+            control=schema.CONTROL_LABEL,
+            resize=32,
+        )
+    return store_path
+
+
+@torch.no_grad()
+def test_metrics(run_dir: Path, store_path: Path, *, seed: int = 0) -> dict[str, float]:
+    store = scbd_cells.open_store(store_path)
+    trained = load_trained(run_dir, which="best")
+    split = store.obs[schema.SPLIT].astype(str).to_numpy()
+    rows = np.flatnonzero(split == "test")
+    rows = np.sort(np.random.default_rng(seed).permutation(rows)[:TEST_CELLS])
+    z_c, z_s = [], []
+    for _, images in iter_cells(store, rows, batch_size=512, workers=0):
+        output = trained.model(trained.preprocessor(torch.from_numpy(images.astype(np.int32))))
+        z_c.append(output.z_perturbation.numpy())
+        z_s.append(output.z_batch.numpy())
+    z_c, z_s = np.concatenate(z_c), np.concatenate(z_s)
+    wells = store.obs[schema.BATCH].astype(str).to_numpy()[rows]
+    genes = store.obs[schema.PERTURBATION].astype(str).to_numpy()[rows]
+    well_c = batch_prediction_f1(z_c, wells, seed=seed)
+    well_s = batch_prediction_f1(z_s, wells, seed=seed)
+    gene_c = batch_prediction_f1(z_c, genes, seed=seed)  # same probe, perturbation labels
+    return {
+        "test_well_f1_z_c": well_c.f1,
+        "test_well_f1_z_s": well_s.f1,
+        "test_well_f1_chance": well_c.chance,
+        "test_perturbation_f1_z_c": gene_c.f1,
+        "test_perturbation_f1_chance": gene_c.chance,
+        "n_wells": well_c.n_batches,
+    }
+
+
+def run(out_dir: Path, spec: str, *, steps: int, val_every: int) -> dict:
+    screen, invariance, alpha = spec.split(":")
+    store_path = make_store(out_dir, screen)
+    run_dir = out_dir / "runs" / spec.replace(":", "_")
+    n_classes = len(scbd_cells.open_store(store_path).class_ranges())
+    from scbd_cells.config import demo_train_options
+
+    options = {
+        **demo_train_options(n_classes),
+        "steps": steps,
+        "val_every": val_every,
+        "alpha": float(alpha),
+        "invariance": invariance,
+        "device": "cpu",
+        "workers": 1,
+    }
+    start = time.perf_counter()
+    result = scbd_cells.train(store_path, out=run_dir, **options)
+    seconds = time.perf_counter() - start
+    metrics = pd.read_csv(result.metrics_path)
+    val = metrics[metrics["phase"] == "val"]
+    row = {
+        "spec": spec,
+        "screen": screen,
+        "invariance": invariance,
+        "alpha": float(alpha),
+        "steps": steps,
+        "train_seconds": round(seconds, 1),
+        "val_supcon_perturbation_first": float(val["supcon_perturbation"].iloc[0]),
+        "val_supcon_perturbation_last": float(val["supcon_perturbation"].iloc[-1]),
+        "val_invariance_last": float(val["invariance"].iloc[-1]),
+        "val_well_f1_z_c_last": float(val["well_f1_z_perturbation"].iloc[-1]),
+        "best_val_loss": result.best_val_loss,
+        **test_metrics(run_dir, store_path),
+    }
+    with open(out_dir / "results.jsonl", "a") as file:
+        file.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.to_numpy()]
+    return "\n".join(lines) + "\n"
+
+
+def report(out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(out_dir / "results.jsonl")]
+    table = pd.DataFrame(rows).drop_duplicates("spec", keep="last")
+    columns = [
+        "screen",
+        "n_wells",
+        "invariance",
+        "alpha",
+        "steps",
+        "val_supcon_perturbation_first",
+        "val_supcon_perturbation_last",
+        "test_well_f1_z_c",
+        "test_well_f1_z_s",
+        "test_well_f1_chance",
+        "test_perturbation_f1_z_c",
+        "test_perturbation_f1_chance",
+        "train_seconds",
+    ]
+    (out_dir / "table.md").write_text(markdown_table(table[columns].round(3)))
+    demo = table[table["screen"] == "demo"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for _, row in demo.iterrows():
+        metrics = pd.read_csv(out_dir / "runs" / row["spec"].replace(":", "_") / "metrics.csv")
+        train, val = metrics[metrics["phase"] == "train"], metrics[metrics["phase"] == "val"]
+        label = f"{row['invariance']} alpha={row['alpha']:g}"
+        (line,) = axes[0].plot(train["step"], train["supcon_perturbation"], label=label)
+        axes[1].plot(train["step"], train["invariance"], color=line.get_color(), label=label)
+        axes[2].plot(val["step"], val["well_f1_z_perturbation"], "o-", color=line.get_color())
+    axes[2].axhline(float(demo["test_well_f1_chance"].iloc[0]), color="k", ls="--", label="chance")
+    axes[0].set_title("SupCon(z_c; perturbation), train")
+    axes[1].set_title("Invariance(z_c; well), train (own variant)")
+    axes[2].set_title("well probe macro F1 of z_c (val)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    axes[2].set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=90)
+    print((out_dir / "table.md").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", nargs="*", default=[], help="screen:invariance:alpha")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for spec in args.runs:
+        run(args.out, spec, steps=args.steps, val_every=args.val_every)
+    if args.report:
+        report(args.out)
+
+
+if __name__ == "__main__":
+    main()
