@@ -382,7 +382,7 @@ def embed(
     ] = "projection",
     batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 1024,
     device: Annotated[
-        str | None, typer.Option(help="cuda, cuda:N or cpu [CUDA when available].")
+        str | None, typer.Option(help="cuda, cuda:N or cpu (default: CUDA if available).")
     ] = None,
     which: Annotated[str, typer.Option(help="Checkpoint of the run: best or last.")] = "best",
     workers: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
@@ -406,7 +406,8 @@ def baseline(
     out: Annotated[Path, typer.Option(help="AnnData to write: .h5ad or .zarr.")],
     n_components: Annotated[int, typer.Option(help="PCA dimensions.")] = 64,
     nucleus_channel: Annotated[
-        str | None, typer.Option(help="Channel to segment nuclei on [dna/dapi/hoechst].")
+        str | None,
+        typer.Option(help="Channel to segment nuclei on (default: one named dna/dapi/hoechst)."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Cells measured at a time.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the PCA solver.")] = 0,
@@ -453,14 +454,15 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report folder to write.")],
     key: Annotated[
         list[str] | None,
-        typer.Option(help="X or an obsm key; once for all files or once per file [X]."),
+        typer.Option(help="X or an obsm key, once for all files or once per file (default X)."),
     ] = None,
     label: Annotated[
-        list[str] | None, typer.Option(help="Name in the table, once per file [file stem].")
+        list[str] | None,
+        typer.Option(help="Name in the table, once per file (default: the file stem)."),
     ] = None,
     control: Annotated[
-        str | None, typer.Option(help="Non-targeting control label [from the file, else "
-                                 "nontargeting].")
+        str | None,
+        typer.Option(help="Non-targeting control label (default: from the file or nontargeting)."),
     ] = None,
     perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = "perturbation",
     guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
@@ -491,10 +493,12 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Seed of everything; same seed, same table.")] = 0,
     alpha: Annotated[
-        float | None, typer.Option(help="Invariance weight of the SCBD model [train's default].")
+        float | None,
+        typer.Option(help="Invariance weight of the SCBD model (default: train's)."),
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Training steps per model [demo training options].")
+        int | None,
+        typer.Option(help="Training steps per model (default: the demo training options)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int, typer.Option(help="Processes/threads for images.")] = 2,
