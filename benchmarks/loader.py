@@ -1,0 +1,166 @@
+"""Benchmark: class-balanced batches per second from a store, against the one-row-at-a-time path.
+
+Measures, in one run on one store:
+
+- the *reference* loader, written the way the official SCBD code feeds its
+  model: for every cell of a balanced batch, a pandas row, a read of that one
+  cell from the store, a torchvision resize, then a pandas concat per batch;
+- :class:`scbd_cells.data.loader.BalancedLoader` with the images cached in
+  memory, and with a cache budget smaller than the store (tensorstore, then
+  zarr-python), each followed by the device-side ``Preprocessor`` (uint ->
+  normalised float) so both sides deliver model-ready tensors.
+
+Rates are cells per wall second and cells per CPU second of the process (all
+threads), the per-core figure the ratio is taken on. Examples::
+
+    python benchmarks/loader.py                          # synthetic 100 k-cell store, CPU
+    python benchmarks/loader.py --source simulate --preset large --record
+    python benchmarks/loader.py --device cuda --workers 8 --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision.transforms.functional as TF
+from common import add_store_arguments, benchmark_store, markdown_table, peak_rss_gb, record
+
+from scbd_cells.data import schema
+from scbd_cells.data.loader import BalancedLoader
+from scbd_cells.data.sampler import BalancedBatchSampler
+from scbd_cells.model.preprocess import Preprocessor
+
+OFFICIAL_CELLS_PER_CORE = 4_300  # DESIGN.md "Performance": the official data path
+
+
+class ReferenceLoader:
+    """The official data path: one pandas row, one store read, one resize per cell."""
+
+    def __init__(self, store, sampler: BalancedBatchSampler, *, image_size: int) -> None:
+        self.table = store.obs.reset_index(drop=True)
+        self.images = store.images
+        self.sampler = sampler
+        self.image_size = image_size
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, images = [], []
+        for index in self.sampler.next_indices():
+            row = self.table.iloc[[int(index)]]  # a one-row DataFrame per cell
+            image = torch.from_numpy(self.images[int(index)].astype(np.float32))  # (C, H, W)
+            image = TF.resize(image, [self.image_size, self.image_size], antialias=True)
+            rows.append(row)
+            images.append(image)
+        table = pd.concat(rows)
+        perturbation = torch.as_tensor(table[schema.PERTURBATION].cat.codes.to_numpy().copy())
+        batch = torch.as_tensor(table[schema.BATCH].cat.codes.to_numpy().copy())
+        return torch.stack(images), perturbation.long(), batch.long()
+
+
+def _sampler(store, args, seed: int) -> BalancedBatchSampler:
+    codes, _ = store.codes(schema.PERTURBATION)
+    split = store.obs[schema.SPLIT].to_numpy()
+    train_rows = np.flatnonzero(split == "train")
+    return BalancedBatchSampler(
+        codes,
+        train_rows,
+        classes_per_batch=args.classes_per_batch,
+        cells_per_class=args.cells_per_class,
+        seed=seed,
+    )
+
+
+def _time(run_batch, n_batches: int, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """(cells per wall second, cells per CPU second) over ``n_batches`` after one warm-up."""
+    run_batch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(n_batches):
+        run_batch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    cells = n_batches * batch_size
+    return cells / wall, cells / max(cpu, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_store_arguments(parser)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--classes-per-batch", type=int, default=256)
+    parser.add_argument("--cells-per-class", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per loader")
+    parser.add_argument("--reference-batches", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="loader threads")
+    parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    store = benchmark_store(args)
+    batch_size = args.classes_per_batch * args.cells_per_class
+    image_size = store.image_size[0]
+    store_gb = store.n_cells * store.n_channels * image_size**2 * store.dtype.itemsize / 1e9
+    preprocess = Preprocessor(store.channel_stats, image_size=image_size)
+    print(f"store: {store.path} ({store.n_cells:,} cells, {store_gb:.2f} GB, {store.dtype})")
+
+    rows = []
+    reference = ReferenceLoader(store, _sampler(store, args, 0), image_size=image_size)
+    ref_wall, ref_cpu = _time(reference.next_batch, args.reference_batches, batch_size, device)
+    rows.append(["reference (row at a time)", "zarr, 1 row", 0, ref_wall, ref_cpu, 1.0])
+
+    configs = [
+        ("memory", 2 * store_gb + 1, False),
+        ("memory", 2 * store_gb + 1, True),
+        ("tensorstore", store_gb / 2, False),
+        ("zarr", store_gb / 2, False),
+    ]
+    for backend, cache_gb, with_preprocess in configs:
+        loader = BalancedLoader(
+            store,
+            _sampler(store, args, 0),
+            device=device,
+            cache_gb=cache_gb,
+            workers=args.workers,
+            prefetch=args.prefetch,
+            backend=backend,
+        )
+        n_batches = args.batches if backend == "memory" else max(2, args.batches // 4)
+
+        def run_batch(loader=loader, with_preprocess=with_preprocess) -> None:
+            batch = next(loader)
+            if with_preprocess:
+                preprocess(batch.images)
+
+        wall, cpu = _time(run_batch, n_batches, batch_size, device)
+        name = "BalancedLoader" + (" + Preprocessor" if with_preprocess else "")
+        label = f"{backend}, cache budget {cache_gb:.2f} GB"
+        rows.append([name, label, args.workers, wall, cpu, cpu / ref_cpu])
+        loader.close()
+
+    memory_cpu = rows[1][4]
+    body = markdown_table(
+        ["loader", "reads", "threads", "cells/s", "cells/CPU-s", "× reference per core"], rows
+    )
+    body += (
+        f"\n\nStore: {store.n_cells:,} cells, {store.n_channels} × {image_size} px "
+        f"{store.dtype}, {store_gb:.2f} GB, chunks {tuple(store.images.chunks)}; batches of "
+        f"{args.classes_per_batch} classes × {args.cells_per_class} cells on {device}. "
+        f"Per core, the loader alone is {memory_cpu / ref_cpu:.0f}× this reference and "
+        f"{memory_cpu / OFFICIAL_CELLS_PER_CORE:.1f}× the official path's "
+        f"{OFFICIAL_CELLS_PER_CORE:,} cells/s per core quoted in DESIGN.md. "
+        f"Store larger than the cache budget vs in memory (per core): tensorstore "
+        f"{memory_cpu / rows[3][4]:.1f}× slower, zarr-python {memory_cpu / rows[4][4]:.1f}× "
+        f"slower. Peak RSS {peak_rss_gb():.2f} GB."
+    )
+    record("Loader: balanced batches vs the one-row-at-a-time path", body, enabled=args.record)
+
+
+if __name__ == "__main__":
+    main()
