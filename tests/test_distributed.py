@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 from scbd_cells.distributed import (
@@ -91,6 +93,83 @@ def _run_torchrun(case: str, out_dir: Path, *extra: str, timeout: int = 120) -> 
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- train / embed
+TRAIN_OPTIONS = {
+    "encoder": "tiny",
+    "classes_per_batch": 6,
+    "cells_per_class": 4,
+    "val_batches": 1,
+    "val_every": 8,
+    "log_every": 1,
+    "workers": 1,
+    "device": "cpu",
+    "z_dim": 8,
+    "lr": 3e-3,
+    "steps": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def train_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 perturbations x 4 wells of 2-channel 12 px uint16 crops (perturbation and well signal)."""
+    from scbd_cells.data.store import create_store
+
+    rng = np.random.default_rng(0)
+    rows, images = [], []
+    for perturbation in range(8):
+        for well in range(4):
+            for _cell in range(8):
+                image = rng.normal(1000 + 200 * well, 50, size=(2, 12, 12))
+                image[perturbation % 2, 3:9, 3:9] += 300 * (perturbation // 2)
+                images.append(image.clip(0, 65535).astype(np.uint16))
+                rows.append({"gene": f"gene_{perturbation}", "plate": "p1", "well": f"W{well}"})
+    path = tmp_path_factory.mktemp("dist_store") / "screen.zarr"
+    create_store(
+        path,
+        images=np.stack(images),
+        obs=pd.DataFrame(rows),
+        channel_names=["dna", "actin"],
+        perturbation_column="gene",
+        split_fractions=(0.7, 0.15, 0.15),
+    )
+    return path
+
+
+def _train_losses(run_dir: Path) -> pd.DataFrame:
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    return metrics[metrics["phase"] == "train"].set_index("step")["loss"]
+
+
+def test_two_process_training_follows_the_single_process_run(
+    train_store: Path, tmp_path: Path
+) -> None:
+    """``torchrun -m scbd_cells train`` (2 ranks, gloo) gives the single-process loss curve."""
+    import yaml
+
+    from scbd_cells import train
+
+    config_path = tmp_path / "options.yaml"
+    config_path.write_text(yaml.safe_dump(TRAIN_OPTIONS))
+    single = train(train_store, out=tmp_path / "single", config_path=config_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCBD_CELLS_QUIET": "1"}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+        "-m", "scbd_cells", "--quiet", "train", str(train_store),
+        "--out", str(tmp_path / "ddp"), "--config", str(config_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single_losses, ddp_losses = _train_losses(tmp_path / "single"), _train_losses(tmp_path / "ddp")
+    assert list(ddp_losses.index) == list(single_losses.index)
+    # Same global batches, same initialisation, no batch norm: the curves agree closely.
+    np.testing.assert_allclose(ddp_losses.to_numpy(), single_losses.to_numpy(), rtol=1e-3)
+    assert single_losses.iloc[-4:].mean() < single_losses.iloc[:4].mean()  # it learns
+    assert single.best_checkpoint_path.is_file()
+    assert (tmp_path / "ddp" / "checkpoints" / "best.pt").is_file()
 
 
 # --------------------------------------------------------------------------- tests
