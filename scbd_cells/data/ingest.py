@@ -154,13 +154,17 @@ def read_image(path: Path) -> np.ndarray:
     if suffix in (".tif", ".tiff"):
         import tifffile
 
-        return tifffile.imread(path)
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    from PIL import Image
+        pixels = tifffile.imread(path)
+    elif suffix == ".npy":
+        pixels = np.load(path, allow_pickle=False)
+    else:
+        from PIL import Image
 
-    with Image.open(path) as image:
-        return np.asarray(image)
+        with Image.open(path) as image:
+            pixels = np.asarray(image)
+    if pixels.size == 0:  # tifffile returns an empty array for some corrupt files
+        raise _BadImage(f"cannot read the image {path}: no pixels (empty or corrupt file)")
+    return pixels
 
 
 def image_header_shape(path: Path) -> tuple[int, ...]:

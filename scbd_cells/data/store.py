@@ -528,6 +528,13 @@ class StoreWriter:
                 self.attributes["store_id"] = state["store_id"]
                 self.group = zarr.open_group(self.partial_path, mode="r+")
                 self.images = self.group[IMAGES_KEY]
+                # the unfinished store's own geometry wins over this run's defaults
+                self.chunk_cells = int(self.images.chunks[0])
+                self.block_cells = int(state["block_cells"])
+                self.n_blocks = -(-self.n_cells // self.block_cells)
+                self.attributes["layout"].update(
+                    chunk_cells=self.chunk_cells, block_cells=self.block_cells
+                )
                 written = self.partial_path / WRITTEN_FILE
                 lines = written.read_text().split() if written.exists() else []
                 done = {int(line) for line in lines}
@@ -561,7 +568,10 @@ class StoreWriter:
         self.obs.to_parquet(self.partial_path / OBS_FILE, index=False)
         (self.partial_path / WRITTEN_FILE).write_text("")
         # the state file goes last: a partial store without it is simply restarted
-        _write_json_atomic(state_path, {"plan_key": self.plan_key, "store_id": store_id})
+        _write_json_atomic(
+            state_path,
+            {"plan_key": self.plan_key, "store_id": store_id, "block_cells": self.block_cells},
+        )
         return set()
 
     def _restore_stats(self, done: set[int]) -> None:
