@@ -249,16 +249,12 @@ def _design(params: SimulationParams, rng: np.random.Generator) -> _Design:
 
     # Complexes: a fraction of the genes, split into groups of random size (>= 2).
     n_members = min(n_genes, max(2 * n_complexes, round(params.fraction_in_complexes * n_genes)))
-    order = rng.permutation(n_genes)
-    members = order[:n_members]
-    cuts = (
-        np.sort(rng.choice(np.arange(1, n_members), size=n_complexes - 1, replace=False))
-        if (n_complexes > 1)
-        else np.array([], dtype=int)
-    )
-    # Re-balance so no complex has fewer than 2 members when there are enough genes.
-    sizes = np.diff(np.concatenate([[0], cuts, [n_members]]))
-    sizes = _at_least(sizes, 2 if n_members >= 2 * n_complexes else 1)
+    members = rng.permutation(n_genes)[:n_members] if n_complexes else np.array([], dtype=int)
+    sizes = np.array([], dtype=int)
+    if n_complexes:
+        cuts = np.sort(rng.choice(np.arange(1, n_members), size=n_complexes - 1, replace=False))
+        # Re-balance so that every complex has at least two members (checked: n_genes >= 2 x).
+        sizes = _at_least(np.diff(np.concatenate([[0], cuts, [n_members]])), 2)
     gene_complex = np.full(n_genes, -1, dtype=int)
     start = 0
     for complex_index, size in enumerate(sizes):

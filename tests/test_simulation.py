@@ -241,3 +241,19 @@ def test_non_empty_out_dir_is_refused(tmp_path: Path) -> None:
     first = (screen / "truth.json").read_bytes()
     simulate(screen, overwrite=True, seed=9, **SMALL)
     assert (screen / "truth.json").read_bytes() != first
+
+
+def test_edge_sizes(tmp_path: Path) -> None:
+    """No complexes, one well, the smallest crop: still a valid screen."""
+    result = simulate(
+        tmp_path / "screen",
+        n_complexes=0,
+        plates=1,
+        wells_per_plate=1,
+        crop_size=16,
+        **{k: v for k, v in SMALL.items() if k != "n_complexes"},
+    )
+    table, images = _load(result.out_dir)
+    assert images.shape[1:] == (4, 16, 16) and len(table) == result.n_cells
+    complexes = pd.read_csv(result.complexes_path, sep="\t")
+    assert complexes.empty and "subunits_gene_name" in complexes.columns
