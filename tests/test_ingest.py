@@ -560,3 +560,34 @@ def test_killed_ingest_resumes_with_every_cell_once(tmp_path: Path) -> None:
     for cell_id, image in pixels.items():
         np.testing.assert_array_equal(stored[cell_id], image)
     assert not partial_path_of(out).exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"photometric": "minisblack"},
+        {"photometric": "minisblack", "byteorder": ">"},
+        {"photometric": "minisblack", "compression": "zlib"},
+        {"photometric": "rgb", "planarconfig": "contig"},
+        {"photometric": "minisblack", "rowsperstrip": 3},
+    ],
+)
+def test_tiff_reads_equal_tifffile(tmp_path: Path, options: dict) -> None:
+    """The template fast path for same-structure TIFFs gives tifffile's pixels, or steps aside."""
+    from scbd_cells.data.ingest import read_image
+
+    rng = np.random.default_rng(0)
+    shape = (8, 9, 3) if options["photometric"] == "rgb" else (3, 8, 9)
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.tif"
+        # same length, different text: the header differs, the file size does not
+        tifffile.imwrite(
+            path, rng.integers(0, 65535, shape, dtype=np.uint16), description=f"cell {i}", **options
+        )
+        paths.append(path)
+    for path in paths * 2:
+        expected = tifffile.imread(path)
+        pixels = read_image(path)
+        assert pixels.dtype == expected.dtype and pixels.dtype.isnative
+        np.testing.assert_array_equal(pixels, expected)

@@ -18,16 +18,24 @@ and the ingest starts again without it. docs/store.md describes the result.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shlex
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import (
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    as_completed,
+)
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +63,8 @@ DEFAULT_IMAGE_COLUMN = "image_path"
 SCRATCH_FILE = "crops.scratch.npy"
 FIELDS_DONE_FILE = "fields_done.txt"
 _PROBE_ROWS = 16
+_TASK_CELLS = 256  # cells per worker task
+_BLOCKS_IN_FLIGHT = 1  # blocks read ahead while one is written
 _MAX_REPLANS = 3
 _MAX_ROWS_IN_MESSAGE = 5
 
@@ -148,13 +158,92 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _TiffTemplate:
+    """Reads uncompressed TIFFs that share one file's structure without parsing them again.
+
+    A pipeline writes all its crops with the same header: same size, same tags,
+    pixels at the same offsets. Parsing a small TIFF with tifffile costs about
+    0.4 ms, ten times the read itself. The first file of each size is parsed
+    with tifffile; a later file of that size whose every byte outside the pixel
+    data equals the first file's has, byte for byte, the same structure, so its
+    pixels are the bytes at those offsets. The template is only used if this
+    decoding reproduces tifffile's on the first file; anything else (compressed
+    files, other headers) goes through tifffile.
+    """
+
+    def __init__(self, path: Path, content: bytes) -> None:
+        import tifffile
+
+        self.usable = False
+        with tifffile.TiffFile(path) as tiff:
+            series = tiff.series[0]
+            pages = list(series.pages)
+            if not pages or any(
+                page is None or page.compression != 1 or page.predictor != 1 for page in pages
+            ):
+                return
+            segments = [
+                (int(offset), int(count))
+                for page in pages
+                for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True)
+            ]
+            self.shape = tuple(series.shape)
+            self.dtype = np.dtype(series.dtype).newbyteorder(tiff.byteorder)
+            expected = series.asarray()
+        self.size = len(content)
+        self.segments = segments
+        cursor, self.gaps = 0, []
+        for offset, count in sorted(segments):
+            if offset < cursor:
+                return  # overlapping strips: leave it to tifffile
+            self.gaps.append((cursor, offset))
+            cursor = offset + count
+        self.gaps.append((cursor, self.size))
+        self.header = [content[a:b] for a, b in self.gaps]
+        decoded = self.decode(content)
+        self.usable = decoded is not None and np.array_equal(decoded, expected)
+
+    def decode(self, content: bytes) -> np.ndarray | None:
+        """The pixels if ``content`` has this template's structure, else None."""
+        if len(content) != self.size:
+            return None
+        for (a, b), header in zip(self.gaps, self.header, strict=True):
+            if content[a:b] != header:
+                return None
+        data = b"".join(content[offset : offset + count] for offset, count in self.segments)
+        if len(data) != int(np.prod(self.shape)) * self.dtype.itemsize:
+            return None
+        return (
+            np.frombuffer(data, self.dtype).reshape(self.shape).astype(self.dtype.newbyteorder("="))
+        )
+
+
+_TIFF_TEMPLATES: dict[int, _TiffTemplate | None] = {}
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    content = path.read_bytes()
+    template = _TIFF_TEMPLATES.get(len(content))
+    if template is not None:
+        pixels = template.decode(content)
+        if pixels is not None:
+            return pixels
+    elif len(content) not in _TIFF_TEMPLATES and len(_TIFF_TEMPLATES) < 64:
+        try:
+            candidate = _TiffTemplate(path, content)
+        except Exception:  # unreadable: tifffile below reports why
+            candidate = None
+        _TIFF_TEMPLATES[len(content)] = candidate if candidate and candidate.usable else None
+    return tifffile.imread(io.BytesIO(content))
+
+
 def read_image(path: Path) -> np.ndarray:
     """Pixels of a TIFF, NPY or PNG (any format Pillow reads) file, as stored."""
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        pixels = tifffile.imread(path)
+        pixels = _read_tiff(path)
     elif suffix == ".npy":
         pixels = np.load(path, allow_pickle=False)
     else:
@@ -247,10 +336,25 @@ def _resolve(value: object, base_dir: Path) -> Path:
 
 
 def _parallel_map(function: Callable, items: Sequence, workers: int) -> list:
+    """``map`` over threads (cheap I/O-bound checks: file existence, headers)."""
     if workers <= 1 or len(items) < 2:
         return [function(item) for item in items]
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(function, items))
+
+
+def _executor(workers: int) -> Executor:
+    """Where images are decoded: one thread (overlapping the writes) or ``workers`` processes.
+
+    Decoding small TIFFs is mostly Python (tifffile parses every header) and
+    holds the GIL, so parallel reads use processes; ``forkserver`` because the
+    parent runs zarr's event-loop thread, which ``fork`` would copy mid-flight.
+    """
+    if workers <= 1:
+        return ThreadPoolExecutor(1)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(workers, mp_context=context)
 
 
 def _failure_of(function: Callable, *args) -> tuple[object | None, str | None]:
@@ -265,7 +369,7 @@ def _failure_of(function: Callable, *args) -> tuple[object | None, str | None]:
         return None, f"cannot read the image ({type(error).__name__}: {error})"
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Reference:
     """What every cell must look like: (C, H, W) before resizing, and dtype."""
 
@@ -273,6 +377,79 @@ class _Reference:
     height: int
     width: int
     dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class _CropSpec:
+    """How to read one crop; small and picklable, sent with every task."""
+
+    per_channel: bool
+    n_channels: int | None
+    columns: tuple[str, ...]
+    reference: _Reference | None = None
+    resize: int | None = None
+
+
+def _load_crop(paths: tuple[Path, ...], spec: _CropSpec) -> np.ndarray:
+    """(C, H, W) pixels of one cell as stored (not yet checked against the reference)."""
+    if not spec.per_channel:
+        return to_chw(read_image(paths[0]), spec.n_channels)
+    planes = []
+    for path, column in zip(paths, spec.columns, strict=True):
+        plane = np.squeeze(read_image(path))
+        if plane.ndim != 2:
+            raise _BadImage(
+                f"{path} has shape {plane.shape}: wrong channel count, expected one channel per "
+                f"file in column {column!r}"
+            )
+        planes.append(plane)
+    if len({plane.shape for plane in planes}) > 1:
+        raise _BadImage(f"its channel files differ in size: {[p.shape for p in planes]}")
+    if len({plane.dtype for plane in planes}) > 1:
+        raise _BadImage(f"its channel files differ in dtype: {[p.dtype.name for p in planes]}")
+    return np.stack(planes)
+
+
+def _checked_crop(paths: tuple[Path, ...], spec: _CropSpec) -> np.ndarray:
+    """One cell's (C, H, W) pixels, checked against (and cast to) the reference."""
+    image = _load_crop(paths, spec)
+    reference = spec.reference
+    if image.shape[0] != reference.n_channels:
+        raise _BadImage(
+            f"has {image.shape[0]} channels (shape {image.shape}); wrong channel count, "
+            f"expected {reference.n_channels}"
+        )
+    if image.shape[1:] != (reference.height, reference.width):
+        raise _BadImage(
+            f"is {image.shape[1]}x{image.shape[2]} px; mismatched crop size, the other crops "
+            f"are {reference.height}x{reference.width}"
+        )
+    if image.dtype != reference.dtype:
+        if not np.can_cast(image.dtype, reference.dtype, casting="safe"):
+            raise _BadImage(f"has dtype {image.dtype}, the others {reference.dtype}")
+        image = image.astype(reference.dtype)
+    return image
+
+
+def _read_crop_batch(
+    items: list[tuple[int, tuple[Path, ...]]], spec: _CropSpec, keep: bool
+) -> tuple[np.ndarray | None, dict[int, str]]:
+    """Read a batch of cells ``[(table row, paths)]`` (a worker task).
+
+    Returns the stacked, resized images (None if any failed or ``keep`` is
+    false) and ``{table row: reason}`` for the cells that failed.
+    """
+    images, failures = [], {}
+    for row, paths in items:
+        image, reason = _failure_of(_checked_crop, paths, spec)
+        if reason is None:
+            images.append(image)
+        else:
+            failures[row] = reason
+    if failures or not keep or not images:
+        return None, failures
+    stacked = np.stack(images)
+    return (resize_images(stacked, spec.resize) if spec.resize else stacked), failures
 
 
 class _CropSource:
@@ -292,128 +469,155 @@ class _CropSource:
         self.per_channel = per_channel
         self.n_channels = len(columns) if per_channel else n_channels
         self.workers = workers
-        self.paths = {
-            column: [None if pd.isna(v) else _resolve(v, base_dir) for v in table[column]]
+        paths = [
+            [None if pd.isna(v) else _resolve(v, base_dir) for v in table[column]]
             for column in columns
-        }
+        ]
+        self.paths_of_row = list(zip(*paths, strict=True))
         self.reference: _Reference | None = None
+
+    def spec(self, resize: int | None = None) -> _CropSpec:
+        return _CropSpec(
+            self.per_channel, self.n_channels, tuple(self.columns), self.reference, resize
+        )
+
+    def _items(self, rows: np.ndarray) -> list[tuple[int, tuple[Path, ...]]]:
+        return [(int(row), self.paths_of_row[row]) for row in rows]
 
     def check(self, rows: np.ndarray) -> dict[int, str]:
         """Table-level problems: empty paths and missing files."""
         bad: dict[int, str] = {}
-        unique = {path for column in self.columns for path in (self.paths[column][r] for r in rows)}
-        unique.discard(None)
-        unique_list = sorted(unique)
+        unique = sorted({path for row in rows for path in self.paths_of_row[row]} - {None})
         exists = dict(
-            zip(unique_list, _parallel_map(os.path.isfile, unique_list, self.workers), strict=True)
+            zip(unique, _parallel_map(os.path.isfile, unique, 2 * self.workers), strict=True)
         )
         for row in rows:
-            for column in self.columns:
-                path = self.paths[column][row]
+            for column, path in zip(self.columns, self.paths_of_row[row], strict=True):
                 if path is None:
                     bad.setdefault(int(row), f"no image path in column {column!r}")
                 elif not exists[path]:
                     bad.setdefault(int(row), f"file not found: {path}")
         return bad
 
-    def _read_raw(self, row: int) -> np.ndarray:
-        if self.per_channel:
-            planes = []
-            for column in self.columns:
-                plane = read_image(self.paths[column][row])
-                plane = np.squeeze(plane)
-                if plane.ndim != 2:
-                    raise _BadImage(
-                        f"{self.paths[column][row]} has shape {plane.shape}: wrong channel count, "
-                        f"expected one channel per file in column {column!r}"
-                    )
-                planes.append(plane)
-            if len({plane.shape for plane in planes}) > 1:
-                raise _BadImage(f"its channel files differ in size: {[p.shape for p in planes]}")
-            if len({plane.dtype for plane in planes}) > 1:
-                raise _BadImage(
-                    f"its channel files differ in dtype: {[p.dtype.name for p in planes]}"
-                )
-            return np.stack(planes)
-        return to_chw(read_image(self.paths[self.columns[0]][row]), self.n_channels)
-
-    def probe(self, rows: np.ndarray) -> dict[int, str]:
+    def probe(self, rows: np.ndarray) -> None:
         """Fix the reference shape and dtype from the first readable images (the most common)."""
         looks: Counter = Counter()
         failures: dict[int, str] = {}
-        for row in rows[:_PROBE_ROWS]:
-            image, reason = _failure_of(self._read_raw, int(row))
+        spec = self.spec()
+        for row, paths in self._items(rows[:_PROBE_ROWS]):
+            image, reason = _failure_of(_load_crop, paths, spec)
             if reason is not None:
-                failures[int(row)] = reason
+                failures[row] = reason
             else:
                 looks[(*image.shape, image.dtype.str)] += 1
         if not looks:
             raise _ImageFailures(failures)
         n_channels, height, width, dtype = looks.most_common(1)[0][0]
         self.reference = _Reference(n_channels, height, width, np.dtype(dtype))
-        return {}
-
-    def read_cell(self, row: int) -> np.ndarray:
-        """(C, H, W) pixels of one cell, checked against the reference."""
-        image = self._read_raw(row)
-        reference = self.reference
-        if image.shape[0] != reference.n_channels:
-            raise _BadImage(
-                f"has {image.shape[0]} channels (shape {image.shape}); wrong channel count, "
-                f"expected {reference.n_channels}"
-            )
-        if image.shape[1:] != (reference.height, reference.width):
-            raise _BadImage(
-                f"is {image.shape[1]}x{image.shape[2]} px; mismatched crop size, the other crops "
-                f"are {reference.height}x{reference.width}"
-            )
-        if image.dtype != reference.dtype:
-            if not np.can_cast(image.dtype, reference.dtype, casting="safe"):
-                raise _BadImage(f"has dtype {image.dtype}, the others {reference.dtype}")
-            image = image.astype(reference.dtype)
-        return image
 
     def scan(self, rows: np.ndarray) -> dict[int, str]:
         """Read every listed cell; return the failures."""
-        results = _parallel_map(
-            lambda row: _failure_of(self.read_cell, int(row)), list(rows), self.workers
-        )
-        return {int(row): reason for row, (_, reason) in zip(rows, results, strict=True) if reason}
+        spec = self.spec()
+        failures: dict[int, str] = {}
+        with _executor(self.workers) as pool:
+            pieces = np.array_split(rows, max(1, math.ceil(len(rows) / _TASK_CELLS)))
+            tasks = [pool.submit(_read_crop_batch, self._items(p), spec, False) for p in pieces]
+            for future in tasks:
+                failures.update(future.result()[1])
+        return failures
 
     def fill(
         self, writer: StoreWriter, table_rows: np.ndarray, *, resize: int | None, bar, task
     ) -> None:
-        """Write every pending block: reads of the next block overlap the write of this one."""
-        pending = writer.pending_blocks()
-        with ThreadPoolExecutor(self.workers) as pool:
+        """Write every pending block; the reads of the next block overlap this block's write."""
+        spec = self.spec(resize)
+        pool = _executor(self.workers)
 
-            def submit(block: int) -> tuple[int, list[Future]]:
-                start, stop = writer.block_bounds(block)
-                rows = table_rows[start:stop]
-                return block, [pool.submit(_failure_of, self.read_cell, int(row)) for row in rows]
+        def submit(block: int) -> tuple[int, list[Future]]:
+            start, stop = writer.block_bounds(block)
+            rows = table_rows[start:stop]
+            pieces = np.array_split(rows, max(1, math.ceil(len(rows) / _TASK_CELLS)))
+            return block, [
+                pool.submit(_read_crop_batch, self._items(p), spec, True) for p in pieces
+            ]
 
+        try:
             in_flight: deque = deque()
-            for block in pending:
+            for block in writer.pending_blocks():
                 in_flight.append(submit(block))
-                if len(in_flight) >= 2:
-                    self._write(writer, *in_flight.popleft(), table_rows, resize, bar, task)
+                if len(in_flight) > _BLOCKS_IN_FLIGHT:
+                    self._write(writer, *in_flight.popleft(), bar, task)
             while in_flight:
-                self._write(writer, *in_flight.popleft(), table_rows, resize, bar, task)
+                self._write(writer, *in_flight.popleft(), bar, task)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
-    def _write(writer, block, futures, table_rows, resize, bar, task) -> None:
-        results = [future.result() for future in futures]
-        start, _ = writer.block_bounds(block)
-        failures = {
-            int(table_rows[start + i]): reason for i, (_, reason) in enumerate(results) if reason
-        }
+    def _write(writer: StoreWriter, block: int, futures: list[Future], bar, task) -> None:
+        pieces, failures = [], {}
+        for future in futures:
+            images, piece_failures = future.result()
+            failures.update(piece_failures)
+            if images is not None:
+                pieces.append(images)
+                bar.advance(task, len(images))
         if failures:
             raise _ImageFailures(failures)
-        images = np.stack([image for image, _ in results])
-        if resize:
-            images = resize_images(images, resize)
-        writer.write_block(block, images)
-        bar.advance(task, len(images))
+        writer.write_block(block, np.concatenate(pieces))
+
+
+@dataclass(frozen=True)
+class _FieldSpec:
+    """How to read one field of view and cut its cells; sent with every task."""
+
+    per_channel: bool
+    n_channels: int | None
+    dtype: np.dtype | None = None
+    crop_size: int = 0
+    resize: int | None = None
+
+
+def _load_field(field: tuple[Path, ...], shape: tuple[int, ...], spec: _FieldSpec) -> np.ndarray:
+    """(C, H, W) pixels of a field, checked against its header ``shape``."""
+    if spec.per_channel:
+        planes = [np.squeeze(read_image(path)) for path in field]
+        if len({plane.dtype for plane in planes}) > 1:
+            raise _BadImage(f"the channel files of {field[0].name} differ in dtype")
+        pixels = np.stack(planes)
+    else:
+        pixels = to_chw(read_image(field[0]), spec.n_channels)
+    if pixels.shape != tuple(shape):
+        raise _BadImage(f"{field[0].name} decodes to {pixels.shape}, its header says {shape}")
+    return pixels
+
+
+def _cut_field(
+    index: int,
+    field: tuple[Path, ...],
+    shape: tuple[int, ...],
+    tops: np.ndarray,
+    lefts: np.ndarray,
+    spec: _FieldSpec,
+    keep: bool,
+) -> tuple[int, np.ndarray | None, str | None]:
+    """Read one field and cut (and resize) its cells' crops (a worker task)."""
+
+    def cut() -> np.ndarray:
+        pixels = _load_field(field, shape, spec)
+        if pixels.dtype != spec.dtype:
+            if not np.can_cast(pixels.dtype, spec.dtype, casting="safe"):
+                raise _BadImage(
+                    f"{field[0].name} has dtype {pixels.dtype}, the others {spec.dtype}"
+                )
+            pixels = pixels.astype(spec.dtype)
+        size = spec.crop_size
+        crops = np.stack(
+            [pixels[:, t : t + size, s : s + size] for t, s in zip(tops, lefts, strict=True)]
+        )
+        return resize_images(crops, spec.resize) if spec.resize else crops
+
+    crops, reason = _failure_of(cut)
+    return index, crops if keep else None, reason
 
 
 class _FieldSource:
@@ -528,62 +732,50 @@ class _FieldSource:
             self.border_rows = good[~inside].tolist()
         return bad
 
-    def probe(self, rows: np.ndarray) -> dict[int, str]:
-        """Fix the reference from the field headers (dtype from one field read)."""
-        fields = [self.field_of_row[row] for row in rows]
-        if not fields:
+    def spec(self, resize: int | None = None, *, dtype: np.dtype | None = None) -> _FieldSpec:
+        return _FieldSpec(
+            self.per_channel,
+            self.n_channels,
+            dtype if dtype is not None else (self.reference.dtype if self.reference else None),
+            self.crop_size,
+            resize,
+        )
+
+    def probe(self, rows: np.ndarray) -> None:
+        """Fix the reference from the field headers (the dtype from reading one field)."""
+        if len(rows) == 0:
             raise _ImageFailures({})
-        pixels, reason = _failure_of(self._read_field, fields[0])
+        field = self.field_of_row[int(rows[0])]
+        pixels, reason = _failure_of(_load_field, field, self.shapes[field], self.spec())
         if reason is not None:
             raise _ImageFailures({int(rows[0]): reason})
         self.reference = _Reference(self.n_channels, self.crop_size, self.crop_size, pixels.dtype)
-        return {}
 
-    def _read_field(self, field: tuple[Path, ...]) -> np.ndarray:
-        if self.per_channel:
-            planes = [np.squeeze(read_image(path)) for path in field]
-            if len({plane.dtype for plane in planes}) > 1:
-                raise _BadImage(f"the channel files of {field[0].name} differ in dtype")
-            pixels = np.stack(planes)
-        else:
-            pixels = to_chw(read_image(field[0]), self.n_channels)
-        if pixels.shape != self.shapes[field]:
-            raise _BadImage(
-                f"{field[0].name} decodes to {pixels.shape}, its header says {self.shapes[field]}"
-            )
-        return pixels
-
-    def _cut(self, field: tuple[Path, ...], rows: np.ndarray) -> np.ndarray:
-        pixels = self._read_field(field)
-        if pixels.dtype != self.reference.dtype:
-            if not np.can_cast(pixels.dtype, self.reference.dtype, casting="safe"):
-                raise _BadImage(
-                    f"{field[0].name} has dtype {pixels.dtype}, the others {self.reference.dtype}"
-                )
-            pixels = pixels.astype(self.reference.dtype)
-        top, left = self.crop_origin(rows)
-        size = self.crop_size
-        return np.stack(
-            [pixels[:, t : t + size, s : s + size] for t, s in zip(top, left, strict=True)]
-        )
-
-    def _group(self, rows: np.ndarray) -> dict[tuple, np.ndarray]:
-        """``{field: positions in rows}``, fields in sorted order."""
+    def _tasks(self, rows: np.ndarray) -> list[tuple[int, tuple, np.ndarray]]:
+        """``[(field index, field, positions in rows)]``, fields in sorted order."""
         by_field: dict[tuple, list[int]] = {}
         for position, row in enumerate(rows):
             by_field.setdefault(self.field_of_row[int(row)], []).append(position)
-        return {field: np.asarray(by_field[field]) for field in sorted(by_field)}
+        return [(i, field, np.asarray(by_field[field])) for i, field in enumerate(sorted(by_field))]
+
+    def _run(self, rows: np.ndarray, tasks: list, spec: _FieldSpec, *, keep: bool) -> Iterator:
+        """Cut the fields of ``tasks`` in parallel; yield ``(index, positions, crops, reason)``."""
+        positions_of = {index: positions for index, _, positions in tasks}
+        with _executor(self.workers) as pool:
+            futures = []
+            for index, field, positions in tasks:
+                top, left = self.crop_origin(rows[positions])
+                futures.append(
+                    pool.submit(_cut_field, index, field, self.shapes[field], top, left, spec, keep)
+                )
+            for future in as_completed(futures):
+                index, crops, reason = future.result()
+                yield index, positions_of[index], crops, reason
 
     def scan(self, rows: np.ndarray) -> dict[int, str]:
         """Read every field of the listed cells; return the failures (all cells of a bad field)."""
-        groups = self._group(rows)
-        results = _parallel_map(
-            lambda item: _failure_of(self._cut, item[0], rows[item[1]]),
-            list(groups.items()),
-            self.workers,
-        )
-        failures = {}
-        for positions, (_, reason) in zip(groups.values(), results, strict=True):
+        failures: dict[int, str] = {}
+        for _, positions, _, reason in self._run(rows, self._tasks(rows), self.spec(), keep=False):
             if reason:
                 failures.update({int(rows[p]): reason for p in positions})
         return failures
@@ -591,40 +783,37 @@ class _FieldSource:
     def fill(
         self, writer: StoreWriter, table_rows: np.ndarray, *, resize: int | None, bar, task
     ) -> None:
-        """Cut every field once into a scratch array in store order, then write the blocks."""
+        """Cut every field once into a scratch array in store order, then write the blocks.
+
+        Store order scatters a field's cells over the whole store, so the crops
+        go to an uncompressed memory-mapped scratch file in the ``.partial``
+        folder first (fields done are logged there, for resuming), then the
+        blocks are written from it in order.
+        """
         size = resize or self.crop_size
         shape = (len(table_rows), self.n_channels, size, size)
         scratch_path = writer.partial_path / SCRATCH_FILE
         done_path = writer.partial_path / FIELDS_DONE_FILE
-        groups = self._group(table_rows)
         if writer.pending_blocks():
             mode = "r+" if scratch_path.exists() else "w+"
             scratch = np.lib.format.open_memmap(
                 scratch_path, mode=mode, dtype=self.reference.dtype, shape=shape
             )
-            done = (
-                set(done_path.read_text().split()) if mode == "r+" and done_path.exists() else set()
-            )
-            todo = [
-                (i, field, positions)
-                for i, (field, positions) in enumerate(groups.items())
-                if str(i) not in done
-            ]
-            bar.advance(task, sum(len(groups[f]) for i, f in enumerate(groups) if str(i) in done))
-
-            def cut(item: tuple[int, tuple, np.ndarray]) -> tuple[int, str | None, np.ndarray]:
-                index, field, positions = item
-                crops, reason = _failure_of(self._cut, field, table_rows[positions])
-                if reason is None:
-                    scratch[positions] = resize_images(crops, resize) if resize else crops
-                return index, reason, positions
-
+            done = set()
+            if mode == "r+" and done_path.exists():
+                done = {int(line) for line in done_path.read_text().split()}
+            tasks = self._tasks(table_rows)
+            bar.advance(task, sum(len(p) for i, _, p in tasks if i in done))
+            todo = [item for item in tasks if item[0] not in done]
             failures: dict[int, str] = {}
-            with open(done_path, "a") as done_log, ThreadPoolExecutor(self.workers) as pool:
-                for index, reason, positions in pool.map(cut, todo):
+            with open(done_path, "a") as done_log:
+                for index, positions, crops, reason in self._run(
+                    table_rows, todo, self.spec(resize), keep=True
+                ):
                     if reason is not None:
                         failures.update({int(table_rows[p]): reason for p in positions})
                         continue
+                    scratch[positions] = crops
                     # the memory map keeps the crops even if this process is killed now
                     done_log.write(f"{index}\n")
                     done_log.flush()
