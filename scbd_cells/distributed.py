@@ -244,3 +244,22 @@ def gather_to_main(array: np.ndarray, *, device: torch.device | None = None) -> 
         tensor = tensor.to(device)
     gathered = all_gather_nograd(tensor)
     return gathered.cpu().numpy() if dist.get_rank() == 0 else None
+
+
+def gather_pieces(
+    indices: torch.Tensor, values: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """Collect one round of per-rank pieces (rows of any length, possibly 0) on rank 0.
+
+    Every rank must call it once per round (see ``iter_cells(rank=, world_size=)``).
+    Returns ``(indices, values)`` concatenated in rank order on rank 0 (on the
+    tensors' device) and None on the other ranks; in one process returns the
+    input. With NCCL, pass CUDA tensors.
+    """
+    if not is_distributed():
+        return indices, values
+    gathered_indices = all_gather_nograd(indices.to(torch.long))
+    gathered = {key: all_gather_nograd(value) for key, value in values.items()}
+    if dist.get_rank() != 0:
+        return None
+    return gathered_indices, gathered

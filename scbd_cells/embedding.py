@@ -293,6 +293,7 @@ def embed(
     from scbd_cells.checkpoint import load_trained
     from scbd_cells.data.loader import iter_cells
     from scbd_cells.data.store import open_store
+    from scbd_cells.distributed import barrier, cleanup, gather_pieces, init_distributed
     from scbd_cells.profiles import aggregate_profiles
 
     out_path = Path(out)
@@ -313,7 +314,9 @@ def embed(
             check_output_path(path, overwrite=overwrite)
 
     store = open_store(store_path)
-    device = device or _default_device()
+    # Under torchrun each rank embeds every world_size-th piece; rank 0 gathers and writes.
+    dist_info = init_distributed(device or _default_device())
+    device = str(dist_info.device)
     trained = load_trained(run_dir, which=which, device=device)
     trained.check_store(store)
     control = store.control or schema.CONTROL_LABEL
@@ -354,16 +357,24 @@ def embed(
     tmp_paths: list[Path] = []
     try:
         cells_tmp = _temporary_path(out_path)
-        tmp_paths.append(cells_tmp)
-        writer = _CellsWriter(cells_tmp, obs=obs, widths=widths, uns=uns)
+        writer = None
+        if dist_info.is_main:
+            tmp_paths.append(cells_tmp)
+            writer = _CellsWriter(cells_tmp, obs=obs, widths=widths, uns=uns)
         with ExitStack() as stack:
-            stack.callback(writer.close)
+            if writer is not None:
+                stack.callback(writer.close)
             bar = stack.enter_context(progress_bar(unit="cells"))
             task = bar.add_task("Embedding cells", total=store.n_cells)
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda)
             stack.enter_context(torch.inference_mode())
             for indices, images in iter_cells(
-                store, np.arange(store.n_cells), batch_size=batch_size, workers=workers
+                store,
+                np.arange(store.n_cells),
+                batch_size=batch_size,
+                workers=workers,
+                rank=dist_info.rank,
+                world_size=dist_info.world_size,
             ):
                 host = torch.from_numpy(images)
                 if host.dtype == torch.uint16:  # few kernels (and no CUDA indexing) for uint16
@@ -383,6 +394,10 @@ def embed(
                 if representation == "encoder":
                     values[schema.OBSM_ENCODER] = output.r_perturbation
                     values[schema.OBSM_BATCH_ENCODER] = output.r_batch
+                gathered = gather_pieces(torch.as_tensor(indices, device=torch_device), values)
+                if writer is None or gathered is None or len(gathered[0]) == 0:
+                    continue
+                indices, values = gathered
                 writer.write(
                     int(indices[0]),
                     {k: v.float().cpu().numpy() for k, v in values.items()},
@@ -390,6 +405,11 @@ def embed(
                 bar.advance(task, len(indices))
 
         result_paths: dict[str, Path] = {}
+        if not dist_info.is_main:
+            barrier()  # rank 0 writes the one result
+            if dist_info.distributed:
+                cleanup()
+            return EmbedResult(out_path=out_path, n_cells=store.n_cells)
         if aggregate:
             cells = LazyCells(cells_tmp, obs)
             try:
@@ -409,6 +429,9 @@ def embed(
         for path in tmp_paths:
             _remove(path)
         raise
+    barrier()
+    if dist_info.distributed:
+        cleanup()
     log.info("Embedded %d cells -> %s", store.n_cells, out_path)
     return EmbedResult(
         out_path=out_path,

@@ -142,34 +142,70 @@ def _train_losses(run_dir: Path) -> pd.DataFrame:
     return metrics[metrics["phase"] == "train"].set_index("step")["loss"]
 
 
-def test_two_process_training_follows_the_single_process_run(
-    train_store: Path, tmp_path: Path
-) -> None:
-    """``torchrun -m scbd_cells train`` (2 ranks, gloo) gives the single-process loss curve."""
-    import yaml
-
-    from scbd_cells import train
-
-    config_path = tmp_path / "options.yaml"
-    config_path.write_text(yaml.safe_dump(TRAIN_OPTIONS))
-    single = train(train_store, out=tmp_path / "single", config_path=config_path)
+def _torchrun_cli(*arguments: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SCBD_CELLS_QUIET": "1"}
     env.pop("PYTEST_CURRENT_TEST", None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-        "-m", "scbd_cells", "--quiet", "train", str(train_store),
-        "--out", str(tmp_path / "ddp"), "--config", str(config_path),
+        "-m", "scbd_cells", "--quiet", *arguments,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    single_losses, ddp_losses = _train_losses(tmp_path / "single"), _train_losses(tmp_path / "ddp")
+
+
+@pytest.fixture(scope="module")
+def single_run(train_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A single-process training run with TRAIN_OPTIONS (its options file beside it)."""
+    import yaml
+
+    from scbd_cells import train
+
+    run_root = tmp_path_factory.mktemp("single_run")
+    (run_root / "options.yaml").write_text(yaml.safe_dump(TRAIN_OPTIONS))
+    train(train_store, out=run_root / "run", config_path=run_root / "options.yaml")
+    return run_root / "run"
+
+
+@pytest.mark.slow
+def test_two_process_training_follows_the_single_process_run(
+    train_store: Path, single_run: Path, tmp_path: Path
+) -> None:
+    """``torchrun -m scbd_cells train`` (2 ranks, gloo) gives the single-process loss curve."""
+    options_path = single_run.parent / "options.yaml"
+    _torchrun_cli(
+        "train", str(train_store), "--out", str(tmp_path / "ddp"), "--config", str(options_path)
+    )
+    single_losses, ddp_losses = _train_losses(single_run), _train_losses(tmp_path / "ddp")
     assert list(ddp_losses.index) == list(single_losses.index)
     # Same global batches, same initialisation, no batch norm: the curves agree closely.
     np.testing.assert_allclose(ddp_losses.to_numpy(), single_losses.to_numpy(), rtol=1e-3)
     assert single_losses.iloc[-4:].mean() < single_losses.iloc[:4].mean()  # it learns
-    assert single.best_checkpoint_path.is_file()
     assert (tmp_path / "ddp" / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_embed_writes_the_single_process_result(
+    train_store: Path, single_run: Path, tmp_path: Path
+) -> None:
+    """``torchrun -m scbd_cells embed``: ranks split the cells, one file equal to one process's."""
+    import anndata as ad
+
+    from scbd_cells import embed
+
+    # batch size 7 over 256 cells: 37 pieces, an uneven last round (one rank idles).
+    embed(single_run, train_store, out=tmp_path / "single.h5ad", batch_size=7, device="cpu")
+    _torchrun_cli(
+        "embed", str(single_run), str(train_store), "--out", str(tmp_path / "ddp.h5ad"),
+        "--batch-size", "7", "--device", "cpu",
+    )  # fmt: skip
+    single, ddp = ad.read_h5ad(tmp_path / "single.h5ad"), ad.read_h5ad(tmp_path / "ddp.h5ad")
+    assert ddp.n_obs == single.n_obs == 256
+    assert list(ddp.obs_names) == list(single.obs_names)
+    np.testing.assert_allclose(ddp.X, single.X, atol=1e-6)
+    np.testing.assert_allclose(ddp.obsm["X_scbd_batch"], single.obsm["X_scbd_batch"], atol=1e-6)
+    assert not np.any(np.all(ddp.X == 0, axis=1))  # every row was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.h5ad", "single.h5ad"]
 
 
 # --------------------------------------------------------------------------- tests
@@ -180,6 +216,25 @@ def test_single_process_helpers_are_no_ops() -> None:
     assert all_gather_with_grad(tensor) is tensor
     assert rank_seed(7, 0) == 7
     assert len({rank_seed(7, r) for r in range(8)}) == 8
+
+
+def test_iter_cells_deals_pieces_round_robin_in_step() -> None:
+    from scbd_cells.data.loader import iter_cells
+
+    class Rows:
+        images = np.arange(23 * 1).reshape(23, 1, 1, 1)
+
+        def read(self, rows):
+            return self.images[rows]
+
+    per_rank = [
+        list(iter_cells(Rows(), np.arange(23), batch_size=4, workers=1, rank=r, world_size=2))
+        for r in range(2)
+    ]
+    assert len(per_rank[0]) == len(per_rank[1]) == 3  # 6 pieces; ranks stay in step
+    rounds = [np.concatenate([per_rank[0][t][0], per_rank[1][t][0]]) for t in range(3)]
+    np.testing.assert_array_equal(np.concatenate(rounds), np.arange(23))
+    assert all(np.all(np.diff(round_) == 1) for round_ in rounds)  # consecutive rows
 
 
 def test_shard_indices_cover_everything_in_order() -> None:

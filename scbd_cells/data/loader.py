@@ -380,6 +380,8 @@ def iter_cells(
     workers: int = 2,
     cache_gb: float = 0.0,
     reader: CellReader | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream ``(indices, images)`` pieces of ``batch_size`` cells, in the order given.
 
@@ -400,6 +402,14 @@ def iter_cells(
         In-memory cache budget (ignored when ``reader`` is given).
     reader
         A :class:`CellReader` to reuse (e.g. one holding the cache).
+    rank, world_size
+        Split the work across ranks (torchrun): the pieces are dealt round-robin,
+        rank ``r`` reading pieces ``r, r + world_size, ...``. Every rank yields
+        the same number of pieces (empty ones at the end where the pieces run
+        out), so a collective per piece (e.g.
+        :func:`scbd_cells.distributed.gather_pieces`) stays in step, and the
+        pieces of one round, concatenated in rank order, are consecutive in
+        ``indices``.
 
     Yields
     ------
@@ -408,11 +418,19 @@ def iter_cells(
     """
     if batch_size < 1:
         raise InputError(f"Expected batch_size >= 1, found {batch_size}.")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InputError(
+            f"Expected 0 <= rank < world_size, found rank={rank}, world_size={world_size}."
+        )
     indices = np.asarray(indices, dtype=np.int64)
     if reader is None:
         reader = CellReader(store, cache_gb=cache_gb, workers=max(1, workers))
     n_pieces = math.ceil(indices.size / batch_size)
-    pieces = (indices[i * batch_size : (i + 1) * batch_size] for i in range(n_pieces))
+    n_rounds = math.ceil(n_pieces / world_size)
+    pieces = (
+        indices[piece * batch_size : (piece + 1) * batch_size]
+        for piece in range(rank, n_rounds * world_size, world_size)
+    )  # empty beyond the last piece
     if workers <= 0:
         for piece in pieces:
             yield piece, reader.read(piece)
