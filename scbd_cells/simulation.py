@@ -806,7 +806,8 @@ def simulate(
     preview
         Also write ``preview.png`` (example cells per complex and per well).
     workers
-        Processes drawing and writing images.
+        Processes drawing and writing images (started with ``spawn``: from a
+        script, call :func:`simulate` under ``if __name__ == "__main__":``).
     n_genes, n_complexes, guides_per_gene, control_guides, cells_per_guide, \
 control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, batch_strength
         Override the preset (see :class:`SimulationParams`).
