@@ -19,6 +19,7 @@ Layout of ``out``::
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from scbd_cells.errors import InputError
 log = logging.getLogger(__name__)
 
 DEMO_IMAGE_SIZE = 32
+DEMO_OUTPUTS = ("screen", "screen.zarr", "runs", "embeddings", "report")
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,13 @@ def demo(
         raise InputError(
             f"Demo folder {out_dir} is not empty. Choose another --out or pass --overwrite."
         )
+    if overwrite:  # only what a demo writes; anything else in the folder stays
+        for child in DEMO_OUTPUTS:
+            target = out_dir / child
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     alpha = _default_alpha() if alpha is None else float(alpha)
     embed_device = None if device == "auto" else device
@@ -123,8 +132,7 @@ def demo(
         log.info("demo: %s done in %.1f s", name, seconds[name])
 
     started = time.perf_counter()
-    screen = simulate(out_dir / "screen", preset=preset, seed=seed, overwrite=overwrite,
-                      workers=workers)
+    screen = simulate(out_dir / "screen", preset=preset, seed=seed, workers=workers)
     stage("simulate", started)
 
     started = time.perf_counter()
@@ -135,10 +143,10 @@ def demo(
         perturbation_column="gene",
         guide_column="guide",
         control=schema.CONTROL_LABEL,
+        channel_names=list(schema.SIM_CHANNELS),
         resize=DEMO_IMAGE_SIZE,
         workers=workers,
         seed=seed,
-        overwrite=overwrite,
     )
     stage("ingest", started)
 
@@ -153,17 +161,16 @@ def demo(
     for name, run_alpha in runs.items():
         started = time.perf_counter()
         run_dir = out_dir / "runs" / name
-        train(store_path, out=run_dir, **dict(options, alpha=run_alpha), overwrite=overwrite)
+        train(store_path, out=run_dir, **dict(options, alpha=run_alpha))
         stage(f"train {name} (alpha={run_alpha:g})", started)
         started = time.perf_counter()
         cells_paths[name] = out_dir / "embeddings" / name / "cells.h5ad"
-        embed(run_dir, store_path, out=cells_paths[name], aggregate=True, device=embed_device,
-              overwrite=overwrite)
+        embed(run_dir, store_path, out=cells_paths[name], aggregate=True, device=embed_device)
         stage(f"embed {name}", started)
 
     started = time.perf_counter()
     cells_paths["baseline"] = out_dir / "embeddings" / "baseline.h5ad"
-    baseline(store_path, out=cells_paths["baseline"], seed=seed, overwrite=overwrite)
+    baseline(store_path, out=cells_paths["baseline"], seed=seed)
     stage("baseline", started)
 
     started = time.perf_counter()
@@ -174,7 +181,6 @@ def demo(
         labels=list(cells_paths),
         control=schema.CONTROL_LABEL,
         seed=seed,
-        overwrite=overwrite,
     )
     stage("evaluate", started)
     return DemoResult(
