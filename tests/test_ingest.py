@@ -198,6 +198,14 @@ def test_crops_equal_source_pixels(
         assert stored[cell_id].dtype == image.dtype
         np.testing.assert_array_equal(stored[cell_id], image)
     assert_labels_match(tmp_path / "s.zarr", table)
+    # statistics gathered from the workers equal numpy's over the train cells
+    store = open_store(tmp_path / "s.zarr")
+    train = store.obs.index[store.obs[schema.SPLIT] == "train"]
+    pixels = np.stack([pixels[c] for c in train]).transpose(1, 0, 2, 3).reshape(len(image), -1)
+    np.testing.assert_allclose(store.channel_stats["mean"], pixels.mean(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(store.channel_stats["std"], pixels.std(axis=1), rtol=1e-9)
+    expected_p99 = np.percentile(pixels, 99, axis=1, method="inverted_cdf")
+    np.testing.assert_array_equal(store.channel_stats["p99"], expected_p99)
     if form == "channels":
         assert result.channel_names == ["ch0", "ch1", "ch2"]
 
@@ -514,13 +522,13 @@ _KILLABLE = textwrap.dedent(
     import scbd_cells.data.store as store
     store._CHUNK_TARGET_BYTES = 8 * 600  # 8 cells per chunk
     store._BLOCK_TARGET_BYTES = 16 * 600  # 16 cells per block: many blocks to resume
-    write_block = store.StoreWriter.write_block
+    record_block = store.StoreWriter.record_block
 
-    def slow_write_block(self, block, images):
-        write_block(self, block, images)
+    def slow_record_block(self, block, stats):
+        record_block(self, block, stats)
         time.sleep(0.15)
 
-    store.StoreWriter.write_block = slow_write_block
+    store.StoreWriter.record_block = slow_record_block
     from scbd_cells import ingest
     ingest(sys.argv[1], out=sys.argv[2], perturbation_column="gene", guide_column="guide")
     """

@@ -48,11 +48,13 @@ from scbd_cells.data.store import (
     DEFAULT_BATCH_COLUMNS,
     DEFAULT_SPLIT_FRACTIONS,
     TABLE_ROW,
+    ChannelStats,
     StoreWriter,
     check_existing_output,
     check_split_fractions,
     finalise_obs,
     label_table,
+    write_cells,
 )
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.progress import progress_bar
@@ -343,6 +345,13 @@ def _parallel_map(function: Callable, items: Sequence, workers: int) -> list:
         return list(pool.map(function, items))
 
 
+def _files_exist(paths: list[Path], workers: int) -> list[bool]:
+    """``os.path.isfile`` for many paths, in batches over threads (network disks wait on stat)."""
+    batches = [paths[i : i + 4096] for i in range(0, len(paths), 4096)]
+    results = _parallel_map(lambda batch: [os.path.isfile(p) for p in batch], batches, workers)
+    return [exists for batch in results for exists in batch]
+
+
 def _executor(workers: int) -> Executor:
     """Where images are decoded: one thread (overlapping the writes) or ``workers`` processes.
 
@@ -487,10 +496,8 @@ class _CropSource:
     def check(self, rows: np.ndarray) -> dict[int, str]:
         """Table-level problems: empty paths and missing files."""
         bad: dict[int, str] = {}
-        unique = sorted({path for row in rows for path in self.paths_of_row[row]} - {None})
-        exists = dict(
-            zip(unique, _parallel_map(os.path.isfile, unique, 2 * self.workers), strict=True)
-        )
+        unique = list(dict.fromkeys(p for row in rows for p in self.paths_of_row[row] if p))
+        exists = dict(zip(unique, _files_exist(unique, self.workers), strict=True))
         for row in rows:
             for column, path in zip(self.columns, self.paths_of_row[row], strict=True):
                 if path is None:
@@ -529,41 +536,84 @@ class _CropSource:
     def fill(
         self, writer: StoreWriter, table_rows: np.ndarray, *, resize: int | None, bar, task
     ) -> None:
-        """Write every pending block; the reads of the next block overlap this block's write."""
+        """Write every pending block; each worker reads, writes and summarises whole chunks."""
         spec = self.spec(resize)
-        pool = _executor(self.workers)
 
-        def submit(block: int) -> tuple[int, list[Future]]:
+        def submit(pool: Executor, start: int, stop: int) -> Future:
+            return pool.submit(
+                _ingest_crops,
+                self._items(table_rows[start:stop]),
+                spec,
+                writer.images_path,
+                start,
+                writer.train_mask[start:stop],
+                writer.store_id,
+            )
+
+        _run_blocks(writer, submit, workers=self.workers, bar=bar, task=task)
+
+
+def _ingest_crops(
+    items: list[tuple[int, tuple[Path, ...]]],
+    spec: _CropSpec,
+    images_path: Path,
+    start: int,
+    train: np.ndarray,
+    store_id: str,
+) -> tuple[dict[int, str], ChannelStats | None, int]:
+    """Read a run of cells and store them (a worker task): (failures, statistics, cells)."""
+    images, failures = _read_crop_batch(items, spec, keep=True)
+    if failures or images is None:
+        return failures, None, 0
+    stats = write_cells(images_path, start, images, train=train, store_id=store_id)
+    return {}, stats, len(images)
+
+
+def _store_scratch(
+    scratch_path: Path, start: int, stop: int, images_path: Path, train: np.ndarray, store_id: str
+) -> tuple[dict[int, str], ChannelStats, int]:
+    """Copy scratch crops ``start:stop`` into the store (a worker task)."""
+    scratch = np.load(scratch_path, mmap_mode="r")
+    images = np.ascontiguousarray(scratch[start:stop])
+    stats = write_cells(images_path, start, images, train=train, store_id=store_id)
+    return {}, stats, len(images)
+
+
+def _run_blocks(writer: StoreWriter, submit: Callable, *, workers: int, bar, task) -> None:
+    """Write every pending block as chunk-aligned worker tasks; record each finished block.
+
+    ``submit(pool, start, stop)`` starts one task for store rows ``start:stop``
+    returning ``(failures, stats, cells)``. The next block's tasks are queued
+    while this block's finish, so the workers never wait for the parent.
+    """
+    step = writer.chunk_cells * max(1, _TASK_CELLS // writer.chunk_cells)
+    pool = _executor(workers)
+    try:
+        in_flight: deque = deque()
+        for block in writer.pending_blocks():
             start, stop = writer.block_bounds(block)
-            rows = table_rows[start:stop]
-            pieces = np.array_split(rows, max(1, math.ceil(len(rows) / _TASK_CELLS)))
-            return block, [
-                pool.submit(_read_crop_batch, self._items(p), spec, True) for p in pieces
-            ]
+            tasks = [submit(pool, a, min(a + step, stop)) for a in range(start, stop, step)]
+            in_flight.append((block, tasks))
+            while len(in_flight) > _BLOCKS_IN_FLIGHT:
+                _record_block(writer, *in_flight.popleft(), bar, task)
+        while in_flight:
+            _record_block(writer, *in_flight.popleft(), bar, task)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
-        try:
-            in_flight: deque = deque()
-            for block in writer.pending_blocks():
-                in_flight.append(submit(block))
-                if len(in_flight) > _BLOCKS_IN_FLIGHT:
-                    self._write(writer, *in_flight.popleft(), bar, task)
-            while in_flight:
-                self._write(writer, *in_flight.popleft(), bar, task)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
-    @staticmethod
-    def _write(writer: StoreWriter, block: int, futures: list[Future], bar, task) -> None:
-        pieces, failures = [], {}
-        for future in futures:
-            images, piece_failures = future.result()
-            failures.update(piece_failures)
-            if images is not None:
-                pieces.append(images)
-                bar.advance(task, len(images))
-        if failures:
-            raise _ImageFailures(failures)
-        writer.write_block(block, np.concatenate(pieces))
+def _record_block(writer: StoreWriter, block: int, tasks: list[Future], bar, task) -> None:
+    failures: dict[int, str] = {}
+    stats = ChannelStats(writer.image_shape[0], writer.dtype)
+    for future in tasks:
+        task_failures, task_stats, cells = future.result()
+        failures.update(task_failures)
+        if task_stats is not None:
+            stats.merge(task_stats)
+            bar.advance(task, cells)
+    if failures:
+        raise _ImageFailures(failures)
+    writer.record_block(block, stats)
 
 
 @dataclass(frozen=True)
@@ -803,6 +853,7 @@ class _FieldSource:
             if mode == "r+" and done_path.exists():
                 done = {int(line) for line in done_path.read_text().split()}
             tasks = self._tasks(table_rows)
+            bar.update(task, description="Cutting fields")
             bar.advance(task, sum(len(p) for i, _, p in tasks if i in done))
             todo = [item for item in tasks if item[0] not in done]
             failures: dict[int, str] = {}
@@ -821,10 +872,23 @@ class _FieldSource:
             if failures:
                 raise _ImageFailures(failures)
             scratch.flush()
-            for block in writer.pending_blocks():
-                start, stop = writer.block_bounds(block)
-                writer.write_block(block, np.asarray(scratch[start:stop]))
             del scratch
+
+            def submit(pool: Executor, start: int, stop: int) -> Future:
+                return pool.submit(
+                    _store_scratch,
+                    scratch_path,
+                    start,
+                    stop,
+                    writer.images_path,
+                    writer.train_mask[start:stop],
+                    writer.store_id,
+                )
+
+            # second pass over the cells: show it as its own phase
+            written = sum(b - a for a, b in map(writer.block_bounds, writer.done_blocks))
+            bar.update(task, description="Writing", completed=written)
+            _run_blocks(writer, submit, workers=self.workers, bar=bar, task=task)
         scratch_path.unlink(missing_ok=True)
         done_path.unlink(missing_ok=True)
 

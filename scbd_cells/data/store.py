@@ -313,26 +313,27 @@ def class_ranges_of(perturbation: pd.Series) -> dict[str, tuple[int, int]]:
 class ChannelStats:
     """Running per-channel mean, std, min, max and 1st/99th percentiles of raw intensities.
 
-    Integer images of up to 16 bits keep an exact histogram per channel (exact
-    percentiles, ``numpy.percentile(..., method="inverted_cdf")``); other dtypes
-    keep a seeded sample of up to 2,048 pixels per channel and block for the
-    percentiles. Mean and std (population, ddof 0) combine blocks exactly
-    (Chan et al.'s parallel update).
+    Integer images of up to 16 bits keep one histogram per channel, from which
+    every statistic is exact (percentiles as ``numpy.percentile(...,
+    method="inverted_cdf")``) and updating costs one ``bincount`` per channel.
+    Other dtypes combine per-block mean and variance exactly (Chan et al.'s
+    parallel update) and take percentiles from a seeded sample of up to 2,048
+    pixels per channel and block. Std is the population std (ddof 0).
     """
 
     def __init__(self, n_channels: int, dtype: np.dtype, *, seed: int = 0) -> None:
         self.n_channels = n_channels
         self.dtype = np.dtype(dtype)
         self.count = 0
-        self.mean = np.zeros(n_channels)
-        self.m2 = np.zeros(n_channels)
-        self.minimum = np.full(n_channels, np.inf)
-        self.maximum = np.full(n_channels, -np.inf)
         self._histogram: np.ndarray | None = None
         self._offset = 0
         if self.dtype.kind in "ui" and self.dtype.itemsize <= 2:
             self._offset = int(np.iinfo(self.dtype).min)
             self._histogram = np.zeros((n_channels, 1 << (8 * self.dtype.itemsize)), np.int64)
+        self.mean = np.zeros(n_channels)
+        self.m2 = np.zeros(n_channels)
+        self.minimum = np.full(n_channels, np.inf)
+        self.maximum = np.full(n_channels, -np.inf)
         self._samples: list[np.ndarray] = []
         self._rng = np.random.default_rng([seed, 2])
 
@@ -340,10 +341,19 @@ class ChannelStats:
         """Add a block of cells, (n, C, H, W)."""
         if len(images) == 0:
             return
+        count = images.size // self.n_channels
+        if self._histogram is not None:
+            bins = self._histogram.shape[1]
+            for channel in range(self.n_channels):
+                values = images[:, channel].ravel()
+                if self._offset:
+                    values = values.astype(np.int32) - self._offset
+                self._histogram[channel] += np.bincount(values, minlength=bins)
+            self.count += count
+            return
         pixels = images.transpose(1, 0, 2, 3).reshape(self.n_channels, -1)  # (C, n*H*W)
-        count = pixels.shape[1]
         block_mean = pixels.mean(axis=1, dtype=np.float64)
-        block_m2 = ((pixels - block_mean[:, None]) ** 2).sum(axis=1)
+        block_m2 = ((pixels - block_mean[:, None]) ** 2).sum(axis=1, dtype=np.float64)
         total = self.count + count
         delta = block_mean - self.mean
         self.mean = self.mean + delta * count / total
@@ -351,14 +361,46 @@ class ChannelStats:
         self.count = total
         self.minimum = np.minimum(self.minimum, pixels.min(axis=1))
         self.maximum = np.maximum(self.maximum, pixels.max(axis=1))
+        columns = self._rng.choice(count, size=min(count, 2048), replace=False)
+        self._samples.append(pixels[:, columns].astype(np.float64))
+
+    def merge(self, other: ChannelStats) -> None:
+        """Add the pixels another accumulator has seen (e.g. a worker's)."""
+        if other.count == 0:
+            return
         if self._histogram is not None:
-            for channel in range(self.n_channels):
-                values = pixels[channel].astype(np.int64) - self._offset
-                self._histogram[channel] += np.bincount(values, minlength=self._histogram.shape[1])
-        else:
-            take = min(count, 2048)
-            columns = self._rng.choice(count, size=take, replace=False)
-            self._samples.append(pixels[:, columns].astype(np.float64))
+            self._histogram += other._histogram
+            self.count += other.count
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * other.count / total
+        self.m2 = self.m2 + other.m2 + delta**2 * self.count * other.count / total
+        self.count = total
+        self.minimum = np.minimum(self.minimum, other.minimum)
+        self.maximum = np.maximum(self.maximum, other.maximum)
+        self._samples.extend(other._samples)
+
+    def __getstate__(self) -> dict:
+        # a worker's histogram is mostly zeros: send only the occupied bins
+        state = self.__dict__.copy()
+        if self._histogram is not None:
+            channel, value = np.nonzero(self._histogram)
+            state["_histogram"] = (
+                self._histogram.shape,
+                channel,
+                value,
+                self._histogram[channel, value],
+            )
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("_histogram"), tuple):
+            shape, channel, value, counts = state["_histogram"]
+            histogram = np.zeros(shape, np.int64)
+            histogram[channel, value] = counts
+            state["_histogram"] = histogram
+        self.__dict__.update(state)
 
     def result(self) -> dict[str, list[float]]:
         """``{"mean": [...], "std": [...], "min", "max", "p01", "p99"}``, one value per channel."""
@@ -366,19 +408,27 @@ class ChannelStats:
             nan = [float("nan")] * self.n_channels
             return {name: list(nan) for name in STAT_NAMES}
         if self._histogram is not None:
+            values = np.arange(self._histogram.shape[1], dtype=np.float64) + self._offset
+            counts = self._histogram.astype(np.float64)
+            mean = counts @ values / self.count
+            variance = (counts * (values[None, :] - mean[:, None]) ** 2).sum(axis=1) / self.count
+            occupied = self._histogram > 0
+            minimum = occupied.argmax(axis=1) + self._offset
+            maximum = occupied.shape[1] - 1 - occupied[:, ::-1].argmax(axis=1) + self._offset
             cumulative = np.cumsum(self._histogram, axis=1)
             percentiles = []
             for quantile in (0.01, 0.99):
                 # inverted CDF: smallest value whose cumulative count reaches q * n
                 target = np.ceil(quantile * self.count)
-                index = (cumulative < target).sum(axis=1)
-                percentiles.append(index + self._offset)
+                percentiles.append((cumulative < target).sum(axis=1) + self._offset)
             p01, p99 = percentiles
         else:
+            mean, variance = self.mean, self.m2 / self.count
+            minimum, maximum = self.minimum, self.maximum
             samples = np.concatenate(self._samples, axis=1)
             p01, p99 = np.quantile(samples, [0.01, 0.99], axis=1, method="inverted_cdf")
-        std = np.sqrt(np.maximum(self.m2 / self.count, 0))
-        values = (self.mean, std, self.minimum, self.maximum, p01, p99)
+        std = np.sqrt(np.maximum(variance, 0))
+        values = (mean, std, minimum, maximum, p01, p99)
         return {
             name: [float(v) for v in value] for name, value in zip(STAT_NAMES, values, strict=True)
         }
@@ -604,6 +654,21 @@ class StoreWriter:
         _fsync_append(self.partial_path / WRITTEN_FILE, str(block))
         self.done_blocks.add(block)
 
+    def record_block(self, block: int, stats: ChannelStats) -> None:
+        """Record a block whose chunks workers stored (:func:`write_cells`), with their stats."""
+        self.stats.merge(stats)
+        _fsync_append(self.partial_path / WRITTEN_FILE, str(block))
+        self.done_blocks.add(block)
+
+    @property
+    def store_id(self) -> str:
+        return str(self.attributes["store_id"])
+
+    @property
+    def images_path(self) -> Path:
+        """The images array inside the partial store, for workers that write whole chunks."""
+        return self.partial_path / IMAGES_KEY
+
     def finish(
         self, *, rejected: Sequence[tuple[int, str, str]] = (), extra: dict | None = None
     ) -> Path:
@@ -631,6 +696,30 @@ class StoreWriter:
             shutil.rmtree(replaced, ignore_errors=True)
         log.info("Wrote %s (%d cells).", self.path, self.n_cells)
         return self.path
+
+
+_OPEN_ARRAYS: dict[str, zarr.Array] = {}
+
+
+def write_cells(
+    images_path: Path, start: int, images: np.ndarray, *, train: np.ndarray, store_id: str
+) -> ChannelStats:
+    """Store cells ``start ... start + len(images)`` of a partial store (in a worker).
+
+    ``start`` must be chunk-aligned (and the run whole chunks, or the end of
+    the array) so that workers never write the same chunk. Returns the
+    statistics of the ``train`` cells among them, for
+    :meth:`StoreWriter.record_block`.
+    """
+    key = f"{images_path}:{store_id}"
+    if key not in _OPEN_ARRAYS:
+        _OPEN_ARRAYS.clear()  # one store at a time per worker
+        _OPEN_ARRAYS[key] = zarr.open_array(images_path, mode="r+", zarr_format=3)
+    array = _OPEN_ARRAYS[key]
+    array[start : start + len(images)] = images
+    stats = ChannelStats(array.shape[1], array.dtype)
+    stats.update(images[train])
+    return stats
 
 
 def check_existing_output(path: Path, *, overwrite: bool) -> None:
