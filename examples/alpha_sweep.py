@@ -35,7 +35,12 @@ from scbd_cells.data import schema
 from scbd_cells.data.loader import iter_cells
 from scbd_cells.evaluation.batch import batch_prediction_f1
 
-SCREENS = {"demo": {}, "wells4": {"wells_per_plate": 2}, "wells16": {"wells_per_plate": 8}}
+SCREENS = {
+    "demo": {},
+    # 40 genes (half the demo) to keep the two extra screens cheap; only the wells differ.
+    "wells4": {"wells_per_plate": 2, "n_genes": 40, "n_complexes": 8},
+    "wells16": {"wells_per_plate": 8, "n_genes": 40, "n_complexes": 8},
+}
 TEST_CELLS = 3000
 
 
@@ -84,10 +89,11 @@ def test_metrics(run_dir: Path, store_path: Path, *, seed: int = 0) -> dict[str,
     }
 
 
-def run(out_dir: Path, spec: str, *, steps: int, val_every: int) -> dict:
+def run(out_dir: Path, spec: str, *, steps: int, val_every: int, options: dict) -> dict:
     screen, invariance, alpha = spec.split(":")
     store_path = make_store(out_dir, screen)
-    run_dir = out_dir / "runs" / spec.replace(":", "_")
+    tag = "_".join(f"{k}{v}" for k, v in sorted(options.items()))
+    run_dir = out_dir / "runs" / "_".join([spec.replace(":", "_"), tag]).strip("_")
     n_classes = len(scbd_cells.open_store(store_path).class_ranges())
     from scbd_cells.config import demo_train_options
 
@@ -99,6 +105,7 @@ def run(out_dir: Path, spec: str, *, steps: int, val_every: int) -> dict:
         "invariance": invariance,
         "device": "cpu",
         "workers": 1,
+        **options,
     }
     start = time.perf_counter()
     result = scbd_cells.train(store_path, out=run_dir, **options)
@@ -107,6 +114,8 @@ def run(out_dir: Path, spec: str, *, steps: int, val_every: int) -> dict:
     val = metrics[metrics["phase"] == "val"]
     row = {
         "spec": spec,
+        "run_dir": str(run_dir),
+        **options,
         "screen": screen,
         "invariance": invariance,
         "alpha": float(alpha),
@@ -138,9 +147,10 @@ def report(out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in open(out_dir / "results.jsonl")]
-    table = pd.DataFrame(rows).drop_duplicates("spec", keep="last")
+    table = pd.DataFrame(rows).drop_duplicates("run_dir", keep="last")
     columns = [
         "screen",
+        "encoder",
         "n_wells",
         "invariance",
         "alpha",
@@ -155,10 +165,13 @@ def report(out_dir: Path) -> None:
         "train_seconds",
     ]
     (out_dir / "table.md").write_text(markdown_table(table[columns].round(3)))
+    if "encoder" not in table:
+        table["encoder"] = "resnet18"
+    table["encoder"] = table["encoder"].fillna("resnet18")
     demo = table[table["screen"] == "demo"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for _, row in demo.iterrows():
-        metrics = pd.read_csv(out_dir / "runs" / row["spec"].replace(":", "_") / "metrics.csv")
+        metrics = pd.read_csv(Path(row["run_dir"]) / "metrics.csv")
         train, val = metrics[metrics["phase"] == "train"], metrics[metrics["phase"] == "val"]
         label = f"{row['invariance']} alpha={row['alpha']:g}"
         (line,) = axes[0].plot(train["step"], train["supcon_perturbation"], label=label)
@@ -184,11 +197,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--encoder", default=None, help="default: the demo options'")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--classes-per-batch", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
+    options = {
+        key: value
+        for key, value in {
+            "encoder": args.encoder,
+            "lr": args.lr,
+            "classes_per_batch": args.classes_per_batch,
+        }.items()
+        if value is not None
+    }
     for spec in args.runs:
-        run(args.out, spec, steps=args.steps, val_every=args.val_every)
+        run(args.out, spec, steps=args.steps, val_every=args.val_every, options=options)
     if args.report:
         report(args.out)
 

@@ -182,3 +182,27 @@ def test_non_finite_loss_stops_with_training_error(
     with pytest.raises(TrainingError, match="non-finite"):
         train(small_store, out=tmp_path / "run", resume=True, steps=4)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_cli_bad_input_exits_with_message(small_store: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "scbd_cells",
+        "--quiet",
+        "train",
+        str(small_store),
+        "--out",
+        str(tmp_path / "run"),
+        "--encoder",
+        "tiny",
+        "--classes-per-batch",
+        "50",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--classes-per-batch 8 or fewer" in result.stderr.replace("\n", " ")
+    assert "Traceback" not in result.stderr
