@@ -173,7 +173,7 @@ class _TiffTemplate:
     files, other headers) goes through tifffile.
     """
 
-    def __init__(self, path: Path, content: bytes) -> None:
+    def __init__(self, path: str | os.PathLike, content: bytes) -> None:
         import tifffile
 
         self.usable = False
@@ -223,10 +223,11 @@ class _TiffTemplate:
 _TIFF_TEMPLATES: dict[int, _TiffTemplate | None] = {}
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_tiff(path: str | os.PathLike) -> np.ndarray:
     import tifffile
 
-    content = path.read_bytes()
+    with open(path, "rb") as handle:
+        content = handle.read()
     template = _TIFF_TEMPLATES.get(len(content))
     if template is not None:
         pixels = template.decode(content)
@@ -241,9 +242,9 @@ def _read_tiff(path: Path) -> np.ndarray:
     return tifffile.imread(io.BytesIO(content))
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: str | os.PathLike) -> np.ndarray:
     """Pixels of a TIFF, NPY or PNG (any format Pillow reads) file, as stored."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix in (".tif", ".tiff"):
         pixels = _read_tiff(path)
     elif suffix == ".npy":
@@ -258,9 +259,9 @@ def read_image(path: Path) -> np.ndarray:
     return pixels
 
 
-def image_header_shape(path: Path) -> tuple[int, ...]:
+def image_header_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """The shape of an image file without decoding its pixels (TIFF, NPY; Pillow formats)."""
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(path)[1].lower()
     if suffix in (".tif", ".tiff"):
         import tifffile
 
@@ -332,9 +333,9 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def _resolve(value: object, base_dir: Path) -> Path:
-    path = Path(str(value))
-    return path if path.is_absolute() else base_dir / path
+def _resolve(value: object, base_dir: Path) -> str:
+    """An image path from the table, relative ones against the table's folder (as str: cheap)."""
+    return os.path.join(base_dir, str(value))
 
 
 def _parallel_map(function: Callable, items: Sequence, workers: int) -> list:
@@ -345,7 +346,7 @@ def _parallel_map(function: Callable, items: Sequence, workers: int) -> list:
         return list(pool.map(function, items))
 
 
-def _files_exist(paths: list[Path], workers: int) -> list[bool]:
+def _files_exist(paths: list[str], workers: int) -> list[bool]:
     """``os.path.isfile`` for many paths, in batches over threads (network disks wait on stat)."""
     batches = [paths[i : i + 4096] for i in range(0, len(paths), 4096)]
     results = _parallel_map(lambda batch: [os.path.isfile(p) for p in batch], batches, workers)
@@ -399,7 +400,7 @@ class _CropSpec:
     resize: int | None = None
 
 
-def _load_crop(paths: tuple[Path, ...], spec: _CropSpec) -> np.ndarray:
+def _load_crop(paths: tuple[str, ...], spec: _CropSpec) -> np.ndarray:
     """(C, H, W) pixels of one cell as stored (not yet checked against the reference)."""
     if not spec.per_channel:
         return to_chw(read_image(paths[0]), spec.n_channels)
@@ -419,7 +420,7 @@ def _load_crop(paths: tuple[Path, ...], spec: _CropSpec) -> np.ndarray:
     return np.stack(planes)
 
 
-def _checked_crop(paths: tuple[Path, ...], spec: _CropSpec) -> np.ndarray:
+def _checked_crop(paths: tuple[str, ...], spec: _CropSpec) -> np.ndarray:
     """One cell's (C, H, W) pixels, checked against (and cast to) the reference."""
     image = _load_crop(paths, spec)
     reference = spec.reference
@@ -441,7 +442,7 @@ def _checked_crop(paths: tuple[Path, ...], spec: _CropSpec) -> np.ndarray:
 
 
 def _read_crop_batch(
-    items: list[tuple[int, tuple[Path, ...]]], spec: _CropSpec, keep: bool
+    items: list[tuple[int, tuple[str, ...]]], spec: _CropSpec, keep: bool
 ) -> tuple[np.ndarray | None, dict[int, str]]:
     """Read a batch of cells ``[(table row, paths)]`` (a worker task).
 
@@ -490,7 +491,7 @@ class _CropSource:
             self.per_channel, self.n_channels, tuple(self.columns), self.reference, resize
         )
 
-    def _items(self, rows: np.ndarray) -> list[tuple[int, tuple[Path, ...]]]:
+    def _items(self, rows: np.ndarray) -> list[tuple[int, tuple[str, ...]]]:
         return [(int(row), self.paths_of_row[row]) for row in rows]
 
     def check(self, rows: np.ndarray) -> dict[int, str]:
@@ -554,7 +555,7 @@ class _CropSource:
 
 
 def _ingest_crops(
-    items: list[tuple[int, tuple[Path, ...]]],
+    items: list[tuple[int, tuple[str, ...]]],
     spec: _CropSpec,
     images_path: Path,
     start: int,
@@ -627,23 +628,25 @@ class _FieldSpec:
     resize: int | None = None
 
 
-def _load_field(field: tuple[Path, ...], shape: tuple[int, ...], spec: _FieldSpec) -> np.ndarray:
+def _load_field(field: tuple[str, ...], shape: tuple[int, ...], spec: _FieldSpec) -> np.ndarray:
     """(C, H, W) pixels of a field, checked against its header ``shape``."""
     if spec.per_channel:
         planes = [np.squeeze(read_image(path)) for path in field]
         if len({plane.dtype for plane in planes}) > 1:
-            raise _BadImage(f"the channel files of {field[0].name} differ in dtype")
+            raise _BadImage(f"the channel files of {os.path.basename(field[0])} differ in dtype")
         pixels = np.stack(planes)
     else:
         pixels = to_chw(read_image(field[0]), spec.n_channels)
     if pixels.shape != tuple(shape):
-        raise _BadImage(f"{field[0].name} decodes to {pixels.shape}, its header says {shape}")
+        raise _BadImage(
+            f"{os.path.basename(field[0])} decodes to {pixels.shape}, its header says {shape}"
+        )
     return pixels
 
 
 def _cut_field(
     index: int,
-    field: tuple[Path, ...],
+    field: tuple[str, ...],
     shape: tuple[int, ...],
     tops: np.ndarray,
     lefts: np.ndarray,
@@ -657,7 +660,8 @@ def _cut_field(
         if pixels.dtype != spec.dtype:
             if not np.can_cast(pixels.dtype, spec.dtype, casting="safe"):
                 raise _BadImage(
-                    f"{field[0].name} has dtype {pixels.dtype}, the others {spec.dtype}"
+                    f"{os.path.basename(field[0])} has dtype {pixels.dtype}, "
+                    f"the others {spec.dtype}"
                 )
             pixels = pixels.astype(spec.dtype)
         size = spec.crop_size
@@ -703,7 +707,7 @@ class _FieldSource:
         self.reference: _Reference | None = None
         self.border_rows: list[int] = []
 
-    def _field_shape(self, field: tuple[Path, ...]) -> tuple[int, int, int]:
+    def _field_shape(self, field: tuple[str, ...]) -> tuple[int, int, int]:
         if self.per_channel:
             shapes = [tuple(s for s in image_header_shape(path) if s != 1) for path in field]
             if any(len(shape) != 2 for shape in shapes):
@@ -712,7 +716,8 @@ class _FieldSource:
                 )
             if len(set(shapes)) > 1:
                 raise _BadImage(
-                    f"the channel files of field {field[0].name} differ in size: {shapes}"
+                    f"the channel files of field {os.path.basename(field[0])} differ in size: "
+                    f"{shapes}"
                 )
             return (len(field), *shapes[0])
         shape = image_header_shape(field[0])
@@ -731,7 +736,7 @@ class _FieldSource:
         fields = sorted({self.field_of_row[r] for r in rows} - {None})
         missing = {}
         for field in fields:
-            absent = [p for p in field if not p.is_file()]
+            absent = [p for p in field if not os.path.isfile(p)]
             if absent:
                 missing[field] = f"file not found: {absent[0]}"
         readable = [field for field in fields if field not in missing]
@@ -742,7 +747,7 @@ class _FieldSource:
             if reason is None:
                 self.shapes[field] = shape
             else:
-                missing[field] = f"{field[0].name}: {reason}"
+                missing[field] = f"{os.path.basename(field[0])}: {reason}"
         if self.shapes:
             looks = Counter(shape[0] for shape in self.shapes.values())
             self.n_channels = self.n_channels or looks.most_common(1)[0][0]
@@ -755,7 +760,7 @@ class _FieldSource:
                 bad[row] = missing[field]
             elif self.shapes[field][0] != self.n_channels:
                 bad[row] = (
-                    f"field {field[0].name} has {self.shapes[field][0]} channels; "
+                    f"field {os.path.basename(field[0])} has {self.shapes[field][0]} channels; "
                     f"wrong channel count, expected {self.n_channels}"
                 )
             elif not (np.isfinite(self.x[row]) and np.isfinite(self.y[row])):
