@@ -60,6 +60,8 @@ STAT_NAMES = ("mean", "std", "min", "max", "p01", "p99")
 _CHUNK_TARGET_BYTES = 1 << 20
 _BLOCK_TARGET_BYTES = 64 << 20
 _MAX_ROWS_IN_MESSAGE = 5
+# Store.read: up to this many runs of chunks are read as slices, more in one scattered read
+_MAX_SLICED_RUNS = 8
 
 
 # ---------------------------------------------------------------------------
@@ -962,9 +964,11 @@ class Store:
     def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Images of the given store rows, (len(indices), C, H, W), in the order given.
 
-        Rows are sorted and merged into contiguous runs; each run is one zarr
-        read of whole chunks, so sorted or contiguous requests are cheap and
-        every chunk is decoded once per call even when many rows share it.
+        Rows are sorted and de-duplicated and their chunks merged into runs of
+        neighbouring chunks. A few runs are read as slices of whole chunks
+        (contiguous requests cost one slice); many scattered runs are read in
+        one orthogonal selection, in which zarr decodes every touched chunk
+        once, concurrently.
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         out_shape = (len(indices), self.n_channels, *self.image_size)
@@ -978,10 +982,15 @@ class Store:
         unique, inverse = np.unique(indices, return_inverse=True)
         chunk = int(self.images.chunks[0])
         chunk_ids = np.unique(unique // chunk)
-        # merge touched chunks into runs of consecutive chunks, one read each
+        # touched chunks merged into runs of consecutive chunks
         breaks = np.flatnonzero(np.diff(chunk_ids) != 1) + 1
+        runs = np.split(chunk_ids, breaks)
+        if len(runs) > _MAX_SLICED_RUNS:
+            # scattered rows: one zarr call decodes every touched chunk once, concurrently
+            gathered = self.images.get_orthogonal_selection((unique,))
+            return gathered[inverse]
         pieces = []
-        for run in np.split(chunk_ids, breaks):
+        for run in runs:
             start = int(run[0]) * chunk
             stop = min((int(run[-1]) + 1) * chunk, self.n_cells)
             wanted = unique[(unique >= start) & (unique < stop)]
