@@ -599,3 +599,33 @@ def test_tiff_reads_equal_tifffile(tmp_path: Path, options: dict) -> None:
         pixels = read_image(path)
         assert pixels.dtype == expected.dtype and pixels.dtype.isnative
         np.testing.assert_array_equal(pixels, expected)
+
+
+def test_interrupted_fields_ingest_resumes_from_its_scratch(tmp_path: Path, monkeypatch) -> None:
+    """Fields: an ingest stopped after cutting the fields resumes without cutting them again."""
+    import scbd_cells.data.ingest as ingest_module
+
+    table_path, _ = write_fields(tmp_path, n_fields=4)
+    options = dict(
+        perturbation_column="gene", fov_column="field_path", x_column="x", y_column="y", crop_size=7
+    )
+    reference = ingest(table_path, out=tmp_path / "reference.zarr", **options)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the blocks were written
+
+    monkeypatch.setattr(ingest_module, "_store_scratch", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(table_path, out=tmp_path / "s.zarr", **options)
+    partial = partial_path_of(tmp_path / "s.zarr")
+    assert len((partial / "fields_done.txt").read_text().split()) == 4
+    monkeypatch.undo()
+    cut = []
+    monkeypatch.setattr(ingest_module, "_cut_field", lambda *a: cut.append(a) or (None, None, None))
+    result = ingest(table_path, out=tmp_path / "s.zarr", **options)
+    assert result.resumed and cut == []  # no field was read again
+    assert result.n_cells == reference.n_cells
+    np.testing.assert_array_equal(
+        open_store(tmp_path / "s.zarr").images[:], open_store(tmp_path / "reference.zarr").images[:]
+    )
+    assert not partial.exists()
