@@ -1243,8 +1243,8 @@ def write_preview(
         "cells per well\nyellow: dna_damage, magenta: actin, blue: dna, green: microtubules",
         fontsize=8,
     )
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110, metadata={"Software": None})
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(out_path, dpi=90, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return out_path
 
