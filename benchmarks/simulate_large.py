@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -117,11 +118,16 @@ def main() -> None:
     seconds = time.perf_counter() - started
     if child.returncode != 0:
         sys.exit(f"simulate failed with exit code {child.returncode}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and its joined workers
     n_cells = sum(1 for _ in open(args.out / "cells.csv")) - 1
     files, allocated = _disk_usage(args.out)
     rows += [
         (f"simulate --preset {args.preset} --workers {args.workers}: cells", f"{n_cells:,}"),
         ("wall time", f"{seconds:,.0f} s ({n_cells / seconds:,.0f} cells/s)"),
+        (
+            "CPU time user / system (all processes)",
+            f"{usage.ru_utime:,.0f} s / {usage.ru_stime:,.0f} s",
+        ),
         ("peak resident memory (all processes)", f"{peak / 2**30:.2f} GiB"),
         ("files / disk", f"{files:,} / {allocated / 2**30:.1f} GiB"),
     ]
@@ -136,7 +142,11 @@ def main() -> None:
                 break
     except OSError:
         pass
-    print(f"\nMachine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}\n")
+    load = os.getloadavg()[0]
+    print(
+        f"\nMachine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"load average at the end {load:.1f}\n"
+    )
     print("| measure | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")
