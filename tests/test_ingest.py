@@ -629,3 +629,16 @@ def test_interrupted_fields_ingest_resumes_from_its_scratch(tmp_path: Path, monk
         open_store(tmp_path / "s.zarr").images[:], open_store(tmp_path / "reference.zarr").images[:]
     )
     assert not partial.exists()
+
+
+def test_nothing_readable_is_an_error_even_with_skip_bad(tmp_path: Path) -> None:
+    table_path, _ = write_crops(tmp_path, n=6)
+    for path in (tmp_path / "crops").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="No image could be read"):
+        ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene", skip_bad=True)
+    for path in (tmp_path / "crops").iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match="No usable cells"):
+        ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene", skip_bad=True)
+    assert not (tmp_path / "s.zarr").exists()

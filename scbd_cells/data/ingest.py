@@ -64,7 +64,8 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE_COLUMN = "image_path"
 SCRATCH_FILE = "crops.scratch.npy"
 FIELDS_DONE_FILE = "fields_done.txt"
-_PROBE_ROWS = 16
+_PROBE_ROWS = 16  # readable images (or fields) that fix the reference
+_PROBE_LIMIT = 256  # rows tried for them
 _TASK_CELLS = 256  # cells per worker task
 _BLOCKS_IN_FLIGHT = 1  # blocks read ahead while one is written
 _MAX_REPLANS = 3
@@ -512,12 +513,14 @@ class _CropSource:
         looks: Counter = Counter()
         failures: dict[int, str] = {}
         spec = self.spec()
-        for row, paths in self._items(rows[:_PROBE_ROWS]):
+        for row, paths in self._items(rows[:_PROBE_LIMIT]):
             image, reason = _failure_of(_load_crop, paths, spec)
             if reason is not None:
                 failures[row] = reason
             else:
                 looks[(*image.shape, image.dtype.str)] += 1
+                if looks.total() == _PROBE_ROWS:
+                    break
         if not looks:
             raise _ImageFailures(failures)
         n_channels, height, width, dtype = looks.most_common(1)[0][0]
@@ -798,13 +801,22 @@ class _FieldSource:
 
     def probe(self, rows: np.ndarray) -> None:
         """Fix the reference from the field headers (the dtype from reading one field)."""
-        if len(rows) == 0:
-            raise _ImageFailures({})
-        field = self.field_of_row[int(rows[0])]
-        pixels, reason = _failure_of(_load_field, field, self.shapes[field], self.spec())
-        if reason is not None:
-            raise _ImageFailures({int(rows[0]): reason})
-        self.reference = _Reference(self.n_channels, self.crop_size, self.crop_size, pixels.dtype)
+        failures: dict[int, str] = {}
+        tried: set[tuple] = set()
+        for row in rows[:_PROBE_LIMIT]:
+            field = self.field_of_row[int(row)]
+            if field in tried:
+                continue
+            tried.add(field)
+            pixels, reason = _failure_of(_load_field, field, self.shapes[field], self.spec())
+            if reason is None:
+                shape = (self.n_channels, self.crop_size, self.crop_size)
+                self.reference = _Reference(*shape, pixels.dtype)
+                return
+            failures[int(row)] = reason
+            if len(tried) == _PROBE_ROWS:
+                break
+        raise _ImageFailures(failures)
 
     def _tasks(self, rows: np.ndarray) -> list[tuple[int, tuple, np.ndarray]]:
         """``[(field index, field, positions in rows)]``, fields in sorted order."""
@@ -972,7 +984,9 @@ def ingest(
     resize
         Store crops at ``resize`` x ``resize`` px (area average when shrinking).
     workers
-        Threads reading images.
+        Parallel workers, each reading, writing and summarising whole chunks:
+        1 is one thread; more are processes (guard a calling script with
+        ``if __name__ == "__main__":``).
     split_fractions, seed
         Train/val/test fractions (stratified by perturbation) and the seed of
         the split and of the order of cells within a class.
@@ -1064,8 +1078,11 @@ def ingest(
                 started=started,
             )
         except _ImageFailures as failures:
-            if not skip_bad:
-                raise DataError(_image_failure_message(failures.failures, cell_ids)) from None
+            if not skip_bad or source.reference is None:
+                message = _image_failure_message(failures.failures, cell_ids)
+                if source.reference is None:
+                    message = f"No image could be read among the first rows. {message}"
+                raise DataError(message) from None
             log.warning(
                 "%d cell images cannot be used; checking every image, "
                 "then starting over without them.",
