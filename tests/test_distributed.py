@@ -60,7 +60,34 @@ def _single_process() -> tuple[float, list[np.ndarray]]:
 
 
 # --------------------------------------------------------------------------- worker side
-def _worker_gradients(info: DistInfo, out_dir: Path) -> None:
+def _worker_shared_cache(info: DistInfo, out_dir: Path, store_path: str) -> None:
+    """Both ranks map one node-shared copy of the images and read correct slices from it."""
+    from scbd_cells.data.loader import BalancedLoader
+    from scbd_cells.data.sampler import BalancedBatchSampler
+    from scbd_cells.data.store import open_store
+
+    store = open_store(store_path)
+    codes, _ = store.codes("perturbation")
+    sampler = BalancedBatchSampler(
+        codes, np.arange(store.n_cells), classes_per_batch=4, cells_per_class=4, seed=0
+    )
+    loader = BalancedLoader(
+        store, sampler, device="cpu", rank=info.rank, world_size=info.world_size, cache_gb=1.0
+    )
+    reader = loader.reader
+    if reader.backend != "memory" or reader._shared_memory is None:
+        raise RuntimeError(f"expected a node-shared cache, found {reader.backend}")
+    images = store.images[:]
+    for _ in range(3):
+        batch = next(loader)
+        if not np.array_equal(batch.images.numpy(), images[batch.indices.numpy()]):
+            raise RuntimeError("the shared cache returned wrong pixels")
+    (out_dir / f"segment{info.rank}.txt").write_text(reader._shared_memory.name)
+    loader.close()
+
+
+def _worker_gradients(info: DistInfo, out_dir: Path, store_path: str) -> None:
+    _worker_shared_cache(info, out_dir, store_path)
     model, inputs, labels = _problem()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     local = shard_indices(GLOBAL_BATCH, rank=info.rank, world_size=info.world_size)
@@ -244,8 +271,14 @@ def test_shard_indices_cover_everything_in_order() -> None:
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-def test_two_process_loss_and_gradients_equal_single_process(tmp_path: Path) -> None:
-    _run_torchrun("gradients", tmp_path)
+def test_two_process_loss_and_gradients_equal_single_process(
+    train_store: Path, tmp_path: Path
+) -> None:
+    """Also: the two ranks share one in-memory copy of the store, gone after the run."""
+    _run_torchrun("gradients", tmp_path, str(train_store))
+    names = {(tmp_path / f"segment{rank}.txt").read_text() for rank in range(2)}
+    assert len(names) == 1
+    assert not (Path("/dev/shm") / names.pop().lstrip("/")).exists()
     result = np.load(tmp_path / "result.npz")
     loss, grads = _single_process()
     assert abs(float(result["loss"]) - loss) < 1e-5

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -101,10 +102,20 @@ class CellReader:
         Threads for the one-off copy into memory and for tensorstore's decoding.
     backend
         ``"auto"`` (as above), or force ``"memory"``, ``"tensorstore"`` or ``"zarr"``.
+    share_local_ranks
+        Under torchrun, keep one in-memory copy per node, in shared memory, for
+        all the node's ranks (``cache_gb`` is then a per-node budget). Every rank
+        must construct its reader at the same point (it synchronises them).
     """
 
     def __init__(
-        self, store: Any, *, cache_gb: float = 0.0, workers: int = 2, backend: str = "auto"
+        self,
+        store: Any,
+        *,
+        cache_gb: float = 0.0,
+        workers: int = 2,
+        backend: str = "auto",
+        share_local_ranks: bool = False,
     ) -> None:
         if backend not in ("auto", "memory", "tensorstore", "zarr"):
             raise InputError(
@@ -114,11 +125,16 @@ class CellReader:
         self.nbytes = _images_nbytes(store)
         self.cached: np.ndarray | None = None
         self._tensorstore: Any = None
+        self._shared_memory: Any = None
         fits = cache_gb > 0 and self.nbytes <= cache_gb * 1e9
         if backend == "memory" or (backend == "auto" and fits):
-            self.cached = self._load_all(max(1, workers))
             self.backend = "memory"
-            logger.info("Cached %.2f GB of images in memory", self.nbytes / 1e9)
+            if share_local_ranks and _local_world_size() > 1:
+                self.cached = self._load_shared(max(1, workers))
+                logger.info("Cached %.2f GB of images in node-shared memory", self.nbytes / 1e9)
+            else:
+                self.cached = self._load_all(max(1, workers))
+                logger.info("Cached %.2f GB of images in memory", self.nbytes / 1e9)
             return
         if backend in ("auto", "tensorstore"):
             self._tensorstore = _open_tensorstore(store, cache_gb=cache_gb, workers=workers)
@@ -137,14 +153,48 @@ class CellReader:
                 self.backend,
             )
 
-    def _load_all(self, workers: int) -> np.ndarray:
+    def _load_shared(self, workers: int) -> np.ndarray:
+        """Local rank 0 copies the images into POSIX shared memory; the node's ranks map it.
+
+        The segment's name is removed as soon as every rank has mapped it, so the
+        memory goes back to the system when the last rank exits (before that,
+        Python's resource tracker removes it if the creating rank dies).
+        """
+        import uuid
+        from multiprocessing import shared_memory
+
+        import torch.distributed as dist
+
+        from scbd_cells.distributed import barrier
+
+        images = self.store.images
+        token = [uuid.uuid4().hex[:20]]
+        dist.broadcast_object_list(token, src=0)  # one name per job, same on every node
+        name = f"scbd_{token[0]}"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        size = max(1, self.nbytes)
+        if local_rank == 0:
+            segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+            self._load_all(workers, out=np.ndarray(images.shape, images.dtype, segment.buf))
+        barrier()
+        if local_rank != 0:
+            segment = shared_memory.SharedMemory(name=name)
+            _untrack(segment)
+        barrier()
+        if local_rank == 0:
+            segment.unlink()
+        self._shared_memory = segment  # keeps the mapping alive
+        return np.ndarray(images.shape, images.dtype, segment.buf)
+
+    def _load_all(self, workers: int, *, out: np.ndarray | None = None) -> np.ndarray:
         images = self.store.images
         n_cells = images.shape[0]
         row_bytes = max(1, self.nbytes // max(1, n_cells))
         step = max(1, _CACHE_PIECE_BYTES // row_bytes)
         chunk = int(getattr(images, "chunks", (1,))[0] or 1)
         step = max(chunk, step // chunk * chunk)  # whole chunks per piece
-        out = np.empty(images.shape, dtype=images.dtype)
+        if out is None:
+            out = np.empty(images.shape, dtype=images.dtype)
 
         def copy_piece(start: int) -> None:
             stop = min(n_cells, start + step)
@@ -170,6 +220,29 @@ class CellReader:
         if unique.size == indices.size and np.array_equal(unique, indices):
             return images
         return images[inverse]
+
+
+def _local_world_size() -> int:
+    """Ranks on this node in a running process group (1 without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def _untrack(segment: Any) -> None:
+    """Stop Python's resource tracker from unlinking a segment this process only attached to.
+
+    Before Python 3.13 an attaching process registers the segment too, and its
+    tracker would unlink it (and warn) at exit; the creating rank owns it.
+    """
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(segment._name, "shared_memory")
+    except (ImportError, AttributeError, KeyError):
+        pass
 
 
 def _open_tensorstore(store: Any, *, cache_gb: float, workers: int) -> Any:
@@ -273,7 +346,13 @@ class BalancedLoader:
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
-        self.reader = CellReader(store, cache_gb=cache_gb, workers=max(1, workers), backend=backend)
+        self.reader = CellReader(
+            store,
+            cache_gb=cache_gb,
+            workers=max(1, workers),
+            backend=backend,
+            share_local_ranks=world_size > 1,
+        )
         self.perturbation_codes = np.asarray(store.codes(schema.PERTURBATION)[0], dtype=np.int64)
         self.batch_codes = np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64)
         self.workers = workers
