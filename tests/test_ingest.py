@@ -642,3 +642,18 @@ def test_nothing_readable_is_an_error_even_with_skip_bad(tmp_path: Path) -> None
     with pytest.raises(DataError, match="No usable cells"):
         ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene", skip_bad=True)
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize(("height", "width", "size"), [(10, 10, 4), (9, 7, 5), (12, 12, 12)])
+def test_resize_is_exact_area_averaging(height: int, width: int, size: int) -> None:
+    """Non-integer factors: equal to averaging a finely replicated image over each output cell."""
+    from scbd_cells.data.ingest import resize_images
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 60_000, (2, 3, height, width))  # float: no rounding to compare
+    # replicate each pixel size x size times: every output cell is then a whole block
+    fine = images.repeat(size, axis=2).repeat(size, axis=3)
+    expected = fine.reshape(2, 3, size, height, size, width).mean(axis=(3, 5))
+    resized = resize_images(images, size)
+    assert resized.dtype == np.float64
+    np.testing.assert_allclose(resized, expected, rtol=1e-12)

@@ -302,27 +302,45 @@ def to_chw(array: np.ndarray, n_channels: int | None) -> np.ndarray:
     )
 
 
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights resizing one axis: area overlap when shrinking, linear when enlarging.
+
+    Shrinking: output pixel i averages the input interval ``[i, i + 1) * n_in / n_out``,
+    each input pixel weighted by its overlap (exact area averaging, also for
+    non-integer factors). Enlarging: linear interpolation between pixel
+    centres (``align_corners=False``), edges clamped.
+    """
+    weights = np.zeros((n_out, n_in))
+    scale = n_in / n_out
+    if n_out <= n_in:
+        for i in range(n_out):
+            lo, hi = i * scale, (i + 1) * scale
+            for j in range(int(np.floor(lo)), min(int(np.ceil(hi)), n_in)):
+                weights[i, j] = min(hi, j + 1) - max(lo, j)
+        return weights / scale
+    centres = np.clip((np.arange(n_out) + 0.5) * scale - 0.5, 0, n_in - 1)
+    left = np.floor(centres).astype(int)
+    right = np.minimum(left + 1, n_in - 1)
+    fraction = centres - left
+    weights[np.arange(n_out), left] += 1 - fraction
+    weights[np.arange(n_out), right] += fraction
+    return weights
+
+
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """Resize (n, C, H, W) images to (n, C, size, size), keeping the dtype.
 
-    Shrinking averages areas (``torch`` ``mode="area"``, anti-aliased by
-    construction); enlarging is bilinear. Integer results are rounded and
-    clipped to the dtype's range.
+    Shrinking averages areas (anti-aliased by construction; for integer
+    factors the mean of each ``k x k`` block); enlarging is bilinear. Both
+    are separable matrix products in float64; integer results are rounded
+    (half to even) and clipped to the dtype's range.
     """
     height, width = images.shape[-2:]
     if (height, width) == (size, size) or len(images) == 0:
         return images
-    import torch
-    import torch.nn.functional as functional
-
-    tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    if size <= min(height, width):
-        resized = functional.interpolate(tensor, size=(size, size), mode="area")
-    else:
-        resized = functional.interpolate(
-            tensor, size=(size, size), mode="bilinear", align_corners=False
-        )
-    out = resized.numpy()
+    rows = _resize_matrix(height, size)  # (size, H)
+    columns = _resize_matrix(width, size)  # (size, W)
+    out = rows @ images.astype(np.float64) @ columns.T  # (n, C, size, size)
     if images.dtype.kind in "ui":
         info = np.iinfo(images.dtype)
         out = np.clip(np.rint(out), info.min, info.max)
