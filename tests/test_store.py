@@ -323,3 +323,21 @@ def test_writer_with_another_plan_starts_afresh(cells, tmp_path: Path) -> None:
     first.write_block(0, images[:32])
     assert StoreWriter(tmp_path / "p.zarr", plan_key="plan-1", **arguments).done_blocks == {0}
     assert StoreWriter(tmp_path / "p.zarr", plan_key="plan-2", **arguments).done_blocks == set()
+
+
+def test_sharded_store_reads_the_same(cells, tmp_path: Path) -> None:
+    images, table = cells
+    store = create_store(
+        tmp_path / "sharded.zarr",
+        images=images,
+        obs=table,
+        channel_names=["a", "b", "c"],
+        perturbation_column="gene",
+        chunk_cells=8,
+        shard_cells=32,
+    )
+    assert store.images.shards[0] == 32 and store.images.chunks[0] == 8
+    row_of = {cell: i for i, cell in enumerate(table["cell_id"])}
+    source_rows = np.array([row_of[cell] for cell in store.obs.index])
+    indices = np.random.default_rng(0).integers(0, len(table), 64)
+    np.testing.assert_array_equal(store.read(indices), images[source_rows[indices]])

@@ -608,7 +608,7 @@ def _run_blocks(writer: StoreWriter, submit: Callable, *, workers: int, bar, tas
     returning ``(failures, stats, cells)``. The next block's tasks are queued
     while this block's finish, so the workers never wait for the parent.
     """
-    step = writer.chunk_cells * max(1, _TASK_CELLS // writer.chunk_cells)
+    step = writer.write_unit * max(1, _TASK_CELLS // writer.write_unit)
     pool = _executor(workers)
     try:
         in_flight: deque = deque()

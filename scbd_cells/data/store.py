@@ -582,6 +582,8 @@ class StoreWriter:
                 self.images = self.group[IMAGES_KEY]
                 # the unfinished store's own geometry wins over this run's defaults
                 self.chunk_cells = int(self.images.chunks[0])
+                shards = getattr(self.images, "shards", None)
+                self.shard_cells = int(shards[0]) if shards else None
                 self.block_cells = int(state["block_cells"])
                 self.n_blocks = -(-self.n_cells // self.block_cells)
                 self.attributes["layout"].update(
@@ -661,6 +663,11 @@ class StoreWriter:
         self.stats.merge(stats)
         _fsync_append(self.partial_path / WRITTEN_FILE, str(block))
         self.done_blocks.add(block)
+
+    @property
+    def write_unit(self) -> int:
+        """Cells that only one writer may touch at a time: a shard, or else a chunk."""
+        return self.shard_cells or self.chunk_cells
 
     @property
     def store_id(self) -> str:
