@@ -5,10 +5,11 @@ Three passes, each cheap compared with the next:
 1. the table: label columns, nulls, duplicate ids, the control label, image
    columns, missing files, centroids (fields: one header read per field);
 2. a probe of the first few images fixes the reference (channels, size, dtype);
-3. the write: cells in store order (grouped by perturbation), read in parallel
-   block by block, optionally resized, written with their statistics. Fields of
-   view are read once each and all their cells cut out into a scratch file
-   first, because store order scatters a field's cells over the whole store.
+3. the write: cells in store order (grouped by perturbation), block by block;
+   each worker reads a run of whole chunks, resizes it if asked, writes it and
+   returns its statistics. Fields of view are read once each and all their
+   cells cut out into a scratch file first, because store order scatters a
+   field's cells over the whole store.
 
 An image that fails in pass 3 (corrupt data, wrong channel count, another
 size) stops the ingest with the rows named, or with ``skip_bad`` is recorded
@@ -67,7 +68,7 @@ FIELDS_DONE_FILE = "fields_done.txt"
 _PROBE_ROWS = 16  # readable images (or fields) that fix the reference
 _PROBE_LIMIT = 256  # rows tried for them
 _TASK_CELLS = 256  # cells per worker task
-_BLOCKS_IN_FLIGHT = 1  # blocks read ahead while one is written
+_BLOCKS_IN_FLIGHT = 1  # blocks queued behind the one being finished
 _MAX_REPLANS = 3
 _MAX_ROWS_IN_MESSAGE = 5
 
@@ -373,11 +374,12 @@ def _files_exist(paths: list[str], workers: int) -> list[bool]:
 
 
 def _executor(workers: int) -> Executor:
-    """Where images are decoded: one thread (overlapping the writes) or ``workers`` processes.
+    """Where cells are read and written: one thread, or ``workers`` processes.
 
-    Decoding small TIFFs is mostly Python (tifffile parses every header) and
-    holds the GIL, so parallel reads use processes; ``forkserver`` because the
-    parent runs zarr's event-loop thread, which ``fork`` would copy mid-flight.
+    Reading small files, checking them and computing statistics is mostly
+    Python and holds the GIL, so parallel work uses processes; ``forkserver``
+    because the parent runs zarr's event-loop thread, which ``fork`` would
+    copy mid-flight.
     """
     if workers <= 1:
         return ThreadPoolExecutor(1)
