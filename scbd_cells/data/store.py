@@ -694,13 +694,14 @@ class StoreWriter:
             "complete": True,
         }
         self.group.attrs.update(attributes)
-        for name in (STATE_FILE, WRITTEN_FILE):
-            (self.partial_path / name).unlink(missing_ok=True)
         replaced = None
         if self.path.exists():
             replaced = self.path.with_name(f"{self.path.name}.replaced-{os.getpid()}")
             os.replace(self.path, replaced)
         os.replace(self.partial_path, self.path)
+        # bookkeeping goes after the rename: a kill before it leaves a resumable partial store
+        for name in (STATE_FILE, WRITTEN_FILE):
+            (self.path / name).unlink(missing_ok=True)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
         log.info("Wrote %s (%d cells).", self.path, self.n_cells)
