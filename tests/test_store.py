@@ -37,6 +37,7 @@ def make_cells(n: int = 300, *, seed: int = 0, size: int = 8, channels: int = 3)
             "plate": rng.choice(["P1", "P2"], n),
             "well": rng.choice(["A01", "B02", "C03"], n),
             "area": rng.normal(100, 10, n),
+            "phase": pd.Categorical(rng.choice(["G1", "S"], n), categories=["G1", "S", "M"]),
         }
     )
     return images, table
@@ -98,6 +99,8 @@ def test_obs_labels_match_the_table(cells, store) -> None:
     expected_batch = (source["plate"] + "_" + source["well"]).to_numpy()
     assert (obs[schema.BATCH].astype(str).to_numpy() == expected_batch).all()
     np.testing.assert_allclose(obs["area"].to_numpy(), source["area"].to_numpy())
+    assert obs["phase"].cat.categories.tolist() == ["G1", "S", "M"]  # vocabulary kept
+    assert (obs["phase"].astype(str).to_numpy() == source["phase"].astype(str).to_numpy()).all()
     assert sorted(obs.index) == sorted(table["cell_id"])
 
 

@@ -210,7 +210,7 @@ def label_table(
             log.info(
                 "Column %r of the table is kept as %r (the name is a store label).", name, target
             )
-        obs[target] = table[name].to_numpy()
+        obs[target] = table[name]  # same RangeIndex; keeps categoricals and nullable dtypes
     obs[TABLE_ROW] = np.arange(len(table), dtype=np.int64)
     obs = obs[~bad].reset_index(drop=True)
     return LabelledTable(obs=obs, rejected=sorted(rejected))
