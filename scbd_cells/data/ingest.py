@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shlex
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -385,7 +386,33 @@ def _executor(workers: int) -> Executor:
         return ThreadPoolExecutor(1)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(workers, mp_context=context)
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_exit_with, initargs=(os.getpid(),)
+    )
+
+
+def _exit_with(parent_pid: int) -> None:
+    """Worker initialiser: leave when the ingest process is gone (e.g. killed with SIGKILL).
+
+    A pool worker whose parent was killed would otherwise wait for work forever
+    (it holds its own end of the task queue), and keep the forkserver alive.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent_pid, 0)
+                with open(f"/proc/{parent_pid}/stat") as stat:  # Linux: a zombie is gone too
+                    gone = stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except (ProcessLookupError, PermissionError):  # PermissionError: pid reused
+                gone = True
+            except OSError:  # no /proc (macOS): os.kill alone decides
+                gone = False
+            if gone:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="scbd-exit-with-parent", daemon=True).start()
 
 
 def _failure_of(function: Callable, *args) -> tuple[object | None, str | None]:
