@@ -146,3 +146,19 @@ def test_mismatched_store_and_existing_output(setup, tmp_path: Path) -> None:
         embed(run_dir, other, out=tmp_path / "cells.h5ad", device="cpu")
     with pytest.raises(InputError, match=".h5ad or .zarr"):
         embed(run_dir, other, out=tmp_path / "cells.csv", device="cpu")
+
+
+def test_cli_mismatched_store_exit_code(setup, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run_dir, _ = setup
+    other = _make_store(tmp_path / "two.zarr", n_channels=2, n=70)
+    result = subprocess.run(
+        [sys.executable, "-m", "scbd_cells", "embed", str(run_dir), str(other),
+         "--out", str(tmp_path / "cells.h5ad"), "--device", "cpu"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "channels" in result.stderr
+    assert not (tmp_path / "cells.h5ad").exists()

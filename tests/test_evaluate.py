@@ -107,3 +107,21 @@ def test_bad_inputs_leave_nothing(tmp_path: Path, corum_file: Path) -> None:
     (tmp_path / "r5" / "keep").write_text("")
     with pytest.raises(InputError, match="--overwrite"):
         evaluate([good], corum=corum_file, out=tmp_path / "r5")
+
+
+def test_cli_bad_complexes_exit_code(tmp_path: Path) -> None:
+    """Through the command line: exit 1, the message, no traceback, no report folder."""
+    import subprocess
+    import sys
+
+    good = _cells(tmp_path / "good.h5ad", biology=1.0, well=0.0)
+    other = tmp_path / "other.txt"
+    other.write_text("x\tZZ1 ZZ2\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "scbd_cells", "evaluate", str(good), "--corum", str(other),
+         "--out", str(tmp_path / "report")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "shares 0 gene" in result.stderr
+    assert not (tmp_path / "report").exists()
