@@ -197,11 +197,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--encoder", default=None, help="default: the demo options'")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--classes-per-batch", type=int, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    # One thread: on a shared, oversubscribed CPU two OpenMP threads mostly spin-wait.
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     options = {
         key: value

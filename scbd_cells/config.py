@@ -163,10 +163,10 @@ def demo_train_options(n_classes: int) -> dict[str, Any]:
     """
     return {
         "encoder": "resnet18",
-        "classes_per_batch": min(32, n_classes),
+        "classes_per_batch": min(16, n_classes),
         "cells_per_class": 8,
-        "steps": 300,
-        "val_every": 50,
+        "steps": 120,
+        "val_every": 30,
         "val_batches": 2,
         "log_every": 10,
         "alpha": 1.0,

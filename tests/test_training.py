@@ -64,7 +64,6 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_train_writes_run_folder(small_store: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(2)
     result = train(small_store, out=tmp_path / "run", steps=6, val_every=3, alpha=1.0, **FAST)
     assert result.step == 6 and not result.interrupted
     for name in ("config.yaml", "metrics.csv", "curves.png"):
