@@ -71,6 +71,8 @@ def synthetic_store(
     channels: int = 4,
     n_wells: int = 32,
     seed: int = 0,
+    chunk_cells: int | None = None,
+    shard_cells: int | None = None,
 ):
     """A store from ``create_store``: uint16 cell-like blobs, Zipf-ish class sizes, wells.
 
@@ -109,6 +111,8 @@ def synthetic_store(
         channel_names=[f"ch{i}" for i in range(channels)],
         perturbation_column="gene",
         seed=seed,
+        chunk_cells=chunk_cells,
+        shard_cells=shard_cells,
     )
 
 
@@ -156,8 +160,15 @@ def benchmark_store(args) -> object:
             workers=args.build_workers,
         )
     name = f"synthetic_{args.cells}_{args.classes}_{args.image_size}.zarr"
+    if args.chunk_cells or args.shard_cells:
+        name = name.replace(".zarr", f"_c{args.chunk_cells}_s{args.shard_cells}.zarr")
     return synthetic_store(
-        work_dir / name, n_cells=args.cells, n_classes=args.classes, image_size=args.image_size
+        work_dir / name,
+        n_cells=args.cells,
+        n_classes=args.classes,
+        image_size=args.image_size,
+        chunk_cells=args.chunk_cells,
+        shard_cells=args.shard_cells,
     )
 
 
@@ -172,6 +183,8 @@ def add_store_arguments(parser) -> None:
     parser.add_argument("--cells", type=int, default=100_000, help="synthetic store size")
     parser.add_argument("--classes", type=int, default=500, help="synthetic perturbations")
     parser.add_argument("--image-size", type=int, default=32, help="synthetic image side")
+    parser.add_argument("--chunk-cells", type=int, default=None, help="synthetic chunk length")
+    parser.add_argument("--shard-cells", type=int, default=None, help="synthetic shard length")
     parser.add_argument("--work-dir", default="/tmp/scbd-bench", help="where stores are built")
     parser.add_argument("--build-workers", type=int, default=2)
     parser.add_argument("--record", action="store_true", help="append to docs/performance.md")
