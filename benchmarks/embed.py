@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,14 +28,19 @@ from scbd_cells import train
 from scbd_cells.checkpoint import load_trained
 
 CHILD = """
-import json, sys, time
+import json, resource, sys, time
 import torch
 torch.set_num_threads({threads})
 from scbd_cells import embed
 start = time.perf_counter()
 result = embed({run!r}, {store!r}, out={out!r}, batch_size={batch_size}, device={device!r},
                workers={workers})
-print(json.dumps({{"seconds": time.perf_counter() - start, "n_cells": result.n_cells}}))
+# VmHWM: this process image's peak (ru_maxrss would keep the parent's pages from the fork)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")]
+peak_kib = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak_gb = peak_kib * 1024 / 1e9
+print(json.dumps({{"seconds": time.perf_counter() - start, "n_cells": result.n_cells,
+                  "peak_rss_gb": peak_gb}}))
 """
 
 
@@ -110,7 +114,8 @@ def main() -> None:
             [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
         )
         timing = json.loads(child.stdout.strip().splitlines()[-1])
-        child_rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9
+        # measured inside the child (VmHWM): ru_maxrss would count the parent's pages
+        child_rss_gb = timing["peak_rss_gb"]
         out_mb = (Path(tmp) / "cells.h5ad").stat().st_size / 1e6
 
     end_to_end = timing["n_cells"] / timing["seconds"]
