@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keep", action="store_true", help="Keep the simulated screen.")
     parser.add_argument("--skip-draw", action="store_true", help="Skip the per-core drawing rates.")
-    args = parser.parse_args()
+    parser.add_argument("--layout", default="crops", choices=["crops", "fields"])
+    args, extra = parser.parse_known_args()  # extra: simulate options, e.g. --cells-per-guide 100
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     rows = []
@@ -108,6 +109,9 @@ def main() -> None:
         args.preset,
         "--workers",
         str(args.workers),
+        "--layout",
+        args.layout,
+        *extra,
     ]
     started = time.perf_counter()
     child = subprocess.Popen(command)
@@ -122,7 +126,7 @@ def main() -> None:
     n_cells = sum(1 for _ in open(args.out / "cells.csv")) - 1
     files, allocated = _disk_usage(args.out)
     rows += [
-        (f"simulate --preset {args.preset} --workers {args.workers}: cells", f"{n_cells:,}"),
+        (f"simulate {' '.join(command[5:])}: cells", f"{n_cells:,}"),
         ("wall time", f"{seconds:,.0f} s ({n_cells / seconds:,.0f} cells/s)"),
         (
             "CPU time user / system (all processes)",
@@ -131,8 +135,6 @@ def main() -> None:
         ("peak resident memory (all processes)", f"{peak / 2**30:.2f} GiB"),
         ("files / disk", f"{files:,} / {allocated / 2**30:.1f} GiB"),
     ]
-    if not args.keep:
-        shutil.rmtree(args.out)
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -149,7 +151,9 @@ def main() -> None:
     )
     print("| measure | value |\n|---|---|")
     for name, value in rows:
-        print(f"| {name} | {value} |")
+        print(f"| {name} | {value} |", flush=True)
+    if not args.keep:  # after printing: deleting a million files can take long
+        shutil.rmtree(args.out)
 
 
 if __name__ == "__main__":
