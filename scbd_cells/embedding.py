@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.data import schema
-from scbd_cells.errors import InputError
+from scbd_cells.errors import DataError, InputError
 from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -320,8 +320,15 @@ def embed(
     trained = load_trained(run_dir, which=which, device=device)
     trained.check_store(store)
     control = store.control or schema.CONTROL_LABEL
-    if aggregate and store.control is None:
-        log.warning("The store records no control label; aggregating with %r", control)
+    if aggregate:  # fail before the long pass, not after it
+        _, perturbations = store.codes(schema.PERTURBATION)
+        if control not in perturbations:
+            raise DataError(
+                f"--aggregate subtracts the non-targeting control, but the store {store.path} "
+                f"has no perturbation {control!r} (it records control "
+                f"{store.control!r}). Re-ingest with --control LABEL, or embed without "
+                "--aggregate and aggregate later with scbd_cells.aggregate_profiles(control=...)."
+            )
 
     torch_device = torch.device(device)
     on_cuda = torch_device.type == "cuda"

@@ -19,9 +19,12 @@ from scbd_cells.model.scbd import DEFAULT_MODEL_ARGS, SCBDModel
 GENES = ["g1", "g2", "g3", "g4", "g5", "g6", "nontargeting"]
 
 
-def _make_store(path: Path, *, n_channels: int = 3, n: int = 210) -> Path:
+def _make_store(
+    path: Path, *, n_channels: int = 3, n: int = 210, control: str | None = "nontargeting"
+) -> Path:
     rng = np.random.default_rng(0)
-    genes = np.array(GENES)[np.arange(n) % len(GENES)]
+    names = GENES if control else [g for g in GENES if g != "nontargeting"]
+    genes = np.array(names)[np.arange(n) % len(names)]
     obs = pd.DataFrame(
         {
             "cell_id": [f"c{i}" for i in range(n)],
@@ -40,7 +43,7 @@ def _make_store(path: Path, *, n_channels: int = 3, n: int = 210) -> Path:
         channel_names=[f"ch{i}" for i in range(n_channels)],
         perturbation_column="gene",
         guide_column="guide",
-        control="nontargeting",
+        control=control,
     )
     return path
 
@@ -48,7 +51,9 @@ def _make_store(path: Path, *, n_channels: int = 3, n: int = 210) -> Path:
 def _make_run(run_dir: Path, store_path: Path) -> Path:
     torch.manual_seed(0)
     store = open_store(store_path)
-    model_args = dict(DEFAULT_MODEL_ARGS, in_channels=store.n_channels, image_size=16, z_dim=8)
+    model_args = dict(
+        DEFAULT_MODEL_ARGS, encoder="tiny", in_channels=store.n_channels, image_size=16, z_dim=8
+    )
     model = SCBDModel(model_args)
     save_checkpoint(
         {
@@ -129,8 +134,13 @@ def test_embed_zarr_and_encoder(setup, tmp_path: Path) -> None:
         workers=0,
     )
     cells = ad.read_zarr(result.out_path)
-    assert cells.obsm["X_scbd_encoder"].shape == (210, 512)
-    assert cells.obsm["X_scbd_batch_encoder"].shape == (210, 512)
+    width = (
+        load_trained(run_dir, device="cpu")
+        .model.encoder_perturbation(torch.zeros(1, 3, 16, 16))
+        .shape[1]
+    )
+    assert cells.obsm["X_scbd_encoder"].shape == (210, width)
+    assert cells.obsm["X_scbd_batch_encoder"].shape == (210, width)
     reference = embed(run_dir, store_path, out=tmp_path / "ref.h5ad", batch_size=33, device="cpu")
     np.testing.assert_allclose(cells.X, ad.read_h5ad(reference.out_path).X, atol=1e-5)
 
@@ -162,3 +172,16 @@ def test_cli_mismatched_store_exit_code(setup, tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "channels" in result.stderr
     assert not (tmp_path / "cells.h5ad").exists()
+
+
+def test_aggregate_without_control_fails_first(setup, tmp_path: Path) -> None:
+    from scbd_cells.errors import DataError
+
+    run_dir, _ = setup
+    store_path = _make_store(tmp_path / "no_control.zarr", n=70, control=None)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DataError, match="no perturbation 'nontargeting'"):
+        embed(
+            run_dir, store_path, out=tmp_path / "out" / "cells.h5ad", aggregate=True, device="cpu"
+        )
+    assert not any((tmp_path / "out").iterdir())
