@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +185,20 @@ def test_gradients_finite_with_degenerate_labels(normalized: bool) -> None:
 def test_bad_shapes_raise() -> None:
     with pytest.raises(ValueError, match="shape"):
         supcon_loss(torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n_wells", [2, 4, 12])
+def test_paper_invariance_of_a_well_free_embedding_is_not_zero(n_wells: int) -> None:
+    """For identical embeddings (no well information) appendix B gives (|N| - |P|) / B * log B.
+
+    This is why its scale grows with the number of wells (docs/training.md): it is zero
+    for a well-free embedding only with two equal wells. The normalised variant is zero.
+    """
+    batch_size = 120
+    z = F.normalize(torch.ones(batch_size, 4, dtype=torch.float64), dim=1)
+    wells = torch.arange(batch_size) % n_wells
+    n_positive = batch_size // n_wells - 1
+    n_negative = batch_size - batch_size // n_wells
+    expected = (n_negative - n_positive) / batch_size * np.log(batch_size)
+    assert float(invariance_loss(z, wells)) == pytest.approx(expected, abs=1e-9)
+    assert float(invariance_loss(z, wells, normalized=True)) == pytest.approx(0.0, abs=1e-9)
