@@ -168,7 +168,7 @@ def report(out_dir: Path) -> None:
     if "encoder" not in table:
         table["encoder"] = "resnet18"
     table["encoder"] = table["encoder"].fillna("resnet18")
-    demo = table[table["screen"] == "demo"]
+    demo = table[(table["screen"] == "demo") & (table["encoder"] == "resnet18")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for _, row in demo.iterrows():
         metrics = pd.read_csv(Path(row["run_dir"]) / "metrics.csv")
@@ -177,6 +177,8 @@ def report(out_dir: Path) -> None:
         (line,) = axes[0].plot(train["step"], train["supcon_perturbation"], label=label)
         axes[1].plot(train["step"], train["invariance"], color=line.get_color(), label=label)
         axes[2].plot(val["step"], val["well_f1_z_perturbation"], "o-", color=line.get_color())
+    batch_size = int(demo["classes_per_batch"].iloc[0] * demo["cells_per_class"].iloc[0])
+    axes[0].axhline(np.log(batch_size), color="k", ls=":", label=f"log {batch_size} (collapse)")
     axes[2].axhline(float(demo["test_well_f1_chance"].iloc[0]), color="k", ls="--", label="chance")
     axes[0].set_title("SupCon(z_c; perturbation), train")
     axes[1].set_title("Invariance(z_c; well), train (own variant)")

@@ -169,6 +169,9 @@ def demo_train_options(n_classes: int) -> dict[str, Any]:
         "val_every": 30,
         "val_batches": 2,
         "log_every": 10,
-        "alpha": 1.0,
+        # Short CPU runs need a stronger push than the CLI default (alpha 1): measured on the
+        # demo screen, alpha 10 took z_c's well F1 from 4.6x to 1.8x chance (docs/training.md).
+        "alpha": 10.0,
+        "invariance": "paper",
         "device": "auto",
     }
