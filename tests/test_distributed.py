@@ -128,13 +128,13 @@ TRAIN_OPTIONS = {
     "classes_per_batch": 6,
     "cells_per_class": 4,
     "val_batches": 1,
-    "val_every": 8,
+    "val_every": 5,
     "log_every": 1,
     "workers": 1,
     "device": "cpu",
     "z_dim": 8,
     "lr": 3e-3,
-    "steps": 16,
+    "steps": 10,
 }
 
 
