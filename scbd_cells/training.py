@@ -599,6 +599,7 @@ class _StallMonitor:
         self.first: list[float] = []
         self.recent: list[float] = []
         self.warned = False
+        self.warned_collapse = False
 
     def record(self, value: float) -> None:
         if len(self.first) < self.window:
@@ -606,10 +607,10 @@ class _StallMonitor:
         self.recent = [*self.recent[-(self.window - 1) :], value]
 
     def check(self, step: int) -> None:
-        if self.warned or step < 4 * self.window or len(self.first) < self.window:
+        if step < 4 * self.window or len(self.first) < self.window:
             return
         start, now = float(np.mean(self.first)), float(np.mean(self.recent))
-        if now > start * (1 - self.config.stall_tolerance):
+        if not self.warned and now > start * (1 - self.config.stall_tolerance):
             self.warned = True
             logger.warning(
                 "The perturbation SupCon loss has not fallen in %d steps (%.3f at the start, "
@@ -620,6 +621,16 @@ class _StallMonitor:
                 start,
                 now,
                 self.config.alpha,
+            )
+        collapse_level = math.log(self.config.batch_size)
+        if not self.warned_collapse and abs(now - collapse_level) < 0.01 * collapse_level:
+            self.warned_collapse = True
+            logger.warning(
+                "The perturbation SupCon loss sits at log(batch size) = %.3f, the value of a z_c "
+                "that is the same for every cell: z_c has not (yet) learned to tell "
+                "perturbations apart. Early in training this is normal; if it persists, train "
+                "longer or check that the perturbations change the cells (docs/training.md).",
+                collapse_level,
             )
 
 

@@ -205,3 +205,33 @@ def test_cli_bad_input_exits_with_message(small_store: Path, tmp_path: Path) -> 
     assert result.returncode == 2
     assert "--classes-per-batch 8 or fewer" in result.stderr.replace("\n", " ")
     assert "Traceback" not in result.stderr
+
+
+def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    import math
+
+    from scbd_cells.config import TrainConfig
+    from scbd_cells.training import _StallMonitor
+
+    config = TrainConfig(steps=100, classes_per_batch=6, cells_per_class=4, alpha=10.0)
+    stalled = _StallMonitor(config)
+    for _ in range(40):
+        stalled.record(5.0)
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        stalled.check(40)
+    assert "has not fallen" in caplog.text and "alpha (10)" in caplog.text
+
+    caplog.clear()
+    learning = _StallMonitor(config)
+    for i in range(40):
+        learning.record(5.0 - 0.05 * i)  # falls, and stays away from log(24)
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        learning.check(40)
+    assert caplog.text == ""
+
+    collapsed = _StallMonitor(config)
+    for i in range(40):
+        collapsed.record(math.log(24) + (1.0 if i < 10 else 0.0))
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        collapsed.check(40)
+    assert "sits at log(batch size)" in caplog.text and "has not fallen" not in caplog.text
