@@ -287,3 +287,35 @@ def test_loader_on_a_real_store_gives_store_labels(real_store) -> None:
             np.testing.assert_array_equal(batch.images.numpy(), images[rows].astype(np.int32))
             np.testing.assert_array_equal(batch.perturbation.numpy(), perturbation[rows])
             np.testing.assert_array_equal(batch.batch.numpy(), batch_codes[rows])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cache_gb", [0.0, 1.0])
+def test_cuda_batches_are_widened_correct_and_resumable(real_store, cache_gb: float) -> None:
+    """On CUDA: pinned side-stream copies give int32 images equal to the store, in order."""
+    from scbd_cells.data.sampler import BalancedBatchSampler
+
+    perturbation, _ = real_store.codes("perturbation")
+    images = real_store.images[:]
+
+    def loader(seed: int) -> BalancedLoader:
+        sampler = BalancedBatchSampler(
+            perturbation, np.arange(real_store.n_cells), classes_per_batch=4, cells_per_class=6,
+            seed=seed,
+        )  # fmt: skip
+        return BalancedLoader(real_store, sampler, device="cuda", cache_gb=cache_gb, prefetch=3)
+
+    with loader(0) as first:
+        batches = [next(first) for _ in range(5)]
+        for batch in batches:
+            assert batch.images.is_cuda and batch.images.dtype == torch.int32
+            rows = batch.indices.cpu().numpy()
+            np.testing.assert_array_equal(batch.images.cpu().numpy(), images[rows])
+            index = batch.perturbation.argsort()  # CUDA indexing works on the widened images
+            assert batch.images[index].shape == batch.images.shape
+        state = first.state_dict()
+        following = next(first).indices.cpu().numpy()
+    with loader(1) as resumed:
+        resumed.load_state_dict(state)
+        np.testing.assert_array_equal(resumed.__next__().indices.cpu().numpy(), following)

@@ -28,6 +28,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -318,6 +319,11 @@ class BalancedLoader:
     handed out, so batches prefetched but never consumed are drawn again after
     ``load_state_dict()``: resuming gives exactly the batches an uninterrupted
     run would have given.
+
+    One batch is always sent to the device ahead of the consumer; on CUDA its
+    copy (pinned memory, non-blocking, on a side stream) runs while the
+    current step computes, and the batch is ordered before the consumer's work
+    when handed out.
     """
 
     def __init__(
@@ -361,6 +367,9 @@ class BalancedLoader:
         self._executor = ThreadPoolExecutor(workers, "scbd-loader") if workers > 0 else None
         # (sampler state before drawing, pending host batch); oldest first.
         self._pending: deque[tuple[dict, Future | tuple]] = deque()
+        # The next batch, already sent to the device (one ahead of the consumer).
+        self._ready: tuple[dict, Batch] | None = None
+        self._stream = torch.cuda.Stream(device=self.device) if self._pin else None
 
     # -- sampling and reading ---------------------------------------------------------
     def _local_slice(self, global_indices: np.ndarray) -> np.ndarray:
@@ -401,24 +410,43 @@ class BalancedLoader:
         return self
 
     def __next__(self) -> Batch:
+        if self._ready is None:
+            self._ready = self._next_on_device()
+        _, batch = self._ready
+        if self._stream is not None:
+            # the batch was copied on the side stream: order it before this step's work
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._stream)
+            for tensor in batch:
+                tensor.record_stream(current)
+        # Copy the next batch now, so that on CUDA it travels while this step computes.
+        self._ready = self._next_on_device()
+        return batch
+
+    def _next_on_device(self) -> tuple[dict, Batch]:
+        """(sampler state before it, the next batch) sent to the device (side stream on CUDA)."""
         while len(self._pending) < self.depth:
             self._submit()
-        _, pending = self._pending.popleft()
+        state, pending = self._pending.popleft()
         host = pending.result() if isinstance(pending, Future) else pending
         # Start the next read before the copy, so the threads stay busy.
         while len(self._pending) < self.depth:
             self._submit()
         images, perturbation, batch, indices = host
-        return Batch(
-            images=_to_device(images, self.device),
-            perturbation=perturbation.to(self.device, non_blocking=True),
-            batch=batch.to(self.device, non_blocking=True),
-            indices=indices.to(self.device, non_blocking=True),
-        )
+        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+            on_device = Batch(
+                images=_to_device(images, self.device),
+                perturbation=perturbation.to(self.device, non_blocking=True),
+                batch=batch.to(self.device, non_blocking=True),
+                indices=indices.to(self.device, non_blocking=True),
+            )
+        return state, on_device
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The sampler's state before the first batch not yet handed out (resume point)."""
+        if self._ready is not None:
+            return copy.deepcopy(self._ready[0])
         if self._pending:
             return copy.deepcopy(self._pending[0][0])
         return copy.deepcopy(self.sampler.state_dict())
@@ -429,6 +457,7 @@ class BalancedLoader:
         self.sampler.load_state_dict(copy.deepcopy(state))
 
     def _drain(self) -> None:
+        self._ready = None
         for _, pending in self._pending:
             if isinstance(pending, Future):
                 pending.cancel()
