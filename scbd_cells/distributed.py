@@ -207,6 +207,8 @@ def all_reduce_mean(value: float | torch.Tensor, *, device: torch.device | None 
     """Mean of a scalar over ranks (for logging and validation losses)."""
     if not is_distributed():
         return float(value)
+    if device is None and dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())  # NCCL needs CUDA tensors
     tensor = torch.as_tensor(float(value), dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor.item()) / dist.get_world_size()
