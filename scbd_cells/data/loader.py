@@ -132,10 +132,10 @@ class CellReader:
             self.backend = "memory"
             if share_local_ranks and _local_world_size() > 1:
                 self.cached = self._load_shared(max(1, workers))
-                logger.info("Cached %.2f GB of images in node-shared memory", self.nbytes / 1e9)
             else:
                 self.cached = self._load_all(max(1, workers))
-                logger.info("Cached %.2f GB of images in memory", self.nbytes / 1e9)
+            where = "node-shared memory" if self._shared_memory is not None else "memory"
+            logger.info("Cached %.2f GB of images in %s", self.nbytes / 1e9, where)
             return
         if backend in ("auto", "tensorstore"):
             self._tensorstore = _open_tensorstore(store, cache_gb=cache_gb, workers=workers)
@@ -159,8 +159,10 @@ class CellReader:
 
         The segment's name is removed as soon as every rank has mapped it, so the
         memory goes back to the system when the last rank exits (before that,
-        Python's resource tracker removes it if the creating rank dies).
+        Python's resource tracker removes it if the creating rank dies). If
+        ``/dev/shm`` (as seen by rank 0) is too small, every rank keeps its own copy.
         """
+        import shutil
         import uuid
         from multiprocessing import shared_memory
 
@@ -169,9 +171,19 @@ class CellReader:
         from scbd_cells.distributed import barrier
 
         images = self.store.images
-        token = [uuid.uuid4().hex[:20]]
-        dist.broadcast_object_list(token, src=0)  # one name per job, same on every node
-        name = f"scbd_{token[0]}"
+        shm_dir = Path("/dev/shm")
+        room = shutil.disk_usage(shm_dir).free if shm_dir.is_dir() else 0
+        decision = [uuid.uuid4().hex[:20], room > 1.05 * self.nbytes]
+        dist.broadcast_object_list(decision, src=0)  # one name per job, same on every node
+        if not decision[1]:
+            logger.warning(
+                "/dev/shm has %.1f GB free, less than the %.1f GB of images: each rank keeps "
+                "its own copy (raise the shared-memory size, e.g. docker --shm-size).",
+                room / 1e9,
+                self.nbytes / 1e9,
+            )
+            return self._load_all(workers)
+        name = f"scbd_{decision[0]}"
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         size = max(1, self.nbytes)
         if local_rank == 0:
