@@ -235,3 +235,18 @@ def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="scbd_cells.training"):
         collapsed.check(40)
     assert "sits at log(batch size)" in caplog.text and "has not fallen" not in caplog.text
+
+
+def test_store_of_another_format_version_is_refused(small_store: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    old_store = tmp_path / "old.zarr"
+    shutil.copytree(small_store, old_store)
+    metadata_path = old_store / "zarr.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["attributes"]["format_version"] = 0
+    metadata_path.write_text(json.dumps(metadata))
+    with pytest.raises(StoreError, match="format version 0"):
+        train(old_store, out=tmp_path / "run", steps=1, **FAST)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
