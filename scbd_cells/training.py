@@ -711,7 +711,8 @@ def plot_curves(table: Any, figure_path: Path, *, title: str | None = None) -> N
                 ax.plot(part["step"], part[column], style, label=phase, markersize=3)
         ax.set_title(label)
         ax.set_xlabel("step")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     ax = axes[3]
     val = table[table["phase"] == "val"]
     if len(val):
@@ -721,7 +722,8 @@ def plot_curves(table: Any, figure_path: Path, *, title: str | None = None) -> N
     ax.set_title("well probe macro F1 (val)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no val row yet (e.g. interrupted early)
+        ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
