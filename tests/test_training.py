@@ -250,3 +250,26 @@ def test_store_of_another_format_version_is_refused(small_store: Path, tmp_path:
     with pytest.raises(StoreError, match="format version 0"):
         train(old_store, out=tmp_path / "run", steps=1, **FAST)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_ctrl_c_saves_last_and_returns(
+    small_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    from scbd_cells import training
+
+    real_loss, calls = training.scbd_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C mid-step
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "scbd_loss", loss_then_ctrl_c)
+    result = train(small_store, out=tmp_path / "run", steps=50, val_every=100, **FAST)
+    assert result.interrupted and result.step == 3
+    assert load_checkpoint(result.last_checkpoint_path)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
