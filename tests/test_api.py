@@ -34,7 +34,9 @@ def test_public_function_signature(name: str) -> None:
 
 def test_import_is_light() -> None:
     code = "import sys, scbd_cells; print('torch' in sys.modules, 'anndata' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.split() == ["False", "False"]
 
 
