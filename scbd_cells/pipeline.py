@@ -86,8 +86,8 @@ def demo(
     seed
         Seeds the simulation, the split, training and evaluation: same seed, same table.
     alpha
-        Invariance weight of the SCBD model (default: ``train``'s default); the reference
-        model always uses alpha = 0.
+        Invariance weight of the SCBD model (default: the demo training options' alpha,
+        see ``scbd_cells.config.demo_train_options``); the reference model uses alpha = 0.
     steps
         Training steps per model (default: the demo's training options).
     device
@@ -123,7 +123,6 @@ def demo(
             elif target.exists():
                 target.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
-    alpha = _default_alpha() if alpha is None else float(alpha)
     embed_device = None if device == "auto" else device
     seconds: dict[str, float] = {}
 
@@ -154,6 +153,8 @@ def demo(
     train_split = store.obs[schema.SPLIT].astype(str) == "train"
     n_classes = int(store.obs.loc[train_split, schema.PERTURBATION].nunique())
     options: dict[str, Any] = dict(demo_train_options(n_classes), seed=seed, device=device)
+    # the demo's alpha is the training stage's choice for short CPU runs (config.py)
+    alpha = float(options.get("alpha", _default_alpha())) if alpha is None else float(alpha)
     if steps is not None:
         options["steps"] = steps
     runs = {"scbd": alpha, "scbd_alpha0": 0.0}
