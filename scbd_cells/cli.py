@@ -501,7 +501,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of everything; same seed, same table.")] = 0,
     alpha: Annotated[
         float | None,
-        typer.Option(help="Invariance weight of the SCBD model (default: the demo's, 10)."),
+        typer.Option(help="Invariance weight of the SCBD model (default: the demo's own)."),
     ] = None,
     steps: Annotated[
         int | None,
