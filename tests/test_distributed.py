@@ -292,9 +292,12 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     case, out = sys.argv[1], Path(sys.argv[2])
     dist_info = init_distributed("cpu")
+    from scbd_cells.distributed import barrier, cleanup
+
     try:
         WORKERS[case](dist_info, out, *sys.argv[3:])
+        # As train/embed do: no rank leaves the group while a peer is still in a collective
+        # (gloo aborted rank 0 at exit about one run in eight without it).
+        barrier()
     finally:
-        from scbd_cells.distributed import cleanup
-
         cleanup()
