@@ -42,7 +42,7 @@ from scbd_cells.distributed import (
     init_distributed,
 )
 from scbd_cells.errors import CheckpointError, DataError, InputError, TrainingError
-from scbd_cells.model.losses import batch_target_labels, scbd_loss
+from scbd_cells.model.losses import SCBDLoss, batch_target_labels, scbd_loss
 from scbd_cells.model.preprocess import Preprocessor
 from scbd_cells.model.scbd import SCBDModel
 from scbd_cells.progress import progress_bar
@@ -303,18 +303,13 @@ def train(
                 z_batch = all_gather_with_grad(output.z_batch.float())
                 perturbation = _gather_labels(batch.perturbation, dist_info.distributed)
                 batch_label = _gather_labels(batch.batch, dist_info.distributed)
-                target = batch_target_labels(
-                    perturbation, batch_label, batch_target=config.batch_target, n_batches=n_batches
-                )
-                losses = scbd_loss(
+                losses = _scbd_objective(
+                    config,
                     z_perturbation,
                     z_batch,
                     perturbation=perturbation,
                     batch=batch_label,
-                    batch_target=target,
-                    alpha=config.alpha,
-                    temperature=config.temperature,
-                    normalized=config.invariance == "normalized",
+                    n_batches=n_batches,
                 )
                 total = losses.total
                 parts = losses.items()
@@ -475,6 +470,31 @@ def _check_wells_per_batch(
     logger.info("Training batches hold cells of %d-%d wells", min(n_wells), max(n_wells))
 
 
+def _scbd_objective(
+    config: TrainConfig,
+    z_perturbation: torch.Tensor,
+    z_batch: torch.Tensor,
+    *,
+    perturbation: torch.Tensor,
+    batch: torch.Tensor,
+    n_batches: int,
+) -> SCBDLoss:
+    """The SCBD loss as ``config`` defines it; one recipe for training steps and validation."""
+    target = batch_target_labels(
+        perturbation, batch, batch_target=config.batch_target, n_batches=n_batches
+    )
+    return scbd_loss(
+        z_perturbation,
+        z_batch,
+        perturbation=perturbation,
+        batch=batch,
+        batch_target=target,
+        alpha=config.alpha,
+        temperature=config.temperature,
+        normalized=config.invariance == "normalized",
+    )
+
+
 def _check_fingerprint(checkpoint: dict, store: Any, checkpoint_path: Path) -> None:
     saved, found = checkpoint.get("store_fingerprint", {}), store.fingerprint()
     if saved.get("store_id") != found["store_id"]:
@@ -553,18 +573,8 @@ class _ValidationSet:
             with autocast:
                 output = model(images)
             z_c, z_s = output.z_perturbation.float(), output.z_batch.float()
-            target = batch_target_labels(
-                perturbation, batch, batch_target=config.batch_target, n_batches=self.n_batches
-            )
-            losses = scbd_loss(
-                z_c,
-                z_s,
-                perturbation=perturbation,
-                batch=batch,
-                batch_target=target,
-                alpha=config.alpha,
-                temperature=config.temperature,
-                normalized=config.invariance == "normalized",
+            losses = _scbd_objective(
+                config, z_c, z_s, perturbation=perturbation, batch=batch, n_batches=self.n_batches
             )
             for key, value in losses.items().items():
                 parts.setdefault(key, []).append(value)
