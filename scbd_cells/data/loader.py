@@ -16,7 +16,12 @@ Two readers serve two access patterns:
 Both read through :class:`CellReader`, which keeps an in-memory copy of the
 images when they fit the ``cache_gb`` budget and otherwise reads sorted,
 de-duplicated rows through tensorstore (or zarr-python), whose decoded-chunk
-cache then gets the budget.
+cache then gets the budget. When the images do not fit the budget,
+:class:`BalancedLoader` instead reads whole store *segments* (runs of whole
+chunks) through a :class:`SegmentReader` and switches its sampler to draw each
+class's cells segment by segment
+(:meth:`~scbd_cells.data.sampler.BalancedBatchSampler.use_segments`), so that a
+decoded chunk serves a class for many batches instead of one cell.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 # Rows per piece when copying a store into memory: large contiguous reads.
 _CACHE_PIECE_BYTES = 256 * 2**20
+# A segment (the unit SegmentReader decodes and keeps) spans whole chunks, about this many bytes
+# of pixels: 1 MiB, the store's default chunk (docs/performance.md, "Larger than the cache budget").
+_SEGMENT_TARGET_BYTES = 1 << 20
 
 
 class Batch(NamedTuple):
@@ -289,6 +297,212 @@ def _open_tensorstore(store: Any, *, cache_gb: float, workers: int) -> Any:
     return array
 
 
+class _ChunkFiles:
+    """Whole chunks of an unsharded Zarr v3 image array, read and blosc-decoded directly.
+
+    The store's own layout (``bytes`` then ``blosc``, default chunk keys, one
+    chunk spanning whole cells) decoded the way zarr does it (numcodecs' blosc),
+    without zarr's per-call overhead, which costs more than decoding a 1 MiB
+    chunk. :meth:`open` returns None for any other layout (sharded, other
+    codecs); callers then read through tensorstore or zarr.
+    """
+
+    def __init__(self, array_dir: Path, meta: dict, shape: tuple, chunk_cells: int) -> None:
+        endian = meta["codecs"][0].get("configuration", {}).get("endian", "little")
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
+        self.array_dir = array_dir
+        self.shape = tuple(int(size) for size in shape)
+        self.chunk_cells = chunk_cells
+        self.compressed = len(meta["codecs"]) == 2
+        self.fill_value = meta.get("fill_value") or 0
+        self._tail = "/".join(["0"] * (len(self.shape) - 1))
+
+    @classmethod
+    def open(cls, store: Any) -> _ChunkFiles | None:
+        import json
+
+        array_dir = Path(getattr(store, "path", "")) / "images"
+        try:
+            meta = json.loads((array_dir / "zarr.json").read_text())
+            chunk_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            codecs = [codec["name"] for codec in meta["codecs"]]
+            np.dtype(meta["data_type"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        shape = tuple(store.images.shape)
+        key_encoding = meta.get("chunk_key_encoding", {})
+        usable = (
+            meta.get("zarr_format") == 3
+            and meta["chunk_grid"].get("name") == "regular"
+            and tuple(meta.get("shape", ())) == shape
+            and tuple(chunk_shape[1:]) == shape[1:]
+            and codecs in (["bytes"], ["bytes", "blosc"])
+            and key_encoding.get("name") == "default"
+            and key_encoding.get("configuration", {}).get("separator", "/") == "/"
+        )
+        return cls(array_dir, meta, shape, int(chunk_shape[0])) if usable else None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)``, ``start`` a multiple of the chunk length."""
+        from numcodecs import blosc
+
+        chunk = self.chunk_cells
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        scratch = None
+        for first in range(start, stop, chunk):
+            n_rows = min(chunk, stop - first)
+            path = self.array_dir / "c" / str(first // chunk) / self._tail
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:  # zarr does not write a chunk that is all fill value
+                out[first - start : first - start + n_rows] = self.fill_value
+                continue
+            if n_rows == chunk:  # decode straight into the output
+                target = out[first - start : first - start + n_rows]
+            else:  # edge chunks are stored full size
+                scratch = np.empty((chunk, *self.shape[1:]), self.dtype)
+                target = scratch
+            if self.compressed:
+                blosc.decompress(data, target)
+            else:
+                target.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+            if target is scratch:
+                out[first - start : first - start + n_rows] = scratch[:n_rows]
+        return out
+
+
+class SegmentReader:
+    """Reads store rows by decoding whole segments and keeping them, up to a byte budget.
+
+    A segment is the run of rows ``[s * segment_cells, (s + 1) * segment_cells)``
+    (whole chunks, about 1 MiB of pixels). A read decodes the segments its rows
+    fall in, unless they are kept already, and gathers the rows; decoded
+    segments are kept, least recently used dropped first, while they fit
+    ``budget_gb``. Paired with a sampler in segment mode
+    (:meth:`~scbd_cells.data.sampler.BalancedBatchSampler.use_segments`) each
+    segment is decoded about once per pass over the class's cells.
+
+    Parameters
+    ----------
+    store
+        An open store.
+    budget_gb
+        Bytes (10^9) of decoded segments to keep. Segments in use by reads in
+        flight are kept beyond it. Holding one segment per class avoids decoding
+        any twice (:attr:`recommended_gb`).
+    workers
+        Decoding threads of the tensorstore fallback.
+
+    Notes
+    -----
+    Segments are decoded with numcodecs' blosc straight from the chunk files
+    when the store has the layout ingest writes (``_ChunkFiles``), otherwise
+    with tensorstore, otherwise with zarr-python. Reads are thread-safe; a
+    segment that two reads need at once is decoded once.
+    """
+
+    def __init__(self, store: Any, *, budget_gb: float, workers: int = 2) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.store = store
+        self.n_cells = int(store.images.shape[0])
+        self.cell_bytes = max(1, _images_nbytes(store) // max(1, self.n_cells))
+        chunk = int(getattr(store.images, "chunks", (1,))[0] or 1)
+        self.segment_cells = chunk * max(
+            1, round(_SEGMENT_TARGET_BYTES / (chunk * self.cell_bytes))
+        )
+        self.segment_bytes = self.segment_cells * self.cell_bytes
+        self.budget_bytes = int(max(0.0, budget_gb) * 1e9)
+        self._files = _ChunkFiles.open(store)
+        self._tensorstore = None
+        if self._files is None:
+            self._tensorstore = _open_tensorstore(store, cache_gb=0.0, workers=workers)
+        self.backend = (
+            "chunk files" if self._files else "tensorstore" if self._tensorstore else "zarr"
+        )
+        self._lock = threading.Lock()
+        # segment -> [Future of its decoded rows, reads holding it, bytes]; oldest use first
+        self._kept: OrderedDict[int, list] = OrderedDict()
+        self.kept_bytes = 0
+        self.decoded_segments = 0  # segments decoded so far (statistics)
+
+    def recommended_gb(self, n_segments: int) -> float:
+        """Budget (GB) that keeps ``n_segments`` decoded segments (e.g. one per class)."""
+        return n_segments * self.segment_bytes / 1e9
+
+    def _decode(self, segments: Sequence[int]) -> list[np.ndarray]:
+        bounds = [
+            (s * self.segment_cells, min((s + 1) * self.segment_cells, self.n_cells))
+            for s in segments
+        ]
+        if self._files is not None:
+            return [self._files.read(a, b) for a, b in bounds]
+        if self._tensorstore is not None:
+            futures = [self._tensorstore[a:b].read() for a, b in bounds]  # decoded concurrently
+            return [future.result() for future in futures]
+        return [self.store.images[a:b] for a, b in bounds]
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """Images of ``indices`` (any order, repeats allowed), ``(len(indices), C, H, W)``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        segment = indices // self.segment_cells
+        order = np.argsort(segment, kind="stable")
+        cuts = np.flatnonzero(np.diff(segment[order])) + 1
+        bounds = np.concatenate([[0], cuts, [len(indices)]])
+        segments = [int(s) for s in segment[order[bounds[:-1]]]] if len(indices) else []
+        mine: list[tuple[int, Future]] = []
+        with self._lock:
+            futures = []
+            for s in segments:
+                entry = self._kept.get(s)
+                if entry is None:
+                    entry = self._kept[s] = [Future(), 0, 0]
+                    mine.append((s, entry[0]))
+                entry[1] += 1
+                self._kept.move_to_end(s)
+                futures.append(entry[0])
+        try:
+            if mine:
+                try:
+                    decoded = self._decode([s for s, _ in mine])
+                except BaseException as error:
+                    for _, future in mine:
+                        future.set_exception(error)
+                    raise
+                with self._lock:
+                    for (s, future), rows in zip(mine, decoded, strict=True):
+                        self._kept[s][2] = rows.nbytes
+                        self.kept_bytes += rows.nbytes
+                        self.decoded_segments += 1
+                        future.set_result(rows)
+            out = np.empty((len(indices), *self.store.images.shape[1:]), self.store.images.dtype)
+            for i, future in enumerate(futures):
+                rows = future.result()
+                positions = order[bounds[i] : bounds[i + 1]]
+                out[positions] = rows[indices[positions] - segments[i] * self.segment_cells]
+            return out
+        finally:
+            self._release(segments)
+
+    def _release(self, segments: Sequence[int]) -> None:
+        with self._lock:
+            for s in segments:
+                entry = self._kept.get(s)
+                if entry is None:
+                    continue
+                entry[1] -= 1
+                future = entry[0]
+                if entry[1] == 0 and future.done() and future.exception() is not None:
+                    del self._kept[s]  # a failed decode is tried again by the next read
+            if self.kept_bytes <= self.budget_bytes:
+                return
+            for s in [s for s, entry in self._kept.items() if entry[1] == 0]:
+                self.kept_bytes -= self._kept.pop(s)[2]
+                if self.kept_bytes <= self.budget_bytes:
+                    break
+
+
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor -> device, non-blocking from pinned memory, widened to a safe integer dtype."""
     wide = _wide_dtype(host.dtype)
@@ -322,8 +536,13 @@ class BalancedLoader:
     prefetch
         Batches read ahead of the one being consumed (at least ``workers``).
     backend
-        How the images are read (see :class:`CellReader`); ``"auto"`` picks
-        memory when the store fits ``cache_gb``.
+        How the images are read: ``"auto"`` picks ``"memory"`` when the store
+        fits ``cache_gb``, otherwise ``"chunks"`` when ``cache_gb > 0``,
+        otherwise row reads (``"tensorstore"``, else ``"zarr"``; see
+        :class:`CellReader`). ``"chunks"``: a :class:`SegmentReader` keeps up
+        to ``cache_gb`` of decoded store segments and the sampler draws each
+        class's cells segment by segment (``sampler.use_segments``, if it has
+        it), so that reading costs about one chunk decode per cell.
 
     Notes
     -----
@@ -364,13 +583,24 @@ class BalancedLoader:
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
-        self.reader = CellReader(
-            store,
-            cache_gb=cache_gb,
-            workers=max(1, workers),
-            backend=backend,
-            share_local_ranks=world_size > 1,
-        )
+        if backend not in ("auto", "memory", "tensorstore", "zarr", "chunks"):
+            raise InputError(
+                f"Expected backend auto, memory, chunks, tensorstore or zarr; found {backend!r}."
+            )
+        fits = cache_gb > 0 and _images_nbytes(store) <= cache_gb * 1e9
+        self.reader: CellReader | SegmentReader
+        if backend == "chunks" or (backend == "auto" and not fits and cache_gb > 0):
+            self.reader = SegmentReader(store, budget_gb=cache_gb, workers=max(1, workers))
+            self._use_segments(sampler, world_size)
+        else:
+            self.reader = CellReader(
+                store,
+                cache_gb=cache_gb,
+                workers=max(1, workers),
+                backend=backend,
+                share_local_ranks=world_size > 1,
+            )
+        self.backend = "chunks" if isinstance(self.reader, SegmentReader) else self.reader.backend
         self.perturbation_codes = np.asarray(store.codes(schema.PERTURBATION)[0], dtype=np.int64)
         self.batch_codes = np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64)
         self.workers = workers
@@ -382,6 +612,31 @@ class BalancedLoader:
         # The next batch, already sent to the device (one ahead of the consumer).
         self._ready: tuple[dict, Batch] | None = None
         self._stream = torch.cuda.Stream(device=self.device) if self._pin else None
+
+    def _use_segments(self, sampler: Any, world_size: int) -> None:
+        reader = self.reader
+        if hasattr(sampler, "use_segments"):
+            sampler.use_segments(reader.segment_cells, world_size=world_size)
+        n_classes = len(getattr(sampler, "classes", ()))
+        needed = reader.recommended_gb(n_classes)
+        logger.info(
+            "Images (%.2f GB) exceed the cache budget: reading whole segments of %d cells "
+            "(%s), keeping up to %.2f GB of them decoded",
+            _images_nbytes(self.store) / 1e9,
+            reader.segment_cells,
+            reader.backend,
+            reader.budget_bytes / 1e9,
+        )
+        if n_classes and reader.budget_bytes < needed * 1e9:
+            logger.warning(
+                "The cache budget (%.2f GB) holds fewer decoded segments than there are classes "
+                "(%d, about %.2f GB for one segment each): segments of rarely drawn classes will "
+                "be decoded more than once. Raise --cache-gb to %.1f or more for full speed.",
+                reader.budget_bytes / 1e9,
+                n_classes,
+                needed,
+                1.25 * needed,
+            )
 
     # -- sampling and reading ---------------------------------------------------------
     def _local_slice(self, global_indices: np.ndarray) -> np.ndarray:

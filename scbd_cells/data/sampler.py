@@ -33,6 +33,12 @@ class BalancedBatchSampler:
         Batch shape; the batch size is their product.
     seed
         Seed of the sampler's own random generator.
+
+    Notes
+    -----
+    :meth:`use_segments` switches how the cells *within* a class are drawn,
+    for stores read in whole chunks (the loader does it when the images do not
+    fit its cache budget); the class draw is unchanged. See its docstring.
     """
 
     def __init__(
@@ -76,6 +82,113 @@ class BalancedBatchSampler:
         self.n_small_classes = int((counts < cells_per_class).sum())
         self._rng = np.random.default_rng(seed)
         self.batches_drawn = 0
+        self.segment_cells: int | None = None  # None: uniform within class (the default)
+        self._home_ranks = 1
+
+    # -- within-class draw from store segments ------------------------------------------
+    def use_segments(self, segment_cells: int, *, world_size: int = 1) -> None:
+        """Draw the cells of a class segment by segment, each segment used up before the next.
+
+        A *segment* is the run of store rows ``[s * segment_cells, (s + 1) *
+        segment_cells)`` (the loader's unit of decoding: whole chunks). Per class
+        the sampler keeps a queue: the class's sampled rows of one segment, in a
+        random order. A drawn class takes its ``cells_per_class`` cells from the
+        front of its queue; an empty queue is refilled with the class's next
+        segment. The segments of a class are visited in a random order per pass
+        (a new order every pass), so every cell of the class is drawn once per
+        pass and a decoded segment is used up before the next is needed: about
+        one decode per cell. The class draw (``classes_per_batch`` distinct
+        classes from the class distribution), batch shape, no repeated cell
+        within a class's group, and the with-replacement rule for classes
+        smaller than ``cells_per_class`` are unchanged. A row taken at the end
+        of one pass is not taken again in the same batch from the next pass.
+
+        Parameters
+        ----------
+        segment_cells
+            Rows per segment (a multiple of the store's chunk length).
+        world_size
+            Ranks that share each global batch (torchrun). With more than one,
+            and ``classes_per_batch`` divisible by it, the class groups of a batch
+            are ordered so that a class goes to the same rank whenever there is
+            room (class code modulo ``world_size``), so that a rank keeps
+            decoding its own classes' segments.
+        """
+        if segment_cells < 1:
+            raise InputError(f"segment_cells must be at least 1; found {segment_cells}.")
+        if len(np.unique(self._rows)) != len(self._rows):
+            raise InputError(
+                "Segment sampling needs distinct cell rows; found repeated rows in cell_indices. "
+                "Pass each store row once."
+            )
+        segment_cells = int(segment_cells)
+        n_classes = len(self.classes)
+        first_segment = np.zeros(n_classes + 1, np.int64)  # class k: segments [a, b)
+        segment_starts = []  # per segment: offset of its first row in self._segment_rows
+        self._segment_rows = self._rows.copy()  # sorted within class (uniform mode keeps _rows)
+        for k in range(n_classes):
+            start, stop = self._starts[k], self._starts[k + 1]
+            rows = np.sort(self._rows[start:stop])
+            self._segment_rows[start:stop] = rows
+            segment = rows // segment_cells
+            cuts = np.flatnonzero(np.diff(segment)) + 1
+            segment_starts.append(start + np.concatenate([[0], cuts]))
+            first_segment[k + 1] = first_segment[k] + len(cuts) + 1
+        self.segment_cells = segment_cells
+        self._home_ranks = int(world_size) if world_size > 1 else 1
+        self._segment_first = first_segment
+        self._segment_starts = np.concatenate([*segment_starts, [len(self._rows)]])
+        # rows of class-segment j: self._segment_rows[_segment_starts[j] : _segment_starts[j + 1]]
+        self._queues: list[np.ndarray] = [np.empty(0, np.int64) for _ in range(n_classes)]
+        self._order = np.zeros(first_segment[-1], np.int64)  # per class: its pass order
+        self._position = np.full(n_classes, -1, np.int64)  # next position in the order; -1: none
+        self._passes = np.zeros(n_classes, np.int64)
+
+    def _next_segment(self, k: int) -> np.ndarray:
+        """Class k's rows of its next segment (a new random visiting order every pass)."""
+        first, last = self._segment_first[k], self._segment_first[k + 1]
+        if self._position[k] < 0 or self._position[k] >= last - first:
+            self._order[first:last] = self._rng.permutation(last - first)
+            self._position[k] = 0
+            self._passes[k] += 1
+        j = first + self._order[first + self._position[k]]
+        self._position[k] += 1
+        return self._segment_rows[self._segment_starts[j] : self._segment_starts[j + 1]]
+
+    def _draw_from_segments(self, k: int) -> np.ndarray:
+        queue = self._queues[k]
+        need = self.cells_per_class
+        if len(queue) >= need:
+            self._queues[k] = queue[need:]
+            return queue[:need]
+        taken = [queue]
+        n_taken = len(queue)
+        while n_taken < need:
+            fresh = self._rng.permutation(self._next_segment(k))
+            if n_taken:  # same segment again at a pass boundary: no repeat within the batch
+                fresh = fresh[~np.isin(fresh, np.concatenate(taken))]
+            take = fresh[: need - n_taken]
+            taken.append(take)
+            n_taken += len(take)
+            queue = fresh[len(take) :]
+        self._queues[k] = queue
+        return np.concatenate(taken)
+
+    def _order_for_ranks(self, chosen: np.ndarray, pieces: list[np.ndarray]) -> list[np.ndarray]:
+        """Class groups reordered so that class k lands on rank k % world_size when it fits."""
+        ranks = self._home_ranks
+        if ranks <= 1 or self.classes_per_batch % ranks:
+            return pieces
+        room = self.classes_per_batch // ranks
+        slots: list[list[int]] = [[] for _ in range(ranks)]
+        overflow = []
+        for position, k in enumerate(chosen):
+            home = int(self.classes[k]) % ranks
+            (slots[home] if len(slots[home]) < room else overflow).append(position)
+        for slot in slots:
+            while len(slot) < room:
+                slot.append(overflow.pop(0))
+        return [pieces[position] for slot in slots for position in slot]
 
     def next_indices(self) -> np.ndarray:
         """The next global batch: int64 store rows (B,), grouped by class (cells_per_class each)."""
@@ -90,8 +203,13 @@ class BalancedBatchSampler:
             start, stop = self._starts[k], self._starts[k + 1]
             n = stop - start
             small = n < self.cells_per_class
+            if self.segment_cells is not None and not small:
+                pieces.append(self._draw_from_segments(k))
+                continue
             within = self._rng.choice(n, size=self.cells_per_class, replace=small)
             pieces.append(self._rows[start + within])
+        if self.segment_cells is not None:
+            pieces = self._order_for_ranks(chosen, pieces)
         self.batches_drawn += 1
         return np.concatenate(pieces).astype(np.int64)
 
@@ -100,9 +218,14 @@ class BalancedBatchSampler:
             yield self.next_indices()
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-Python state (ints and strings only) for an exact resume."""
+        """State for an exact resume: ints and strings, plus int64 tensors in segment mode.
+
+        In segment mode the state also holds, per class, the rows still queued
+        (store rows, not pixels: the loader decodes their segments again after a
+        resume), the current pass's segment order and the position in it.
+        """
         state = self._rng.bit_generator.state
-        return {
+        result: dict[str, Any] = {
             "seed": self.seed,
             "batches_drawn": self.batches_drawn,
             "bit_generator": state["bit_generator"],
@@ -111,6 +234,21 @@ class BalancedBatchSampler:
             "has_uint32": int(state["has_uint32"]),
             "uinteger": int(state["uinteger"]),
         }
+        if self.segment_cells is not None:
+            import torch  # tensors: compact, and loadable with torch.load(weights_only=True)
+
+            sizes = np.fromiter((len(q) for q in self._queues), np.int64, len(self._queues))
+            rows = np.concatenate(self._queues) if sizes.sum() else np.empty(0, np.int64)
+            result.update(
+                segment_cells=self.segment_cells,
+                home_ranks=self._home_ranks,
+                queue_sizes=torch.from_numpy(sizes),
+                queue_rows=torch.from_numpy(rows.astype(np.int64)),
+                segment_order=torch.from_numpy(self._order.copy()),
+                segment_position=torch.from_numpy(self._position.copy()),
+                passes=torch.from_numpy(self._passes.copy()),
+            )
+        return result
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the generator so that the next batch is the one an uninterrupted run draws."""
@@ -121,3 +259,20 @@ class BalancedBatchSampler:
             "uinteger": int(state["uinteger"]),
         }
         self.batches_drawn = int(state["batches_drawn"])
+        if state.get("segment_cells") is None:
+            self.segment_cells = None
+            return
+        # a run started in segment mode continues in it, whatever the loader chose now
+        self.use_segments(int(state["segment_cells"]), world_size=int(state["home_ranks"]))
+        sizes = np.asarray(state["queue_sizes"], dtype=np.int64)
+        if len(sizes) != len(self.classes) or len(state["segment_order"]) != len(self._order):
+            raise InputError(
+                "The sampler state does not fit these cells: it was saved for "
+                f"{len(sizes)} classes and {len(state['segment_order'])} class segments, found "
+                f"{len(self.classes)} and {len(self._order)}. Resume on the same store and split."
+            )
+        rows = np.asarray(state["queue_rows"], dtype=np.int64).copy()
+        self._queues = list(np.split(rows, np.cumsum(sizes)[:-1]))
+        self._order = np.asarray(state["segment_order"], dtype=np.int64).copy()
+        self._position = np.asarray(state["segment_position"], dtype=np.int64).copy()
+        self._passes = np.asarray(state["passes"], dtype=np.int64).copy()
