@@ -79,8 +79,29 @@ def _labels(adata: Any, key: str, what: str) -> pd.Series:
             f"{', '.join(map(str, adata.obs.columns[:12]))}). Embed with `scbd-cells embed`, "
             f"which copies the store's cell table, or name the column with the {what} option."
         )
-    labels = adata.obs[key].astype(str)
-    return labels
+    return adata.obs[key]
+
+
+def factorize_labels(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``pd.factorize(values.astype(str).to_numpy(), sort=True)`` without a string per cell.
+
+    A categorical column (what ``embed`` writes) is factorised through its categories, so
+    memory holds its codes and one int64 per cell rather than a Python string per cell
+    (about 70 bytes); other columns take the string path. Missing values become ``"nan"``
+    as ``astype(str)`` makes them in pandas 2.
+    """
+    if not isinstance(values.dtype, pd.CategoricalDtype):
+        return pd.factorize(values.astype(str).to_numpy(), sort=True)
+    codes = values.cat.codes.to_numpy().astype(np.int64)
+    labels = values.cat.categories.astype(str).to_numpy(dtype=object)
+    if (codes < 0).any():
+        labels = np.append(labels, "nan")
+        codes[codes < 0] = len(labels) - 1
+    used = np.bincount(codes, minlength=len(labels)) > 0
+    label_codes, names = pd.factorize(labels[used], sort=True)  # two categories may read alike
+    mapping = np.full(len(labels), -1, dtype=np.int64)
+    mapping[used] = label_codes
+    return mapping[codes], names
 
 
 def aggregate_profiles(
@@ -127,21 +148,24 @@ def aggregate_profiles(
             f"The embedding has no obsm key {use_rep!r} (keys: {', '.join(adata.obsm.keys())}). "
             "Pick one of those (or 'X') with --key."
         )
-    perturbation = _labels(adata, perturbation_key, "perturbation")
+    gene_codes_of_cells, gene_labels = factorize_labels(
+        _labels(adata, perturbation_key, "perturbation")
+    )
     if guide_key is not None and guide_key in adata.obs.columns:
-        guide = _labels(adata, guide_key, "guide")
+        guide_codes, guide_names = factorize_labels(_labels(adata, guide_key, "guide"))
     else:
-        guide = perturbation
-    guide_codes, guide_names = pd.factorize(guide.to_numpy(), sort=True)
-    guide_gene = pd.DataFrame({"guide": guide_codes, "gene": perturbation.to_numpy()})
-    genes_per_guide = guide_gene.drop_duplicates().groupby("guide")["gene"]
-    if (genes_per_guide.nunique() > 1).any():
-        bad = guide_names[int(np.flatnonzero(genes_per_guide.nunique().to_numpy() > 1)[0])]
+        guide_codes, guide_names = gene_codes_of_cells, gene_labels
+    # distinct (guide, gene) pairs, sorted by guide: one gene per guide is required
+    pairs = np.unique(guide_codes * len(gene_labels) + gene_codes_of_cells)
+    pair_guide, pair_gene = np.divmod(pairs, len(gene_labels))
+    genes_per_guide = np.bincount(pair_guide, minlength=len(guide_names))
+    if (genes_per_guide > 1).any():
+        bad = guide_names[int(np.flatnonzero(genes_per_guide > 1)[0])]
         raise DataError(
             f"Guide {bad!r} is assigned to more than one perturbation; guides must be unique to "
             "one gene. Check the guide and perturbation columns."
         )
-    gene_of_guide = genes_per_guide.first().reindex(range(len(guide_names))).to_numpy()
+    gene_of_guide = np.asarray(gene_labels, dtype=object)[pair_gene]
     if control not in set(gene_of_guide):
         raise DataError(
             f"The control label {control!r} is not among the embedding's perturbations "

@@ -22,6 +22,7 @@ import pandas as pd
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.evaluation.batch import batch_prediction_f1, subsample
+from scbd_cells.evaluation.cells import CellsFile, open_cells, read_rows
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
 from scbd_cells.profiles import aggregate_profiles
@@ -62,7 +63,12 @@ class EvaluationResult:
 
 
 def read_embedding(path: Path) -> Any:
-    """Open a cell-level AnnData: ``.h5ad`` backed (read lazily), ``.zarr`` in memory."""
+    """Open a cell-level AnnData (``.h5ad`` or ``.zarr``) without loading it.
+
+    Returns a :class:`~scbd_cells.evaluation.cells.CellsFile` (obs columns read when
+    asked, ``X`` / ``obsm`` sliced from disk); a file older than AnnData's element encoding
+    is read with anndata instead (``.h5ad`` backed, ``.zarr`` in memory).
+    """
     import anndata as ad
 
     if not path.exists():
@@ -71,10 +77,13 @@ def read_embedding(path: Path) -> Any:
             "STORE.zarr --out cells.h5ad` or `scbd-cells baseline STORE.zarr --out baseline.h5ad`."
         )
     try:
+        cells = open_cells(path)
+        if cells is not None:
+            return cells
         if path.suffix == ".zarr":
             return ad.read_zarr(path)
         return ad.read_h5ad(path, backed="r")
-    except Exception as error:  # anndata/h5py raise many types for a bad file
+    except Exception as error:  # anndata/h5py/zarr raise many types for a bad file
         raise DataError(
             f"Could not read {path} as AnnData ({type(error).__name__}: {error}). Expected an "
             ".h5ad or .zarr file written by `scbd-cells embed` or `scbd-cells baseline`."
@@ -100,21 +109,21 @@ def _names(paths: list[Path], keys: list[str], labels: list[str] | None) -> list
 
 def _close(datasets: list[Any]) -> None:
     for adata in datasets:
-        if getattr(adata, "isbacked", False):
+        if isinstance(adata, CellsFile):
+            adata.close()
+        elif getattr(adata, "isbacked", False):
             adata.file.close()
 
 
 def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
-    data = adata.X if key == "X" else adata.obsm[key]
-    block = data[positions]
-    if hasattr(block, "toarray"):
-        block = block.toarray()
-    return np.asarray(block, dtype=np.float32)
+    return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
 
 
 def _control(adata: Any, control: str | None) -> str:
     if control is not None:
         return control
+    if isinstance(adata, CellsFile):
+        return adata.control or schema.CONTROL_LABEL
     provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
     found = provenance.get("control") if hasattr(provenance, "get") else None
     return str(found) if found else schema.CONTROL_LABEL
@@ -192,6 +201,11 @@ def evaluate(
         for path, key in zip(paths, keys, strict=True):
             adata = read_embedding(path)
             datasets.append(adata)
+            if key == "X" and adata.X is None:
+                raise DataError(
+                    f"{path} has no X. Name the embedding's obsm key with --key (keys: "
+                    f"{', '.join(adata.obsm.keys()) or 'none'})."
+                )
             if key != "X" and key not in adata.obsm:
                 raise DataError(
                     f"{path} has no obsm key {key!r} (keys: "
@@ -224,7 +238,7 @@ def evaluate(
                 genes.X, list(genes.obs_names), complexes, percentiles=DEFAULT_PERCENTILES
             )
             positions = subsample(adata.n_obs, max_cells=max_cells, seed=seed)
-            batches = adata.obs[batch_key].astype(str).to_numpy()[positions]
+            batches = adata.obs[batch_key].iloc[positions].astype(str).to_numpy()
             well = batch_prediction_f1(_rows(adata, key, positions), batches, seed=seed)
             rows.append(
                 {

@@ -1,0 +1,180 @@
+"""Evaluate: a lazy, read-only view of a cell-level AnnData file (``.h5ad`` or ``.zarr``).
+
+``anndata.read_h5ad(backed="r")`` leaves ``X`` on disk but reads all of ``obs`` (every
+column and the index) and every ``obsm`` array into memory, and ``anndata.read_zarr``
+reads everything. For a 1 M-cell ``embed`` output (z_c in ``X``, z_s in ``obsm``, the
+store's cell table with a unique id and image path per cell) that is about 0.6–1 kB a
+cell before any work. Evaluation needs two or three ``obs`` columns and one array, read
+in row chunks, so :func:`open_cells` opens the file with h5py / zarr, reads an ``obs``
+column only when it is asked for, and hands out the on-disk arrays, which
+:func:`scbd_cells.profiles.aggregate_profiles` and :func:`read_rows` slice a chunk at a
+time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+ROW_CHUNK = 65536
+
+
+def _read_elem(element: Any) -> Any:
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    return read_elem(element)
+
+
+def _sparse_dataset(element: Any) -> Any:
+    try:
+        from anndata.io import sparse_dataset
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import sparse_dataset
+    return sparse_dataset(element)
+
+
+def _encoding(element: Any) -> str:
+    return str(element.attrs.get("encoding-type", ""))
+
+
+def _array(element: Any) -> Any | None:
+    """An on-disk array that slices by rows: dense as it is, CSR/CSC through anndata."""
+    encoding = _encoding(element)
+    if encoding in ("csr_matrix", "csc_matrix"):
+        return _sparse_dataset(element)
+    if hasattr(element, "shape") and hasattr(element, "dtype") and encoding in ("", "array"):
+        return element
+    return None  # a data frame or another element that is not an embedding
+
+
+class ObsColumns:
+    """``obs`` read one column at a time: ``columns`` lists them, ``[name]`` reads one.
+
+    Columns read are kept (a categorical column costs its codes: 1–4 bytes a cell).
+    """
+
+    def __init__(self, group: Any) -> None:
+        self._group = group
+        order = group.attrs.get("column-order", [])
+        self.columns = pd.Index([str(name) for name in np.atleast_1d(np.asarray(order))])
+        self._read: dict[str, pd.Series] = {}
+
+    def __getitem__(self, name: str) -> pd.Series:
+        if name not in self.columns:
+            raise KeyError(name)
+        if name not in self._read:
+            self._read[name] = pd.Series(_read_elem(self._group[name]), name=name)
+        return self._read[name]
+
+
+class CellsFile:
+    """The parts of a cells AnnData that evaluation reads, without loading it.
+
+    Attributes
+    ----------
+    path
+        The file.
+    obs
+        :class:`ObsColumns` (``columns`` and ``[name] -> pandas.Series``).
+    X
+        The on-disk ``X`` (h5py dataset, zarr array or anndata sparse dataset), or None.
+    obsm
+        ``{key: on-disk array}`` for the array-valued ``obsm`` entries.
+    n_obs, n_vars
+        Cells and ``X`` columns.
+    control
+        ``uns["scbd"]["control"]`` when the file records it, else None.
+    """
+
+    def __init__(self, path: Path, root: Any) -> None:
+        self.path = path
+        self._root = root
+        obs = root["obs"]
+        self.obs = ObsColumns(obs)
+        self.n_obs = int(obs[obs.attrs["_index"]].shape[0])
+        self.X = _array(root["X"]) if "X" in root else None
+        var = root["var"] if "var" in root else None
+        self.n_vars = (
+            int(var[var.attrs["_index"]].shape[0])
+            if var is not None and "_index" in var.attrs
+            else (int(self.X.shape[1]) if self.X is not None else 0)
+        )
+        self.obsm: dict[str, Any] = {}
+        if "obsm" in root:
+            for key in root["obsm"].keys():
+                array = _array(root["obsm"][key])
+                if array is not None:
+                    self.obsm[str(key)] = array
+        self.control = self._control(root)
+        self.isbacked = True
+
+    @staticmethod
+    def _control(root: Any) -> str | None:
+        try:
+            value = _read_elem(root["uns"]["scbd"]["control"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return str(value) if value else None
+
+    def close(self) -> None:
+        """Close the file (h5py); zarr groups hold no handle."""
+        if hasattr(self._root, "close"):
+            self._root.close()
+
+
+def open_cells(path: Path) -> CellsFile | None:
+    """Open ``path`` lazily; None when the file predates AnnData's element encoding (< 0.7)."""
+    if path.suffix == ".zarr":
+        import zarr
+
+        root = zarr.open_group(path, mode="r")
+    else:
+        import h5py
+
+        root = h5py.File(path, "r")
+    try:
+        if "obs" not in root or _encoding(root["obs"]) != "dataframe":
+            if hasattr(root, "close"):
+                root.close()
+            return None
+        return CellsFile(path, root)
+    except BaseException:
+        if hasattr(root, "close"):
+            root.close()
+        raise
+
+
+def read_rows(data: Any, positions: np.ndarray, *, chunk_size: int = ROW_CHUNK) -> np.ndarray:
+    """``data[positions]`` as float32, for sorted ``positions``, reading one row chunk at a time.
+
+    Works on numpy arrays, h5py datasets, zarr arrays and anndata sparse datasets; holds
+    at most one chunk of ``chunk_size`` rows besides the result.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.size and np.any(np.diff(positions) < 0):
+        raise ValueError("positions must be sorted")
+    width = int(data.shape[1])
+    out = np.empty((len(positions), width), dtype=np.float32)
+    n_rows = int(data.shape[0])
+    done = 0
+    for start in range(0, n_rows, chunk_size):
+        low, high = np.searchsorted(positions, [start, start + chunk_size])
+        if low == high:
+            continue
+        picked = positions[low:high]
+        block = data[int(picked[0]) : int(picked[-1]) + 1]
+        if hasattr(block, "toarray"):
+            block = block.toarray()
+        out[done : done + len(picked)] = np.asarray(block)[picked - picked[0]]
+        done += len(picked)
+    if done != len(positions):
+        raise IndexError(f"positions beyond the {n_rows} rows of the array")
+    return out
