@@ -297,24 +297,37 @@ def _open_tensorstore(store: Any, *, cache_gb: float, workers: int) -> Any:
     return array
 
 
-class _ChunkFiles:
-    """Whole chunks of an unsharded Zarr v3 image array, read and blosc-decoded directly.
+_EMPTY_CHUNK = 2**64 - 1  # a shard index entry (offset, nbytes) for a chunk not written
 
-    The store's own layout (``bytes`` then ``blosc``, default chunk keys, one
-    chunk spanning whole cells) decoded the way zarr does it (numcodecs' blosc),
-    without zarr's per-call overhead, which costs more than decoding a 1 MiB
-    chunk. :meth:`open` returns None for any other layout (sharded, other
-    codecs); callers then read through tensorstore or zarr.
+
+class _ChunkFiles:
+    """Rows of a Zarr v3 image array read from its chunk files and blosc-decoded directly.
+
+    Handles the layouts ``create_store`` and ingest write: chunks of whole cells
+    with the codecs ``bytes`` (+ ``blosc``), optionally inside shards
+    (``sharding_indexed``, index at the end, ``bytes`` + ``crc32c``), default chunk
+    keys. Decoding is what zarr does (numcodecs' blosc) without zarr's per-call
+    overhead, which costs more than decoding a 1 MiB chunk. :meth:`open` returns
+    None for any other layout; callers then read through tensorstore or zarr.
     """
 
-    def __init__(self, array_dir: Path, meta: dict, shape: tuple, chunk_cells: int) -> None:
-        endian = meta["codecs"][0].get("configuration", {}).get("endian", "little")
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
+    def __init__(self, array_dir: Path, meta: dict, shape: tuple) -> None:
         self.array_dir = array_dir
         self.shape = tuple(int(size) for size in shape)
-        self.chunk_cells = chunk_cells
-        self.compressed = len(meta["codecs"]) == 2
         self.fill_value = meta.get("fill_value") or 0
+        self.outer_cells = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        codecs = meta["codecs"]
+        self.inner_cells: int | None = None  # cells per chunk inside a shard
+        if codecs[0]["name"] == "sharding_indexed":
+            shard = codecs[0]["configuration"]
+            self.inner_cells = int(shard["chunk_shape"][0])
+            self.n_inner = self.outer_cells // self.inner_cells
+            self.index_checksum = len(shard["index_codecs"]) == 2
+            codecs = shard["codecs"]
+        endian = codecs[0].get("configuration", {}).get("endian", "little")
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
+        self.compressed = len(codecs) == 2
+        self.chunk_cells = self.inner_cells or self.outer_cells  # the unit of decoding
         self._tail = "/".join(["0"] * (len(self.shape) - 1))
 
     @classmethod
@@ -322,53 +335,106 @@ class _ChunkFiles:
         import json
 
         array_dir = Path(getattr(store, "path", "")) / "images"
+        shape = tuple(store.images.shape)
         try:
             meta = json.loads((array_dir / "zarr.json").read_text())
-            chunk_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
-            codecs = [codec["name"] for codec in meta["codecs"]]
-            np.dtype(meta["data_type"])
-        except (OSError, ValueError, KeyError, TypeError):
+            grid = meta["chunk_grid"]
+            codecs = meta["codecs"]
+            key_encoding = meta.get("chunk_key_encoding", {})
+            usable = (
+                meta.get("zarr_format") == 3
+                and grid.get("name") == "regular"
+                and tuple(meta.get("shape", ())) == shape
+                and tuple(grid["configuration"]["chunk_shape"][1:]) == shape[1:]
+                and key_encoding.get("name") == "default"
+                and key_encoding.get("configuration", {}).get("separator", "/") == "/"
+                and np.dtype(meta["data_type"]).kind in "uif"
+            )
+            if usable and [codec["name"] for codec in codecs] == ["sharding_indexed"]:
+                shard = codecs[0]["configuration"]
+                outer = int(grid["configuration"]["chunk_shape"][0])
+                index_codecs = [codec["name"] for codec in shard["index_codecs"]]
+                index_endian = shard["index_codecs"][0].get("configuration", {}).get("endian")
+                usable = (
+                    tuple(shard["chunk_shape"][1:]) == shape[1:]
+                    and outer % int(shard["chunk_shape"][0]) == 0
+                    and shard.get("index_location", "end") == "end"
+                    and index_codecs in (["bytes"], ["bytes", "crc32c"])
+                    and index_endian in (None, "little")
+                )
+                codecs = shard["codecs"]
+            usable = usable and [codec["name"] for codec in codecs] in (
+                ["bytes"],
+                ["bytes", "blosc"],
+            )
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             return None
-        shape = tuple(store.images.shape)
-        key_encoding = meta.get("chunk_key_encoding", {})
-        usable = (
-            meta.get("zarr_format") == 3
-            and meta["chunk_grid"].get("name") == "regular"
-            and tuple(meta.get("shape", ())) == shape
-            and tuple(chunk_shape[1:]) == shape[1:]
-            and codecs in (["bytes"], ["bytes", "blosc"])
-            and key_encoding.get("name") == "default"
-            and key_encoding.get("configuration", {}).get("separator", "/") == "/"
-        )
-        return cls(array_dir, meta, shape, int(chunk_shape[0])) if usable else None
+        return cls(array_dir, meta, shape) if usable else None
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)``, ``start`` a multiple of the chunk length."""
+        """Rows ``[start, stop)`` of the array, ``(stop - start, C, H, W)``."""
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        outer = self.outer_cells
+        for first in range(start - start % outer, stop, outer):
+            lo, hi = max(start, first) - first, min(stop, first + outer) - first
+            target = out[first + lo - start : first + hi - start]
+            path = self.array_dir / "c" / str(first // outer) / self._tail
+            if self.inner_cells is None:
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:  # zarr does not write a chunk that is all fill value
+                    target[:] = self.fill_value
+                    continue
+                self._decode(data, lo, hi, target)
+            else:
+                self._read_shard(path, lo, hi, target)
+        return out
+
+    def _decode(self, data: Any, lo: int, hi: int, target: np.ndarray) -> None:
+        """Rows ``[lo, hi)`` of one encoded chunk into ``target``."""
         from numcodecs import blosc
 
         chunk = self.chunk_cells
-        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
-        scratch = None
-        for first in range(start, stop, chunk):
-            n_rows = min(chunk, stop - first)
-            path = self.array_dir / "c" / str(first // chunk) / self._tail
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:  # zarr does not write a chunk that is all fill value
-                out[first - start : first - start + n_rows] = self.fill_value
-                continue
-            if n_rows == chunk:  # decode straight into the output
-                target = out[first - start : first - start + n_rows]
-            else:  # edge chunks are stored full size
-                scratch = np.empty((chunk, *self.shape[1:]), self.dtype)
-                target = scratch
-            if self.compressed:
-                blosc.decompress(data, target)
+        whole = lo == 0 and hi == chunk
+        buffer = target if whole else np.empty((chunk, *self.shape[1:]), self.dtype)
+        if self.compressed:
+            blosc.decompress(data, buffer)
+        else:
+            buffer.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+        if not whole:  # a chunk only partly wanted, or an edge chunk (stored full size)
+            target[:] = buffer[lo:hi]
+
+    def _read_shard(self, path: Path, lo: int, hi: int, target: np.ndarray) -> None:
+        from numcodecs import CRC32C
+
+        inner = self.inner_cells
+        index_bytes = 16 * self.n_inner + 4 * self.index_checksum
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(-index_bytes, os.SEEK_END)
+                raw = handle.read(index_bytes)
+                if self.index_checksum:
+                    raw = CRC32C().decode(raw)  # raises if the index is corrupt
+                index = np.frombuffer(raw, "<u8").reshape(self.n_inner, 2)
+                first, last = lo // inner, (hi - 1) // inner + 1
+                wanted = index[first:last]
+                present = wanted[:, 0] != _EMPTY_CHUNK
+                if present.any():
+                    begin = int(wanted[present, 0].min())
+                    end = int((wanted[present, 0] + wanted[present, 1]).max())
+                    handle.seek(begin)
+                    data = memoryview(handle.read(end - begin))
+        except FileNotFoundError:
+            target[:] = self.fill_value
+            return
+        for j, (offset, nbytes) in enumerate(wanted.tolist(), start=first):
+            a, b = max(lo, j * inner), min(hi, (j + 1) * inner)
+            part = target[a - lo : b - lo]
+            if offset == _EMPTY_CHUNK:
+                part[:] = self.fill_value
             else:
-                target.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
-            if target is scratch:
-                out[first - start : first - start + n_rows] = scratch[:n_rows]
-        return out
+                self._decode(data[offset - begin : offset - begin + nbytes], a - j * inner,
+                             b - j * inner, part)  # fmt: skip
 
 
 class SegmentReader:
