@@ -6,9 +6,12 @@ Measures, in one run on one store:
   model: for every cell of a balanced batch, a pandas row, a read of that one
   cell from the store, a torchvision resize, then a pandas concat per batch;
 - :class:`scbd_cells.data.loader.BalancedLoader` with the images cached in
-  memory, and with a cache budget smaller than the store (tensorstore, then
-  zarr-python), each followed by the device-side ``Preprocessor`` (uint ->
-  normalised float) so both sides deliver model-ready tensors.
+  memory (also followed by the device-side ``Preprocessor``, uint ->
+  normalised float, so that both sides deliver model-ready tensors), and with
+  a cache budget smaller than the store: segment reads (``backend="chunks"``,
+  what ``auto`` picks then: whole chunks decoded and kept, the sampler drawing
+  each class segment by segment) at half the store and at 1.25 x one segment
+  per class, then per-row reads through tensorstore and zarr-python.
 
 Rates are cells per wall second and cells per CPU second of the process (all
 threads), the per-core figure the ratio is taken on. Examples::
@@ -30,7 +33,7 @@ import torchvision.transforms.functional as TF
 from common import add_store_arguments, benchmark_store, markdown_table, peak_rss_gb, record
 
 from scbd_cells.data import schema
-from scbd_cells.data.loader import BalancedLoader
+from scbd_cells.data.loader import BalancedLoader, SegmentReader
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.model.preprocess import Preprocessor
 
@@ -73,9 +76,12 @@ def _sampler(store, args, seed: int) -> BalancedBatchSampler:
     )
 
 
-def _time(run_batch, n_batches: int, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """(cells per wall second, cells per CPU second) over ``n_batches`` after one warm-up."""
-    run_batch()
+def _time(
+    run_batch, n_batches: int, batch_size: int, device: torch.device, *, warmup: int = 1
+) -> tuple[float, float]:
+    """(cells per wall second, cells per CPU second) over ``n_batches`` after ``warmup``."""
+    for _ in range(warmup):
+        run_batch()
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -99,6 +105,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="loader threads")
     parser.add_argument("--prefetch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--chunks-warmup",
+        type=int,
+        default=30,
+        help="untimed batches before timing segment reads (each class's first segment is "
+        "decoded on its first draw: a one-off, like the in-memory copy)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -115,12 +128,18 @@ def main() -> None:
     ref_wall, ref_cpu = _time(reference.next_batch, args.reference_batches, batch_size, device)
     rows.append(["reference (row at a time)", "zarr, 1 row", 0, ref_wall, ref_cpu, 1.0])
 
+    n_classes = len(_sampler(store, args, 0).classes)
+    segment_gb = SegmentReader(store, budget_gb=0).recommended_gb(n_classes)
+    per_class_gb = min(1.25 * segment_gb, 0.9 * store_gb)  # still smaller than the store
     configs = [
         ("memory", 2 * store_gb + 1, False),
         ("memory", 2 * store_gb + 1, True),
+        ("chunks", store_gb / 2, False),
+        ("chunks", per_class_gb, False),
         ("tensorstore", store_gb / 2, False),
         ("zarr", store_gb / 2, False),
     ]
+    decodes = []
     for backend, cache_gb, with_preprocess in configs:
         loader = BalancedLoader(
             store,
@@ -138,26 +157,43 @@ def main() -> None:
             if with_preprocess:
                 preprocess(batch.images)
 
-        wall, cpu = _time(run_batch, n_batches, batch_size, device)
+        warmup = args.chunks_warmup if backend == "chunks" else 1
+        if backend == "chunks":
+            n_batches = args.batches
+            assert loader.backend == "chunks"
+        wall, cpu = _time(run_batch, n_batches, batch_size, device, warmup=warmup)
         name = "BalancedLoader" + (" + Preprocessor" if with_preprocess else "")
         label = f"{backend}, cache budget {cache_gb:.2f} GB"
+        if backend == "chunks":
+            label = f"segments ({loader.reader.backend}), cache budget {cache_gb:.2f} GB"
+            decodes.append((warmup + n_batches) * batch_size / loader.reader.decoded_segments)
         rows.append([name, label, args.workers, wall, cpu, cpu / ref_cpu])
         loader.close()
 
     memory_cpu = rows[1][4]
+    cpu_of = {row[1].split(",")[0]: row[4] for row in rows[4:]}
+    half, per_class = (rows[3][4], rows[4][4])
+    shards = getattr(store.images, "shards", None)
+    shards = f" in shards {tuple(shards)}" if shards else ""
     body = markdown_table(
         ["loader", "reads", "threads", "cells/s", "cells/CPU-s", "× reference per core"], rows
     )
     body += (
         f"\n\nStore: {store.n_cells:,} cells, {store.n_channels} × {image_size} px "
-        f"{store.dtype}, {store_gb:.2f} GB, chunks {tuple(store.images.chunks)}; batches of "
+        f"{store.dtype}, {store_gb:.2f} GB, chunks {tuple(store.images.chunks)}"
+        f"{shards}; batches of "
         f"{args.classes_per_batch} classes × {args.cells_per_class} cells on {device}. "
         f"Per core, the loader alone is {memory_cpu / ref_cpu:.0f}× this reference and "
         f"{memory_cpu / OFFICIAL_CELLS_PER_CORE:.1f}× the official path's "
         f"{OFFICIAL_CELLS_PER_CORE:,} cells/s per core quoted in DESIGN.md. "
-        f"Store larger than the cache budget vs in memory (per core): tensorstore "
-        f"{memory_cpu / rows[3][4]:.1f}× slower, zarr-python {memory_cpu / rows[4][4]:.1f}× "
-        f"slower. Peak RSS {peak_rss_gb():.2f} GB."
+        f"Store larger than the cache budget vs in memory (per core): segment reads "
+        f"{memory_cpu / half:.2f}× slower with a budget of half the store and "
+        f"{memory_cpu / per_class:.2f}× with {per_class_gb:.2f} GB (1.25 × one "
+        f"{segment_gb / n_classes * 1e3:.2f} MB segment for each of the {n_classes} classes; "
+        f"{' and '.join(f'{v:.1f}' for v in decodes)} cells drawn per segment "
+        f"decoded, first {args.chunks_warmup} batches included but untimed); per-row reads: "
+        f"tensorstore {memory_cpu / cpu_of['tensorstore']:.1f}× slower, zarr-python "
+        f"{memory_cpu / cpu_of['zarr']:.1f}× slower. Peak RSS {peak_rss_gb():.2f} GB."
     )
     record("Loader: balanced batches vs the one-row-at-a-time path", body, enabled=args.record)
 
