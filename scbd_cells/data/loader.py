@@ -515,41 +515,52 @@ class SegmentReader:
         segment = indices // self.segment_cells
         order = np.argsort(segment, kind="stable")
         cuts = np.flatnonzero(np.diff(segment[order])) + 1
-        bounds = np.concatenate([[0], cuts, [len(indices)]])
-        segments = [int(s) for s in segment[order[bounds[:-1]]]] if len(indices) else []
-        mine: list[tuple[int, Future]] = []
+        bounds = np.concatenate([[0], cuts, [len(indices)]]).tolist()
+        segments = segment[order[bounds[:-1]]].tolist() if len(indices) else []
+        mine: list[tuple[int, list]] = []
         with self._lock:
-            futures = []
+            entries = []
             for s in segments:
                 entry = self._kept.get(s)
-                if entry is None:
-                    entry = self._kept[s] = [Future(), 0, 0]
-                    mine.append((s, entry[0]))
+                if entry is None:  # [decoded rows or None, reads holding it, bytes, Future]
+                    entry = self._kept[s] = [None, 0, 0, Future()]
+                    mine.append((s, entry))
                 entry[1] += 1
                 self._kept.move_to_end(s)
-                futures.append(entry[0])
+                entries.append(entry)
         try:
             if mine:
-                try:
-                    decoded = self._decode([s for s, _ in mine])
-                except BaseException as error:
-                    for _, future in mine:
-                        future.set_exception(error)
-                    raise
-                with self._lock:
-                    for (s, future), rows in zip(mine, decoded, strict=True):
-                        self._kept[s][2] = rows.nbytes
-                        self.kept_bytes += rows.nbytes
-                        self.decoded_segments += 1
-                        future.set_result(rows)
+                self._fill(mine)
             out = np.empty((len(indices), *self.store.images.shape[1:]), self.store.images.dtype)
-            for i, future in enumerate(futures):
-                rows = future.result()
-                positions = order[bounds[i] : bounds[i + 1]]
-                out[positions] = rows[indices[positions] - segments[i] * self.segment_cells]
+            for i, entry in enumerate(entries):
+                rows = entry[0] if entry[0] is not None else entry[3].result()
+                first, last = bounds[i], bounds[i + 1]
+                positions = order[first:last]
+                local = indices[positions] - segments[i] * self.segment_cells
+                # positions ascend (stable sort): a run when a class's cells sit together
+                if positions[-1] - positions[0] == last - first - 1:  # one copy, no temporary
+                    np.take(rows, local, axis=0, out=out[positions[0] : positions[-1] + 1])
+                else:
+                    out[positions] = rows[local]
             return out
         finally:
             self._release(segments)
+
+    def _fill(self, mine: list[tuple[int, list]]) -> None:
+        try:
+            decoded = self._decode([s for s, _ in mine])
+        except BaseException as error:
+            with self._lock:
+                for _, entry in mine:
+                    entry[3].set_exception(error)
+                    entry[2] = -1  # failed: dropped when released, decoded again next time
+            raise
+        with self._lock:
+            for (_, entry), rows in zip(mine, decoded, strict=True):
+                entry[0], entry[2] = rows, rows.nbytes
+                self.kept_bytes += rows.nbytes
+                self.decoded_segments += 1
+                entry[3].set_result(rows)
 
     def _release(self, segments: Sequence[int]) -> None:
         with self._lock:
@@ -558,9 +569,8 @@ class SegmentReader:
                 if entry is None:
                     continue
                 entry[1] -= 1
-                future = entry[0]
-                if entry[1] == 0 and future.done() and future.exception() is not None:
-                    del self._kept[s]  # a failed decode is tried again by the next read
+                if entry[1] == 0 and entry[2] < 0:
+                    del self._kept[s]
             if self.kept_bytes <= self.budget_bytes:
                 return
             for s in [s for s, entry in self._kept.items() if entry[1] == 0]:
