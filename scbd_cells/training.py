@@ -528,12 +528,29 @@ class _ValidationSet:
         batch_codes: np.ndarray,
         val_rows: np.ndarray,
     ) -> _ValidationSet:
+        # Val batches draw without replacement when the val split allows: a cell drawn
+        # twice is a perfect positive and would pull the val SupCon below its true value.
+        # Classes with fewer val cells than the batch's cells per class are left out; if
+        # that leaves too few classes for a full batch, draw with replacement instead.
+        counts = np.bincount(perturbation_codes[val_rows])
+        per_class = config.cells_per_class
+        eligible_rows = val_rows[counts[perturbation_codes[val_rows]] >= per_class]
+        n_eligible = len(np.unique(perturbation_codes[eligible_rows]))
+        if n_eligible >= min(config.classes_per_batch, int(np.count_nonzero(counts))):
+            val_rows = eligible_rows
+        else:
+            logger.warning(
+                "The val split has fewer than %d cells in almost every class: val batches "
+                "repeat cells, so the val SupCon losses read low. Ingest with a larger val "
+                "fraction (--split-fractions).",
+                per_class,
+            )
         n_val_classes = len(np.unique(perturbation_codes[val_rows]))
         sampler = BalancedBatchSampler(
             perturbation_codes,
             val_rows,
             classes_per_batch=min(config.classes_per_batch, n_val_classes),
-            cells_per_class=config.cells_per_class,
+            cells_per_class=per_class,
             seed=config.seed + 1,
         )
         batches, all_rows = [], []

@@ -273,3 +273,33 @@ def test_ctrl_c_saves_last_and_returns(
     assert result.interrupted and result.step == 3
     assert load_checkpoint(result.last_checkpoint_path)["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_val_batches_do_not_repeat_cells_when_the_split_allows(tmp_path: Path) -> None:
+    """A cell drawn twice is a perfect positive: val batches avoid it when they can."""
+    from scbd_cells.data import schema
+    from scbd_cells.data.store import open_store
+    from scbd_cells.training import _ValidationSet
+
+    store_path = _make_store(tmp_path / "wide_val.zarr")
+    store = open_store(store_path)
+    # Re-split: the fixture store's 15 % val has ~3.6 cells a class, below cells_per_class.
+    obs_split = np.where(np.arange(store.n_cells) % 2 == 0, "val", "train")
+    perturbation, _ = store.codes(schema.PERTURBATION)
+    batch, _ = store.codes(schema.BATCH)
+    config = resolve_train_config(overrides={**FAST, "val_batches": 4})
+    val_rows = np.flatnonzero(obs_split == "val")  # 12 cells a class
+    validation = _ValidationSet.build(store, config, perturbation, batch, val_rows)
+    batch_size = config.classes_per_batch * config.cells_per_class
+    for start in range(0, len(validation.rows), batch_size):
+        rows = validation.rows[start : start + batch_size]
+        assert len(np.unique(rows)) == batch_size
+
+    # Too few val cells a class: drawn with replacement, and the run says so.
+    sparse_rows = val_rows[perturbation[val_rows] < 2]  # 2 classes < classes_per_batch
+    sparse_rows = np.concatenate(
+        [sparse_rows, [np.flatnonzero(perturbation == k)[0] for k in range(2, 8)]]
+    )
+    validation = _ValidationSet.build(store, config, perturbation, batch, sparse_rows)
+    first = validation.rows[:batch_size]
+    assert len(np.unique(first)) < batch_size
