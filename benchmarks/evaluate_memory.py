@@ -31,7 +31,7 @@ CHILD = """
 import json, sys, time
 import torch
 torch.set_num_threads({threads})
-sys.argv = ["scbd-cells", "evaluate", *{args!r}]
+sys.argv = ["scbd-cells", *{args!r}]
 from scbd_cells.cli import main
 start = time.perf_counter()
 try:
@@ -135,6 +135,50 @@ def write_cells(
         writer.close()
 
 
+def run_cli(cli_args: list[str], *, threads: int) -> dict:
+    """Run ``scbd-cells CLI_ARGS`` in a fresh child process: its own peak RSS and wall time."""
+    env_threads = {
+        name: str(threads)
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD.format(threads=threads, args=cli_args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env_threads},
+    )
+    if child.returncode != 0:
+        sys.exit(f"scbd-cells {cli_args[0]} failed:\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def baseline_rows(args: argparse.Namespace, work_dir: Path) -> list[list[str]]:
+    """``scbd-cells baseline`` on synthetic stores (``common.synthetic_store``)."""
+    from common import synthetic_store
+
+    rows = []
+    for n_cells in [int(n) for n in args.baseline_cells.split(",") if n]:
+        size = args.baseline_image_size
+        store_path = work_dir.parent / f"synthetic_{n_cells}_1000_{size}.zarr"
+        synthetic_store(store_path, n_cells=n_cells, n_classes=1000, image_size=size)
+        out = work_dir / f"baseline_{n_cells}.h5ad"
+        result = run_cli(
+            ["baseline", str(store_path), "--out", str(out), "--overwrite"], threads=args.threads
+        )
+        rows.append(
+            [
+                f"{n_cells:,}",
+                f"4 x {size} px",
+                f"{out.stat().st_size / 1e9:.2f}",
+                f"{result['peak_gb']:.2f}",
+                f"{result['seconds']:.1f}",
+            ]
+        )
+        out.unlink()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", default="100000,1000000", help="comma-separated cell counts")
@@ -144,6 +188,10 @@ def main() -> None:
     parser.add_argument("--key", default="X", help="X or X_scbd_batch (the embedding evaluated)")
     parser.add_argument("--max-cells", type=int, default=50_000, help="well-probe cell cap")
     parser.add_argument("--threads", type=int, default=1, help="torch/BLAS threads of the child")
+    parser.add_argument(
+        "--baseline-cells", default="", help="also run `scbd-cells baseline` on stores this big"
+    )
+    parser.add_argument("--baseline-image-size", type=int, default=16)
     parser.add_argument("--work-dir", default="/tmp/scbd-bench/evaluate")
     parser.add_argument("--keep", action="store_true", help="keep the cells files for a re-run")
     parser.add_argument("--record", action="store_true", help="append to docs/performance.md")
@@ -151,10 +199,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # the machine line names the child's thread count
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    env_threads = {
-        name: str(args.threads)
-        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    }
     rows = []
     for n_cells in [int(n) for n in args.cells.split(",")]:
         for suffix in args.format.split(","):
@@ -171,19 +215,11 @@ def main() -> None:
                 )
             report_dir = work_dir / f"report_{n_cells}_{suffix}"
             cli_args = [
-                str(cells_path), "--corum", str(complexes_path), "--out", str(report_dir),
-                "--key", args.key, "--max-cells", str(args.max_cells), "--overwrite",
+                "evaluate", str(cells_path), "--corum", str(complexes_path),
+                "--out", str(report_dir), "--key", args.key,
+                "--max-cells", str(args.max_cells), "--overwrite",
             ]  # fmt: skip
-            child = subprocess.run(
-                [sys.executable, "-c", CHILD.format(threads=args.threads, args=cli_args)],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                env={**os.environ, **env_threads},
-            )
-            if child.returncode != 0:
-                sys.exit(f"evaluate failed:\n{child.stderr[-4000:]}")
-            result = json.loads(child.stdout.strip().splitlines()[-1])
+            result = run_cli(cli_args, threads=args.threads)
             metrics = json.loads((report_dir / "metrics.json").read_text())["embeddings"]
             scores = next(iter(metrics.values()))
             file_gb = (
@@ -227,6 +263,16 @@ def main() -> None:
         f"per file running `scbd-cells evaluate` with {args.threads} thread(s); peak RSS is "
         "its own VmHWM (Python, numpy, sklearn, anndata and matplotlib included)."
     )
+    baseline = baseline_rows(args, work_dir)
+    if baseline:
+        body += "\n\n" + markdown_table(
+            ["cells", "store images", "output file GB", "baseline peak RSS GB", "seconds"],
+            baseline,
+        )
+        body += (
+            "\n\n`scbd-cells baseline` on synthetic stores (`benchmarks/common.py`, 1,000 "
+            f"perturbations), in a child process with {args.threads} thread(s), VmHWM as above."
+        )
     record("Evaluate memory: peak RSS vs cells", body, enabled=args.record)
 
 

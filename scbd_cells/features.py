@@ -343,8 +343,10 @@ def baseline(
     features -= mean.astype(np.float32)
     features /= np.where(std > 0, std, 1.0).astype(np.float32)
     components = min(n_components, features.shape[1], store.n_cells)
-    pca = PCA(n_components=components, svd_solver="covariance_eigh", random_state=seed)
-    reduced = pca.fit_transform(features).astype(np.float32)
+    # copy=False: the covariance_eigh solver reads the features without changing them, so
+    # no second N x F matrix; the projection is float32 already (no copy either).
+    pca = PCA(n_components=components, svd_solver="covariance_eigh", random_state=seed, copy=False)
+    reduced = pca.fit_transform(features).astype(np.float32, copy=False)
     explained = float(pca.explained_variance_ratio_.sum())
 
     adata = ad.AnnData(X=reduced, obs=store_obs_for_anndata(store))

@@ -127,3 +127,16 @@ def test_baseline_writes_anndata(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="already exists"):
         baseline(store_path, out=tmp_path / "baseline.h5ad")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.zarr", "baseline.h5ad", "s.zarr"]
+
+
+def test_baseline_pca_equals_sklearn_with_copy(tmp_path: Path) -> None:
+    """The PCA reads the features without copying them and gives sklearn's copying result."""
+    from sklearn.decomposition import PCA
+
+    result = baseline(_store(tmp_path), out=tmp_path / "baseline.h5ad", n_components=12)
+    adata = ad.read_h5ad(result.out_path)
+    features = np.asarray(adata.obsm["X_features"])
+    np.testing.assert_allclose(features.mean(axis=0), 0, atol=1e-5)  # still standardised
+    pca = PCA(n_components=12, svd_solver="covariance_eigh", random_state=0)  # copy=True
+    np.testing.assert_array_equal(adata.X, pca.fit_transform(features.copy()).astype(np.float32))
+    assert result.explained_variance == float(pca.explained_variance_ratio_.sum())
