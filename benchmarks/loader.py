@@ -76,17 +76,38 @@ def _sampler(store, args, seed: int) -> BalancedBatchSampler:
     )
 
 
+def _settle(loaders) -> None:
+    """Wait until every loader's prefetched batches are read, so no thread works in the background.
+
+    Each timed window starts and ends settled: the reads done in it are then
+    exactly those of the batches it consumed (the prefetch queue is as full at
+    the end as at the start), and no other loader's prefetching runs in it.
+    """
+    for loader in loaders:
+        for _, pending in loader._pending:  # benchmark-only peek at the prefetch queue
+            if hasattr(pending, "result"):
+                pending.result()
+
+
 def _time(
-    run_batch, n_batches: int, batch_size: int, device: torch.device, *, warmup: int = 1
+    run_batch,
+    n_batches: int,
+    batch_size: int,
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    loaders=(),
 ) -> tuple[float, float]:
     """(cells per wall second, cells per CPU second) over ``n_batches`` after ``warmup``."""
     for _ in range(warmup):
         run_batch()
+    _settle(loaders)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(n_batches):
         run_batch()
+    _settle(loaders)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -112,6 +133,7 @@ def main() -> None:
         help="untimed batches before timing segment reads (each class's first segment is "
         "decoded on its first draw: a one-off, like the in-memory copy)",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of timed windows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -131,7 +153,7 @@ def main() -> None:
     n_classes = len(_sampler(store, args, 0).classes)
     segment_gb = SegmentReader(store, budget_gb=0).recommended_gb(n_classes)
     per_class_gb = min(1.25 * segment_gb, 0.9 * store_gb)  # still smaller than the store
-    configs = [
+    configs = [  # (reads, cache budget GB, with the Preprocessor)
         ("memory", 2 * store_gb + 1, False),
         ("memory", 2 * store_gb + 1, True),
         ("chunks", store_gb / 2, False),
@@ -139,40 +161,66 @@ def main() -> None:
         ("tensorstore", store_gb / 2, False),
         ("zarr", store_gb / 2, False),
     ]
+    loaders = {}  # one loader per reads and budget (the Preprocessor row reuses the memory one)
+    for backend, cache_gb, _ in configs:
+        if (backend, cache_gb) not in loaders:
+            loaders[backend, cache_gb] = BalancedLoader(
+                store,
+                _sampler(store, args, 0),
+                device=device,
+                cache_gb=cache_gb,
+                workers=args.workers,
+                prefetch=args.prefetch,
+                backend=backend,
+            )
+            assert loaders[backend, cache_gb].backend == backend or backend != "chunks"
+            warmup = args.chunks_warmup if backend == "chunks" else 1
+            for _ in range(warmup):
+                next(loaders[backend, cache_gb])
+
+    # Timed windows, the configurations taking turns, `--repeats` rounds: on a shared machine
+    # the load changes over seconds, and a ratio from one round compares neighbours in time.
+    rates = {config: [] for config in configs}
+    all_loaders = list(loaders.values())
+    for _ in range(args.repeats):
+        for backend, cache_gb, with_preprocess in configs:
+            loader = loaders[backend, cache_gb]
+
+            def run_batch(loader=loader, with_preprocess=with_preprocess) -> None:
+                batch = next(loader)
+                if with_preprocess:
+                    preprocess(batch.images)
+
+            slow = backend in ("tensorstore", "zarr")
+            n_batches = max(2, args.batches // 4) if slow else args.batches
+            rates[backend, cache_gb, with_preprocess].append(
+                _time(run_batch, n_batches, batch_size, device, warmup=0, loaders=all_loaders)
+            )
     decodes = []
+    for (backend, _), loader in loaders.items():
+        if backend == "chunks":  # batches drawn, prefetched ones included (read or in flight)
+            drawn = loader.sampler.batches_drawn * batch_size
+            decodes.append(drawn / loader.reader.decoded_segments)
+        loader.close()
+
+    def median(config, which: int) -> float:
+        return float(np.median([rate[which] for rate in rates[config]]))
+
     for backend, cache_gb, with_preprocess in configs:
-        loader = BalancedLoader(
-            store,
-            _sampler(store, args, 0),
-            device=device,
-            cache_gb=cache_gb,
-            workers=args.workers,
-            prefetch=args.prefetch,
-            backend=backend,
-        )
-        n_batches = args.batches if backend == "memory" else max(2, args.batches // 4)
-
-        def run_batch(loader=loader, with_preprocess=with_preprocess) -> None:
-            batch = next(loader)
-            if with_preprocess:
-                preprocess(batch.images)
-
-        warmup = args.chunks_warmup if backend == "chunks" else 1
-        if backend == "chunks":
-            n_batches = args.batches
-            assert loader.backend == "chunks"
-        wall, cpu = _time(run_batch, n_batches, batch_size, device, warmup=warmup)
+        config = (backend, cache_gb, with_preprocess)
         name = "BalancedLoader" + (" + Preprocessor" if with_preprocess else "")
         label = f"{backend}, cache budget {cache_gb:.2f} GB"
         if backend == "chunks":
-            label = f"segments ({loader.reader.backend}), cache budget {cache_gb:.2f} GB"
-            decodes.append((warmup + n_batches) * batch_size / loader.reader.decoded_segments)
+            label = f"segments ({loaders[backend, cache_gb].reader.backend}), {label[8:]}"
+        wall, cpu = median(config, 0), median(config, 1)
         rows.append([name, label, args.workers, wall, cpu, cpu / ref_cpu])
-        loader.close()
+
+    def slower(config) -> str:
+        """Median over rounds of (memory / config) per core, with the range."""
+        ratios = [m[1] / c[1] for m, c in zip(rates[configs[0]], rates[config], strict=True)]
+        return f"{np.median(ratios):.2f}× (rounds: {min(ratios):.2f}–{max(ratios):.2f})"
 
     memory_cpu = rows[1][4]
-    cpu_of = {row[1].split(",")[0]: row[4] for row in rows[4:]}
-    half, per_class = (rows[3][4], rows[4][4])
     shards = getattr(store.images, "shards", None)
     shards = f" in shards {tuple(shards)}" if shards else ""
     body = markdown_table(
@@ -182,18 +230,19 @@ def main() -> None:
         f"\n\nStore: {store.n_cells:,} cells, {store.n_channels} × {image_size} px "
         f"{store.dtype}, {store_gb:.2f} GB, chunks {tuple(store.images.chunks)}"
         f"{shards}; batches of "
-        f"{args.classes_per_batch} classes × {args.cells_per_class} cells on {device}. "
+        f"{args.classes_per_batch} classes × {args.cells_per_class} cells on {device}; "
+        f"medians of {args.repeats} rounds in which the loaders take turns. "
         f"Per core, the loader alone is {memory_cpu / ref_cpu:.0f}× this reference and "
         f"{memory_cpu / OFFICIAL_CELLS_PER_CORE:.1f}× the official path's "
         f"{OFFICIAL_CELLS_PER_CORE:,} cells/s per core quoted in DESIGN.md. "
         f"Store larger than the cache budget vs in memory (per core): segment reads "
-        f"{memory_cpu / half:.2f}× slower with a budget of half the store and "
-        f"{memory_cpu / per_class:.2f}× with {per_class_gb:.2f} GB (1.25 × one "
+        f"{slower(configs[2])} slower with a budget of half the store and "
+        f"{slower(configs[3])} with {per_class_gb:.2f} GB (1.25 × one "
         f"{segment_gb / n_classes * 1e3:.2f} MB segment for each of the {n_classes} classes; "
-        f"{' and '.join(f'{v:.1f}' for v in decodes)} cells drawn per segment "
-        f"decoded, first {args.chunks_warmup} batches included but untimed); per-row reads: "
-        f"tensorstore {memory_cpu / cpu_of['tensorstore']:.1f}× slower, zarr-python "
-        f"{memory_cpu / cpu_of['zarr']:.1f}× slower. Peak RSS {peak_rss_gb():.2f} GB."
+        f"{' and '.join(f'{v:.1f}' for v in decodes)} cells drawn per segment decoded, "
+        f"the {args.chunks_warmup} untimed warm-up batches included); per-row reads: "
+        f"tensorstore {slower(configs[4])}, zarr-python {slower(configs[5])} slower. "
+        f"Peak RSS {peak_rss_gb():.2f} GB."
     )
     record("Loader: balanced batches vs the one-row-at-a-time path", body, enabled=args.record)
 
