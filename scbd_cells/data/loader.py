@@ -371,9 +371,10 @@ class _ChunkFiles:
             return None
         return cls(array_dir, meta, shape) if usable else None
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of the array, ``(stop - start, C, H, W)``."""
-        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+    def read(self, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of the array, ``(stop - start, C, H, W)`` (into ``out``)."""
+        if out is None:
+            out = np.empty((stop - start, *self.shape[1:]), self.dtype)
         outer = self.outer_cells
         for first in range(start - start % outer, stop, outer):
             lo, hi = max(start, first) - first, min(stop, first + outer) - first
@@ -492,6 +493,9 @@ class SegmentReader:
         self._kept: OrderedDict[int, list] = OrderedDict()
         self.kept_bytes = 0
         self.decoded_segments = 0  # segments decoded so far (statistics)
+        # Buffers of dropped segments, decoded into again: a fresh 1 MiB array costs ~256 page
+        # faults on first touch, about as much CPU as decoding into it.
+        self._spare: list[np.ndarray] = []
 
     def recommended_gb(self, n_segments: int) -> float:
         """Budget (GB) that keeps ``n_segments`` decoded segments (e.g. one per class)."""
@@ -503,7 +507,14 @@ class SegmentReader:
             for s in segments
         ]
         if self._files is not None:
-            return [self._files.read(a, b) for a, b in bounds]
+            decoded = []
+            for a, b in bounds:
+                with self._lock:
+                    spare = (
+                        self._spare.pop() if self._spare and b - a == self.segment_cells else None
+                    )
+                decoded.append(self._files.read(a, b, out=spare))
+            return decoded
         if self._tensorstore is not None:
             futures = [self._tensorstore[a:b].read() for a, b in bounds]  # decoded concurrently
             return [future.result() for future in futures]
@@ -574,7 +585,10 @@ class SegmentReader:
             if self.kept_bytes <= self.budget_bytes:
                 return
             for s in [s for s, entry in self._kept.items() if entry[1] == 0]:
-                self.kept_bytes -= self._kept.pop(s)[2]
+                rows, _, nbytes, _ = self._kept.pop(s)
+                self.kept_bytes -= nbytes
+                if rows is not None and len(rows) == self.segment_cells and len(self._spare) < 64:
+                    self._spare.append(rows)  # no read holds it: batches are copies
                 if self.kept_bytes <= self.budget_bytes:
                     break
 
