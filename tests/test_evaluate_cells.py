@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -89,11 +90,16 @@ def test_read_rows_equals_fancy_indexing(tmp_path: Path) -> None:
         read_rows(values, np.array([3, 1]))
 
 
-@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr", "anndata-default.zarr"])
 def test_cells_file_reads_what_anndata_reads(tmp_path: Path, suffix: str) -> None:
     adata = _cells()
     path = tmp_path / f"cells{suffix}"
-    write_anndata(adata, path, overwrite=False)
+    if suffix.startswith("anndata"):  # zarr v2 on purpose: files that anndata 0.12 writes
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Writing zarr v2", category=UserWarning)
+            adata.write_zarr(path)
+    else:
+        write_anndata(adata, path, overwrite=False)
     cells = open_cells(path)
     assert isinstance(cells, CellsFile)
     try:
@@ -192,3 +198,11 @@ def test_profiles_equal_from_categorical_and_string_labels() -> None:
     clash.obs["guide"] = pd.Categorical(guide)
     with pytest.raises(DataError, match="Guide 'g2_0' is assigned to more than one"):
         aggregate_profiles(clash, control="NTC")
+
+
+def test_not_anndata_is_a_data_error(tmp_path: Path, corum_file: Path) -> None:
+    with h5py.File(tmp_path / "plain.h5ad", "w") as handle:
+        handle.create_dataset("X", data=np.zeros((3, 2)))
+    with pytest.raises(DataError, match="Could not read"):
+        evaluate([tmp_path / "plain.h5ad"], corum=corum_file, out=tmp_path / "report")
+    assert not (tmp_path / "report").exists()

@@ -80,7 +80,7 @@ class CellsFile:
 
     Attributes
     ----------
-    path
+    cells_path
         The file.
     obs
         :class:`ObsColumns` (``columns`` and ``[name] -> pandas.Series``).
@@ -94,8 +94,8 @@ class CellsFile:
         ``uns["scbd"]["control"]`` when the file records it, else None.
     """
 
-    def __init__(self, path: Path, root: Any) -> None:
-        self.path = path
+    def __init__(self, cells_path: Path, root: Any) -> None:
+        self.cells_path = cells_path
         self._root = root
         obs = root["obs"]
         self.obs = ObsColumns(obs)
@@ -130,22 +130,22 @@ class CellsFile:
             self._root.close()
 
 
-def open_cells(path: Path) -> CellsFile | None:
-    """Open ``path`` lazily; None when the file predates AnnData's element encoding (< 0.7)."""
-    if path.suffix == ".zarr":
+def open_cells(cells_path: Path) -> CellsFile | None:
+    """Open a cells AnnData lazily; None when it predates AnnData's element encoding (< 0.7)."""
+    if cells_path.suffix == ".zarr":
         import zarr
 
-        root = zarr.open_group(path, mode="r")
+        root = zarr.open_group(cells_path, mode="r")
     else:
         import h5py
 
-        root = h5py.File(path, "r")
+        root = h5py.File(cells_path, "r")
     try:
         if "obs" not in root or _encoding(root["obs"]) != "dataframe":
             if hasattr(root, "close"):
                 root.close()
             return None
-        return CellsFile(path, root)
+        return CellsFile(cells_path, root)
     except BaseException:
         if hasattr(root, "close"):
             root.close()
