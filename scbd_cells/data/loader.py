@@ -680,7 +680,11 @@ class BalancedLoader:
         fits = cache_gb > 0 and _images_nbytes(store) <= cache_gb * 1e9
         self.reader: CellReader | SegmentReader
         if backend == "chunks" or (backend == "auto" and not fits and cache_gb > 0):
-            self.reader = SegmentReader(store, budget_gb=cache_gb, workers=max(1, workers))
+            # the budget is per node, like the shared in-memory copy: each rank keeps its share
+            local_ranks = _local_world_size() if world_size > 1 else 1
+            self.reader = SegmentReader(
+                store, budget_gb=cache_gb / local_ranks, workers=max(1, workers)
+            )
             self._use_segments(sampler, world_size)
         else:
             self.reader = CellReader(
@@ -708,7 +712,9 @@ class BalancedLoader:
         if hasattr(sampler, "use_segments"):
             sampler.use_segments(reader.segment_cells, world_size=world_size)
         n_classes = len(getattr(sampler, "classes", ()))
-        needed = reader.recommended_gb(n_classes)
+        # with several ranks a class's cells mostly go to its home rank (use_segments)
+        needed = reader.recommended_gb(math.ceil(n_classes / world_size))
+        local_ranks = _local_world_size() if world_size > 1 else 1
         logger.info(
             "Images (%.2f GB) exceed the cache budget: reading whole segments of %d cells "
             "(%s), keeping up to %.2f GB of them decoded",
@@ -719,13 +725,15 @@ class BalancedLoader:
         )
         if n_classes and reader.budget_bytes < needed * 1e9:
             logger.warning(
-                "The cache budget (%.2f GB) holds fewer decoded segments than there are classes "
-                "(%d, about %.2f GB for one segment each): segments of rarely drawn classes will "
-                "be decoded more than once. Raise --cache-gb to %.1f or more for full speed.",
+                "The cache budget (%.2f GB per rank) holds fewer decoded segments than the rank "
+                "draws classes from (%d of %d, about %.2f GB for one segment each): segments of "
+                "rarely drawn classes will be decoded more than once. Raise --cache-gb to %.1f "
+                "or more for full speed.",
                 reader.budget_bytes / 1e9,
+                math.ceil(n_classes / world_size),
                 n_classes,
                 needed,
-                1.25 * needed,
+                1.25 * needed * local_ranks,
             )
 
     # -- sampling and reading ---------------------------------------------------------
