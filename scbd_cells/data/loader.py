@@ -727,7 +727,7 @@ class BalancedLoader:
             logger.warning(
                 "The cache budget (%.2f GB per rank) holds fewer decoded segments than the rank "
                 "draws classes from (%d of %d, about %.2f GB for one segment each): segments of "
-                "rarely drawn classes will be decoded more than once. Raise --cache-gb to %.1f "
+                "rarely drawn classes will be decoded more than once. Raise --cache-gb to %.3g "
                 "or more for full speed.",
                 reader.budget_bytes / 1e9,
                 math.ceil(n_classes / world_size),
