@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from scbd_cells.data import schema
+from scbd_cells.data.sampler import BalancedBatchSampler, arrays_as_tensors
 from scbd_cells.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -763,7 +764,7 @@ class BalancedLoader:
         return host
 
     def _submit(self) -> None:
-        state = copy.deepcopy(self.sampler.state_dict())
+        state = self._sampler_state()
         indices = self._local_slice(np.asarray(self.sampler.next_indices(), dtype=np.int64))
         if self._executor is None:
             self._pending.append((state, self._read_host(indices)))
@@ -808,13 +809,21 @@ class BalancedLoader:
         return state, on_device
 
     # -- state ------------------------------------------------------------------------
+    def _sampler_state(self) -> dict:
+        """A private copy of the sampler's state (numpy arrays where it offers them: cheap)."""
+        if isinstance(self.sampler, BalancedBatchSampler):
+            return self.sampler.state_dict(as_tensors=False)  # fresh arrays, nothing shared
+        return copy.deepcopy(self.sampler.state_dict())
+
     def state_dict(self) -> dict:
         """The sampler's state before the first batch not yet handed out (resume point)."""
         if self._ready is not None:
-            return copy.deepcopy(self._ready[0])
-        if self._pending:
-            return copy.deepcopy(self._pending[0][0])
-        return copy.deepcopy(self.sampler.state_dict())
+            state = self._ready[0]
+        elif self._pending:
+            state = self._pending[0][0]
+        else:
+            state = self._sampler_state()
+        return arrays_as_tensors(copy.deepcopy(state))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the sampler and drop every prefetched batch (they are drawn again)."""

@@ -9,6 +9,16 @@ import numpy as np
 from scbd_cells.errors import InputError
 
 
+def arrays_as_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with numpy arrays as torch tensors (what a checkpoint can hold safely)."""
+    import torch
+
+    return {
+        key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        for key, value in state.items()
+    }
+
+
 class BalancedBatchSampler:
     """Draw batches of ``classes_per_batch`` distinct perturbations x ``cells_per_class`` cells.
 
@@ -116,28 +126,29 @@ class BalancedBatchSampler:
         """
         if segment_cells < 1:
             raise InputError(f"segment_cells must be at least 1; found {segment_cells}.")
-        if len(np.unique(self._rows)) != len(self._rows):
+        segment_cells = int(segment_cells)
+        n_classes = len(self.classes)
+        class_of = np.repeat(np.arange(n_classes), self.class_counts)  # position -> class
+        rows = self._rows
+        same_class = class_of[1:] == class_of[:-1]
+        if np.any((rows[1:] < rows[:-1]) & same_class):  # sort within class (usually sorted)
+            rows = rows[np.lexsort((rows, class_of))]
+        if np.any((rows[1:] == rows[:-1]) & same_class):
             raise InputError(
                 "Segment sampling needs distinct cell rows; found repeated rows in cell_indices. "
                 "Pass each store row once."
             )
-        segment_cells = int(segment_cells)
-        n_classes = len(self.classes)
-        first_segment = np.zeros(n_classes + 1, np.int64)  # class k: segments [a, b)
-        segment_starts = []  # per segment: offset of its first row in self._segment_rows
-        self._segment_rows = self._rows.copy()  # sorted within class (uniform mode keeps _rows)
-        for k in range(n_classes):
-            start, stop = self._starts[k], self._starts[k + 1]
-            rows = np.sort(self._rows[start:stop])
-            self._segment_rows[start:stop] = rows
-            segment = rows // segment_cells
-            cuts = np.flatnonzero(np.diff(segment)) + 1
-            segment_starts.append(start + np.concatenate([[0], cuts]))
-            first_segment[k + 1] = first_segment[k] + len(cuts) + 1
+        self._segment_rows = rows  # sorted within class (uniform mode keeps using _rows)
+        segment = rows // segment_cells
+        starts = np.flatnonzero(
+            np.concatenate([[True], (segment[1:] != segment[:-1]) | ~same_class])
+        )  # first position of each class-segment, classes in order
+        per_class = np.bincount(class_of[starts], minlength=n_classes)
+        first_segment = np.concatenate([[0], np.cumsum(per_class)]).astype(np.int64)
         self.segment_cells = segment_cells
         self._home_ranks = int(world_size) if world_size > 1 else 1
         self._segment_first = first_segment
-        self._segment_starts = np.concatenate([*segment_starts, [len(self._rows)]])
+        self._segment_starts = np.concatenate([starts, [len(rows)]]).astype(np.int64)
         # rows of class-segment j: self._segment_rows[_segment_starts[j] : _segment_starts[j + 1]]
         self._queues: list[np.ndarray] = [np.empty(0, np.int64) for _ in range(n_classes)]
         self._order = np.zeros(first_segment[-1], np.int64)  # per class: its pass order
@@ -217,12 +228,15 @@ class BalancedBatchSampler:
         while True:
             yield self.next_indices()
 
-    def state_dict(self) -> dict[str, Any]:
-        """State for an exact resume: ints and strings, plus int64 tensors in segment mode.
+    def state_dict(self, *, as_tensors: bool = True) -> dict[str, Any]:
+        """State for an exact resume: ints and strings, plus int64 arrays in segment mode.
 
         In segment mode the state also holds, per class, the rows still queued
         (store rows, not pixels: the loader decodes their segments again after a
-        resume), the current pass's segment order and the position in it.
+        resume), the current pass's segment order and the position in it: torch
+        tensors (loadable with ``torch.load(weights_only=True)``), or numpy
+        arrays with ``as_tensors=False`` (cheaper to copy; the loader snapshots
+        the state before every batch).
         """
         state = self._rng.bit_generator.state
         result: dict[str, Any] = {
@@ -235,20 +249,18 @@ class BalancedBatchSampler:
             "uinteger": int(state["uinteger"]),
         }
         if self.segment_cells is not None:
-            import torch  # tensors: compact, and loadable with torch.load(weights_only=True)
-
-            sizes = np.fromiter((len(q) for q in self._queues), np.int64, len(self._queues))
+            sizes = np.fromiter(map(len, self._queues), np.int64, len(self._queues))
             rows = np.concatenate(self._queues) if sizes.sum() else np.empty(0, np.int64)
             result.update(
                 segment_cells=self.segment_cells,
                 home_ranks=self._home_ranks,
-                queue_sizes=torch.from_numpy(sizes),
-                queue_rows=torch.from_numpy(rows.astype(np.int64)),
-                segment_order=torch.from_numpy(self._order.copy()),
-                segment_position=torch.from_numpy(self._position.copy()),
-                passes=torch.from_numpy(self._passes.copy()),
+                queue_sizes=sizes,
+                queue_rows=rows.astype(np.int64),
+                segment_order=self._order.copy(),
+                segment_position=self._position.copy(),
+                passes=self._passes.copy(),
             )
-        return result
+        return arrays_as_tensors(result) if as_tensors else result
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the generator so that the next batch is the one an uninterrupted run draws."""
