@@ -364,9 +364,11 @@ class _ChunkFiles:
                     and index_endian in (None, "little")
                 )
                 codecs = shard["codecs"]
-            usable = usable and [codec["name"] for codec in codecs] in (
-                ["bytes"],
-                ["bytes", "blosc"],
+            usable = (
+                usable
+                and [codec["name"] for codec in codecs] in (["bytes"], ["bytes", "blosc"])
+                and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+                and np.little_endian  # decoded rows are handed on as native-order arrays
             )
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             return None
