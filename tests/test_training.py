@@ -229,12 +229,28 @@ def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
         learning.check(40)
     assert caplog.text == ""
 
+    # Train loss fell from a spread-out start to the collapsed level; the val loss stays
+    # at log(val batch) -> the collapse warning (not the "has not fallen" one), once.
     collapsed = _StallMonitor(config)
     for i in range(40):
         collapsed.record(math.log(24) + (1.0 if i < 10 else 0.0))
     with caplog.at_level("WARNING", logger="scbd_cells.training"):
-        collapsed.check(40)
-    assert "sits at log(batch size)" in caplog.text and "has not fallen" not in caplog.text
+        collapsed.check(20, val_supcon=math.log(32) + 0.001, val_batch_size=32)
+        assert caplog.text == ""  # first val check: too early to tell
+        collapsed.check(40, val_supcon=math.log(32) - 0.001, val_batch_size=32)
+        collapsed.check(60, val_supcon=math.log(32), val_batch_size=32)
+    assert caplog.text.count("is not below log(val batch size)") == 1
+    assert "has not fallen" not in caplog.text
+
+    # Val loss below the collapsed level by more than the margin: learning, no warning.
+    caplog.clear()
+    below = _StallMonitor(config)
+    for i in range(40):
+        below.record(math.log(24) + (1.0 if i < 10 else 0.0))
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        below.check(20, val_supcon=math.log(32) - 0.01, val_batch_size=32)
+        below.check(40, val_supcon=math.log(32) - 0.02, val_batch_size=32)
+    assert caplog.text == ""
 
 
 def test_store_of_another_format_version_is_refused(small_store: Path, tmp_path: Path) -> None:
