@@ -34,6 +34,7 @@ from scbd_cells.checkpoint import load_trained
 from scbd_cells.data import schema
 from scbd_cells.data.loader import iter_cells
 from scbd_cells.evaluation.batch import batch_prediction_f1
+from scbd_cells.pipeline import DEMO_SPLIT_FRACTIONS
 
 SCREENS = {
     "demo": {},
@@ -57,6 +58,7 @@ def make_store(out_dir: Path, screen: str) -> Path:
             guide_column="guide",
             control=schema.CONTROL_LABEL,
             resize=32,
+            split_fractions=DEMO_SPLIT_FRACTIONS,
         )
     return store_path
 
@@ -168,24 +170,32 @@ def report(out_dir: Path) -> None:
     if "encoder" not in table:
         table["encoder"] = "resnet18"
     table["encoder"] = table["encoder"].fillna("resnet18")
-    demo = table[(table["screen"] == "demo") & (table["encoder"] == "resnet18")]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for _, row in demo.iterrows():
+    screens = list(dict.fromkeys(table["screen"]))
+    for screen in screens:
+        runs = table[(table["screen"] == screen) & (table["encoder"] == "resnet18")]
+        if not runs.empty:
+            break
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for _, row in runs.iterrows():
         metrics = pd.read_csv(Path(row["run_dir"]) / "metrics.csv")
         train, val = metrics[metrics["phase"] == "train"], metrics[metrics["phase"] == "val"]
-        label = f"{row['invariance']} alpha={row['alpha']:g}"
-        (line,) = axes[0].plot(train["step"], train["supcon_perturbation"], label=label)
-        axes[1].plot(train["step"], train["invariance"], color=line.get_color(), label=label)
+        label = f"{row['invariance']} alpha={row['alpha']:g}" if row["alpha"] else "alpha=0"
+        (line,) = axes[0].plot(train["step"], train["supcon_perturbation"], lw=1, label=label)
+        axes[1].plot(val["step"], val["supcon_perturbation"], "o-", color=line.get_color())
         axes[2].plot(val["step"], val["well_f1_z_perturbation"], "o-", color=line.get_color())
-    batch_size = int(demo["classes_per_batch"].iloc[0] * demo["cells_per_class"].iloc[0])
-    axes[0].axhline(np.log(batch_size), color="k", ls=":", label=f"log {batch_size} (collapse)")
-    axes[2].axhline(float(demo["test_well_f1_chance"].iloc[0]), color="k", ls="--", label="chance")
-    axes[0].set_title("SupCon(z_c; perturbation), train")
-    axes[1].set_title("Invariance(z_c; well), train (own variant)")
+    batch_size = int(runs["classes_per_batch"].iloc[0] * runs["cells_per_class"].iloc[0])
+    for ax in axes[:2]:
+        ax.axhline(np.log(batch_size), color="k", ls=":", label=f"log {batch_size} (collapsed z_c)")
+        ax.set_ylim(np.log(batch_size) - 0.2, np.log(batch_size) + 0.08)
+    axes[2].axhline(float(runs["test_well_f1_chance"].iloc[0]), color="k", ls="--", label="chance")
+    axes[0].set_title(f"SupCon(z_c; perturbation), train ({screen})")
+    axes[1].set_title("SupCon(z_c; perturbation), val (fixed batches)")
     axes[2].set_title("well probe macro F1 of z_c (val)")
     for ax in axes:
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
     axes[2].set_ylim(0, 1)
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png", dpi=90)

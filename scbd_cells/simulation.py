@@ -152,6 +152,7 @@ PRESETS: dict[str, SimulationParams] = {
         wells_per_plate=6,
         crop_size=64,
         field_grid=6,
+        effect_strength=3.0,
     ),
     # Benchmarks: ~1.02 M cells at 32 px (about 12 GB of crops), written in parallel.
     "large": SimulationParams(
