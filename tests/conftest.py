@@ -35,3 +35,17 @@ def tiny_store(tiny_screen: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         control="nontargeting",
     )
     return store_path
+
+
+def write_corum_file(path: Path, complexes: dict[str, list[str]]) -> Path:
+    """A CORUM 5.x-style complexes file (human rows) from ``{complex name: genes}``."""
+    lines = ["complex_id\tcomplex_name\torganism\tsubunits_gene_name"]
+    lines += [f"{i}\t{k}\tHuman\t{';'.join(v)}" for i, (k, v) in enumerate(complexes.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def write_corum():
+    """The :func:`write_corum_file` helper, as a fixture (test modules do not import conftest)."""
+    return write_corum_file

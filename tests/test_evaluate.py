@@ -47,12 +47,8 @@ def _cells(path: Path, *, biology: float, well: float, seed: int = 0) -> Path:
 
 
 @pytest.fixture
-def corum_file(tmp_path: Path) -> Path:
-    path = tmp_path / "complexes.txt"
-    lines = ["complex_id\tcomplex_name\torganism\tsubunits_gene_name"]
-    lines += [f"{i}\t{k}\tHuman\t{';'.join(v)}" for i, (k, v) in enumerate(COMPLEXES.items())]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def corum_file(tmp_path: Path, write_corum) -> Path:
+    return write_corum(tmp_path / "complexes.txt", COMPLEXES)
 
 
 def test_report(tmp_path: Path, corum_file: Path) -> None:

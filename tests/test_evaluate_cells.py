@@ -58,12 +58,8 @@ def _cells(n: int = 900, seed: int = 0) -> ad.AnnData:
 
 
 @pytest.fixture
-def corum_file(tmp_path: Path) -> Path:
-    path = tmp_path / "complexes.txt"
-    lines = ["complex_id\tcomplex_name\torganism\tsubunits_gene_name"]
-    lines += [f"{i}\t{k}\tHuman\t{';'.join(v)}" for i, (k, v) in enumerate(COMPLEXES.items())]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def corum_file(tmp_path: Path, write_corum) -> Path:
+    return write_corum(tmp_path / "complexes.txt", COMPLEXES)
 
 
 def test_read_rows_equals_fancy_indexing(tmp_path: Path) -> None:
