@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--encoder", default=None, help="default: the demo options'")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--classes-per-batch", type=int, default=None)
+    parser.add_argument("--augment", action="store_true", help="random turns and mirrors")
     args = parser.parse_args()
     # One thread: on a shared, oversubscribed CPU two OpenMP threads mostly spin-wait.
     torch.set_num_threads(args.threads)
@@ -223,6 +224,7 @@ def main() -> None:
             "encoder": args.encoder,
             "lr": args.lr,
             "classes_per_batch": args.classes_per_batch,
+            "augment": args.augment or None,
         }.items()
         if value is not None
     }

@@ -114,7 +114,8 @@ def simulate(
     wells_per_plate: Annotated[int | None, typer.Option(help="Wells per plate [preset].")] = None,
     crop_size: Annotated[int | None, typer.Option(help="Crop side in px, >= 16 [preset].")] = None,
     effect_strength: Annotated[
-        float | None, typer.Option(help="Gene effect multiplier (1 = default, 0 = no biology).")
+        float | None,
+        typer.Option(help="Gene effect multiplier (preset: demo 3, others 1; 0 = no biology)."),
     ] = None,
     batch_strength: Annotated[
         float | None, typer.Option(help="Well effect multiplier (1 = default, 0 = none).")
@@ -345,6 +346,13 @@ def train(
     decoder: Annotated[
         bool | None, typer.Option("--decoder/--no-decoder", help="Train the additive decoder.")
     ] = None,
+    augment: Annotated[
+        bool | None,
+        typer.Option(
+            "--augment/--no-augment",
+            help="Random 90-degree turns and mirror images of train cells (default: off).",
+        ),
+    ] = None,
     cache_gb: Annotated[
         float | None, typer.Option(help="RAM for caching images." + _train_default("cache_gb"))
     ] = None,
@@ -360,7 +368,7 @@ def train(
         encoder=encoder, z_dim=z_dim, image_size=image_size, classes_per_batch=classes_per_batch,
         cells_per_class=cells_per_class, steps=steps, val_every=val_every, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, compile=compile, decoder=decoder,
-        cache_gb=cache_gb, workers=workers,
+        augment=augment, cache_gb=cache_gb, workers=workers,
     )
     result = run_training(store_path, out=out, config_path=config, resume=resume, **options)
     val = result.final_val

@@ -31,6 +31,9 @@ class TrainConfig(BaseModel):
     image_size: int | None = Field(None, ge=8, description="Model input size; None = the store's.")
     decoder: bool = Field(False, description="Train the additive decoder on detached z (A.1.1).")
     decoder_width: int = Field(256, ge=4, description="Decoder channels (paper: 256).")
+    augment: bool = Field(
+        False, description="Random 90-degree turns and mirror images of train cells (off: paper)."
+    )
     # objective
     alpha: float = Field(1.0, ge=0, description="Weight of the invariance loss.")
     invariance: Literal["paper", "normalized"] = Field(

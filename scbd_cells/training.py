@@ -43,7 +43,7 @@ from scbd_cells.distributed import (
 )
 from scbd_cells.errors import CheckpointError, DataError, InputError, TrainingError
 from scbd_cells.model.losses import SCBDLoss, batch_target_labels, scbd_loss
-from scbd_cells.model.preprocess import Preprocessor
+from scbd_cells.model.preprocess import Preprocessor, random_dihedral
 from scbd_cells.model.scbd import SCBDModel
 from scbd_cells.progress import progress_bar
 
@@ -294,6 +294,12 @@ def train(
             while step < config.steps and not stop.requested:
                 batch = next(loader)
                 images = preprocessor(batch.images)  # (b, C, H, W) float32
+                if config.augment:
+                    # seeded by (seed, step, rank): a resumed run draws the same turns
+                    generator = torch.Generator().manual_seed(
+                        (config.seed * 1_000_003 + step) * 1009 + dist_info.rank
+                    )
+                    images = random_dihedral(images, generator=generator)
                 if cuda:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast:

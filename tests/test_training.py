@@ -102,8 +102,9 @@ def test_same_seed_same_losses(small_store: Path, tmp_path: Path) -> None:
     np.testing.assert_array_equal(a, b)
 
 
-def test_resume_equals_uninterrupted(small_store: Path, tmp_path: Path) -> None:
-    options = {**FAST, "workers": 1, "prefetch": 2, "seed": 5, "val_every": 3}
+@pytest.mark.parametrize("augment", [False, True])
+def test_resume_equals_uninterrupted(small_store: Path, tmp_path: Path, augment: bool) -> None:
+    options = {**FAST, "workers": 1, "prefetch": 2, "seed": 5, "val_every": 3, "augment": augment}
     whole = train(small_store, out=tmp_path / "whole", steps=6, **options)
     half = train(small_store, out=tmp_path / "half", steps=3, **options)
     assert half.step == 3
@@ -319,3 +320,47 @@ def test_val_batches_do_not_repeat_cells_when_the_split_allows(tmp_path: Path) -
     validation = _ValidationSet.build(store, config, perturbation, batch, sparse_rows)
     first = validation.rows[:batch_size]
     assert len(np.unique(first)) < batch_size
+
+
+def test_random_dihedral_applies_one_of_the_eight_symmetries() -> None:
+    from scbd_cells.model.preprocess import random_dihedral
+
+    images = torch.arange(64 * 2 * 5 * 5, dtype=torch.float32).reshape(64, 2, 5, 5)
+    out = random_dihedral(images, generator=torch.Generator().manual_seed(0))
+    symmetries = [
+        np.flip(np.rot90(image, k, axes=(-2, -1)), axis=-1)
+        if mirror
+        else np.rot90(image, k, axes=(-2, -1))
+        for image in [images[0].numpy()]
+        for k in range(4)
+        for mirror in (False, True)
+    ]
+    assert len({s.tobytes() for s in symmetries}) == 8
+    seen = set()
+    for original, turned in zip(images.numpy(), out.numpy(), strict=True):
+        matches = [
+            index
+            for index, (k, mirror) in enumerate((k, m) for k in range(4) for m in (False, True))
+            if np.array_equal(
+                turned,
+                np.flip(np.rot90(original, k, axes=(-2, -1)), axis=-1)
+                if mirror
+                else np.rot90(original, k, axes=(-2, -1)),
+            )
+        ]
+        assert len(matches) == 1
+        seen.add(matches[0])
+    assert len(seen) == 8  # 64 draws hit every symmetry
+    again = random_dihedral(images, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    with pytest.raises(ValueError, match="square"):
+        random_dihedral(images[:, :, :4, :], generator=torch.Generator())
+
+
+def test_augment_changes_what_the_model_sees(small_store: Path, tmp_path: Path) -> None:
+    plain = train(small_store, out=tmp_path / "plain", steps=2, **FAST)
+    turned = train(small_store, out=tmp_path / "turned", steps=2, augment=True, **FAST)
+    plain_model = load_checkpoint(plain.last_checkpoint_path)["model"]
+    turned_model = load_checkpoint(turned.last_checkpoint_path)["model"]
+    assert any(not torch.equal(plain_model[k], turned_model[k]) for k in plain_model)
+    assert load_checkpoint(turned.last_checkpoint_path)["config"]["augment"] is True
