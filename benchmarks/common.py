@@ -172,6 +172,28 @@ def benchmark_store(args) -> object:
     )
 
 
+def one_step_run(store_path, run_dir: Path, *, encoder: str, device: str, **options) -> Path:
+    """A run folder with a checkpoint for ``embed`` after one training step.
+
+    Embed speed and memory do not depend on the weights, so one step is enough.
+    """
+    from scbd_cells import train
+
+    train(
+        store_path,
+        out=run_dir,
+        encoder=encoder,
+        classes_per_batch=8,
+        cells_per_class=4,
+        steps=1,
+        val_every=1,
+        device=device,
+        workers=0,
+        **options,
+    )
+    return run_dir
+
+
 def add_store_arguments(parser) -> None:
     """The options every benchmark shares to find or build its store."""
     parser.add_argument("--store", help="an existing store (skips building one)")

@@ -22,9 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import REPO, add_store_arguments, benchmark_store, markdown_table, record
+from common import (
+    REPO,
+    add_store_arguments,
+    benchmark_store,
+    markdown_table,
+    one_step_run,
+    record,
+)
 
-from scbd_cells import train
 from scbd_cells.checkpoint import load_trained
 
 CHILD = """
@@ -88,17 +94,8 @@ def main() -> None:
     store = benchmark_store(args)
 
     with tempfile.TemporaryDirectory(prefix="scbd-embed-bench-") as tmp:
-        run_dir = Path(tmp) / "run"
-        train(
-            store.path,
-            out=run_dir,
-            encoder=args.encoder,
-            classes_per_batch=8,
-            cells_per_class=4,
-            steps=1,
-            val_every=1,
-            device=str(device),
-            workers=0,
+        run_dir = one_step_run(
+            store.path, Path(tmp) / "run", encoder=args.encoder, device=str(device)
         )
         model_rate = model_only_rate(run_dir, store, args, device)
         code = CHILD.format(

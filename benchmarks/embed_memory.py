@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, markdown_table, record
+from common import REPO, markdown_table, one_step_run, record
 
-from scbd_cells import open_store, train
+from scbd_cells import open_store
 
 CHILD = """
 import json, time
@@ -50,18 +50,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scbd-embed-mem-") as tmp:
         for k, store_path in enumerate(args.store):
             store = open_store(store_path)
-            run_dir = Path(tmp) / f"run{k}"
-            train(
-                store_path,
-                out=run_dir,
-                encoder=args.encoder,
-                classes_per_batch=8,
-                cells_per_class=4,
-                steps=1,
-                val_every=1,
-                device="cpu",
-                workers=0,
-                cache_gb=0,
+            run_dir = one_step_run(
+                store_path, Path(tmp) / f"run{k}", encoder=args.encoder, device="cpu", cache_gb=0
             )
             out = Path(tmp) / f"cells{k}.h5ad"
             code = CHILD.format(
