@@ -58,10 +58,12 @@ def model_only_rate(run_dir: Path, store, args, device: torch.device) -> float:
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     images = torch.from_numpy(store.images[: args.batch_size].astype("int32")).to(device)
+    preprocessor = trained.preprocessor_for(store)
+    codes = torch.from_numpy(store.codes("batch")[0][: args.batch_size].astype("int64")).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
 
     def forward() -> None:
-        inputs = trained.preprocessor(images)
+        inputs = preprocessor(images, codes)
         if cuda:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast:

@@ -32,10 +32,11 @@ from common import add_store_arguments, benchmark_store, markdown_table, peak_rs
 
 from scbd_cells import train
 from scbd_cells.data import schema
+from scbd_cells.data.batch_stats import batch_channel_stats
 from scbd_cells.data.loader import BalancedLoader
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.model.losses import scbd_loss
-from scbd_cells.model.preprocess import Preprocessor
+from scbd_cells.model.preprocess import preprocessor_for
 from scbd_cells.model.scbd import SCBDModel
 
 
@@ -66,12 +67,17 @@ def device_only_rate(store, args, device: torch.device) -> float:
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     forward_model = torch.compile(model) if args.compile else model
-    preprocessor = Preprocessor(store.channel_stats, image_size=image_size)
+    preprocessor = preprocessor_for(  # train's default: per-well statistics
+        store,
+        channel_stats=store.channel_stats,
+        image_size=image_size,
+        batch_stats=batch_channel_stats(store),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def step(batch) -> None:
-        images = preprocessor(batch.images)
+        images = preprocessor(batch.images, batch.batch)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast:

@@ -4,7 +4,8 @@ A checkpoint (``RUN_DIR/checkpoints/{best,last}.pt``) is a plain dict that
 ``torch.load(path, weights_only=True)`` reads: ``model`` (state dict),
 ``model_args``, ``optimizer``, ``step``, ``best_val_loss``, ``config`` (dict),
 ``store_fingerprint``, ``vocab`` (``perturbation``, ``batch`` category lists),
-``channel_stats``, ``sampler`` (state), ``version``.
+``channel_stats``, ``batch_channel_stats`` (per-well statistics, or None),
+``sampler`` (state), ``version``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 
 from scbd_cells import __version__
+from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
 from scbd_cells.errors import CheckpointError
-from scbd_cells.model.preprocess import Preprocessor
+from scbd_cells.model.preprocess import Preprocessor, preprocessor_for
 from scbd_cells.model.scbd import SCBDModel
 
 CHECKPOINT_VERSION = 1
@@ -96,8 +98,10 @@ class TrainedModel:
     ----------
     model
         :class:`SCBDModel` in eval mode on the requested device.
-    preprocessor
-        Turns the store's integer images into the model's input.
+    channel_stats
+        The training store's channel statistics.
+    batch_stats
+        The training store's per-well statistics (``normalize="batch"``), else None.
     model_args, vocab, store_fingerprint, config
         As saved in the checkpoint.
     checkpoint_path
@@ -107,13 +111,35 @@ class TrainedModel:
     """
 
     model: SCBDModel
-    preprocessor: Preprocessor
+    channel_stats: dict[str, list[float]]
+    batch_stats: BatchChannelStats | None
     model_args: dict[str, Any]
     vocab: dict[str, list[str]]
     store_fingerprint: dict[str, Any]
     config: dict[str, Any]
     checkpoint_path: Path
     step: int
+
+    @property
+    def normalize(self) -> str:
+        """``batch`` or ``store`` (checkpoints from before the option: ``store``)."""
+        return "store" if self.batch_stats is None else "batch"
+
+    def preprocessor_for(self, store: Any) -> Preprocessor:
+        """The model's input transform for ``store``'s cells (call it with their batch codes).
+
+        With per-well normalisation the training store reuses the statistics saved
+        at training; any other store's wells are standardised with their own
+        statistics, computed from that store (:func:`batch_channel_stats`).
+        """
+        image_size = int(self.model_args["image_size"])
+        batch_stats = self.batch_stats
+        trained_on = self.store_fingerprint.get("store_id")
+        if batch_stats is not None and store.fingerprint()["store_id"] != trained_on:
+            batch_stats = batch_channel_stats(store)
+        return preprocessor_for(
+            store, channel_stats=self.channel_stats, image_size=image_size, batch_stats=batch_stats
+        )
 
     def check_store(self, store: Any) -> None:
         """Raise :class:`CheckpointError` when ``store`` does not fit the model (channels, size).
@@ -173,12 +199,11 @@ def load_trained(
             f"the weights in {checkpoint_path} do not fit the model they describe ({error})."
         ) from error
     model.to(device).eval()
-    preprocessor = Preprocessor(
-        checkpoint["channel_stats"], image_size=checkpoint["model_args"]["image_size"]
-    )
+    batch_stats = checkpoint.get("batch_channel_stats")
     return TrainedModel(
         model=model,
-        preprocessor=preprocessor,
+        channel_stats={k: list(v) for k, v in checkpoint["channel_stats"].items()},
+        batch_stats=None if batch_stats is None else BatchChannelStats.from_dict(batch_stats),
         model_args=dict(checkpoint["model_args"]),
         vocab={k: list(v) for k, v in checkpoint.get("vocab", {}).items()},
         store_fingerprint=dict(checkpoint.get("store_fingerprint", {})),

@@ -346,6 +346,14 @@ def train(
     decoder: Annotated[
         bool | None, typer.Option("--decoder/--no-decoder", help="Train the additive decoder.")
     ] = None,
+    normalize: Annotated[
+        str | None,
+        typer.Option(
+            help="batch: standardise each channel with the statistics of the cell's own well "
+            "(removes brightness and background offsets per well); store: with the whole "
+            "store's." + _train_default("normalize")
+        ),
+    ] = None,
     augment: Annotated[
         bool | None,
         typer.Option(
@@ -368,7 +376,7 @@ def train(
         encoder=encoder, z_dim=z_dim, image_size=image_size, classes_per_batch=classes_per_batch,
         cells_per_class=cells_per_class, steps=steps, val_every=val_every, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, compile=compile, decoder=decoder,
-        augment=augment, cache_gb=cache_gb, workers=workers,
+        normalize=normalize, augment=augment, cache_gb=cache_gb, workers=workers,
     )
     result = run_training(store_path, out=out, config_path=config, resume=resume, **options)
     val = result.final_val
@@ -425,6 +433,13 @@ def baseline(
         typer.Option(help="Channel to segment nuclei on (default: one named dna/dapi/hoechst)."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Cells measured at a time.")] = 4096,
+    normalize: Annotated[
+        str,
+        typer.Option(
+            help="batch: standardise each feature within each well (the usual CellProfiler "
+            "post-processing); store: over all cells."
+        ),
+    ] = "batch",
     seed: Annotated[int, typer.Option(help="Seed of the PCA solver.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
@@ -433,7 +448,7 @@ def baseline(
 
     result = run_baseline(
         store, out=out, n_components=n_components, nucleus_channel=nucleus_channel,
-        batch_size=batch_size, seed=seed, overwrite=overwrite,
+        batch_size=batch_size, normalize=normalize, seed=seed, overwrite=overwrite,
     )
     stdout.print(
         f"[green]Baseline[/] {result.n_cells:,} cells x {result.n_features} features -> PCA "

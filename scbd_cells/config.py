@@ -31,6 +31,11 @@ class TrainConfig(BaseModel):
     image_size: int | None = Field(None, ge=8, description="Model input size; None = the store's.")
     decoder: bool = Field(False, description="Train the additive decoder on detached z (A.1.1).")
     decoder_width: int = Field(256, ge=4, description="Decoder channels (paper: 256).")
+    normalize: Literal["batch", "store"] = Field(
+        "batch",
+        description="batch: each channel standardised with the statistics of the cell's own "
+        "batch label (well); store: with the store's statistics (train split).",
+    )
     augment: bool = Field(
         False, description="Random 90-degree turns and mirror images of train cells (off: paper)."
     )

@@ -319,6 +319,8 @@ def embed(
     device = str(dist_info.device)
     trained = load_trained(run_dir, which=which, device=device)
     trained.check_store(store)
+    preprocessor = trained.preprocessor_for(store)
+    batch_codes = torch.from_numpy(np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64))
     control = store.control or schema.CONTROL_LABEL
     if aggregate:  # fail before the long pass, not after it
         _, perturbations = store.codes(schema.PERTURBATION)
@@ -389,7 +391,8 @@ def embed(
                 if on_cuda:
                     host = host.pin_memory()
                 pixels = host.to(torch_device, non_blocking=True)
-                inputs = trained.preprocessor(pixels)  # (B, C, S, S) float32
+                codes = batch_codes[torch.from_numpy(np.asarray(indices, dtype=np.int64))]
+                inputs = preprocessor(pixels, codes)  # (B, C, S, S) float32
                 if on_cuda:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 with autocast:

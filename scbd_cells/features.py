@@ -1,7 +1,9 @@
 """Baseline: CellProfiler-style per-cell features from the store's crops, then PCA (the reference).
 
 The conventional pipeline the paper compares SCBD with: hand-crafted
-measurements of each cell, reduced by PCA, no batch correction. Per crop:
+measurements of each cell, standardised (by default within each batch label,
+i.e. well, the usual CellProfiler post-processing; or over the whole store),
+then reduced by PCA. Per crop:
 
 - segmentation: Otsu threshold (as ``skimage.filters.threshold_otsu``) of the
   nucleus channel (nucleus mask) and of the sum of the channels scaled by
@@ -284,6 +286,7 @@ def baseline(
     n_components: int = 64,
     nucleus_channel: str | None = None,
     batch_size: int = 4096,
+    normalize: str = "batch",
     seed: int = 0,
     overwrite: bool = False,
 ) -> BaselineResult:
@@ -303,6 +306,10 @@ def baseline(
         Channel to segment nuclei on (default: one named dna/dapi/hoechst/nucleus).
     batch_size
         Cells measured at a time.
+    normalize
+        ``batch``: each feature standardised within each batch label (well), which
+        removes per-well shifts of the measurements (as ``train --normalize batch``
+        does for the pixels); ``store``: over all cells.
     seed
         Seeds the PCA solver.
     overwrite
@@ -319,6 +326,8 @@ def baseline(
     from scbd_cells.data.store import open_store
     from scbd_cells.embedding import check_output_path, store_obs_for_anndata, write_anndata
 
+    if normalize not in ("batch", "store"):
+        raise InputError(f"--normalize must be batch or store; found {normalize!r}.")
     out_path = Path(out)
     check_output_path(out_path, overwrite=overwrite)
     store = open_store(store_path)
@@ -338,10 +347,13 @@ def baseline(
                 images, nucleus_channel=nucleus_at, channel_low=low, channel_high=high
             )
             bar.advance(task, len(indices))
-    mean = features.mean(axis=0, dtype=np.float64)
-    std = features.std(axis=0, dtype=np.float64)
-    features -= mean.astype(np.float32)
-    features /= np.where(std > 0, std, 1.0).astype(np.float32)
+    if normalize == "batch":
+        codes, _ = store.codes(schema.BATCH)
+        for code in np.unique(codes):
+            rows = np.flatnonzero(codes == code)
+            features[rows] = _standardised(features[rows])
+    else:
+        features = _standardised(features)
     components = min(n_components, features.shape[1], store.n_cells)
     # copy=False: the covariance_eigh solver reads the features without changing them, so
     # no second N x F matrix; the projection is float32 already (no copy either).
@@ -357,7 +369,8 @@ def baseline(
         "store_id": store.store_id,
         "control": store.control or "",
         "method": "CellProfiler-style intensity, shape and Haralick texture features, "
-        "standardised, PCA",
+        f"standardised per {'batch label' if normalize == 'batch' else 'store'}, PCA",
+        "normalize": normalize,
         "feature_names": names,
         "nucleus_channel": store.channel_names[nucleus_at],
         "n_components": components,
@@ -381,6 +394,15 @@ def baseline(
         n_components=components,
         explained_variance=explained,
     )
+
+
+def _standardised(features: np.ndarray) -> np.ndarray:
+    """Columns shifted to mean 0 and scaled to std 1 (constant columns only shifted), in place."""
+    mean = features.mean(axis=0, dtype=np.float64)
+    std = features.std(axis=0, dtype=np.float64)
+    features -= mean.astype(np.float32)
+    features /= np.where(std > 0, std, 1.0).astype(np.float32)
+    return features
 
 
 def _version() -> str:

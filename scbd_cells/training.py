@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scbd_cells.checkpoint import checkpoint_path_of, load_checkpoint, save_checkpoint
 from scbd_cells.config import TrainConfig, read_config_file, resolve_train_config, save_config
 from scbd_cells.data import schema
+from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
 from scbd_cells.data.loader import BalancedLoader
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.data.store import open_store
@@ -43,7 +44,7 @@ from scbd_cells.distributed import (
 )
 from scbd_cells.errors import CheckpointError, DataError, InputError, TrainingError
 from scbd_cells.model.losses import SCBDLoss, batch_target_labels, scbd_loss
-from scbd_cells.model.preprocess import Preprocessor, random_dihedral
+from scbd_cells.model.preprocess import Preprocessor, preprocessor_for, random_dihedral
 from scbd_cells.model.scbd import SCBDModel
 from scbd_cells.progress import progress_bar
 
@@ -221,7 +222,10 @@ def train(
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    preprocessor = Preprocessor(store.channel_stats, image_size=image_size)
+    batch_stats = _batch_stats(store, config)
+    preprocessor = preprocessor_for(
+        store, channel_stats=store.channel_stats, image_size=image_size, batch_stats=batch_stats
+    )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -277,6 +281,7 @@ def train(
                 schema.BATCH: list(batch_names),
             },
             "channel_stats": {k: list(v) for k, v in store.channel_stats.items()},
+            "batch_channel_stats": None if batch_stats is None else batch_stats.to_dict(),
             "sampler": loader.state_dict(),
         }
 
@@ -293,7 +298,7 @@ def train(
         try:
             while step < config.steps and not stop.requested:
                 batch = next(loader)
-                images = preprocessor(batch.images)  # (b, C, H, W) float32
+                images = preprocessor(batch.images, batch.batch)  # (b, C, H, W) float32
                 if config.augment:
                     # seeded by (seed, step, rank): a resumed run draws the same turns
                     generator = torch.Generator().manual_seed(
@@ -449,6 +454,21 @@ def _check_labels(
         )
 
 
+def _batch_stats(store: Any, config: TrainConfig) -> BatchChannelStats | None:
+    """Per-well channel statistics for ``normalize="batch"`` (None for ``"store"``)."""
+    if config.normalize != "batch":
+        return None
+    stats = batch_channel_stats(store)
+    thin = [label for label, n in zip(stats.labels, stats.n_cells, strict=True) if 0 < n < 100]
+    if thin:
+        logger.warning(
+            "Batch label(s) %s have fewer than 100 cells: their channel statistics are noisy. "
+            "Consider --normalize store, or coarser batch labels (e.g. the plate).",
+            ", ".join(thin[:5]),
+        )
+    return stats
+
+
 def _check_wells_per_batch(
     perturbation_codes: np.ndarray,
     train_rows: np.ndarray,
@@ -598,7 +618,7 @@ class _ValidationSet:
         parts: dict[str, list[float]] = {}
         z_perturbation, z_batch, wells = [], [], []
         for images, perturbation, batch in self.batches:
-            images = preprocessor(images.to(device))
+            images = preprocessor(images.to(device), batch.to(device))
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
             perturbation, batch = perturbation.to(device), batch.to(device)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import zarr
 
 from scbd_cells.checkpoint import load_trained, save_checkpoint
 from scbd_cells.data.store import create_store, open_store
@@ -48,7 +49,7 @@ def _make_store(
     return path
 
 
-def _make_run(run_dir: Path, store_path: Path) -> Path:
+def _make_run(run_dir: Path, store_path: Path, *, batch_stats: dict | None = None) -> Path:
     torch.manual_seed(0)
     store = open_store(store_path)
     model_args = dict(
@@ -65,6 +66,7 @@ def _make_run(run_dir: Path, store_path: Path) -> Path:
             "store_fingerprint": store.fingerprint(),
             "vocab": {"perturbation": GENES, "batch": ["P1_A01", "P1_A02", "P1_A03"]},
             "channel_stats": store.channel_stats,
+            "batch_channel_stats": batch_stats,
         },
         run_dir / "checkpoints" / "best.pt",
     )
@@ -100,12 +102,13 @@ def test_embed_h5ad_aggregate_and_scanpy(setup, tmp_path: Path) -> None:
     assert isinstance(cells.obs["batch"].dtype, pd.CategoricalDtype)
     assert cells.uns["scbd"]["control"] == "nontargeting"
 
-    trained = load_trained(run_dir, device="cpu")  # independent forward pass on a few cells
+    # independent forward pass on a few cells, standardised by hand with the store's statistics
+    trained = load_trained(run_dir, device="cpu")
     rows = np.array([0, 5, 100, 209])
+    mean, std = (np.asarray(store.channel_stats[key])[:, None, None] for key in ("mean", "std"))
+    inputs = (store.read(rows).astype(np.float64) - mean) / std
     with torch.inference_mode():
-        output = trained.model(
-            trained.preprocessor(torch.from_numpy(store.read(rows).astype(np.int32)))
-        )
+        output = trained.model(torch.from_numpy(inputs.astype(np.float32)))
     np.testing.assert_allclose(cells.X[rows], output.z_perturbation.numpy(), atol=1e-5)
     np.testing.assert_allclose(cells.obsm["X_scbd_batch"][rows], output.z_batch.numpy(), atol=1e-5)
 
@@ -120,6 +123,49 @@ def test_embed_h5ad_aggregate_and_scanpy(setup, tmp_path: Path) -> None:
     assert cells.obsm["X_umap"].shape == (store.n_cells, 2)
     sc.pp.neighbors(genes, use_rep="X", n_neighbors=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "genes.h5ad", "guides.h5ad"]
+
+
+def _by_hand_well_inputs(store, rows: np.ndarray) -> np.ndarray:
+    """Cells standardised with numpy statistics of all the cells of their own well."""
+    everything = store.read(np.arange(store.n_cells)).astype(np.float64)
+    wells = store.obs["batch"].astype(str).to_numpy()
+    inputs = []
+    for row in rows:
+        own = everything[wells == wells[row]]
+        mean, std = own.mean(axis=(0, 2, 3)), own.std(axis=(0, 2, 3))
+        inputs.append((everything[row] - mean[:, None, None]) / std[:, None, None])
+    return np.stack(inputs).astype(np.float32)
+
+
+def test_embed_per_well_normalisation(setup, tmp_path: Path) -> None:
+    """A run trained with --normalize batch embeds each cell with its own well's statistics:
+    the saved ones on the training store, freshly computed ones on another store."""
+    from scbd_cells.data.batch_stats import batch_channel_stats
+
+    _, store_path = setup
+    store = open_store(store_path)
+    saved = batch_channel_stats(store).to_dict()
+    run_dir = _make_run(tmp_path / "run", store_path, batch_stats=saved)
+    trained = load_trained(run_dir, device="cpu")
+    assert trained.normalize == "batch"
+    rows = np.array([0, 5, 100, 209])
+    with torch.inference_mode():
+        expected = trained.model(torch.from_numpy(_by_hand_well_inputs(store, rows)))
+    result = embed(run_dir, store_path, out=tmp_path / "cells.h5ad", batch_size=50, device="cpu")
+    cells = ad.read_h5ad(result.out_path)
+    np.testing.assert_allclose(cells.X[rows], expected.z_perturbation.numpy(), atol=1e-5)
+
+    # another store (new wells, other brightness): its wells get their own statistics
+    other_path = _make_store(tmp_path / "other.zarr")
+    pixels = zarr.open_array(other_path / "images", mode="r+")
+    pixels[:] = pixels[:] // 2 + 300  # a dimmer plate with a higher background
+    other = open_store(other_path)
+    with torch.inference_mode():
+        expected = trained.model(torch.from_numpy(_by_hand_well_inputs(other, rows)))
+    result = embed(run_dir, other_path, out=tmp_path / "other.h5ad", batch_size=50, device="cpu")
+    np.testing.assert_allclose(
+        ad.read_h5ad(result.out_path).X[rows], expected.z_perturbation.numpy(), atol=1e-5
+    )
 
 
 def test_embed_zarr_and_encoder(setup, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from skimage.feature import graycomatrix, graycoprops
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops
 
+from scbd_cells.errors import InputError
 from scbd_cells.features import (
     baseline,
     cell_features,
@@ -140,3 +141,27 @@ def test_baseline_pca_equals_sklearn_with_copy(tmp_path: Path) -> None:
     pca = PCA(n_components=12, svd_solver="covariance_eigh", random_state=0)  # copy=True
     np.testing.assert_array_equal(adata.X, pca.fit_transform(features.copy()).astype(np.float32))
     assert result.explained_variance == float(pca.explained_variance_ratio_.sum())
+
+
+def test_baseline_normalize_per_well_against_pandas(tmp_path: Path) -> None:
+    """--normalize batch standardises every feature within each well (pandas groupby),
+    --normalize store over all cells; both measure the same raw features."""
+    store_path = _store(tmp_path)
+    per_well = ad.read_h5ad(
+        baseline(store_path, out=tmp_path / "well.h5ad", n_components=8).out_path
+    )
+    whole = ad.read_h5ad(
+        baseline(
+            store_path, out=tmp_path / "store.h5ad", n_components=8, normalize="store"
+        ).out_path
+    )
+    assert per_well.uns["scbd"]["normalize"] == "batch"
+    assert whole.uns["scbd"]["normalize"] == "store"
+    wells = per_well.obs["batch"].astype(str).to_numpy()
+    table = pd.DataFrame(np.asarray(whole.obsm["X_features"], dtype=np.float64))
+    grouped = table.groupby(wells)
+    expected = (table - grouped.transform("mean")) / grouped.transform("std", ddof=0).replace(0, 1)
+    got = np.asarray(per_well.obsm["X_features"], dtype=np.float64)
+    np.testing.assert_allclose(got, expected.to_numpy(), atol=2e-4)
+    with pytest.raises(InputError, match="batch or store"):
+        baseline(store_path, out=tmp_path / "bad.h5ad", normalize="plate")

@@ -63,6 +63,15 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_store(tmp_path_factory.mktemp("train_store") / "screen.zarr")
 
 
+def test_normalize_store_keeps_no_well_statistics(small_store: Path, tmp_path: Path) -> None:
+    result = train(
+        small_store, out=tmp_path / "run", steps=2, val_every=2, normalize="store", **FAST
+    )
+    checkpoint = torch.load(result.last_checkpoint_path, weights_only=True)
+    assert checkpoint["batch_channel_stats"] is None
+    assert load_trained(tmp_path / "run").normalize == "store"
+
+
 def test_train_writes_run_folder(small_store: Path, tmp_path: Path) -> None:
     result = train(small_store, out=tmp_path / "run", steps=6, val_every=3, alpha=1.0, **FAST)
     assert result.step == 6 and not result.interrupted
@@ -78,6 +87,11 @@ def test_train_writes_run_folder(small_store: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(result.last_checkpoint_path, weights_only=True)
     assert checkpoint["step"] == 6 and checkpoint["vocab"]["batch"][0].startswith("plate_1")
     assert checkpoint["config"]["alpha"] == 1.0
+    # default --normalize batch: every well's channel statistics travel with the weights
+    assert checkpoint["config"]["normalize"] == "batch"
+    saved = checkpoint["batch_channel_stats"]
+    assert saved["labels"] == checkpoint["vocab"]["batch"]
+    assert np.asarray(saved["mean"]).shape == (len(saved["labels"]), 2)
     trained = load_trained(tmp_path / "run", which="best")
     assert trained.model_args["in_channels"] == 2 and not trained.model.training
     from scbd_cells.data.store import open_store
@@ -85,7 +99,8 @@ def test_train_writes_run_folder(small_store: Path, tmp_path: Path) -> None:
     store = open_store(small_store)
     trained.check_store(store)
     images = torch.from_numpy(store.read(np.arange(5)).astype(np.int32))
-    z = trained.model.embed_perturbation(trained.preprocessor(images))
+    codes = torch.from_numpy(store.codes("batch")[0][:5].astype(np.int64))
+    z = trained.model.embed_perturbation(trained.preprocessor_for(store)(images, codes))
     assert z.shape == (5, 8)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
     # the saved config reloads as is

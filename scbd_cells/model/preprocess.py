@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scbd_cells.data import schema
+from scbd_cells.data.batch_stats import BatchChannelStats
+
 
 class Preprocessor:
-    """uint images (B, C, H, W) -> float32 standardised with the store's channel statistics.
+    """uint images (B, C, H, W) -> float32 standardised per channel, resized to the model's size.
 
-    Each channel is shifted by its mean and divided by its standard deviation,
-    both measured over the store's train split at ingest
-    (``store.channel_stats``), so no pass over the data is needed and the
-    transform is identical at train and embed time. (The paper's code applies
-    an arcsinh transform instead; per-channel standardisation plays the same
-    role of putting the stains on one scale and is what scbd-cells uses.)
-    Images whose size differs from ``image_size`` are resized (bilinear,
+    Each channel is shifted by a mean and divided by a standard deviation:
+
+    - ``normalize="store"``: the store's channel statistics over its train split,
+      measured at ingest (``store.channel_stats``);
+    - ``normalize="batch"``: the statistics of the cell's own batch label (well),
+      from :func:`scbd_cells.data.batch_stats.batch_channel_stats`, passed as
+      ``batch_mean``/``batch_std`` rows in the order of the store's batch codes;
+      each call then needs the cells' batch codes.
+
+    No pass over the data is needed at run time and the transform is identical at
+    train and embed time. (The paper's code applies an arcsinh transform instead;
+    per-channel standardisation plays the same role of putting the stains on one
+    scale.) Images whose size differs from ``image_size`` are resized (bilinear,
     antialiased).
 
     Parameters
@@ -26,19 +37,66 @@ class Preprocessor:
         Mapping with per-channel lists ``mean`` and ``std``.
     image_size
         Side of the square images the model expects.
+    batch_mean, batch_std
+        (n_batch_codes, C) per-batch statistics; both or neither.
     """
 
-    def __init__(self, channel_stats: Mapping[str, Sequence[float]], *, image_size: int) -> None:
+    def __init__(
+        self,
+        channel_stats: Mapping[str, Sequence[float]],
+        *,
+        image_size: int,
+        batch_mean: np.ndarray | None = None,
+        batch_std: np.ndarray | None = None,
+    ) -> None:
         self.mean = torch.tensor([float(v) for v in channel_stats["mean"]], dtype=torch.float32)
         std = torch.tensor([float(v) for v in channel_stats["std"]], dtype=torch.float32)
         self.std = std.clamp(min=1e-6)  # a blank channel must not divide by zero
         self.image_size = int(image_size)
+        if (batch_mean is None) != (batch_std is None):
+            raise ValueError("pass both batch_mean and batch_std, or neither")
+        self.batch_mean = self.batch_std = None
+        self._batch_stats_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        if batch_mean is not None:
+            self.batch_mean = torch.as_tensor(np.asarray(batch_mean), dtype=torch.float32)
+            self.batch_std = torch.as_tensor(np.asarray(batch_std), dtype=torch.float32).clamp(
+                min=1e-6
+            )
+            if self.batch_mean.shape != self.batch_std.shape or self.batch_mean.shape[1:] != (
+                self.mean.shape[0],
+            ):
+                raise ValueError(
+                    f"batch statistics must be (n_batches, {self.mean.shape[0]}); found "
+                    f"{tuple(self.batch_mean.shape)} and {tuple(self.batch_std.shape)}"
+                )
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Preprocess a batch on its own device; returns (B, C, image_size, image_size) float32."""
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-batch statistics on ``device`` (copied once per device)."""
+        if device not in self._batch_stats_on:
+            self._batch_stats_on[device] = (self.batch_mean.to(device), self.batch_std.to(device))
+        return self._batch_stats_on[device]
+
+    @property
+    def per_batch(self) -> bool:
+        """True when each cell is standardised with its batch label's statistics."""
+        return self.batch_mean is not None
+
+    def __call__(self, images: torch.Tensor, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """Preprocess a batch on its own device; returns (B, C, image_size, image_size) float32.
+
+        ``batch``: (B,) batch codes of the cells, required with per-batch statistics.
+        """
         images = images.to(torch.float32)  # widen first: uint16 has few kernels
-        mean = self.mean.to(images.device)[None, :, None, None]
-        std = self.std.to(images.device)[None, :, None, None]
+        if self.batch_mean is not None:
+            if batch is None:
+                raise ValueError("per-batch normalisation needs the cells' batch codes")
+            codes = torch.as_tensor(batch).to(images.device, torch.int64)  # no host sync
+            batch_mean, batch_std = self._on(images.device)
+            mean = batch_mean[codes][:, :, None, None]
+            std = batch_std[codes][:, :, None, None]
+        else:
+            mean = self.mean.to(images.device)[None, :, None, None]
+            std = self.std.to(images.device)[None, :, None, None]
         images = (images - mean) / std  # (B, C, H, W)
         if images.shape[-2:] != (self.image_size, self.image_size):
             images = F.interpolate(
@@ -85,3 +143,30 @@ def random_dihedral(images: torch.Tensor, *, generator: torch.Generator) -> torc
     if chosen.numel():
         out[chosen] = out[chosen].flip(-1)
     return out
+
+
+def preprocessor_for(
+    store: Any,
+    *,
+    channel_stats: Mapping[str, Sequence[float]],
+    image_size: int,
+    batch_stats: BatchChannelStats | None,
+) -> Preprocessor:
+    """The :class:`Preprocessor` for a store's cells: per-batch rows in its batch-code order.
+
+    Parameters
+    ----------
+    store
+        The store whose cells (and batch codes) will be preprocessed.
+    channel_stats
+        Whole-store statistics (used when ``batch_stats`` is None).
+    image_size
+        The model's input size.
+    batch_stats
+        Statistics of every batch label of ``store``, or None for ``normalize="store"``.
+    """
+    if batch_stats is None:
+        return Preprocessor(channel_stats, image_size=image_size)
+    _, labels = store.codes(schema.BATCH)
+    mean, std = batch_stats.rows_for([str(label) for label in labels])
+    return Preprocessor(channel_stats, image_size=image_size, batch_mean=mean, batch_std=std)
