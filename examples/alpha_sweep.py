@@ -183,6 +183,7 @@ def report(out_dir: Path) -> None:
         "normalize",
         "invariance",
         "alpha",
+        "seed",
         "steps",
         "val_supcon_perturbation_first",
         "val_supcon_perturbation_last",
@@ -203,6 +204,8 @@ def report(out_dir: Path) -> None:
     for screen in screens:
         runs = table[(table["screen"] == screen) & (table["encoder"] == "resnet18")]
         runs = runs[runs["normalize"] == runs["normalize"].iloc[-1]] if not runs.empty else runs
+        if "seed" in runs:  # curves of the seed-0 runs only (other seeds are in the table)
+            runs = runs[runs["seed"].fillna(0) == 0]
         if not runs.empty:
             break
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -226,7 +229,7 @@ def report(out_dir: Path) -> None:
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].legend(fontsize=7)
     axes[2].legend(fontsize=7)
-    axes[2].set_ylim(0, 1)
+    axes[2].set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png", dpi=90)
     print((out_dir / "table.md").read_text())

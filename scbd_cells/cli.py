@@ -436,10 +436,10 @@ def baseline(
     normalize: Annotated[
         str,
         typer.Option(
-            help="batch: standardise each feature within each well (the usual CellProfiler "
-            "post-processing); store: over all cells."
+            help="store: standardise each feature over all cells (no batch correction); "
+            "batch: within each well (the usual CellProfiler post-processing)."
         ),
-    ] = "batch",
+    ] = "store",
     seed: Annotated[int, typer.Option(help="Seed of the PCA solver.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
@@ -460,10 +460,12 @@ def baseline(
 def _print_table(table) -> None:
     from rich.table import Table
 
-    view = Table(title="Evaluation (CORUM: higher is better; well F1: lower, vs chance)")
-    for column in ("embedding", "CORUM AUPRC", "recall@5/95%", "well F1", "chance", "genes",
-                   "cells"):
-        view.add_column(column, justify="left" if column == "embedding" else "right")
+    view = Table(title="Evaluation (CORUM AUPRC, recall: higher is better; well F1: lower)")
+    for column in ("embedding", "AUPRC", "recall@5/95", "well F1", "chance", "genes", "cells"):
+        if column == "embedding":  # names are what the reader looks for: never cut them
+            view.add_column(column, no_wrap=True, min_width=max(map(len, table["embedding"])))
+        else:
+            view.add_column(column, justify="right")
     for row in table.itertuples(index=False):
         view.add_row(
             row.embedding, f"{row.corum_auprc:.4f}", f"{row.corum_recall_5_95:.3f}",

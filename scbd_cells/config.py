@@ -177,9 +177,10 @@ def demo_train_options(n_classes: int) -> dict[str, Any]:
         "val_every": 50,
         "val_batches": 2,
         "log_every": 10,
-        # Measured on the demo screen, 300 steps (docs/training.md): alpha 3 took z_c's well
-        # F1 from 5.4x to 2.3x chance while the perturbation SupCon kept falling below log B;
-        # alpha 1 kept 3.3x, and alpha 10 froze the perturbation loss at log B.
+        # Measured on the demo screen, 300 steps, per-well normalisation (docs/training.md):
+        # alpha 3 put z_c's well F1 at 1.04-1.21x chance, below alpha 0's 1.23-1.29x on each
+        # of 3 seeds, while the perturbation SupCon kept falling below log B; alpha 5 fell
+        # half as far, and alpha 10 froze the perturbation loss at log B.
         "alpha": 3.0,
         "invariance": "paper",
         "device": "auto",

@@ -1,9 +1,9 @@
 """Baseline: CellProfiler-style per-cell features from the store's crops, then PCA (the reference).
 
 The conventional pipeline the paper compares SCBD with: hand-crafted
-measurements of each cell, standardised (by default within each batch label,
-i.e. well, the usual CellProfiler post-processing; or over the whole store),
-then reduced by PCA. Per crop:
+measurements of each cell, standardised (over all cells: no batch correction;
+or, with ``normalize="batch"``, within each well, the usual CellProfiler
+post-processing), then reduced by PCA. Per crop:
 
 - segmentation: Otsu threshold (as ``skimage.filters.threshold_otsu``) of the
   nucleus channel (nucleus mask) and of the sum of the channels scaled by
@@ -286,7 +286,7 @@ def baseline(
     n_components: int = 64,
     nucleus_channel: str | None = None,
     batch_size: int = 4096,
-    normalize: str = "batch",
+    normalize: str = "store",
     seed: int = 0,
     overwrite: bool = False,
 ) -> BaselineResult:
@@ -307,9 +307,9 @@ def baseline(
     batch_size
         Cells measured at a time.
     normalize
-        ``batch``: each feature standardised within each batch label (well), which
-        removes per-well shifts of the measurements (as ``train --normalize batch``
-        does for the pixels); ``store``: over all cells.
+        ``store`` (default, no batch correction): each feature standardised over all
+        cells; ``batch``: within each batch label (well), which removes per-well
+        shifts of the measurements (as ``train --normalize batch`` does for the pixels).
     seed
         Seeds the PCA solver.
     overwrite

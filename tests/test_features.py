@@ -145,16 +145,12 @@ def test_baseline_pca_equals_sklearn_with_copy(tmp_path: Path) -> None:
 
 def test_baseline_normalize_per_well_against_pandas(tmp_path: Path) -> None:
     """--normalize batch standardises every feature within each well (pandas groupby),
-    --normalize store over all cells; both measure the same raw features."""
+    --normalize store (the default) over all cells; both measure the same raw features."""
     store_path = _store(tmp_path)
     per_well = ad.read_h5ad(
-        baseline(store_path, out=tmp_path / "well.h5ad", n_components=8).out_path
+        baseline(store_path, out=tmp_path / "well.h5ad", n_components=8, normalize="batch").out_path
     )
-    whole = ad.read_h5ad(
-        baseline(
-            store_path, out=tmp_path / "store.h5ad", n_components=8, normalize="store"
-        ).out_path
-    )
+    whole = ad.read_h5ad(baseline(store_path, out=tmp_path / "store.h5ad", n_components=8).out_path)
     assert per_well.uns["scbd"]["normalize"] == "batch"
     assert whole.uns["scbd"]["normalize"] == "store"
     wells = per_well.obs["batch"].astype(str).to_numpy()
