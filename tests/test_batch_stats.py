@@ -116,3 +116,55 @@ def test_store_mode_and_bad_statistics(well_store) -> None:
     np.testing.assert_array_equal(round_trip.mean, stats.mean)
     with pytest.raises(DataError, match="P9_Z99"):
         stats.rows_for(["P9_Z99"])
+
+
+class _CountingStore:
+    """A store that counts the rows read from it."""
+
+    def __init__(self, store) -> None:
+        self._store, self.rows_read = store, 0
+
+    def read(self, rows):
+        self.rows_read += len(rows)
+        return self._store.read(rows)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+
+def test_a_rare_well_is_read_row_by_row_not_by_scanning(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    n = 2000
+    wells = np.where(rng.random(n) < 0.005, "C01", np.where(rng.random(n) < 0.5, "A01", "A02"))
+    n_rare = int((wells == "C01").sum())
+    assert 3 <= n_rare <= 30
+    obs = pd.DataFrame(
+        {
+            "cell_id": [f"c{i}" for i in range(n)],
+            "gene": np.array(["g1", "g2", "nt"])[np.arange(n) % 3],
+            "guide": [f"s{i % 6}" for i in range(n)],
+            "plate": "P1",
+            "well": wells,
+        }
+    )
+    images = rng.integers(0, 1000, size=(n, 1, 4, 4)).astype(np.uint16)
+    images[wells == "C01"] += 3000  # the rare well is much brighter
+    path = tmp_path / "rare.zarr"
+    create_store(
+        path,
+        images=images,
+        obs=obs,
+        channel_names=["dna"],
+        perturbation_column="gene",
+        guide_column="guide",
+        control="nt",
+        chunk_cells=16,
+    )
+    store = _CountingStore(open_store(path))
+    stats = batch_channel_stats(store, cells_per_batch=50)
+    # every cell of the rare well, and far less than the whole store
+    rare = stats.labels.index("P1_C01")
+    assert stats.n_cells[rare] == n_rare
+    assert store.rows_read < n / 4
+    mean, _, _ = _numpy_stats(store)
+    np.testing.assert_allclose(stats.mean[rare], mean[rare], rtol=1e-10)

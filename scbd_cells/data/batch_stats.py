@@ -89,8 +89,10 @@ def batch_channel_stats(
     """Per-channel mean and std of every batch label's cells (all splits), from a sample.
 
     Whole chunks are read in a seeded random order until every batch label has
-    ``cells_per_batch`` cells (or all of its cells); a store smaller than that
-    is read whole, and the statistics are then exact.
+    ``cells_per_batch`` cells (or all of its cells), up to twice that many cells
+    in all; a label still short then (a rare well) gets the rest of its sample
+    read row by row, so a rare well never makes this a pass over the store. A
+    store smaller than the sample is read whole and the statistics are exact.
 
     Parameters
     ----------
@@ -99,7 +101,7 @@ def batch_channel_stats(
     cells_per_batch
         Cells per batch label to stop at (at least 1).
     seed
-        Seed of the chunk order.
+        Seed of the chunk order and of the rows drawn for rare labels.
     """
     if cells_per_batch < 1:
         raise ValueError(f"cells_per_batch must be at least 1, found {cells_per_batch}")
@@ -109,20 +111,32 @@ def batch_channel_stats(
     wanted = np.minimum(np.bincount(codes, minlength=n_labels), cells_per_batch)
     chunk = int(store.images.chunks[0])
     n_chunks = -(-store.n_cells // chunk)
-    order = np.random.default_rng([seed, 7]).permutation(n_chunks)
+    rng = np.random.default_rng([seed, 7])
+    order = rng.permutation(n_chunks)
     sums = np.zeros((n_labels, n_channels))
     squares = np.zeros((n_labels, n_channels))
     counts = np.zeros(n_labels, dtype=np.int64)
-    for chunk_id in order:
-        if np.all(counts >= wanted):
-            break
-        start = int(chunk_id) * chunk
-        rows = np.arange(start, min(start + chunk, store.n_cells))
-        images = store.read(rows).astype(np.float64)  # (n, C, H, W), one whole chunk
+
+    def add(rows: np.ndarray) -> None:
+        images = store.read(rows).astype(np.float64)  # (n, C, H, W)
         cell_codes = codes[rows]
         np.add.at(sums, cell_codes, images.sum(axis=(2, 3)))
         np.add.at(squares, cell_codes, np.square(images).sum(axis=(2, 3)))
-        counts += np.bincount(cell_codes, minlength=n_labels)
+        counts[:] += np.bincount(cell_codes, minlength=n_labels)
+
+    budget, n_read, chunks_read = 2 * int(wanted.sum()), 0, []
+    for chunk_id in order:
+        if np.all(counts >= wanted) or n_read >= budget:
+            break
+        rows = np.arange(int(chunk_id) * chunk, min((int(chunk_id) + 1) * chunk, store.n_cells))
+        add(rows)  # one whole chunk
+        n_read += rows.size
+        chunks_read.append(int(chunk_id))
+    read_mask = np.zeros(n_chunks, dtype=bool)
+    read_mask[chunks_read] = True
+    for code in np.flatnonzero(counts < wanted):
+        unread = np.flatnonzero((codes == code) & ~read_mask[np.arange(codes.size) // chunk])
+        add(np.sort(rng.choice(unread, size=int(wanted[code] - counts[code]), replace=False)))
     pixels = counts[:, None] * int(np.prod(store.image_size))
     empty = counts == 0  # a label without cells is never looked up; keep it finite
     pixels[empty] = 1
