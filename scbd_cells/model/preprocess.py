@@ -25,8 +25,8 @@ class Preprocessor:
       ``batch_mean``/``batch_std`` rows in the order of the store's batch codes;
       each call then needs the cells' batch codes.
 
-    No pass over the data is needed at run time and the transform is identical at
-    train and embed time. (The paper's code applies an arcsinh transform instead;
+    The statistics are computed once (at ingest, or from a per-well sample when a
+    run starts) and the transform is identical at train and embed time. (The paper's code applies an arcsinh transform instead;
     per-channel standardisation plays the same role of putting the stains on one
     scale.) Images whose size differs from ``image_size`` are resized (bilinear,
     antialiased).
