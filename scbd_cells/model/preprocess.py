@@ -26,9 +26,10 @@ class Preprocessor:
       each call then needs the cells' batch codes.
 
     The statistics are computed once (at ingest, or from a per-well sample when a
-    run starts) and the transform is identical at train and embed time. (The paper's code applies an arcsinh transform instead;
-    per-channel standardisation plays the same role of putting the stains on one
-    scale.) Images whose size differs from ``image_size`` are resized (bilinear,
+    run starts) and the transform is identical at train and embed time. (The
+    paper's code applies an arcsinh transform instead; per-channel
+    standardisation plays the same role of putting the stains on one scale.)
+    Images whose size differs from ``image_size`` are resized (bilinear,
     antialiased).
 
     Parameters
