@@ -322,7 +322,7 @@ def _plot_well(table: pd.DataFrame, path: Path) -> None:
         zorder=3,
         label="chance",
     )
-    axes.set_xticks(positions, table["embedding"], rotation=20)
+    axes.set_xticks(positions, table["embedding"], rotation=20, ha="right")
     axes.set_ylabel("macro F1 (lower is better)")
     axes.set_title("Predicting the well from the embedding")
     axes.legend(frameon=False)
