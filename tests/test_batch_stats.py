@@ -101,7 +101,7 @@ def test_store_mode_and_bad_statistics(well_store) -> None:
     images = torch.from_numpy(well_store.read(np.arange(4)).astype(np.int32))
     codes = torch.zeros(4, dtype=torch.int64)
     torch.testing.assert_close(plain(images), plain(images, codes))  # codes are ignored
-    assert not plain.per_batch
+    assert plain.batch_mean is None
     with pytest.raises(ValueError, match="both"):
         Preprocessor(well_store.channel_stats, image_size=8, batch_mean=np.zeros((3, 2)))
     with pytest.raises(ValueError, match=r"\(n_batches, 2\)"):

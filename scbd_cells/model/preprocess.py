@@ -77,11 +77,6 @@ class Preprocessor:
             self._batch_stats_on[device] = (self.batch_mean.to(device), self.batch_std.to(device))
         return self._batch_stats_on[device]
 
-    @property
-    def per_batch(self) -> bool:
-        """True when each cell is standardised with its batch label's statistics."""
-        return self.batch_mean is not None
-
     def __call__(self, images: torch.Tensor, batch: torch.Tensor | None = None) -> torch.Tensor:
         """Preprocess a batch on its own device; returns (B, C, image_size, image_size) float32.
 
