@@ -385,14 +385,14 @@ def train(
                             best_val_loss = final_val["loss"]
                             save_checkpoint(make_checkpoint(), best_path)
                         save_checkpoint(make_checkpoint(), last_path)
-                        _write_metrics(history, run_dir)
+                        _write_metrics(history, run_dir, collapsed=math.log(val_set.batch_size))
                     barrier()
         finally:
             loader.close()
     interrupted = stop.requested and step < config.steps
     if interrupted and dist_info.is_main:
         save_checkpoint(make_checkpoint(), last_path)
-        _write_metrics(history, run_dir)
+        _write_metrics(history, run_dir, collapsed=math.log(val_set.batch_size))
         logger.warning("Interrupted at step %d; %s saved. Continue with --resume.", step, last_path)
     if dist_info.is_main and not best_path.exists():
         save_checkpoint(make_checkpoint(), best_path)
@@ -769,19 +769,27 @@ def _read_metrics(metrics_path: Path, *, up_to_step: int) -> list[dict[str, Any]
     return [{k: v for k, v in row.items() if pd.notna(v)} for row in table.to_dict("records")]
 
 
-def _write_metrics(history: list[dict[str, Any]], run_dir: Path) -> None:
-    """metrics.csv (atomic) and curves.png."""
+def _write_metrics(
+    history: list[dict[str, Any]], run_dir: Path, *, collapsed: float | None = None
+) -> None:
+    """metrics.csv (atomic) and curves.png (``collapsed``: see :func:`plot_curves`)."""
     import pandas as pd
 
     table = pd.DataFrame(history, columns=METRIC_COLUMNS)
     tmp_path = run_dir / ".metrics.csv.tmp"
     table.to_csv(tmp_path, index=False)
     os.replace(tmp_path, run_dir / "metrics.csv")
-    plot_curves(table, run_dir / "curves.png")
+    plot_curves(table, run_dir / "curves.png", collapsed=collapsed)
 
 
-def plot_curves(table: Any, figure_path: Path, *, title: str | None = None) -> None:
-    """Four panels: the two SupCon losses, the invariance loss, and the well-probe F1."""
+def plot_curves(
+    table: Any, figure_path: Path, *, title: str | None = None, collapsed: float | None = None
+) -> None:
+    """Four panels: the two SupCon losses, the invariance loss, and the well-probe F1.
+
+    ``collapsed``: log(val batch size), the perturbation SupCon of a z_c that is the
+    same for every cell, drawn as a dotted line (the stall warning's reference).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -798,6 +806,8 @@ def plot_curves(table: Any, figure_path: Path, *, title: str | None = None) -> N
             part = table[(table["phase"] == phase) & table[column].notna()]
             if len(part):
                 ax.plot(part["step"], part[column], style, label=phase, markersize=3)
+        if column == "supcon_perturbation" and collapsed is not None:
+            ax.axhline(collapsed, color="k", ls=":", lw=1, label="log B: z_c learned nothing")
         ax.set_title(label)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
