@@ -301,10 +301,13 @@ def test_ctrl_c_saves_last_and_returns(
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(training, "scbd_loss", loss_then_ctrl_c)
+    # what was installed before (Python's default, or SIG_IGN when pytest itself runs in a
+    # background job) must be back afterwards
+    before = signal.getsignal(signal.SIGINT)
     result = train(small_store, out=tmp_path / "run", steps=50, val_every=100, **FAST)
     assert result.interrupted and result.step == 3
     assert load_checkpoint(result.last_checkpoint_path)["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_val_batches_do_not_repeat_cells_when_the_split_allows(tmp_path: Path) -> None:
