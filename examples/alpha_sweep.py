@@ -92,14 +92,14 @@ def test_metrics(run_dir: Path, store_path: Path, *, seed: int = 0) -> dict[str,
     split = store.obs[schema.SPLIT].astype(str).to_numpy()
     rows = np.flatnonzero(split == "test")
     rows = np.sort(np.random.default_rng(seed).permutation(rows)[:TEST_CELLS])
-    z_c, z_s = _embed(trained, store, rows)
-    wells = store.obs[schema.BATCH].astype(str).to_numpy()[rows]
+    all_c, all_s = _embed(trained, store, np.arange(store.n_cells))  # each cell once
+    z_c, z_s = all_c[rows], all_s[rows]
+    all_wells = store.obs[schema.BATCH].astype(str).to_numpy()
+    wells = all_wells[rows]
     genes = store.obs[schema.PERTURBATION].astype(str).to_numpy()[rows]
     well_c = batch_prediction_f1(z_c, wells, seed=seed)
     well_s = batch_prediction_f1(z_s, wells, seed=seed)
     gene_c = batch_prediction_f1(z_c, genes, seed=seed)  # same probe, perturbation labels
-    all_c, all_s = _embed(trained, store, np.arange(store.n_cells))
-    all_wells = store.obs[schema.BATCH].astype(str).to_numpy()
     return {
         "test_well_f1_z_c": well_c.f1,
         "test_well_f1_z_s": well_s.f1,
