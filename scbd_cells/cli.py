@@ -213,6 +213,12 @@ def ingest(
         workers=workers, split_fractions=fractions, seed=seed, skip_bad=skip_bad,
         overwrite=overwrite,
     )
+    if result.already_complete:
+        stdout.print(
+            f"[green]Already complete[/]: {result.store_path} holds {result.n_cells:,} cells "
+            "ingested from this table with these options; nothing to do."
+        )
+        return
     height, width = result.image_size
     stdout.print(
         f"[green]Ingested[/] {result.n_cells:,} cells ({len(result.channel_names)} channels "
@@ -225,6 +231,8 @@ def ingest(
             f"Left out {result.n_rejected:,} bad rows and {result.n_border:,} border cells "
             f"(listed in {result.store_path / 'rejected.csv'})."
         )
+    if result.n_blank:
+        stdout.print(f"[yellow]{result.n_blank:,} cells are entirely zero[/] (kept; check them).")
 
 
 @app.command()
@@ -233,6 +241,14 @@ def info(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            help="Read every chunk and check its checksum; list damaged cell ranges "
+            "(exit 1 if any)."
+        ),
+    ] = False,
+    workers: Annotated[int, typer.Option(help="Threads reading chunks for --verify.")] = 2,
 ) -> None:
     """What is in a store: cells, channels, labels, split, size, format version."""
     import json
@@ -241,9 +257,24 @@ def info(
 
     from scbd_cells.data.store import open_store
 
-    summary = open_store(store).summary()
+    opened = open_store(store)
+    summary = opened.summary()
+    damaged = opened.verify(workers=workers) if verify else None
+    if damaged is not None:
+        summary["damaged_ranges"] = [list(pair) for pair in damaged]
     if json_output:
         stdout.print_json(json.dumps(summary))
+    if damaged:
+        from scbd_cells.errors import StoreError
+
+        listed = ", ".join(f"{a}-{b - 1}" for a, b in damaged[:20])
+        more = f" (and {len(damaged) - 20} more ranges)" if len(damaged) > 20 else ""
+        raise StoreError(
+            f"The store {store} is damaged: {sum(b - a for a, b in damaged):,} cells in "
+            f"{len(damaged)} range(s) cannot be read: cells {listed}{more}. Re-ingest the table "
+            "(or restore the store from a copy)."
+        )
+    if json_output:
         return
     per_class = summary["cells_per_perturbation"]
     splits = summary["splits"]
@@ -267,8 +298,11 @@ def info(
         ("control", f"{control} ({summary['control_cells']:,} cells)" if control else "none"),
         ("split", f"train {splits['train']:,} / val {splits['val']:,} / test {splits['test']:,}"),
         ("left out", f"{summary['n_rejected']:,} bad rows, {summary['n_border']:,} border cells"),
+        ("blank cells", f"{summary['n_blank']:,} (every pixel zero)"),
         ("format", f"{summary['format']} (scbd-cells {summary['version']}, {summary['created']})"),
     ]
+    if damaged is not None:
+        rows.append(("verified", f"every chunk of {summary['n_cells']:,} cells reads back intact"))
     table = Table(title=str(store), show_header=False)
     for name, value in rows:
         table.add_row(name, value)

@@ -324,10 +324,19 @@ def test_resize_averages_areas_and_keeps_dtype(tmp_path: Path) -> None:
 
 def test_existing_store_needs_overwrite(tmp_path: Path) -> None:
     table_path, _ = write_crops(tmp_path, n=8)
-    ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene")
-    with pytest.raises(InputError, match="overwrite"):
-        ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene")
+    first = ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene")
+    assert not first.already_complete
     first_id = open_store(tmp_path / "s.zarr").store_id
+    again = ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene")
+    assert again.already_complete and again.n_cells == first.n_cells
+    assert open_store(tmp_path / "s.zarr").store_id == first_id  # untouched
+    with pytest.raises(InputError, match=r"seed \(0 then, 1 now\).*--overwrite"):
+        ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene", seed=1)
+    table = pd.read_csv(table_path)
+    table.loc[0, "gene"] = "other"
+    table.to_csv(table_path, index=False)
+    with pytest.raises(InputError, match="table's content"):
+        ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene")
     ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene", overwrite=True)
     assert open_store(tmp_path / "s.zarr").store_id != first_id
 

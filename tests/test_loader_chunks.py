@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from scbd_cells.data import loader as loader_module
-from scbd_cells.data.loader import BalancedLoader, SegmentReader, _ChunkFiles
+from scbd_cells.data.loader import BalancedLoader, SegmentReader
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.data.store import create_store
 from scbd_cells.errors import InputError
@@ -46,7 +46,7 @@ def chunked_store(tmp_path_factory: pytest.TempPathFactory):
     obs = _table(9, per_gene, 8, seed=0)
     images = np.random.default_rng(1).integers(0, 4000, (len(obs), 1, 32, 32), dtype=np.uint16)
     images[:, 0, 0, 0] = np.arange(len(obs))
-    images[:20] = 0  # gene g00 (store rows 0-19): chunk 0 is all zero, zarr leaves its file out
+    images[:20] = 0  # gene g00 (store rows 0-19): chunk 0 is all zero (and written all the same)
     path = tmp_path_factory.mktemp("chunked") / "store.zarr"
     return create_store(
         path,
@@ -83,26 +83,12 @@ def _loader(store, *, seed: int, **kwargs) -> BalancedLoader:
 # -- reading segments -------------------------------------------------------------------
 
 
-def test_chunk_files_decode_what_zarr_reads(chunked_store) -> None:
-    files = _ChunkFiles.open(chunked_store)
-    assert files is not None and files.chunk_cells == 16
-    everything = chunked_store.images[:]
-    n = chunked_store.n_cells
-    np.testing.assert_array_equal(files.read(0, n), everything)
-    np.testing.assert_array_equal(files.read(1184, n), everything[1184:])  # edge chunk
-    zero_chunks = [i for i in range(n // 16) if not everything[16 * i : 16 * i + 16].any()]
-    assert zero_chunks == [0]
-    assert not (files.array_dir / "c" / "0" / "0" / "0" / "0").exists()
-    for i in zero_chunks:  # a chunk zarr did not write reads as the fill value
-        np.testing.assert_array_equal(files.read(16 * i, 16 * i + 16), 0)
-
-
 @pytest.mark.parametrize("shards", [False, True])
 def test_segment_reader_returns_any_rows_in_order(tmp_path, small_segments, shards) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 60000, (300, 1, 32, 32), dtype=np.uint16)
     obs = pd.DataFrame({"gene": ["a"] * 40 + ["b"] * 260, "plate": "p", "well": "w"})
-    images[:40] = 0  # class "a" (store rows 0-39): chunks zarr leaves out (or marks empty)
+    images[:40] = 0  # class "a" (store rows 0-39): all-zero chunks, written and read back
     store = create_store(
         tmp_path / "s.zarr",
         images=images,
@@ -114,10 +100,10 @@ def test_segment_reader_returns_any_rows_in_order(tmp_path, small_segments, shar
     )
     reader = SegmentReader(store, budget_gb=1e-5, workers=1)  # room for a few segments only
     assert reader.segment_cells == 32
-    assert reader.backend == "chunk files"
+    assert reader.backend == "tensorstore"
     everything = store.images[:]
-    np.testing.assert_array_equal(reader._files.read(0, 300), everything)
-    np.testing.assert_array_equal(reader._files.read(37, 293), everything[37:293])
+    np.testing.assert_array_equal(reader.read(np.arange(300)), everything)
+    np.testing.assert_array_equal(reader.read(np.arange(37, 293)), everything[37:293])
     for _ in range(5):
         rows = rng.integers(0, 300, 50)
         np.testing.assert_array_equal(reader.read(rows), everything[rows])

@@ -52,13 +52,14 @@ from scbd_cells.data.store import (
     TABLE_ROW,
     ChannelStats,
     StoreWriter,
-    check_existing_output,
     check_split_fractions,
     finalise_obs,
     label_table,
+    open_store,
     write_cells,
 )
-from scbd_cells.errors import DataError, InputError
+from scbd_cells.errors import DataError, InputError, StoreError
+from scbd_cells.outputs import check_not_input, check_output, kind_of, output_lock
 from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ class IngestResult:
         Wall time of the whole ingest and its throughput.
     resumed
         Whether an interrupted ingest was continued.
+    already_complete
+        The same table and options had already been ingested into the store: nothing was done.
+    n_blank
+        Cells whose every pixel is zero (kept, but worth a look).
     """
 
     store_path: Path
@@ -107,6 +112,8 @@ class IngestResult:
     seconds: float
     cells_per_second: float
     resumed: bool
+    already_complete: bool = False
+    n_blank: int = 0
 
 
 class _ImageFailures(Exception):
@@ -126,8 +133,13 @@ class _BadImage(Exception):
 # ---------------------------------------------------------------------------
 
 
-def read_table(table_path: Path) -> pd.DataFrame:
-    """Read a cells table: CSV, TSV (``.tsv``, ``.tab``, ``.txt``; gzip allowed) or Parquet."""
+def read_table(table_path: Path, *, text_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a cells table: CSV, TSV (``.tsv``, ``.tab``, ``.txt``; gzip allowed) or Parquet.
+
+    ``text_columns`` (ids, labels, batch columns) of a CSV/TSV are read as the
+    strings the file holds: ``00001`` stays ``00001``, ``NA`` stays ``NA``, and only
+    an empty field is null. Other columns are parsed as pandas does.
+    """
     name = table_path.name.lower().removesuffix(".gz")
     if not table_path.is_file():
         raise InputError(
@@ -136,10 +148,16 @@ def read_table(table_path: Path) -> pd.DataFrame:
     try:
         if name.endswith((".parquet", ".pq")):
             return pd.read_parquet(table_path)
-        if name.endswith((".tsv", ".tab", ".txt")):
-            return pd.read_csv(table_path, sep="\t", low_memory=False)
-        if name.endswith(".csv"):
-            return pd.read_csv(table_path, low_memory=False)
+        separator = "\t" if name.endswith((".tsv", ".tab", ".txt")) else ","
+        if name.endswith((".tsv", ".tab", ".txt", ".csv")):
+            table = pd.read_csv(table_path, sep=separator, low_memory=False)
+            text = [column for column in dict.fromkeys(text_columns) if column in table.columns]
+            if text:  # again, as text: the first pass may have re-typed them (00001 -> 1)
+                table[text] = pd.read_csv(
+                    table_path, sep=separator, usecols=text, dtype=str, keep_default_na=False,
+                    na_values=[""],
+                )[text]  # fmt: skip
+            return table
     except pd.errors.EmptyDataError as error:
         raise DataError(
             f"The cells table {table_path} is empty (no header, no rows). "
@@ -245,6 +263,15 @@ def _read_tiff(path: str | os.PathLike) -> np.ndarray:
     return tifffile.imread(io.BytesIO(content))
 
 
+# Pillow modes whose values are not stain intensities
+_NOT_INTENSITY_MODES = {
+    "RGBA": "its 4th channel is transparency",
+    "LA": "its 2nd channel is transparency",
+    "PA": "it holds palette indices and transparency",
+    "P": "it holds palette indices",
+}
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Pixels of a TIFF, NPY or PNG (any format Pillow reads) file, as stored."""
     suffix = os.path.splitext(path)[1].lower()
@@ -256,6 +283,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         from PIL import Image
 
         with Image.open(path) as image:
+            if image.mode in _NOT_INTENSITY_MODES:
+                raise _BadImage(
+                    f"{path} is a {image.mode} image: {_NOT_INTENSITY_MODES[image.mode]}, not a "
+                    "stain's intensity. Save crops as grey-level files (one channel each, or a "
+                    "multi-page TIFF)"
+                )
             pixels = np.asarray(image)
     if pixels.size == 0:  # tifffile returns an empty array for some corrupt files
         raise _BadImage(f"cannot read the image {path}: no pixels (empty or corrupt file)")
@@ -482,11 +515,24 @@ def _checked_crop(paths: tuple[str, ...], spec: _CropSpec) -> np.ndarray:
             f"is {image.shape[1]}x{image.shape[2]} px; mismatched crop size, the other crops "
             f"are {reference.height}x{reference.width}"
         )
-    if image.dtype != reference.dtype:
-        if not np.can_cast(image.dtype, reference.dtype, casting="safe"):
-            raise _BadImage(f"has dtype {image.dtype}, the others {reference.dtype}")
-        image = image.astype(reference.dtype)
-    return image
+    return _as_reference_dtype(image, reference.dtype, what="has")
+
+
+def _as_reference_dtype(pixels: np.ndarray, dtype: np.dtype, *, what: str) -> np.ndarray:
+    """``pixels`` in the screen's dtype; another bit depth is a bad image, never cast silently.
+
+    A uint8 crop in a uint16 screen would be stored at 1/256 of its intensity:
+    silently wrong. Only the byte order may differ (it is converted).
+    """
+    if pixels.dtype == dtype:
+        return pixels
+    if pixels.dtype.newbyteorder("=") != np.dtype(dtype).newbyteorder("="):
+        raise _BadImage(
+            f"{what} dtype {pixels.dtype.name} but the screen's images are {np.dtype(dtype).name}: "
+            "another bit depth would be stored at the wrong intensity scale; convert the file, or "
+            "leave it out with --skip-bad"
+        )
+    return pixels.astype(dtype)
 
 
 def _read_crop_batch(
@@ -706,14 +752,9 @@ def _cut_field(
     """Read one field and cut (and resize) its cells' crops (a worker task)."""
 
     def cut() -> np.ndarray:
-        pixels = _load_field(field, shape, spec)
-        if pixels.dtype != spec.dtype:
-            if not np.can_cast(pixels.dtype, spec.dtype, casting="safe"):
-                raise _BadImage(
-                    f"{os.path.basename(field[0])} has dtype {pixels.dtype}, "
-                    f"the others {spec.dtype}"
-                )
-            pixels = pixels.astype(spec.dtype)
+        pixels = _as_reference_dtype(
+            _load_field(field, shape, spec), spec.dtype, what=f"{os.path.basename(field[0])} has"
+        )
         size = spec.crop_size
         crops = np.stack(
             [pixels[:, t : t + size, s : s + size] for t, s in zip(tops, lefts, strict=True)]
@@ -1072,8 +1113,90 @@ def ingest(
         raise InputError(f"--workers must be at least 1; found {workers}.")
     if resize is not None and resize < 1:
         raise InputError(f"--resize must be a positive number of pixels; found {resize}.")
-    check_existing_output(out_path, overwrite=overwrite)
-    table = read_table(table_path)
+    check_not_input(out_path, [table_path])
+    with output_lock(out_path):
+        table_sha256 = file_sha256(table_path) if table_path.is_file() else ""
+        options = {key: value for key, value in arguments.items() if key not in ("table", "out")}
+        finished = _finished_ingest(out_path, options, table_sha256, overwrite=overwrite)
+        if finished is not None:
+            return finished
+        check_output(out_path, kind="store", overwrite=overwrite)
+        record = {"table_sha256": table_sha256, "options": _to_json_value(options)}
+        return _ingest(
+            table_path, out_path, arguments=arguments, record=record, workers=workers,
+            overwrite=overwrite, started=started,
+        )  # fmt: skip
+
+
+def _finished_ingest(
+    out_path: Path, options: dict, table_sha256: str, *, overwrite: bool
+) -> IngestResult | None:
+    """The result of an identical ingest that already completed into ``out_path``, else None.
+
+    A store from the same table (SHA-256) and options is "already complete"; one
+    from another table or other options is refused (naming what differs). With
+    ``overwrite`` neither applies: the store is rebuilt (e.g. after the image
+    files changed under an unchanged table).
+    """
+    if overwrite or kind_of(out_path) != "store":
+        return None
+    try:
+        store = open_store(out_path)
+    except StoreError:
+        return None  # unfinished or damaged: check_output and overwrite decide
+    recorded = store.attributes.get("ingest") or {}
+    differences = []
+    if recorded.get("table_sha256") != table_sha256:
+        differences.append("the cells table's content (SHA-256)")
+    earlier = recorded.get("options") or {}
+    for key in sorted(set(options) | set(earlier)):
+        if _to_json_value(options.get(key)) != earlier.get(key):
+            differences.append(f"{key} ({earlier.get(key)!r} then, {options.get(key)!r} now)")
+    if not differences:
+        log.info("%s is already complete (same table and options); nothing to do.", out_path)
+        summary = store.summary()
+        return IngestResult(
+            store_path=out_path,
+            n_cells=store.n_cells,
+            n_rejected=summary["n_rejected"],
+            n_border=summary["n_border"],
+            channel_names=list(store.channel_names),
+            image_size=store.image_size,
+            dtype=store.dtype.name,
+            seconds=0.0,
+            cells_per_second=0.0,
+            resumed=False,
+            already_complete=True,
+            n_blank=int(store.attributes.get("n_blank", 0)),
+        )
+    raise InputError(
+        f"The store {out_path} was ingested from a different input: {'; '.join(differences)}. "
+        "Pass --overwrite to replace it, or choose another --out."
+    )
+
+
+def _to_json_value(value: object) -> object:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _ingest(
+    table_path: Path,
+    out_path: Path,
+    *,
+    arguments: dict,
+    record: dict,
+    workers: int,
+    overwrite: bool,
+    started: float,
+) -> IngestResult:
+    """Read, check and write (the lock is held and the output checked)."""
+    perturbation_column, guide_column = arguments["perturbation_column"], arguments["guide_column"]
+    batch_columns, skip_bad = arguments["batch_columns"], arguments["skip_bad"]
+    text_columns = [schema.CELL_ID, perturbation_column, *batch_columns]
+    text_columns += [guide_column] if guide_column else []
+    table = read_table(table_path, text_columns=text_columns)
+    image_column, channel_names = arguments["image_column"], arguments["channel_names"]
+    resize, crop_size = arguments["resize"], arguments["crop_size"]
     source = _make_source(table, arguments, base_dir=table_path.parent, workers=workers)
     arguments["image_column"] = getattr(source, "image_column", image_column)
     labelled = label_table(
@@ -1081,7 +1204,7 @@ def ingest(
         perturbation_column=perturbation_column,
         guide_column=guide_column,
         batch_columns=batch_columns,
-        control=control,
+        control=arguments["control"],
         skip_bad=skip_bad,
     )
     cell_ids = dict(
@@ -1098,7 +1221,6 @@ def ingest(
             "Skipping %d cells whose %d px crop leaves the field of view.", len(border), crop_size
         )
 
-    table_sha256 = file_sha256(table_path)
     for _attempt in range(_MAX_REPLANS):
         keep = ~labelled.obs[TABLE_ROW].isin(set(rejected) | border).to_numpy()
         obs = labelled.obs[keep]
@@ -1115,7 +1237,7 @@ def ingest(
                 obs,
                 out_path,
                 arguments=arguments,
-                table_sha256=table_sha256,
+                record=record,
                 channel_names=channel_names,
                 rejected=rejected,
                 rejected_ids={**rejected_ids, **cell_ids},
@@ -1269,7 +1391,7 @@ def _write_store(
     out_path: Path,
     *,
     arguments: dict,
-    table_sha256: str,
+    record: dict,
     channel_names: Sequence[str] | None,
     rejected: dict[int, str],
     rejected_ids: dict[int, str],
@@ -1292,7 +1414,7 @@ def _write_store(
     height, width = (resize, resize) if resize else (reference.height, reference.width)
     plan = {
         "arguments": {key: value for key, value in arguments.items() if key != "out"},
-        "table_sha256": table_sha256,
+        "table_sha256": record["table_sha256"],
         "rejected": sorted(rejected),
         "reference": [reference.n_channels, reference.height, reference.width, reference.dtype.str],
         "format_version": schema.STORE_FORMAT_VERSION,
@@ -1305,7 +1427,7 @@ def _write_store(
         else "scbd_cells.ingest(...)",
         "arguments": arguments,
         "table": str(arguments["table"]),
-        "table_sha256": table_sha256,
+        "table_sha256": record["table_sha256"],
         "version": __version__,
         "created": pd.Timestamp.now(tz="UTC").isoformat(),
     }
@@ -1342,6 +1464,7 @@ def _write_store(
             "n_rejected": len(rejected),
             "n_border": len(border),
             "source_image_size": [reference.height, reference.width],
+            "ingest": record,
         },
     )
     seconds = time.perf_counter() - started
@@ -1356,6 +1479,7 @@ def _write_store(
         seconds=seconds,
         cells_per_second=writer.n_cells / seconds if seconds > 0 else math.inf,
         resumed=resumed,
+        n_blank=writer.stats.n_blank,
     )
 
 

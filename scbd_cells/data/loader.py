@@ -236,7 +236,9 @@ class CellReader:
         # Sorted unique rows let the store merge runs and read each chunk once.
         unique, inverse = np.unique(indices, return_inverse=True)
         if self._tensorstore is not None:
-            images = self._tensorstore.oindex[unique].read().result()
+            images = _tensorstore_read(
+                self.store, self._tensorstore.oindex[unique], (int(unique[0]), int(unique[-1]) + 1)
+            )
         else:
             images = self.store.read(unique)
         if unique.size == indices.size and np.array_equal(unique, indices):
@@ -287,6 +289,7 @@ def _open_tensorstore(store: Any, *, cache_gb: float, workers: int) -> Any:
         "driver": "zarr3",
         "kvstore": {"driver": "file", "path": str(array_dir)},
         "recheck_cached_data": False,  # a finished store is read-only
+        "fill_missing_data_reads": False,  # every chunk is written: a missing one is damage
     }
     try:
         array = tensorstore.open(spec, open=True, read=True, context=context).result()
@@ -298,147 +301,16 @@ def _open_tensorstore(store: Any, *, cache_gb: float, workers: int) -> Any:
     return array
 
 
-_EMPTY_CHUNK = 2**64 - 1  # a shard index entry (offset, nbytes) for a chunk not written
+def _tensorstore_read(store: Any, read: Any, rows: tuple[int, int]) -> np.ndarray:
+    """The result of a tensorstore read (a view or a pending read) of store rows ``rows``.
 
-
-class _ChunkFiles:
-    """Rows of a Zarr v3 image array read from its chunk files and blosc-decoded directly.
-
-    Handles the layouts ``create_store`` and ingest write: chunks of whole cells
-    with the codecs ``bytes`` (+ ``blosc``), optionally inside shards
-    (``sharding_indexed``, index at the end, ``bytes`` + ``crc32c``), default chunk
-    keys. Decoding is what zarr does (numcodecs' blosc) without zarr's per-call
-    overhead, which costs more than decoding a 1 MiB chunk. :meth:`open` returns
-    None for any other layout; callers then read through tensorstore or zarr.
+    A missing or damaged chunk becomes the store's :class:`~scbd_cells.errors.StoreError`
+    naming the damaged cells (tensorstore checks chunks' CRC32C and refuses missing ones).
     """
-
-    def __init__(self, array_dir: Path, meta: dict, shape: tuple) -> None:
-        self.array_dir = array_dir
-        self.shape = tuple(int(size) for size in shape)
-        self.fill_value = meta.get("fill_value") or 0
-        self.outer_cells = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-        codecs = meta["codecs"]
-        self.inner_cells: int | None = None  # cells per chunk inside a shard
-        if codecs[0]["name"] == "sharding_indexed":
-            shard = codecs[0]["configuration"]
-            self.inner_cells = int(shard["chunk_shape"][0])
-            self.n_inner = self.outer_cells // self.inner_cells
-            self.index_checksum = len(shard["index_codecs"]) == 2
-            codecs = shard["codecs"]
-        endian = codecs[0].get("configuration", {}).get("endian", "little")
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<" if endian == "little" else ">")
-        self.compressed = len(codecs) == 2
-        self.chunk_cells = self.inner_cells or self.outer_cells  # the unit of decoding
-        self._tail = "/".join(["0"] * (len(self.shape) - 1))
-
-    @classmethod
-    def open(cls, store: Any) -> _ChunkFiles | None:
-        import json
-
-        array_dir = Path(getattr(store, "path", "")) / "images"
-        shape = tuple(store.images.shape)
-        try:
-            meta = json.loads((array_dir / "zarr.json").read_text())
-            grid = meta["chunk_grid"]
-            codecs = meta["codecs"]
-            key_encoding = meta.get("chunk_key_encoding", {})
-            usable = (
-                meta.get("zarr_format") == 3
-                and grid.get("name") == "regular"
-                and tuple(meta.get("shape", ())) == shape
-                and tuple(grid["configuration"]["chunk_shape"][1:]) == shape[1:]
-                and key_encoding.get("name") == "default"
-                and key_encoding.get("configuration", {}).get("separator", "/") == "/"
-                and np.dtype(meta["data_type"]).kind in "uif"
-            )
-            if usable and [codec["name"] for codec in codecs] == ["sharding_indexed"]:
-                shard = codecs[0]["configuration"]
-                outer = int(grid["configuration"]["chunk_shape"][0])
-                index_codecs = [codec["name"] for codec in shard["index_codecs"]]
-                index_endian = shard["index_codecs"][0].get("configuration", {}).get("endian")
-                usable = (
-                    tuple(shard["chunk_shape"][1:]) == shape[1:]
-                    and outer % int(shard["chunk_shape"][0]) == 0
-                    and shard.get("index_location", "end") == "end"
-                    and index_codecs in (["bytes"], ["bytes", "crc32c"])
-                    and index_endian in (None, "little")
-                )
-                codecs = shard["codecs"]
-            usable = (
-                usable
-                and [codec["name"] for codec in codecs] in (["bytes"], ["bytes", "blosc"])
-                and codecs[0].get("configuration", {}).get("endian", "little") == "little"
-                and np.little_endian  # decoded rows are handed on as native-order arrays
-            )
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            return None
-        return cls(array_dir, meta, shape) if usable else None
-
-    def read(self, start: int, stop: int, *, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``[start, stop)`` of the array, ``(stop - start, C, H, W)`` (into ``out``)."""
-        if out is None:
-            out = np.empty((stop - start, *self.shape[1:]), self.dtype)
-        outer = self.outer_cells
-        for first in range(start - start % outer, stop, outer):
-            lo, hi = max(start, first) - first, min(stop, first + outer) - first
-            target = out[first + lo - start : first + hi - start]
-            path = self.array_dir / "c" / str(first // outer) / self._tail
-            if self.inner_cells is None:
-                try:
-                    data = path.read_bytes()
-                except FileNotFoundError:  # zarr does not write a chunk that is all fill value
-                    target[:] = self.fill_value
-                    continue
-                self._decode(data, lo, hi, target)
-            else:
-                self._read_shard(path, lo, hi, target)
-        return out
-
-    def _decode(self, data: Any, lo: int, hi: int, target: np.ndarray) -> None:
-        """Rows ``[lo, hi)`` of one encoded chunk into ``target``."""
-        from numcodecs import blosc
-
-        chunk = self.chunk_cells
-        whole = lo == 0 and hi == chunk
-        buffer = target if whole else np.empty((chunk, *self.shape[1:]), self.dtype)
-        if self.compressed:
-            blosc.decompress(data, buffer)
-        else:
-            buffer.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
-        if not whole:  # a chunk only partly wanted, or an edge chunk (stored full size)
-            target[:] = buffer[lo:hi]
-
-    def _read_shard(self, path: Path, lo: int, hi: int, target: np.ndarray) -> None:
-        from numcodecs import CRC32C
-
-        inner = self.inner_cells
-        index_bytes = 16 * self.n_inner + 4 * self.index_checksum
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(-index_bytes, os.SEEK_END)
-                raw = handle.read(index_bytes)
-                if self.index_checksum:
-                    raw = CRC32C().decode(raw)  # raises if the index is corrupt
-                index = np.frombuffer(raw, "<u8").reshape(self.n_inner, 2)
-                first, last = lo // inner, (hi - 1) // inner + 1
-                wanted = index[first:last]
-                present = wanted[:, 0] != _EMPTY_CHUNK
-                if present.any():
-                    begin = int(wanted[present, 0].min())
-                    end = int((wanted[present, 0] + wanted[present, 1]).max())
-                    handle.seek(begin)
-                    data = memoryview(handle.read(end - begin))
-        except FileNotFoundError:
-            target[:] = self.fill_value
-            return
-        for j, (offset, nbytes) in enumerate(wanted.tolist(), start=first):
-            a, b = max(lo, j * inner), min(hi, (j + 1) * inner)
-            part = target[a - lo : b - lo]
-            if offset == _EMPTY_CHUNK:
-                part[:] = self.fill_value
-            else:
-                self._decode(data[offset - begin : offset - begin + nbytes], a - j * inner,
-                             b - j * inner, part)  # fmt: skip
+    try:
+        return (read.read() if hasattr(read, "read") else read).result()
+    except Exception as error:
+        raise store.images.read_error(rows, error) from error
 
 
 class SegmentReader:
@@ -465,10 +337,9 @@ class SegmentReader:
 
     Notes
     -----
-    Segments are decoded with numcodecs' blosc straight from the chunk files
-    when the store has the layout ingest writes (``_ChunkFiles``), otherwise
-    with tensorstore, otherwise with zarr-python. Reads are thread-safe; a
-    segment that two reads need at once is decoded once.
+    Segments are decoded with tensorstore (concurrently, checksums checked),
+    or with zarr-python where tensorstore cannot open the store. Reads are
+    thread-safe; a segment that two reads need at once is decoded once.
     """
 
     def __init__(self, store: Any, *, budget_gb: float, workers: int = 2) -> None:
@@ -484,21 +355,13 @@ class SegmentReader:
         )
         self.segment_bytes = self.segment_cells * self.cell_bytes
         self.budget_bytes = int(max(0.0, budget_gb) * 1e9)
-        self._files = _ChunkFiles.open(store)
-        self._tensorstore = None
-        if self._files is None:
-            self._tensorstore = _open_tensorstore(store, cache_gb=0.0, workers=workers)
-        self.backend = (
-            "chunk files" if self._files else "tensorstore" if self._tensorstore else "zarr"
-        )
+        self._tensorstore = _open_tensorstore(store, cache_gb=0.0, workers=workers)
+        self.backend = "tensorstore" if self._tensorstore is not None else "zarr"
         self._lock = threading.Lock()
         # segment -> [Future of its decoded rows, reads holding it, bytes]; oldest use first
         self._kept: OrderedDict[int, list] = OrderedDict()
         self.kept_bytes = 0
         self.decoded_segments = 0  # segments decoded so far (statistics)
-        # Buffers of dropped segments, decoded into again: a fresh 1 MiB array costs ~256 page
-        # faults on first touch, about as much CPU as decoding into it.
-        self._spare: list[np.ndarray] = []
 
     def recommended_gb(self, n_segments: int) -> float:
         """Budget (GB) that keeps ``n_segments`` decoded segments (e.g. one per class)."""
@@ -509,18 +372,12 @@ class SegmentReader:
             (s * self.segment_cells, min((s + 1) * self.segment_cells, self.n_cells))
             for s in segments
         ]
-        if self._files is not None:
-            decoded = []
-            for a, b in bounds:
-                with self._lock:
-                    spare = (
-                        self._spare.pop() if self._spare and b - a == self.segment_cells else None
-                    )
-                decoded.append(self._files.read(a, b, out=spare))
-            return decoded
         if self._tensorstore is not None:
             futures = [self._tensorstore[a:b].read() for a, b in bounds]  # decoded concurrently
-            return [future.result() for future in futures]
+            return [
+                _tensorstore_read(self.store, future, bound)
+                for future, bound in zip(futures, bounds, strict=True)
+            ]
         return [self.store.images[a:b] for a, b in bounds]
 
     def read(self, indices: np.ndarray) -> np.ndarray:
@@ -588,10 +445,8 @@ class SegmentReader:
             if self.kept_bytes <= self.budget_bytes:
                 return
             for s in [s for s, entry in self._kept.items() if entry[1] == 0]:
-                rows, _, nbytes, _ = self._kept.pop(s)
+                _, _, nbytes, _ = self._kept.pop(s)
                 self.kept_bytes -= nbytes
-                if rows is not None and len(rows) == self.segment_cells and len(self._spare) < 64:
-                    self._spare.append(rows)  # no read holds it: batches are copies
                 if self.kept_bytes <= self.budget_bytes:
                     break
 

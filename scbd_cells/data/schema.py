@@ -8,7 +8,8 @@ from __future__ import annotations
 
 # --- store ------------------------------------------------------------------
 STORE_FORMAT = "scbd-cells-store"
-STORE_FORMAT_VERSION = 1
+# 2: every chunk written and CRC32C-checksummed (1 had neither)
+STORE_FORMAT_VERSION = 2
 
 # Canonical per-cell columns in ``Store.obs`` (besides the carried metadata).
 CELL_ID = "cell_id"

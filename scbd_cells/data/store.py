@@ -32,11 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import LocalStore
 
 from scbd_cells import __version__
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError, StoreError
+from scbd_cells.outputs import check_output, remove_owned
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,20 @@ _BLOCK_TARGET_BYTES = 64 << 20
 _MAX_ROWS_IN_MESSAGE = 5
 # Store.read: up to this many runs of chunks are read as slices, more in one scattered read
 _MAX_SLICED_RUNS = 8
+
+
+def CHUNK_CODECS() -> list:  # noqa: N802 (a constant made fresh for each array)
+    """Bytes-to-bytes codecs of every image chunk: blosc-lz4, then a CRC32C checksum.
+
+    The checksum lets every reader (zarr-python, tensorstore) tell a damaged
+    chunk from a good one instead of decoding garbage.
+    """
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+# Every chunk is written, even one whose cells are all zero: a missing chunk file then always
+# means damage, never "all fill value", and reads refuse it (CheckedLocalStore).
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 # ---------------------------------------------------------------------------
@@ -338,6 +354,11 @@ class ChannelStats:
         self.maximum = np.full(n_channels, -np.inf)
         self._samples: list[np.ndarray] = []
         self._rng = np.random.default_rng([seed, 2])
+        self.n_blank = 0  # cells whose every pixel is 0, over all splits (count_blank)
+
+    def count_blank(self, images: np.ndarray) -> None:
+        """Count the cells of (n, C, H, W) ``images`` that are entirely zero (all splits)."""
+        self.n_blank += int(len(images) - np.count_nonzero(images.reshape(len(images), -1).any(1)))
 
     def update(self, images: np.ndarray) -> None:
         """Add a block of cells, (n, C, H, W)."""
@@ -368,6 +389,7 @@ class ChannelStats:
 
     def merge(self, other: ChannelStats) -> None:
         """Add the pixels another accumulator has seen (e.g. a worker's)."""
+        self.n_blank += other.n_blank
         if other.count == 0:
             return
         if self._histogram is not None:
@@ -439,6 +461,15 @@ class ChannelStats:
 # ---------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------
+
+
+def _is_partial_store(path: Path) -> bool:
+    """Whether ``path`` is an unfinished store that scbd-cells began (safe to discard)."""
+    try:
+        attributes = json.loads((path / "zarr.json").read_text()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return attributes.get("format") == schema.STORE_FORMAT and attributes.get("complete") is False
 
 
 def partial_path_of(path: Path) -> Path:
@@ -524,7 +555,7 @@ class StoreWriter:
                 f"Expected {n_channels} channel names (the images have {n_channels} channels), "
                 f"found {len(channel_names)}: {list(channel_names)}. Pass one name per channel."
             )
-        check_existing_output(self.path, overwrite=overwrite)
+        check_output(self.path, kind="store", overwrite=overwrite)
         cell_bytes = n_channels * height * width * self.dtype.itemsize
         self.chunk_cells = int(chunk_cells or chunk_cells_for(cell_bytes))
         self.shard_cells = int(shard_cells) if shard_cells else None
@@ -579,7 +610,9 @@ class StoreWriter:
             if state is not None and state.get("plan_key") == self.plan_key:
                 self.attributes["store_id"] = state["store_id"]
                 self.group = zarr.open_group(self.partial_path, mode="r+")
-                self.images = self.group[IMAGES_KEY]
+                self.images = zarr.open_array(
+                    self.partial_path / IMAGES_KEY, mode="r+", config=WRITE_CONFIG
+                )
                 # the unfinished store's own geometry wins over this run's defaults
                 self.chunk_cells = int(self.images.chunks[0])
                 shards = getattr(self.images, "shards", None)
@@ -600,13 +633,23 @@ class StoreWriter:
                 )
                 self._restore_stats(done)
                 return done
+            if not _is_partial_store(self.partial_path):
+                raise InputError(
+                    f"{self.partial_path} exists but is not an unfinished store written by "
+                    "scbd-cells (no ingest state or store format in it); it is left alone. Move "
+                    "it away, or choose another --out."
+                )
             log.info(
                 "Discarding an unfinished store from a different command: %s", self.partial_path
             )
             shutil.rmtree(self.partial_path)
         store_id = uuid.uuid4().hex
         self.attributes["store_id"] = store_id
-        self.group = zarr.open_group(self.partial_path, mode="w", zarr_format=3)
+        # the format attribute is in the group's first zarr.json: a partial folder without it
+        # was not made here (and is never deleted)
+        self.group = zarr.open_group(
+            self.partial_path, mode="w", zarr_format=3, attributes=self.attributes
+        )
         n_channels, height, width = self.image_shape
         self.images = self.group.create_array(
             IMAGES_KEY,
@@ -614,11 +657,11 @@ class StoreWriter:
             dtype=self.dtype,
             chunks=(self.chunk_cells, n_channels, height, width),
             shards=(self.shard_cells, n_channels, height, width) if self.shard_cells else None,
-            compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+            compressors=CHUNK_CODECS(),
             fill_value=0,
             dimension_names=("cell", "channel", "y", "x"),
+            config=WRITE_CONFIG,
         )
-        self.group.attrs.update(self.attributes)
         self.obs.to_parquet(self.partial_path / OBS_FILE, index=False)
         (self.partial_path / WRITTEN_FILE).write_text("")
         # the state file goes last: a partial store without it is simply restarted
@@ -631,7 +674,9 @@ class StoreWriter:
     def _restore_stats(self, done: set[int]) -> None:
         for block in sorted(done):
             start, stop = self.block_bounds(block)
-            self.stats.update(self.images[start:stop][self.train_mask[start:stop]])
+            images = self.images[start:stop]
+            self.stats.update(images[self.train_mask[start:stop]])
+            self.stats.count_blank(images)
 
     # -- writing ----------------------------------------------------------------
 
@@ -655,6 +700,7 @@ class StoreWriter:
         images = np.ascontiguousarray(images, dtype=self.dtype)
         self.images[start:stop] = images
         self.stats.update(images[self.train_mask[start:stop]])
+        self.stats.count_blank(images)
         _fsync_append(self.partial_path / WRITTEN_FILE, str(block))
         self.done_blocks.add(block)
 
@@ -687,15 +733,25 @@ class StoreWriter:
             raise StoreError(f"Cannot finish the store: blocks {missing[:5]} were not written.")
         rejected_table = pd.DataFrame(list(rejected), columns=["row", schema.CELL_ID, "reason"])
         rejected_table.to_csv(self.partial_path / REJECTED_FILE, index=False)
+        if self.stats.n_blank:
+            log.warning(
+                "%d of %d cells are entirely zero (every pixel of every channel): check the "
+                "images (blank crops, failed exports); `scbd-cells info` counts them.",
+                self.stats.n_blank,
+                self.n_cells,
+            )
         attributes = {
             "channel_stats": self.stats.result(),
             "n_rejected": len(rejected_table),
+            "n_blank": self.stats.n_blank,
             **(_to_json(extra) if extra else {}),
             "complete": True,
         }
         self.group.attrs.update(attributes)
         replaced = None
         if self.path.exists():
+            # checked when the writer started; checked again now, just before the rename
+            check_output(self.path, kind="store", overwrite=self.overwrite)
             replaced = self.path.with_name(f"{self.path.name}.replaced-{os.getpid()}")
             os.replace(self.path, replaced)
         os.replace(self.partial_path, self.path)
@@ -703,7 +759,7 @@ class StoreWriter:
         for name in (STATE_FILE, WRITTEN_FILE):
             (self.path / name).unlink(missing_ok=True)
         if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+            remove_owned(replaced, kind="store")
         log.info("Wrote %s (%d cells).", self.path, self.n_cells)
         return self.path
 
@@ -724,31 +780,15 @@ def write_cells(
     key = f"{images_path}:{store_id}"
     if key not in _OPEN_ARRAYS:
         _OPEN_ARRAYS.clear()  # one store at a time per worker
-        _OPEN_ARRAYS[key] = zarr.open_array(images_path, mode="r+", zarr_format=3)
+        _OPEN_ARRAYS[key] = zarr.open_array(
+            images_path, mode="r+", zarr_format=3, config=WRITE_CONFIG
+        )
     array = _OPEN_ARRAYS[key]
     array[start : start + len(images)] = images
     stats = ChannelStats(array.shape[1], array.dtype)
     stats.update(images[train])
+    stats.count_blank(images)
     return stats
-
-
-def check_existing_output(path: Path, *, overwrite: bool) -> None:
-    """Refuse to replace an existing store (or anything else) unless ``overwrite``."""
-    path = Path(path)
-    if not path.exists():
-        return
-    if not overwrite:
-        raise InputError(
-            f"The output {path} already exists. Pass --overwrite (overwrite=True) to replace it, "
-            "or choose another --out."
-        )
-    if path.is_file() or (
-        path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists()
-    ):
-        raise InputError(
-            f"The output {path} exists and is not a store; refusing to replace it even with "
-            "--overwrite. Remove it yourself or choose another --out."
-        )
 
 
 def create_store(
@@ -842,6 +882,102 @@ def create_store(
 # ---------------------------------------------------------------------------
 
 
+class CheckedLocalStore(LocalStore):
+    """A zarr ``LocalStore`` for finished stores: a missing image chunk is an error, not zeros.
+
+    zarr reads a missing chunk file as the fill value; every chunk of a store is
+    written (:data:`WRITE_CONFIG`), so here a missing one means damage.
+    """
+
+    async def get(self, key, prototype=None, byte_range=None):  # noqa: ANN001 (zarr's signature)
+        value = await super().get(key, prototype, byte_range)
+        if value is None and key.startswith(f"{IMAGES_KEY}/c/"):
+            raise FileNotFoundError(f"chunk file {self.root / key} is missing")
+        return value
+
+
+class ImageArray:
+    """A store's (N, C, H, W) image array, read lazily; a damaged chunk is a :class:`StoreError`.
+
+    Slicing (``images[a:b]``) and ``get_orthogonal_selection`` return numpy
+    arrays as zarr's do. A read that meets a missing chunk file, a checksum
+    mismatch or undecodable bytes raises a :class:`StoreError` naming the store,
+    the damaged cell ranges and ``scbd-cells info --verify``.
+    """
+
+    def __init__(self, array: zarr.Array, store_path: Path) -> None:
+        self.array = array
+        self.store_path = store_path
+        self.shape = tuple(int(size) for size in array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self.chunks = tuple(int(size) for size in array.chunks)
+        shards = getattr(array, "shards", None)
+        self.shards = tuple(int(size) for size in shards) if shards else None
+        self.ndim = len(self.shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        try:
+            return self.array[selection]
+        except Exception as error:
+            raise self.read_error(_rows_of(selection, self.shape[0]), error) from error
+
+    def get_orthogonal_selection(self, selection: Any) -> np.ndarray:
+        try:
+            return self.array.get_orthogonal_selection(selection)
+        except Exception as error:
+            raise self.read_error(_rows_of(selection, self.shape[0]), error) from error
+
+    def damaged_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Cell ranges ``[a, b)`` within ``[start, stop)`` whose chunk cannot be read."""
+        unit = self.chunks[0]
+        damaged: list[tuple[int, int]] = []
+        for first in range(start - start % unit, stop, unit):
+            last = min(first + unit, self.shape[0])
+            try:
+                self.array[first:last]
+            except Exception:  # any reason: missing, checksum, decoding
+                if damaged and damaged[-1][1] == first:
+                    damaged[-1] = (damaged[-1][0], last)
+                else:
+                    damaged.append((first, last))
+        return damaged
+
+    def read_error(self, rows: tuple[int, int], error: BaseException) -> StoreError:
+        """The error for a failed read of rows ``[start, stop)``, naming the damaged cells."""
+        start, stop = rows
+        damaged = self.damaged_ranges(start, stop) if stop - start <= 2**20 else []
+        where = (
+            "cells " + ", ".join(f"{a}-{b - 1}" for a, b in damaged[:5])
+            + (f" (and {len(damaged) - 5} more ranges)" if len(damaged) > 5 else "")
+            if damaged
+            else f"cells {start}-{stop - 1}"
+        )
+        return StoreError(
+            f"The store {self.store_path} is damaged: {where} cannot be read "
+            f"({type(error).__name__}: {error}). Run `scbd-cells info {self.store_path} "
+            "--verify` to list every damaged range; re-ingest the table (or restore the store "
+            "from a copy) to repair it."
+        )
+
+
+def _rows_of(selection: Any, n_cells: int) -> tuple[int, int]:
+    """The first and one-past-last cell a selection touches (for error messages)."""
+    first = selection[0] if isinstance(selection, tuple) else selection
+    if isinstance(first, slice):
+        start, stop, _ = first.indices(n_cells)
+        return start, max(start + 1, stop)
+    if isinstance(first, int | np.integer):
+        return int(first), int(first) + 1
+    values = np.asarray(first).reshape(-1)
+    if values.size == 0:
+        return 0, 0
+    return int(values.min()), int(values.max()) + 1
+
+
 class Store:
     """A finished store, read-only. Use :func:`open_store`.
 
@@ -852,7 +988,8 @@ class Store:
         What the names say; ``channel_stats`` holds per-channel ``mean, std, min,
         max, p01, p99`` of raw intensities over the train split.
     images
-        The (N, C, H, W) zarr array, read lazily (``store.images[a:b]`` is numpy).
+        The (N, C, H, W) :class:`ImageArray`, read lazily (``store.images[a:b]`` is
+        numpy); a damaged chunk raises :class:`StoreError` naming its cells.
     """
 
     def __init__(self, path: Path, group: zarr.Group) -> None:
@@ -860,7 +997,7 @@ class Store:
         self._group = group
         attributes = dict(group.attrs)
         self.attributes = attributes
-        self.images = group[IMAGES_KEY]
+        self.images = ImageArray(group[IMAGES_KEY], path)
         self.format_version = int(attributes["format_version"])
         self.n_cells, self.n_channels, height, width = (int(size) for size in self.images.shape)
         self.image_size = (height, width)
@@ -887,7 +1024,10 @@ class Store:
     @cached_property
     def obs(self) -> pd.DataFrame:
         """The per-cell table in store order, indexed by cell id (str)."""
-        obs = pd.read_parquet(self.path / OBS_FILE)
+        try:
+            obs = pd.read_parquet(self.path / OBS_FILE)
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise _obs_error(self.path, error) from error
         obs.index = pd.Index(obs[schema.CELL_ID].astype(str).to_numpy(dtype=object), dtype=object)
         return obs
 
@@ -963,11 +1103,48 @@ class Store:
             "splits": {name: int(splits.get(name, 0)) for name in schema.SPLITS},
             "n_rejected": int(self.attributes.get("n_rejected", 0)),
             "n_border": int(self.attributes.get("n_border", 0)),
+            "n_blank": int(self.attributes.get("n_blank", 0)),
             "chunk_cells": int(self.images.chunks[0]),
             "store_id": self.store_id,
             "created": self.provenance.get("created"),
             "version": self.provenance.get("version"),
         }
+
+    def verify(self, *, workers: int = 2) -> list[tuple[int, int]]:
+        """Read and check every chunk; return the damaged cell ranges ``[start, stop)``.
+
+        Each chunk is read through zarr, which checks its CRC32C checksum and
+        decodes it; a missing chunk file counts as damaged.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from scbd_cells.progress import progress_bar
+
+        unit = self.images.chunks[0]
+        step = unit * max(1, (64 << 20) // max(1, unit * self.images.nbytes // max(1, len(self))))
+        pieces = [(a, min(a + step, self.n_cells)) for a in range(0, self.n_cells, step)]
+
+        def check(piece: tuple[int, int]) -> list[tuple[int, int]]:
+            try:
+                self.images.array[piece[0] : piece[1]]
+                return []
+            except Exception:
+                return self.images.damaged_ranges(*piece)
+
+        damaged: list[tuple[int, int]] = []
+        with (
+            progress_bar(unit="cells") as bar,
+            ThreadPoolExecutor(max(1, workers), "scbd-verify") as executor,
+        ):
+            task = bar.add_task("Verifying", total=self.n_cells)
+            for piece, found in zip(pieces, executor.map(check, pieces), strict=True):
+                for a, b in found:  # merge ranges that touch across pieces
+                    if damaged and damaged[-1][1] == a:
+                        damaged[-1] = (damaged[-1][0], b)
+                    else:
+                        damaged.append((a, b))
+                bar.advance(task, piece[1] - piece[0])
+        return damaged
 
     def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Images of the given store rows, (len(indices), C, H, W), in the order given.
@@ -1032,7 +1209,7 @@ def open_store(path: str | os.PathLike) -> Store:
             f"No store at {path}. Create one with `scbd-cells ingest TABLE --out {path}`."
         )
     try:
-        group = zarr.open_group(path, mode="r", zarr_format=3)
+        group = zarr.open_group(CheckedLocalStore(path, read_only=True), mode="r", zarr_format=3)
     except Exception as error:  # zarr raises several types for "not a group"
         raise StoreError(
             f"{path} is not a Zarr v3 store written by scbd-cells ({error}). "
@@ -1056,4 +1233,47 @@ def open_store(path: str | os.PathLike) -> Store:
             f"The store {path} is unfinished (its completion flag is not set). Rerun the ingest "
             "command that made it, with --overwrite if needed."
         )
-    return Store(path, group)
+    store = Store(path, group)
+    _check_consistent(store)
+    return store
+
+
+def _obs_error(path: Path, error: BaseException) -> StoreError:
+    return StoreError(
+        f"The store {path} is damaged: its cell table {path / OBS_FILE} cannot be read "
+        f"({type(error).__name__}: {error}). Re-ingest the table to rebuild the store."
+    )
+
+
+def _check_consistent(store: Store) -> None:
+    """The image shape, the recorded cell count and the cell table agree (cheap: metadata only)."""
+    import pyarrow.parquet as pq
+
+    try:
+        n_rows = pq.read_metadata(store.path / OBS_FILE).num_rows
+    except Exception as error:  # missing, truncated or not parquet
+        raise _obs_error(store.path, error) from error
+    attributes = store.attributes
+    found = {
+        "cells in images/zarr.json": store.n_cells,
+        "n_cells attribute": attributes.get("n_cells", store.n_cells),
+        f"rows of {OBS_FILE}": n_rows,
+    }
+    problems = []
+    if len(set(found.values())) > 1:
+        problems.append(", ".join(f"{name}: {value:,}" for name, value in found.items()))
+    if store.n_channels != len(store.channel_names):
+        problems.append(
+            f"{store.n_channels} image channels but {len(store.channel_names)} channel names"
+        )
+    if list(attributes.get("image_size", store.image_size)) != list(store.image_size):
+        problems.append(
+            f"images of {store.image_size} px but image_size {attributes.get('image_size')}"
+        )
+    if attributes.get("dtype", store.dtype.name) != store.dtype.name:
+        problems.append(f"images of dtype {store.dtype.name} but dtype {attributes.get('dtype')}")
+    if problems:
+        raise StoreError(
+            f"The store {store.path} contradicts itself ({'; '.join(problems)}): its metadata "
+            "was edited or damaged after ingest. Re-ingest the table to rebuild it."
+        )

@@ -1,0 +1,297 @@
+"""Outputs: what every writing command checks before it writes, and the one lock it holds.
+
+Three rules keep a lab's data safe (docs/reliability.md):
+
+- **Ownership.** ``--overwrite`` and the clean-up of unfinished outputs delete
+  only what scbd-cells wrote, recognised by its own marker: a store's format
+  attribute, an AnnData's ``uns["scbd"]``, or a ``.scbd-cells.json`` marker in a
+  folder (run, report, simulated screen, demo) that lists the entries the
+  command wrote. Anything else is refused, naming the path and what is there.
+- **Inputs are never outputs.** An output may not be, or contain, one of the
+  command's inputs.
+- **One writer.** A command holds an exclusive OS lock (``flock`` through
+  ``filelock``) on its output for its whole run; a second one exits at once. The
+  kernel drops the lock when the process dies, so a killed run never blocks the
+  rerun. The lock file is ``.NAME.lock`` beside the output and is left in place
+  (removing it would let two writers lock two different files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from scbd_cells import __version__
+from scbd_cells.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MARKER_NAME = ".scbd-cells.json"
+LOCK_SUFFIX = ".lock"
+
+# what each kind is called in messages
+KIND_NAMES = {
+    "store": "a scbd-cells store",
+    "anndata": "an AnnData written by scbd-cells",
+    "run": "a scbd-cells training run folder",
+    "report": "a scbd-cells report folder",
+    "screen": "a simulated screen written by scbd-cells",
+    "demo": "a scbd-cells demo folder",
+}
+ANNDATA_SUFFIXES = (".h5ad", ".zarr")
+_UNS_KEY = "scbd"  # schema.UNS_SCBD; kept here so this module imports nothing heavy
+
+
+# --------------------------------------------------------------------------- what is there
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The ``.scbd-cells.json`` marker of a folder scbd-cells wrote, or None."""
+    marker = _read_json(Path(folder) / MARKER_NAME)
+    if marker is None or marker.get("kind") not in KIND_NAMES:
+        return None
+    return marker
+
+
+def _is_store(path: Path) -> bool:
+    from scbd_cells.data import schema
+
+    attributes = (_read_json(path / "zarr.json") or {}).get("attributes") or {}
+    return attributes.get("format") == schema.STORE_FORMAT
+
+
+def _h5ad_has_scbd(path: Path) -> bool:
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as handle:
+            return f"uns/{_UNS_KEY}" in handle
+    except (OSError, ValueError):
+        return False
+
+
+def kind_of(path: str | os.PathLike) -> str | None:
+    """What scbd-cells wrote at ``path`` (a key of :data:`KIND_NAMES`), or None.
+
+    None means: nothing there, or something scbd-cells did not write (or whose
+    marker is gone), which no command may delete.
+    """
+    path = Path(path)
+    if path.is_file():
+        return "anndata" if path.suffix == ".h5ad" and _h5ad_has_scbd(path) else None
+    if not path.is_dir():
+        return None
+    marker = read_marker(path)
+    if marker is not None:
+        return str(marker["kind"])
+    if _is_store(path):
+        return "store"
+    if path.suffix == ".zarr" and (path / "uns" / _UNS_KEY / "zarr.json").is_file():
+        return "anndata"
+    return None
+
+
+def describe(path: Path) -> str:
+    """What a person would want to know about something in the way of an output."""
+    if path.is_symlink() and not path.exists():
+        return "a broken symbolic link"
+    if path.is_file():
+        return f"a file of {path.stat().st_size:,} bytes"
+    if path.is_dir():
+        entries = sorted(child.name for child in path.iterdir())
+        if not entries:
+            return "an empty folder"
+        if (path / "zarr.json").is_file():
+            return f"a Zarr group that scbd-cells did not write ({len(entries)} entries)"
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        return f"a folder of {len(entries)} entries ({shown})"
+    return "something that is neither a file nor a folder"
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_not_input(out_path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output that is, or contains, one of the command's inputs."""
+    out_resolved = Path(out_path).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        source_resolved = Path(source).resolve()
+        if source_resolved == out_resolved or out_resolved in source_resolved.parents:
+            relation = "is" if source_resolved == out_resolved else "contains"
+            raise InputError(
+                f"The output {out_path} {relation} an input of this command ({source}); "
+                "writing there could destroy it. Choose another --out."
+            )
+
+
+def check_output(
+    out_path: str | os.PathLike,
+    *,
+    kind: str,
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> bool:
+    """Check that a command may write ``out_path``; True if an earlier output will be replaced.
+
+    Parameters
+    ----------
+    out_path
+        The output (file or folder).
+    kind
+        What the command writes there (a key of :data:`KIND_NAMES`).
+    overwrite
+        Whether the user allowed replacing an earlier output of the same kind.
+    inputs
+        The command's inputs; the output may neither be nor contain one.
+
+    Raises
+    ------
+    InputError
+        The output is an input or holds one; it exists and ``overwrite`` is
+        false; or it exists and scbd-cells did not write it (as ``kind``), which
+        is refused even with ``overwrite``.
+    """
+    out_path = Path(out_path)
+    check_not_input(out_path, inputs)
+    if not out_path.exists() and not out_path.is_symlink():
+        return False
+    if kind != "anndata" and _is_empty_dir(out_path):
+        return False
+    found = kind_of(out_path)
+    if found != kind:
+        what = KIND_NAMES[found] if found else describe(out_path)
+        even = " even with --overwrite" if overwrite else ""
+        raise InputError(
+            f"The output {out_path} already exists and is {what}, not {KIND_NAMES[kind]}; "
+            f"scbd-cells only replaces what it wrote itself, so it is left alone{even}. "
+            "Choose another --out, or move it away yourself."
+        )
+    if not overwrite:
+        raise InputError(
+            f"The output {out_path} already exists ({KIND_NAMES[kind]}). Pass --overwrite to "
+            "replace it, or choose another --out."
+        )
+    return True
+
+
+# --------------------------------------------------------------------------- markers
+
+
+def write_marker(folder: Path, *, kind: str, entries: Iterable[str], **extra: object) -> None:
+    """Mark ``folder`` as written by scbd-cells, listing the entries the command wrote."""
+    payload = {
+        "kind": kind,
+        "entries": sorted(set(entries)),
+        "version": __version__,
+        **extra,
+    }
+    temporary = folder / f"{MARKER_NAME}.tmp"
+    temporary.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(temporary, folder / MARKER_NAME)
+
+
+def remove_owned(path: str | os.PathLike, *, kind: str) -> None:
+    """Delete an earlier output of ``kind``, and nothing scbd-cells did not write.
+
+    A store or an AnnData goes whole. A marked folder loses the entries its
+    marker lists (each removed by the same rule if it is itself marked) and the
+    marker; what else a person put there stays, and so does the folder then.
+    """
+    path = Path(path)
+    found = kind_of(path)
+    if found != kind:  # checked again at the moment of deleting
+        raise InputError(
+            f"Not removing {path}: it is {KIND_NAMES[found] if found else describe(path)}, "
+            f"not {KIND_NAMES[kind]}."
+        )
+    if path.is_file():
+        path.unlink()
+        return
+    marker = read_marker(path)
+    if marker is None:  # a store or an AnnData .zarr: all of it is ours
+        shutil.rmtree(path)
+        return
+    for name in marker.get("entries", []):
+        entry = path / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            continue  # a marker names direct children only
+        inner = kind_of(entry) if entry.is_dir() else None
+        if inner is not None:
+            remove_owned(entry, kind=inner)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+    (path / MARKER_NAME).unlink(missing_ok=True)
+    left = sorted(child.name for child in path.iterdir())
+    if left:
+        log.info("Kept %d entries in %s that scbd-cells did not write: %s", len(left), path,
+                 ", ".join(left[:5]))  # fmt: skip
+    else:
+        path.rmdir()
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def lock_path_of(out_path: Path) -> Path:
+    """``PARENT/.NAME.lock``: the lock file of an output."""
+    out_path = Path(out_path)
+    return out_path.parent / f".{out_path.name}{LOCK_SUFFIX}"
+
+
+def writable_folder_error(folder: Path, error: OSError) -> InputError:
+    """The message for an output folder that cannot be written."""
+    return InputError(
+        f"Cannot write in the folder {folder} ({error.strerror or error}). Choose a --out in "
+        "a folder you can write to."
+    )
+
+
+@contextlib.contextmanager
+def output_lock(out_path: str | os.PathLike) -> Iterator[Path]:
+    """Hold the exclusive write lock of an output for the duration of the ``with`` block.
+
+    Raises
+    ------
+    InputError
+        Another process holds the lock, or the output's folder cannot be written.
+    """
+    from filelock import FileLock, Timeout
+
+    out_path = Path(out_path)
+    lock_path = lock_path_of(out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path, timeout=0)
+        lock.acquire()
+    except Timeout:
+        raise InputError(
+            f"{out_path} is being written by another scbd-cells process (it holds the lock "
+            f"{lock_path}). Wait for it to finish, or choose another --out."
+        ) from None
+    except OSError as error:
+        raise writable_folder_error(out_path.parent, error) from None
+    try:
+        yield lock_path
+    finally:
+        lock.release()
