@@ -198,6 +198,17 @@ def load_trained(
         raise CheckpointError(
             f"the weights in {checkpoint_path} do not fit the model they describe ({error})."
         ) from error
+    broken = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        raise CheckpointError(
+            f"{checkpoint_path} holds non-finite (NaN or infinite) weights in {len(broken)} "
+            f"tensors (e.g. {', '.join(broken[:3])}): embeddings from it would be NaN. Use "
+            "another checkpoint of the run (--which last or best) or retrain."
+        )
     model.to(device).eval()
     batch_stats = checkpoint.get("batch_channel_stats")
     return TrainedModel(

@@ -548,6 +548,8 @@ def evaluate(
         max_cells=max_cells, seed=seed, overwrite=overwrite,
     )
     _print_table(result.table)
+    for text in result.metrics.get("warnings", {}).values():
+        console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     stdout.print(f"Report: {result.report_path}")
 
 
@@ -586,14 +588,55 @@ def demo(
 # <subcommands>
 
 
+def _os_error_message(error: OSError) -> str:
+    """One paragraph for a failed file operation: the path, the cause, the fix."""
+    import errno
+
+    path = Path(error.filename) if error.filename else None
+    where = f" {path}" if path else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full: could not write{where}. Free some space and run it again."
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (
+            f"no permission to write{where} ({error.strerror}). Choose a --out in a folder you "
+            "can write to."
+        )
+    return f"{error.strerror or error}{':' + where if where else ''}."
+
+
+def _verbose() -> bool:
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
 def main() -> None:
-    """Console-script entry point: run the app, turning package errors into exit codes."""
+    """Console-script entry point: run the app, turning errors into messages and exit codes.
+
+    A package error (:class:`ScbdError`) or a failed file operation prints one
+    paragraph; anything else prints its type and message and asks for
+    ``--verbose``, which adds the traceback to any error.
+    """
     try:
         app()
-    except ScbdError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(error.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except Exception as error:
+        if _verbose():
+            console.print_exception()
+        if isinstance(error, ScbdError):
+            message, code = str(error), error.exit_code
+        elif isinstance(error, OSError):
+            message, code = _os_error_message(error), 1
+        else:
+            message, code = (
+                f"unexpected {type(error).__name__}: {error}. This is a bug in scbd-cells: run "
+                "the command again with --verbose for the traceback, and please report it.",
+                1,
+            )
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        if not _verbose():
+            # zarr's event loop, torn down mid-write, would log its unfinished tasks at exit:
+            # noise after the error was said
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        sys.exit(code)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -78,7 +79,7 @@ class TrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+        if value not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", value):
             raise ValueError(f"unknown device {value!r}; choose auto, cpu, cuda or cuda:N")
         return value
 
@@ -103,11 +104,29 @@ def _env_options() -> dict[str, str]:
     return options
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(config_path: str | os.PathLike) -> dict[str, Any]:
-    """Options from a YAML file (safe loading); a run's saved ``config.yaml`` works as is."""
+    """Options from a YAML file (safe loading); a run's saved ``config.yaml`` works as is.
+
+    A key given twice is an error (plain YAML would keep the last value silently).
+    """
     config_path = Path(config_path)
     try:
-        loaded = yaml.safe_load(config_path.read_text())
+        loaded = yaml.load(config_path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506
     except OSError as error:
         raise InputError(f"cannot read the config file {config_path}: {error}") from error
     except yaml.YAMLError as error:

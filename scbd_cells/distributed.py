@@ -60,7 +60,14 @@ class DistInfo:
 def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device:
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(
+            f"Expected --device auto, cpu, cuda or cuda:N (N a GPU number); found {device!r}."
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"Expected --device auto, cpu, cuda or cuda:N; found {str(device)!r}.")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(
@@ -68,6 +75,11 @@ def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device
             )
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if device.index >= torch.cuda.device_count():
+            raise InputError(
+                f"--device {device} names GPU {device.index}, but this machine has "
+                f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})."
+            )
         torch.cuda.set_device(device)
     return device
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
+from scbd_cells.outputs import check_free_space, check_output, locks_output, remove_owned
 from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,18 @@ class EmbedResult:
 # --------------------------------------------------------------------------- writing helpers
 
 
-def check_output_path(out_path: Path, *, overwrite: bool) -> None:
-    """Refuse an output of unknown type, or an existing one without ``overwrite``."""
+def check_output_path(out_path: Path, *, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
+    """Refuse an output of unknown type, one that is an input, or one scbd-cells may not replace.
+
+    An existing output is replaced only with ``overwrite`` and only if it is an
+    AnnData that scbd-cells wrote (``uns["scbd"]``); see :mod:`scbd_cells.outputs`.
+    """
     if out_path.suffix not in OUTPUT_SUFFIXES:
         raise InputError(
             f"Output {out_path} must end in .h5ad or .zarr (the AnnData format is chosen by "
             "the extension)."
         )
-    if out_path.exists() and not overwrite:
-        raise InputError(f"{out_path} already exists. Choose another --out or pass --overwrite.")
+    check_output(out_path, kind="anndata", overwrite=overwrite, inputs=inputs)
 
 
 def store_obs_for_anndata(store: Any) -> pd.DataFrame:
@@ -87,6 +91,11 @@ def store_obs_for_anndata(store: Any) -> pd.DataFrame:
     return obs
 
 
+def anndata_bytes(obs: pd.DataFrame, n_values: int) -> int:
+    """An upper estimate of an AnnData file's size: ``n_values`` float32 values plus ``obs``."""
+    return 4 * n_values + int(obs.memory_usage(deep=True).sum())
+
+
 def _temporary_path(out_path: Path) -> Path:
     handle, name = tempfile.mkstemp(
         prefix=f".{out_path.stem}.tmp-", suffix=out_path.suffix, dir=out_path.parent
@@ -103,9 +112,10 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _move_into_place(tmp_path: Path, out_path: Path) -> None:
-    if out_path.exists():
-        _remove(out_path)
+def _move_into_place(tmp_path: Path, out_path: Path, *, overwrite: bool) -> None:
+    if out_path.exists() or out_path.is_symlink():
+        check_output(out_path, kind="anndata", overwrite=overwrite)  # again, just before
+        remove_owned(out_path, kind="anndata")
     os.replace(tmp_path, out_path)
 
 
@@ -142,19 +152,33 @@ def write_anndata(adata: Any, out_path: Path, *, overwrite: bool) -> None:
     tmp_path = _temporary_path(out_path)
     try:
         _write_any(adata, tmp_path)
-        _move_into_place(tmp_path, out_path)
+        _move_into_place(tmp_path, out_path, overwrite=overwrite)
     except BaseException:
         _remove(tmp_path)
         raise
 
 
 class _CellsWriter:
-    """Writes a cells AnnData skeleton, then fills ``X`` / ``obsm`` arrays batch by batch."""
+    """Writes a cells AnnData skeleton, then fills ``X`` / ``obsm`` arrays batch by batch.
+
+    HDF5 cannot recover from a full disk: a write or close that fails for want
+    of room leaves the library in a state that crashes the interpreter. So,
+    before each batch, the writer checks that the disk still has room for
+    everything left to write, and it holds a 1 MiB reserve file beside the
+    output that it deletes before closing: if someone else filled the disk, the
+    file can still be closed cleanly (then removed as unfinished).
+    """
+
+    RESERVE_BYTES = 1 << 20
 
     def __init__(self, path: Path, *, obs: pd.DataFrame, widths: dict[str, int], uns: dict):
         import anndata as ad
 
         self.path = path
+        self.remaining_bytes = 4 * len(obs) * sum(widths.values())
+        self.reserve_path = path.with_name(path.name + ".reserve")
+        if path.suffix == ".h5ad":
+            _reserve(self.reserve_path, self.RESERVE_BYTES)
         key_x = widths["X"]
         var = pd.DataFrame(index=[f"z{i}" for i in range(key_x)])
         skeleton = ad.AnnData(obs=obs, var=var, uns=uns)
@@ -193,8 +217,10 @@ class _CellsWriter:
         }
 
     def write(self, start: int, values: dict[str, np.ndarray]) -> None:
+        check_free_space(self.path, self.remaining_bytes)
         for key, block in values.items():
             self.arrays[key][start : start + len(block)] = block
+            self.remaining_bytes -= block.nbytes
 
     def close(self) -> None:
         if self.path.suffix == ".zarr":
@@ -203,7 +229,19 @@ class _CellsWriter:
             with _quiet_zarr_consolidation():  # the arrays added after anndata's consolidation
                 zarr.consolidate_metadata(self.path)
         else:
-            self.root.close()
+            self.reserve_path.unlink(missing_ok=True)  # room for HDF5's last metadata writes
+            self.arrays.clear()
+            root, self.root = self.root, None
+            root.close()
+
+
+def _reserve(path: Path, n_bytes: int) -> None:
+    """A file that really occupies ``n_bytes`` on disk (not a sparse or compressible one)."""
+    with open(path, "wb") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, n_bytes)
+        except (AttributeError, OSError):  # no fallocate here: random bytes do not compress
+            handle.write(os.urandom(n_bytes))
 
 
 class LazyCells:
@@ -242,6 +280,7 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@locks_output("out")
 def embed(
     run_dir: str | Path,
     store_path: str | Path,
@@ -304,14 +343,15 @@ def embed(
         )
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1; found {batch_size}.")
-    check_output_path(out_path, overwrite=overwrite)
+    inputs = [run_dir, store_path]
+    check_output_path(out_path, overwrite=overwrite, inputs=inputs)
     aggregate_paths = {
         "guides": out_path.parent / "guides.h5ad",
         "genes": out_path.parent / "genes.h5ad",
     }
     if aggregate:
         for path in aggregate_paths.values():
-            check_output_path(path, overwrite=overwrite)
+            check_output_path(path, overwrite=overwrite, inputs=inputs)
 
     store = open_store(store_path)
     # Under torchrun each rank embeds every world_size-th piece; rank 0 gathers and writes.
@@ -348,6 +388,8 @@ def embed(
         widths[schema.OBSM_BATCH_ENCODER] = r_width
 
     obs = store_obs_for_anndata(store)
+    if dist_info.is_main:  # HDF5 cannot recover from a full disk mid-write: check first
+        check_free_space(out_path, anndata_bytes(obs, store.n_cells * sum(widths.values())))
     uns = {
         schema.UNS_SCBD: {
             "kind": "scbd",
@@ -368,7 +410,7 @@ def embed(
         cells_tmp = _temporary_path(out_path)
         writer = None
         if dist_info.is_main:
-            tmp_paths.append(cells_tmp)
+            tmp_paths += [cells_tmp, cells_tmp.with_name(cells_tmp.name + ".reserve")]
             writer = _CellsWriter(cells_tmp, obs=obs, widths=widths, uns=uns)
         with ExitStack() as stack:
             if writer is not None:
@@ -408,10 +450,15 @@ def embed(
                 if writer is None or gathered is None or len(gathered[0]) == 0:
                     continue
                 indices, values = gathered
-                writer.write(
-                    int(indices[0]),
-                    {k: v.float().cpu().numpy() for k, v in values.items()},
-                )
+                arrays = {k: v.float().cpu().numpy() for k, v in values.items()}
+                if not all(np.isfinite(array).all() for array in arrays.values()):
+                    raise DataError(
+                        f"the model gave non-finite (NaN or infinite) embeddings for cells "
+                        f"{int(indices[0])}-{int(indices[-1])} of {store.path}: nothing was "
+                        "written. Check those cells' images (scbd-cells info --verify) and the "
+                        "checkpoint (another --which, or retrain)."
+                    )
+                writer.write(int(indices[0]), arrays)
                 bar.advance(task, len(indices))
 
         result_paths: dict[str, Path] = {}
@@ -432,9 +479,9 @@ def embed(
                 tmp_paths.append(tmp)
                 adata.write_h5ad(tmp)
                 result_paths[level] = tmp
-        _move_into_place(cells_tmp, out_path)
+        _move_into_place(cells_tmp, out_path, overwrite=overwrite)
         for level, tmp in result_paths.items():
-            _move_into_place(tmp, aggregate_paths[level])
+            _move_into_place(tmp, aggregate_paths[level], overwrite=overwrite)
     except BaseException:
         for path in tmp_paths:
             _remove(path)

@@ -25,6 +25,10 @@ class DataError(ScbdError):
     exit_code = 1
 
 
+class DiskFullError(DataError):
+    """The output's disk is full, or has too little room for the output."""
+
+
 class StoreError(DataError):
     """A Zarr store is missing, unfinished, or of another format version."""
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from scbd_cells.data import schema
 from scbd_cells.errors import InputError
+from scbd_cells.outputs import check_free_space, locks_output
 from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,7 @@ def _nucleus_channel(channel_names: list[str], requested: str | None) -> int:
     return 0
 
 
+@locks_output("out")
 def baseline(
     store_path: str | Path,
     *,
@@ -324,12 +326,17 @@ def baseline(
 
     from scbd_cells.data.loader import iter_cells
     from scbd_cells.data.store import open_store
-    from scbd_cells.embedding import check_output_path, store_obs_for_anndata, write_anndata
+    from scbd_cells.embedding import (
+        anndata_bytes,
+        check_output_path,
+        store_obs_for_anndata,
+        write_anndata,
+    )
 
     if normalize not in ("batch", "store"):
         raise InputError(f"--normalize must be batch or store; found {normalize!r}.")
     out_path = Path(out)
-    check_output_path(out_path, overwrite=overwrite)
+    check_output_path(out_path, overwrite=overwrite, inputs=[store_path])
     store = open_store(store_path)
     nucleus_at = _nucleus_channel(store.channel_names, nucleus_channel)
     stats = store.channel_stats
@@ -337,6 +344,8 @@ def baseline(
     high = np.array(stats["p99"], dtype=np.float32)
     high = np.where(high > low, high, low + 1)
     names = feature_names(store.channel_names)
+    obs = store_obs_for_anndata(store)
+    check_free_space(out_path, anndata_bytes(obs, store.n_cells * (len(names) + n_components)))
     features = np.empty((store.n_cells, len(names)), dtype=np.float32)
     with progress_bar(unit="cells") as bar:
         task = bar.add_task("Measuring cells", total=store.n_cells)
@@ -361,7 +370,7 @@ def baseline(
     reduced = pca.fit_transform(features).astype(np.float32, copy=False)
     explained = float(pca.explained_variance_ratio_.sum())
 
-    adata = ad.AnnData(X=reduced, obs=store_obs_for_anndata(store))
+    adata = ad.AnnData(X=reduced, obs=obs)
     adata.obsm["X_features"] = features
     adata.uns[schema.UNS_SCBD] = {
         "kind": "baseline",

@@ -19,15 +19,19 @@ Three rules keep a lab's data safe (docs/reliability.md):
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
+import inspect
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from scbd_cells import __version__
-from scbd_cells.errors import InputError
+from scbd_cells.errors import DiskFullError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +121,7 @@ def describe(path: Path) -> str:
         if (path / "zarr.json").is_file():
             return f"a Zarr group that scbd-cells did not write ({len(entries)} entries)"
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        return f"a folder of {len(entries)} entries ({shown})"
+        return f"a folder of {len(entries)} entr{'y' if len(entries) == 1 else 'ies'} ({shown})"
     return "something that is neither a file nor a folder"
 
 
@@ -209,6 +213,30 @@ def write_marker(folder: Path, *, kind: str, entries: Iterable[str], **extra: ob
     os.replace(temporary, folder / MARKER_NAME)
 
 
+def prepare_folder(
+    folder: str | os.PathLike,
+    *,
+    kind: str,
+    overwrite: bool,
+    entries: Iterable[str],
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
+    """Make an output folder ready: checked, an earlier output of ``kind`` removed, marked.
+
+    Returns the folder. Raises :class:`InputError` as :func:`check_output` does,
+    or when the folder cannot be created or written.
+    """
+    folder = Path(folder)
+    if check_output(folder, kind=kind, overwrite=overwrite, inputs=inputs):
+        remove_owned(folder, kind=kind)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_marker(folder, kind=kind, entries=entries)
+    except OSError as error:
+        raise writable_folder_error(folder, error) from error
+    return folder
+
+
 def remove_owned(path: str | os.PathLike, *, kind: str) -> None:
     """Delete an earlier output of ``kind``, and nothing scbd-cells did not write.
 
@@ -261,20 +289,59 @@ def lock_path_of(out_path: Path) -> Path:
 
 def writable_folder_error(folder: Path, error: OSError) -> InputError:
     """The message for an output folder that cannot be written."""
+    blocking = next((path for path in (folder, *folder.parents) if path.is_file()), None)
+    reason = f"{blocking} is a file" if blocking else error.strerror or str(error)
     return InputError(
-        f"Cannot write in the folder {folder} ({error.strerror or error}). Choose a --out in "
-        "a folder you can write to."
+        f"Cannot write in the folder {folder} ({reason}). Choose a --out in a folder you can "
+        "write to."
     )
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the disk that holds ``path`` (or its nearest existing parent)."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    return shutil.disk_usage(existing).free if existing is not None else None
+
+
+def _mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def check_free_space(out_path: Path, needed_bytes: int) -> None:
+    """Refuse to start writing ``needed_bytes`` (an estimate) where the disk has less room.
+
+    Some writers (HDF5) cannot recover from a full disk mid-write; finding out
+    first is the only safe way.
+    """
+    free = free_bytes(Path(out_path))
+    margin = needed_bytes // 10 + (1 << 20)  # HDF5/zarr metadata and obs encoding
+    if free is not None and free < needed_bytes + margin:
+        raise DiskFullError(
+            f"Not enough room for {out_path}: it needs about {_mib(needed_bytes)}, and that disk "
+            f"has {_mib(free)} free. Free some space or choose a --out on another disk."
+        )
+
+
+def _disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # HDF5 (h5py) reports a failed write as RuntimeError with the C errno in its text
+    return isinstance(error, RuntimeError) and "errno = 28" in str(error)
 
 
 @contextlib.contextmanager
 def output_lock(out_path: str | os.PathLike) -> Iterator[Path]:
     """Hold the exclusive write lock of an output for the duration of the ``with`` block.
 
+    A full disk met inside the block becomes a :class:`DiskFullError` that names
+    the output and the room left.
+
     Raises
     ------
     InputError
         Another process holds the lock, or the output's folder cannot be written.
+    DiskFullError
+        The disk filled up while the output was written.
     """
     from filelock import FileLock, Timeout
 
@@ -293,5 +360,41 @@ def output_lock(out_path: str | os.PathLike) -> Iterator[Path]:
         raise writable_folder_error(out_path.parent, error) from None
     try:
         yield lock_path
+    except Exception as error:
+        if not _disk_full(error):
+            raise
+        free = free_bytes(out_path)
+        raise DiskFullError(
+            f"The disk filled up while writing {out_path} ({_mib(free or 0)} free there now). "
+            "Free some space or choose a --out on another disk, then run the command again: "
+            "ingest and train continue where they stopped; the other commands left no partial "
+            "output."
+        ) from error
     finally:
         lock.release()
+
+
+Function = TypeVar("Function", bound=Callable)
+
+
+def locks_output(parameter: str = "out") -> Callable[[Function], Function]:
+    """Decorate a command so that it holds :func:`output_lock` on its output for the whole call.
+
+    ``parameter`` names the argument that holds the output path. Under torchrun
+    (``RANK`` set) only rank 0, the one that writes, takes the lock.
+    """
+
+    def decorate(function: Function) -> Function:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def locked(*args: object, **kwargs: object) -> object:
+            target = signature.bind_partial(*args, **kwargs).arguments.get(parameter)
+            if target is None or int(os.environ.get("RANK", "0")) != 0:
+                return function(*args, **kwargs)
+            with output_lock(Path(target)):
+                return function(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate

@@ -21,7 +21,6 @@ Layout of ``out``::
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from scbd_cells.data import schema
-from scbd_cells.errors import InputError
+from scbd_cells.outputs import locks_output, prepare_folder
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +69,7 @@ def _default_alpha() -> float:
     return float(TrainConfig.model_fields["alpha"].default)
 
 
+@locks_output("out")
 def demo(
     *,
     out: str | Path = "scbd-demo",
@@ -117,18 +117,8 @@ def demo(
     from scbd_cells.training import train
 
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(
-            f"Demo folder {out_dir} is not empty. Choose another --out or pass --overwrite."
-        )
-    if overwrite:  # only what a demo writes; anything else in the folder stays
-        for child in DEMO_OUTPUTS:
-            target = out_dir / child
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # only what a demo wrote is replaced (its marker lists it); anything else in the folder stays
+    prepare_folder(out_dir, kind="demo", overwrite=overwrite, entries=DEMO_OUTPUTS)
     embed_device = None if device == "auto" else device
     seconds: dict[str, float] = {}
 

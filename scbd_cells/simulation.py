@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +39,7 @@ from scipy import ndimage
 from scbd_cells import __version__
 from scbd_cells.data.schema import CONTROL_LABEL, SIM_CHANNELS
 from scbd_cells.errors import InputError
+from scbd_cells.outputs import locks_output, prepare_folder
 from scbd_cells.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -765,6 +765,7 @@ def _write_tiff(path: Path, image: np.ndarray) -> None:
 # ---------------------------------------------------------------------------
 
 
+@locks_output("out_dir")
 def simulate(
     out_dir: str | os.PathLike[str],
     *,
@@ -943,22 +944,12 @@ def _check_params(params: SimulationParams, *, workers: int) -> None:
         )
 
 
+SCREEN_ENTRIES = ("cells.csv", "images", "fields", "complexes.txt", "truth.json", "preview.png")
+
+
 def _prepare_out_dir(out_dir: Path, *, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir} is a file; give a folder for the simulated screen.")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(
-                f"{out_dir} exists and is not empty. Pass --overwrite (overwrite=True) to replace "
-                "a simulated screen, or choose another folder."
-            )
-        if not (out_dir / "truth.json").exists():
-            raise InputError(
-                f"{out_dir} is not empty and holds no truth.json, so it is not a simulated screen; "
-                "it is left alone even with --overwrite. Choose an empty or new folder."
-            )
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Make ``out_dir`` ready; replace only a screen simulate wrote (its marker lists the files)."""
+    prepare_folder(out_dir, kind="screen", overwrite=overwrite, entries=SCREEN_ENTRIES)
 
 
 def _chunks(design: _Design, params: SimulationParams, *, seed: int, layout: str, out_dir: Path):

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scbd_cells.checkpoint import checkpoint_path_of, load_checkpoint, save_checkpoint
+from scbd_cells.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_path_of,
+    load_checkpoint,
+    save_checkpoint,
+)
 from scbd_cells.config import TrainConfig, read_config_file, resolve_train_config, save_config
 from scbd_cells.data import schema
 from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
@@ -46,6 +50,14 @@ from scbd_cells.errors import CheckpointError, DataError, InputError, TrainingEr
 from scbd_cells.model.losses import SCBDLoss, batch_target_labels, scbd_loss
 from scbd_cells.model.preprocess import Preprocessor, preprocessor_for, random_dihedral
 from scbd_cells.model.scbd import SCBDModel
+from scbd_cells.outputs import (
+    check_not_input,
+    check_output,
+    kind_of,
+    locks_output,
+    writable_folder_error,
+    write_marker,
+)
 from scbd_cells.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -102,6 +114,7 @@ class TrainResult:
     config: TrainConfig
 
 
+@locks_output("out")
 def train(
     store_path: str | os.PathLike,
     *,
@@ -147,6 +160,7 @@ def train(
     run_dir = Path(out)
     last_path = checkpoint_path_of(run_dir, "last")
     best_path = checkpoint_path_of(run_dir, "best")
+    check_not_input(run_dir, [store_path, config_path])
     if resume:
         if not last_path.is_file():
             raise CheckpointError(
@@ -164,11 +178,11 @@ def train(
                 f"{run_dir} already holds a run ({last_path}). Continue it with --resume, or "
                 "choose another --out."
             )
+        if kind_of(run_dir) != "run":
+            check_output(run_dir, kind="run", overwrite=False)  # only a new or empty folder
     store = open_store(store_path)
     dist_info = init_distributed(config.device)
     device = dist_info.device
-    if dist_info.is_main:
-        _prepare_run_dir(run_dir)
     torch.manual_seed(config.seed)
 
     # --- labels, splits and the class-balanced sampler -----------------------------------
@@ -196,6 +210,10 @@ def train(
             config.cells_per_class,
         )
     _check_wells_per_batch(perturbation_codes, train_rows, config, batch_codes)
+    resumed_from = load_checkpoint(last_path) if resume else None
+    changes = _resume_changes(resumed_from, config, last_path) if resumed_from else {}
+    if dist_info.is_main:  # only now, with the options and the store checked
+        _prepare_run_dir(run_dir)
     loader = BalancedLoader(
         store,
         sampler,
@@ -231,17 +249,29 @@ def train(
     )
 
     step, best_val_loss, history = 0, math.inf, []
-    if resume:
-        checkpoint = load_checkpoint(last_path)
+    option_history: list[dict[str, Any]] = []
+    if resumed_from is not None:
+        checkpoint = resumed_from
         _check_fingerprint(checkpoint, store, last_path)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         loader.load_state_dict(checkpoint["sampler"])
         step, best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
         history = _read_metrics(run_dir / "metrics.csv", up_to_step=step)
+        option_history = list(checkpoint.get("option_history", []))
         logger.info("Resuming %s at step %d", run_dir, step)
+        if changes:
+            logger.warning(
+                "Resuming with changed options from step %d: %s",
+                step,
+                ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()),
+            )
+            option_history.append(
+                {"step": step, "changed": {key: list(pair) for key, pair in changes.items()}}
+            )
     if dist_info.is_main:
         save_config(config, run_dir / "config.yaml")
+        _write_option_history(option_history, run_dir)
         logger.info(
             "Training %s x2 (%.1f M parameters) on %s: %d train cells, %d perturbations, "
             "%d batch labels, batches of %d x %d = %d cells, %d steps",
@@ -283,6 +313,7 @@ def train(
             "channel_stats": {k: list(v) for k, v in store.channel_stats.items()},
             "batch_channel_stats": None if batch_stats is None else batch_stats.to_dict(),
             "sampler": loader.state_dict(),
+            "option_history": option_history,
         }
 
     # --- the loop ---------------------------------------------------------------------------
@@ -415,17 +446,67 @@ def train(
 # --- checks of the input ---------------------------------------------------------------------
 
 
+RUN_ENTRIES = (
+    "config.yaml",
+    "metrics.csv",
+    "curves.png",
+    CHECKPOINT_DIR,
+    "option_history.yaml",
+    ".metrics.csv.tmp",
+)
+# Options that fix the model's and the batches' shape: a resumed run cannot change them.
+SHAPE_OPTIONS = (
+    "encoder",
+    "z_dim",
+    "image_size",
+    "decoder",
+    "decoder_width",
+    "classes_per_batch",
+    "cells_per_class",
+)
+
+
 def _prepare_run_dir(run_dir: Path) -> None:
-    """Create the run folder and prove it is writable before any work is done."""
+    """Create the run folder, mark it as a run, and prove it is writable before any work."""
     try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        write_marker(run_dir, kind="run", entries=RUN_ENTRIES)
     except OSError as error:
+        raise writable_folder_error(run_dir, error) from error
+
+
+def _resume_changes(
+    checkpoint: dict, config: TrainConfig, checkpoint_path: Path
+) -> dict[str, tuple[Any, Any]]:
+    """Options that differ from the checkpoint's; refuse a change of the model's shape."""
+    saved = dict(checkpoint.get("config") or {})
+    current = config.model_dump()
+    changes = {
+        key: (saved.get(key), value)
+        for key, value in current.items()
+        if key in saved and saved[key] != value
+    }
+    fixed = [key for key in SHAPE_OPTIONS if key in changes]
+    if fixed:
+        described = ", ".join(
+            f"--{key.replace('_', '-')} {changes[key][0]!r} (now {changes[key][1]!r})"
+            for key in fixed
+        )
         raise InputError(
-            f"cannot write the run folder {run_dir} ({error.strerror or error}). Choose a "
-            "writable --out."
-        ) from error
+            f"cannot resume {checkpoint_path} with another model or batch shape: it was trained "
+            f"with {described}. Resume with the run's own values (drop those options), or start "
+            "a new run in another --out."
+        )
+    return changes
+
+
+def _write_option_history(option_history: list[dict[str, Any]], run_dir: Path) -> None:
+    """``option_history.yaml``: the options each resume changed, with the step it resumed at."""
+    import yaml
+
+    path = run_dir / "option_history.yaml"
+    if option_history:
+        path.write_text(yaml.safe_dump(option_history, sort_keys=False))
 
 
 def _check_labels(
@@ -764,8 +845,21 @@ def _read_metrics(metrics_path: Path, *, up_to_step: int) -> list[dict[str, Any]
 
     if not metrics_path.exists():
         return []
-    table = pd.read_csv(metrics_path)
-    table = table[table["step"] <= up_to_step]
+    try:
+        table = pd.read_csv(metrics_path)
+        table = table[pd.to_numeric(table["step"], errors="raise") <= up_to_step]
+    except Exception as error:  # truncated, edited or not a CSV: the checkpoint is the truth
+        aside = metrics_path.with_name(f"{metrics_path.name}.unreadable")
+        os.replace(metrics_path, aside)
+        logger.warning(
+            "Cannot read %s (%s); kept it as %s and start the metrics anew from step %d "
+            "(the checkpoint holds the training state).",
+            metrics_path,
+            error,
+            aside,
+            up_to_step,
+        )
+        return []
     return [{k: v for k, v in row.items() if pd.notna(v)} for row in table.to_dict("records")]
 
 
@@ -777,8 +871,12 @@ def _write_metrics(
 
     table = pd.DataFrame(history, columns=METRIC_COLUMNS)
     tmp_path = run_dir / ".metrics.csv.tmp"
-    table.to_csv(tmp_path, index=False)
-    os.replace(tmp_path, run_dir / "metrics.csv")
+    try:
+        table.to_csv(tmp_path, index=False)
+        os.replace(tmp_path, run_dir / "metrics.csv")
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
     plot_curves(table, run_dir / "curves.png", collapsed=collapsed)
 
 

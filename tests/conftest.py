@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,17 @@ def write_corum_file(path: Path, complexes: dict[str, list[str]]) -> Path:
     lines += [f"{i}\t{k}\tHuman\t{';'.join(v)}" for i, (k, v) in enumerate(complexes.items())]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def entries_of(folder: Path) -> list[str]:
+    """Sorted names in ``folder``, without the lock files scbd-cells leaves beside outputs."""
+    return sorted(p.name for p in folder.iterdir() if not re.fullmatch(r"\..+\.lock", p.name))
+
+
+@pytest.fixture
+def entries():
+    """The :func:`entries_of` helper, as a fixture."""
+    return entries_of
 
 
 @pytest.fixture

@@ -32,5 +32,5 @@ def test_demo_twice_same_table(tmp_path: Path) -> None:
 
     second = demo(out=tmp_path / "b", preset="tiny", steps=2, device="cpu", workers=1)
     pd.testing.assert_frame_equal(first.table, second.table)
-    with pytest.raises(InputError, match="not empty"):
+    with pytest.raises(InputError, match="Pass --overwrite"):
         demo(out=tmp_path / "a", preset="tiny", steps=2, device="cpu")

@@ -213,7 +213,7 @@ def test_two_process_training_follows_the_single_process_run(
 
 @pytest.mark.slow
 def test_two_process_embed_writes_the_single_process_result(
-    train_store: Path, single_run: Path, tmp_path: Path
+    train_store: Path, single_run: Path, tmp_path: Path, entries
 ) -> None:
     """``torchrun -m scbd_cells embed``: ranks split the cells, one file equal to one process's."""
     import anndata as ad
@@ -232,7 +232,7 @@ def test_two_process_embed_writes_the_single_process_result(
     np.testing.assert_allclose(ddp.X, single.X, atol=1e-6)
     np.testing.assert_allclose(ddp.obsm["X_scbd_batch"], single.obsm["X_scbd_batch"], atol=1e-6)
     assert not np.any(np.all(ddp.X == 0, axis=1))  # every row was written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.h5ad", "single.h5ad"]
+    assert entries(tmp_path) == ["ddp.h5ad", "single.h5ad"]
 
 
 # --------------------------------------------------------------------------- tests

@@ -80,7 +80,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _make_run(base / "run", store_path), store_path
 
 
-def test_embed_h5ad_aggregate_and_scanpy(setup, tmp_path: Path) -> None:
+def test_embed_h5ad_aggregate_and_scanpy(setup, tmp_path: Path, entries) -> None:
     import scanpy as sc
 
     torch.set_num_threads(2)
@@ -122,7 +122,7 @@ def test_embed_h5ad_aggregate_and_scanpy(setup, tmp_path: Path) -> None:
     sc.tl.umap(cells, random_state=0)
     assert cells.obsm["X_umap"].shape == (store.n_cells, 2)
     sc.pp.neighbors(genes, use_rep="X", n_neighbors=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad", "genes.h5ad", "guides.h5ad"]
+    assert entries(tmp_path) == ["cells.h5ad", "genes.h5ad", "guides.h5ad"]
 
 
 def _by_hand_well_inputs(store, rows: np.ndarray) -> np.ndarray:
@@ -191,12 +191,12 @@ def test_embed_zarr_and_encoder(setup, tmp_path: Path) -> None:
     np.testing.assert_allclose(cells.X, ad.read_h5ad(reference.out_path).X, atol=1e-5)
 
 
-def test_mismatched_store_and_existing_output(setup, tmp_path: Path) -> None:
+def test_mismatched_store_and_existing_output(setup, tmp_path: Path, entries) -> None:
     run_dir, _ = setup
     other = _make_store(tmp_path / "two.zarr", n_channels=2, n=70)
     with pytest.raises(CheckpointError, match="3 channels"):
         embed(run_dir, other, out=tmp_path / "out" / "cells.h5ad", aggregate=True, device="cpu")
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists() or not entries(tmp_path / "out")
     (tmp_path / "cells.h5ad").write_text("x")
     with pytest.raises(InputError, match="already exists"):
         embed(run_dir, other, out=tmp_path / "cells.h5ad", device="cpu")
@@ -220,7 +220,7 @@ def test_cli_mismatched_store_exit_code(setup, tmp_path: Path) -> None:
     assert not (tmp_path / "cells.h5ad").exists()
 
 
-def test_aggregate_without_control_fails_first(setup, tmp_path: Path) -> None:
+def test_aggregate_without_control_fails_first(setup, tmp_path: Path, entries) -> None:
     from scbd_cells.errors import DataError
 
     run_dir, _ = setup
@@ -230,4 +230,4 @@ def test_aggregate_without_control_fails_first(setup, tmp_path: Path) -> None:
         embed(
             run_dir, store_path, out=tmp_path / "out" / "cells.h5ad", aggregate=True, device="cpu"
         )
-    assert not any((tmp_path / "out").iterdir())
+    assert not entries(tmp_path / "out")

@@ -56,7 +56,14 @@ def test_report(tmp_path: Path, corum_file: Path) -> None:
     bad = _cells(tmp_path / "bad.h5ad", biology=0.0, well=2.0, seed=1)
     result = evaluate([good, bad], corum=corum_file, out=tmp_path / "report", max_cells=1000)
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert files == ["corum_pr.csv", "corum_pr.png", "metrics.json", "report.md", "well_f1.png"]
+    assert files == [
+        ".scbd-cells.json",  # the marker: these files are scbd-cells' to replace
+        "corum_pr.csv",
+        "corum_pr.png",
+        "metrics.json",
+        "report.md",
+        "well_f1.png",
+    ]
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert set(metrics["embeddings"]) == {"good", "bad"}
     assert all(set(m) == set(METRIC_KEYS) for m in metrics["embeddings"].values())
@@ -78,7 +85,7 @@ def test_report(tmp_path: Path, corum_file: Path) -> None:
     assert list(labelled.table["embedding"]) == ["mine"]
 
 
-def test_bad_inputs_leave_nothing(tmp_path: Path, corum_file: Path) -> None:
+def test_bad_inputs_leave_nothing(tmp_path: Path, corum_file: Path, entries) -> None:
     good = _cells(tmp_path / "good.h5ad", biology=1.0, well=0.0)
     other = tmp_path / "other.txt"
     other.write_text("x\tZZ1 ZZ2\n")
@@ -93,7 +100,7 @@ def test_bad_inputs_leave_nothing(tmp_path: Path, corum_file: Path) -> None:
         evaluate([tmp_path / "nobatch.h5ad"], corum=corum_file, out=tmp_path / "r3")
     with pytest.raises(InputError, match="does not exist"):
         evaluate([tmp_path / "missing.h5ad"], corum=corum_file, out=tmp_path / "r4")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert entries(tmp_path) == [
         "complexes.txt",
         "good.h5ad",
         "nobatch.h5ad",
@@ -101,8 +108,9 @@ def test_bad_inputs_leave_nothing(tmp_path: Path, corum_file: Path) -> None:
     ]
     (tmp_path / "r5").mkdir()
     (tmp_path / "r5" / "keep").write_text("")
-    with pytest.raises(InputError, match="--overwrite"):
-        evaluate([good], corum=corum_file, out=tmp_path / "r5")
+    with pytest.raises(InputError, match="not a scbd-cells report folder"):
+        evaluate([good], corum=corum_file, out=tmp_path / "r5", overwrite=True)
+    assert entries(tmp_path / "r5") == ["keep"]
 
 
 def test_cli_bad_complexes_exit_code(tmp_path: Path) -> None:

@@ -225,7 +225,7 @@ def test_non_empty_out_dir_is_refused(tmp_path: Path) -> None:
     out_dir = tmp_path / "screen"
     out_dir.mkdir()
     (out_dir / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not empty"):
+    with pytest.raises(InputError, match=r"already exists and is a folder of 1 entry \(notes"):
         simulate(out_dir, **SMALL)
     # Even with overwrite, a folder that is not a simulated screen is left alone.
     with pytest.raises(InputError, match="not a simulated screen"):

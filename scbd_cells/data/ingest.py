@@ -52,6 +52,7 @@ from scbd_cells.data.store import (
     TABLE_ROW,
     ChannelStats,
     StoreWriter,
+    check_partial,
     check_split_fractions,
     finalise_obs,
     label_table,
@@ -1121,6 +1122,7 @@ def ingest(
         if finished is not None:
             return finished
         check_output(out_path, kind="store", overwrite=overwrite)
+        check_partial(out_path)
         record = {"table_sha256": table_sha256, "options": _to_json_value(options)}
         return _ingest(
             table_path, out_path, arguments=arguments, record=record, workers=workers,

@@ -563,6 +563,8 @@ class BalancedLoader:
         self._pending: deque[tuple[dict, Future | tuple]] = deque()
         # The next batch, already sent to the device (one ahead of the consumer).
         self._ready: tuple[dict, Batch] | None = None
+        # The resume point kept by close(), which empties the queues that hold it.
+        self._closed_state: dict | None = None
         self._stream = torch.cuda.Stream(device=self.device) if self._pin else None
 
     def _use_segments(self, sampler: Any, world_size: int) -> None:
@@ -672,19 +674,27 @@ class BalancedLoader:
             return self.sampler.state_dict(as_tensors=False)  # fresh arrays, nothing shared
         return copy.deepcopy(self.sampler.state_dict())
 
-    def state_dict(self) -> dict:
-        """The sampler's state before the first batch not yet handed out (resume point)."""
+    def _resume_point(self) -> dict:
         if self._ready is not None:
-            state = self._ready[0]
-        elif self._pending:
-            state = self._pending[0][0]
-        else:
-            state = self._sampler_state()
-        return arrays_as_tensors(copy.deepcopy(state))
+            return self._ready[0]
+        if self._pending:
+            return self._pending[0][0]
+        if self._closed_state is not None:
+            return self._closed_state
+        return self._sampler_state()
+
+    def state_dict(self) -> dict:
+        """The sampler's state before the first batch not yet handed out (resume point).
+
+        Also after :meth:`close`: closing drops the prefetched batches but keeps
+        this point, so a checkpoint taken after Ctrl-C resumes exactly.
+        """
+        return arrays_as_tensors(copy.deepcopy(self._resume_point()))
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the sampler and drop every prefetched batch (they are drawn again)."""
         self._drain()
+        self._closed_state = None
         self.sampler.load_state_dict(copy.deepcopy(state))
 
     def _drain(self) -> None:
@@ -698,7 +708,13 @@ class BalancedLoader:
         self._pending.clear()
 
     def close(self) -> None:
-        """Stop the background threads (the loader cannot be used afterwards)."""
+        """Stop the background threads (the loader cannot be used afterwards).
+
+        :meth:`state_dict` still gives the resume point: the state before the
+        first batch that was not handed out.
+        """
+        if self._closed_state is None:
+            self._closed_state = self._resume_point()
         self._drain()
         if self._executor is not None:
             self._executor.shutdown(wait=True)

@@ -472,6 +472,17 @@ def _is_partial_store(path: Path) -> bool:
     return attributes.get("format") == schema.STORE_FORMAT and attributes.get("complete") is False
 
 
+def check_partial(path: Path) -> None:
+    """Refuse when ``STORE.zarr.partial`` exists but is not an unfinished store of ours."""
+    partial = partial_path_of(Path(path))
+    if (partial.exists() or partial.is_symlink()) and not _is_partial_store(partial):
+        raise InputError(
+            f"{partial} exists but is not an unfinished store written by scbd-cells (no store "
+            "format in it); ingest writes there first, so it stops rather than touch it. Move it "
+            "away, or choose another --out."
+        )
+
+
 def partial_path_of(path: Path) -> Path:
     """Where a store is written before it is complete: ``STORE.zarr.partial``."""
     return path.with_name(path.name + PARTIAL_SUFFIX)
@@ -633,12 +644,7 @@ class StoreWriter:
                 )
                 self._restore_stats(done)
                 return done
-            if not _is_partial_store(self.partial_path):
-                raise InputError(
-                    f"{self.partial_path} exists but is not an unfinished store written by "
-                    "scbd-cells (no ingest state or store format in it); it is left alone. Move "
-                    "it away, or choose another --out."
-                )
+            check_partial(self.path)
             log.info(
                 "Discarding an unfinished store from a different command: %s", self.partial_path
             )

@@ -14,6 +14,7 @@ time.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,42 @@ def read_rows(data: Any, positions: np.ndarray, *, chunk_size: int = ROW_CHUNK) 
     if done != len(positions):
         raise IndexError(f"positions beyond the {n_rows} rows of the array")
     return out
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """What :func:`check_values` found in an embedding matrix.
+
+    Attributes
+    ----------
+    n_nonfinite
+        NaN or infinite entries.
+    n_constant_columns, n_columns
+        Columns whose finite values are all equal (zero variance), and all columns.
+    """
+
+    n_nonfinite: int
+    n_constant_columns: int
+    n_columns: int
+
+    @property
+    def constant(self) -> bool:
+        """Every column constant: every cell has the same embedding."""
+        return self.n_constant_columns == self.n_columns
+
+
+def check_values(data: Any, *, chunk_size: int = ROW_CHUNK) -> ValueCheck:
+    """Count non-finite entries and constant columns, one row chunk at a time (bounded memory)."""
+    n_rows, width = (int(size) for size in data.shape)
+    low = np.full(width, np.inf)
+    high = np.full(width, -np.inf)
+    nonfinite = 0
+    for start in range(0, n_rows, chunk_size):
+        block = data[start : start + chunk_size]
+        block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, np.float64)
+        finite = np.isfinite(block)
+        nonfinite += int(block.size - np.count_nonzero(finite))
+        low = np.minimum(low, np.where(finite, block, np.inf).min(axis=0, initial=np.inf))
+        high = np.maximum(high, np.where(finite, block, -np.inf).max(axis=0, initial=-np.inf))
+    constant = int(np.count_nonzero(~(high > low)))
+    return ValueCheck(n_nonfinite=nonfinite, n_constant_columns=constant, n_columns=width)

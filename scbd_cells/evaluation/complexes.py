@@ -106,6 +106,13 @@ def _read_table(lines: list[str], *, gene_column: str, name_columns: tuple[str, 
     rows = list(csv.reader(lines, delimiter=delimiter))
     header = [h.strip() for h in rows[0]]
     lower = [h.lower() for h in header]
+    if gene_column.lower() not in lower:
+        raise DataError(
+            f"Complexes file {path}: its first line mentions {gene_column!r}, but no "
+            f"{'tab' if delimiter == chr(9) else 'comma'}-separated column is named so (found "
+            f"{header[:6]}). Expected CORUM's tab-separated export (allComplexes.txt), not an "
+            "edited or JSON copy."
+        )
     gene_at = lower.index(gene_column.lower())
     name_at = next((lower.index(c.lower()) for c in name_columns if c.lower() in lower), None)
     organism_at = lower.index("organism") if "organism" in lower else None
@@ -150,6 +157,12 @@ def read_complexes(path: str | Path) -> Complexes:
     if not lines:
         raise DataError(f"Complexes file {path} is empty. Expected one complex per line.")
     header = lines[0].lower()
+    if lines[0].lstrip().startswith(("[", "{")):
+        raise DataError(
+            f"Complexes file {path} looks like JSON (it starts with {lines[0].lstrip()[0]!r}). "
+            "scbd-cells reads CORUM's tab-separated export (allComplexes.txt / .tsv), a "
+            "two-column 'name<TAB>genes' file or a GMT file: download the text export instead."
+        )
     if "subunits(gene name)" in header:
         fmt = "corum3"
         names, members = _read_table(

@@ -2,7 +2,9 @@
 
 ``evaluate`` reads every embedding first (so a bad input fails before any work),
 computes the metrics, then writes the report into a temporary folder beside
-``out`` and renames it into place: a failed run leaves no partial report.
+``out`` and moves its files into place: a failed run leaves no partial report.
+An earlier report in ``out`` is replaced file by file (those its marker lists);
+anything else a person keeps in the folder stays.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import pandas as pd
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.evaluation.batch import batch_prediction_f1, subsample
-from scbd_cells.evaluation.cells import CellsFile, open_cells, read_rows
+from scbd_cells.evaluation.cells import CellsFile, check_values, open_cells, read_rows
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
+from scbd_cells.outputs import check_output, locks_output, remove_owned, write_marker
 from scbd_cells.profiles import aggregate_profiles
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,29 @@ def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
     return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
 
 
+def _check_values(
+    paths: list[Path], names: list[str], keys: list[str], datasets: list[Any]
+) -> dict[str, str]:
+    """Refuse NaN/infinite values; return a warning per embedding that is constant."""
+    warnings = {}
+    for path, name, key, adata in zip(paths, names, keys, datasets, strict=True):
+        found = check_values(adata.X if key == "X" else adata.obsm[key])
+        if found.n_nonfinite:
+            raise DataError(
+                f"{path} holds {found.n_nonfinite:,} NaN or infinite values in {key}: no metric "
+                "is defined on them. Re-embed the cells (embed now refuses a model that gives "
+                "them), or remove the affected cells from the file."
+            )
+        if found.constant:
+            warnings[name] = (
+                f"every cell of {name} has the same embedding ({key} has zero variance in all "
+                f"{found.n_columns} dimensions): its metrics measure nothing (a collapsed or "
+                "untrained model?)."
+            )
+            log.warning("%s", warnings[name])
+    return warnings
+
+
 def _control(adata: Any, control: str | None) -> str:
     if control is not None:
         return control
@@ -129,6 +155,7 @@ def _control(adata: Any, control: str | None) -> str:
     return str(found) if found else schema.CONTROL_LABEL
 
 
+@locks_output("out")
 def evaluate(
     embedding_paths: list[str | Path],
     *,
@@ -189,11 +216,7 @@ def evaluate(
             "one per embedding."
         )
     names = _names(paths, keys, labels)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise InputError(
-            f"Report folder {out_dir} already exists and is not empty. Choose another --out "
-            "or pass --overwrite."
-        )
+    check_output(out_dir, kind="report", overwrite=overwrite, inputs=[*paths, corum])
     complexes = read_complexes(corum)
 
     datasets: list[Any] = []
@@ -219,6 +242,7 @@ def evaluate(
                     "it: embed from a store (which carries 'batch'), or name the column with "
                     "--batch-key."
                 )
+        warnings = _check_values(paths, names, keys, datasets)
     except BaseException:
         _close(datasets)
         raise
@@ -267,6 +291,7 @@ def evaluate(
     table = pd.DataFrame(rows)
     metrics = {
         "embeddings": {row["embedding"]: {k: row[k] for k in METRIC_KEYS} for row in rows},
+        "warnings": warnings,
         "settings": {
             "corum": str(Path(corum)),
             "complexes_format": complexes.format,
@@ -347,9 +372,10 @@ def format_table(table: pd.DataFrame) -> str:
 
 def _report_text(metrics: dict[str, Any], table: pd.DataFrame) -> str:
     settings = metrics["settings"]
+    warnings = "".join(f"> **Warning**: {text}\n\n" for text in metrics["warnings"].values())
     return f"""# scbd-cells evaluation
 
-{format_table(table)}
+{warnings}{format_table(table)}
 
 - **CORUM AUPRC**: area under the precision-recall curve of predicting "the two genes share a
   complex" from the cosine similarity of their profiles, thresholds at the p-th / (100 − p)-th
@@ -386,15 +412,14 @@ def _write_report(
         _plot_curves(curves, tmp_dir / "corum_pr.png")
         _plot_well(table, tmp_dir / "well_f1.png")
         (tmp_dir / "report.md").write_text(_report_text(metrics, table))
-        os.chmod(tmp_dir, 0o755)
-        if out_dir.exists():
-            if not overwrite and any(out_dir.iterdir()):
-                raise InputError(
-                    f"Report folder {out_dir} appeared while evaluating; not replaced."
-                )
-            shutil.rmtree(out_dir)
-        tmp_dir.rename(out_dir)
-    except BaseException:
+        written = sorted(child.name for child in tmp_dir.iterdir())
+        # replace only what an earlier report wrote (its marker lists it); other files stay
+        if check_output(out_dir, kind="report", overwrite=overwrite):
+            remove_owned(out_dir, kind="report")
+        out_dir.mkdir(exist_ok=True)
+        for name in written:
+            os.replace(tmp_dir / name, out_dir / name)
+        write_marker(out_dir, kind="report", entries=written)
+    finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     log.info("Wrote the report to %s", out_dir)
