@@ -18,6 +18,7 @@ and the ingest starts again without it. docs/store.md describes the result.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -26,7 +27,6 @@ import math
 import multiprocessing
 import os
 import shlex
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -40,6 +40,7 @@ from concurrent.futures import (
 )
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -115,6 +116,80 @@ class IngestResult:
     resumed: bool
     already_complete: bool = False
     n_blank: int = 0
+
+
+@dataclass(frozen=True)
+class IngestSpec:
+    """Everything that decides a store's content: the table and the options (not the workers).
+
+    Attributes mirror :func:`ingest`'s arguments; ``table`` is absolute.
+    """
+
+    table: Path
+    perturbation_column: str
+    guide_column: str | None
+    batch_columns: tuple[str, ...]
+    control: str | None
+    image_column: str | None
+    channel_columns: tuple[str, ...] | None
+    fov_column: str | None
+    fov_channel_columns: tuple[str, ...] | None
+    x_column: str | None
+    y_column: str | None
+    crop_size: int | None
+    channel_names: tuple[str, ...] | None
+    resize: int | None
+    split_fractions: tuple[float, float, float]
+    seed: int
+    skip_bad: bool
+
+    def options(self) -> dict:
+        """The options as JSON values (what a store records to recognise a rerun)."""
+        options = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name != "table"
+        }
+        return json.loads(json.dumps(options))
+
+    def command(self, out_path: Path) -> str:
+        """The ``scbd-cells ingest`` command line that gives this spec (for provenance)."""
+        words = ["scbd-cells", "ingest", str(self.table), "--out", str(out_path)]
+        for name, value in self.options().items():
+            flag = "--" + name.replace("_", "-")
+            if value is None or value is False:
+                continue
+            if value is True:
+                words.append(flag)
+            else:
+                text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+                words += [flag, text]
+        return shlex.join(words)
+
+
+class ImageSource(Protocol):
+    """Where the cells' pixels come from: crop files (one per cell, or per cell and channel)
+    or fields of view with centroids. Ingest calls the methods in this order.
+    """
+
+    columns: list[str]  # the image path columns
+    per_channel: bool  # one file per channel
+    reference: _Reference | None  # what every cell looks like (set by probe)
+    border_rows: list[int]  # table rows whose crop leaves its field (set by check)
+
+    def check(self, rows: np.ndarray) -> dict[int, str]:
+        """Table-level problems (missing files, null paths or centroids): ``{row: reason}``."""
+
+    def probe(self, rows: np.ndarray) -> None:
+        """Set ``reference`` from the first readable images; raise ``_ImageFailures`` if none."""
+
+    def scan(self, rows: np.ndarray) -> dict[int, str]:
+        """Read every listed cell's image; return the failures."""
+
+    def fill(
+        self, writer: StoreWriter, table_rows: np.ndarray, *, resize: int | None, bar, task
+    ) -> None:
+        """Write every pending block of the store; raise ``_ImageFailures`` for bad images."""
 
 
 class _ImageFailures(Exception):
@@ -580,6 +655,7 @@ class _CropSource:
         ]
         self.paths_of_row = list(zip(*paths, strict=True))
         self.reference: _Reference | None = None
+        self.border_rows: list[int] = []  # crops never leave a field
 
     def spec(self, resize: int | None = None) -> _CropSpec:
         return _CropSpec(
@@ -636,6 +712,7 @@ class _CropSource:
     ) -> None:
         """Write every pending block; each worker reads, writes and summarises whole chunks."""
         spec = self.spec(resize)
+        bar.advance(task, sum(b - a for a, b in map(writer.block_bounds, writer.done_blocks)))
 
         def submit(pool: Executor, start: int, stop: int) -> Future:
             return pool.submit(
@@ -1090,26 +1167,25 @@ def ingest(
     """
     started = time.perf_counter()
     table_path, out_path = Path(table_path).resolve(), Path(out).resolve()
-    arguments = {
-        "table": str(table_path),
-        "out": str(out_path),
-        "perturbation_column": perturbation_column,
-        "guide_column": guide_column,
-        "batch_columns": list(batch_columns),
-        "control": control,
-        "image_column": image_column,
-        "channel_columns": list(channel_columns) if channel_columns else None,
-        "fov_column": fov_column,
-        "fov_channel_columns": list(fov_channel_columns) if fov_channel_columns else None,
-        "x_column": x_column,
-        "y_column": y_column,
-        "crop_size": crop_size,
-        "channel_names": list(channel_names) if channel_names else None,
-        "resize": resize,
-        "split_fractions": list(check_split_fractions(split_fractions)),
-        "seed": seed,
-        "skip_bad": skip_bad,
-    }
+    spec = IngestSpec(
+        table=table_path,
+        perturbation_column=perturbation_column,
+        guide_column=guide_column,
+        batch_columns=tuple(batch_columns),
+        control=control,
+        image_column=image_column,
+        channel_columns=tuple(channel_columns) if channel_columns else None,
+        fov_column=fov_column,
+        fov_channel_columns=tuple(fov_channel_columns) if fov_channel_columns else None,
+        x_column=x_column,
+        y_column=y_column,
+        crop_size=crop_size,
+        channel_names=tuple(channel_names) if channel_names else None,
+        resize=resize,
+        split_fractions=check_split_fractions(split_fractions),
+        seed=seed,
+        skip_bad=skip_bad,
+    )
     if workers < 1:
         raise InputError(f"--workers must be at least 1; found {workers}.")
     if resize is not None and resize < 1:
@@ -1117,17 +1193,15 @@ def ingest(
     check_not_input(out_path, [table_path])
     with output_lock(out_path):
         table_sha256 = file_sha256(table_path) if table_path.is_file() else ""
-        options = {key: value for key, value in arguments.items() if key not in ("table", "out")}
-        finished = _finished_ingest(out_path, options, table_sha256, overwrite=overwrite)
+        finished = _finished_ingest(out_path, spec.options(), table_sha256, overwrite=overwrite)
         if finished is not None:
             return finished
         check_output(out_path, kind="store", overwrite=overwrite)
         check_partial(out_path)
-        record = {"table_sha256": table_sha256, "options": _to_json_value(options)}
+        record = {"table_sha256": table_sha256, "options": spec.options()}
         return _ingest(
-            table_path, out_path, arguments=arguments, record=record, workers=workers,
-            overwrite=overwrite, started=started,
-        )  # fmt: skip
+            spec, out_path, record=record, workers=workers, overwrite=overwrite, started=started
+        )
 
 
 def _finished_ingest(
@@ -1152,7 +1226,7 @@ def _finished_ingest(
         differences.append("the cells table's content (SHA-256)")
     earlier = recorded.get("options") or {}
     for key in sorted(set(options) | set(earlier)):
-        if _to_json_value(options.get(key)) != earlier.get(key):
+        if options.get(key) != earlier.get(key):
             differences.append(f"{key} ({earlier.get(key)!r} then, {options.get(key)!r} now)")
     if not differences:
         log.info("%s is already complete (same table and options); nothing to do.", out_path)
@@ -1177,37 +1251,28 @@ def _finished_ingest(
     )
 
 
-def _to_json_value(value: object) -> object:
-    return json.loads(json.dumps(value, default=str))
-
-
 def _ingest(
-    table_path: Path,
+    spec: IngestSpec,
     out_path: Path,
     *,
-    arguments: dict,
     record: dict,
     workers: int,
     overwrite: bool,
     started: float,
 ) -> IngestResult:
     """Read, check and write (the lock is held and the output checked)."""
-    perturbation_column, guide_column = arguments["perturbation_column"], arguments["guide_column"]
-    batch_columns, skip_bad = arguments["batch_columns"], arguments["skip_bad"]
-    text_columns = [schema.CELL_ID, perturbation_column, *batch_columns]
-    text_columns += [guide_column] if guide_column else []
-    table = read_table(table_path, text_columns=text_columns)
-    image_column, channel_names = arguments["image_column"], arguments["channel_names"]
-    resize, crop_size = arguments["resize"], arguments["crop_size"]
-    source = _make_source(table, arguments, base_dir=table_path.parent, workers=workers)
-    arguments["image_column"] = getattr(source, "image_column", image_column)
+    text_columns = [schema.CELL_ID, spec.perturbation_column, *spec.batch_columns]
+    text_columns += [spec.guide_column] if spec.guide_column else []
+    table = read_table(spec.table, text_columns=text_columns)
+    spec = _with_default_image_column(spec, table)
+    source = _make_source(table, spec, workers=workers)
     labelled = label_table(
         table,
-        perturbation_column=perturbation_column,
-        guide_column=guide_column,
-        batch_columns=batch_columns,
-        control=arguments["control"],
-        skip_bad=skip_bad,
+        perturbation_column=spec.perturbation_column,
+        guide_column=spec.guide_column,
+        batch_columns=spec.batch_columns,
+        control=spec.control,
+        skip_bad=spec.skip_bad,
     )
     cell_ids = dict(
         zip(labelled.obs[TABLE_ROW].tolist(), labelled.obs[schema.CELL_ID].tolist(), strict=True)
@@ -1216,11 +1281,13 @@ def _ingest(
     rejected_ids = {row: cell_id for row, cell_id, _ in labelled.rejected}
     rows = labelled.obs[TABLE_ROW].to_numpy()
     problems = source.check(rows)
-    _raise_or_reject(problems, rejected, cell_ids, skip_bad)
-    border = set(getattr(source, "border_rows", []))
+    _raise_or_reject(problems, rejected, cell_ids, spec.skip_bad)
+    border = set(source.border_rows)
     if border:
         log.info(
-            "Skipping %d cells whose %d px crop leaves the field of view.", len(border), crop_size
+            "Skipping %d cells whose %d px crop leaves the field of view.",
+            len(border),
+            spec.crop_size,
         )
 
     for _attempt in range(_MAX_REPLANS):
@@ -1238,18 +1305,16 @@ def _ingest(
                 source,
                 obs,
                 out_path,
-                arguments=arguments,
+                spec=spec,
                 record=record,
-                channel_names=channel_names,
                 rejected=rejected,
                 rejected_ids={**rejected_ids, **cell_ids},
                 border=border,
-                resize=resize,
                 overwrite=overwrite,
                 started=started,
             )
         except _ImageFailures as failures:
-            if not skip_bad or source.reference is None:
+            if not spec.skip_bad or source.reference is None:
                 message = _image_failure_message(failures.failures, cell_ids)
                 if source.reference is None:
                     message = f"No image could be read among the first rows. {message}"
@@ -1280,26 +1345,26 @@ def _raise_or_reject(
     rejected.update(problems)
 
 
-def _make_source(table: pd.DataFrame, arguments: dict, *, base_dir: Path, workers: int):
+def _with_default_image_column(spec: IngestSpec, table: pd.DataFrame) -> IngestSpec:
+    """The spec, with ``image_column`` set to ``image_path`` when nothing else names the images."""
+    named = spec.image_column or spec.channel_columns or spec.fov_column or spec.fov_channel_columns
+    if not named and DEFAULT_IMAGE_COLUMN in table.columns:
+        return dataclasses.replace(spec, image_column=DEFAULT_IMAGE_COLUMN)
+    return spec
+
+
+def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: int) -> ImageSource:
     """Pick the image source from the options; check its columns exist."""
-    image_column = arguments["image_column"]
-    channel_columns = arguments["channel_columns"]
-    fov_column = arguments["fov_column"]
-    fov_channel_columns = arguments["fov_channel_columns"]
-    channel_names = arguments["channel_names"]
     chosen = [
         name
         for name, value in (
-            ("--image-column", image_column),
-            ("--channel-columns", channel_columns),
-            ("--fov-column", fov_column),
-            ("--fov-channel-columns", fov_channel_columns),
+            ("--image-column", spec.image_column),
+            ("--channel-columns", spec.channel_columns),
+            ("--fov-column", spec.fov_column),
+            ("--fov-channel-columns", spec.fov_channel_columns),
         )
         if value
     ]
-    if not chosen and DEFAULT_IMAGE_COLUMN in table.columns:
-        image_column = DEFAULT_IMAGE_COLUMN
-        chosen = ["--image-column"]
     if len(chosen) != 1:
         raise InputError(
             "Say where the images are with exactly one of --image-column (a crop file per cell), "
@@ -1308,18 +1373,19 @@ def _make_source(table: pd.DataFrame, arguments: dict, *, base_dir: Path, worker
             f"(fields of view, with --x-column, --y-column, --crop-size); found {chosen or 'none'}."
         )
     columns = (
-        [image_column]
-        if image_column
-        else list(channel_columns or fov_channel_columns or [fov_column])
+        [spec.image_column]
+        if spec.image_column
+        else list(spec.channel_columns or spec.fov_channel_columns or [spec.fov_column])
     )
-    fields = bool(fov_column or fov_channel_columns)
+    fields = bool(spec.fov_column or spec.fov_channel_columns)
+    columns_needed = columns
     if fields:
         missing_options = [
             flag
             for flag, value in (
-                ("--x-column", arguments["x_column"]),
-                ("--y-column", arguments["y_column"]),
-                ("--crop-size", arguments["crop_size"]),
+                ("--x-column", spec.x_column),
+                ("--y-column", spec.y_column),
+                ("--crop-size", spec.crop_size),
             )
             if not value
         ]
@@ -1328,13 +1394,11 @@ def _make_source(table: pd.DataFrame, arguments: dict, *, base_dir: Path, worker
                 f"Fields of view need {', '.join(missing_options)}: the centroid columns (pixels, "
                 "x = column, y = row) and the crop size in pixels."
             )
-        if arguments["crop_size"] < 1:
+        if spec.crop_size < 1:
             raise InputError(
-                f"--crop-size must be a positive number of pixels; found {arguments['crop_size']}."
+                f"--crop-size must be a positive number of pixels; found {spec.crop_size}."
             )
-        columns_needed = [*columns, arguments["x_column"], arguments["y_column"]]
-    else:
-        columns_needed = columns
+        columns_needed = [*columns, spec.x_column, spec.y_column]
     missing = [name for name in columns_needed if name not in table.columns]
     if missing:
         raise InputError(
@@ -1342,39 +1406,32 @@ def _make_source(table: pd.DataFrame, arguments: dict, *, base_dir: Path, worker
             f"{list(table.columns)}. Name the image (and centroid) columns with the matching "
             "option."
         )
-    per_channel = bool(channel_columns or fov_channel_columns)
-    if per_channel and channel_names and len(channel_names) != len(columns):
+    per_channel = bool(spec.channel_columns or spec.fov_channel_columns)
+    names = spec.channel_names
+    if per_channel and names and len(names) != len(columns):
         raise InputError(
-            f"--channel-names gives {len(channel_names)} names for {len(columns)} channel columns; "
+            f"--channel-names gives {len(names)} names for {len(columns)} channel columns; "
             "give one name per channel column, in the same order."
         )
-    n_channels = len(channel_names) if channel_names else None
+    common = {
+        "columns": columns,
+        "per_channel": per_channel,
+        "base_dir": spec.table.parent,
+        "n_channels": len(names) if names else None,
+        "workers": workers,
+    }
     if fields:
-        source = _FieldSource(
+        return _FieldSource(
             table,
-            columns=columns,
-            per_channel=per_channel,
-            base_dir=base_dir,
-            n_channels=n_channels,
-            x_column=arguments["x_column"],
-            y_column=arguments["y_column"],
-            crop_size=int(arguments["crop_size"]),
-            workers=workers,
+            x_column=spec.x_column,
+            y_column=spec.y_column,
+            crop_size=int(spec.crop_size),
+            **common,
         )
-    else:
-        source = _CropSource(
-            table,
-            columns=columns,
-            per_channel=per_channel,
-            base_dir=base_dir,
-            n_channels=n_channels,
-            workers=workers,
-        )
-    source.image_column = image_column
-    return source
+    return _CropSource(table, **common)
 
 
-def _default_channel_names(source) -> list[str]:
+def _default_channel_names(source: ImageSource) -> list[str]:
     if source.per_channel:
         names = []
         for column in source.columns:
@@ -1388,34 +1445,31 @@ def _default_channel_names(source) -> list[str]:
 
 
 def _write_store(
-    source,
+    source: ImageSource,
     obs: pd.DataFrame,
     out_path: Path,
     *,
-    arguments: dict,
+    spec: IngestSpec,
     record: dict,
-    channel_names: Sequence[str] | None,
     rejected: dict[int, str],
     rejected_ids: dict[int, str],
     border: set[int],
-    resize: int | None,
     overwrite: bool,
     started: float,
 ) -> IngestResult:
     reference = source.reference
-    names = list(channel_names) if channel_names else _default_channel_names(source)
+    resize = spec.resize
+    names = list(spec.channel_names) if spec.channel_names else _default_channel_names(source)
     if len(names) != reference.n_channels:
         raise InputError(
             f"--channel-names gives {len(names)} names but the images have {reference.n_channels} "
             "channels; give one name per channel."
         )
-    store_obs = finalise_obs(
-        obs, split_fractions=arguments["split_fractions"], seed=arguments["seed"]
-    )
+    store_obs = finalise_obs(obs, split_fractions=spec.split_fractions, seed=spec.seed)
     table_rows = store_obs[TABLE_ROW].to_numpy()
     height, width = (resize, resize) if resize else (reference.height, reference.width)
     plan = {
-        "arguments": {key: value for key, value in arguments.items() if key != "out"},
+        "arguments": {"table": str(spec.table), **spec.options()},
         "table_sha256": record["table_sha256"],
         "rejected": sorted(rejected),
         "reference": [reference.n_channels, reference.height, reference.width, reference.dtype.str],
@@ -1424,11 +1478,9 @@ def _write_store(
     }
     plan_key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
     provenance = {
-        "command": shlex.join(["scbd-cells", *sys.argv[1:]])
-        if _from_cli()
-        else "scbd_cells.ingest(...)",
-        "arguments": arguments,
-        "table": str(arguments["table"]),
+        "command": spec.command(out_path),
+        "arguments": {"table": str(spec.table), "out": str(out_path), **spec.options()},
+        "table": str(spec.table),
         "table_sha256": record["table_sha256"],
         "version": __version__,
         "created": pd.Timestamp.now(tz="UTC").isoformat(),
@@ -1439,9 +1491,9 @@ def _write_store(
         image_shape=(reference.n_channels, height, width),
         dtype=reference.dtype,
         channel_names=names,
-        control=arguments["control"],
-        split_fractions=arguments["split_fractions"],
-        seed=arguments["seed"],
+        control=spec.control,
+        split_fractions=spec.split_fractions,
+        seed=spec.seed,
         provenance=provenance,
         plan_key=plan_key,
         overwrite=overwrite,
@@ -1449,9 +1501,6 @@ def _write_store(
     resumed = bool(writer.done_blocks) or (writer.partial_path / FIELDS_DONE_FILE).exists()
     with progress_bar(unit="cells") as bar:
         task = bar.add_task("Ingesting", total=writer.n_cells)
-        done_cells = sum(b - a for a, b in map(writer.block_bounds, writer.done_blocks))
-        if isinstance(source, _CropSource):
-            bar.advance(task, done_cells)
         source.fill(writer, table_rows, resize=resize, bar=bar, task=task)
     rejected_rows = [
         (row, rejected_ids.get(row, ""), reason) for row, reason in sorted(rejected.items())
@@ -1483,8 +1532,3 @@ def _write_store(
         resumed=resumed,
         n_blank=writer.stats.n_blank,
     )
-
-
-def _from_cli() -> bool:
-    program = Path(sys.argv[0]).name if sys.argv else ""
-    return program in ("scbd-cells", "__main__.py") or program.startswith("scbd")
