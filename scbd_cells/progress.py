@@ -1,4 +1,4 @@
-"""Progress: the one rich progress helper, silent when asked, on non-zero ranks and in tests."""
+"""Progress: the one rich progress helper; bars only on a terminal, on rank 0, unless --quiet."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -19,24 +20,27 @@ from rich.progress import (
 )
 from rich.text import Text
 
-_QUIET_ENV = "SCBD_CELLS_QUIET"
+# Set by the command line's --quiet (the entry point configures output, as it does logging).
+_settings = {"quiet": False}
+
+
+def _console() -> Console:
+    return Console(stderr=True)
 
 
 def progress_enabled() -> bool:
-    """Whether progress bars are shown (not with ``--quiet``, on rank > 0, or under pytest)."""
-    if os.environ.get(_QUIET_ENV) == "1":
+    """Whether progress bars are shown: on a terminal (stderr), on rank 0, without --quiet.
+
+    A bar written to a file or a pipe (a log, a test, a job scheduler) is noise.
+    """
+    if _settings["quiet"] or int(os.environ.get("RANK", "0")) != 0:
         return False
-    if int(os.environ.get("RANK", "0")) != 0:
-        return False
-    return "PYTEST_CURRENT_TEST" not in os.environ
+    return _console().is_terminal
 
 
 def set_quiet(quiet: bool) -> None:
-    """Silence (or restore) progress bars for this process and its children."""
-    if quiet:
-        os.environ[_QUIET_ENV] = "1"
-    else:
-        os.environ.pop(_QUIET_ENV, None)
+    """Silence (or restore) progress bars in this process."""
+    _settings["quiet"] = bool(quiet)
 
 
 class RateColumn(ProgressColumn):
@@ -85,6 +89,7 @@ def progress_bar(*, unit: str = "cells") -> Iterator[Progress | _NullProgress]:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        console=_console(),
         transient=False,
     ) as bar:
         yield bar

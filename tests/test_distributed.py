@@ -111,7 +111,7 @@ WORKERS = {"gradients": _worker_gradients}
 
 
 def _run_torchrun(case: str, out_dir: Path, *extra: str, timeout: int = 120) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCBD_CELLS_QUIET": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTEST_CURRENT_TEST", None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -170,7 +170,7 @@ def _train_losses(run_dir: Path) -> pd.DataFrame:
 
 
 def _torchrun_cli(*arguments: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SCBD_CELLS_QUIET": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTEST_CURRENT_TEST", None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
