@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from scbd_cells.evaluation.complexes import Complexes
+from scbd_cells.evaluation.mixing import WORKING_MEMORY_MB
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class BiologyResult:
 
 def silhouette_label(profiles: np.ndarray, labels: np.ndarray) -> float:
     """``(silhouette_score(profiles, labels, metric="cosine") + 1) / 2``, labels of 2+ rows."""
+    import sklearn
     from sklearn.metrics import silhouette_score
 
     labels = np.asarray(labels).astype(str)
@@ -62,8 +64,37 @@ def silhouette_label(profiles: np.ndarray, labels: np.ndarray) -> float:
     keep = np.isin(labels, names[counts >= 2])
     if len(np.unique(labels[keep])) < 2:
         return float("nan")
-    score = silhouette_score(np.asarray(profiles)[keep], labels[keep], metric="cosine")
+    with sklearn.config_context(working_memory=WORKING_MEMORY_MB):
+        score = silhouette_score(np.asarray(profiles)[keep], labels[keep], metric="cosine")
     return float((score + 1) / 2)
+
+
+def scanpy_neighbors(adata: Any, *, n_neighbors: int, metric: str, seed: int) -> None:
+    """``scanpy.pp.neighbors`` on ``X`` with exact neighbours (sklearn, brute force).
+
+    scanpy 1.11 cannot read the ``csr_array`` that sklearn >= 1.9 and scipy 1.17 hand back
+    for more than 4,096 rows; the transformer below returns the ``csr_matrix`` it expects.
+    For fewer rows scanpy's own exact path gives the same connectivities (tested).
+    """
+    import scanpy as sc
+    import scipy.sparse as sp
+    import sklearn
+    from sklearn.neighbors import KNeighborsTransformer
+
+    class ExactNeighbors(KNeighborsTransformer):
+        def fit_transform(self, X: Any, y: Any = None) -> Any:
+            return sp.csr_matrix(super().fit_transform(X))
+
+        def transform(self, X: Any) -> Any:
+            return sp.csr_matrix(super().transform(X))
+
+    transformer = ExactNeighbors(n_neighbors=n_neighbors, metric=metric, algorithm="brute")
+    with warnings.catch_warnings(), sklearn.config_context(working_memory=WORKING_MEMORY_MB):
+        warnings.simplefilter("ignore", FutureWarning)  # scanpy's notices on defaults
+        sc.pp.neighbors(
+            adata, n_neighbors=n_neighbors, use_rep="X", metric=metric, random_state=seed,
+            transformer=transformer,
+        )
 
 
 def leiden_clusters(profiles: np.ndarray, *, seed: int) -> np.ndarray:
@@ -73,11 +104,9 @@ def leiden_clusters(profiles: np.ndarray, *, seed: int) -> np.ndarray:
 
     adata = ad.AnnData(X=np.asarray(profiles, dtype=np.float32))
     n_neighbors = max(2, min(LEIDEN_NEIGHBORS, adata.n_obs - 1))
+    scanpy_neighbors(adata, n_neighbors=n_neighbors, metric="cosine", seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # scanpy's notices on defaults
-        sc.pp.neighbors(
-            adata, n_neighbors=n_neighbors, use_rep="X", metric="cosine", random_state=seed
-        )
         sc.tl.leiden(
             adata,
             resolution=LEIDEN_RESOLUTION,

@@ -124,6 +124,15 @@ class CellsFile:
             return None
         return str(value) if value else None
 
+    @property
+    def var_names(self) -> list[str]:
+        """The names of ``X``'s columns (``var`` index), or ``[]``."""
+        try:
+            var = self._root["var"]
+            return [str(name) for name in _read_elem(var[var.attrs["_index"]])]
+        except (KeyError, TypeError, ValueError):
+            return []
+
     def provenance(self) -> dict[str, Any]:
         """``uns["scbd"]`` (what scbd-cells recorded when it wrote the file), or ``{}``."""
         try:

@@ -75,14 +75,16 @@ def umap_coordinates(values: np.ndarray, *, seed: int) -> np.ndarray:
     import anndata as ad
     import scanpy as sc
 
+    from scbd_cells.evaluation.biology import scanpy_neighbors
+
     adata = ad.AnnData(X=np.asarray(values, dtype=np.float32))
+    scanpy_neighbors(
+        adata, n_neighbors=max(2, min(UMAP_NEIGHBORS, adata.n_obs - 1)), metric="euclidean",
+        seed=seed,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)  # umap's n_jobs note with a seed
-        sc.pp.neighbors(
-            adata, n_neighbors=max(2, min(UMAP_NEIGHBORS, adata.n_obs - 1)), use_rep="X",
-            random_state=seed,
-        )
         sc.tl.umap(adata, random_state=seed)
     return np.asarray(adata.obsm["X_umap"])
 

@@ -35,7 +35,7 @@ from scbd_cells.replicates import cap_groups, cell_groups, group_means
 log = logging.getLogger(__name__)
 
 DEFAULT_NULL_SIZE = 10_000
-DEFAULT_MAX_REPLICATES = 64
+DEFAULT_MAX_REPLICATES = 16
 THRESHOLD = 0.05
 REFERENCE = "Metadata_Reference_Index"
 
@@ -252,17 +252,23 @@ def phenotypic_consistency(
         }
     )
     values = np.asarray(gene_profiles, dtype=np.float32)[keep]
+    rules = {
+        "pos_sameby": [schema.METADATA_COMPLEX],
+        "pos_diffby": [],
+        "neg_sameby": [],
+        "neg_diffby": [schema.METADATA_COMPLEX],
+        "progress_bar": False,
+    }
     with _quiet_copairs():
-        ap = copairs_map.multilabel.average_precision(
-            meta,
-            values,
-            pos_sameby=[schema.METADATA_COMPLEX],
-            pos_diffby=[],
-            neg_sameby=[],
-            neg_diffby=[schema.METADATA_COMPLEX],
-            multilabel_col=schema.METADATA_COMPLEX,
-            progress_bar=False,
-        )
+        if all(len(names) == 1 for names in members_of):
+            # every gene in one complex: copairs' plain AP gives the same pairs as its
+            # multilabel AP, in a fraction of the memory (0.1 vs 0.5 GB for 1,100 genes)
+            meta[schema.METADATA_COMPLEX] = [names[0] for names in members_of]
+            ap = copairs_map.average_precision(meta, values, **rules)
+        else:
+            ap = copairs_map.multilabel.average_precision(
+                meta, values, multilabel_col=schema.METADATA_COMPLEX, **rules
+            )
         if ap.empty or not ap["n_pos_pairs"].gt(0).any():
             raise DataError(
                 "No complex has two profiled member genes, so phenotypic consistency is "
