@@ -79,7 +79,10 @@ def test_report(tmp_path: Path, corum_file: Path) -> None:
     for key in ("map_activity", "map_consistency", "ilisi", "kbet", "silhouette_label"):
         assert good_m[key] > bad_m[key], key
     assert good_m["overall"] == 1.0 and bad_m["overall"] == 0.0  # min-max over two
-    assert good_m["corum_recall_10_90"] >= good_m["corum_recall_5_95"]
+    at_90 = pd.read_csv(tmp_path / "report" / "corum_pr.csv").query(
+        "embedding == 'good' and percentile == 90"
+    )
+    assert good_m["corum_recall_10_90"] == at_90["recall"].item() >= good_m["corum_recall_5_95"]
     assert good_m["n_mixing_cells"] == 1300
     provenance = metrics["provenance"]
     assert provenance["scbd_cells_version"] and provenance["created"]
@@ -112,6 +115,23 @@ def test_report(tmp_path: Path, corum_file: Path) -> None:
         [good], corum=corum_file, out=tmp_path / "lab", labels=["mine"], umap=False
     )
     assert list(labelled.table["embedding"]) == ["mine"]
+
+
+def test_undefined_field_metric_is_null(tmp_path: Path, corum_file: Path) -> None:
+    """Each gene in one well only (an arrayed plate): activity mAP is undefined, not fatal."""
+    cells = ad.read_h5ad(_cells(tmp_path / "good.h5ad", biology=1.0, well=0.0))
+    genes = cells.obs["perturbation"].astype(str)
+    wells = {g: f"w{i % 4}" for i, g in enumerate(sorted(genes.unique()))}
+    cells.obs["batch"] = pd.Categorical(genes.map(wells))
+    cells.write_h5ad(tmp_path / "arrayed.h5ad")
+    result = evaluate(
+        [tmp_path / "arrayed.h5ad", tmp_path / "good.h5ad"], corum=corum_file,
+        out=tmp_path / "report", umap=False,
+    )  # fmt: skip
+    arrayed = result.metrics["embeddings"]["arrayed"]
+    assert arrayed["map_activity"] is None and arrayed["fraction_active"] is None
+    assert arrayed["map_consistency"] is not None and arrayed["corum_auprc"] > 0
+    assert arrayed["overall"] is not None  # the undefined metric is left out for both rows
 
 
 def test_bad_inputs_leave_nothing(tmp_path: Path, corum_file: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.data import schema
+from scbd_cells.errors import DataError
 from scbd_cells.evaluation.batch import subsample
 from scbd_cells.evaluation.biology import guide_biology
 from scbd_cells.evaluation.cells import read_rows
@@ -28,7 +29,7 @@ from scbd_cells.evaluation.map import (
     phenotypic_consistency,
     replicate_profiles,
 )
-from scbd_cells.evaluation.mixing import batch_mixing
+from scbd_cells.evaluation.mixing import MixingResult, batch_mixing
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,20 @@ class BenchmarkResult:
     genes: list[str]
 
 
+def _or_undefined(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function(...)``, or None with a warning when the data cannot define the metric.
+
+    A metric the data cannot support (no gene in two wells, no complex with two profiled
+    members, too few cells for a neighbourhood) is reported as undefined (NaN in the
+    table, null in metrics.json) rather than failing the paper's numbers beside it.
+    """
+    try:
+        return function(*args, **kwargs)
+    except DataError as error:
+        log.warning("%s left undefined: %s", what.capitalize(), error)
+        return None
+
+
 def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
     return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
 
@@ -145,13 +160,15 @@ def benchmark_metrics(
         max_replicates=settings.max_replicates,
         seed=seed,
     )
-    activity = phenotypic_activity(
-        replicates, control=control, null_size=settings.null_size, seed=seed
+    activity = _or_undefined(
+        "phenotypic activity", phenotypic_activity, replicates, control=control,
+        null_size=settings.null_size, seed=seed,
     )
     genes = profiles.genes
     gene_names = [str(g) for g in genes.obs_names]
-    consistency = phenotypic_consistency(
-        np.asarray(genes.X), gene_names, complexes, null_size=settings.null_size, seed=seed
+    consistency = _or_undefined(
+        "phenotypic consistency", phenotypic_consistency, np.asarray(genes.X), gene_names,
+        complexes, null_size=settings.null_size, seed=seed,
     )
     biology = guide_biology(profiles.guides, complexes, control=control, seed=seed)
 
@@ -159,7 +176,13 @@ def benchmark_metrics(
     cells = _rows(adata, key, positions)
     batches = adata.obs[batch_key].iloc[positions].astype(str).to_numpy()
     perturbations = adata.obs[perturbation_key].iloc[positions].astype(str).to_numpy()
-    mixing = batch_mixing(cells, batches, perturbations)
+    mixing = _or_undefined("batch mixing", batch_mixing, cells, batches, perturbations)
+    if mixing is None:
+        nan = float("nan")
+        mixing = MixingResult(nan, nan, nan, nan, n_cells=len(batches))
+    empty = MapResult(table=pd.DataFrame(), mean_map=float("nan"), fraction_retrieved=float("nan"))
+    activity = activity or empty
+    consistency = consistency or empty
     shown = np.sort(
         np.random.default_rng(seed).choice(
             len(positions), size=min(UMAP_CELLS, len(positions)), replace=False
@@ -198,7 +221,12 @@ def group_tables(results: dict[str, BenchmarkResult]) -> tuple[pd.DataFrame, pd.
         frames = []
         for embedding, result in results.items():
             table = getattr(result, which).table.rename(columns={column: name})
+            if table.empty:
+                continue
             frames.append(table.assign(embedding=embedding))
+        columns = [name, "mean_average_precision", "p_value", "corrected_p_value", "retrieved"]
+        if not frames:
+            return pd.DataFrame(columns=["embedding", *columns])
         out = pd.concat(frames, ignore_index=True)
         return out[["embedding", *[c for c in out.columns if c != "embedding"]]]
 

@@ -171,12 +171,18 @@ def _summary(table: pd.DataFrame, group: str) -> MapResult:
 
 
 @contextmanager
-def _quiet_copairs() -> Iterator[None]:
+def _quiet_copairs(what: str) -> Iterator[None]:
+    """copairs' notices silenced; its "no pairs" error turned into a :class:`DataError`."""
+    from copairs.matching import UnpairedException
+
     with warnings.catch_warnings():
         # copairs' groupby and pandas' future-behaviour notices are not ours to fix
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        yield
+        try:
+            yield
+        except UnpairedException as error:
+            raise DataError(f"{what} is undefined for this data (copairs: {error})") from None
 
 
 def phenotypic_activity(
@@ -202,7 +208,7 @@ def phenotypic_activity(
         reference_col=REFERENCE,
         default_value=-1,
     )
-    with _quiet_copairs():
+    with _quiet_copairs("Phenotypic activity (a gene's replicates in two wells)"):
         ap = copairs_map.average_precision(
             meta,
             replicates.values,
@@ -259,7 +265,7 @@ def phenotypic_consistency(
         "neg_diffby": [schema.METADATA_COMPLEX],
         "progress_bar": False,
     }
-    with _quiet_copairs():
+    with _quiet_copairs("Phenotypic consistency (two profiled genes of one complex)"):
         if all(len(names) == 1 for names in members_of):
             # every gene in one complex: copairs' plain AP gives the same pairs as its
             # multilabel AP, in a fraction of the memory (0.1 vs 0.5 GB for 1,100 genes)
