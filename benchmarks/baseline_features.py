@@ -61,7 +61,7 @@ def main() -> None:
 
     store = open_store(args.store)
     n_cells = store.n_cells
-    n_channels, height, width = store.image_shape
+    n_channels, (height, width) = store.n_channels, store.image_size
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for features in args.features.split(","):

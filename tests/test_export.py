@@ -55,6 +55,7 @@ def test_levels_and_metadata(tmp_path: Path) -> None:
         assert list(table.columns[:6]) == list(schema.METADATA_COLUMNS)
         assert list(table.columns[6:]) == [f"z{i}" for i in range(6)]
         for column in schema.METADATA_COLUMNS[:-1]:  # plain strings, never categorical
+            assert not isinstance(table[column].dtype, pd.CategoricalDtype), (level, column)
             assert table[column].map(type).eq(str).all(), (level, column)
         assert table[schema.METADATA_N_CELLS].sum() == cells.n_obs
     assert len(tables["cell"]) == cells.n_obs
