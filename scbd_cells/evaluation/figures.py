@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from typing import Any
 
@@ -89,6 +90,11 @@ def umap_coordinates(values: np.ndarray, *, seed: int) -> np.ndarray:
     return np.asarray(adata.obsm["X_umap"])
 
 
+def _natural(name: str) -> list:
+    """Sort key that puts "complex 2" before "complex 10"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _scatter(axis: Any, xy: np.ndarray, labels: np.ndarray, *, legend: bool, title: str) -> None:
     plt = _pyplot()
     names = [n for n in pd.unique(labels) if n]
@@ -96,7 +102,7 @@ def _scatter(axis: Any, xy: np.ndarray, labels: np.ndarray, *, legend: bool, tit
     unlabelled = labels == ""
     if unlabelled.any():
         axis.scatter(*xy[unlabelled].T, s=6, color="lightgrey", label="no complex")
-    for k, name in enumerate(sorted(names)):
+    for k, name in enumerate(sorted(names, key=_natural)):
         rows = labels == name
         axis.scatter(*xy[rows].T, s=8 if len(labels) > 500 else 16, color=palette(k % 20),
                      label=name)
