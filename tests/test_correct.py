@@ -34,9 +34,8 @@ def _profiles(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def test_sphering_equals_pycytominer_zca(tmp_path: Path) -> None:
-    from pycytominer.operations import Spherize
-
+def test_sphering_equals_pycytominer_zca(tmp_path: Path, pycytominer) -> None:
+    Spherize = pycytominer.operations.Spherize
     source = _profiles(tmp_path / "cells.h5ad")
     correct(source, method="sphering", out=tmp_path / "sphered.h5ad")
     cells = ad.read_h5ad(source)

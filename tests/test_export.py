@@ -81,9 +81,8 @@ def test_levels_and_metadata(tmp_path: Path) -> None:
     ]
 
 
-def test_pycytominer_and_copairs_read_the_export(tmp_path: Path) -> None:
+def test_pycytominer_and_copairs_read_the_export(tmp_path: Path, pycytominer) -> None:
     """The steps docs/evaluation.md shows, on an exported guide x well table."""
-    import pycytominer
     from copairs import map as copairs_map
 
     source = _cells(tmp_path / "cells.h5ad")
