@@ -29,6 +29,8 @@ _LAZY = {
     "aggregate_profiles": "scbd_cells.profiles",
     "baseline": "scbd_cells.features",
     "evaluate": "scbd_cells.evaluation.report",
+    "correct": "scbd_cells.corrections",
+    "export": "scbd_cells.exports",
     "demo": "scbd_cells.pipeline",
 }
 

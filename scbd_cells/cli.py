@@ -474,6 +474,13 @@ def baseline(
             "batch: within each well (the usual CellProfiler post-processing)."
         ),
     ] = "store",
+    features: Annotated[
+        str,
+        typer.Option(
+            help="handcrafted: 78 numpy measurements (fast); cellprofiler: CellProfiler's own "
+            "size/shape, intensity and texture measurements with cp-measure (slower)."
+        ),
+    ] = "handcrafted",
     seed: Annotated[int, typer.Option(help="Seed of the PCA solver.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
@@ -482,7 +489,8 @@ def baseline(
 
     result = run_baseline(
         store, out=out, n_components=n_components, nucleus_channel=nucleus_channel,
-        batch_size=batch_size, normalize=normalize, seed=seed, overwrite=overwrite,
+        batch_size=batch_size, normalize=normalize, features=features, seed=seed,
+        overwrite=overwrite,
     )
     stdout.print(
         f"[green]Baseline[/] {result.n_cells:,} cells x {result.n_features} features -> PCA "
@@ -493,6 +501,8 @@ def baseline(
 
 def _print_table(table) -> None:
     from rich.table import Table
+
+    from scbd_cells.evaluation.pages import FIELD_COLUMNS
 
     view = Table(title="Evaluation (CORUM AUPRC, recall: higher is better; well F1: lower)")
     for column in ("embedding", "AUPRC", "recall@5/95", "well F1", "chance", "genes", "cells"):
@@ -507,6 +517,20 @@ def _print_table(table) -> None:
             f"{row.n_cells:,}",
         )
     stdout.print(view)
+    if "overall" not in table:
+        return
+    field = Table(title="The field's metrics (JUMP benchmark; all: higher is better)")
+    for column, header, _ in FIELD_COLUMNS:
+        if column == "embedding":
+            field.add_column(header, no_wrap=True, min_width=max(map(len, table["embedding"])))
+        else:
+            field.add_column(header.replace(" ↑", ""), justify="right")
+    for _, row in table.iterrows():
+        field.add_row(*[
+            str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
+            for c, _, f in FIELD_COLUMNS
+        ])
+    stdout.print(field)
 
 
 @app.command()
@@ -536,21 +560,102 @@ def evaluate(
     max_cells: Annotated[
         int | None, typer.Option(help="Cells (seeded subsample) for the well classifier.")
     ] = 50_000,
-    seed: Annotated[int, typer.Option(help="Seed of the subsample, split and classifier.")] = 0,
+    mixing_cells: Annotated[
+        int | None,
+        typer.Option(help="Cells (seeded subsample) for iLISI, kBET, silhouette, connectivity."),
+    ] = 10_000,
+    max_replicates: Annotated[
+        int | None,
+        typer.Option(help="Guide x well profiles per gene (and controls per well) for mAP."),
+    ] = 16,
+    null_size: Annotated[
+        int, typer.Option(help="Permutations for the mAP p-values (copairs).")
+    ] = 10_000,
+    umap: Annotated[
+        bool, typer.Option("--umap/--no-umap", help="Draw umap.png (about 30 s on 2 cores).")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of every subsample, split and draw.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
 ) -> None:
-    """CORUM complex prediction (paper A.3) and well-prediction F1 for embeddings side by side."""
+    """The paper's tasks (CORUM, well F1) and the field's metrics (mAP, batch mixing, overall)."""
     from scbd_cells.evaluation.report import evaluate as run_evaluate
 
     result = run_evaluate(
         embeddings, corum=corum, out=out, keys=key, labels=label, control=control,
         perturbation_key=perturbation_key, guide_key=guide_key, batch_key=batch_key,
-        max_cells=max_cells, seed=seed, overwrite=overwrite,
+        max_cells=max_cells, mixing_cells=mixing_cells, max_replicates=max_replicates,
+        null_size=null_size, umap=umap, seed=seed, overwrite=overwrite,
     )
     _print_table(result.table)
     for text in result.metrics.get("warnings", {}).values():
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     stdout.print(f"Report: {result.report_path}")
+
+
+@app.command()
+def correct(
+    profiles: Annotated[
+        Path, typer.Argument(help="Cell-level AnnData (.h5ad/.zarr): embed, baseline, your own.")
+    ],
+    method: Annotated[
+        str, typer.Option(help="harmony, sphering (ZCA on the controls), combat, center-scale.")
+    ],
+    out: Annotated[Path, typer.Option(help="Corrected AnnData to write (.h5ad or .zarr).")],
+    batch_key: Annotated[
+        str, typer.Option(help="obs column of the batch corrected for (not used by sphering).")
+    ] = "batch",
+    key: Annotated[str, typer.Option(help="X or the obsm key to correct (e.g. X_features).")] = (
+        "X"
+    ),
+    control: Annotated[
+        str | None,
+        typer.Option(help="Control label for sphering (default: from the file or nontargeting)."),
+    ] = None,
+    perturbation_key: Annotated[
+        str, typer.Option(help="obs column holding the control label.")
+    ] = "perturbation",
+    seed: Annotated[int, typer.Option(help="Seed of Harmony.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """A standard batch correction of cell profiles (the JUMP benchmark's comparators)."""
+    from scbd_cells.corrections import correct as run_correct
+
+    result = run_correct(
+        profiles, method=method, out=out, batch_key=batch_key, key=key, control=control,
+        perturbation_key=perturbation_key, seed=seed, overwrite=overwrite,
+    )
+    stdout.print(
+        f"[green]Corrected[/] {result.n_cells:,} cells x {result.n_features} features with "
+        f"{result.method} -> {result.out_path}"
+    )
+
+
+@app.command()
+def export(
+    embedding: Annotated[Path, typer.Argument(help="Cell-level AnnData (.h5ad/.zarr).")],
+    level: Annotated[
+        str, typer.Option(help="cell, well, guide (guide x well) or gene (gene x well).")
+    ],
+    out: Annotated[Path, typer.Option(help="Table to write: .parquet or .csv.")],
+    key: Annotated[str, typer.Option(help="X or an obsm key (e.g. X_features).")] = "X",
+    perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = (
+        "perturbation"
+    ),
+    guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
+    batch_key: Annotated[str, typer.Option(help="obs column of the batch (well).")] = "batch",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing table.")] = False,
+) -> None:
+    """Profiles with Metadata_ columns, for pycytominer and copairs (docs/evaluation.md)."""
+    from scbd_cells.exports import export as run_export
+
+    result = run_export(
+        embedding, level=level, out=out, key=key, perturbation_key=perturbation_key,
+        guide_key=guide_key, batch_key=batch_key, overwrite=overwrite,
+    )
+    stdout.print(
+        f"[green]Exported[/] {result.n_rows:,} {result.level} profiles x {result.n_features} "
+        f"features -> {result.out_path}"
+    )
 
 
 @app.command()

@@ -202,6 +202,22 @@ def quantise(images: np.ndarray, low: np.ndarray, high: np.ndarray, n_levels: in
     return np.clip((scale * n_levels).astype(np.int64), 0, n_levels - 1)
 
 
+def segment(
+    images: np.ndarray, *, nucleus_channel: int, channel_high: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus and cell masks of a batch of crops (B, C, H, W) -> two (B, H, W) booleans.
+
+    Nucleus: above the Otsu threshold of the nuclear stain. Cell: above the Otsu threshold
+    of the sum of the channels scaled by their store-wide 99th percentile, or in the nucleus.
+    """
+    images = images.astype(np.float32)
+    nucleus_image = images[:, nucleus_channel]
+    nucleus = nucleus_image > otsu_thresholds(nucleus_image)[:, None, None]
+    scaled_sum = (images / channel_high[None, :, None, None]).sum(axis=1)
+    cell = (scaled_sum > otsu_thresholds(scaled_sum)[:, None, None]) | nucleus
+    return nucleus, cell
+
+
 def cell_features(
     images: np.ndarray,
     *,
@@ -212,10 +228,7 @@ def cell_features(
     """All measurements of a batch of crops (B, C, H, W) -> (B, n_features) float32."""
     images = images.astype(np.float32)
     n, n_channels = images.shape[:2]
-    nucleus_image = images[:, nucleus_channel]
-    nucleus = nucleus_image > otsu_thresholds(nucleus_image)[:, None, None]
-    scaled_sum = (images / channel_high[None, :, None, None]).sum(axis=1)
-    cell = (scaled_sum > otsu_thresholds(scaled_sum)[:, None, None]) | nucleus
+    nucleus, cell = segment(images, nucleus_channel=nucleus_channel, channel_high=channel_high)
     background = ~cell
     cytoplasm = cell & ~nucleus
 
@@ -251,12 +264,30 @@ def cell_features(
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
+# CellProfiler-style names (compartment_category_feature[_channel]) so that pycytominer's
+# feature inference finds them; "Crop*" marks measurements of the whole crop, which
+# CellProfiler does not make per object.
+_SHAPE_NAMES = (
+    "Area", "Perimeter", "Compactness", "Eccentricity", "MajorAxisLength", "MinorAxisLength",
+    "DistanceFromCropCentre",
+)  # fmt: skip
+_INTENSITY_NAMES = (
+    "Cells_CropIntensity_Mean", "Cells_CropIntensity_Std", "Cells_CropIntensity_P10",
+    "Cells_CropIntensity_P50", "Cells_CropIntensity_P90", "Cells_CropIntensity_Max",
+    "Nuclei_Intensity_MeanIntensity", "Cells_Intensity_MeanIntensity",
+    "Cells_CropIntensity_MeanBackground", "Cells_Intensity_IntegratedIntensity",
+    "Nuclei_Intensity_NucleusCytoplasmRatio",
+)  # fmt: skip
+_TEXTURE_NAMES = ("Contrast", "Dissimilarity", "Homogeneity", "Energy", "Correlation")
+
+
 def feature_names(channel_names: list[str]) -> list[str]:
-    """Names of the :func:`cell_features` columns, in order."""
-    names = [f"nucleus_{f}" for f in SHAPE_FEATURES] + [f"cell_{f}" for f in SHAPE_FEATURES]
+    """Names of the :func:`cell_features` columns, in order (CellProfiler-style)."""
+    names = [f"Nuclei_AreaShape_{f}" for f in _SHAPE_NAMES]
+    names += [f"Cells_AreaShape_{f}" for f in _SHAPE_NAMES]
     for channel in channel_names:
-        names += [f"{channel}_{f}" for f in INTENSITY_FEATURES]
-        names += [f"{channel}_texture_{f}" for f in TEXTURE_FEATURES]
+        names += [f"{stem}_{channel}" for stem in _INTENSITY_NAMES]
+        names += [f"Cells_CropTexture_{f}_{channel}_1_8" for f in _TEXTURE_NAMES]
     return names
 
 
@@ -289,6 +320,7 @@ def baseline(
     nucleus_channel: str | None = None,
     batch_size: int = 4096,
     normalize: str = "store",
+    features: str = "handcrafted",
     seed: int = 0,
     overwrite: bool = False,
 ) -> BaselineResult:
@@ -312,6 +344,12 @@ def baseline(
         ``store`` (default, no batch correction): each feature standardised over all
         cells; ``batch``: within each batch label (well), which removes per-well
         shifts of the measurements (as ``train --normalize batch`` does for the pixels).
+    features
+        ``handcrafted`` (default: the numpy measurements above, 78 for four channels) or
+        ``cellprofiler`` (CellProfiler's own size/shape, intensity and texture
+        measurements of nucleus and cell with cp-measure, :mod:`scbd_cells.cellprofiler`;
+        a measurement undefined for a cell, e.g. texture of a tiny nucleus, is set to the
+        feature's mean before standardising).
     seed
         Seeds the PCA solver.
     overwrite
@@ -335,6 +373,10 @@ def baseline(
 
     if normalize not in ("batch", "store"):
         raise InputError(f"--normalize must be batch or store; found {normalize!r}.")
+    if features not in FEATURE_SETS:
+        raise InputError(
+            f"--features must be one of {', '.join(FEATURE_SETS)}; found {features!r}."
+        )
     out_path = Path(out)
     check_output_path(out_path, overwrite=overwrite, inputs=[store_path])
     store = open_store(store_path)
@@ -343,19 +385,28 @@ def baseline(
     low = np.array(stats["p01"], dtype=np.float32)
     high = np.array(stats["p99"], dtype=np.float32)
     high = np.where(high > low, high, low + 1)
-    names = feature_names(store.channel_names)
+    feature_set = features
+    names = feature_names(store.channel_names) if feature_set == "handcrafted" else None
+    features = None
     obs = store_obs_for_anndata(store)
-    check_free_space(out_path, anndata_bytes(obs, store.n_cells * (len(names) + n_components)))
-    features = np.empty((store.n_cells, len(names)), dtype=np.float32)
     with progress_bar(unit="cells") as bar:
         task = bar.add_task("Measuring cells", total=store.n_cells)
         for indices, images in iter_cells(
             store, np.arange(store.n_cells), batch_size=batch_size, workers=1
         ):
-            features[indices] = cell_features(
-                images, nucleus_channel=nucleus_at, channel_low=low, channel_high=high
+            values, names = _measure(
+                images, feature_set, nucleus_channel=nucleus_at, channel_low=low,
+                channel_high=high, channel_names=store.channel_names, names=names,
             )
+            if features is None:  # the feature count is known from the first batch on
+                # X and obsm["X_pca"] hold the PCA, obsm["X_features"] the features
+                size = store.n_cells * (len(names) + 2 * n_components)
+                check_free_space(out_path, anndata_bytes(obs, size))
+                features = np.empty((store.n_cells, len(names)), dtype=np.float32)
+            features[indices] = values
             bar.advance(task, len(indices))
+    if feature_set == "cellprofiler":
+        _fill_undefined(features)
     if normalize == "batch":
         codes, _ = store.codes(schema.BATCH)
         for code in np.unique(codes):
@@ -371,14 +422,20 @@ def baseline(
     explained = float(pca.explained_variance_ratio_.sum())
 
     adata = ad.AnnData(X=reduced, obs=obs)
-    adata.obsm["X_features"] = features
+    adata.obsm[schema.OBSM_FEATURES] = features
+    adata.obsm[schema.OBSM_PCA] = reduced  # where scanpy looks for a PCA
     adata.uns[schema.UNS_SCBD] = {
         "kind": "baseline",
         "store": str(Path(store_path).resolve()),
         "store_id": store.store_id,
         "control": store.control or "",
-        "method": "CellProfiler-style intensity, shape and Haralick texture features, "
-        f"standardised per {'batch label' if normalize == 'batch' else 'store'}, PCA",
+        "method": (
+            "CellProfiler-style intensity, shape and Haralick texture features"
+            if feature_set == "handcrafted"
+            else "CellProfiler measurements (cp-measure): size/shape, intensity, texture"
+        )
+        + f", standardised per {'batch label' if normalize == 'batch' else 'store'}, PCA",
+        "features": feature_set,
         "normalize": normalize,
         "feature_names": names,
         "nucleus_channel": store.channel_names[nucleus_at],
@@ -403,6 +460,58 @@ def baseline(
         n_components=components,
         explained_variance=explained,
     )
+
+
+FEATURE_SETS = ("handcrafted", "cellprofiler")
+
+
+def _measure(
+    images: np.ndarray,
+    feature_set: str,
+    *,
+    nucleus_channel: int,
+    channel_low: np.ndarray,
+    channel_high: np.ndarray,
+    channel_names: list[str],
+    names: list[str] | None,
+) -> tuple[np.ndarray, list[str]]:
+    """One batch's measurements (B, F) float32 and the feature names."""
+    if feature_set == "handcrafted":
+        values = cell_features(
+            images, nucleus_channel=nucleus_channel, channel_low=channel_low,
+            channel_high=channel_high,
+        )
+        return values, list(names or feature_names(channel_names))
+    from scbd_cells.cellprofiler import measure_batch
+
+    nucleus, cell = segment(images, nucleus_channel=nucleus_channel, channel_high=channel_high)
+    height, width = nucleus.shape[1:]
+    centre = np.zeros((height, width), dtype=bool)
+    centre[height // 2 - 1 : height // 2 + 2, width // 2 - 1 : width // 2 + 2] = True
+    empty = ~nucleus.any(axis=(1, 2))
+    nucleus[empty] = centre
+    cell |= nucleus
+    measured = measure_batch(
+        images, nucleus=nucleus, cell=cell, channel_low=channel_low, channel_high=channel_high,
+        channel_names=channel_names,
+    )
+    if names is not None and list(measured) != names:
+        raise RuntimeError("cp-measure returned different features for two batches")
+    return np.stack(list(measured.values()), axis=1).astype(np.float32), list(measured)
+
+
+def _fill_undefined(features: np.ndarray) -> None:
+    """NaN / infinite measurements set to their feature's mean (0 where none is finite)."""
+    bad = ~np.isfinite(features)
+    if not bad.any():
+        return
+    columns = np.flatnonzero(bad.any(axis=0))
+    for column in columns:
+        values = features[:, column]
+        finite = np.isfinite(values)
+        values[~finite] = values[finite].mean() if finite.any() else 0.0
+    log.info("Baseline: %d undefined measurements in %d features set to the feature's mean",
+             int(bad.sum()), len(columns))
 
 
 def _standardised(features: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ KIND_NAMES = {
     "report": "a scbd-cells report folder",
     "screen": "a simulated screen written by scbd-cells",
     "demo": "a scbd-cells demo folder",
+    "table": "a profile table exported by scbd-cells",
 }
 ANNDATA_SUFFIXES = (".h5ad", ".zarr")
 _UNS_KEY = "scbd"  # schema.UNS_SCBD; kept here so this module imports nothing heavy
@@ -95,7 +96,9 @@ def kind_of(path: str | os.PathLike) -> str | None:
     """
     path = Path(path)
     if path.is_file():
-        return "anndata" if path.suffix == ".h5ad" and _h5ad_has_scbd(path) else None
+        if path.suffix == ".h5ad" and _h5ad_has_scbd(path):
+            return "anndata"
+        return _file_marker_kind(path)
     if not path.is_dir():
         return None
     marker = read_marker(path)
@@ -200,6 +203,34 @@ def check_output(
 # --------------------------------------------------------------------------- markers
 
 
+def file_marker_path(path: Path) -> Path:
+    """``PARENT/.NAME.scbd-cells.json``: the marker of a plain file (a CSV or Parquet table)."""
+    return path.parent / f".{path.name}.scbd-cells.json"
+
+
+def write_file_marker(path: Path, *, kind: str) -> None:
+    """Mark a plain file as written by scbd-cells: its size and modification time, as now.
+
+    A file edited or replaced since no longer matches, so it is no longer scbd-cells' to
+    replace.
+    """
+    stat = path.stat()
+    marker = {"kind": kind, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+              "version": __version__}  # fmt: skip
+    file_marker_path(path).write_text(json.dumps(marker) + "\n")
+
+
+def _file_marker_kind(path: Path) -> str | None:
+    marker = _read_json(file_marker_path(path))
+    if marker is None or marker.get("kind") not in KIND_NAMES:
+        return None
+    stat = path.stat()
+    if marker.get("size") != stat.st_size or marker.get("mtime_ns") != stat.st_mtime_ns:
+        return None  # changed since scbd-cells wrote it
+    return str(marker["kind"])
+
+
+
 def write_marker(folder: Path, *, kind: str, entries: Iterable[str], **extra: object) -> None:
     """Mark ``folder`` as written by scbd-cells, listing the entries the command wrote."""
     payload = {
@@ -253,6 +284,7 @@ def remove_owned(path: str | os.PathLike, *, kind: str) -> None:
         )
     if path.is_file():
         path.unlink()
+        file_marker_path(path).unlink(missing_ok=True)
         return
     marker = read_marker(path)
     if marker is None:  # a store or an AnnData .zarr: all of it is ours

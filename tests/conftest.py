@@ -61,3 +61,24 @@ def entries():
 def write_corum():
     """The :func:`write_corum_file` helper, as a fixture (test modules do not import conftest)."""
     return write_corum_file
+
+
+def import_pycytominer():
+    """pycytominer, imported without its side effect on the rest of the test session.
+
+    Importing pycytominer sets ``pandas.options.mode.copy_on_write = True`` for the whole
+    process (its preparation for pandas 3), which would change the behaviour of every
+    test that runs after it; the option is put back once the import is done.
+    """
+    import pandas as pd
+
+    with pd.option_context("mode.copy_on_write", pd.options.mode.copy_on_write):
+        import pycytominer
+        import pycytominer.operations  # noqa: F401
+    return pycytominer
+
+
+@pytest.fixture
+def pycytominer():
+    """:func:`import_pycytominer` as a fixture."""
+    return import_pycytominer()

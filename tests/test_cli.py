@@ -11,7 +11,10 @@ from typer.testing import CliRunner
 from scbd_cells import __version__
 from scbd_cells.cli import app
 
-COMMANDS = ["simulate", "ingest", "info", "train", "embed", "baseline", "evaluate", "demo"]
+COMMANDS = [
+    "simulate", "ingest", "info", "train", "embed", "baseline", "correct", "evaluate", "export",
+    "demo",
+]  # fmt: skip
 runner = CliRunner()
 
 

@@ -22,7 +22,10 @@ def test_demo_twice_same_table(tmp_path: Path) -> None:
     first = demo(out=tmp_path / "a", preset="tiny", steps=2, device="cpu", workers=1)
     report = tmp_path / "a" / "report"
     metrics = json.loads((report / "metrics.json").read_text())
-    assert list(metrics["embeddings"]) == ["scbd", "scbd_alpha0", "baseline", "baseline_per_well"]
+    assert list(metrics["embeddings"]) == [
+        "scbd", "scbd_alpha0", "baseline", "baseline_per_well", "baseline_harmony"
+    ]  # fmt: skip
+    assert metrics["embeddings"]["scbd"]["overall"] is not None
     assert {p.name for p in report.iterdir()} >= {"metrics.json", "corum_pr.csv", "report.md"}
     genes = ad.read_h5ad(tmp_path / "a" / "embeddings" / "scbd" / "genes.h5ad")
     assert genes.n_obs == 16 and genes.obs["n_cells"].gt(0).all()

@@ -58,31 +58,81 @@ def test_report(tmp_path: Path, corum_file: Path) -> None:
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
     assert files == [
         ".scbd-cells.json",  # the marker: these files are scbd-cells' to replace
-        "corum_pr.csv",
-        "corum_pr.png",
-        "metrics.json",
-        "report.md",
-        "well_f1.png",
-    ]
+        "corum_pr.csv", "corum_pr.png", "map_activity.csv", "map_consistency.csv",
+        "metrics.json", "report.html", "report.md", "tradeoff.png", "umap.png", "well_f1.png",
+    ]  # fmt: skip
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert set(metrics["embeddings"]) == {"good", "bad"}
-    assert all(set(m) == set(METRIC_KEYS) for m in metrics["embeddings"].values())
+    assert all(set(METRIC_KEYS) <= set(m) for m in metrics["embeddings"].values())
+    design_keys = {
+        "corum_auprc", "corum_recall_5_95", "well_f1", "well_f1_chance", "n_genes", "n_cells",
+        "map_activity", "fraction_active", "map_consistency", "fraction_consistent",
+        "corum_recall_10_90", "ilisi", "silhouette_batch", "graph_connectivity", "kbet",
+        "silhouette_label", "leiden_nmi", "leiden_ari", "overall",
+    }  # fmt: skip
+    assert design_keys <= set(METRIC_KEYS)
     good_m, bad_m = metrics["embeddings"]["good"], metrics["embeddings"]["bad"]
     assert good_m["corum_auprc"] > bad_m["corum_auprc"]
     assert bad_m["well_f1"] > 2 * bad_m["well_f1_chance"]
     assert good_m["well_f1"] < 1.5 * good_m["well_f1_chance"]
     assert good_m["n_genes"] == 10 and good_m["n_cells"] == 1300
+    # the field's metrics agree with the paper's on which embedding is better
+    for key in ("map_activity", "map_consistency", "ilisi", "kbet", "silhouette_label"):
+        assert good_m[key] > bad_m[key], key
+    assert good_m["overall"] == 1.0 and bad_m["overall"] == 0.0  # min-max over two
+    at_90 = pd.read_csv(tmp_path / "report" / "corum_pr.csv").query(
+        "embedding == 'good' and percentile == 90"
+    )
+    assert good_m["corum_recall_10_90"] == at_90["recall"].item() >= good_m["corum_recall_5_95"]
+    assert good_m["n_mixing_cells"] == 1300
+    provenance = metrics["provenance"]
+    assert provenance["scbd_cells_version"] and provenance["created"]
+    assert provenance["inputs"]["good"]["bytes"] == good.stat().st_size
+    assert provenance["complexes"]["bytes"] == corum_file.stat().st_size
+    activity = pd.read_csv(tmp_path / "report" / "map_activity.csv")
+    assert list(activity.columns) == [
+        "embedding", "perturbation", "mean_average_precision", "p_value", "corrected_p_value",
+        "retrieved",
+    ]  # fmt: skip
+    assert len(activity) == 2 * 12
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and 'src="http' not in page
+    assert "Provenance" in page and "good" in page
+    text = result.report_path.read_text()
+    assert "| overall ↑ |" in text and "## Provenance" in text
     curve = pd.read_csv(tmp_path / "report" / "corum_pr.csv")
     assert list(curve.columns) == ["embedding", "percentile", "precision", "recall"]
     assert len(curve) == 40
     assert "| good |" in result.report_path.read_text()
-    again = evaluate([good, bad], corum=corum_file, out=tmp_path / "again", max_cells=1000)
+    again = evaluate(
+        [good, bad], corum=corum_file, out=tmp_path / "again", max_cells=1000, umap=False
+    )
     pd.testing.assert_frame_equal(result.table, again.table)
 
-    keyed = evaluate([good], corum=corum_file, out=tmp_path / "keyed", keys=["alt"])
+    keyed = evaluate([good], corum=corum_file, out=tmp_path / "keyed", keys=["alt"], umap=False)
+    assert keyed.metrics["embeddings"]["good:alt"]["overall"] is None  # one embedding: no rank
     assert list(keyed.metrics["embeddings"]) == ["good:alt"]
-    labelled = evaluate([good], corum=corum_file, out=tmp_path / "lab", labels=["mine"])
+    labelled = evaluate(
+        [good], corum=corum_file, out=tmp_path / "lab", labels=["mine"], umap=False
+    )
     assert list(labelled.table["embedding"]) == ["mine"]
+
+
+def test_undefined_field_metric_is_null(tmp_path: Path, corum_file: Path) -> None:
+    """Each gene in one well only (an arrayed plate): activity mAP is undefined, not fatal."""
+    cells = ad.read_h5ad(_cells(tmp_path / "good.h5ad", biology=1.0, well=0.0))
+    genes = cells.obs["perturbation"].astype(str)
+    wells = {g: f"w{i % 4}" for i, g in enumerate(sorted(genes.unique()))}
+    cells.obs["batch"] = pd.Categorical(genes.map(wells))
+    cells.write_h5ad(tmp_path / "arrayed.h5ad")
+    result = evaluate(
+        [tmp_path / "arrayed.h5ad", tmp_path / "good.h5ad"], corum=corum_file,
+        out=tmp_path / "report", umap=False,
+    )  # fmt: skip
+    arrayed = result.metrics["embeddings"]["arrayed"]
+    assert arrayed["map_activity"] is None and arrayed["fraction_active"] is None
+    assert arrayed["map_consistency"] is not None and arrayed["corum_auprc"] > 0
+    assert arrayed["overall"] is not None  # the undefined metric is left out for both rows
 
 
 def test_bad_inputs_leave_nothing(tmp_path: Path, corum_file: Path, entries) -> None:

@@ -155,12 +155,14 @@ def test_evaluate_equals_in_memory_reference(
     path = tmp_path / f"cells{suffix}"
     write_anndata(adata, path, overwrite=False)
     result = evaluate(
-        [path], corum=corum_file, out=tmp_path / "report", keys=[key], max_cells=max_cells
+        [path], corum=corum_file, out=tmp_path / "report", keys=[key], max_cells=max_cells,
+        umap=False,
     )
     measured = json.loads((tmp_path / "report" / "metrics.json").read_text())["embeddings"]
-    assert next(iter(measured.values())) == _reference(
-        adata, corum_file, key=key, max_cells=max_cells
-    )
+    reference = _reference(adata, corum_file, key=key, max_cells=max_cells)
+    paper = {name: value for name, value in next(iter(measured.values())).items()
+             if name in reference}  # the field's metrics sit beside these, unchanged
+    assert paper == reference
     assert result.metrics["embeddings"] == measured
 
 
@@ -189,7 +191,7 @@ def test_profiles_equal_from_categorical_and_string_labels() -> None:
             getattr(a, level).obs.astype(str), getattr(b, level).obs.astype(str)
         )
     clash = adata.copy()
-    guide = clash.obs["guide"].astype(str).to_numpy(dtype=object)
+    guide = clash.obs["guide"].astype(str).to_numpy(dtype=object, copy=True)  # pandas 3: CoW
     guide[guide == "g3_1"] = "g2_0"  # g2_0 now also names cells of g3
     clash.obs["guide"] = pd.Categorical(guide)
     with pytest.raises(DataError, match="Guide 'g2_0' is assigned to more than one"):

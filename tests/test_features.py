@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -161,3 +162,60 @@ def test_baseline_normalize_per_well_against_pandas(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, expected.to_numpy(), atol=2e-4)
     with pytest.raises(InputError, match="batch or store"):
         baseline(store_path, out=tmp_path / "bad.h5ad", normalize="plate")
+
+
+def test_cellprofiler_mosaic_equals_cp_measure_crop_by_crop() -> None:
+    """Tiling a batch into one label image measures each cell as cp-measure does alone."""
+    from cp_measure.bulk import get_core_measurements
+
+    from scbd_cells.cellprofiler import measure_batch
+    from scbd_cells.features import segment
+
+    images = np.stack([_blobs(5, seed=s) for s in range(2)], axis=1).astype(np.uint16)
+    low, high = np.zeros(2, np.float32), np.full(2, 1500, np.float32)
+    nucleus, cell = segment(images, nucleus_channel=0, channel_high=high)
+    batch = measure_batch(
+        images, nucleus=nucleus, cell=cell, channel_low=low, channel_high=high,
+        channel_names=["DNA", "Actin"],
+    )
+    assert "Nuclei_AreaShape_Area" in batch and "Cells_Intensity_MeanIntensity_Actin" in batch
+    for position in ("Center_X", "Center_Y", "BoundingBoxMinimum_X", "BoundingBoxMaximum_Y"):
+        assert f"Nuclei_AreaShape_{position}" not in batch  # a crop's place in the mosaic
+    core = get_core_measurements()
+    scaled = np.clip(images.astype(np.float32) / 1500, 0, 1)
+    for k in range(5):
+        alone = core["intensity"](cell[k].astype(np.int32), scaled[k, 1])
+        assert batch["Cells_Intensity_MeanIntensity_Actin"][k] == pytest.approx(
+            alone["Intensity_MeanIntensity"][0], rel=1e-6
+        )
+        texture = core["texture"](nucleus[k].astype(np.int32), scaled[k, 0], scale=3,
+                                  gray_levels=8)
+        assert batch["Nuclei_Texture_Contrast_DNA_3_00_8"][k] == pytest.approx(
+            texture["Contrast_3_00_8"][0], rel=1e-6, nan_ok=True
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # form factor of a 1-px object
+            shape = core["sizeshape"](nucleus[k].astype(np.int32), None, calculate_advanced=False)
+        assert batch["Nuclei_AreaShape_Area"][k] == shape["Area"][0]
+
+
+def test_baseline_cellprofiler_features(tmp_path: Path) -> None:
+    store_path = _store(tmp_path)
+    result = baseline(
+        store_path, out=tmp_path / "cp.h5ad", n_components=16, features="cellprofiler"
+    )
+    adata = ad.read_h5ad(result.out_path)
+    names = list(adata.uns["scbd"]["feature_names"])
+    assert adata.uns["scbd"]["features"] == "cellprofiler"
+    assert names[0].startswith("Nuclei_AreaShape_") and len(names) == result.n_features
+    assert np.isfinite(adata.obsm["X_features"]).all()
+    np.testing.assert_array_equal(adata.obsm["X_pca"], adata.X)
+    with pytest.raises(InputError, match="--features"):
+        baseline(store_path, out=tmp_path / "x.h5ad", features="deep")
+
+
+def test_handcrafted_names_are_cellprofiler_style() -> None:
+    names = feature_names(["DNA", "Actin"])
+    assert len(names) == len(set(names)) == 14 + 2 * 16
+    prefixes = ("Nuclei_", "Cells_", "Cytoplasm_")
+    assert all(name.startswith(prefixes) for name in names)  # pycytominer's compartments

@@ -463,8 +463,9 @@ def test_a_constant_embedding_is_flagged(trained, tmp_path, write_corum, capsys)
     corum = write_corum(tmp_path / "corum.txt", {"c1": ["gene_1", "gene_2"]})
     code, output = cli(capsys, "evaluate", tmp_path / "zeros.h5ad", "--corum", corum, "--out",
                        tmp_path / "report")  # fmt: skip
-    assert code == 0 and "every cell of zeros has the same embedding" in output
+    assert code == 0 and "every cell of zeros has the same embedding" in output, output
     assert "every cell of zeros" in (tmp_path / "report" / "report.md").read_text()
+    assert "every cell of zeros" in (tmp_path / "report" / "report.html").read_text()
     assert "zeros" in json.loads((tmp_path / "report" / "metrics.json").read_text())["warnings"]
     adata.X[3, 2] = np.nan
     adata.write_h5ad(tmp_path / "nan.h5ad")

@@ -30,3 +30,26 @@ OBSM_BATCH_ENCODER = "X_scbd_batch_encoder"
 UNS_SCBD = "scbd"
 N_CELLS = "n_cells"
 N_GUIDES = "n_guides"
+OBSM_PCA = "X_pca"
+OBSM_FEATURES = "X_features"
+PLATE = "plate"
+WELL = "well"
+
+# --- profiles other tools read (pycytominer, copairs) ----------------------
+# Metadata columns of `scbd-cells export` and of the replicate profiles that evaluate
+# scores with copairs: plain strings (pycytominer groups by them).
+METADATA_PLATE = "Metadata_Plate"
+METADATA_WELL = "Metadata_Well"
+METADATA_BATCH = "Metadata_Batch"
+METADATA_GUIDE = "Metadata_Guide"
+METADATA_PERTURBATION = "Metadata_Perturbation"
+METADATA_N_CELLS = "Metadata_n_cells"
+METADATA_COMPLEX = "Metadata_Complex"
+METADATA_COLUMNS = (
+    METADATA_PLATE,
+    METADATA_WELL,
+    METADATA_BATCH,
+    METADATA_GUIDE,
+    METADATA_PERTURBATION,
+    METADATA_N_CELLS,
+)

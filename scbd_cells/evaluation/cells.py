@@ -125,6 +125,23 @@ class CellsFile:
             return None
         return str(value) if value else None
 
+    @property
+    def var_names(self) -> list[str]:
+        """The names of ``X``'s columns (``var`` index), or ``[]``."""
+        try:
+            var = self._root["var"]
+            return [str(name) for name in _read_elem(var[var.attrs["_index"]])]
+        except (KeyError, TypeError, ValueError):
+            return []
+
+    def provenance(self) -> dict[str, Any]:
+        """``uns["scbd"]`` (what scbd-cells recorded when it wrote the file), or ``{}``."""
+        try:
+            value = _read_elem(self._root["uns"]["scbd"])
+        except (KeyError, TypeError, ValueError):
+            return {}
+        return dict(value) if isinstance(value, dict) else {}
+
     def close(self) -> None:
         """Close the file (h5py); zarr groups hold no handle."""
         if hasattr(self._root, "close"):

@@ -1,10 +1,11 @@
-"""Evaluate: CORUM complex prediction and well prediction for embeddings side by side, as a report.
+"""Evaluate: the paper's two tasks and the field's metrics for embeddings side by side, as a report.
 
 ``evaluate`` reads every embedding first (so a bad input fails before any work),
-computes the metrics, then writes the report into a temporary folder beside
-``out`` and moves its files into place: a failed run leaves no partial report.
-An earlier report in ``out`` is replaced file by file (those its marker lists);
-anything else a person keeps in the folder stays.
+computes the metrics (CORUM and well F1, the paper's; mAP, batch mixing, biology and the
+overall score, the JUMP benchmark's: :mod:`scbd_cells.evaluation.benchmark`), then writes
+the report into a temporary folder beside ``out`` and moves its files into place: a failed
+run leaves no partial report. An earlier report in ``out`` is replaced file by file (those
+its marker lists); anything else a person keeps in the folder stays.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,26 @@ import pandas as pd
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.evaluation.batch import batch_prediction_f1, subsample
+from scbd_cells.evaluation.benchmark import (
+    BENCHMARK_KEYS,
+    BenchmarkResult,
+    BenchmarkSettings,
+    benchmark_metrics,
+)
 from scbd_cells.evaluation.cells import CellsFile, check_values, open_cells, read_rows
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
+from scbd_cells.evaluation.map import DEFAULT_MAX_REPLICATES, DEFAULT_NULL_SIZE
+from scbd_cells.evaluation.mixing import DEFAULT_MIXING_CELLS
+from scbd_cells.evaluation.overall import overall_scores
+from scbd_cells.evaluation.pages import (
+    PAPER_COLUMNS,
+    ReportExtras,
+    field_markdown,
+    markdown_table,
+    write_extras,
+)
+from scbd_cells.evaluation.provenance import input_provenance, report_provenance
 from scbd_cells.outputs import check_output, locks_output, remove_owned, write_marker
 from scbd_cells.profiles import aggregate_profiles
 
@@ -39,6 +58,11 @@ METRIC_KEYS = (
     "well_f1_chance",
     "n_genes",
     "n_cells",
+    "corum_recall_10_90",
+    *BENCHMARK_KEYS,
+    "batch_score",
+    "bio_score",
+    "overall",
 )
 DEFAULT_MAX_CELLS = 50_000
 
@@ -126,7 +150,7 @@ def _check_values(
     paths: list[Path], names: list[str], keys: list[str], datasets: list[Any]
 ) -> dict[str, str]:
     """Refuse NaN/infinite values; return a warning per embedding that is constant."""
-    warnings = {}
+    found_warnings = {}
     for path, name, key, adata in zip(paths, names, keys, datasets, strict=True):
         found = check_values(adata.X if key == "X" else adata.obsm[key])
         if found.n_nonfinite:
@@ -136,13 +160,13 @@ def _check_values(
                 "them), or remove the affected cells from the file."
             )
         if found.constant:
-            warnings[name] = (
+            found_warnings[name] = (
                 f"every cell of {name} has the same embedding ({key} has zero variance in all "
                 f"{found.n_columns} dimensions): its metrics measure nothing (a collapsed or "
                 "untrained model?)."
             )
-            log.warning("%s", warnings[name])
-    return warnings
+            log.warning("%s", found_warnings[name])
+    return found_warnings
 
 
 def _control(adata: Any, control: str | None) -> str:
@@ -168,6 +192,10 @@ def evaluate(
     guide_key: str = schema.GUIDE,
     batch_key: str = schema.BATCH,
     max_cells: int | None = DEFAULT_MAX_CELLS,
+    mixing_cells: int | None = DEFAULT_MIXING_CELLS,
+    max_replicates: int | None = DEFAULT_MAX_REPLICATES,
+    null_size: int = DEFAULT_NULL_SIZE,
+    umap: bool = True,
     seed: int = 0,
     overwrite: bool = False,
 ) -> EvaluationResult:
@@ -194,8 +222,18 @@ def evaluate(
         obs columns.
     max_cells
         Cells (seeded subsample) for the well classifier; None uses all.
+    mixing_cells
+        Cells (seeded subsample) for the batch-mixing metrics (iLISI, silhouette of batch,
+        graph connectivity, kBET) and the cell UMAPs; None uses all.
+    max_replicates
+        Guide x well profiles per gene (and control profiles per well) for mAP; None keeps
+        all.
+    null_size
+        Permutations of copairs' null distribution for the mAP p-values.
+    umap
+        Draw ``umap.png`` (UMAPs of gene profiles and cells; about 30 s on 2 cores).
     seed
-        Seeds the subsample, the 60/40 split and the classifier.
+        Seeds every subsample, split, classifier, null distribution and clustering.
     overwrite
         Replace an existing report folder.
 
@@ -242,28 +280,51 @@ def evaluate(
                     "it: embed from a store (which carries 'batch'), or name the column with "
                     "--batch-key."
                 )
-        warnings = _check_values(paths, names, keys, datasets)
+        value_warnings = _check_values(paths, names, keys, datasets)
     except BaseException:
         _close(datasets)
         raise
 
     rows, curves = [], []
+    settings = BenchmarkSettings(
+        null_size=null_size, max_replicates=max_replicates, mixing_cells=mixing_cells, seed=seed
+    )
+    benchmarks: dict[str, BenchmarkResult] = {}
+    inputs: dict[str, dict[str, Any]] = {}
     try:
-        for name, key, adata in zip(names, keys, datasets, strict=True):
+        for name, key, adata, path in zip(names, keys, datasets, paths, strict=True):
             log.info("Evaluating %s (%s, %d cells)", name, key, adata.n_obs)
-            genes = aggregate_profiles(
+            inputs[name] = input_provenance(path, key=key, adata=adata)
+            profiles = aggregate_profiles(
                 adata,
                 use_rep=key,
                 perturbation_key=perturbation_key,
                 guide_key=guide_key,
                 control=_control(adata, control),
-            ).genes
+            )
+            genes = profiles.genes
             corum_result: CorumResult = corum_pr(
                 genes.X, list(genes.obs_names), complexes, percentiles=DEFAULT_PERCENTILES
             )
             positions = subsample(adata.n_obs, max_cells=max_cells, seed=seed)
             batches = adata.obs[batch_key].iloc[positions].astype(str).to_numpy()
             well = batch_prediction_f1(_rows(adata, key, positions), batches, seed=seed)
+            # a constant embedding (warned about) has zero-norm profiles: its cosine-based
+            # metrics are NaN, reported as undefined, not as numpy's divide warnings
+            with warnings.catch_warnings():  # process-wide: copairs computes in threads
+                if name in value_warnings:
+                    warnings.filterwarnings("ignore", "invalid value", RuntimeWarning)
+                benchmarks[name] = benchmark_metrics(
+                    adata,
+                    key=key,
+                    profiles=profiles,
+                    complexes=complexes,
+                    control=_control(adata, control),
+                    perturbation_key=perturbation_key,
+                    guide_key=guide_key,
+                    batch_key=batch_key,
+                    settings=settings,
+                )
             rows.append(
                 {
                     "embedding": name,
@@ -273,6 +334,11 @@ def evaluate(
                     "well_f1_chance": well.chance,
                     "n_genes": corum_result.n_genes,
                     "n_cells": int(adata.n_obs),
+                    "corum_recall_10_90": _recall_at(corum_result, 90),
+                    **benchmarks[name].values,
+                    "corum_prevalence": corum_result.n_positive_pairs / corum_result.n_pairs,
+                    "n_replicates": benchmarks[name].n_replicates,
+                    "n_mixing_cells": benchmarks[name].n_mixing_cells,
                 }
             )
             curves.append(
@@ -289,9 +355,14 @@ def evaluate(
         _close(datasets)
 
     table = pd.DataFrame(rows)
+    table = pd.concat([table, overall_scores(table)], axis=1)
+    extra_keys = ("corum_prevalence", "n_replicates", "n_mixing_cells")
     metrics = {
-        "embeddings": {row["embedding"]: {k: row[k] for k in METRIC_KEYS} for row in rows},
-        "warnings": warnings,
+        "embeddings": {
+            row["embedding"]: {k: _json_number(row[k]) for k in (*METRIC_KEYS, *extra_keys)}
+            for row in table.to_dict("records")
+        },
+        "warnings": value_warnings,
         "settings": {
             "corum": str(Path(corum)),
             "complexes_format": complexes.format,
@@ -300,30 +371,65 @@ def evaluate(
             "files": {n: str(p) for n, p in zip(names, paths, strict=True)},
             "batch_key": batch_key,
             "max_cells": max_cells,
+            "mixing_cells": mixing_cells,
+            "max_replicates": max_replicates,
+            "null_size": null_size,
             "seed": seed,
         },
+        "provenance": report_provenance(inputs, complexes_path=Path(corum)),
     }
     _write_report(
-        out_dir, metrics=metrics, table=table, curves=pd.concat(curves), overwrite=overwrite
+        out_dir,
+        metrics=metrics,
+        table=table,
+        curves=pd.concat(curves),
+        overwrite=overwrite,
+        extras=ReportExtras(benchmarks=benchmarks, complexes=complexes, umap=umap, seed=seed),
     )
     return EvaluationResult(
         metrics=metrics, table=table, out_dir=out_dir, report_path=out_dir / "report.md"
     )
 
 
-def _plot_curves(curves: pd.DataFrame, path: Path) -> None:
+def _recall_at(result: CorumResult, percentile: int) -> float:
+    """Recall at the two-tailed (100 - p) % / p % threshold, from the curve's points."""
+    at = np.flatnonzero(np.asarray(result.percentiles) == percentile)
+    return float(result.recall[at[0]]) if at.size else float("nan")
+
+
+def _json_number(value: Any) -> Any:
+    """A plain Python number for ``metrics.json``; NaN (undefined) becomes null."""
+    if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
+        return int(value)
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def _plot_curves(curves: pd.DataFrame, path: Path, table: pd.DataFrame | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(5, 4), dpi=120)
+    figure, axes = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    auprc = {}
+    if table is not None:
+        auprc = dict(zip(table["embedding"], table["corum_auprc"], strict=True))
     for name, curve in curves.groupby("embedding", sort=False):
-        axes.plot(curve["recall"], curve["precision"], marker="o", markersize=3, label=name)
+        label = f"{name} (AUPRC {auprc[name]:.3f})" if name in auprc else name
+        axes.plot(curve["recall"], curve["precision"], marker="o", markersize=3, label=label)
+    if table is not None:
+        for prevalence in pd.unique(table["corum_prevalence"]):
+            axes.axhline(prevalence, color="grey", linestyle="--", linewidth=1)
+        axes.text(
+            0.99, float(table["corum_prevalence"].max()), "share of pairs in a complex (random)",
+            transform=axes.get_yaxis_transform(), ha="right", va="bottom", fontsize=7,
+            color="grey",
+        )
     axes.set_xlabel("recall")
     axes.set_ylabel("precision")
     axes.set_title("CORUM complex prediction (p = 80..99)")
-    axes.legend(frameon=False)
+    axes.legend(frameon=False, fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -372,15 +478,15 @@ def format_table(table: pd.DataFrame) -> str:
 
 def _report_text(metrics: dict[str, Any], table: pd.DataFrame) -> str:
     settings = metrics["settings"]
-    warnings = "".join(f"> **Warning**: {text}\n\n" for text in metrics["warnings"].values())
+    notes = "".join(f"> **Warning**: {text}\n\n" for text in metrics["warnings"].values())
     return f"""# scbd-cells evaluation
 
-{warnings}{format_table(table)}
+{notes}{markdown_table(table, PAPER_COLUMNS)}
 
 - **CORUM AUPRC**: area under the precision-recall curve of predicting "the two genes share a
   complex" from the cosine similarity of their profiles, thresholds at the p-th / (100 − p)-th
   percentiles for p = 80..99 (paper appendix A.3). Higher is better. **recall @ 5%/95%**: recall
-  at p = 95.
+  at p = 95 (**10%/90%**: p = 90), the known-relationship recall of perturbation-map benchmarks.
 - **well F1**: held-out macro F1 of a logistic regression predicting the batch
   (`{settings["batch_key"]}`) from the cell embedding (60/40 split, standardised, seed
   {settings["seed"]}, at most {settings["max_cells"]} cells). Lower is better; **chance** is the
@@ -392,7 +498,9 @@ Complexes: `{settings["corum"]}` ({settings["complexes_format"]}).
 
 ![well prediction](well_f1.png)
 
-Files: `metrics.json`, `corum_pr.csv`. Protocol: docs/evaluation.md.
+{field_markdown(metrics, table)}
+Files: `metrics.json`, `corum_pr.csv`, `map_activity.csv`, `map_consistency.csv`,
+`report.html` (this report in one self-contained page). Protocol: docs/evaluation.md.
 """
 
 
@@ -403,15 +511,17 @@ def _write_report(
     table: pd.DataFrame,
     curves: pd.DataFrame,
     overwrite: bool,
+    extras: ReportExtras,
 ) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         (tmp_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         curves.to_csv(tmp_dir / "corum_pr.csv", index=False)
-        _plot_curves(curves, tmp_dir / "corum_pr.png")
+        _plot_curves(curves, tmp_dir / "corum_pr.png", table)
         _plot_well(table, tmp_dir / "well_f1.png")
         (tmp_dir / "report.md").write_text(_report_text(metrics, table))
+        write_extras(tmp_dir, metrics=metrics, table=table, extras=extras)
         written = sorted(child.name for child in tmp_dir.iterdir())
         # replace only what an earlier report wrote (its marker lists it); other files stay
         if check_output(out_dir, kind="report", overwrite=overwrite):
