@@ -31,6 +31,7 @@ import pandas as pd
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.outputs import locks_output
+from scbd_cells.replicates import batch_column
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ def correct(
         is_control = adata.obs[perturbation_key].astype(str).to_numpy() == label
         corrected = zca_sphering(values, values[is_control])
     else:
+        batch_key = batch_column(adata, batch_key)
         if batch_key not in adata.obs.columns:
             raise DataError(
                 f"{source} has no batch column {batch_key!r} in obs (columns: "

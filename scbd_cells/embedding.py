@@ -91,6 +91,12 @@ def store_obs_for_anndata(store: Any) -> pd.DataFrame:
     return obs
 
 
+def _without_none(options: dict) -> dict:
+    """JSON-like ``options`` without the unset (None) ones, which not every AnnData writes."""
+    return {key: value for key, value in json.loads(json.dumps(options, default=str)).items()
+            if value is not None}  # fmt: skip
+
+
 def anndata_bytes(obs: pd.DataFrame, n_values: int) -> int:
     """An upper estimate of an AnnData file's size: ``n_values`` float32 values plus ``obs``."""
     return 4 * n_values + int(obs.memory_usage(deep=True).sum())
@@ -395,8 +401,9 @@ def embed(
             "kind": "scbd",
             "checkpoint": str(Path(trained.checkpoint_path).resolve()),
             "step": int(trained.step),
-            "config": json.dumps(trained.config, default=str, sort_keys=True),
-            "model_args": json.dumps(trained.model_args, default=str, sort_keys=True),
+            # nested dicts, as scanpy keeps parameters in uns (unset options left out)
+            "config": _without_none(trained.config),
+            "model_args": _without_none(trained.model_args),
             "store": str(Path(store_path).resolve()),
             "store_id": store.store_id,
             "control": control,

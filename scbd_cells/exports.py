@@ -37,7 +37,13 @@ import pandas as pd
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.outputs import check_output, locks_output, remove_owned, write_file_marker
-from scbd_cells.replicates import ROW_CHUNK, cell_groups, group_means, obs_column
+from scbd_cells.replicates import (
+    ROW_CHUNK,
+    batch_column,
+    cell_groups,
+    group_means,
+    obs_column,
+)
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +238,7 @@ def export(
         if data is None:
             raise DataError(f"{source} has no X; name an obsm key with --key.")
         names = feature_columns(adata, key, int(data.shape[1]))
+        batch_key = batch_column(adata, batch_key)
         obs_column(adata, batch_key, "batch")
         keys = {
             "batch": batch_key,

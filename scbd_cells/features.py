@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import InputError
@@ -303,12 +304,14 @@ def _nucleus_channel(channel_names: list[str], requested: str | None) -> int:
     for name in NUCLEUS_CHANNEL_NAMES:
         if name in lower:
             return lower.index(name)
-    log.warning(
-        "No nuclear stain among channels %s; segmenting nuclei on %r (set --nucleus-channel)",
-        channel_names,
-        channel_names[0],
+    raise InputError(
+        "Which channel shows the nuclei? None of the store's channels "
+        f"({', '.join(channel_names)}) "
+        f"is named like a nuclear stain ({', '.join(NUCLEUS_CHANNEL_NAMES)}), and segmenting on "
+        "the wrong one would measure nonsense. Name it with --nucleus-channel (e.g. "
+        f"--nucleus-channel {channel_names[0]}), or give the channels names at ingest "
+        "(--channel-names)."
     )
-    return 0
 
 
 @locks_output("out")
@@ -421,9 +424,16 @@ def baseline(
     reduced = pca.fit_transform(features).astype(np.float32, copy=False)
     explained = float(pca.explained_variance_ratio_.sum())
 
-    adata = ad.AnnData(X=reduced, obs=obs)
+    adata = ad.AnnData(
+        X=reduced, obs=obs, var=pd.DataFrame(index=[f"PC{i + 1}" for i in range(components)])
+    )
     adata.obsm[schema.OBSM_FEATURES] = features
     adata.obsm[schema.OBSM_PCA] = reduced  # where scanpy looks for a PCA
+    adata.uns["pca"] = {  # as scanpy.pp.pca writes it
+        "variance": pca.explained_variance_.astype(np.float32),
+        "variance_ratio": pca.explained_variance_ratio_.astype(np.float32),
+        "params": {"zero_center": True, "use_highly_variable": False},
+    }
     adata.uns[schema.UNS_SCBD] = {
         "kind": "baseline",
         "store": str(Path(store_path).resolve()),

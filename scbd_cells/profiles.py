@@ -64,6 +64,15 @@ def group_means(
     return sums / np.maximum(counts, 1)[:, None], counts
 
 
+def _feature_names(adata: Any, use_rep: str, width: int) -> list[str]:
+    """The profiles' var names: the cells' own for ``X`` (``z0...`` from embed), else numbered."""
+    names = list(getattr(adata, "var_names", [])) if use_rep == "X" else []
+    if len(names) == width:
+        return [str(name) for name in names]
+    prefix = "z" if use_rep == "X" else f"{use_rep}_"
+    return [f"{prefix}{i}" for i in range(width)]
+
+
 def standardise(values: np.ndarray, *, reference: np.ndarray | None = None) -> np.ndarray:
     """Mean 0, variance 1 per column (statistics of ``reference``, default ``values``)."""
     reference = values if reference is None else reference
@@ -207,6 +216,7 @@ def aggregate_profiles(
             index=pd.Index(np.asarray(guide_names, dtype=str), name=None),
         ),
     )
+    guides.var_names = _feature_names(adata, use_rep, guides.n_vars)
     gene_index = np.asarray(gene_names, dtype=str)[targeting]
     genes = ad.AnnData(
         X=genes_x.astype(np.float32),
@@ -219,6 +229,7 @@ def aggregate_profiles(
             index=pd.Index(gene_index, name=None),
         ),
     )
+    genes.var_names = guides.var_names
     info = {
         "control": control,
         "use_rep": use_rep,

@@ -60,6 +60,27 @@ def obs_column(adata: Any, key: str, what: str) -> pd.Series:
     return adata.obs[key]
 
 
+def batch_column(adata: Any, batch_key: str) -> str:
+    """The obs column that holds the batch label: ``batch_key``, or a comma list joined.
+
+    ``"plate,well"`` names the batch by several columns, as ``ingest --batch-columns``
+    does: their values joined with ``_`` become a new column ``plate_well``, whose
+    name is returned.
+    """
+    parts = [part.strip() for part in batch_key.split(",") if part.strip()]
+    if len(parts) <= 1:
+        return batch_key.strip()
+    joined = obs_column(adata, parts[0], "batch").astype(str).reset_index(drop=True)
+    for part in parts[1:]:
+        joined = joined + "_" + obs_column(adata, part, "batch").astype(str).reset_index(drop=True)
+    name = "_".join(parts)
+    if isinstance(adata.obs, pd.DataFrame):
+        adata.obs[name] = joined.to_numpy()
+    else:  # a lazily read cells file (ObsColumns)
+        adata.obs.add(name, joined)
+    return name
+
+
 def cell_groups(adata: Any, keys: list[str], *, what: dict[str, str] | None = None) -> CellGroups:
     """Group the cells by the distinct combinations of the obs columns ``keys``.
 

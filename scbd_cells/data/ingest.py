@@ -175,6 +175,7 @@ class ImageSource(Protocol):
     columns: list[str]  # the image path columns
     per_channel: bool  # one file per channel
     reference: _Reference | None  # what every cell looks like (set by probe)
+    first_path: str | None  # a file the reference was read from (set by probe)
     border_rows: list[int]  # table rows whose crop leaves its field (set by check)
 
     def check(self, rows: np.ndarray) -> dict[int, str]:
@@ -655,6 +656,7 @@ class _CropSource:
         ]
         self.paths_of_row = list(zip(*paths, strict=True))
         self.reference: _Reference | None = None
+        self.first_path: str | None = None
         self.border_rows: list[int] = []  # crops never leave a field
 
     def spec(self, resize: int | None = None) -> _CropSpec:
@@ -689,6 +691,7 @@ class _CropSource:
                 failures[row] = reason
             else:
                 looks[(*image.shape, image.dtype.str)] += 1
+                self.first_path = self.first_path or paths[0]
                 if looks.total() == _PROBE_ROWS:
                     break
         if not looks:
@@ -874,6 +877,7 @@ class _FieldSource:
         self.x_column, self.y_column = x_column, y_column
         self.shapes: dict[tuple, tuple[int, int, int]] = {}
         self.reference: _Reference | None = None
+        self.first_path: str | None = None
         self.border_rows: list[int] = []
 
     def _field_shape(self, field: tuple[str, ...]) -> tuple[int, int, int]:
@@ -978,6 +982,7 @@ class _FieldSource:
             if reason is None:
                 shape = (self.n_channels, self.crop_size, self.crop_size)
                 self.reference = _Reference(*shape, pixels.dtype)
+                self.first_path = field[0]
                 return
             failures[int(row)] = reason
             if len(tried) == _PROBE_ROWS:
@@ -1431,7 +1436,47 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: int) -> Imag
     return _CropSource(table, **common)
 
 
+def metadata_channel_names(path: str | os.PathLike, n_channels: int) -> list[str] | None:
+    """Channel names an OME-TIFF or ImageJ TIFF records (None when it records none that fit).
+
+    OME: the ``Name`` of each ``Channel`` element; ImageJ: the ``Labels`` of a stack
+    with one label per channel. Only names that are unique and one per channel count.
+    """
+    if os.path.splitext(path)[1].lower() not in (".tif", ".tiff"):
+        return None
+    import xml.etree.ElementTree as ElementTree
+
+    import tifffile
+
+    names: list[str] = []
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            if tiff.is_ome and tiff.ome_metadata:
+                root = ElementTree.fromstring(tiff.ome_metadata)
+                names = [
+                    element.get("Name", "")
+                    for element in root.iter()
+                    if element.tag.rsplit("}", 1)[-1] == "Channel"
+                ]
+            elif tiff.is_imagej and tiff.imagej_metadata:
+                labels = tiff.imagej_metadata.get("Labels") or []
+                names = [str(label) for label in labels]
+    except (OSError, ValueError, ElementTree.ParseError):  # unreadable metadata: no names
+        return None
+    names = [name.strip() for name in names]
+    if len(names) != n_channels or not all(names) or len(set(names)) != n_channels:
+        return None
+    return names
+
+
 def _default_channel_names(source: ImageSource) -> list[str]:
+    """Names from the channel columns, else from the images' metadata, else ``ch0, ch1, ...``."""
+    if not source.per_channel and source.first_path is not None:
+        found = metadata_channel_names(source.first_path, source.reference.n_channels)
+        if found is not None:
+            log.info("Channel names from the image metadata of %s: %s", source.first_path,
+                     ", ".join(found))  # fmt: skip
+            return found
     if source.per_channel:
         names = []
         for column in source.columns:
@@ -1441,6 +1486,11 @@ def _default_channel_names(source: ImageSource) -> list[str]:
             names.append(name)
         if len(set(names)) == len(names):
             return names
+    log.warning(
+        "No channel names given (--channel-names) or found in the images' metadata: naming the "
+        "channels ch0..ch%d. Re-ingest with --channel-names to name the stains.",
+        source.reference.n_channels - 1,
+    )
     return [f"ch{i}" for i in range(source.reference.n_channels)]
 
 

@@ -93,6 +93,22 @@ def describe_rows(rows: Sequence[Any], *, limit: int = _MAX_ROWS_IN_MESSAGE) -> 
     return f"row{'s' if len(rows) != 1 else ''} {shown}{more}"
 
 
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """``"Did you mean 'nontargeting'? "`` for the closest of ``choices`` (case ignored), or ``""``.
+
+    For a control label or a column name typed slightly wrong: the right one is named
+    even when it is not among the first few alphabetically.
+    """
+    import difflib
+
+    by_lower = {str(choice).lower(): str(choice) for choice in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    names = " or ".join(repr(by_lower[match]) for match in close)
+    return f"Did you mean {names}? "
+
+
 @dataclass
 class LabelledTable:
     """The canonical per-cell table built from an input table, in table order."""
@@ -191,10 +207,10 @@ def label_table(
 
     perturbation = table[perturbation_column].astype(str)
     if control is not None and not (perturbation[~bad] == str(control)).any():
-        known = sorted(perturbation[~bad].unique().tolist())
+        known = perturbation[~bad].unique().tolist()
         raise InputError(
-            f"The control label {control!r} does not occur in column {perturbation_column!r}: "
-            f"found labels {known[:10]}{' ...' if len(known) > 10 else ''}. Pass the control's "
+            f"The control label {control!r} does not occur in column {perturbation_column!r} "
+            f"({len(known):,} labels). {did_you_mean(str(control), known)}Pass the control's "
             "exact label with --control (or leave it out)."
         )
     guide = table[guide_column].astype(str) if guide_column else perturbation

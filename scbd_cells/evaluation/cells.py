@@ -68,6 +68,12 @@ class ObsColumns:
         self.columns = pd.Index([str(name) for name in np.atleast_1d(np.asarray(order))])
         self._read: dict[str, pd.Series] = {}
 
+    def add(self, name: str, values: pd.Series) -> None:
+        """Add a column computed in memory (e.g. a batch label joined from several columns)."""
+        self._read[name] = pd.Series(np.asarray(values), name=name)
+        if name not in self.columns:
+            self.columns = self.columns.append(pd.Index([name]))
+
     def __getitem__(self, name: str) -> pd.Series:
         if name not in self.columns:
             raise KeyError(name)

@@ -33,10 +33,10 @@ def _recorded(adata: Any) -> dict[str, Any]:
 def input_provenance(path: Path, *, key: str, adata: Any) -> dict[str, Any]:
     """One input's entry: path, bytes, cells, key, and the training facts it carries."""
     recorded = _recorded(adata)
-    config: dict[str, Any] = {}
-    if isinstance(recorded.get("config"), str):
+    config = recorded.get("config") or {}
+    if isinstance(config, str):  # files written before the config was a nested dict
         try:
-            config = json.loads(recorded["config"])
+            config = json.loads(config)
         except ValueError:
             config = {}
     step = recorded.get("step")

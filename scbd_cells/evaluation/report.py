@@ -48,6 +48,7 @@ from scbd_cells.evaluation.pages import (
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
 from scbd_cells.outputs import check_output, locks_output, remove_owned, write_marker
 from scbd_cells.profiles import aggregate_profiles
+from scbd_cells.replicates import batch_column
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,24 @@ def _close(datasets: list[Any]) -> None:
 
 def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
     return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
+
+
+def _check_cell_level(path: Path, adata: Any) -> None:
+    """Refuse a guide- or gene-level profile file: evaluate aggregates cells itself."""
+    if isinstance(adata, CellsFile):
+        level = adata.provenance().get("level")
+    else:
+        provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
+        level = provenance.get("level") if hasattr(provenance, "get") else None
+    if level is None and schema.N_CELLS in adata.obs.columns:
+        level = "profiles"  # one row per group with a cell count: not cells
+    if level is not None and level != "cells":
+        raise DataError(
+            f"{path} holds {level} (one row per {str(level).rstrip('s')}, e.g. embed "
+            "--aggregate's guides.h5ad or genes.h5ad); evaluate needs the cell-level file (one "
+            "row per cell, e.g. the cells.h5ad of `scbd-cells embed`, or a baseline), and builds "
+            "guide and gene profiles from it itself."
+        )
 
 
 def _check_values(
@@ -258,6 +277,7 @@ def evaluate(
     complexes = read_complexes(corum)
 
     datasets: list[Any] = []
+    requested_batch_key = batch_key
     try:
         for path, key in zip(paths, keys, strict=True):
             adata = read_embedding(path)
@@ -273,6 +293,8 @@ def evaluate(
                     f"{', '.join(adata.obsm.keys()) or 'none'}). Choose one of them or 'X' "
                     "with --key."
                 )
+            _check_cell_level(path, adata)
+            batch_key = batch_column(adata, requested_batch_key)
             if batch_key not in adata.obs.columns:
                 raise DataError(
                     f"{path} has no batch column {batch_key!r} in obs (columns: "

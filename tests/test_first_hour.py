@@ -1,0 +1,117 @@
+"""A lab's first hour: defaults that fit the screen, outputs other tools read, mistakes named.
+
+The cases of the "first hour" issue that are behaviour (wording is left to the messages).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from scbd_cells import baseline, correct, embed, evaluate, export, ingest, open_store, train
+from scbd_cells.errors import DataError, InputError
+
+
+def crops(root: Path, *, n: int = 30, ome_names: list[str] | None = None) -> Path:
+    """A crops table with 3-channel TIFFs (OME-TIFF with channel names when given)."""
+    rng = np.random.default_rng(0)
+    (root / "crops").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        image = rng.integers(1, 1000, size=(3, 8, 8)).astype(np.uint16)
+        path = root / f"crops/{i}.ome.tif"
+        if ome_names:
+            tifffile.imwrite(path, image, metadata={"axes": "CYX", "Channel": {"Name": ome_names}})
+        else:
+            tifffile.imwrite(path, image)
+        rows.append(
+            {
+                "image_path": f"crops/{i}.ome.tif",
+                "gene": ["g1", "g2", "nontargeting"][i % 3],
+                "plate": "P1",
+                "well": ["A01", "B01"][i % 2],
+            }
+        )
+    pd.DataFrame(rows).to_csv(root / "cells.csv", index=False)
+    return root / "cells.csv"
+
+
+def test_a_misspelled_control_names_the_right_one(tmp_path: Path) -> None:
+    table_path = crops(tmp_path)
+    table = pd.read_csv(table_path)
+    extra = pd.DataFrame({"gene": [f"AAA{i:02d}" for i in range(20)]})  # sort before it
+    table = pd.concat([table, table.iloc[:20].assign(gene=extra["gene"])], ignore_index=True)
+    table.to_csv(table_path, index=False)
+    with pytest.raises(InputError, match="Did you mean 'nontargeting'"):
+        ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene",
+               control="non-targeting")  # fmt: skip
+
+
+def test_channel_names_come_from_ome_metadata(tmp_path: Path) -> None:
+    table_path = crops(tmp_path, ome_names=["DAPI", "Actin", "Tubulin"])
+    result = ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene")
+    assert result.channel_names == ["DAPI", "Actin", "Tubulin"]
+    assert open_store(tmp_path / "s.zarr").channel_names == ["DAPI", "Actin", "Tubulin"]
+
+
+def test_baseline_asks_which_channel_holds_the_nuclei(tmp_path: Path) -> None:
+    table_path = crops(tmp_path)  # no names anywhere: ch0, ch1, ch2
+    ingest(table_path, out=tmp_path / "s.zarr", perturbation_column="gene")
+    with pytest.raises(InputError, match="--nucleus-channel"):
+        baseline(tmp_path / "s.zarr", out=tmp_path / "b.h5ad")
+    assert not (tmp_path / "b.h5ad").exists()
+    result = baseline(tmp_path / "s.zarr", out=tmp_path / "b.h5ad", nucleus_channel="ch1")
+    adata = ad.read_h5ad(result.out_path)
+    assert adata.uns["scbd"]["nucleus_channel"] == "ch1"
+    # scanpy's conventions: the PCA in obsm["X_pca"] with uns["pca"], named components
+    np.testing.assert_array_equal(adata.obsm["X_pca"], adata.X)
+    assert list(adata.var_names[:2]) == ["PC1", "PC2"]
+    ratio = adata.uns["pca"]["variance_ratio"]
+    assert len(ratio) == adata.n_vars and np.all(np.diff(ratio) <= 1e-6)
+
+
+@pytest.fixture(scope="module")
+def embedded(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("first_hour")
+    train(tiny_store, out=out / "run", steps=2, encoder="tiny", classes_per_batch=8,
+          cells_per_class=4, z_dim=8, device="cpu", workers=0)  # fmt: skip
+    embed(out / "run", tiny_store, out=out / "cells.h5ad", aggregate=True)
+    return out
+
+
+def test_one_var_naming_and_config_as_a_dict(embedded: Path) -> None:
+    cells = ad.read_h5ad(embedded / "cells.h5ad")
+    assert list(cells.var_names[:2]) == ["z0", "z1"]
+    for level in ("guides", "genes"):
+        profiles = ad.read_h5ad(embedded / f"{level}.h5ad")
+        assert list(profiles.var_names) == list(cells.var_names)
+    config = cells.uns["scbd"]["config"]
+    assert isinstance(config, dict) and config["encoder"] == "tiny" and config["z_dim"] == 8
+
+
+def test_evaluate_says_it_needs_cells_not_genes(embedded, tmp_path, write_corum) -> None:
+    corum = write_corum(tmp_path / "c.txt", {"c": ["GENE0001", "GENE0002"]})
+    with pytest.raises(DataError, match="needs the cell-level file"):
+        evaluate([embedded / "genes.h5ad"], corum=corum, out=tmp_path / "r")
+
+
+def test_a_batch_of_several_columns(embedded: Path, tmp_path: Path, write_corum) -> None:
+    cells = embedded / "cells.h5ad"
+    genes = sorted(set(ad.read_h5ad(cells).obs["perturbation"].astype(str)) - {"nontargeting"})
+    corum = write_corum(tmp_path / "c.txt", {"c1": genes[:3], "c2": genes[3:6]})
+    joined = evaluate([cells], corum=corum, out=tmp_path / "joined", batch_key="plate,well",
+                      umap=False)  # fmt: skip
+    one = evaluate([cells], corum=corum, out=tmp_path / "one", umap=False)  # batch = plate_well
+    assert joined.metrics["embeddings"]["cells"]["well_f1"] == pytest.approx(
+        one.metrics["embeddings"]["cells"]["well_f1"]
+    )
+    corrected = correct(cells, method="center-scale", batch_key="plate,well",
+                        out=tmp_path / "centred.h5ad")  # fmt: skip
+    assert "plate_well" in ad.read_h5ad(corrected.out_path).obs.columns
+    table = export(cells, level="well", batch_key="plate,well", out=tmp_path / "wells.parquet")
+    assert table.n_rows == ad.read_h5ad(cells).obs["batch"].nunique()
