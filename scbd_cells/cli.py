@@ -120,6 +120,13 @@ def simulate(
     batch_strength: Annotated[
         float | None, typer.Option(help="Well effect multiplier (1 = default, 0 = none).")
     ] = None,
+    holdout_plates: Annotated[
+        int | None,
+        typer.Option(
+            help="Hold out the last K plates: technical effects unlike any other plate's (a new "
+            "plate); cells.csv gets a 'holdout' column (docs/new-plates.md). [default: 0]"
+        ),
+    ] = None,
 ) -> None:
     """Write a synthetic optical pooled screen: cells.csv, images, complexes.txt, truth.json."""
     from scbd_cells.simulation import simulate as run_simulation
@@ -131,6 +138,7 @@ def simulate(
         cells_per_guide=cells_per_guide, control_cells_per_guide=control_cells_per_guide,
         plates=plates, wells_per_plate=wells_per_plate, crop_size=crop_size,
         effect_strength=effect_strength, batch_strength=batch_strength,
+        holdout_plates=holdout_plates,
     )
     stdout.print(
         f"[green]Simulated[/] {result.n_cells:,} cells ({result.n_genes} genes in "
