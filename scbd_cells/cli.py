@@ -352,7 +352,18 @@ def train(
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
     decoder: Annotated[
-        bool | None, typer.Option("--decoder/--no-decoder", help="Train the additive decoder.")
+        bool | None,
+        typer.Option(
+            "--decoder/--no-decoder",
+            help="Train the additive decoder on detached z (for `scbd-cells reconstruct`; "
+            "changes no embedding). \\[default: False]",
+        ),
+    ] = None,
+    decoder_width: Annotated[
+        int | None, typer.Option(help="Decoder channels." + _train_default("decoder_width"))
+    ] = None,
+    decoder_lr: Annotated[
+        float | None, typer.Option(help="Decoder learning rate; default: --lr.")
     ] = None,
     normalize: Annotated[
         str | None,
@@ -384,6 +395,7 @@ def train(
         encoder=encoder, z_dim=z_dim, image_size=image_size, classes_per_batch=classes_per_batch,
         cells_per_class=cells_per_class, steps=steps, val_every=val_every, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, compile=compile, decoder=decoder,
+        decoder_width=decoder_width, decoder_lr=decoder_lr,
         normalize=normalize, augment=augment, cache_gb=cache_gb, workers=workers,
     )
     result = run_training(store_path, out=out, config_path=config, resume=resume, **options)
