@@ -30,6 +30,7 @@ _LAZY = {
     "baseline": "scbd_cells.features",
     "evaluate": "scbd_cells.evaluation.report",
     "demo": "scbd_cells.pipeline",
+    "reconstruct": "scbd_cells.reconstruction",
 }
 
 __all__ = ["__version__", *_LAZY]

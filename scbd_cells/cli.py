@@ -124,7 +124,7 @@ def simulate(
         int | None,
         typer.Option(
             help="Hold out the last K plates: technical effects unlike any other plate's (a new "
-            "plate); cells.csv gets a 'holdout' column (docs/new-plates.md). [default: 0]"
+            "plate); cells.csv gets a 'holdout' column (docs/new-plates.md). \\[default: 0]"
         ),
     ] = None,
 ) -> None:
@@ -566,6 +566,52 @@ def demo(
     _print_table(result.table)
     stdout.print(
         f"Report: {result.report_path} (total {sum(result.seconds.values()) / 60:.1f} min)"
+    )
+
+
+@app.command()
+def reconstruct(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Training run folder trained with --decoder (or its .pt).")
+    ],
+    store: Annotated[Path, typer.Argument(help="Store whose cells are drawn (any plate).")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNG grids and index.csv.")],
+    cells: Annotated[
+        int, typer.Option(help="Cells per perturbation in the reconstruction grid.")
+    ] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the cells and wells chosen.")] = 0,
+    perturbations: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated perturbations to show (the control is added). Default: the "
+            "4 whose mean z_c lies farthest from the control's."
+        ),
+    ] = None,
+    wells: Annotated[int, typer.Option(help="Other wells whose z_s is swapped in.")] = 5,
+    which: Annotated[str, typer.Option(help="Checkpoint of the run: best or last.")] = "best",
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cuda:N or cpu (default: CUDA if available).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace pictures an earlier reconstruct wrote in --out.")
+    ] = False,
+) -> None:
+    """Pictures of what z_c and z_s hold: reconstructions and swaps from the decoder.
+
+    Writes reconstructions.png, swap_well.png ("this cell as if imaged in well B"),
+    swap_perturbation.png ("well A's look with perturbation B"), each also as
+    *_channels.png, and index.csv (the cells used). Needs a run trained with --decoder.
+    """
+    from scbd_cells.reconstruction import reconstruct as run_reconstruct
+
+    result = run_reconstruct(
+        run_dir, store, out=out, cells=cells, seed=seed,
+        perturbations=_split_csv(perturbations), wells=wells, which=which, device=device,
+        overwrite=overwrite,
+    )
+    stdout.print(
+        f"[green]Drew[/] {', '.join(result.perturbations)} -> {result.out_dir} "
+        f"({', '.join(path.name for path in result.figure_paths.values())}, index.csv)"
     )
 
 
