@@ -32,6 +32,7 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import CheckpointError, DataError, InputError
+from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ class Grid:
         (rows, columns, C, S, S) float32; an empty panel is all NaN.
     row_labels, column_labels
         Text beside each row and above each column.
+    row_breaks, column_breaks
+        Rows and columns followed by a wider gap (they close a group: a header row,
+        a cell's pair of panels).
     """
 
     name: str
@@ -107,6 +111,8 @@ class Grid:
     images: np.ndarray
     row_labels: list[str]
     column_labels: list[str]
+    row_breaks: tuple[int, ...] = ()
+    column_breaks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,8 @@ def encode_cells(
     batch_codes = np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64)
     device = next(trained.model.parameters()).device
     inputs, z_c, z_s = [], [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), progress_bar(unit="cells") as bar:
+        task = bar.add_task("Embedding cells to draw", total=unique.size)
         for start in range(0, unique.size, batch_size):
             part = unique[start : start + batch_size]
             pixels = torch.from_numpy(store.read(part).astype(np.float32)).to(device)
@@ -198,6 +205,7 @@ def encode_cells(
             inputs.append(images.float().cpu().numpy())
             z_c.append(output.z_perturbation.float().cpu().numpy())
             z_s.append(output.z_batch.float().cpu().numpy())
+            bar.advance(task, part.size)
     size = int(trained.model_args["image_size"])
     z_dim = int(trained.model_args["z_dim"])
     empty = (np.empty((0, store.n_channels, size, size), np.float32), np.empty((0, z_dim)))
@@ -422,6 +430,8 @@ class _GridBuilder:
         self.images = np.full((n_rows, n_columns, *shape), np.nan, dtype=np.float32)
         self.row_labels = [""] * n_rows
         self.column_labels = [""] * n_columns
+        self.row_breaks: tuple[int, ...] = ()
+        self.column_breaks: tuple[int, ...] = ()
         self.records: list[dict[str, Any]] = []
         self.decodes: list[tuple[int, int, int, int]] = []  # (row, column, z_c row, z_s row)
 
@@ -453,7 +463,15 @@ class _GridBuilder:
             pictures = decode(trained, encoded.z_perturbation[z_c_rows], encoded.z_batch[z_s_rows])
             for (row, column, _, _), picture in zip(self.decodes, pictures, strict=True):
                 self.images[row, column] = picture
-        return Grid(self.name, self.title, self.images, self.row_labels, self.column_labels)
+        return Grid(
+            self.name,
+            self.title,
+            self.images,
+            self.row_labels,
+            self.column_labels,
+            self.row_breaks,
+            self.column_breaks,
+        )
 
 
 def _build_grids(
@@ -473,6 +491,7 @@ def _build_grids(
         2 * cells,
         shape,
     )
+    recon.column_breaks = tuple(range(1, 2 * cells - 1, 2))
     for j in range(cells):
         recon.column_labels[2 * j] = f"cell {j + 1}\noriginal"
         recon.column_labels[2 * j + 1] = f"cell {j + 1}\nreconstruction"
@@ -491,6 +510,7 @@ def _build_grids(
         2 + len(plan.donor_wells),
         shape,
     )
+    swap_well.row_breaks, swap_well.column_breaks = (0,), (1,)
     swap_well.row_labels[0] = "z_s donors\n(originals)"
     swap_well.column_labels[:2] = ["original", "reconstruction"]
     for j, (batch, donor) in enumerate(zip(plan.donor_wells, plan.well_donors, strict=True)):
@@ -512,6 +532,7 @@ def _build_grids(
         2 + len(plan.perturbation_donors),
         shape,
     )
+    swap_perturbation.row_breaks, swap_perturbation.column_breaks = (0,), (1,)
     swap_perturbation.row_labels[0] = "z_c donors\n(originals)"
     swap_perturbation.column_labels[:2] = ["original", "reconstruction"]
     for j, donor in enumerate(plan.perturbation_donors):
@@ -568,15 +589,8 @@ def _composite(image: np.ndarray, colours: np.ndarray, low: np.ndarray, high: np
 
 
 # Figure geometry, in inches.
-_PANEL, _GAP, _LEFT, _RIGHT, _COLUMN_LABELS, _BLOCK_TITLE, _BLOCK_GAP = (
-    0.62,
-    0.04,
-    1.15,
-    0.1,
-    0.36,
-    0.26,
-    0.3,
-)
+_PANEL, _GAP, _BREAK, _LEFT, _RIGHT = 0.62, 0.04, 0.12, 1.15, 0.1
+_COLUMN_LABELS, _BLOCK_TITLE, _BLOCK_GAP = 0.36, 0.26, 0.3
 
 
 def _space_note(normalize: str) -> str:
@@ -617,9 +631,10 @@ def _draw_block(
         )
         top -= _BLOCK_TITLE
     top -= _COLUMN_LABELS
-    step = _PANEL + _GAP
+    row_tops = _offsets(n_rows, grid.row_breaks)
+    column_lefts = _offsets(n_columns, grid.column_breaks)
     for i in range(n_rows):
-        bottom = top - (i + 1) * step + _GAP
+        bottom = top - row_tops[i] - _PANEL
         figure.text(
             (x0 + _LEFT - 0.06) / width,
             (bottom + _PANEL / 2) / height,
@@ -630,7 +645,7 @@ def _draw_block(
             va="center",
         )
         for j in range(n_columns):
-            left = x0 + _LEFT + j * step
+            left = x0 + _LEFT + column_lefts[j]
             axis = figure.add_axes((left / width, bottom / height, _PANEL / width, _PANEL / height))
             axis.set_axis_off()
             if not np.isnan(grid.images[i, j]).all():
@@ -639,11 +654,23 @@ def _draw_block(
                 axis.set_title(grid.column_labels[j], fontsize=6.5, color="white", pad=3)
 
 
+def _offsets(n: int, breaks: Sequence[int]) -> np.ndarray:
+    """Start of each of ``n`` panels along one axis (inches), wider gaps after ``breaks``."""
+    gaps = np.full(n, _GAP)
+    gaps[[b for b in breaks if b < n - 1]] += _BREAK
+    return np.concatenate([[0.0], np.cumsum(_PANEL + gaps)[:-1]])
+
+
 def _block_size(grid: Grid, *, titled: bool) -> tuple[float, float]:
     n_rows, n_columns = grid.images.shape[:2]
-    step = _PANEL + _GAP
-    width = _LEFT + n_columns * step + _RIGHT
-    height = _COLUMN_LABELS + n_rows * step + (_BLOCK_TITLE if titled else 0.0)
+    width = _LEFT + _offsets(n_columns, grid.column_breaks)[-1] + _PANEL + _GAP + _RIGHT
+    height = (
+        _COLUMN_LABELS
+        + _offsets(n_rows, grid.row_breaks)[-1]
+        + _PANEL
+        + _GAP
+        + (_BLOCK_TITLE if titled else 0.0)
+    )
     return width, height
 
 
