@@ -32,6 +32,7 @@ _LAZY = {
     "correct": "scbd_cells.corrections",
     "export": "scbd_cells.exports",
     "demo": "scbd_cells.pipeline",
+    "reconstruct": "scbd_cells.reconstruction",
 }
 
 __all__ = ["__version__", *_LAZY]

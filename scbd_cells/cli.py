@@ -120,6 +120,13 @@ def simulate(
     batch_strength: Annotated[
         float | None, typer.Option(help="Well effect multiplier (1 = default, 0 = none).")
     ] = None,
+    holdout_plates: Annotated[
+        int | None,
+        typer.Option(
+            help="Hold out the last K plates: technical effects unlike any other plate's (a new "
+            "plate); cells.csv gets a 'holdout' column (docs/new-plates.md). \\[default: 0]"
+        ),
+    ] = None,
 ) -> None:
     """Write a synthetic optical pooled screen: cells.csv, images, complexes.txt, truth.json."""
     from scbd_cells.simulation import simulate as run_simulation
@@ -131,6 +138,7 @@ def simulate(
         cells_per_guide=cells_per_guide, control_cells_per_guide=control_cells_per_guide,
         plates=plates, wells_per_plate=wells_per_plate, crop_size=crop_size,
         effect_strength=effect_strength, batch_strength=batch_strength,
+        holdout_plates=holdout_plates,
     )
     stdout.print(
         f"[green]Simulated[/] {result.n_cells:,} cells ({result.n_genes} genes in "
@@ -378,7 +386,18 @@ def train(
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
     decoder: Annotated[
-        bool | None, typer.Option("--decoder/--no-decoder", help="Train the additive decoder.")
+        bool | None,
+        typer.Option(
+            "--decoder/--no-decoder",
+            help="Train the additive decoder on detached z (for `scbd-cells reconstruct`; "
+            "changes no embedding). \\[default: False]",
+        ),
+    ] = None,
+    decoder_width: Annotated[
+        int | None, typer.Option(help="Decoder channels." + _train_default("decoder_width"))
+    ] = None,
+    decoder_lr: Annotated[
+        float | None, typer.Option(help="Decoder learning rate; default: --lr.")
     ] = None,
     normalize: Annotated[
         str | None,
@@ -410,6 +429,7 @@ def train(
         encoder=encoder, z_dim=z_dim, image_size=image_size, classes_per_batch=classes_per_batch,
         cells_per_class=cells_per_class, steps=steps, val_every=val_every, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, compile=compile, decoder=decoder,
+        decoder_width=decoder_width, decoder_lr=decoder_lr,
         normalize=normalize, augment=augment, cache_gb=cache_gb, workers=workers,
     )
     result = run_training(store_path, out=out, config_path=config, resume=resume, **options)
@@ -687,6 +707,52 @@ def demo(
     _print_table(result.table)
     stdout.print(
         f"Report: {result.report_path} (total {sum(result.seconds.values()) / 60:.1f} min)"
+    )
+
+
+@app.command()
+def reconstruct(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Training run folder trained with --decoder (or its .pt).")
+    ],
+    store: Annotated[Path, typer.Argument(help="Store whose cells are drawn (any plate).")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNG grids and index.csv.")],
+    cells: Annotated[
+        int, typer.Option(help="Cells per perturbation in the reconstruction grid.")
+    ] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the cells and wells chosen.")] = 0,
+    perturbations: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated perturbations to show (the control is added). Default: the "
+            "4 whose mean z_c lies farthest from the control's."
+        ),
+    ] = None,
+    wells: Annotated[int, typer.Option(help="Other wells whose z_s is swapped in.")] = 5,
+    which: Annotated[str, typer.Option(help="Checkpoint of the run: best or last.")] = "best",
+    device: Annotated[
+        str | None, typer.Option(help="cuda, cuda:N or cpu (default: CUDA if available).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace pictures an earlier reconstruct wrote in --out.")
+    ] = False,
+) -> None:
+    """Pictures of what z_c and z_s hold: reconstructions and swaps from the decoder.
+
+    Writes reconstructions.png, swap_well.png ("this cell as if imaged in well B"),
+    swap_perturbation.png ("well A's look with perturbation B"), each also as
+    *_channels.png, and index.csv (the cells used). Needs a run trained with --decoder.
+    """
+    from scbd_cells.reconstruction import reconstruct as run_reconstruct
+
+    result = run_reconstruct(
+        run_dir, store, out=out, cells=cells, seed=seed,
+        perturbations=_split_csv(perturbations), wells=wells, which=which, device=device,
+        overwrite=overwrite,
+    )
+    stdout.print(
+        f"[green]Drew[/] {', '.join(result.perturbations)} -> {result.out_dir} "
+        f"({', '.join(path.name for path in result.figure_paths.values())}, index.csv)"
     )
 
 

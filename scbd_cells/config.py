@@ -32,6 +32,12 @@ class TrainConfig(BaseModel):
     image_size: int | None = Field(None, ge=8, description="Model input size; None = the store's.")
     decoder: bool = Field(False, description="Train the additive decoder on detached z (A.1.1).")
     decoder_width: int = Field(256, ge=4, description="Decoder channels (paper: 256).")
+    decoder_lr: float | None = Field(
+        None,
+        gt=0,
+        description="AdamW learning rate of the decoder; None = lr. The decoder learns from "
+        "detached embeddings, so its rate changes no embedding.",
+    )
     normalize: Literal["batch", "store"] = Field(
         "batch",
         description="batch: each channel standardised with the statistics of the cell's own "

@@ -47,6 +47,7 @@ KIND_NAMES = {
     "screen": "a simulated screen written by scbd-cells",
     "demo": "a scbd-cells demo folder",
     "table": "a profile table exported by scbd-cells",
+    "pictures": "a folder of scbd-cells reconstruct pictures",
 }
 ANNDATA_SUFFIXES = (".h5ad", ".zarr")
 _UNS_KEY = "scbd"  # schema.UNS_SCBD; kept here so this module imports nothing heavy

@@ -99,6 +99,12 @@ class SimulationParams:
         (the others have none).
     cells_per_chunk
         Cells drawn together (memory per worker grows with it).
+    holdout_plates
+        The last ``holdout_plates`` plates are *held out*: their wells get technical
+        effects from a shifted distribution, outside the range of the other plates
+        (:func:`_holdout_well_effects`), to test a model on a plate unlike any it
+        was trained on. 0: none (the screen is then byte-identical to one made
+        before the option existed).
     """
 
     n_genes: int
@@ -116,6 +122,7 @@ class SimulationParams:
     fraction_in_complexes: float = 0.7
     fraction_unassigned_with_effect: float = 0.3
     cells_per_chunk: int = 1024
+    holdout_plates: int = 0
 
     @property
     def n_cells(self) -> int:
@@ -237,6 +244,7 @@ class _Design:
     cell_shift: np.ndarray  # (n_cells, P) float32 morphological shift of each cell
     field_size: int
     fields: list[tuple[int, int]] = field(default_factory=list)  # (well, tile) per global field
+    holdout_plates: list[str] = field(default_factory=list)  # plates with shifted effects
 
 
 def _well_name(index: int) -> str:
@@ -414,6 +422,69 @@ def _well_effects(
             }
         )
     return effects
+
+
+#: Column of ``cells.csv`` marking the cells of held-out plates (``--holdout-plates``).
+HOLDOUT_COLUMN = "holdout"
+
+
+def _holdout_well_effects(
+    params: SimulationParams, rng: np.random.Generator, well_plate: np.ndarray
+) -> list[dict[str, Any]]:
+    """Technical effects of held-out plates, outside the range of the other plates' effects.
+
+    A plate imaged months later (new stain lot, another microscope) differs in ways
+    the training plates never showed: each channel's gain moves by e^(±0.5), a
+    shift of about 2.4 well-to-well SDs in a random direction per channel; the
+    background rises by 250 counts; blur, illumination gradient, vignetting and
+    both noises are drawn from just above the ranges of :func:`_well_effects`.
+    Everything scales with ``batch_strength`` as there.
+    """
+    strength, n_channels, scale = params.batch_strength, len(SIM_CHANNELS), params.crop_size / 64
+    plates = np.unique(well_plate)
+    direction = rng.choice([-1.0, 1.0], size=(plates.size, n_channels))
+    plate_gain = direction * 0.5 * strength + rng.normal(
+        0, 0.15 * strength, size=(plates.size, n_channels)
+    )
+    plate_offset = 250 * strength + rng.normal(0, 80 * strength, size=(plates.size, n_channels))
+    effects = []
+    for plate in np.searchsorted(plates, well_plate):
+        effects.append(
+            {
+                "gain": np.exp(
+                    plate_gain[plate] + rng.normal(0, 0.15 * strength, n_channels)
+                ).tolist(),
+                "offset": np.maximum(
+                    50.0, 400 + plate_offset[plate] + rng.normal(0, 80 * strength, n_channels)
+                ).tolist(),
+                "blur_sigma": float(rng.uniform(1.5, 2.25) * strength * scale),
+                "gradient": float(rng.uniform(0.35, 0.5) * strength),
+                "gradient_angle": float(rng.uniform(0, 2 * np.pi)),
+                "vignetting": float(rng.uniform(0.25, 0.35) * strength),
+                "read_noise": float(20 + rng.uniform(60, 90) * strength),
+                "shot_noise": float(1.0 + rng.uniform(3, 4.5) * strength),
+            }
+        )
+    return effects
+
+
+def _hold_out_plates(design: _Design, params: SimulationParams, *, seed: int) -> None:
+    """Give the last ``params.holdout_plates`` plates shifted technical effects (in place).
+
+    The draws come from their own stream (``[seed, 1]``), so every cell, guide and
+    training-plate well stays exactly as without held-out plates: only the held-out
+    wells' technical effects change.
+    """
+    if not params.holdout_plates:
+        return
+    first = params.plates - params.holdout_plates
+    wells = np.flatnonzero(design.well_plate >= first)
+    shifted = _holdout_well_effects(
+        params, np.random.default_rng([seed, 1]), design.well_plate[wells]
+    )
+    for well, effect in zip(wells, shifted, strict=True):
+        design.well_effects[well] = effect
+    design.holdout_plates = design.plates[first:]
 
 
 # ---------------------------------------------------------------------------
@@ -786,6 +857,7 @@ def simulate(
     crop_size: int | None = None,
     effect_strength: float | None = None,
     batch_strength: float | None = None,
+    holdout_plates: int | None = None,
 ) -> SimulationResult:
     """Simulate an optical pooled screen and write it to ``out_dir``.
 
@@ -813,6 +885,10 @@ def simulate(
     n_genes, n_complexes, guides_per_gene, control_guides, cells_per_guide, \
 control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, batch_strength
         Override the preset (see :class:`SimulationParams`).
+    holdout_plates
+        Hold out the last K plates: their wells get technical effects unlike any
+        other plate's, ``cells.csv`` gains a boolean ``holdout`` column and
+        ``truth.json`` a ``holdout`` entry (docs/new-plates.md). Default 0.
 
     Returns
     -------
@@ -839,6 +915,7 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
         "crop_size": crop_size,
         "effect_strength": effect_strength,
         "batch_strength": batch_strength,
+        "holdout_plates": holdout_plates,
     }
     params = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     _check_params(params, workers=workers)
@@ -847,6 +924,7 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
 
     rng = np.random.default_rng(seed)
     design = _design(params, rng)
+    _hold_out_plates(design, params, seed=seed)
     n_cells = design.cell_guide.size
     logger.info(
         "Simulating %s cells (%d genes in %d complexes, %d wells) at %d px into %s",
@@ -926,6 +1004,12 @@ def _check_params(params: SimulationParams, *, workers: int) -> None:
         raise InputError(
             f"{params.n_complexes} complexes need at least {2 * params.n_complexes} genes (two per "
             f"complex), got n_genes={params.n_genes}. Lower n_complexes or raise n_genes."
+        )
+    if not 0 <= params.holdout_plates < params.plates:
+        raise InputError(
+            f"holdout_plates must be between 0 and plates - 1 = {params.plates - 1} (at least one "
+            f"plate to train on), got {params.holdout_plates}. Raise --plates or lower "
+            "--holdout-plates."
         )
     if params.crop_size < MIN_CROP_SIZE:
         raise InputError(
@@ -1007,6 +1091,8 @@ def _cells_table(design: _Design, *, layout: str) -> pd.DataFrame:
     columns["tile"] = design.cell_tile
     columns["x"] = np.round(design.cell_x, 3)
     columns["y"] = np.round(design.cell_y, 3)
+    if design.holdout_plates:  # only then: screens without held-out plates keep their bytes
+        columns[HOLDOUT_COLUMN] = np.isin(plate, design.holdout_plates)
     return pd.DataFrame(columns)
 
 
@@ -1066,11 +1152,14 @@ def _truth(design: _Design, params: SimulationParams, *, seed: int, layout: str)
     def vector(values: np.ndarray) -> dict[str, float]:
         return {name: round(float(v), 6) for name, v in zip(MORPHOLOGY, values, strict=True)}
 
-    return {
+    parameters = asdict(params)
+    if not params.holdout_plates:  # written only when used: older screens keep their bytes
+        parameters.pop("holdout_plates")
+    truth = {
         "scbd_cells_version": __version__,
         "seed": seed,
         "layout": layout,
-        "parameters": asdict(params),
+        "parameters": parameters,
         "channels": list(SIM_CHANNELS),
         "morphology": list(MORPHOLOGY),
         "field_size": design.field_size,
@@ -1107,6 +1196,15 @@ def _truth(design: _Design, params: SimulationParams, *, seed: int, layout: str)
             for w, effect in enumerate(design.well_effects)
         },
     }
+    if design.holdout_plates:
+        truth["holdout"] = {
+            "plates": list(design.holdout_plates),
+            "column": HOLDOUT_COLUMN,
+            "effects": "shifted: gain x e^(+-0.5) per channel, background +250, blur, "
+            "gradient, vignetting and noise above the training plates' ranges "
+            "(docs/simulator.md)",
+        }
+    return truth
 
 
 # ---------------------------------------------------------------------------

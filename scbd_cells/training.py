@@ -49,7 +49,7 @@ from scbd_cells.distributed import (
 from scbd_cells.errors import CheckpointError, DataError, InputError, TrainingError
 from scbd_cells.model.losses import SCBDLoss, batch_target_labels, scbd_loss
 from scbd_cells.model.preprocess import Preprocessor, preprocessor_for, random_dihedral
-from scbd_cells.model.scbd import SCBDModel
+from scbd_cells.model.scbd import SCBDModel, parameter_groups
 from scbd_cells.outputs import (
     check_not_input,
     check_output,
@@ -245,7 +245,9 @@ def train(
         store, channel_stats=store.channel_stats, image_size=image_size, batch_stats=batch_stats
     )
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        parameter_groups(model, decoder_lr=config.decoder_lr),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
     )
 
     step, best_val_loss, history = 0, math.inf, []

@@ -27,6 +27,10 @@ def test_demo_twice_same_table(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert metrics["embeddings"]["scbd"]["overall"] is not None
     assert {p.name for p in report.iterdir()} >= {"metrics.json", "corum_pr.csv", "report.md"}
+    # the SCBD model's pictures, one swap grid linked from the report
+    assert (tmp_path / "a" / "reconstruct" / "swap_well.png").exists()
+    assert "](../reconstruct/swap_well.png)" in (report / "report.md").read_text()
+    assert first.pictures_dir == tmp_path / "a" / "reconstruct"
     genes = ad.read_h5ad(tmp_path / "a" / "embeddings" / "scbd" / "genes.h5ad")
     assert genes.n_obs == 16 and genes.obs["n_cells"].gt(0).all()
     sc.pp.neighbors(genes, use_rep="X", n_neighbors=5)

@@ -156,6 +156,46 @@ def test_same_seed_same_bytes_and_workers_do_not_matter(tmp_path: Path) -> None:
     )
 
 
+def test_holdout_plates_get_effects_unlike_the_others(tmp_path: Path) -> None:
+    """The last plate's wells get technical effects outside the other plates' ranges; every
+    cell, guide and training-plate image stays as in the same screen without a held-out plate."""
+    plain = simulate(tmp_path / "plain", seed=2, plates=3, **SMALL)
+    held = simulate(tmp_path / "held", seed=2, plates=3, holdout_plates=1, **SMALL)
+    plain_truth = json.loads(plain.truth_path.read_text())
+    truth = json.loads(held.truth_path.read_text())
+    assert "holdout" not in plain_truth and "holdout_plates" not in plain_truth["parameters"]
+    assert truth["holdout"]["plates"] == ["plate3"] and truth["parameters"]["holdout_plates"] == 1
+
+    table, plain_table = pd.read_csv(held.cells_path), pd.read_csv(plain.cells_path)
+    assert "holdout" not in plain_table.columns
+    assert (table["holdout"] == (table["plate"] == "plate3")).all()
+    pd.testing.assert_frame_equal(table.drop(columns="holdout"), plain_table)
+
+    wells = truth["wells"]
+    new = [effect for name, effect in wells.items() if name.startswith("plate3_")]
+    seen = [effect for name, effect in wells.items() if not name.startswith("plate3_")]
+    assert len(new) == 2 and len(seen) == 4
+    for key in ("blur_sigma", "gradient", "vignetting", "read_noise", "shot_noise"):
+        assert min(e[key] for e in new) > max(e[key] for e in seen), key
+    # gain and background: shifted (by e^(+-0.5) and +250 counts), so far out in the tails
+    def mean_of(effects: list[dict], key: str, transform=np.asarray) -> float:
+        return float(np.mean([transform(e[key]) for e in effects]))
+
+    def log_gain(gain: list[float]) -> np.ndarray:
+        return np.abs(np.log(gain))
+
+    assert mean_of(new, "gain", log_gain) > 2 * mean_of(seen, "gain", log_gain)
+    assert mean_of(new, "offset") > mean_of(seen, "offset") + 150
+    assert [wells[name] for name in wells if not name.startswith("plate3_")] == [
+        plain_truth["wells"][name] for name in wells if not name.startswith("plate3_")
+    ]
+
+    plain_hashes, held_hashes = _hashes(plain.out_dir), _hashes(held.out_dir)
+    for name, digest in held_hashes.items():
+        if name.endswith(".tif"):
+            assert (digest == plain_hashes[name]) == ("plate3_" not in name), name
+
+
 def test_tiff_bytes_equal_tifffile() -> None:
     image = np.random.default_rng(0).integers(0, 65535, size=(4, 20, 20), dtype=np.uint16)
     buffer = io.BytesIO()
@@ -199,6 +239,8 @@ def test_fields_layout_matches_crops(tmp_path: Path) -> None:
         (["--cells-per-guide", "-3"], "cells_per_guide"),
         (["--preset", "huge"], "preset"),
         (["--layout", "tiles"], "layout"),
+        (["--holdout-plates", "2"], "holdout_plates"),
+        (["--holdout-plates", "-1"], "holdout_plates"),
     ],
 )
 def test_bad_input_exits_with_2(tmp_path: Path, arguments: list[str], message: str) -> None:

@@ -113,3 +113,18 @@ class SCBDModel(nn.Module):
                 reconstruction, size=(size, size), mode="bilinear", align_corners=False
             )
         return reconstruction
+
+
+def parameter_groups(model: SCBDModel, *, decoder_lr: float | None) -> list[dict[str, Any]]:
+    """Parameters for the optimiser: one group, or the decoder's apart at ``decoder_lr``.
+
+    The decoder learns from detached embeddings, so its learning rate changes no
+    encoder or head update: the first group holds the same parameters, in the same
+    order, as ``model.parameters()`` without the decoder.
+    """
+    if decoder_lr is None or model.decoder_perturbation is None or model.decoder_batch is None:
+        return [{"params": list(model.parameters())}]
+    decoder = [*model.decoder_perturbation.parameters(), *model.decoder_batch.parameters()]
+    in_decoder = {id(parameter) for parameter in decoder}
+    rest = [parameter for parameter in model.parameters() if id(parameter) not in in_decoder]
+    return [{"params": rest}, {"params": decoder, "lr": decoder_lr}]

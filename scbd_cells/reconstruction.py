@@ -1,0 +1,936 @@
+"""Reconstruct: pictures of what z_c and z_s hold, from the additive decoder (paper A.1.1).
+
+``train --decoder`` trains ``x_hat = d_c(z_c) + d_s(z_s)`` on detached
+embeddings, so the decoder learns to draw a cell from its two embeddings
+without changing them. :func:`reconstruct` uses it for three grids:
+
+- ``reconstructions``: a few cells of each chosen perturbation, original beside
+  reconstruction (how much of the cell the two embeddings keep);
+- ``swap_well``: z_c of a cell with z_s of cells from other wells, "this cell
+  as if imaged in well B" (what z_s holds: the well's look);
+- ``swap_perturbation``: z_s of a cell with z_c of typical cells of other
+  perturbations, "well A's look with perturbation B" (what z_c holds).
+
+Every picture is in the model's normalised space (the preprocessed input the
+decoder was trained to reproduce), originals and reconstructions on one display
+scale per channel. ``index.csv`` lists every cell drawn and its role.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scbd_cells.data import schema
+from scbd_cells.errors import CheckpointError, DataError, InputError
+from scbd_cells.outputs import locks_output, prepare_folder
+from scbd_cells.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+#: Grid names, in the order they are drawn; each gives ``NAME.png`` and ``NAME_channels.png``.
+GRIDS = ("reconstructions", "swap_well", "swap_perturbation")
+INDEX_FILE = "index.csv"
+INDEX_COLUMNS = [
+    "grid",
+    "row",
+    "column",
+    "role",
+    "store_row",
+    schema.CELL_ID,
+    schema.PERTURBATION,
+    schema.GUIDE,
+    schema.BATCH,
+    schema.SPLIT,
+]
+#: Every file :func:`reconstruct` writes (``overwrite`` replaces these and nothing else).
+OUTPUT_FILES = (
+    *(f"{name}{suffix}.png" for name in GRIDS for suffix in ("", "_channels")),
+    INDEX_FILE,
+)
+#: Perturbations chosen when none are named (besides the control).
+DEFAULT_N_PERTURBATIONS = 4
+#: Cells per perturbation encoded to rank perturbations and to find typical cells.
+SAMPLE_PER_PERTURBATION = 16
+#: Display range of each channel: these percentiles of the originals shown.
+DISPLAY_PERCENTILES = (1.0, 99.5)
+
+# Stain colours (RGB) for channel names labs use; other channels take the palette in order.
+_NAMED_COLOURS = {
+    "dna": (0.15, 0.35, 1.0),
+    "dapi": (0.15, 0.35, 1.0),
+    "hoechst": (0.15, 0.35, 1.0),
+    "nuclei": (0.15, 0.35, 1.0),
+    "actin": (0.85, 0.1, 0.75),
+    "phalloidin": (0.85, 0.1, 0.75),
+    "microtubules": (0.1, 0.9, 0.2),
+    "tubulin": (0.1, 0.9, 0.2),
+    "dna_damage": (1.0, 0.85, 0.0),
+    "gh2ax": (1.0, 0.85, 0.0),
+}
+_PALETTE = (
+    (0.1, 0.9, 0.2),
+    (0.85, 0.1, 0.75),
+    (1.0, 0.85, 0.0),
+    (0.0, 0.85, 0.9),
+    (1.0, 0.3, 0.1),
+    (0.15, 0.35, 1.0),
+    (0.8, 0.8, 0.8),
+)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One picture grid: panels of (C, S, S) images in the model's normalised space.
+
+    Attributes
+    ----------
+    name
+        ``reconstructions``, ``swap_well`` or ``swap_perturbation``.
+    title
+        What the grid shows, for a person.
+    images
+        (rows, columns, C, S, S) float32; an empty panel is all NaN.
+    row_labels, column_labels
+        Text beside each row and above each column.
+    row_breaks, column_breaks
+        Rows and columns followed by a wider gap (they close a group: a header row,
+        a cell's pair of panels).
+    """
+
+    name: str
+    title: str
+    images: np.ndarray
+    row_labels: list[str]
+    column_labels: list[str]
+    row_breaks: tuple[int, ...] = ()
+    column_breaks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReconstructResult:
+    """What :func:`reconstruct` wrote.
+
+    Attributes
+    ----------
+    out_dir
+        The output folder.
+    figure_paths
+        Grid name -> composite PNG (all channels in their stain colours).
+    channel_figure_paths
+        Grid name -> PNG with one block of panels per channel.
+    index_path
+        ``index.csv``: one row per cell in each panel (grid, row, column, role,
+        store_row, cell_id, perturbation, guide, batch, split).
+    perturbations
+        The perturbations shown (the control first when the store has one).
+    grids
+        The arrays drawn, by name (for notebooks and tests).
+    """
+
+    out_dir: Path
+    figure_paths: dict[str, Path]
+    channel_figure_paths: dict[str, Path]
+    index_path: Path
+    perturbations: list[str]
+    grids: dict[str, Grid]
+
+
+@dataclass(frozen=True)
+class EncodedCells:
+    """Store rows with their model inputs and embeddings (row i of each array is ``rows[i]``).
+
+    Attributes
+    ----------
+    rows
+        (n,) store rows, sorted and unique.
+    inputs
+        (n, C, S, S) float32 preprocessed images (what the decoder reproduces).
+    z_perturbation, z_batch
+        (n, z) float32 unit-norm z_c and z_s.
+    """
+
+    rows: np.ndarray
+    inputs: np.ndarray
+    z_perturbation: np.ndarray
+    z_batch: np.ndarray
+
+    def position(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Positions of store ``rows`` in the arrays."""
+        return np.searchsorted(self.rows, np.asarray(rows, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- model pieces
+
+
+def encode_cells(
+    trained: Any, store: Any, rows: Sequence[int] | np.ndarray, *, batch_size: int = 512
+) -> EncodedCells:
+    """Preprocess and embed some cells of ``store`` with a trained model (as ``embed`` does).
+
+    Parameters
+    ----------
+    trained
+        A :class:`~scbd_cells.checkpoint.TrainedModel`.
+    store
+        An open store (its own per-well statistics when it is not the training store).
+    rows
+        Store rows (any order, repeats allowed).
+    batch_size
+        Cells per forward pass.
+    """
+    import torch
+
+    unique = np.unique(np.asarray(rows, dtype=np.int64))
+    preprocessor = trained.preprocessor_for(store)
+    batch_codes = np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64)
+    device = next(trained.model.parameters()).device
+    inputs, z_c, z_s = [], [], []
+    with torch.inference_mode(), progress_bar(unit="cells") as bar:
+        task = bar.add_task("Embedding cells to draw", total=unique.size)
+        for start in range(0, unique.size, batch_size):
+            part = unique[start : start + batch_size]
+            pixels = torch.from_numpy(store.read(part).astype(np.float32)).to(device)
+            codes = torch.from_numpy(batch_codes[part]).to(device)
+            images = preprocessor(pixels, codes)  # (b, C, S, S)
+            output = trained.model(images)
+            inputs.append(images.float().cpu().numpy())
+            z_c.append(output.z_perturbation.float().cpu().numpy())
+            z_s.append(output.z_batch.float().cpu().numpy())
+            bar.advance(task, part.size)
+    size = int(trained.model_args["image_size"])
+    z_dim = int(trained.model_args["z_dim"])
+    empty = (np.empty((0, store.n_channels, size, size), np.float32), np.empty((0, z_dim)))
+    return EncodedCells(
+        rows=unique,
+        inputs=np.concatenate(inputs) if inputs else empty[0],
+        z_perturbation=np.concatenate(z_c).astype(np.float32) if z_c else empty[1],
+        z_batch=np.concatenate(z_s).astype(np.float32) if z_s else empty[1],
+    )
+
+
+def decode(
+    trained: Any, z_perturbation: np.ndarray, z_batch: np.ndarray, *, batch_size: int = 512
+) -> np.ndarray:
+    """The additive decoder's image ``d_c(z_c) + d_s(z_s)`` for each pair of rows.
+
+    Parameters
+    ----------
+    trained
+        A :class:`~scbd_cells.checkpoint.TrainedModel` trained with ``--decoder``.
+    z_perturbation, z_batch
+        (n, z) embeddings; row i of each makes picture i (same cell: a
+        reconstruction; different cells: a swap).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, C, S, S) float32 in the model's normalised space.
+    """
+    import torch
+
+    check_decoder(trained)
+    device = next(trained.model.parameters()).device
+    pieces = []
+    with torch.inference_mode():
+        for start in range(0, len(z_perturbation), batch_size):
+            z_c = torch.as_tensor(z_perturbation[start : start + batch_size], device=device)
+            z_s = torch.as_tensor(z_batch[start : start + batch_size], device=device)
+            pieces.append(trained.model.decode(z_c.float(), z_s.float()).float().cpu().numpy())
+    return np.concatenate(pieces)
+
+
+def check_decoder(trained: Any) -> None:
+    """Raise :class:`CheckpointError` when the run was trained without ``--decoder``."""
+    if not trained.model_args.get("decoder") or trained.model.decoder_perturbation is None:
+        raise CheckpointError(
+            f"the run {trained.checkpoint_path} was trained without the decoder, so it cannot "
+            "draw cells from z_c and z_s. Train with the decoder: `scbd-cells train STORE "
+            "--out RUN_DIR --decoder` (the decoder learns from detached embeddings, so z_c and "
+            "z_s are those of the same run without it), then rerun reconstruct on that run."
+        )
+
+
+# --------------------------------------------------------------------------- choosing cells
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """The store's labels as arrays, and the pool of cells pictures are drawn from."""
+
+    perturbation_codes: np.ndarray
+    perturbation_names: list[str]
+    batch_codes: np.ndarray
+    batch_names: list[str]
+    pool: np.ndarray  # bool (N,): test-split cells when the store has them, else all
+    control: str | None
+
+    @classmethod
+    def of(cls, store: Any) -> _Labels:
+        perturbation_codes, perturbation_names = store.codes(schema.PERTURBATION)
+        batch_codes, batch_names = store.codes(schema.BATCH)
+        split = store.obs[schema.SPLIT].astype(str).to_numpy()
+        pool = split == "test"
+        if not pool.any():
+            pool = np.ones(store.n_cells, dtype=bool)
+        control = store.control if store.control in perturbation_names else None
+        return cls(
+            np.asarray(perturbation_codes, dtype=np.int64),
+            perturbation_names,
+            np.asarray(batch_codes, dtype=np.int64),
+            batch_names,
+            pool,
+            control,
+        )
+
+    def rows_of(self, perturbation: int, *, batch: int | None = None) -> np.ndarray:
+        """Pool rows of a perturbation (all its rows if none is in the pool), in one batch."""
+        mask = self.perturbation_codes == perturbation
+        if batch is not None:
+            mask &= self.batch_codes == batch
+        in_pool = np.flatnonzero(mask & self.pool)
+        return in_pool if in_pool.size else np.flatnonzero(mask)
+
+
+def _sample_per_class(
+    codes: np.ndarray, rows: np.ndarray, per_class: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Up to ``per_class`` random rows of each code among ``rows`` (sorted)."""
+    rows = rng.permutation(rows)
+    order = np.argsort(codes[rows], kind="stable")
+    rows = rows[order]
+    sorted_codes = codes[rows]
+    rank = np.arange(rows.size) - np.searchsorted(sorted_codes, sorted_codes, side="left")
+    return np.sort(rows[rank < per_class])
+
+
+def _choose_perturbations(
+    labels: _Labels,
+    sample: EncodedCells,
+    requested: Sequence[str] | None,
+) -> list[int]:
+    """Codes of the perturbations to show: the control first, then the requested or the
+    ones whose mean z_c lies farthest from the control's (the clearest phenotypes)."""
+    names = labels.perturbation_names
+    control = names.index(labels.control) if labels.control is not None else None
+    if requested:
+        chosen = [names.index(p) for p in dict.fromkeys(requested) if names.index(p) != control]
+    else:
+        sample_codes = labels.perturbation_codes[sample.rows]
+        present = np.unique(sample_codes)
+        means = np.stack([sample.z_perturbation[sample_codes == c].mean(axis=0) for c in present])
+        reference = (
+            means[np.flatnonzero(present == control)[0]]
+            if control is not None
+            else sample.z_perturbation.mean(axis=0)
+        )
+        distance = np.linalg.norm(means - reference, axis=1)
+        ranked = [int(present[i]) for i in np.argsort(-distance, kind="stable")]
+        chosen = [c for c in ranked if c != control][:DEFAULT_N_PERTURBATIONS]
+    return ([control] if control is not None else []) + chosen
+
+
+def _typical_cell(sample: EncodedCells, rows: np.ndarray) -> int:
+    """The row among ``rows`` whose z_c is closest to their mean z_c (an edited, typical cell)."""
+    z = sample.z_perturbation[sample.position(rows)]
+    centre = z.mean(axis=0)
+    return int(rows[np.argmin(np.linalg.norm(z - centre, axis=1))])
+
+
+def _pick(rows: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(rows, size=min(k, rows.size), replace=False)) if rows.size else rows
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which store rows go where: the three grids as (z_c row, z_s row) or original panels."""
+
+    perturbations: list[int]
+    recon_rows: list[np.ndarray]  # per perturbation: the cells shown
+    home_batch: int  # well A of the well swaps
+    well_rows: list[int]  # per perturbation: the cell whose z_c is kept
+    donor_wells: list[int]  # batch codes, columns of swap_well
+    well_donors: list[int]  # per donor well: the cell whose z_s is used
+    style_rows: list[int]  # rows of swap_perturbation: cells whose z_s is kept, one per well
+    perturbation_donors: list[int]  # per non-control perturbation: a typical cell (z_c)
+
+
+def _plan(
+    labels: _Labels,
+    sample: EncodedCells,
+    perturbations: list[int],
+    *,
+    cells: int,
+    wells: int,
+    rng: np.random.Generator,
+) -> _Plan:
+    recon_rows = [_pick(labels.rows_of(p), cells, rng) for p in perturbations]
+
+    # Well A: a well holding pool cells of every chosen perturbation (pooled screens: any).
+    n_batches = len(labels.batch_names)
+    holds = np.zeros(n_batches, dtype=np.int64)
+    for p in perturbations:
+        holds[np.unique(labels.batch_codes[labels.rows_of(p)])] += 1
+    candidates = np.flatnonzero(holds == holds.max())
+    home = int(rng.choice(candidates))
+    well_rows = []
+    for p in perturbations:
+        in_home = labels.rows_of(p, batch=home)
+        well_rows.append(int(rng.choice(in_home if in_home.size else labels.rows_of(p))))
+
+    # Donor wells: other wells, their cells of the control (or of any perturbation).
+    occupied = np.bincount(labels.batch_codes, minlength=n_batches) > 0
+    others = np.array([b for b in np.flatnonzero(occupied) if b != home], dtype=np.int64)
+    donor_wells = sorted(int(b) for b in _pick(others, wells, rng))
+    style_source = perturbations[0]  # the control when the store has one
+
+    def cell_in(batch: int) -> int:
+        rows = labels.rows_of(style_source, batch=batch)
+        if rows.size == 0:
+            rows = np.flatnonzero((labels.batch_codes == batch) & labels.pool)
+        if rows.size == 0:
+            rows = np.flatnonzero(labels.batch_codes == batch)
+        return int(rng.choice(rows))
+
+    well_donors = [cell_in(b) for b in donor_wells]
+    style_rows = [cell_in(b) for b in [home, *donor_wells]]
+    targets = perturbations[1:] if labels.control is not None else perturbations
+    perturbation_donors = [
+        _typical_cell(sample, sample.rows[labels.perturbation_codes[sample.rows] == p])
+        for p in targets
+    ]
+    return _Plan(
+        perturbations=perturbations,
+        recon_rows=recon_rows,
+        home_batch=home,
+        well_rows=well_rows,
+        donor_wells=donor_wells,
+        well_donors=well_donors,
+        style_rows=style_rows,
+        perturbation_donors=perturbation_donors,
+    )
+
+
+# --------------------------------------------------------------------------- building grids
+
+
+class _GridBuilder:
+    """Fills a grid panel by panel and records each panel's cells for index.csv."""
+
+    def __init__(self, name: str, title: str, n_rows: int, n_columns: int, shape: tuple) -> None:
+        self.name, self.title = name, title
+        self.images = np.full((n_rows, n_columns, *shape), np.nan, dtype=np.float32)
+        self.row_labels = [""] * n_rows
+        self.column_labels = [""] * n_columns
+        self.row_breaks: tuple[int, ...] = ()
+        self.column_breaks: tuple[int, ...] = ()
+        self.records: list[dict[str, Any]] = []
+        self.decodes: list[tuple[int, int, int, int]] = []  # (row, column, z_c row, z_s row)
+
+    def original(self, row: int, column: int, store_row: int, encoded: EncodedCells) -> None:
+        self.images[row, column] = encoded.inputs[encoded.position([store_row])[0]]
+        self.records.append(self._record(row, column, "original", store_row))
+
+    def decoded(self, row: int, column: int, z_c_row: int, z_s_row: int) -> None:
+        self.decodes.append((row, column, z_c_row, z_s_row))
+        if z_c_row == z_s_row:
+            self.records.append(self._record(row, column, "reconstruction", z_c_row))
+        else:
+            self.records.append(self._record(row, column, "z_c", z_c_row))
+            self.records.append(self._record(row, column, "z_s", z_s_row))
+
+    def _record(self, row: int, column: int, role: str, store_row: int) -> dict[str, Any]:
+        return {
+            "grid": self.name,
+            "row": row,
+            "column": column,
+            "role": role,
+            "store_row": store_row,
+        }
+
+    def finish(self, trained: Any, encoded: EncodedCells) -> Grid:
+        if self.decodes:
+            z_c_rows = encoded.position([d[2] for d in self.decodes])
+            z_s_rows = encoded.position([d[3] for d in self.decodes])
+            pictures = decode(trained, encoded.z_perturbation[z_c_rows], encoded.z_batch[z_s_rows])
+            for (row, column, _, _), picture in zip(self.decodes, pictures, strict=True):
+                self.images[row, column] = picture
+        return Grid(
+            self.name,
+            self.title,
+            self.images,
+            self.row_labels,
+            self.column_labels,
+            self.row_breaks,
+            self.column_breaks,
+        )
+
+
+def _build_grids(
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, trained: Any, *, cells: int
+) -> tuple[list[Grid], list[dict[str, Any]]]:
+    shape = encoded.inputs.shape[1:]
+    pname = labels.perturbation_names
+    bname = labels.batch_names
+
+    def describe(row: int) -> str:
+        return f"{pname[labels.perturbation_codes[row]]}\n{bname[labels.batch_codes[row]]}"
+
+    recon = _GridBuilder(
+        "reconstructions",
+        "Cells and their reconstructions from (z_c, z_s)",
+        len(plan.perturbations),
+        2 * cells,
+        shape,
+    )
+    recon.column_breaks = tuple(range(1, 2 * cells - 1, 2))
+    for j in range(cells):
+        recon.column_labels[2 * j] = f"cell {j + 1}\noriginal"
+        recon.column_labels[2 * j + 1] = f"cell {j + 1}\nreconstruction"
+    for i, (p, rows) in enumerate(zip(plan.perturbations, plan.recon_rows, strict=True)):
+        recon.row_labels[i] = pname[p]
+        for j, row in enumerate(rows):
+            recon.original(i, 2 * j, int(row), encoded)
+            recon.decoded(i, 2 * j + 1, int(row), int(row))
+
+    home = bname[plan.home_batch]
+    swap_well = _GridBuilder(
+        "swap_well",
+        f"z_c of cells from well {home} with z_s of cells from other wells: "
+        "each cell as if imaged in that well",
+        1 + len(plan.well_rows),
+        2 + len(plan.donor_wells),
+        shape,
+    )
+    swap_well.row_breaks, swap_well.column_breaks = (0,), (1,)
+    swap_well.row_labels[0] = "z_s donors\n(originals)"
+    swap_well.column_labels[:2] = ["original", "reconstruction"]
+    for j, (batch, donor) in enumerate(zip(plan.donor_wells, plan.well_donors, strict=True)):
+        swap_well.column_labels[2 + j] = f"z_s of\n{bname[batch]}"
+        swap_well.original(0, 2 + j, donor, encoded)
+    for i, row in enumerate(plan.well_rows, start=1):
+        swap_well.row_labels[i] = describe(row)
+        swap_well.original(i, 0, row, encoded)
+        swap_well.decoded(i, 1, row, row)
+        for j, donor in enumerate(plan.well_donors):
+            swap_well.decoded(i, 2 + j, row, donor)
+
+    source = pname[plan.perturbations[0]]
+    swap_perturbation = _GridBuilder(
+        "swap_perturbation",
+        f"z_s of {source} cells from several wells with z_c of typical cells of other "
+        "perturbations: each well's look with that perturbation",
+        1 + len(plan.style_rows),
+        2 + len(plan.perturbation_donors),
+        shape,
+    )
+    swap_perturbation.row_breaks, swap_perturbation.column_breaks = (0,), (1,)
+    swap_perturbation.row_labels[0] = "z_c donors\n(originals)"
+    swap_perturbation.column_labels[:2] = ["original", "reconstruction"]
+    for j, donor in enumerate(plan.perturbation_donors):
+        swap_perturbation.column_labels[2 + j] = (
+            f"z_c of\n{pname[labels.perturbation_codes[donor]]}"
+        )
+        swap_perturbation.original(0, 2 + j, donor, encoded)
+    for i, row in enumerate(plan.style_rows, start=1):
+        swap_perturbation.row_labels[i] = describe(row)
+        swap_perturbation.original(i, 0, row, encoded)
+        swap_perturbation.decoded(i, 1, row, row)
+        for j, donor in enumerate(plan.perturbation_donors):
+            swap_perturbation.decoded(i, 2 + j, donor, row)
+
+    builders = (recon, swap_well, swap_perturbation)
+    grids = [builder.finish(trained, encoded) for builder in builders]
+    return grids, [record for builder in builders for record in builder.records]
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def channel_colours(channel_names: Sequence[str]) -> list[tuple[float, float, float]]:
+    """An RGB colour per channel: the usual stain colour for a known name, else a palette."""
+    colours: list[tuple[float, float, float] | None] = [
+        _NAMED_COLOURS.get(name.lower()) for name in channel_names
+    ]
+    free = [c for c in _PALETTE if c not in colours]
+    for i, colour in enumerate(colours):
+        if colour is None:
+            colours[i] = free.pop(0) if free else _PALETTE[i % len(_PALETTE)]
+    return [c for c in colours if c is not None]
+
+
+def display_ranges(grids: Sequence[Grid], records: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) per channel: percentiles of every original panel's pixels."""
+    originals = []
+    for grid in grids:
+        panels = records[(records["grid"] == grid.name) & (records["role"] == "original")]
+        for row, column in zip(panels["row"], panels["column"], strict=True):
+            originals.append(grid.images[row, column])
+    pixels = np.stack(originals)  # (n, C, S, S)
+    low, high = np.percentile(pixels, DISPLAY_PERCENTILES, axis=(0, 2, 3))
+    return low, np.maximum(high, low + 1e-3)
+
+
+def _scaled(image: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """(C, S, S) -> per-channel [0, 1] on the display range."""
+    return np.clip((image - low[:, None, None]) / (high - low)[:, None, None], 0, 1)
+
+
+def _composite(image: np.ndarray, colours: np.ndarray, low: np.ndarray, high: np.ndarray):
+    return np.clip(np.einsum("chw,ck->hwk", _scaled(image, low, high), colours), 0, 1)
+
+
+# Figure geometry, in inches.
+_PANEL, _GAP, _BREAK, _LEFT, _RIGHT = 0.62, 0.04, 0.12, 1.15, 0.1
+_COLUMN_LABELS, _BLOCK_TITLE, _BLOCK_GAP = 0.36, 0.26, 0.3
+
+
+def _space_note(normalize: str) -> str:
+    if normalize == "batch":
+        return "each channel standardised with its own well's statistics"
+    return "each channel standardised with the store's statistics"
+
+
+def _wrap(text: str, width_in: float, points: float) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, max(30, int(width_in * 120 / points)))
+
+
+def _draw_block(
+    figure: Any,
+    grid: Grid,
+    render: Any,
+    *,
+    origin: tuple[float, float],
+    size: tuple[float, float],
+    title: str | None,
+    title_colour: Any,
+) -> None:
+    """Panels of one grid with row and column labels; ``origin`` = top-left corner (inches)."""
+    width, height = size
+    x0, y0 = origin
+    n_rows, n_columns = grid.images.shape[:2]
+    top = y0
+    if title:
+        figure.text(
+            (x0 + _LEFT) / width,
+            (top - 0.04) / height,
+            title,
+            fontsize=8.5,
+            color=title_colour,
+            va="top",
+        )
+        top -= _BLOCK_TITLE
+    top -= _COLUMN_LABELS
+    row_tops = _offsets(n_rows, grid.row_breaks)
+    column_lefts = _offsets(n_columns, grid.column_breaks)
+    for i in range(n_rows):
+        bottom = top - row_tops[i] - _PANEL
+        figure.text(
+            (x0 + _LEFT - 0.06) / width,
+            (bottom + _PANEL / 2) / height,
+            grid.row_labels[i],
+            fontsize=6.5,
+            color="white",
+            ha="right",
+            va="center",
+        )
+        for j in range(n_columns):
+            left = x0 + _LEFT + column_lefts[j]
+            axis = figure.add_axes((left / width, bottom / height, _PANEL / width, _PANEL / height))
+            axis.set_axis_off()
+            if not np.isnan(grid.images[i, j]).all():
+                axis.imshow(render(grid.images[i, j]), interpolation="nearest")
+            if i == 0:
+                axis.set_title(grid.column_labels[j], fontsize=6.5, color="white", pad=3)
+
+
+def _offsets(n: int, breaks: Sequence[int]) -> np.ndarray:
+    """Start of each of ``n`` panels along one axis (inches), wider gaps after ``breaks``."""
+    gaps = np.full(n, _GAP)
+    gaps[[b for b in breaks if b < n - 1]] += _BREAK
+    return np.concatenate([[0.0], np.cumsum(_PANEL + gaps)[:-1]])
+
+
+def _block_size(grid: Grid, *, titled: bool) -> tuple[float, float]:
+    n_rows, n_columns = grid.images.shape[:2]
+    width = _LEFT + _offsets(n_columns, grid.column_breaks)[-1] + _PANEL + _GAP + _RIGHT
+    height = (
+        _COLUMN_LABELS
+        + _offsets(n_rows, grid.row_breaks)[-1]
+        + _PANEL
+        + _GAP
+        + (_BLOCK_TITLE if titled else 0.0)
+    )
+    return width, height
+
+
+def _save(figure: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp_path = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp_path, dpi=100, facecolor="black", metadata={"Software": None})
+    plt.close(figure)
+    os.replace(tmp_path, path)
+
+
+def draw_grid(
+    grid: Grid,
+    figure_path: Path,
+    *,
+    channel_names: Sequence[str],
+    low: np.ndarray,
+    high: np.ndarray,
+    normalize: str,
+    channels: bool = False,
+) -> Path:
+    """Draw a grid as a PNG: an RGB composite, or (``channels``) one block per channel.
+
+    Originals and decoded panels share the per-channel display range ``low``..``high``
+    (values in the model's normalised space); the figure says so.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    colours = np.asarray(channel_colours(channel_names), dtype=np.float32)
+    n_blocks = len(channel_names) if channels else 1
+    block_columns = 2 if n_blocks > 1 else 1
+    block_rows = math.ceil(n_blocks / block_columns)
+    block_width, block_height = _block_size(grid, titled=channels)
+    width = block_width * block_columns
+
+    ranges = ", ".join(
+        f"{name} {a:.2f} to {b:.2f}" for name, a, b in zip(channel_names, low, high, strict=True)
+    )
+    note = (
+        f"All panels are in the model's normalised space ({_space_note(normalize)}), the "
+        "decoder's target; originals and decoder outputs share one display range per channel "
+        f"(p{DISPLAY_PERCENTILES[0]:g} to p{DISPLAY_PERCENTILES[1]:g} of the originals shown): "
+        f"{ranges}."
+    )
+    title_lines = _wrap(grid.title, width - 0.2, 10)
+    note_lines = _wrap(note, width - 0.2, 6.5)
+    header = 0.12 + 0.19 * len(title_lines) + 0.12 * len(note_lines) + 0.3
+    height = header + block_rows * block_height + (block_rows - 1) * _BLOCK_GAP + 0.1
+    figure = plt.figure(figsize=(width, height), facecolor="black")
+
+    y = height - 0.1
+    figure.text(
+        0.1 / width, y / height, "\n".join(title_lines), fontsize=10, color="white", va="top"
+    )
+    y -= 0.19 * len(title_lines) + 0.04
+    figure.text(
+        0.1 / width, y / height, "\n".join(note_lines), fontsize=6.5, color="0.75", va="top"
+    )
+    y -= 0.12 * len(note_lines) + 0.06
+    x = 0.1
+    figure.text(x / width, y / height, "colours:", fontsize=7.5, color="0.75", va="top")
+    x += 0.6
+    for name, colour in zip(channel_names, colours, strict=True):
+        figure.text(x / width, y / height, name, fontsize=7.5, color=tuple(colour), va="top")
+        x += 0.12 + 0.075 * len(name)
+    top = height - header
+
+    if not channels:
+        _draw_block(
+            figure,
+            grid,
+            lambda image: _composite(image, colours, low, high),
+            origin=(0.0, top),
+            size=(width, height),
+            title=None,
+            title_colour="white",
+        )
+    else:
+        for c, name in enumerate(channel_names):
+            row, column = divmod(c, block_columns)
+
+            def render(image: np.ndarray, c: int = c) -> np.ndarray:
+                level = _scaled(image[c : c + 1], low[c : c + 1], high[c : c + 1])[0]
+                return level[:, :, None] * colours[c][None, None, :]
+
+            _draw_block(
+                figure,
+                grid,
+                render,
+                origin=(column * block_width, top - row * (block_height + _BLOCK_GAP)),
+                size=(width, height),
+                title=f"{name} (display {low[c]:.2f} to {high[c]:.2f})",
+                title_colour=tuple(colours[c]),
+            )
+    _save(figure, figure_path)
+    return figure_path
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@locks_output()
+def reconstruct(
+    run_dir: str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    cells: int = 4,
+    seed: int = 0,
+    perturbations: Sequence[str] | None = None,
+    wells: int = 5,
+    which: str = "best",
+    device: str | None = None,
+    overwrite: bool = False,
+) -> ReconstructResult:
+    """Draw what z_c and z_s hold: reconstructions and swaps from a run trained with ``--decoder``.
+
+    Parameters
+    ----------
+    run_dir
+        Training run folder (or a checkpoint ``.pt``) trained with ``--decoder``.
+    store_path
+        Store whose cells are drawn (the training store, or a new plate's: its
+        wells are standardised with their own statistics, as ``embed`` does).
+        Cells come from its test split when it has one.
+    out
+        Folder for ``reconstructions.png``, ``swap_well.png``,
+        ``swap_perturbation.png`` (each also as ``*_channels.png``, one block per
+        channel) and ``index.csv``.
+    cells
+        Cells per perturbation in the reconstruction grid.
+    seed
+        Seeds the choice of cells and wells; same seed, same pictures.
+    perturbations
+        Perturbations to show (the control is always added first when the store
+        has one). Default: the 4 whose mean z_c lies farthest from the control's,
+        over a sample of up to 16 cells each.
+    wells
+        Other wells whose z_s is swapped in (columns of ``swap_well``, rows of
+        ``swap_perturbation`` after the first well).
+    which
+        Checkpoint of the run: ``best`` or ``last``.
+    device
+        ``cuda``, ``cpu``...; default CUDA when available.
+    overwrite
+        Replace pictures an earlier reconstruct wrote in ``out`` (nothing else there).
+
+    Returns
+    -------
+    ReconstructResult
+
+    Raises
+    ------
+    CheckpointError
+        The run has no decoder (train with ``--decoder``), or does not fit the store.
+    InputError
+        Bad option values, unknown perturbations, an output folder that is not ours.
+    """
+    import torch
+
+    from scbd_cells.checkpoint import load_trained
+    from scbd_cells.data.store import open_store
+
+    if cells < 1 or wells < 1:
+        raise InputError(f"--cells and --wells must be at least 1; found {cells} and {wells}.")
+    out_dir = Path(out)
+    store = open_store(store_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    trained = load_trained(run_dir, which=which, device=device)
+    check_decoder(trained)
+    trained.check_store(store)
+    labels = _Labels.of(store)
+    if len(labels.batch_names) < 2:
+        raise DataError(
+            f"the store {store.path} has one batch label; swaps need cells from at least two wells."
+        )
+    prepare_folder(
+        out_dir, kind="pictures", overwrite=overwrite, entries=OUTPUT_FILES,
+        inputs=[run_dir, store_path],
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+
+    if perturbations:
+        unknown = [p for p in perturbations if p not in labels.perturbation_names]
+        if unknown:
+            raise InputError(
+                f"--perturbations names {unknown}, which the store {store.path} does not hold; "
+                f"it has {len(labels.perturbation_names)} perturbations, e.g. "
+                f"{', '.join(labels.perturbation_names[:8])}."
+            )
+        requested = [labels.perturbation_names.index(p) for p in perturbations]
+        sample_rows = np.concatenate(
+            [_pick(labels.rows_of(p), SAMPLE_PER_PERTURBATION, rng) for p in requested]
+        )
+    else:
+        sample_rows = _sample_per_class(
+            labels.perturbation_codes,
+            np.flatnonzero(labels.pool),
+            SAMPLE_PER_PERTURBATION,
+            rng,
+        )
+    log.info(
+        "Embedding %d sampled cells to choose perturbations and typical cells", len(sample_rows)
+    )
+    sample = encode_cells(trained, store, sample_rows)
+    chosen = _choose_perturbations(labels, sample, perturbations)
+    if not chosen:
+        raise InputError("no perturbation to show; name some with --perturbations.")
+    plan = _plan(labels, sample, chosen, cells=cells, wells=wells, rng=rng)
+    needed = np.concatenate(
+        [
+            *plan.recon_rows,
+            plan.well_rows,
+            plan.well_donors,
+            plan.style_rows,
+            plan.perturbation_donors,
+        ]
+    ).astype(np.int64)
+    encoded = encode_cells(trained, store, needed)
+    grids, records = _build_grids(plan, labels, encoded, trained, cells=cells)
+
+    obs = store.obs
+    index = pd.DataFrame.from_records(records)
+    rows = index["store_row"].to_numpy()
+    for column in (schema.CELL_ID, schema.PERTURBATION, schema.GUIDE, schema.BATCH, schema.SPLIT):
+        values = obs[column].astype(str).to_numpy() if column in obs.columns else None
+        index[column] = values[rows] if values is not None else ""
+    index = index[INDEX_COLUMNS]
+    low, high = display_ranges(grids, index)
+
+    figure_paths, channel_figure_paths = {}, {}
+    for grid in grids:
+        common = dict(
+            channel_names=store.channel_names, low=low, high=high, normalize=trained.normalize
+        )
+        figure_paths[grid.name] = draw_grid(grid, out_dir / f"{grid.name}.png", **common)
+        channel_figure_paths[grid.name] = draw_grid(
+            grid, out_dir / f"{grid.name}_channels.png", channels=True, **common
+        )
+    index_path = out_dir / INDEX_FILE
+    handle, tmp_name = tempfile.mkstemp(prefix=".index.", suffix=".csv", dir=out_dir)
+    os.close(handle)
+    try:
+        index.to_csv(tmp_name, index=False)
+        os.replace(tmp_name, index_path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    shown = [labels.perturbation_names[p] for p in chosen]
+    log.info("Drew %s -> %s", ", ".join(shown), out_dir)
+    return ReconstructResult(
+        out_dir=out_dir,
+        figure_paths=figure_paths,
+        channel_figure_paths=channel_figure_paths,
+        index_path=index_path,
+        perturbations=shown,
+        grids={grid.name: grid for grid in grids},
+    )
