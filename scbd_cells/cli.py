@@ -414,6 +414,16 @@ def train(
             help="Random 90-degree turns and mirror images of train cells (default: off).",
         ),
     ] = None,
+    stratify: Annotated[
+        bool | None,
+        typer.Option(
+            "--stratify/--no-stratify",
+            help="Spread each perturbation's cells in a batch evenly over its batch labels "
+            "(wells), so that every batch holds them in near-equal numbers: the paper's "
+            "invariance loss reads and pushes on that mix. --no-stratify draws uniformly "
+            "within the perturbation (paper A.1). Default: on.",
+        ),
+    ] = None,
     cache_gb: Annotated[
         float | None, typer.Option(help="RAM for caching images." + _train_default("cache_gb"))
     ] = None,
@@ -430,7 +440,8 @@ def train(
         cells_per_class=cells_per_class, steps=steps, val_every=val_every, lr=lr,
         weight_decay=weight_decay, seed=seed, device=device, compile=compile, decoder=decoder,
         decoder_width=decoder_width, decoder_lr=decoder_lr,
-        normalize=normalize, augment=augment, cache_gb=cache_gb, workers=workers,
+        normalize=normalize, augment=augment, stratify=stratify, cache_gb=cache_gb,
+        workers=workers,
     )
     result = run_training(store_path, out=out, config_path=config, resume=resume, **options)
     val = result.final_val

@@ -56,6 +56,12 @@ class TrainConfig(BaseModel):
     # batches (paper A.1: 256 classes x 8 cells = 2048)
     classes_per_batch: int = Field(256, ge=1)
     cells_per_class: int = Field(8, ge=1)
+    stratify: bool = Field(
+        True,
+        description="Spread each perturbation's cells in a batch evenly over its batch labels, "
+        "so every batch holds them in near-equal numbers; off: uniform within the "
+        "perturbation (paper A.1).",
+    )
     # optimisation
     steps: int = Field(10_000, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -47,7 +47,12 @@ from scbd_cells.distributed import (
     init_distributed,
 )
 from scbd_cells.errors import CheckpointError, DataError, InputError, TrainingError
-from scbd_cells.model.losses import SCBDLoss, batch_target_labels, scbd_loss
+from scbd_cells.model.losses import (
+    SCBDLoss,
+    batch_target_labels,
+    invariance_shuffled,
+    scbd_loss,
+)
 from scbd_cells.model.preprocess import Preprocessor, preprocessor_for, random_dihedral
 from scbd_cells.model.scbd import SCBDModel, parameter_groups
 from scbd_cells.outputs import (
@@ -69,6 +74,7 @@ METRIC_COLUMNS = [
     "supcon_perturbation",
     "supcon_batch",
     "invariance",
+    "invariance_shuffled",
     "reconstruction",
     "well_f1_z_perturbation",
     "well_f1_z_batch",
@@ -201,6 +207,7 @@ def train(
         classes_per_batch=config.classes_per_batch,
         cells_per_class=config.cells_per_class,
         seed=config.seed,
+        batch_codes=batch_codes if config.stratify else None,
     )
     if sampler.n_small_classes:
         logger.info(
@@ -373,6 +380,9 @@ def train(
                         f"{_last_saved_step(last_path)}). Try a lower --lr, a higher "
                         "--temperature, or check the store's images for constant channels."
                     )
+                parts["invariance_shuffled"] = _invariance_reference(
+                    config, z_perturbation, batch_label, perturbation, step=step
+                )
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
@@ -573,7 +583,7 @@ def _check_wells_per_batch(
             "store each perturbation was imaged in one well, so the well cannot be separated "
             "from the perturbation. SCBD needs perturbations spread over several wells."
         )
-    if min(n_wells) < 4:
+    if min(n_wells) < min(4, len(np.unique(batch_codes[train_rows]))):  # all a store has is fine
         logger.warning(
             "Class-balanced batches hold only %d-%d wells; the invariance loss sees few wells "
             "per batch. More --classes-per-batch helps.",
@@ -606,6 +616,32 @@ def _scbd_objective(
         temperature=config.temperature,
         normalized=config.invariance == "normalized",
     )
+
+
+def _invariance_reference(
+    config: TrainConfig,
+    z_perturbation: torch.Tensor,
+    batch: torch.Tensor,
+    perturbation: torch.Tensor,
+    *,
+    step: int,
+) -> float:
+    """The invariance loss of this z_c with the batch labels shuffled within each perturbation.
+
+    What a z_c without batch information scores on this batch's composition (logged as
+    ``invariance_shuffled``; :func:`~scbd_cells.model.losses.invariance_shuffled`).
+    Seeded by (seed, step); it draws nothing from the training's generators.
+    """
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 7)
+    value = invariance_shuffled(
+        z_perturbation,
+        batch,
+        perturbation,
+        temperature=config.temperature,
+        normalized=config.invariance == "normalized",
+        generator=generator,
+    )
+    return float(value)
 
 
 def _check_fingerprint(checkpoint: dict, store: Any, checkpoint_path: Path) -> None:
@@ -670,6 +706,7 @@ class _ValidationSet:
             classes_per_batch=min(config.classes_per_batch, n_val_classes),
             cells_per_class=per_class,
             seed=config.seed + 1,
+            batch_codes=batch_codes if config.stratify else None,
         )
         batches, all_rows = [], []
         for _ in range(config.val_batches):
@@ -700,7 +737,7 @@ class _ValidationSet:
         model.eval()
         parts: dict[str, list[float]] = {}
         z_perturbation, z_batch, wells = [], [], []
-        for images, perturbation, batch in self.batches:
+        for index, (images, perturbation, batch) in enumerate(self.batches):
             images = preprocessor(images.to(device), batch.to(device))
             if device.type == "cuda":
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -713,6 +750,8 @@ class _ValidationSet:
             )
             for key, value in losses.items().items():
                 parts.setdefault(key, []).append(value)
+            reference = _invariance_reference(config, z_c, batch, perturbation, step=index)
+            parts.setdefault("invariance_shuffled", []).append(reference)
             z_perturbation.append(z_c.cpu().numpy())
             z_batch.append(z_s.cpu().numpy())
             wells.append(batch.cpu().numpy())
@@ -888,7 +927,9 @@ def plot_curves(
     """Four panels: the two SupCon losses, the invariance loss, and the well-probe F1.
 
     ``collapsed``: log(val batch size), the perturbation SupCon of a z_c that is the
-    same for every cell, drawn as a dotted line (the stall warning's reference).
+    same for every cell, drawn as a dotted line (the stall warning's reference). The
+    invariance panel draws ``invariance_shuffled`` (train) dotted: what the same z_c
+    would score with the batch labels shuffled within each perturbation.
     """
     import matplotlib
 
@@ -908,6 +949,17 @@ def plot_curves(
                 ax.plot(part["step"], part[column], style, label=phase, markersize=3)
         if column == "supcon_perturbation" and collapsed is not None:
             ax.axhline(collapsed, color="k", ls=":", lw=1, label="log B: z_c learned nothing")
+        if column == "invariance" and "invariance_shuffled" in table:
+            part = table[(table["phase"] == "train") & table["invariance_shuffled"].notna()]
+            if len(part):
+                ax.plot(
+                    part["step"],
+                    part["invariance_shuffled"],
+                    color="k",
+                    ls=":",
+                    lw=1,
+                    label="z_c without batch information",
+                )
         ax.set_title(label)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:

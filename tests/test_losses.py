@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from scbd_cells.model.losses import (
     batch_target_labels,
     invariance_loss,
+    invariance_shuffled,
     scbd_loss,
+    shuffle_within,
     supcon_loss,
 )
 from scbd_cells.model.scbd import SCBDModel
@@ -202,3 +204,84 @@ def test_paper_invariance_of_a_well_free_embedding_is_not_zero(n_wells: int) -> 
     expected = (n_negative - n_positive) / batch_size * np.log(batch_size)
     assert float(invariance_loss(z, wells)) == pytest.approx(expected, abs=1e-9)
     assert float(invariance_loss(z, wells, normalized=True)) == pytest.approx(0.0, abs=1e-9)
+
+
+# --- the reference level of the invariance loss -----------------------------------------
+
+
+def test_shuffle_within_permutes_labels_inside_each_group_only() -> None:
+    generator = torch.Generator().manual_seed(3)
+    groups = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 0, 2])
+    labels = torch.tensor([5, 6, 7, 8, 9, 5, 7, 6, 6, 9])
+    seen = set()
+    for _ in range(50):
+        shuffled = shuffle_within(labels, groups, generator=generator)
+        for group in groups.unique():
+            members = groups == group
+            assert sorted(shuffled[members].tolist()) == sorted(labels[members].tolist())
+        seen.add(tuple(shuffled.tolist()))
+    assert len(seen) > 10  # it does shuffle
+
+
+@pytest.mark.parametrize("n_first", [160, 170, 190, 230])
+def test_invariance_shuffled_of_a_constant_embedding_has_a_closed_form(n_first: int) -> None:
+    """Identical z: every log-probability is -log B, so the loss counts set sizes only."""
+    batch_size = 320
+    z = F.normalize(torch.ones(batch_size, 8, dtype=torch.float64), dim=1)
+    batch = (torch.arange(batch_size) >= n_first).long()  # n_first cells of label 0
+    perturbation = torch.arange(batch_size) % 10
+    n_same = torch.where(batch == 0, n_first, batch_size - n_first).double()  # self included
+    n_other = batch_size - n_same
+    expected = np.log(batch_size) / batch_size * (n_other - n_same + 1).abs().mean()
+    value = invariance_shuffled(z, batch, perturbation, n_shuffles=2)
+    assert float(value) == pytest.approx(float(expected), abs=1e-9)
+    assert float(paper_invariance_loss(z, batch, 0.1)) == pytest.approx(float(expected), abs=1e-9)
+
+
+def _prototype_embedding(
+    perturbation: torch.Tensor, batch: torch.Tensor, *, batch_shift: float, seed: int
+) -> torch.Tensor:
+    """Unit z: a prototype per perturbation, plus noise, plus ``batch_shift`` along a batch axis."""
+    generator = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(int(perturbation.max()) + 1, 32, generator=generator)
+    noise = 0.7 * torch.randn(len(perturbation), 32, generator=generator)
+    axis = torch.randn(32, generator=generator)
+    z = prototypes[perturbation] + noise + batch_shift * (2 * batch[:, None] - 1) * axis
+    return F.normalize(z.double(), dim=1)
+
+
+def test_invariance_shuffled_is_the_mean_of_appendix_b_over_within_class_shuffles() -> None:
+    """Against an independent computation: numpy shuffles fed to the appendix B code."""
+    rng = np.random.default_rng(0)
+    perturbation = torch.arange(320) // 32  # 10 classes x 32 cells, as the sampler makes
+    batch = torch.from_numpy((rng.random(320) < 0.56).astype(np.int64))  # unequal environments
+    z = _prototype_embedding(perturbation, batch, batch_shift=0.0, seed=1)
+    values = []
+    for _ in range(150):
+        shuffled = batch.clone()
+        for k in range(10):
+            members = np.flatnonzero(perturbation.numpy() == k)
+            shuffled[members] = batch[rng.permutation(members)]
+        values.append(float(paper_invariance_loss(z, shuffled, 0.1)))
+    expected, spread = np.mean(values), np.std(values) / np.sqrt(len(values))
+    value = invariance_shuffled(z, batch, perturbation, n_shuffles=150)
+    assert float(value) == pytest.approx(expected, abs=5 * spread)
+    # the reference depends on the composition: more unequal environments, a higher level
+    skewed = (torch.arange(320) % 32 < 24).long()  # 24 of 32 cells of every class in one
+    assert float(invariance_shuffled(z, skewed, perturbation)) > float(value) + 0.3
+
+
+def test_invariance_shuffled_separates_batch_informed_from_batch_free_embeddings() -> None:
+    """A batch-free z scores the reference (on average); one that knows the batch, above it."""
+    perturbation = torch.arange(320) // 32
+    gaps = {}
+    for shift in (0.0, 1.0):
+        gap = []
+        for seed in range(5):
+            batch = (torch.rand(320, generator=torch.Generator().manual_seed(seed)) < 0.5).long()
+            z = _prototype_embedding(perturbation, batch, batch_shift=shift, seed=seed)
+            reference = invariance_shuffled(z, batch, perturbation, n_shuffles=16)
+            gap.append(float(invariance_loss(z, batch)) - float(reference))
+        gaps[shift] = np.mean(gap)
+    assert abs(gaps[0.0]) < 0.03
+    assert gaps[1.0] > 0.3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from scbd_cells.data.sampler import BalancedBatchSampler
+from scbd_cells.data.sampler import BalancedBatchSampler, equal_allocation
 from scbd_cells.errors import InputError
 
 
@@ -124,3 +124,132 @@ def test_too_many_classes_per_batch_is_a_clear_error() -> None:
         BalancedBatchSampler(
             np.array([0, 1, 2]), np.arange(3), classes_per_batch=4, cells_per_class=2, seed=0
         )
+
+
+# --- stratified draws: each class's cells spread evenly over its batch labels ------------
+
+
+def _one_at_a_time(counts: list[int], total: int) -> list[int]:
+    """Reference: hand out draws one by one to the open group with the fewest (earliest)."""
+    quota = [0] * len(counts)
+    for _ in range(total):
+        open_groups = [g for g in range(len(counts)) if quota[g] < counts[g]]
+        quota[min(open_groups, key=lambda g: (quota[g], g))] += 1
+    return quota
+
+
+def test_equal_allocation_equals_one_at_a_time_reference() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        counts = rng.integers(1, 12, size=rng.integers(1, 9))
+        total = int(rng.integers(0, counts.sum() + 1))
+        found = equal_allocation(counts, total)
+        assert found.tolist() == _one_at_a_time(counts.tolist(), total), (counts, total)
+    with pytest.raises(ValueError):
+        equal_allocation(np.array([1, 2]), 4)
+
+
+def _wells_and_codes(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """2,000 store rows: 10 classes, 2 wells at random; class 3 has only 12 % in well 1."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 10, 2000)
+    wells = rng.integers(0, 2, 2000)
+    wells[codes == 3] = rng.random(int((codes == 3).sum())) < 0.12
+    return codes, wells.astype(np.int64)
+
+
+def test_stratified_batches_hold_the_batch_labels_equally() -> None:
+    codes, wells = _wells_and_codes()
+    rows = np.arange(len(codes))[::2]  # a subset: codes of every store row
+    uniform = BalancedBatchSampler(codes, rows, classes_per_batch=8, cells_per_class=16, seed=0)
+    stratified = BalancedBatchSampler(
+        codes, rows, classes_per_batch=8, cells_per_class=16, seed=0, batch_codes=wells
+    )
+    assert stratified.stratified and not uniform.stratified
+    imbalance = {"uniform": [], "stratified": []}
+    for name, sampler in (("uniform", uniform), ("stratified", stratified)):
+        for _ in range(300):
+            indices = sampler.next_indices()
+            assert set(indices.tolist()) <= set(rows.tolist())
+            for block in indices.reshape(8, 16):
+                assert len(set(codes[block].tolist())) == 1
+                assert len(set(block.tolist())) == 16  # distinct cells within a class
+                if name == "stratified":
+                    counts = np.bincount(wells[block], minlength=2)
+                    class_rows = rows[codes[rows] == codes[block[0]]]
+                    expected = equal_allocation(np.bincount(wells[class_rows], minlength=2), 16)
+                    assert sorted(counts) == sorted(expected)
+            imbalance[name].append(abs(int(np.sum(wells[indices] == 0)) - 64))
+    # class 3 has fewer than 8 well-1 cells among the rows: its blocks are the only unequal ones
+    assert np.mean(imbalance["stratified"]) < 2.5
+    assert np.mean(imbalance["uniform"]) > 4
+
+
+def test_stratified_draw_is_uniform_within_class_and_label() -> None:
+    """Each (class, label) group's cells are drawn equally often (chi-square)."""
+    codes = np.repeat([0, 1], [40, 40])
+    wells = np.tile(np.repeat([0, 1], [10, 30]), 2)  # per class: 10 cells in well 0, 30 in 1
+    sampler = BalancedBatchSampler(
+        codes, np.arange(80), classes_per_batch=2, cells_per_class=4, seed=5, batch_codes=wells
+    )
+    draws = np.concatenate([sampler.next_indices() for _ in range(3000)])
+    counts = np.bincount(draws, minlength=80)
+    for group in (np.arange(0, 10), np.arange(10, 40), np.arange(40, 50), np.arange(50, 80)):
+        assert counts[group].sum() == 3000 * 2  # 2 of each class's 4 cells from each well
+        assert stats.chisquare(counts[group]).pvalue > 0.001
+
+
+def test_stratified_sampler_resumes_exactly() -> None:
+    codes, wells = _wells_and_codes()
+    rows = np.arange(len(codes))
+    first = BalancedBatchSampler(
+        codes, rows, classes_per_batch=4, cells_per_class=6, seed=7, batch_codes=wells
+    )
+    for _ in range(3):
+        first.next_indices()
+    state = first.state_dict()
+    expected = [first.next_indices() for _ in range(4)]
+    resumed = BalancedBatchSampler(
+        codes, rows, classes_per_batch=4, cells_per_class=6, seed=0, batch_codes=wells
+    )
+    resumed.load_state_dict(state)
+    for batch in expected:
+        np.testing.assert_array_equal(resumed.next_indices(), batch)
+
+
+def test_stratified_segment_draws_take_turns_between_labels() -> None:
+    """Reading whole segments, a segment's cells queue with the labels taking turns.
+
+    Blocks can still be unequal where a segment's cells of one label run out (its tail),
+    but far fewer than without stratifying; every cell is still drawn once per pass.
+    """
+    codes, wells = _wells_and_codes()
+    codes[codes == 3] = 4  # leave out the lopsided class
+    order = np.argsort(codes, kind="stable")  # a store sorted by class, as ingest writes it
+    codes, wells = codes[order], wells[order]
+    unequal, seen = {}, []
+    for batch_codes in (None, wells):
+        sampler = BalancedBatchSampler(
+            codes,
+            np.arange(len(codes)),
+            classes_per_batch=4,
+            cells_per_class=16,
+            seed=2,
+            batch_codes=batch_codes,
+        )
+        sampler.use_segments(500)
+        found = []
+        for _ in range(300):
+            indices = sampler.next_indices()
+            if batch_codes is not None:
+                seen.append(indices)
+            for block in indices.reshape(4, 16):
+                assert len(set(block.tolist())) == 16
+                found.append(abs(int(np.sum(wells[block] == 0)) - 8) > 1)
+        unequal[batch_codes is not None] = np.mean(found)
+    assert unequal[True] < 0.15 and unequal[True] < unequal[False] / 3, unequal
+    drawn = np.concatenate(seen)
+    for k in np.unique(codes):
+        members = drawn[codes[drawn] == k]
+        first_pass = members[: int(np.sum(codes == k))]
+        assert len(set(first_pass.tolist())) == len(first_pass)

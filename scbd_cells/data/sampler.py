@@ -19,6 +19,48 @@ def arrays_as_tensors(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def equal_allocation(counts: np.ndarray, total: int) -> np.ndarray:
+    """Split ``total`` draws over groups as equally as their sizes allow (water-filling).
+
+    Groups smaller than their fair share give all their members; the rest of the draws
+    are split evenly over the other groups, the first ``remainder`` of them (in the
+    order given) taking one more. The result is what handing out the draws one at a
+    time does, each to the group with the fewest so far that still has members (the
+    earliest in the order on ties).
+
+    Parameters
+    ----------
+    counts
+        (G,) group sizes, in the order that breaks ties (shuffle it for a random one).
+    total
+        Draws to split; at most ``counts.sum()``.
+
+    Returns
+    -------
+    np.ndarray
+        (G,) draws per group, summing to ``total``, each at most its group's size.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if total > counts.sum():
+        raise ValueError(f"cannot draw {total} from groups of {int(counts.sum())} in all")
+    by_size = np.argsort(counts, kind="stable")
+    smallest_first = counts[by_size]
+    taken = np.concatenate([[0], np.cumsum(smallest_first)])
+    n_full = 0  # the n_full smallest groups are used up
+    while n_full < len(counts):
+        remaining, n_open = total - taken[n_full], len(counts) - n_full
+        if smallest_first[n_full] >= -(-remaining // n_open):  # room for an even share
+            break
+        n_full += 1
+    quota = np.zeros_like(counts)
+    quota[by_size[:n_full]] = smallest_first[:n_full]
+    open_groups = np.sort(by_size[n_full:])
+    share, extra = divmod(int(total - taken[n_full]), len(open_groups))
+    quota[open_groups] = share
+    quota[open_groups[:extra]] += 1
+    return quota
+
+
 class BalancedBatchSampler:
     """Draw batches of ``classes_per_batch`` distinct perturbations x ``cells_per_class`` cells.
 
@@ -43,6 +85,17 @@ class BalancedBatchSampler:
         Batch shape; the batch size is their product.
     seed
         Seed of the sampler's own random generator.
+    batch_codes
+        Optional batch-label codes (wells, environments), aligned like
+        ``perturbation_codes``. When given, the ``cells_per_class`` cells of a
+        drawn class are spread as evenly as its cells allow over the batch labels
+        it has (*stratified*): the labels in a random order take
+        ``cells_per_class // L`` cells each and the first ``cells_per_class % L``
+        one more (a label with too few cells gives what it has, the others make up
+        the rest), uniformly within each (class, label). A batch then holds its
+        batch labels in near-equal numbers instead of in proportions that vary by
+        chance from batch to batch; see :func:`equal_allocation`. Cells of a class's
+        rare labels are drawn more often than under the uniform draw.
 
     Notes
     -----
@@ -59,11 +112,17 @@ class BalancedBatchSampler:
         classes_per_batch: int,
         cells_per_class: int,
         seed: int,
+        batch_codes: np.ndarray | None = None,
     ) -> None:
         codes = np.asarray(perturbation_codes)
         rows = np.asarray(cell_indices, dtype=np.int64)
         if codes.shape[0] != rows.shape[0]:
             codes = codes[rows]  # codes of every store row
+        strata = None
+        if batch_codes is not None:
+            strata = np.asarray(batch_codes)
+            if strata.shape[0] != rows.shape[0]:
+                strata = strata[rows]
         if rows.size == 0:
             raise InputError("the sampler got no cells: the split to sample from is empty")
         classes, inverse, counts = np.unique(codes, return_inverse=True, return_counts=True)
@@ -78,7 +137,10 @@ class BalancedBatchSampler:
                 f"perturbation classes available ({len(classes)}). Use --classes-per-batch "
                 f"{len(classes)} or fewer (and raise --cells-per-class to keep the batch size)."
             )
-        order = np.argsort(inverse, kind="stable")
+        if strata is None:
+            order = np.argsort(inverse, kind="stable")
+        else:  # by class, then by batch label within the class
+            order = np.lexsort((strata, inverse))
         self.classes = classes  # (K,) class codes
         self.class_counts = counts  # (K,)
         self.class_probabilities = counts / counts.sum()  # (K,)
@@ -94,6 +156,18 @@ class BalancedBatchSampler:
         self.batches_drawn = 0
         self.segment_cells: int | None = None  # None: uniform within class (the default)
         self._home_ranks = 1
+        self.stratified = strata is not None
+        self._strata: np.ndarray | None = None  # batch label of each of self._rows
+        if strata is not None:
+            self._strata = strata[order]
+            # batch-label runs of class k: self._label_starts[self._class_labels[k] : ...[k + 1]]
+            position = np.arange(len(order))
+            new_run = np.ones(len(order), dtype=bool)
+            new_run[1:] = (self._strata[1:] != self._strata[:-1]) | np.isin(
+                position[1:], self._starts[1:-1]
+            )
+            self._label_starts = np.concatenate([np.flatnonzero(new_run), [len(order)]])
+            self._class_labels = np.searchsorted(self._label_starts, self._starts)
 
     # -- within-class draw from store segments ------------------------------------------
     def use_segments(self, segment_cells: int, *, world_size: int = 1) -> None:
@@ -129,16 +203,19 @@ class BalancedBatchSampler:
         segment_cells = int(segment_cells)
         n_classes = len(self.classes)
         class_of = np.repeat(np.arange(n_classes), self.class_counts)  # position -> class
-        rows = self._rows
+        rows, strata = self._rows, self._strata
         same_class = class_of[1:] == class_of[:-1]
         if np.any((rows[1:] < rows[:-1]) & same_class):  # sort within class (usually sorted)
-            rows = rows[np.lexsort((rows, class_of))]
+            by_row = np.lexsort((rows, class_of))
+            rows = rows[by_row]
+            strata = None if strata is None else strata[by_row]
         if np.any((rows[1:] == rows[:-1]) & same_class):
             raise InputError(
                 "Segment sampling needs distinct cell rows; found repeated rows in cell_indices. "
                 "Pass each store row once."
             )
         self._segment_rows = rows  # sorted within class (uniform mode keeps using _rows)
+        self._segment_strata = strata  # their batch labels (stratified) or None
         segment = rows // segment_cells
         starts = np.flatnonzero(
             np.concatenate([[True], (segment[1:] != segment[:-1]) | ~same_class])
@@ -155,8 +232,9 @@ class BalancedBatchSampler:
         self._position = np.full(n_classes, -1, np.int64)  # next position in the order; -1: none
         self._passes = np.zeros(n_classes, np.int64)
 
-    def _next_segment(self, k: int) -> np.ndarray:
-        """Class k's rows of its next segment (a new random visiting order every pass)."""
+    def _next_segment(self, k: int) -> slice:
+        """Where class k's rows of its next segment lie in ``_segment_rows`` (a new random
+        visiting order of the segments every pass)."""
         first, last = self._segment_first[k], self._segment_first[k + 1]
         if self._position[k] < 0 or self._position[k] >= last - first:
             self._order[first:last] = self._rng.permutation(last - first)
@@ -164,7 +242,25 @@ class BalancedBatchSampler:
             self._passes[k] += 1
         j = first + self._order[first + self._position[k]]
         self._position[k] += 1
-        return self._segment_rows[self._segment_starts[j] : self._segment_starts[j + 1]]
+        return slice(self._segment_starts[j], self._segment_starts[j + 1])
+
+    def _shuffled_segment(self, k: int) -> np.ndarray:
+        """Class k's rows of its next segment in a random order; stratified, the batch
+        labels take turns (one cell of each label present, in a random label order,
+        then the next), so that consecutive cells of the queue spread over the labels."""
+        where = self._next_segment(k)
+        rows = self._segment_rows[where]
+        if self._segment_strata is None:
+            return self._rng.permutation(rows)
+        permutation = self._rng.permutation(len(rows))
+        labels = self._segment_strata[where][permutation]
+        unique, label_index = np.unique(labels, return_inverse=True)
+        by_label = np.argsort(label_index, kind="stable")
+        first = np.searchsorted(label_index[by_label], np.arange(len(unique)))
+        turn = np.empty(len(rows), dtype=np.int64)
+        turn[by_label] = np.arange(len(rows)) - first[label_index[by_label]]
+        label_order = self._rng.permutation(len(unique))
+        return rows[permutation][np.lexsort((label_order[label_index], turn))]
 
     def _draw_from_segments(self, k: int) -> np.ndarray:
         queue = self._queues[k]
@@ -175,7 +271,7 @@ class BalancedBatchSampler:
         taken = [queue]
         n_taken = len(queue)
         while n_taken < need:
-            fresh = self._rng.permutation(self._next_segment(k))
+            fresh = self._shuffled_segment(k)
             if n_taken:  # same segment again at a pass boundary: no repeat within the batch
                 fresh = fresh[~np.isin(fresh, np.concatenate(taken))]
             take = fresh[: need - n_taken]
@@ -201,6 +297,20 @@ class BalancedBatchSampler:
                 slot.append(overflow.pop(0))
         return [pieces[position] for slot in slots for position in slot]
 
+    def _draw_stratified(self, k: int) -> np.ndarray:
+        """``cells_per_class`` distinct rows of class k, spread evenly over its batch labels."""
+        runs = self._label_starts[self._class_labels[k] : self._class_labels[k + 1] + 1]
+        counts = np.diff(runs)
+        order = self._rng.permutation(len(counts))
+        quota = np.empty_like(counts)
+        quota[order] = equal_allocation(counts[order], self.cells_per_class)
+        one = np.flatnonzero(quota == 1)  # the usual case with many labels: one draw for all
+        pieces = [self._rows[runs[one] + self._rng.integers(0, counts[one])]]
+        for label in np.flatnonzero(quota > 1):
+            within = self._rng.choice(counts[label], size=quota[label], replace=False)
+            pieces.append(self._rows[runs[label] + within])
+        return np.concatenate(pieces)
+
     def next_indices(self) -> np.ndarray:
         """The next global batch: int64 store rows (B,), grouped by class (cells_per_class each)."""
         chosen = self._rng.choice(
@@ -216,6 +326,9 @@ class BalancedBatchSampler:
             small = n < self.cells_per_class
             if self.segment_cells is not None and not small:
                 pieces.append(self._draw_from_segments(k))
+                continue
+            if self.stratified and not small:
+                pieces.append(self._draw_stratified(k))
                 continue
             within = self._rng.choice(n, size=self.cells_per_class, replace=small)
             pieces.append(self._rows[start + within])

@@ -115,10 +115,17 @@ def invariance_loss(
         Scalar loss.
     """
     _check_inputs(z, labels)
-    same, positive = _positive_mask(labels)
-    negative = (~same).to(z.dtype)
-    positive = positive.to(z.dtype)
     log_prob = _log_probabilities(z, temperature, normalized=normalized)
+    return _invariance_of(log_prob, labels, normalized=normalized)
+
+
+def _invariance_of(
+    log_prob: torch.Tensor, labels: torch.Tensor, *, normalized: bool
+) -> torch.Tensor:
+    """The invariance loss from the (B, B) log-probabilities of :func:`_log_probabilities`."""
+    same, positive = _positive_mask(labels)
+    negative = (~same).to(log_prob.dtype)
+    positive = positive.to(log_prob.dtype)
     if not normalized:
         log_prob_positive = (log_prob * positive).mean(dim=1)  # (B,)
         log_prob_negative = (log_prob * negative).mean(dim=1)
@@ -127,10 +134,94 @@ def invariance_loss(
     n_negative = negative.sum(dim=1)
     valid = (n_positive > 0) & (n_negative > 0)
     if not bool(valid.any()):
-        return z.sum() * 0.0
+        return log_prob.sum() * 0.0
     log_prob_positive = (log_prob * positive).sum(dim=1) / n_positive.clamp(min=1.0)
     log_prob_negative = (log_prob * negative).sum(dim=1) / n_negative.clamp(min=1.0)
     return (log_prob_positive - log_prob_negative)[valid].abs().mean()
+
+
+def shuffle_within(
+    labels: torch.Tensor, groups: torch.Tensor, *, generator: torch.Generator
+) -> torch.Tensor:
+    """``labels`` randomly permuted among the cells of each group (group counts are kept).
+
+    Parameters
+    ----------
+    labels, groups
+        (B,) integer codes on any device.
+    generator
+        CPU generator for the permutation.
+    """
+    keys = torch.rand(labels.shape[0], generator=generator, dtype=torch.float64)
+    groups_cpu = groups.detach().to("cpu")
+    by_group = torch.sort(groups_cpu, stable=True).indices  # positions, grouped
+    random_order = torch.argsort(keys)
+    shuffled = random_order[torch.sort(groups_cpu[random_order], stable=True).indices]
+    # by_group and shuffled list the same groups in the same order, each group's cells
+    # in a different order: cell by_group[k] takes the label of cell shuffled[k].
+    result = labels.clone()
+    result[by_group.to(labels.device)] = labels[shuffled.to(labels.device)]
+    return result
+
+
+@torch.no_grad()
+def invariance_shuffled(
+    z: torch.Tensor,
+    batch: torch.Tensor,
+    perturbation: torch.Tensor,
+    *,
+    temperature: float = 0.1,
+    normalized: bool = False,
+    n_shuffles: int = 4,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The invariance loss z would score if it held no batch information: the reference level.
+
+    The batch labels are shuffled among the cells of each perturbation (so every
+    perturbation keeps its count of cells per batch label, and the batch its
+    composition), and :func:`invariance_loss` of the *same* z is taken with the
+    shuffled labels; the mean over ``n_shuffles`` shuffles is returned. An embedding
+    whose batch label is independent of it given the perturbation scores this value
+    on average; the invariance loss reads above it by what z still knows of the batch.
+
+    The paper's loss of such an embedding is not 0: it depends on the batch's
+    composition (how many cells of each batch label, and per perturbation) and on
+    how z clusters the perturbations. For an embedding that is the same for every
+    cell it is ``log(B) / B * mean_i |n_other(i) - n_same(i) + 1|`` (n_same(i)
+    counts cell i itself), e.g. (1 - 2/W) log B for W equal batch labels. Below
+    the reference is possible too: the paper's loss also rewards a z that sets
+    cells of the same batch label *apart* when a batch holds more of one label.
+
+    Parameters
+    ----------
+    z
+        (B, D) unit-norm embeddings (z_c).
+    batch, perturbation
+        (B,) integer codes.
+    temperature, normalized
+        As :func:`invariance_loss`.
+    n_shuffles
+        Shuffles averaged.
+    generator
+        CPU generator of the shuffles (a fresh one seeded 0 when None).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar, without gradient.
+    """
+    _check_inputs(z, batch)
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    log_prob = _log_probabilities(z.detach(), temperature, normalized=normalized)
+    values = [
+        _invariance_of(
+            log_prob,
+            shuffle_within(batch, perturbation, generator=generator),
+            normalized=normalized,
+        )
+        for _ in range(n_shuffles)
+    ]
+    return torch.stack(values).mean()
 
 
 def _check_inputs(z: torch.Tensor, labels: torch.Tensor) -> None:
