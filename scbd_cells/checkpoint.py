@@ -5,7 +5,8 @@ A checkpoint (``RUN_DIR/checkpoints/{best,last}.pt``) is a plain dict that
 ``model_args``, ``optimizer``, ``step``, ``best_val_loss``, ``config`` (dict),
 ``store_fingerprint``, ``vocab`` (``perturbation``, ``batch`` category lists),
 ``channel_stats``, ``batch_channel_stats`` (per-well statistics, or None),
-``sampler`` (state), ``version``.
+``sampler`` (state), ``version``. ``best.pt`` leaves out ``optimizer`` and ``sampler``
+(only a resume, from ``last.pt``, needs them). Files follow the umask.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from scbd_cells.model.scbd import SCBDModel
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
+#: Entries only ``last.pt`` holds: what a resume needs beyond the weights.
+RESUME_ONLY = ("optimizer", "sampler")
 
 
 def checkpoint_path_of(run_dir: Path, which: str) -> Path:
@@ -49,10 +52,49 @@ def save_checkpoint(checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from labmates
         os.replace(tmp_name, checkpoint_path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def for_embedding(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint without what only a resume needs (optimizer and sampler state).
+
+    ``best.pt`` is saved this way: with AdamW's two moments per weight the optimizer
+    state is twice the model; ``last.pt`` keeps everything.
+    """
+    return {key: value for key, value in checkpoint.items() if key not in RESUME_ONLY}
+
+
+def check_argument_order(run_dir: str | os.PathLike, store_path: str | os.PathLike) -> None:
+    """Refuse ``RUN_DIR STORE`` given the other way round, naming the order.
+
+    Raises
+    ------
+    InputError
+        ``run_dir`` is a store, or ``store_path`` a training run.
+    """
+    from scbd_cells.errors import InputError
+    from scbd_cells.outputs import kind_of
+
+    found = []
+    if kind_of(run_dir) == "store":
+        found.append(f"{run_dir} is a store")
+    if kind_of(store_path) == "run" or Path(store_path).suffix == ".pt":
+        found.append(f"{store_path} is a training run")
+    if found:
+        raise InputError(
+            f"The arguments look swapped: {' and '.join(found)}. Give the training run first, "
+            f"then the store: RUN_DIR STORE, here `{store_path} {run_dir}`."
+        )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(checkpoint_path: Path, *, map_location: str | torch.device = "cpu") -> dict:

@@ -11,18 +11,69 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from typer.core import TyperCommand, TyperGroup
 
 from scbd_cells import __version__
 from scbd_cells.errors import ScbdError
 from scbd_cells.progress import set_quiet
 
+# Options of the whole program that are also accepted after the subcommand
+# (``scbd-cells ingest ... --quiet``).
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+# One wording per option across commands.
+DEVICE_HELP = "auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N."
+WORKERS_HELP = "Images read or written at once (threads; processes in simulate)."
+
+
+class _Group(TyperGroup):
+    """The program: moves -q/-v given after the subcommand in front of it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        flags = [arg for arg in args[:end] if arg in GLOBAL_FLAGS]
+        rest = [arg for arg in args[:end] if arg not in GLOBAL_FLAGS]
+        return super().parse_args(ctx, flags + rest + args[end:])
+
+
+class _Command(TyperCommand):
+    """A subcommand whose help follows the usual conventions.
+
+    Arguments show as upper-case names (``TABLE``, ``OUT_DIR``), on the usage line
+    too; on/off flags show no type.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = param.name.upper()
+            elif getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = param.metavar + ("..." if param.nargs != 1 else "")
+            pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
 app = typer.Typer(
     name="scbd-cells",
+    cls=_Group,
     help=(
         "Batch correction for single-cell image screens (optical pooled screens, Cell Painting) "
         "with Supervised Contrastive Block Disentanglement.\n\n"
@@ -60,15 +111,29 @@ def _main_options(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
+    configure_logging(verbose=verbose, quiet=quiet)
     set_quiet(quiet)
+
+
+def configure_logging(*, verbose: bool = False, quiet: bool = False) -> None:
+    """scbd-cells' own messages at INFO (DEBUG with -v, WARNING with -q); other libraries'
+    at WARNING (matplotlib's at ERROR). On a terminal lines are Rich's, with times; piped or
+    redirected to a file they are plain lines that are never wrapped.
+    """
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(
+            console=console, show_path=False, rich_tracebacks=False
+        )
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+        )
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.getLogger("scbd_cells").setLevel(level)
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
 
 def _split_csv(value: str | None) -> list[str] | None:
@@ -82,40 +147,56 @@ def _split_csv(value: str | None) -> list[str] | None:
 # Subcommands. Keep each one short: parse, call the library, print a summary.
 # ---------------------------------------------------------------------------
 
-@app.command()
+
+@app.command(cls=_Command)
 def simulate(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the screen to (new or empty).")],
     preset: Annotated[
-        str,
+        Literal["tiny", "demo", "large"],
         typer.Option(help="tiny (tests, 1.4k cells), demo (15k cells, 64 px), large (1M, 32 px)."),
     ] = "demo",
     layout: Annotated[
-        str, typer.Option(help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y.")
+        Literal["crops", "fields"],
+        typer.Option(help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y."),
     ] = "crops",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, identical files.")] = 0,
-    workers: Annotated[int, typer.Option(help="Processes drawing and writing images.")] = 1,
+    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing simulated screen in OUT_DIR.")
     ] = False,
     preview: Annotated[
         bool, typer.Option(help="Also write OUT_DIR/preview.png (example cells).")
     ] = False,
-    n_genes: Annotated[int | None, typer.Option(help="Targeted genes [preset].")] = None,
-    n_complexes: Annotated[int | None, typer.Option(help="Protein complexes [preset].")] = None,
-    guides_per_gene: Annotated[int | None, typer.Option(help="Guides per gene [preset].")] = None,
-    control_guides: Annotated[int | None, typer.Option(help="Control guides [preset].")] = None,
+    n_genes: Annotated[
+        int | None, typer.Option(help="Targeted genes \\[default: set by --preset]")
+    ] = None,
+    n_complexes: Annotated[
+        int | None, typer.Option(help="Protein complexes \\[default: set by --preset]")
+    ] = None,
+    guides_per_gene: Annotated[
+        int | None, typer.Option(help="Guides per gene \\[default: set by --preset]")
+    ] = None,
+    control_guides: Annotated[
+        int | None, typer.Option(help="Control guides \\[default: set by --preset]")
+    ] = None,
     cells_per_guide: Annotated[
-        int | None, typer.Option(help="Cells per targeting guide [preset].")
+        int | None, typer.Option(help="Cells per targeting guide \\[default: set by --preset]")
     ] = None,
     control_cells_per_guide: Annotated[
-        int | None, typer.Option(help="Cells per non-targeting guide [preset].")
+        int | None, typer.Option(help="Cells per non-targeting guide \\[default: set by --preset]")
     ] = None,
-    plates: Annotated[int | None, typer.Option(help="Plates [preset].")] = None,
-    wells_per_plate: Annotated[int | None, typer.Option(help="Wells per plate [preset].")] = None,
-    crop_size: Annotated[int | None, typer.Option(help="Crop side in px, >= 16 [preset].")] = None,
+    plates: Annotated[int | None, typer.Option(help="Plates \\[default: set by --preset]")] = None,
+    wells_per_plate: Annotated[
+        int | None, typer.Option(help="Wells per plate \\[default: set by --preset]")
+    ] = None,
+    crop_size: Annotated[
+        int | None, typer.Option(help="Crop side in px, >= 16 \\[default: set by --preset]")
+    ] = None,
     effect_strength: Annotated[
         float | None,
-        typer.Option(help="Gene effect multiplier (preset: demo 3, others 1; 0 = no biology)."),
+        typer.Option(
+            help="Gene effect multiplier (0 = no biology). \\[default: demo 3, other presets 1]"
+        ),
     ] = None,
     batch_strength: Annotated[
         float | None, typer.Option(help="Well effect multiplier (1 = default, 0 = none).")
@@ -132,12 +213,24 @@ def simulate(
     from scbd_cells.simulation import simulate as run_simulation
 
     result = run_simulation(
-        out_dir, preset=preset, layout=layout, seed=seed, overwrite=overwrite, preview=preview,
-        workers=workers, n_genes=n_genes, n_complexes=n_complexes,
-        guides_per_gene=guides_per_gene, control_guides=control_guides,
-        cells_per_guide=cells_per_guide, control_cells_per_guide=control_cells_per_guide,
-        plates=plates, wells_per_plate=wells_per_plate, crop_size=crop_size,
-        effect_strength=effect_strength, batch_strength=batch_strength,
+        out_dir,
+        preset=preset,
+        layout=layout,
+        seed=seed,
+        overwrite=overwrite,
+        preview=preview,
+        workers=workers,
+        n_genes=n_genes,
+        n_complexes=n_complexes,
+        guides_per_gene=guides_per_gene,
+        control_guides=control_guides,
+        cells_per_guide=cells_per_guide,
+        control_cells_per_guide=control_cells_per_guide,
+        plates=plates,
+        wells_per_plate=wells_per_plate,
+        crop_size=crop_size,
+        effect_strength=effect_strength,
+        batch_strength=batch_strength,
         holdout_plates=holdout_plates,
     )
     stdout.print(
@@ -149,7 +242,7 @@ def simulate(
         stdout.print(f"Preview: {result.preview_path}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def ingest(
     table: Annotated[
         Path, typer.Argument(help="Cells table: CSV, TSV or Parquet, one row per cell.")
@@ -167,7 +260,9 @@ def ingest(
     ] = None,
     image_column: Annotated[
         str | None,
-        typer.Option(help="Crop file per cell (TIFF (C,H,W)/(H,W,C), NPY, PNG) [image_path]."),
+        typer.Option(
+            help="Crop file per cell (TIFF (C,H,W)/(H,W,C), NPY, PNG). \\[default: image_path]"
+        ),
     ] = None,
     channel_columns: Annotated[
         str | None, typer.Option(help="Comma-separated columns: one crop file per channel.")
@@ -187,7 +282,7 @@ def ingest(
     resize: Annotated[
         int | None, typer.Option(help="Store crops at PX x PX (area average).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Threads reading images.")] = 1,
+    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
     split_fractions: Annotated[
         str, typer.Option(help="Train,val,test fractions (stratified by perturbation).")
     ] = "0.83,0.02,0.15",
@@ -213,12 +308,25 @@ def ingest(
             f"--split-fractions must be three numbers, e.g. 0.83,0.02,0.15 ({error})."
         ) from None
     result = run_ingest(
-        table, out=out, perturbation_column=perturbation_column, guide_column=guide_column,
-        batch_columns=_split_csv(batch_columns) or [], control=control, image_column=image_column,
-        channel_columns=_split_csv(channel_columns), fov_column=fov_column,
-        fov_channel_columns=_split_csv(fov_channel_columns), x_column=x_column, y_column=y_column,
-        crop_size=crop_size, channel_names=_split_csv(channel_names), resize=resize,
-        workers=workers, split_fractions=fractions, seed=seed, skip_bad=skip_bad,
+        table,
+        out=out,
+        perturbation_column=perturbation_column,
+        guide_column=guide_column,
+        batch_columns=_split_csv(batch_columns) or [],
+        control=control,
+        image_column=image_column,
+        channel_columns=_split_csv(channel_columns),
+        fov_column=fov_column,
+        fov_channel_columns=_split_csv(fov_channel_columns),
+        x_column=x_column,
+        y_column=y_column,
+        crop_size=crop_size,
+        channel_names=_split_csv(channel_names),
+        resize=resize,
+        workers=workers,
+        split_fractions=fractions,
+        seed=seed,
+        skip_bad=skip_bad,
         overwrite=overwrite,
     )
     if result.already_complete:
@@ -243,7 +351,7 @@ def ingest(
         stdout.print(f"[yellow]{result.n_blank:,} cells are entirely zero[/] (kept; check them).")
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
     store: Annotated[Path, typer.Argument(help="A store written by `scbd-cells ingest`.")],
     json_output: Annotated[
@@ -256,7 +364,7 @@ def info(
             "(exit 1 if any)."
         ),
     ] = False,
-    workers: Annotated[int, typer.Option(help="Threads reading chunks for --verify.")] = 2,
+    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
 ) -> None:
     """What is in a store: cells, channels, labels, split, size, format version."""
     import json
@@ -325,7 +433,7 @@ def _train_default(name: str) -> str:
     return f" \\[default: {TrainConfig.model_fields[name].default}]"
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     store_path: Annotated[Path, typer.Argument(help="Store written by `scbd-cells ingest`.")],
     out: Annotated[Path, typer.Option(help="Run folder: config, metrics, curves, checkpoints.")],
@@ -339,19 +447,25 @@ def train(
         float | None, typer.Option(help="Invariance weight." + _train_default("alpha"))
     ] = None,
     invariance: Annotated[
-        str | None,
-        typer.Option(help="paper (appendix B) or normalized." + _train_default("invariance")),
+        Literal["paper", "normalized"] | None,
+        typer.Option(
+            help="paper: the appendix B loss; normalized: self excluded, per-set means."
+            + _train_default("invariance")
+        ),
     ] = None,
     batch_target: Annotated[
-        str | None,
-        typer.Option(help="batch or perturbation+batch." + _train_default("batch_target")),
+        Literal["batch", "perturbation+batch"] | None,
+        typer.Option(
+            help="What z_s learns: the batch label, or the (perturbation, batch) pair."
+            + _train_default("batch_target")
+        ),
     ] = None,
     temperature: Annotated[
         float | None, typer.Option(help="SupCon temperature." + _train_default("temperature"))
     ] = None,
     encoder: Annotated[
-        str | None,
-        typer.Option(help="resnet18, resnet50, densenet121, tiny." + _train_default("encoder")),
+        Literal["resnet18", "resnet50", "densenet121", "tiny"] | None,
+        typer.Option(help="Image encoders (two, random weights)." + _train_default("encoder")),
     ] = None,
     z_dim: Annotated[
         int | None, typer.Option(help="Embedding size." + _train_default("z_dim"))
@@ -379,11 +493,12 @@ def train(
         float | None, typer.Option(help="AdamW weight decay." + _train_default("weight_decay"))
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed." + _train_default("seed"))] = None,
-    device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda, cuda:N." + _train_default("device"))
-    ] = None,
+    device: Annotated[str | None, typer.Option(help=DEVICE_HELP + _train_default("device"))] = None,
     compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile", help="torch.compile the model." + _train_default("compile")
+        ),
     ] = None,
     decoder: Annotated[
         bool | None,
@@ -400,7 +515,7 @@ def train(
         float | None, typer.Option(help="Decoder learning rate; default: --lr.")
     ] = None,
     normalize: Annotated[
-        str | None,
+        Literal["batch", "store"] | None,
         typer.Option(
             help="batch: standardise each channel with the statistics of the cell's own well "
             "(removes brightness and background offsets per well); store: with the whole "
@@ -435,12 +550,29 @@ def train(
     from scbd_cells.training import train as run_training
 
     options = dict(
-        alpha=alpha, invariance=invariance, batch_target=batch_target, temperature=temperature,
-        encoder=encoder, z_dim=z_dim, image_size=image_size, classes_per_batch=classes_per_batch,
-        cells_per_class=cells_per_class, steps=steps, val_every=val_every, lr=lr,
-        weight_decay=weight_decay, seed=seed, device=device, compile=compile, decoder=decoder,
-        decoder_width=decoder_width, decoder_lr=decoder_lr,
-        normalize=normalize, augment=augment, stratify=stratify, cache_gb=cache_gb,
+        alpha=alpha,
+        invariance=invariance,
+        batch_target=batch_target,
+        temperature=temperature,
+        encoder=encoder,
+        z_dim=z_dim,
+        image_size=image_size,
+        classes_per_batch=classes_per_batch,
+        cells_per_class=cells_per_class,
+        steps=steps,
+        val_every=val_every,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        device=device,
+        compile=compile,
+        decoder=decoder,
+        decoder_width=decoder_width,
+        decoder_lr=decoder_lr,
+        normalize=normalize,
+        augment=augment,
+        stratify=stratify,
+        cache_gb=cache_gb,
         workers=workers,
     )
     result = run_training(store_path, out=out, config_path=config, resume=resume, **options)
@@ -457,7 +589,7 @@ def train(
     stdout.print(f"[green]Trained[/] -> {result.best_checkpoint_path}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def embed(
     run_dir: Annotated[Path, typer.Argument(help="Training run folder (or a checkpoint .pt).")],
     store: Annotated[Path, typer.Argument(help="Store to embed (channels must fit the model).")],
@@ -466,29 +598,39 @@ def embed(
         bool, typer.Option(help="Also write guides.h5ad and genes.h5ad beside --out.")
     ] = False,
     representation: Annotated[
-        str, typer.Option(help="projection (z only) or encoder (also r_c, r_s in obsm).")
+        Literal["projection", "encoder"],
+        typer.Option(help="projection (z only) or encoder (also r_c, r_s in obsm)."),
     ] = "projection",
     batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 1024,
-    device: Annotated[
-        str | None, typer.Option(help="cuda, cuda:N or cpu (default: CUDA if available).")
-    ] = None,
-    which: Annotated[str, typer.Option(help="Checkpoint of the run: best or last.")] = "best",
-    workers: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    which: Annotated[
+        Literal["best", "last"],
+        typer.Option(help="Checkpoint of the run: best (lowest val loss) or last."),
+    ] = "best",
+    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Embed every cell: X = z_c, obsm["X_scbd_batch"] = z_s, obs = the store's cell table."""
     from scbd_cells.embedding import embed as run_embed
 
     result = run_embed(
-        run_dir, store, out=out, aggregate=aggregate, representation=representation,
-        batch_size=batch_size, device=device, which=which, workers=workers, overwrite=overwrite,
+        run_dir,
+        store,
+        out=out,
+        aggregate=aggregate,
+        representation=representation,
+        batch_size=batch_size,
+        device=device,
+        which=which,
+        workers=workers,
+        overwrite=overwrite,
     )
     stdout.print(f"[green]Embedded[/] {result.n_cells:,} cells -> {result.out_path}")
     if result.genes_path is not None:
         stdout.print(f"Profiles: {result.guides_path}, {result.genes_path}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def baseline(
     store: Annotated[Path, typer.Argument(help="Store to measure.")],
     out: Annotated[Path, typer.Option(help="AnnData to write: .h5ad or .zarr.")],
@@ -499,14 +641,14 @@ def baseline(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Cells measured at a time.")] = 4096,
     normalize: Annotated[
-        str,
+        Literal["store", "batch"],
         typer.Option(
             help="store: standardise each feature over all cells (no batch correction); "
             "batch: within each well (the usual CellProfiler post-processing)."
         ),
     ] = "store",
     features: Annotated[
-        str,
+        Literal["handcrafted", "cellprofiler"],
         typer.Option(
             help="handcrafted: 78 numpy measurements (fast); cellprofiler: CellProfiler's own "
             "size/shape, intensity and texture measurements with cp-measure (slower)."
@@ -519,8 +661,14 @@ def baseline(
     from scbd_cells.features import baseline as run_baseline
 
     result = run_baseline(
-        store, out=out, n_components=n_components, nucleus_channel=nucleus_channel,
-        batch_size=batch_size, normalize=normalize, features=features, seed=seed,
+        store,
+        out=out,
+        n_components=n_components,
+        nucleus_channel=nucleus_channel,
+        batch_size=batch_size,
+        normalize=normalize,
+        features=features,
+        seed=seed,
         overwrite=overwrite,
     )
     stdout.print(
@@ -543,8 +691,12 @@ def _print_table(table) -> None:
             view.add_column(column, justify="right")
     for row in table.itertuples(index=False):
         view.add_row(
-            row.embedding, f"{row.corum_auprc:.4f}", f"{row.corum_recall_5_95:.3f}",
-            f"{row.well_f1:.3f}", f"{row.well_f1_chance:.3f}", str(row.n_genes),
+            row.embedding,
+            f"{row.corum_auprc:.4f}",
+            f"{row.corum_recall_5_95:.3f}",
+            f"{row.well_f1:.3f}",
+            f"{row.well_f1_chance:.3f}",
+            str(row.n_genes),
             f"{row.n_cells:,}",
         )
     stdout.print(view)
@@ -557,14 +709,16 @@ def _print_table(table) -> None:
         else:
             field.add_column(header.replace(" ↑", ""), justify="right")
     for _, row in table.iterrows():
-        field.add_row(*[
-            str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
-            for c, _, f in FIELD_COLUMNS
-        ])
+        field.add_row(
+            *[
+                str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
+                for c, _, f in FIELD_COLUMNS
+            ]
+        )
     stdout.print(field)
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
     embeddings: Annotated[
         list[Path], typer.Argument(help="Cell-level AnnData files (.h5ad/.zarr) to compare.")
@@ -612,10 +766,22 @@ def evaluate(
     from scbd_cells.evaluation.report import evaluate as run_evaluate
 
     result = run_evaluate(
-        embeddings, corum=corum, out=out, keys=key, labels=label, control=control,
-        perturbation_key=perturbation_key, guide_key=guide_key, batch_key=batch_key,
-        max_cells=max_cells, mixing_cells=mixing_cells, max_replicates=max_replicates,
-        null_size=null_size, umap=umap, seed=seed, overwrite=overwrite,
+        embeddings,
+        corum=corum,
+        out=out,
+        keys=key,
+        labels=label,
+        control=control,
+        perturbation_key=perturbation_key,
+        guide_key=guide_key,
+        batch_key=batch_key,
+        max_cells=max_cells,
+        mixing_cells=mixing_cells,
+        max_replicates=max_replicates,
+        null_size=null_size,
+        umap=umap,
+        seed=seed,
+        overwrite=overwrite,
     )
     _print_table(result.table)
     for text in result.metrics.get("warnings", {}).values():
@@ -623,13 +789,14 @@ def evaluate(
     stdout.print(f"Report: {result.report_path}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def correct(
     profiles: Annotated[
         Path, typer.Argument(help="Cell-level AnnData (.h5ad/.zarr): embed, baseline, your own.")
     ],
     method: Annotated[
-        str, typer.Option(help="harmony, sphering (ZCA on the controls), combat, center-scale.")
+        Literal["harmony", "sphering", "combat", "center-scale"],
+        typer.Option(help="harmony, sphering (ZCA on the controls), combat, center-scale."),
     ],
     out: Annotated[Path, typer.Option(help="Corrected AnnData to write (.h5ad or .zarr).")],
     batch_key: Annotated[
@@ -652,8 +819,15 @@ def correct(
     from scbd_cells.corrections import correct as run_correct
 
     result = run_correct(
-        profiles, method=method, out=out, batch_key=batch_key, key=key, control=control,
-        perturbation_key=perturbation_key, seed=seed, overwrite=overwrite,
+        profiles,
+        method=method,
+        out=out,
+        batch_key=batch_key,
+        key=key,
+        control=control,
+        perturbation_key=perturbation_key,
+        seed=seed,
+        overwrite=overwrite,
     )
     stdout.print(
         f"[green]Corrected[/] {result.n_cells:,} cells x {result.n_features} features with "
@@ -661,11 +835,12 @@ def correct(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     embedding: Annotated[Path, typer.Argument(help="Cell-level AnnData (.h5ad/.zarr).")],
     level: Annotated[
-        str, typer.Option(help="cell, well, guide (guide x well) or gene (gene x well).")
+        Literal["cell", "well", "guide", "gene"],
+        typer.Option(help="cell, well, guide (guide x well) or gene (gene x well)."),
     ],
     out: Annotated[Path, typer.Option(help="Table to write: .parquet or .csv.")],
     key: Annotated[str, typer.Option(help="X or an obsm key (e.g. X_features).")] = "X",
@@ -680,8 +855,14 @@ def export(
     from scbd_cells.exports import export as run_export
 
     result = run_export(
-        embedding, level=level, out=out, key=key, perturbation_key=perturbation_key,
-        guide_key=guide_key, batch_key=batch_key, overwrite=overwrite,
+        embedding,
+        level=level,
+        out=out,
+        key=key,
+        perturbation_key=perturbation_key,
+        guide_key=guide_key,
+        batch_key=batch_key,
+        overwrite=overwrite,
     )
     stdout.print(
         f"[green]Exported[/] {result.n_rows:,} {result.level} profiles x {result.n_features} "
@@ -689,12 +870,12 @@ def export(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     out: Annotated[Path, typer.Option(help="Demo folder (new or empty).")] = Path("scbd-demo"),
-    preset: Annotated[str, typer.Option(help="Simulator preset: demo, or tiny (smoke test).")] = (
-        "demo"
-    ),
+    preset: Annotated[
+        Literal["demo", "tiny"], typer.Option(help="Simulator preset: demo, or tiny (smoke test).")
+    ] = "demo",
     seed: Annotated[int, typer.Option(help="Seed of everything; same seed, same table.")] = 0,
     alpha: Annotated[
         float | None,
@@ -704,16 +885,22 @@ def demo(
         int | None,
         typer.Option(help="Training steps per model (default: the demo training options)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    workers: Annotated[int, typer.Option(help="Processes/threads for images.")] = 2,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = False,
 ) -> None:
     """Simulate -> ingest -> train (alpha=0 and default) -> embed -> baseline -> evaluate."""
     from scbd_cells.pipeline import demo as run_demo
 
     result = run_demo(
-        out=out, preset=preset, seed=seed, alpha=alpha, steps=steps, device=device,
-        workers=workers, overwrite=overwrite,
+        out=out,
+        preset=preset,
+        seed=seed,
+        alpha=alpha,
+        steps=steps,
+        device=device,
+        workers=workers,
+        overwrite=overwrite,
     )
     _print_table(result.table)
     stdout.print(
@@ -721,7 +908,7 @@ def demo(
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def reconstruct(
     run_dir: Annotated[
         Path, typer.Argument(help="Training run folder trained with --decoder (or its .pt).")
@@ -740,10 +927,11 @@ def reconstruct(
         ),
     ] = None,
     wells: Annotated[int, typer.Option(help="Other wells whose z_s is swapped in.")] = 5,
-    which: Annotated[str, typer.Option(help="Checkpoint of the run: best or last.")] = "best",
-    device: Annotated[
-        str | None, typer.Option(help="cuda, cuda:N or cpu (default: CUDA if available).")
-    ] = None,
+    which: Annotated[
+        Literal["best", "last"],
+        typer.Option(help="Checkpoint of the run: best (lowest val loss) or last."),
+    ] = "best",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     overwrite: Annotated[
         bool, typer.Option(help="Replace pictures an earlier reconstruct wrote in --out.")
     ] = False,
@@ -757,8 +945,15 @@ def reconstruct(
     from scbd_cells.reconstruction import reconstruct as run_reconstruct
 
     result = run_reconstruct(
-        run_dir, store, out=out, cells=cells, seed=seed,
-        perturbations=_split_csv(perturbations), wells=wells, which=which, device=device,
+        run_dir,
+        store,
+        out=out,
+        cells=cells,
+        seed=seed,
+        perturbations=_split_csv(perturbations),
+        wells=wells,
+        which=which,
+        device=device,
         overwrite=overwrite,
     )
     stdout.print(
@@ -787,7 +982,7 @@ def _os_error_message(error: OSError) -> str:
 
 
 def _verbose() -> bool:
-    return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return logging.getLogger("scbd_cells").isEnabledFor(logging.DEBUG)
 
 
 def main() -> None:
@@ -821,4 +1016,3 @@ def main() -> None:
             # noise after the error was said
             logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         sys.exit(code)
-

@@ -169,7 +169,7 @@ def resolve_train_config(
     """
     options: dict[str, Any] = {}
     if isinstance(base, TrainConfig):
-        options.update(base.model_dump())
+        options.update(base.model_dump(exclude_unset=True))  # unset: still the defaults
     elif base is not None:
         options.update(base)
     if config_path is not None:

@@ -335,7 +335,7 @@ def embed(
     import torch
 
     from scbd_cells import __version__
-    from scbd_cells.checkpoint import load_trained
+    from scbd_cells.checkpoint import check_argument_order, load_trained
     from scbd_cells.data.loader import iter_cells
     from scbd_cells.data.store import open_store
     from scbd_cells.distributed import barrier, cleanup, gather_pieces, init_distributed
@@ -359,6 +359,7 @@ def embed(
         for path in aggregate_paths.values():
             check_output_path(path, overwrite=overwrite, inputs=inputs)
 
+    check_argument_order(run_dir, store_path)
     store = open_store(store_path)
     # Under torchrun each rank embeds every world_size-th piece; rank 0 gathers and writes.
     dist_info = init_distributed(device or _default_device())

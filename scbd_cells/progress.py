@@ -54,7 +54,19 @@ class RateColumn(ProgressColumn):
         speed = task.finished_speed or task.speed
         if speed is None:
             return Text(f"- {self.unit}/s", style="progress.data.speed")
-        return Text(f"{speed:,.0f} {self.unit}/s", style="progress.data.speed")
+        return Text(format_rate(speed, self.unit), style="progress.data.speed")
+
+
+def format_rate(per_second: float, unit: str) -> str:
+    """``12,345 cells/s``, ``3.4 steps/s``, or below one per second ``2.5 s/step``."""
+    singular = unit[:-1] if unit.endswith("s") else unit
+    if per_second <= 0:
+        return f"- {unit}/s"
+    if per_second < 1:
+        return f"{1 / per_second:,.1f} s/{singular}"
+    if per_second < 100:
+        return f"{per_second:,.1f} {unit}/s"
+    return f"{per_second:,.0f} {unit}/s"
 
 
 class _NullProgress:

@@ -836,14 +836,16 @@ def reconstruct(
     """
     import torch
 
-    from scbd_cells.checkpoint import load_trained
+    from scbd_cells.checkpoint import check_argument_order, load_trained
     from scbd_cells.data.store import open_store
 
     if cells < 1 or wells < 1:
         raise InputError(f"--cells and --wells must be at least 1; found {cells} and {wells}.")
     out_dir = Path(out)
+    check_argument_order(run_dir, store_path)
     store = open_store(store_path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     trained = load_trained(run_dir, which=which, device=device)
     check_decoder(trained)
     trained.check_store(store)

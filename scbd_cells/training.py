@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scbd_cells.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_path_of,
+    for_embedding,
     load_checkpoint,
     save_checkpoint,
 )
@@ -197,6 +198,7 @@ def train(
     split = store.obs[schema.SPLIT].astype(str).to_numpy()
     train_rows = np.flatnonzero(split == "train")
     val_rows = np.flatnonzero(split == "val")
+    config = _fit_classes_per_batch(config, perturbation_codes[train_rows])
     _check_labels(store, config, perturbation_codes, batch_codes, batch_names, train_rows)
     if val_rows.size == 0:
         logger.warning("The store has no val split: validating on train cells.")
@@ -426,7 +428,7 @@ def train(
                         )
                         if final_val["loss"] < best_val_loss:
                             best_val_loss = final_val["loss"]
-                            save_checkpoint(make_checkpoint(), best_path)
+                            save_checkpoint(for_embedding(make_checkpoint()), best_path)
                         save_checkpoint(make_checkpoint(), last_path)
                         _write_metrics(history, run_dir, collapsed=math.log(val_set.batch_size))
                     barrier()
@@ -438,7 +440,7 @@ def train(
         _write_metrics(history, run_dir, collapsed=math.log(val_set.batch_size))
         logger.warning("Interrupted at step %d; %s saved. Continue with --resume.", step, last_path)
     if dist_info.is_main and not best_path.exists():
-        save_checkpoint(make_checkpoint(), best_path)
+        save_checkpoint(for_embedding(make_checkpoint()), best_path)
     barrier()
     if dist_info.distributed:
         cleanup()
@@ -545,6 +547,24 @@ def _check_labels(
             f"perturbation classes in the train split ({n_classes}). Use --classes-per-batch "
             f"{n_classes} or fewer (raise --cells-per-class to keep the batch size)."
         )
+
+
+def _fit_classes_per_batch(config: TrainConfig, train_perturbations: np.ndarray) -> TrainConfig:
+    """The default ``classes_per_batch`` (256) on a screen with fewer perturbations: all of them.
+
+    A value the user chose (CLI, YAML, environment, keyword) is kept, and checked later.
+    """
+    n_classes = len(np.unique(train_perturbations))
+    if "classes_per_batch" in config.model_fields_set or config.classes_per_batch <= n_classes:
+        return config
+    logger.info(
+        "The train split has %d perturbations (fewer than the default %d per batch): every "
+        "batch takes all of them (--classes-per-batch %d).",
+        n_classes,
+        config.classes_per_batch,
+        n_classes,
+    )
+    return config.model_copy(update={"classes_per_batch": n_classes})
 
 
 def _batch_stats(store: Any, config: TrainConfig) -> BatchChannelStats | None:

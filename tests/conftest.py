@@ -82,3 +82,14 @@ def import_pycytominer():
 def pycytominer():
     """:func:`import_pycytominer` as a fixture."""
     return import_pycytominer()
+
+
+@pytest.fixture(autouse=True)
+def _scbd_log_level_restored() -> object:
+    """A CLI call in one test (``-q``, ``-v``) sets the package's log level; undo it."""
+    import logging
+
+    logger = logging.getLogger("scbd_cells")
+    level = logger.level
+    yield
+    logger.setLevel(level)

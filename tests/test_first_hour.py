@@ -115,3 +115,91 @@ def test_a_batch_of_several_columns(embedded: Path, tmp_path: Path, write_corum)
     assert "plate_well" in ad.read_h5ad(corrected.out_path).obs.columns
     table = export(cells, level="well", batch_key="plate,well", out=tmp_path / "wells.parquet")
     assert table.n_rows == ad.read_h5ad(cells).obs["batch"].nunique()
+
+
+def test_default_classes_per_batch_fits_a_small_library(tiny_store: Path, tmp_path: Path) -> None:
+    """The tiny screen has 17 perturbations: the default 256 becomes all of them, said once."""
+    result = train(tiny_store, out=tmp_path / "run", steps=1, encoder="tiny", z_dim=8,
+                   device="cpu", workers=0)  # fmt: skip
+    n_train = len(set(open_store(tiny_store).obs.query("split == 'train'")["perturbation"]))
+    assert result.config.classes_per_batch == n_train
+    # a value the user chose is theirs: refused, not changed, and no run folder left
+    with pytest.raises(InputError, match="--classes-per-batch 256"):
+        train(tiny_store, out=tmp_path / "mine", steps=1, encoder="tiny", classes_per_batch=256,
+              device="cpu", workers=0)  # fmt: skip
+    assert not (tmp_path / "mine").exists()
+
+
+def test_best_checkpoint_is_lean_and_follows_the_umask(embedded: Path) -> None:
+    import stat
+
+    import torch
+
+    best = torch.load(embedded / "run/checkpoints/best.pt", weights_only=True)
+    last = torch.load(embedded / "run/checkpoints/last.pt", weights_only=True)
+    assert "optimizer" not in best and "sampler" not in best
+    assert {"optimizer", "sampler"} <= set(last) and set(best) < set(last)
+    umask = __import__("os").umask(0o022)
+    __import__("os").umask(umask)
+    for name in ("best.pt", "last.pt"):
+        mode = stat.S_IMODE((embedded / "run/checkpoints" / name).stat().st_mode)
+        assert mode == 0o666 & ~umask
+
+
+def test_swapped_embed_arguments_are_named(embedded: Path, tiny_store: Path) -> None:
+    with pytest.raises(InputError, match="look swapped.*RUN_DIR STORE"):
+        embed(tiny_store, embedded / "run", out=embedded / "swapped.h5ad")
+    assert not (embedded / "swapped.h5ad").exists()
+
+
+def test_quiet_and_verbose_after_the_subcommand(tiny_store: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scbd_cells.cli import app
+
+    for flag in ("-q", "--quiet", "-v", "--verbose"):
+        result = CliRunner().invoke(app, ["info", str(tiny_store), flag])
+        assert result.exit_code == 0, result.output
+        assert "cells" in result.output
+
+
+def test_help_follows_the_conventions() -> None:
+    """Upper-case argument names, choices listed, no type shown for on/off flags."""
+    from typer.testing import CliRunner
+
+    from scbd_cells.cli import app
+
+    train_help = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "train [OPTIONS] STORE_PATH" in train_help and "{store_path}" not in train_help
+    assert "<resnet18|resnet50|densenet121|tiny>" in train_help
+    assert "<bool>" not in train_help
+    simulate_help = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"}).output
+    assert "<tiny|demo|large>" in simulate_help and "OUT_DIR" in simulate_help
+    assert "Targeted genes [default: set by --preset]" in simulate_help
+
+
+def test_rates_below_one_per_second_read_as_seconds_per_item() -> None:
+    from scbd_cells.progress import format_rate
+
+    assert format_rate(0.25, "steps") == "4.0 s/step"
+    assert format_rate(3.456, "steps") == "3.5 steps/s"
+    assert format_rate(12_345.6, "cells") == "12,346 cells/s"
+
+
+def test_logs_are_plain_unwrapped_lines_when_piped(tiny_screen: Path, tmp_path: Path) -> None:
+    """Through a pipe: one line per message, paths whole, no other library's chatter."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "a very long folder name that would be wrapped at eighty columns" / "s.zarr"
+    completed = subprocess.run(
+        [sys.executable, "-m", "scbd_cells", "ingest", str(tiny_screen / "cells.csv"),
+         "--out", str(out), "--perturbation-column", "gene", "--guide-column", "guide",
+         "--control", "nontargeting"],
+        capture_output=True, text=True, cwd=tiny_screen, env={**__import__("os").environ,
+                                                             "COLUMNS": "80"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stderr.splitlines()
+    assert any(str(out) in line for line in lines), completed.stderr
+    assert all(" INFO " in line or " WARNING " in line for line in lines), completed.stderr
