@@ -700,22 +700,34 @@ def _print_table(table) -> None:
             f"{row.n_cells:,}",
         )
     stdout.print(view)
-    if "overall" not in table:
-        return
-    field = Table(title="The field's metrics (JUMP benchmark; all: higher is better)")
-    for column, header, _ in FIELD_COLUMNS:
+    if "overall" in table:
+        title = "The field's metrics (JUMP benchmark; all: higher is better)"
+        stdout.print(_rich_table(title, table, FIELD_COLUMNS, arrows=False))
+    if "heldout_corum_auprc" in table:
+        from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS
+
+        title = "Held-out batches, apart from the rest"
+        stdout.print(_rich_table(title, table, HOLDOUT_COLUMNS, arrows=True))
+
+
+def _rich_table(title: str, table, columns: list[tuple[str, str, str]], *, arrows: bool):
+    """``table``'s ``(column, header, format)`` as a Rich table; names never cut."""
+    from rich.table import Table
+
+    view = Table(title=title)
+    for column, header, _ in columns:
         if column == "embedding":
-            field.add_column(header, no_wrap=True, min_width=max(map(len, table["embedding"])))
+            view.add_column(header, no_wrap=True, min_width=max(map(len, table["embedding"])))
         else:
-            field.add_column(header.replace(" ↑", ""), justify="right")
+            view.add_column(header if arrows else header.replace(" ↑", ""), justify="right")
     for _, row in table.iterrows():
-        field.add_row(
+        view.add_row(
             *[
                 str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
-                for c, _, f in FIELD_COLUMNS
+                for c, _, f in columns
             ]
         )
-    stdout.print(field)
+    return view
 
 
 @app.command(cls=_Command)
@@ -759,6 +771,18 @@ def evaluate(
     umap: Annotated[
         bool, typer.Option("--umap/--no-umap", help="Draw umap.png (about 30 s on 2 cores).")
     ] = True,
+    holdout_batches: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated values of --holdout-key marking held-out cells (a new plate): "
+            "CORUM from their cells alone, well F1 among their wells and how they mix with "
+            "the rest, reported apart (docs/new-plates.md)."
+        ),
+    ] = None,
+    holdout_key: Annotated[
+        str | None,
+        typer.Option(help="obs column of --holdout-batches, e.g. plate. \\[default: --batch-key]"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every subsample, split and draw.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
 ) -> None:
@@ -780,6 +804,8 @@ def evaluate(
         max_replicates=max_replicates,
         null_size=null_size,
         umap=umap,
+        holdout_batches=_split_csv(holdout_batches),
+        holdout_key=holdout_key,
         seed=seed,
         overwrite=overwrite,
     )

@@ -104,11 +104,23 @@ def test_new_plate_workflow(tmp_path: Path) -> None:
         [
             "evaluate", str(embeddings / "all_plates.h5ad"), "--corum", complexes,
             "--control", "nontargeting", "--out", str(report),
+            "--holdout-key", "plate", "--holdout-batches", "plate3",
         ]
     )  # fmt: skip
-    combined = json.loads((report / "metrics.json").read_text())["embeddings"]["all_plates"]
+    written = json.loads((report / "metrics.json").read_text())
+    combined = written["embeddings"]["all_plates"]
     assert combined["n_cells"] == len(table)
     assert combined["well_f1_chance"] == pytest.approx(1 / 6, abs=0.02)  # all six wells
+    # the held-out plate apart: its CORUM is the side-by-side new_plate file's, computed from
+    # the same cells by the other path; its wells are two; held out vs rest is two-way
+    held = written["holdout"]["embeddings"]["all_plates"]
+    assert written["holdout"]["column"] == "plate" and written["holdout"]["values"] == ["plate3"]
+    assert held["n_heldout_cells"] == metrics["new_plate"]["n_cells"]
+    assert held["heldout_corum_auprc"] == pytest.approx(metrics["new_plate"]["corum_auprc"])
+    assert held["heldout_well_f1_chance"] == pytest.approx(0.5, abs=0.02)
+    assert 0 <= held["heldout_vs_rest_f1"] <= 1 and 0 <= held["heldout_ilisi"] <= 1
+    assert "## Held-out batches" in (report / "report.md").read_text()
+    assert "Held-out batches" in (report / "report.html").read_text()
 
     # Earlier profiles never move: embedding the training plates again gives the same z_c.
     again = embeddings / "again.h5ad"

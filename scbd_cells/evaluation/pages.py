@@ -57,6 +57,14 @@ BEST = {
     "well_f1": "min",
 }
 BEST.pop("well_f1_chance")
+HOLDOUT_BEST = {
+    "heldout_corum_auprc": "max",
+    "heldout_corum_recall_5_95": "max",
+    "heldout_well_f1": "min",
+    "heldout_vs_rest_f1": "min",
+    "heldout_ilisi": "max",
+    "heldout_kbet": "max",
+}
 
 
 @dataclass(frozen=True)
@@ -109,8 +117,13 @@ def provenance_markdown(provenance: dict[str, Any]) -> str:
     ]
     for name, entry in provenance["inputs"].items():
         facts = [f"{entry['bytes']:,} bytes", f"{entry['n_cells']:,} cells", f"key {entry['key']}"]
-        for label, field in (("kind", "kind"), ("step", "checkpoint_step"), ("α", "alpha"),
-                             ("steps", "steps"), ("method", "method")):
+        for label, field in (
+            ("kind", "kind"),
+            ("step", "checkpoint_step"),
+            ("α", "alpha"),
+            ("steps", "steps"),
+            ("method", "method"),
+        ):
             if entry.get(field) not in (None, ""):
                 facts.append(f"{label} {entry[field]}")
         lines.append(f"- **{name}**: `{entry['path']}` ({', '.join(map(str, facts))})")
@@ -186,8 +199,11 @@ def write_extras(
     consistency.to_csv(folder / "map_consistency.csv", index=False)
     plot_tradeoff(table, folder / "tradeoff.png")
     images = [
-        (folder / "corum_pr.png", "CORUM precision-recall (AUPRC in the legend; dashed: the "
-         "share of gene pairs that share a complex, a random predictor's precision)"),
+        (
+            folder / "corum_pr.png",
+            "CORUM precision-recall (AUPRC in the legend; dashed: the "
+            "share of gene pairs that share a complex, a random predictor's precision)",
+        ),
         (folder / "well_f1.png", "Predicting the well from the embedding (lower is better)"),
         (folder / "tradeoff.png", "Biology kept vs well left, one point per embedding"),
     ]
@@ -211,6 +227,23 @@ def write_extras(
         ("Warning", f"<p><strong>{html.escape(text)}</strong></p>")
         for text in metrics.get("warnings", {}).values()
     ]
+    holdout_section = []
+    if metrics.get("holdout"):
+        from scbd_cells.evaluation.holdout import (
+            HOLDOUT_COLUMNS,
+            HOLDOUT_EXPLANATION,
+            holdout_intro,
+        )
+
+        render = markdown_it.MarkdownIt().render
+        holdout_section.append(
+            (
+                "Held-out batches",
+                render(holdout_intro(metrics["holdout"]))
+                + html_table(table, HOLDOUT_COLUMNS, best=HOLDOUT_BEST)
+                + render(HOLDOUT_EXPLANATION),
+            )
+        )
     page = report_html(
         title="scbd-cells evaluation",
         sections=[
@@ -220,6 +253,7 @@ def write_extras(
                 "The field's metrics (JUMP batch-correction benchmark)",
                 html_table(table, FIELD_COLUMNS, best=BEST) + explanation,
             ),
+            *holdout_section,
             ("Provenance", provenance_html(metrics["provenance"])),
         ],
         images=images,

@@ -35,6 +35,7 @@ from scbd_cells.evaluation.benchmark import (
 from scbd_cells.evaluation.cells import CellsFile, check_values, open_cells, read_rows
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
+from scbd_cells.evaluation.holdout import HOLDOUT_KEYS, Holdout, holdout_markdown, holdout_metrics
 from scbd_cells.evaluation.map import DEFAULT_MAX_REPLICATES, DEFAULT_NULL_SIZE
 from scbd_cells.evaluation.mixing import DEFAULT_MIXING_CELLS
 from scbd_cells.evaluation.overall import overall_scores
@@ -215,6 +216,8 @@ def evaluate(
     max_replicates: int | None = DEFAULT_MAX_REPLICATES,
     null_size: int = DEFAULT_NULL_SIZE,
     umap: bool = True,
+    holdout_batches: list[str] | None = None,
+    holdout_key: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> EvaluationResult:
@@ -251,6 +254,12 @@ def evaluate(
         Permutations of copairs' null distribution for the mAP p-values.
     umap
         Draw ``umap.png`` (UMAPs of gene profiles and cells; about 30 s on 2 cores).
+    holdout_batches
+        Values of ``holdout_key`` that mark held-out cells (a plate imaged after
+        training): CORUM from their cells alone, well F1 among their wells, and how well
+        they mix with the rest are reported apart (``evaluation/holdout.py``).
+    holdout_key
+        obs column of ``holdout_batches`` (default: ``batch_key``), e.g. ``plate``.
     seed
         Seeds every subsample, split, classifier, null distribution and clustering.
     overwrite
@@ -273,6 +282,9 @@ def evaluate(
             "one per embedding."
         )
     names = _names(paths, keys, labels)
+    holdout = None
+    if holdout_batches:
+        holdout = Holdout(column=holdout_key or batch_key, values=tuple(holdout_batches))
     check_output(out_dir, kind="report", overwrite=overwrite, inputs=[*paths, corum])
     complexes = read_complexes(corum)
 
@@ -302,6 +314,18 @@ def evaluate(
                     "it: embed from a store (which carries 'batch'), or name the column with "
                     "--batch-key."
                 )
+        held = []
+        for path, adata in zip(paths, datasets, strict=True):
+            if holdout is None:
+                held.append(None)
+                continue
+            column = batch_column(adata, holdout.column)
+            if column not in adata.obs.columns:
+                raise DataError(
+                    f"{path} has no column {holdout.column!r} in obs for --holdout-key (columns: "
+                    f"{', '.join(map(str, adata.obs.columns[:12]))})."
+                )
+            held.append(holdout.mask(adata.obs[column], path=path))
         value_warnings = _check_values(paths, names, keys, datasets)
     except BaseException:
         _close(datasets)
@@ -314,7 +338,9 @@ def evaluate(
     benchmarks: dict[str, BenchmarkResult] = {}
     inputs: dict[str, dict[str, Any]] = {}
     try:
-        for name, key, adata, path in zip(names, keys, datasets, paths, strict=True):
+        for name, key, adata, path, held_cells in zip(
+            names, keys, datasets, paths, held, strict=True
+        ):
             log.info("Evaluating %s (%s, %d cells)", name, key, adata.n_obs)
             inputs[name] = input_provenance(path, key=key, adata=adata)
             profiles = aggregate_profiles(
@@ -363,6 +389,23 @@ def evaluate(
                     "n_mixing_cells": benchmarks[name].n_mixing_cells,
                 }
             )
+            if held_cells is not None:
+                log.info("Evaluating %s on its %d held-out cells", name, int(held_cells.sum()))
+                rows[-1].update(
+                    holdout_metrics(
+                        adata,
+                        key=key,
+                        held=held_cells,
+                        complexes=complexes,
+                        control=_control(adata, control),
+                        perturbation_key=perturbation_key,
+                        guide_key=guide_key,
+                        batch_key=batch_key,
+                        max_cells=max_cells,
+                        mixing_cells=mixing_cells,
+                        seed=seed,
+                    )
+                )
             curves.append(
                 pd.DataFrame(
                     {
@@ -385,6 +428,16 @@ def evaluate(
             for row in table.to_dict("records")
         },
         "warnings": value_warnings,
+        "holdout": {}
+        if holdout is None
+        else {
+            "column": holdout.column,
+            "values": list(holdout.values),
+            "embeddings": {
+                row["embedding"]: {k: _json_number(row[k]) for k in HOLDOUT_KEYS}
+                for row in table.to_dict("records")
+            },
+        },
         "settings": {
             "corum": str(Path(corum)),
             "complexes_format": complexes.format,
@@ -444,8 +497,13 @@ def _plot_curves(curves: pd.DataFrame, path: Path, table: pd.DataFrame | None = 
         for prevalence in pd.unique(table["corum_prevalence"]):
             axes.axhline(prevalence, color="grey", linestyle="--", linewidth=1)
         axes.text(
-            0.99, float(table["corum_prevalence"].max()), "share of pairs in a complex (random)",
-            transform=axes.get_yaxis_transform(), ha="right", va="bottom", fontsize=7,
+            0.99,
+            float(table["corum_prevalence"].max()),
+            "share of pairs in a complex (random)",
+            transform=axes.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
+            fontsize=7,
             color="grey",
         )
     axes.set_xlabel("recall")
@@ -521,6 +579,7 @@ Complexes: `{settings["corum"]}` ({settings["complexes_format"]}).
 ![well prediction](well_f1.png)
 
 {field_markdown(metrics, table)}
+{holdout_markdown(table, metrics["holdout"])}
 Files: `metrics.json`, `corum_pr.csv`, `map_activity.csv`, `map_consistency.csv`,
 `report.html` (this report in one self-contained page). Protocol: docs/evaluation.md.
 """
