@@ -33,7 +33,7 @@ import torchvision.transforms.functional as TF
 from common import add_store_arguments, benchmark_store, markdown_table, peak_rss_gb, record
 
 from scbd_cells.data import schema
-from scbd_cells.data.loader import BalancedLoader, SegmentReader
+from scbd_cells.data.loader import BalancedLoader, SegmentReader, segment_cells_of
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.model.preprocess import Preprocessor
 
@@ -164,9 +164,12 @@ def main() -> None:
     loaders = {}  # one loader per reads and budget (the Preprocessor row reuses the memory one)
     for backend, cache_gb, _ in configs:
         if (backend, cache_gb) not in loaders:
+            sampler = _sampler(store, args, 0)
+            if backend == "chunks":  # train --sampling segments
+                sampler.use_segments(segment_cells_of(store))
             loaders[backend, cache_gb] = BalancedLoader(
                 store,
-                _sampler(store, args, 0),
+                sampler,
                 device=device,
                 cache_gb=cache_gb,
                 workers=args.workers,

@@ -62,6 +62,13 @@ class TrainConfig(BaseModel):
         "so every batch holds them in near-equal numbers; off: uniform within the "
         "perturbation (paper A.1).",
     )
+    sampling: Literal["cells", "segments"] = Field(
+        "cells",
+        description="cells: each perturbation's cells drawn from all its train cells; segments: "
+        "from one store segment (whole chunks, about 1 MiB) at a time, so that a store larger "
+        "than --cache-gb is decoded about once per pass (many times faster there). The "
+        "batches depend on this option, never on --cache-gb.",
+    )
     # optimisation
     steps: int = Field(10_000, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from scbd_cells.data import loader as loader_module
-from scbd_cells.data.loader import BalancedLoader, SegmentReader
+from scbd_cells.data.loader import BalancedLoader, SegmentReader, segment_cells_of
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.data.store import create_store
 from scbd_cells.errors import InputError
@@ -75,9 +75,13 @@ def _sampler(store, *, seed: int, classes: int = 4, cells: int = 8) -> BalancedB
     )
 
 
-def _loader(store, *, seed: int, **kwargs) -> BalancedLoader:
+def _loader(store, *, seed: int, segments: bool = True, **kwargs) -> BalancedLoader:
+    """A loader whose sampler draws segment by segment (``train --sampling segments``)."""
     kwargs.setdefault("cache_gb", 0.5 * store.images.nbytes / 1e9)  # does not fit
-    return BalancedLoader(store, _sampler(store, seed=seed), device="cpu", **kwargs)
+    sampler = _sampler(store, seed=seed)
+    if segments:
+        sampler.use_segments(segment_cells_of(store), world_size=kwargs.get("world_size", 1))
+    return BalancedLoader(store, sampler, device="cpu", **kwargs)
 
 
 # -- reading segments -------------------------------------------------------------------
@@ -113,14 +117,34 @@ def test_segment_reader_returns_any_rows_in_order(tmp_path, small_segments, shar
 def test_auto_mode_reads_segments_only_when_the_store_does_not_fit(chunked_store) -> None:
     nbytes = chunked_store.images.nbytes
     with _loader(chunked_store, seed=0, cache_gb=2 * nbytes / 1e9) as fits:
-        assert fits.backend == "memory" and fits.sampler.segment_cells is None
+        assert fits.backend == "memory"
     with _loader(chunked_store, seed=0) as larger:
         assert larger.backend == "chunks"
         assert larger.sampler.segment_cells == larger.reader.segment_cells
+    with _loader(chunked_store, seed=0, segments=False) as rows:
+        assert rows.backend in ("tensorstore", "zarr")  # a cells sampler is never switched
+        assert rows.sampler.segment_cells is None
     with _loader(chunked_store, seed=0, cache_gb=0.0) as no_budget:
         assert no_budget.backend in ("tensorstore", "zarr")  # no budget: row reads, as before
     with _loader(chunked_store, seed=0, cache_gb=2 * nbytes / 1e9, backend="chunks") as forced:
         assert forced.backend == "chunks"
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_the_cache_budget_never_changes_the_batches(chunked_store, segments) -> None:
+    """Same store, seed and sampling: the same cells and pixels, whatever --cache-gb."""
+    nbytes = chunked_store.images.nbytes
+    drawn = {}
+    for name, cache_gb in (("fits", 2 * nbytes / 1e9), ("half", nbytes / 2e9), ("none", 0.0)):
+        with _loader(chunked_store, seed=4, segments=segments, cache_gb=cache_gb) as loader:
+            batches = [next(loader) for _ in range(12)]
+        drawn[name] = (
+            np.stack([b.indices.numpy() for b in batches]),
+            np.stack([b.images.numpy() for b in batches]),
+        )
+    for name in ("half", "none"):
+        np.testing.assert_array_equal(drawn[name][0], drawn["fits"][0])
+        np.testing.assert_array_equal(drawn[name][1], drawn["fits"][1])
 
 
 # -- batches ------------------------------------------------------------------------------

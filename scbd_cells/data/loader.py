@@ -16,12 +16,14 @@ Two readers serve two access patterns:
 Both read through :class:`CellReader`, which keeps an in-memory copy of the
 images when they fit the ``cache_gb`` budget and otherwise reads sorted,
 de-duplicated rows through tensorstore (or zarr-python), whose decoded-chunk
-cache then gets the budget. When the images do not fit the budget,
-:class:`BalancedLoader` instead reads whole store *segments* (runs of whole
-chunks) through a :class:`SegmentReader` and switches its sampler to draw each
-class's cells segment by segment
-(:meth:`~scbd_cells.data.sampler.BalancedBatchSampler.use_segments`), so that a
-decoded chunk serves a class for many batches instead of one cell.
+cache then gets the budget. A sampler that draws each class's cells segment by
+segment (:meth:`~scbd_cells.data.sampler.BalancedBatchSampler.use_segments`, the
+``--sampling segments`` of ``train``) is read instead through a
+:class:`SegmentReader` when the images do not fit the budget, so that a decoded
+chunk serves a class for many batches instead of one cell.
+
+Which cells are drawn is the sampler's choice alone (store, seed, options): the
+memory budget picks how they are read, never what is read.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ _CACHE_PIECE_BYTES = 256 * 2**20
 # A segment (the unit SegmentReader decodes and keeps) spans whole chunks, about this many bytes
 # of pixels: 1 MiB, the store's default chunk (docs/performance.md, "Larger than the cache budget").
 _SEGMENT_TARGET_BYTES = 1 << 20
+
+
+def segment_cells_of(store: Any) -> int:
+    """Rows per segment of ``store``: whole chunks, about 1 MiB of pixels.
+
+    A function of the store's chunking and image size only, so a sampler in segment mode
+    draws the same batches on any machine.
+    """
+    n_cells = max(1, int(store.images.shape[0]))
+    cell_bytes = max(1, _images_nbytes(store) // n_cells)
+    chunk = int(getattr(store.images, "chunks", (1,))[0] or 1)
+    return chunk * max(1, round(_SEGMENT_TARGET_BYTES / (chunk * cell_bytes)))
 
 
 class Batch(NamedTuple):
@@ -349,10 +363,7 @@ class SegmentReader:
         self.store = store
         self.n_cells = int(store.images.shape[0])
         self.cell_bytes = max(1, _images_nbytes(store) // max(1, self.n_cells))
-        chunk = int(getattr(store.images, "chunks", (1,))[0] or 1)
-        self.segment_cells = chunk * max(
-            1, round(_SEGMENT_TARGET_BYTES / (chunk * self.cell_bytes))
-        )
+        self.segment_cells = segment_cells_of(store)
         self.segment_bytes = self.segment_cells * self.cell_bytes
         self.budget_bytes = int(max(0.0, budget_gb) * 1e9)
         self._tensorstore = _open_tensorstore(store, cache_gb=0.0, workers=workers)
@@ -484,13 +495,15 @@ class BalancedLoader:
     prefetch
         Batches read ahead of the one being consumed (at least ``workers``).
     backend
-        How the images are read: ``"auto"`` picks ``"memory"`` when the store
-        fits ``cache_gb``, otherwise ``"chunks"`` when ``cache_gb > 0``,
-        otherwise row reads (``"tensorstore"``, else ``"zarr"``; see
-        :class:`CellReader`). ``"chunks"``: a :class:`SegmentReader` keeps up
-        to ``cache_gb`` of decoded store segments and the sampler draws each
-        class's cells segment by segment (``sampler.use_segments``, if it has
-        it), so that reading costs about one chunk decode per cell.
+        How the images are read (never which: that is the sampler's): ``"auto"``
+        picks ``"memory"`` when the store fits ``cache_gb``; otherwise, for a
+        sampler in segment mode (``sampler.segment_cells`` set, see
+        :meth:`~scbd_cells.data.sampler.BalancedBatchSampler.use_segments`) and
+        ``cache_gb > 0``, ``"chunks"``; otherwise row reads (``"tensorstore"``,
+        else ``"zarr"``; see :class:`CellReader`). ``"chunks"``: a
+        :class:`SegmentReader` keeps up to ``cache_gb`` of decoded store
+        segments, about one chunk decode per cell when the sampler draws segment
+        by segment.
 
     Notes
     -----
@@ -536,15 +549,23 @@ class BalancedLoader:
                 f"Expected backend auto, memory, chunks, tensorstore or zarr; found {backend!r}."
             )
         fits = cache_gb > 0 and _images_nbytes(store) <= cache_gb * 1e9
+        segments = getattr(sampler, "segment_cells", None) is not None
         self.reader: CellReader | SegmentReader
-        if backend == "chunks" or (backend == "auto" and not fits and cache_gb > 0):
+        if backend == "chunks" or (backend == "auto" and segments and not fits and cache_gb > 0):
             # the budget is per node, like the shared in-memory copy: each rank keeps its share
             local_ranks = _local_world_size() if world_size > 1 else 1
             self.reader = SegmentReader(
                 store, budget_gb=cache_gb / local_ranks, workers=max(1, workers)
             )
-            self._use_segments(sampler, world_size)
+            self._log_segments(sampler, world_size)
         else:
+            if backend == "auto" and not fits and cache_gb > 0:
+                logger.info(
+                    "Images (%.2f GB) exceed the cache budget: reading rows through the chunk "
+                    "cache. Drawing cells segment by segment (train --sampling segments) reads "
+                    "such stores many times faster (docs/performance.md).",
+                    _images_nbytes(store) / 1e9,
+                )
             self.reader = CellReader(
                 store,
                 cache_gb=cache_gb,
@@ -567,10 +588,8 @@ class BalancedLoader:
         self._closed_state: dict | None = None
         self._stream = torch.cuda.Stream(device=self.device) if self._pin else None
 
-    def _use_segments(self, sampler: Any, world_size: int) -> None:
+    def _log_segments(self, sampler: Any, world_size: int) -> None:
         reader = self.reader
-        if hasattr(sampler, "use_segments"):
-            sampler.use_segments(reader.segment_cells, world_size=world_size)
         n_classes = len(getattr(sampler, "classes", ()))
         # with several ranks a class's cells mostly go to its home rank (use_segments)
         needed = reader.recommended_gb(math.ceil(n_classes / world_size))
