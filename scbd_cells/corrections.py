@@ -186,7 +186,7 @@ def correct(
     CorrectResult
     """
     from scbd_cells import __version__
-    from scbd_cells.embedding import check_output_path, write_anndata
+    from scbd_cells.anndata_io import check_output_path, write_anndata
 
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}; found {method!r}.")

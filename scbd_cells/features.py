@@ -365,14 +365,14 @@ def baseline(
     import anndata as ad
     from sklearn.decomposition import PCA
 
-    from scbd_cells.data.loader import iter_cells
-    from scbd_cells.data.store import open_store
-    from scbd_cells.embedding import (
+    from scbd_cells.anndata_io import (
         anndata_bytes,
         check_output_path,
         store_obs_for_anndata,
         write_anndata,
     )
+    from scbd_cells.data.loader import iter_cells
+    from scbd_cells.data.store import open_store
 
     if normalize not in ("batch", "store"):
         raise InputError(f"--normalize must be batch or store; found {normalize!r}.")

@@ -653,10 +653,10 @@ def test_embed_stops_cleanly_when_the_disk_fills_up_during_the_write(trained, tm
         f"""
         import os
         import sys
-        from scbd_cells import embedding
+        from scbd_cells import anndata_io
         from scbd_cells.cli import main
 
-        real_write, calls = embedding._CellsWriter.write, []
+        real_write, calls = anndata_io.CellsWriter.write, []
 
         def write_then_fill(self, start, values):
             calls.append(start)
@@ -669,7 +669,7 @@ def test_embed_stops_cleanly_when_the_disk_fills_up_during_the_write(trained, tm
                     os.close(handle)
             return real_write(self, start, values)
 
-        embedding._CellsWriter.write = write_then_fill
+        anndata_io.CellsWriter.write = write_then_fill
         sys.argv = ["scbd-cells", "embed", {str(run_dir)!r}, {str(store_path)!r}, "--out",
                     {str(small_disk / "cells.h5ad")!r}, "--batch-size", "64"]
         main()
