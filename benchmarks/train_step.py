@@ -68,7 +68,7 @@ def device_only_rate(store, args, device: torch.device) -> float:
         model = model.to(memory_format=torch.channels_last)
     forward_model = torch.compile(model) if args.compile else model
     preprocessor = preprocessor_for(  # train's default: per-well statistics
-        store,
+        store.codes(schema.BATCH)[1],
         channel_stats=store.channel_stats,
         image_size=image_size,
         batch_stats=batch_channel_stats(store),

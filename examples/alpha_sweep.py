@@ -36,8 +36,8 @@ import scbd_cells
 from scbd_cells.checkpoint import load_trained
 from scbd_cells.data import schema
 from scbd_cells.data.loader import iter_cells
-from scbd_cells.evaluation.batch import batch_prediction_f1
 from scbd_cells.pipeline import DEMO_SPLIT_FRACTIONS
+from scbd_cells.well_probe import batch_prediction_f1
 
 SCREENS = {
     "demo": {},

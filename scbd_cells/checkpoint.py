@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from scbd_cells import __version__
+from scbd_cells.data import schema
 from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
 from scbd_cells.errors import CheckpointError
 from scbd_cells.model.preprocess import Preprocessor, preprocessor_for
@@ -180,7 +181,10 @@ class TrainedModel:
         if batch_stats is not None and store.fingerprint()["store_id"] != trained_on:
             batch_stats = batch_channel_stats(store)
         return preprocessor_for(
-            store, channel_stats=self.channel_stats, image_size=image_size, batch_stats=batch_stats
+            store.codes(schema.BATCH)[1],
+            channel_stats=self.channel_stats,
+            image_size=image_size,
+            batch_stats=batch_stats,
         )
 
     def check_store(self, store: Any) -> None:

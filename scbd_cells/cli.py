@@ -539,6 +539,15 @@ def train(
             "within the perturbation (paper A.1). Default: on.",
         ),
     ] = None,
+    sampling: Annotated[
+        Literal["cells", "segments"] | None,
+        typer.Option(
+            help="cells: a perturbation's cells come from all its train cells; segments: from "
+            "one store segment (whole chunks) at a time, many times faster on a store larger "
+            "than --cache-gb (the batches depend on this option, never on --cache-gb)."
+            + _train_default("sampling")
+        ),
+    ] = None,
     cache_gb: Annotated[
         float | None, typer.Option(help="RAM for caching images." + _train_default("cache_gb"))
     ] = None,
@@ -572,6 +581,7 @@ def train(
         normalize=normalize,
         augment=augment,
         stratify=stratify,
+        sampling=sampling,
         cache_gb=cache_gb,
         workers=workers,
     )

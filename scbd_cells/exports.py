@@ -212,7 +212,7 @@ def export(
     -------
     ExportResult
     """
-    from scbd_cells.evaluation.report import _close, read_embedding
+    from scbd_cells.evaluation.cells import close_all, read_embedding
 
     if level not in LEVELS:
         raise InputError(f"--level must be one of {', '.join(LEVELS)}; found {level!r}.")
@@ -259,7 +259,7 @@ def export(
         tmp_path.unlink(missing_ok=True)
         raise
     finally:
-        _close([adata])
+        close_all([adata])
     log.info("Exported %d %s profiles x %d features -> %s", n_rows, level, len(names), out_path)
     return ExportResult(out_path=out_path, level=level, n_rows=n_rows, n_features=len(names))
 

@@ -19,7 +19,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from scbd_cells.checkpoint import (
 from scbd_cells.config import TrainConfig, read_config_file, resolve_train_config, save_config
 from scbd_cells.data import schema
 from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
-from scbd_cells.data.loader import BalancedLoader
+from scbd_cells.data.loader import BalancedLoader, segment_cells_of
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.data.store import open_store
 from scbd_cells.distributed import (
@@ -165,28 +165,133 @@ def train(
         A non-finite loss; ``checkpoints/last.pt`` keeps the last good state.
     """
     run_dir = Path(out)
+    config = _resolve_options(run_dir, store_path, config, config_path, resume, options)
+    run = _set_up(store_path, run_dir, config, resume=resume)
+    config = run.config  # as the store fitted it (classes per batch)
+    stop, stall, log = _StopRequest(), _StallMonitor(config), _TrainLog(run.step, config)
+    run.model.train()
+    with stop.installed(), progress_bar(unit="steps") as bar:
+        task = bar.add_task("Training", total=config.steps, completed=run.step)
+        try:
+            while run.step < config.steps and not stop.requested:
+                parts = _train_step(run, next(run.loader))
+                run.step += 1
+                bar.advance(task)
+                log.add(parts)
+                stall.record(parts["supcon_perturbation"])
+                if run.step % config.log_every == 0 or run.step == config.steps:
+                    row = log.train_row(run.step)
+                    run.history.append(row)
+                    bar.update(task, description=f"Training [dim]loss {row['loss']:.3f} "
+                               f"{row['cells_per_s']:,.0f} cells/s[/]")  # fmt: skip
+                if run.step % config.val_every == 0 or run.step == config.steps:
+                    if run.dist.is_main:
+                        _validate_and_save(run, stall, elapsed_s=log.elapsed())
+                    barrier()
+        finally:
+            run.loader.close()
+    return _finish(run, interrupted=stop.requested and run.step < config.steps)
+
+
+# --- the run's stages -------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """Everything the loop works on: built by :func:`_set_up`, changed by the steps."""
+
+    config: TrainConfig
+    run_dir: Path
+    store: Any
+    dist: Any  # DistributedInfo
+    model: SCBDModel
+    forward_model: torch.nn.Module  # the model, under DDP and torch.compile when asked
+    optimizer: torch.optim.Optimizer
+    preprocessor: Preprocessor
+    loader: BalancedLoader
+    val_set: _ValidationSet
+    batch_stats: BatchChannelStats | None
+    vocab: dict[str, list[str]]
+    autocast: Any
+    step: int = 0
+    best_val_loss: float = math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+    option_history: list[dict[str, Any]] = field(default_factory=list)
+    final_val: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def last_path(self) -> Path:
+        return checkpoint_path_of(self.run_dir, "last")
+
+    @property
+    def best_path(self) -> Path:
+        return checkpoint_path_of(self.run_dir, "best")
+
+    @property
+    def cuda(self) -> bool:
+        return self.dist.device.type == "cuda"
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The plain-dict checkpoint of the run as it is now (``checkpoint.py`` documents it)."""
+        return {
+            "model": self.model.state_dict(),
+            "model_args": dict(self.model.model_args),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
+            "config": self.config.model_dump(),
+            "store_fingerprint": self.store.fingerprint(),
+            "vocab": self.vocab,
+            "channel_stats": {k: list(v) for k, v in self.store.channel_stats.items()},
+            "batch_channel_stats": None if self.batch_stats is None else self.batch_stats.to_dict(),
+            "sampler": self.loader.state_dict(),
+            "option_history": self.option_history,
+        }
+
+    def write_metrics(self) -> None:
+        _write_metrics(self.history, self.run_dir, collapsed=math.log(self.val_set.batch_size))
+
+
+def _resolve_options(
+    run_dir: Path,
+    store_path: str | os.PathLike,
+    config: TrainConfig | None,
+    config_path: str | os.PathLike | None,
+    resume: bool,
+    options: dict[str, Any],
+) -> TrainConfig:
+    """The run's options; the rules of ``out`` (a new run, or ``resume`` of one) checked."""
     last_path = checkpoint_path_of(run_dir, "last")
-    best_path = checkpoint_path_of(run_dir, "best")
     check_not_input(run_dir, [store_path, config_path])
     if resume:
         if not last_path.is_file():
             raise CheckpointError(
                 f"nothing to resume in {run_dir}: no {last_path}. Start the run without --resume."
             )
-        config = resolve_train_config(
-            base=read_config_file(run_dir / "config.yaml"),
+        saved = read_config_file(run_dir / "config.yaml")
+        return resolve_train_config(
+            base={**_legacy_options(saved, last_path), **saved},
             config_path=config_path,
             overrides=options,
         )
-    else:
-        config = resolve_train_config(base=config, config_path=config_path, overrides=options)
-        if last_path.exists():
-            raise InputError(
-                f"{run_dir} already holds a run ({last_path}). Continue it with --resume, or "
-                "choose another --out."
-            )
-        if kind_of(run_dir) != "run":
-            check_output(run_dir, kind="run", overwrite=False)  # only a new or empty folder
+    resolved = resolve_train_config(base=config, config_path=config_path, overrides=options)
+    if last_path.exists():
+        raise InputError(
+            f"{run_dir} already holds a run ({last_path}). Continue it with --resume, or "
+            "choose another --out."
+        )
+    if kind_of(run_dir) != "run":
+        check_output(run_dir, kind="run", overwrite=False)  # only a new or empty folder
+    return resolved
+
+
+def _set_up(
+    store_path: str | os.PathLike, run_dir: Path, config: TrainConfig, *, resume: bool
+) -> _Run:
+    """Store, sampler, loader, model, optimiser and validation set; the resume point loaded.
+
+    Every check of the options and the store comes before the run folder is written.
+    """
     store = open_store(store_path)
     dist_info = init_distributed(config.device)
     device = dist_info.device
@@ -211,6 +316,8 @@ def train(
         seed=config.seed,
         batch_codes=batch_codes if config.stratify else None,
     )
+    if config.sampling == "segments":
+        sampler.use_segments(segment_cells_of(store), world_size=dist_info.world_size)
     if sampler.n_small_classes:
         logger.info(
             "%d perturbation classes have fewer than %d train cells; they are sampled with "
@@ -219,6 +326,7 @@ def train(
             config.cells_per_class,
         )
     _check_wells_per_batch(perturbation_codes, train_rows, config, batch_codes)
+    last_path = checkpoint_path_of(run_dir, "last")
     resumed_from = load_checkpoint(last_path) if resume else None
     changes = _resume_changes(resumed_from, config, last_path) if resumed_from else {}
     if dist_info.is_main:  # only now, with the options and the store checked
@@ -233,7 +341,6 @@ def train(
         workers=config.workers,
         prefetch=config.prefetch,
     )
-    n_batches = len(batch_names)
 
     # --- model, preprocessing, optimiser ---------------------------------------------------
     image_size = config.image_size or int(store.image_size[0])
@@ -251,38 +358,42 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     batch_stats = _batch_stats(store, config)
     preprocessor = preprocessor_for(
-        store, channel_stats=store.channel_stats, image_size=image_size, batch_stats=batch_stats
+        batch_names,
+        channel_stats=store.channel_stats,
+        image_size=image_size,
+        batch_stats=batch_stats,
     )
     optimizer = torch.optim.AdamW(
         parameter_groups(model, decoder_lr=config.decoder_lr),
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
-
-    step, best_val_loss, history = 0, math.inf, []
-    option_history: list[dict[str, Any]] = []
+    run = _Run(
+        config=config,
+        run_dir=run_dir,
+        store=store,
+        dist=dist_info,
+        model=model,
+        forward_model=model,
+        optimizer=optimizer,
+        preprocessor=preprocessor,
+        loader=loader,
+        val_set=_ValidationSet.build(store, config, perturbation_codes, batch_codes, val_rows),
+        batch_stats=batch_stats,
+        vocab={schema.PERTURBATION: list(perturbation_names), schema.BATCH: list(batch_names)},
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext(),
+    )
     if resumed_from is not None:
-        checkpoint = resumed_from
-        _check_fingerprint(checkpoint, store, last_path)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        loader.load_state_dict(checkpoint["sampler"])
-        step, best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
-        history = _read_metrics(run_dir / "metrics.csv", up_to_step=step)
-        option_history = list(checkpoint.get("option_history", []))
-        logger.info("Resuming %s at step %d", run_dir, step)
-        if changes:
-            logger.warning(
-                "Resuming with changed options from step %d: %s",
-                step,
-                ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()),
-            )
-            option_history.append(
-                {"step": step, "changed": {key: list(pair) for key, pair in changes.items()}}
-            )
+        _resume(run, resumed_from, changes)
+    if dist_info.distributed:  # wrapped after the resume: DDP broadcasts rank 0's weights
+        run.forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None
+        )
+    if config.compile:
+        run.forward_model = torch.compile(run.forward_model)
     if dist_info.is_main:
         save_config(config, run_dir / "config.yaml")
-        _write_option_history(option_history, run_dir)
+        _write_option_history(run.option_history, run_dir)
         logger.info(
             "Training %s x2 (%.1f M parameters) on %s: %d train cells, %d perturbations, "
             "%d batch labels, batches of %d x %d = %d cells, %d steps",
@@ -291,170 +402,163 @@ def train(
             device,
             train_rows.size,
             len(np.unique(perturbation_codes[train_rows])),
-            n_batches,
+            len(batch_names),
             config.classes_per_batch,
             config.cells_per_class,
             config.batch_size,
             config.steps,
         )
+    return run
 
-    forward_model: torch.nn.Module = model
-    if dist_info.distributed:
-        forward_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None
+
+def _resume(run: _Run, checkpoint: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
+    """Continue from ``last.pt``: weights, optimiser, sampler, step, metrics so far."""
+    _check_fingerprint(checkpoint, run.store, run.last_path)
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.loader.load_state_dict(checkpoint["sampler"])
+    run.step, run.best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
+    run.history = _read_metrics(run.run_dir / "metrics.csv", up_to_step=run.step)
+    run.option_history = list(checkpoint.get("option_history", []))
+    logger.info("Resuming %s at step %d", run.run_dir, run.step)
+    if changes:
+        logger.warning(
+            "Resuming with changed options from step %d: %s",
+            run.step,
+            ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items()),
         )
-    if config.compile:
-        forward_model = torch.compile(forward_model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    val_set = _ValidationSet.build(store, config, perturbation_codes, batch_codes, val_rows)
+        run.option_history.append(
+            {"step": run.step, "changed": {key: list(pair) for key, pair in changes.items()}}
+        )
 
-    def make_checkpoint() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "model_args": dict(model.model_args),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "best_val_loss": best_val_loss,
-            "config": config.model_dump(),
-            "store_fingerprint": store.fingerprint(),
-            "vocab": {
-                schema.PERTURBATION: list(perturbation_names),
-                schema.BATCH: list(batch_names),
-            },
-            "channel_stats": {k: list(v) for k, v in store.channel_stats.items()},
-            "batch_channel_stats": None if batch_stats is None else batch_stats.to_dict(),
-            "sampler": loader.state_dict(),
-            "option_history": option_history,
-        }
 
-    # --- the loop ---------------------------------------------------------------------------
-    stop = _StopRequest()
-    stall = _StallMonitor(config)
-    window: dict[str, list[float]] = {}
-    window_start, start_time = time.perf_counter(), time.perf_counter()
-    steps_at_window_start = step
-    final_val: dict[str, float] = {}
-    model.train()
-    with stop.installed(), progress_bar(unit="steps") as bar:
-        task = bar.add_task("Training", total=config.steps, completed=step)
-        try:
-            while step < config.steps and not stop.requested:
-                batch = next(loader)
-                images = preprocessor(batch.images, batch.batch)  # (b, C, H, W) float32
-                if config.augment:
-                    # seeded by (seed, step, rank): a resumed run draws the same turns
-                    generator = torch.Generator().manual_seed(
-                        (config.seed * 1_000_003 + step) * 1009 + dist_info.rank
-                    )
-                    images = random_dihedral(images, generator=generator)
-                if cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    output = forward_model(images)
-                # Losses in float32 on the global batch (all ranks' cells).
-                z_perturbation = all_gather_with_grad(output.z_perturbation.float())
-                z_batch = all_gather_with_grad(output.z_batch.float())
-                perturbation = _gather_labels(batch.perturbation, dist_info.distributed)
-                batch_label = _gather_labels(batch.batch, dist_info.distributed)
-                losses = _scbd_objective(
-                    config,
-                    z_perturbation,
-                    z_batch,
-                    perturbation=perturbation,
-                    batch=batch_label,
-                    n_batches=n_batches,
-                )
-                total = losses.total
-                parts = losses.items()
-                if config.decoder:
-                    # Paper A.1.1: the decoder learns from detached embeddings only.
-                    with autocast:
-                        reconstruction = model.decode(
-                            output.z_perturbation.detach(), output.z_batch.detach()
-                        )
-                    reconstruction_loss = F.mse_loss(reconstruction.float(), images)
-                    total = total + reconstruction_loss
-                    parts["reconstruction"] = float(reconstruction_loss.detach())
-                if not all(math.isfinite(v) for v in parts.values()):
-                    raise TrainingError(
-                        f"the loss became non-finite at step {step + 1} ({_format(parts)}). "
-                        f"{last_path} keeps the last good state (step "
-                        f"{_last_saved_step(last_path)}). Try a lower --lr, a higher "
-                        "--temperature, or check the store's images for constant channels."
-                    )
-                parts["invariance_shuffled"] = _invariance_reference(
-                    config, z_perturbation, batch_label, perturbation, step=step
-                )
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                step += 1
-                bar.advance(task)
-                for key, value in parts.items():
-                    window.setdefault(key, []).append(value)
-                stall.record(parts["supcon_perturbation"])
+def _train_step(run: _Run, batch: Any) -> dict[str, float]:
+    """One optimiser step on one class-balanced batch; returns the step's losses."""
+    config = run.config
+    images = run.preprocessor(batch.images, batch.batch)  # (b, C, H, W) float32
+    if config.augment:
+        # seeded by (seed, step, rank): a resumed run draws the same turns
+        generator = torch.Generator().manual_seed(
+            (config.seed * 1_000_003 + run.step) * 1009 + run.dist.rank
+        )
+        images = random_dihedral(images, generator=generator)
+    if run.cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with run.autocast:
+        output = run.forward_model(images)
+    # Losses in float32 on the global batch (all ranks' cells).
+    z_perturbation = all_gather_with_grad(output.z_perturbation.float())
+    z_batch = all_gather_with_grad(output.z_batch.float())
+    perturbation = _gather_labels(batch.perturbation, run.dist.distributed)
+    batch_label = _gather_labels(batch.batch, run.dist.distributed)
+    losses = _scbd_objective(
+        config,
+        z_perturbation,
+        z_batch,
+        perturbation=perturbation,
+        batch=batch_label,
+        n_batches=len(run.vocab[schema.BATCH]),
+    )
+    total, parts = losses.total, losses.items()
+    if config.decoder:
+        # Paper A.1.1: the decoder learns from detached embeddings only.
+        with run.autocast:
+            reconstruction = run.model.decode(
+                output.z_perturbation.detach(), output.z_batch.detach()
+            )
+        reconstruction_loss = F.mse_loss(reconstruction.float(), images)
+        total = total + reconstruction_loss
+        parts["reconstruction"] = float(reconstruction_loss.detach())
+    if not all(math.isfinite(v) for v in parts.values()):
+        raise TrainingError(
+            f"the loss became non-finite at step {run.step + 1} ({_format(parts)}). "
+            f"{run.last_path} keeps the last good state (step "
+            f"{_last_saved_step(run.last_path)}). Try a lower --lr, a higher "
+            "--temperature, or check the store's images for constant channels."
+        )
+    parts["invariance_shuffled"] = _invariance_reference(
+        config, z_perturbation, batch_label, perturbation, step=run.step
+    )
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    run.optimizer.step()
+    return parts
 
-                if step % config.log_every == 0 or step == config.steps:
-                    elapsed = time.perf_counter() - window_start
-                    steps_done = step - steps_at_window_start
-                    row = {k: float(np.mean(v)) for k, v in window.items()}
-                    row.update(
-                        step=step,
-                        phase="train",
-                        steps_per_s=steps_done / elapsed,
-                        cells_per_s=steps_done * config.batch_size / elapsed,
-                        elapsed_s=time.perf_counter() - start_time,
-                    )
-                    history.append(row)
-                    bar.update(
-                        task,
-                        description=f"Training [dim]loss {row['loss']:.3f} "
-                        f"{row['cells_per_s']:,.0f} cells/s[/]",
-                    )
-                    window, window_start, steps_at_window_start = {}, time.perf_counter(), step
 
-                if step % config.val_every == 0 or step == config.steps:
-                    if dist_info.is_main:
-                        final_val = val_set.evaluate(model, preprocessor, config, autocast, device)
-                        final_val.update(
-                            step=step, phase="val", elapsed_s=time.perf_counter() - start_time
-                        )
-                        history.append(final_val)
-                        logger.info("step %d  %s", step, _format(final_val))
-                        stall.check(
-                            step,
-                            val_supcon=final_val["supcon_perturbation"],
-                            val_batch_size=val_set.batch_size,
-                        )
-                        if final_val["loss"] < best_val_loss:
-                            best_val_loss = final_val["loss"]
-                            save_checkpoint(for_embedding(make_checkpoint()), best_path)
-                        save_checkpoint(make_checkpoint(), last_path)
-                        _write_metrics(history, run_dir, collapsed=math.log(val_set.batch_size))
-                    barrier()
-        finally:
-            loader.close()
-    interrupted = stop.requested and step < config.steps
-    if interrupted and dist_info.is_main:
-        save_checkpoint(make_checkpoint(), last_path)
-        _write_metrics(history, run_dir, collapsed=math.log(val_set.batch_size))
-        logger.warning("Interrupted at step %d; %s saved. Continue with --resume.", step, last_path)
-    if dist_info.is_main and not best_path.exists():
-        save_checkpoint(for_embedding(make_checkpoint()), best_path)
+def _validate_and_save(run: _Run, stall: _StallMonitor, *, elapsed_s: float) -> None:
+    """Validate, keep ``best.pt`` (lowest val loss) and ``last.pt``, rewrite the metrics."""
+    val = run.val_set.evaluate(
+        run.model, run.preprocessor, run.config, run.autocast, run.dist.device
+    )
+    val.update(step=run.step, phase="val", elapsed_s=elapsed_s)
+    run.final_val = val
+    run.history.append(val)
+    logger.info("step %d  %s", run.step, _format(val))
+    stall.check(
+        run.step, val_supcon=val["supcon_perturbation"], val_batch_size=run.val_set.batch_size
+    )
+    if val["loss"] < run.best_val_loss:
+        run.best_val_loss = val["loss"]
+        save_checkpoint(for_embedding(run.checkpoint()), run.best_path)
+    save_checkpoint(run.checkpoint(), run.last_path)
+    run.write_metrics()
+
+
+def _finish(run: _Run, *, interrupted: bool) -> TrainResult:
+    """After the loop: an interrupted run's ``last.pt``; a ``best.pt`` in any case."""
+    if interrupted and run.dist.is_main:
+        save_checkpoint(run.checkpoint(), run.last_path)
+        run.write_metrics()
+        logger.warning(
+            "Interrupted at step %d; %s saved. Continue with --resume.", run.step, run.last_path
+        )
+    if run.dist.is_main and not run.best_path.exists():
+        save_checkpoint(for_embedding(run.checkpoint()), run.best_path)
     barrier()
-    if dist_info.distributed:
+    if run.dist.distributed:
         cleanup()
     return TrainResult(
-        run_dir=run_dir,
-        best_checkpoint_path=best_path,
-        last_checkpoint_path=last_path,
-        metrics_path=run_dir / "metrics.csv",
-        step=step,
-        best_val_loss=best_val_loss,
+        run_dir=run.run_dir,
+        best_checkpoint_path=run.best_path,
+        last_checkpoint_path=run.last_path,
+        metrics_path=run.run_dir / "metrics.csv",
+        step=run.step,
+        best_val_loss=run.best_val_loss,
         interrupted=interrupted,
-        final_val=final_val,
-        config=config,
+        final_val=run.final_val,
+        config=run.config,
     )
+
+
+class _TrainLog:
+    """Train rows of metrics.csv: each the mean of the ``log_every`` steps since the last."""
+
+    def __init__(self, step: int, config: TrainConfig) -> None:
+        self.batch_size = config.batch_size
+        self.started = self.window_start = time.perf_counter()
+        self.window_first_step = step
+        self.window: dict[str, list[float]] = {}
+
+    def add(self, parts: dict[str, float]) -> None:
+        for key, value in parts.items():
+            self.window.setdefault(key, []).append(value)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def train_row(self, step: int) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.window_start
+        steps = step - self.window_first_step
+        row: dict[str, Any] = {k: float(np.mean(v)) for k, v in self.window.items()}
+        row.update(
+            step=step,
+            phase="train",
+            steps_per_s=steps / seconds,
+            cells_per_s=steps * self.batch_size / seconds,
+            elapsed_s=self.elapsed(),
+        )
+        self.window, self.window_start, self.window_first_step = {}, time.perf_counter(), step
+        return row
 
 
 # --- checks of the input ---------------------------------------------------------------------
@@ -477,7 +581,24 @@ SHAPE_OPTIONS = (
     "decoder_width",
     "classes_per_batch",
     "cells_per_class",
+    "sampling",
 )
+
+
+def _legacy_options(saved: dict[str, Any], last_path: Path) -> dict[str, Any]:
+    """Options a run of an earlier version did not record, as that version applied them.
+
+    Before ``stratify`` batches were drawn uniformly within a perturbation; before
+    ``sampling`` the loader chose segment draws when the store exceeded the cache (the
+    checkpoint's sampler state says which). A resume continues as the run began.
+    """
+    legacy: dict[str, Any] = {}
+    if "stratify" not in saved:
+        legacy["stratify"] = False
+    if "sampling" not in saved:
+        sampler = load_checkpoint(last_path).get("sampler") or {}
+        legacy["sampling"] = "segments" if sampler.get("segment_cells") is not None else "cells"
+    return legacy
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
@@ -507,7 +628,8 @@ def _resume_changes(
             for key in fixed
         )
         raise InputError(
-            f"cannot resume {checkpoint_path} with another model or batch shape: it was trained "
+            f"cannot resume {checkpoint_path} with another model, batch shape or sampling: it "
+            "was trained "
             f"with {described}. Resume with the run's own values (drop those options), or start "
             "a new run in another --out."
         )
@@ -752,7 +874,7 @@ class _ValidationSet:
         autocast: Any,
         device: torch.device,
     ) -> dict[str, float]:
-        from scbd_cells.evaluation.batch import batch_prediction_f1
+        from scbd_cells.well_probe import batch_prediction_f1
 
         model.eval()
         parts: dict[str, list[float]] = {}

@@ -1,4 +1,7 @@
-"""Evaluate: how well a linear classifier predicts the well (batch) from a cell embedding.
+"""The well probe: how well a linear classifier predicts the well (batch) from a cell embedding.
+
+Used by ``evaluate`` (the well-F1 column) and by ``train`` (the probe on z_c and z_s
+logged at every validation), so it sits below both.
 
 Paper appendix A.3: multinomial logistic regression from the embedding to the
 batch label, trained on a random 60 % of the cells and scored by macro F1 on

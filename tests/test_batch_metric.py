@@ -9,7 +9,7 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
 from scbd_cells.errors import DataError
-from scbd_cells.evaluation.batch import (
+from scbd_cells.well_probe import (
     batch_prediction_f1,
     chance_macro_f1,
     split_indices,
@@ -30,13 +30,16 @@ def test_f1_equals_sklearn_on_same_split() -> None:
     result = batch_prediction_f1(embedding, batches, seed=3)
     train, test = split_indices(batches, seed=3)
     assert len(train) == 240 and len(test) == 160 and not set(train) & set(test)
-    scaler = StandardScaler().fit(embedding[train])
-    model = LogisticRegression(max_iter=300, random_state=3).fit(
-        scaler.transform(embedding[train]), batches[train]
+    # an independent reference: the paper's A.3 probe as a plain sklearn pipeline, on a
+    # stratified 60/40 split sklearn draws itself
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+
+    x_train, x_test, y_train, y_test = train_test_split(
+        embedding, batches, train_size=0.6, random_state=3, stratify=batches
     )
-    expected = f1_score(
-        batches[test], model.predict(scaler.transform(embedding[test])), average="macro"
-    )
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, random_state=3))
+    expected = f1_score(y_test, probe.fit(x_train, y_train).predict(x_test), average="macro")
     assert result.f1 == pytest.approx(expected)
     assert result.chance == pytest.approx(0.25)
     assert result.f1 > 2 * result.chance

@@ -79,7 +79,10 @@ def test_sampled_whole_chunks_are_seeded_and_close(well_store) -> None:
 def test_per_well_preprocessing_removes_gain_and_offset(well_store) -> None:
     stats = batch_channel_stats(well_store)
     preprocessor = preprocessor_for(
-        well_store, channel_stats=well_store.channel_stats, image_size=8, batch_stats=stats
+        well_store.codes("batch")[1],
+        channel_stats=well_store.channel_stats,
+        image_size=8,
+        batch_stats=stats,
     )
     codes, _ = well_store.codes("batch")
     images = well_store.read(np.arange(well_store.n_cells)).astype(np.int32)

@@ -104,4 +104,4 @@ def test_correct_bad_inputs(tmp_path: Path) -> None:
         capture_output=True, text=True,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--method must be one of" in result.stderr
+    assert "'--method'" in result.stderr and "'harmony'" in result.stderr  # the choices named

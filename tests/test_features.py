@@ -126,7 +126,7 @@ def test_baseline_writes_anndata(tmp_path: Path, entries) -> None:
     assert isinstance(adata.obs["batch"].dtype, pd.CategoricalDtype)
     again = baseline(store_path, out=tmp_path / "again.zarr", n_components=16)
     np.testing.assert_array_equal(ad.read_zarr(again.out_path).X, adata.X)
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(InputError, match="already exists"):
         baseline(store_path, out=tmp_path / "baseline.h5ad")
     assert entries(tmp_path) == ["again.zarr", "baseline.h5ad", "s.zarr"]
 

@@ -97,9 +97,18 @@ def test_small_class_is_sampled_with_replacement() -> None:
         codes, np.arange(8), classes_per_batch=2, cells_per_class=4, seed=0
     )
     assert sampler.n_small_classes == 1
-    indices = sampler.next_indices()
-    assert indices.shape == (8,)
-    assert sorted(set(indices[codes[indices] == 0].tolist())) in ([0], [1], [0, 1])
+    small_draws = []
+    for _ in range(400):
+        indices = sampler.next_indices()
+        assert indices.shape == (8,)
+        small, large = indices[codes[indices] == 0], indices[codes[indices] == 1]
+        assert len(small) == 4 and len(large) == 4  # the small class still fills its group
+        assert set(small.tolist()) <= {0, 1}  # only its own cells, so some repeat
+        assert len(set(large.tolist())) == 4  # a class with enough cells never repeats one
+        small_draws.extend(small.tolist())
+    # with replacement, uniform over its two cells: each about half of the 1,600 draws
+    share = np.mean(np.asarray(small_draws) == 0)
+    assert abs(share - 0.5) < 4 * np.sqrt(0.25 / len(small_draws))
 
 
 def test_same_seed_same_batches_and_exact_resume() -> None:

@@ -14,6 +14,7 @@ from scbd_cells.checkpoint import load_checkpoint, load_trained
 from scbd_cells.config import resolve_train_config
 from scbd_cells.data.store import create_store
 from scbd_cells.errors import CheckpointError, DataError, InputError, StoreError
+from scbd_cells.model.scbd import SCBDModel
 
 # Tiny and fast: 2-layer encoder, 12 px, 24-cell batches.
 FAST = {
@@ -150,6 +151,14 @@ def test_decoder_trains_on_detached_embeddings(small_store: Path, tmp_path: Path
     trained = load_trained(result.run_dir, which="last")
     z = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     assert trained.model.decode(z, z).shape == (3, 2, 16, 16)
+    # the decoder learns: its weights left their initial values (same seed, same init)
+    torch.manual_seed(0)
+    initial = SCBDModel(trained.model_args).state_dict()
+    learned = trained.model.state_dict()
+    decoder_keys = [k for k in learned if k.startswith("decoder")]
+    assert decoder_keys and any(not torch.equal(initial[k], learned[k]) for k in decoder_keys)
+    # that it learns from *detached* embeddings (the encoders' weights are those of the same
+    # run without it, bit for bit): test_reconstruct.py::test_the_decoder_changes_no_embedding
 
 
 def test_bad_inputs_fail_clearly(small_store: Path, tmp_path: Path) -> None:
@@ -375,10 +384,31 @@ def test_random_dihedral_applies_one_of_the_eight_symmetries() -> None:
         random_dihedral(images[:, :, :4, :], generator=torch.Generator())
 
 
-def test_augment_changes_what_the_model_sees(small_store: Path, tmp_path: Path) -> None:
-    plain = train(small_store, out=tmp_path / "plain", steps=2, **FAST)
+def test_augment_changes_what_the_model_sees(
+    small_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --augment the model is fed each cell turned or mirrored (one of the square's 8
+    symmetries, not all of them the identity); without it, the cells as they are."""
+    from scbd_cells import training
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = training.random_dihedral
+
+    def spy(images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+        out = real(images, generator=generator)
+        seen.append((images.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(training, "random_dihedral", spy)
+    train(small_store, out=tmp_path / "plain", steps=2, **FAST)
+    assert not seen  # off by default
     turned = train(small_store, out=tmp_path / "turned", steps=2, augment=True, **FAST)
-    plain_model = load_checkpoint(plain.last_checkpoint_path)["model"]
-    turned_model = load_checkpoint(turned.last_checkpoint_path)["model"]
-    assert any(not torch.equal(plain_model[k], turned_model[k]) for k in plain_model)
-    assert load_checkpoint(turned.last_checkpoint_path)["config"]["augment"] is True
+    assert len(seen) == 2 and load_checkpoint(turned.last_checkpoint_path)["config"]["augment"]
+    n_changed = 0
+    for before, after in seen:
+        for image, out in zip(before, after, strict=True):
+            symmetries = [torch.rot90(image, k, dims=(-2, -1)) for k in range(4)]
+            symmetries += [torch.flip(turn, dims=(-1,)) for turn in symmetries]
+            assert any(torch.equal(out, candidate) for candidate in symmetries)
+            n_changed += not torch.equal(out, image)
+    assert n_changed > 0

@@ -19,7 +19,6 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError
-from scbd_cells.evaluation.batch import subsample
 from scbd_cells.evaluation.biology import guide_biology
 from scbd_cells.evaluation.cells import read_rows
 from scbd_cells.evaluation.complexes import Complexes
@@ -30,6 +29,7 @@ from scbd_cells.evaluation.map import (
     replicate_profiles,
 )
 from scbd_cells.evaluation.mixing import MixingResult, batch_mixing
+from scbd_cells.well_probe import subsample
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.errors import DataError, InputError
+
 log = logging.getLogger(__name__)
 
 ROW_CHUNK = 65536
@@ -241,3 +243,40 @@ def check_values(data: Any, *, chunk_size: int = ROW_CHUNK) -> ValueCheck:
         high = np.maximum(high, np.where(finite, block, -np.inf).max(axis=0, initial=-np.inf))
     constant = int(np.count_nonzero(~(high > low)))
     return ValueCheck(n_nonfinite=nonfinite, n_constant_columns=constant, n_columns=width)
+
+
+def read_embedding(path: Path) -> Any:
+    """Open a cell-level AnnData (``.h5ad`` or ``.zarr``) without loading it.
+
+    Returns a :class:`~scbd_cells.evaluation.cells.CellsFile` (obs columns read when
+    asked, ``X`` / ``obsm`` sliced from disk); a file older than AnnData's element encoding
+    is read with anndata instead (``.h5ad`` backed, ``.zarr`` in memory).
+    """
+    import anndata as ad
+
+    if not path.exists():
+        raise InputError(
+            f"Embedding {path} does not exist. Make one with `scbd-cells embed RUN_DIR "
+            "STORE.zarr --out cells.h5ad` or `scbd-cells baseline STORE.zarr --out baseline.h5ad`."
+        )
+    try:
+        cells = open_cells(path)
+        if cells is not None:
+            return cells
+        if path.suffix == ".zarr":
+            return ad.read_zarr(path)
+        return ad.read_h5ad(path, backed="r")
+    except Exception as error:  # anndata/h5py/zarr raise many types for a bad file
+        raise DataError(
+            f"Could not read {path} as AnnData ({type(error).__name__}: {error}). Expected an "
+            ".h5ad or .zarr file written by `scbd-cells embed` or `scbd-cells baseline`."
+        ) from None
+
+
+def close_all(datasets: list[Any]) -> None:
+    """Close the files behind ``datasets`` (CellsFile or backed AnnData); others are left."""
+    for adata in datasets:
+        if isinstance(adata, CellsFile):
+            adata.close()
+        elif getattr(adata, "isbacked", False):
+            adata.file.close()

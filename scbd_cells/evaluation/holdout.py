@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.errors import DataError
-from scbd_cells.evaluation.batch import batch_prediction_f1, subsample
 from scbd_cells.evaluation.cells import read_rows
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, corum_pr
 from scbd_cells.evaluation.mixing import batch_mixing
+from scbd_cells.well_probe import batch_prediction_f1, subsample
 
 # (column, header, format) of the report's held-out table
 HOLDOUT_COLUMNS = [
@@ -155,16 +155,4 @@ def holdout_intro(holdout: dict[str, Any]) -> str:
     values = ", ".join(f"`{value}`" for value in holdout["values"])
     return (
         f"Cells whose `{holdout['column']}` is {values}, apart from the rest (docs/new-plates.md)."
-    )
-
-
-def holdout_markdown(table: pd.DataFrame, holdout: dict[str, Any]) -> str:
-    """The report's section on the held-out batches (empty without them)."""
-    from scbd_cells.evaluation.pages import markdown_table
-
-    if not holdout:
-        return ""
-    return (
-        f"## Held-out batches\n\n{holdout_intro(holdout)}\n\n"
-        f"{markdown_table(table, HOLDOUT_COLUMNS)}\n\n{HOLDOUT_EXPLANATION}\n"
     )

@@ -20,6 +20,7 @@ import pandas as pd
 from scbd_cells.evaluation.benchmark import BenchmarkResult, group_tables
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.evaluation.figures import plot_tradeoff, plot_umaps
+from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS, HOLDOUT_EXPLANATION, holdout_intro
 from scbd_cells.evaluation.html import html_table, provenance_html, report_html
 
 log = logging.getLogger(__name__)
@@ -229,12 +230,6 @@ def write_extras(
     ]
     holdout_section = []
     if metrics.get("holdout"):
-        from scbd_cells.evaluation.holdout import (
-            HOLDOUT_COLUMNS,
-            HOLDOUT_EXPLANATION,
-            holdout_intro,
-        )
-
         render = markdown_it.MarkdownIt().render
         holdout_section.append(
             (
@@ -259,3 +254,13 @@ def write_extras(
         images=images,
     )
     (folder / "report.html").write_text(page, encoding="utf-8")
+
+
+def holdout_markdown(table: pd.DataFrame, holdout: dict[str, Any]) -> str:
+    """The report's section on the held-out batches (empty without them)."""
+    if not holdout:
+        return ""
+    return (
+        f"## Held-out batches\n\n{holdout_intro(holdout)}\n\n"
+        f"{markdown_table(table, HOLDOUT_COLUMNS)}\n\n{HOLDOUT_EXPLANATION}\n"
+    )

@@ -25,17 +25,22 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
-from scbd_cells.evaluation.batch import batch_prediction_f1, subsample
 from scbd_cells.evaluation.benchmark import (
     BENCHMARK_KEYS,
     BenchmarkResult,
     BenchmarkSettings,
     benchmark_metrics,
 )
-from scbd_cells.evaluation.cells import CellsFile, check_values, open_cells, read_rows
+from scbd_cells.evaluation.cells import (
+    CellsFile,
+    check_values,
+    close_all,
+    read_embedding,
+    read_rows,
+)
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
-from scbd_cells.evaluation.holdout import HOLDOUT_KEYS, Holdout, holdout_markdown, holdout_metrics
+from scbd_cells.evaluation.holdout import HOLDOUT_KEYS, Holdout, holdout_metrics
 from scbd_cells.evaluation.map import DEFAULT_MAX_REPLICATES, DEFAULT_NULL_SIZE
 from scbd_cells.evaluation.mixing import DEFAULT_MIXING_CELLS
 from scbd_cells.evaluation.overall import overall_scores
@@ -43,6 +48,7 @@ from scbd_cells.evaluation.pages import (
     PAPER_COLUMNS,
     ReportExtras,
     field_markdown,
+    holdout_markdown,
     markdown_table,
     write_extras,
 )
@@ -50,6 +56,7 @@ from scbd_cells.evaluation.provenance import input_provenance, report_provenance
 from scbd_cells.outputs import check_output, locks_output, remove_owned, write_marker
 from scbd_cells.profiles import aggregate_profiles
 from scbd_cells.replicates import batch_column
+from scbd_cells.well_probe import batch_prediction_f1, subsample
 
 log = logging.getLogger(__name__)
 
@@ -91,34 +98,6 @@ class EvaluationResult:
     report_path: Path
 
 
-def read_embedding(path: Path) -> Any:
-    """Open a cell-level AnnData (``.h5ad`` or ``.zarr``) without loading it.
-
-    Returns a :class:`~scbd_cells.evaluation.cells.CellsFile` (obs columns read when
-    asked, ``X`` / ``obsm`` sliced from disk); a file older than AnnData's element encoding
-    is read with anndata instead (``.h5ad`` backed, ``.zarr`` in memory).
-    """
-    import anndata as ad
-
-    if not path.exists():
-        raise InputError(
-            f"Embedding {path} does not exist. Make one with `scbd-cells embed RUN_DIR "
-            "STORE.zarr --out cells.h5ad` or `scbd-cells baseline STORE.zarr --out baseline.h5ad`."
-        )
-    try:
-        cells = open_cells(path)
-        if cells is not None:
-            return cells
-        if path.suffix == ".zarr":
-            return ad.read_zarr(path)
-        return ad.read_h5ad(path, backed="r")
-    except Exception as error:  # anndata/h5py/zarr raise many types for a bad file
-        raise DataError(
-            f"Could not read {path} as AnnData ({type(error).__name__}: {error}). Expected an "
-            ".h5ad or .zarr file written by `scbd-cells embed` or `scbd-cells baseline`."
-        ) from None
-
-
 def _names(paths: list[Path], keys: list[str], labels: list[str] | None) -> list[str]:
     if labels is not None:
         if len(labels) != len(paths):
@@ -134,14 +113,6 @@ def _names(paths: list[Path], keys: list[str], labels: list[str] | None) -> list
             f"Embedding names are not unique ({', '.join(names)}). Name them with --label."
         )
     return names
-
-
-def _close(datasets: list[Any]) -> None:
-    for adata in datasets:
-        if isinstance(adata, CellsFile):
-            adata.close()
-        elif getattr(adata, "isbacked", False):
-            adata.file.close()
 
 
 def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
@@ -328,7 +299,7 @@ def evaluate(
             held.append(holdout.mask(adata.obs[column], path=path))
         value_warnings = _check_values(paths, names, keys, datasets)
     except BaseException:
-        _close(datasets)
+        close_all(datasets)
         raise
 
     rows, curves = [], []
@@ -417,7 +388,7 @@ def evaluate(
                 )
             )
     finally:
-        _close(datasets)
+        close_all(datasets)
 
     table = pd.DataFrame(rows)
     table = pd.concat([table, overall_scores(table)], axis=1)

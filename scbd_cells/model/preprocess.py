@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scbd_cells.data import schema
-from scbd_cells.data.batch_stats import BatchChannelStats
+if TYPE_CHECKING:  # the model layer takes statistics; it needs no data-layer code
+    from scbd_cells.data.batch_stats import BatchChannelStats
 
 
 class Preprocessor:
@@ -142,27 +142,27 @@ def random_dihedral(images: torch.Tensor, *, generator: torch.Generator) -> torc
 
 
 def preprocessor_for(
-    store: Any,
+    batch_labels: Sequence[str],
     *,
     channel_stats: Mapping[str, Sequence[float]],
     image_size: int,
     batch_stats: BatchChannelStats | None,
 ) -> Preprocessor:
-    """The :class:`Preprocessor` for a store's cells: per-batch rows in its batch-code order.
+    """The :class:`Preprocessor` for cells whose batch codes index ``batch_labels``.
 
     Parameters
     ----------
-    store
-        The store whose cells (and batch codes) will be preprocessed.
+    batch_labels
+        The batch label of each batch code the cells will come with, in code order
+        (a store's ``store.codes("batch")[1]``).
     channel_stats
         Whole-store statistics (used when ``batch_stats`` is None).
     image_size
         The model's input size.
     batch_stats
-        Statistics of every batch label of ``store``, or None for ``normalize="store"``.
+        Statistics of every label in ``batch_labels``, or None for ``normalize="store"``.
     """
     if batch_stats is None:
         return Preprocessor(channel_stats, image_size=image_size)
-    _, labels = store.codes(schema.BATCH)
-    mean, std = batch_stats.rows_for([str(label) for label in labels])
+    mean, std = batch_stats.rows_for([str(label) for label in batch_labels])
     return Preprocessor(channel_stats, image_size=image_size, batch_mean=mean, batch_std=std)
