@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", type=Path, required=True, help="a store from ingest")
     parser.add_argument("--features", default="handcrafted,cellprofiler")
-    parser.add_argument("--record", action="store_true", help="append to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="append to docs/performance-log.md")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from scbd_cells.data.store import open_store

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PERFORMANCE_MD = REPO / "docs" / "performance.md"
+PERFORMANCE_MD = REPO / "docs" / "performance-log.md"  # the run log; performance.md has the current table
 
 
 def machine_info() -> str:
@@ -49,7 +49,7 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def record(title: str, body: str, *, enabled: bool) -> None:
-    """Print a result section and, if ``enabled``, append it to docs/performance.md."""
+    """Print a result section and, if ``enabled``, append it to docs/performance-log.md."""
     command = " ".join(shlex.quote(part) for part in [Path(sys.executable).name, *sys.argv])
     section = (
         f"\n### {title} — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n"
@@ -209,4 +209,4 @@ def add_store_arguments(parser) -> None:
     parser.add_argument("--shard-cells", type=int, default=None, help="synthetic shard length")
     parser.add_argument("--work-dir", default="/tmp/scbd-bench", help="where stores are built")
     parser.add_argument("--build-workers", type=int, default=2)
-    parser.add_argument("--record", action="store_true", help="append to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="append to docs/performance-log.md")

@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--record", action="store_true", help="append to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="append to docs/performance-log.md")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="scbd-embed-mem-") as tmp:

@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("--baseline-image-size", type=int, default=16)
     parser.add_argument("--work-dir", default="/tmp/scbd-bench/evaluate")
     parser.add_argument("--keep", action="store_true", help="keep the cells files for a re-run")
-    parser.add_argument("--record", action="store_true", help="append to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="append to docs/performance-log.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # the machine line names the child's thread count
     work_dir = Path(args.work_dir)

@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--simulate-workers", type=int, default=2)
     parser.add_argument("--work-dir", default="/tmp/scbd-bench-ingest")
-    parser.add_argument("--record", action="store_true", help="append to docs/performance.md")
+    parser.add_argument("--record", action="store_true", help="append to docs/performance-log.md")
     args = parser.parse_args()
 
     # imported here, not at the top: worker processes re-import this script,

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,9 @@ import pandas as pd
 from scbd_cells.data import schema
 from scbd_cells.errors import InputError
 from scbd_cells.outputs import check_free_space, check_output, remove_owned
+
+if TYPE_CHECKING:
+    from scbd_cells.data.store import Store
 
 OUTPUT_SUFFIXES = (".h5ad", ".zarr")
 
@@ -46,7 +49,7 @@ def check_output_path(out_path: Path, *, overwrite: bool, inputs: Sequence[Any] 
     check_output(out_path, kind="anndata", overwrite=overwrite, inputs=inputs)
 
 
-def store_obs_for_anndata(store: Any) -> pd.DataFrame:
+def store_obs_for_anndata(store: Store) -> pd.DataFrame:
     """The store's cell table ready for AnnData: str index, text columns categorical."""
     obs = store.obs.copy()
     obs.index = pd.Index(obs.index.astype(str), dtype=object)

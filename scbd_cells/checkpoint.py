@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
 from scbd_cells.errors import CheckpointError
 from scbd_cells.model.preprocess import Preprocessor, preprocessor_for
 from scbd_cells.model.scbd import SCBDModel
+
+if TYPE_CHECKING:
+    from scbd_cells.data.store import Store
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -168,7 +171,7 @@ class TrainedModel:
         """``batch`` or ``store`` (checkpoints from before the option: ``store``)."""
         return "store" if self.batch_stats is None else "batch"
 
-    def preprocessor_for(self, store: Any) -> Preprocessor:
+    def preprocessor_for(self, store: Store) -> Preprocessor:
         """The model's input transform for ``store``'s cells (call it with their batch codes).
 
         With per-well normalisation the training store reuses the statistics saved
@@ -187,7 +190,7 @@ class TrainedModel:
             batch_stats=batch_stats,
         )
 
-    def check_store(self, store: Any) -> None:
+    def check_store(self, store: Store) -> None:
         """Raise :class:`CheckpointError` when ``store`` does not fit the model (channels, size).
 
         A store of another size is accepted only when it has the same channels

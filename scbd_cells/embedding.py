@@ -13,8 +13,10 @@ import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from scbd_cells.anndata_io import (
     CellsWriter,
@@ -31,6 +33,9 @@ from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.outputs import check_free_space, locks_output
 from scbd_cells.progress import progress_bar
+
+if TYPE_CHECKING:
+    from scbd_cells.data.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +119,9 @@ def embed(
     """
     import torch
 
-    from scbd_cells import __version__
     from scbd_cells.checkpoint import check_argument_order, load_trained
-    from scbd_cells.data.loader import iter_cells
     from scbd_cells.data.store import open_store
-    from scbd_cells.distributed import barrier, cleanup, gather_pieces, init_distributed
-    from scbd_cells.profiles import aggregate_profiles
+    from scbd_cells.distributed import barrier, cleanup, init_distributed
 
     out_path = Path(out)
     if representation not in REPRESENTATIONS:
@@ -147,7 +149,6 @@ def embed(
     trained = load_trained(run_dir, which=which, device=device)
     trained.check_store(store)
     preprocessor = trained.preprocessor_for(store)
-    batch_codes = torch.from_numpy(np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64))
     control = store.control or schema.CONTROL_LABEL
     if aggregate:  # fail before the long pass, not after it
         _, perturbations = store.codes(schema.PERTURBATION)
@@ -178,19 +179,9 @@ def embed(
     if dist_info.is_main:  # HDF5 cannot recover from a full disk mid-write: check first
         check_free_space(out_path, anndata_bytes(obs, store.n_cells * sum(widths.values())))
     uns = {
-        schema.UNS_SCBD: {
-            "kind": "scbd",
-            "checkpoint": str(Path(trained.checkpoint_path).resolve()),
-            "step": int(trained.step),
-            # nested dicts, as scanpy keeps parameters in uns (unset options left out)
-            "config": without_none(trained.config),
-            "model_args": without_none(trained.model_args),
-            "store": str(Path(store_path).resolve()),
-            "store_id": store.store_id,
-            "control": control,
-            "representation": representation,
-            "version": __version__,
-        }
+        schema.UNS_SCBD: _provenance(
+            trained, store, store_path, control=control, representation=representation
+        )
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_paths: list[Path] = []
@@ -200,55 +191,11 @@ def embed(
         if dist_info.is_main:
             tmp_paths += [cells_tmp, cells_tmp.with_name(cells_tmp.name + ".reserve")]
             writer = CellsWriter(cells_tmp, obs=obs, widths=widths, uns=uns)
-        with ExitStack() as stack:
-            if writer is not None:
-                stack.callback(writer.close)
-            bar = stack.enter_context(progress_bar(unit="cells"))
-            task = bar.add_task("Embedding cells", total=store.n_cells)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda)
-            stack.enter_context(torch.inference_mode())
-            for indices, images in iter_cells(
-                store,
-                np.arange(store.n_cells),
-                batch_size=batch_size,
-                workers=workers,
-                rank=dist_info.rank,
-                world_size=dist_info.world_size,
-            ):
-                host = torch.from_numpy(images)
-                if host.dtype == torch.uint16:  # few kernels (and no CUDA indexing) for uint16
-                    host = host.to(torch.int32)
-                if on_cuda:
-                    host = host.pin_memory()
-                pixels = host.to(torch_device, non_blocking=True)
-                codes = batch_codes[torch.from_numpy(np.asarray(indices, dtype=np.int64))]
-                inputs = preprocessor(pixels, codes)  # (B, C, S, S) float32
-                if on_cuda:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    output = model(inputs)
-                values = {
-                    "X": output.z_perturbation,
-                    schema.OBSM_BATCH_EMBEDDING: output.z_batch,
-                }
-                if representation == "encoder":
-                    values[schema.OBSM_ENCODER] = output.r_perturbation
-                    values[schema.OBSM_BATCH_ENCODER] = output.r_batch
-                gathered = gather_pieces(torch.as_tensor(indices, device=torch_device), values)
-                if writer is None or gathered is None or len(gathered[0]) == 0:
-                    continue
-                indices, values = gathered
-                arrays = {k: v.float().cpu().numpy() for k, v in values.items()}
-                if not all(np.isfinite(array).all() for array in arrays.values()):
-                    raise DataError(
-                        f"the model gave non-finite (NaN or infinite) embeddings for cells "
-                        f"{int(indices[0])}-{int(indices[-1])} of {store.path}: nothing was "
-                        "written. Check those cells' images (scbd-cells info --verify) and the "
-                        "checkpoint (another --which, or retrain)."
-                    )
-                writer.write(int(indices[0]), arrays)
-                bar.advance(task, len(indices))
-
+        _embed_cells(
+            model, store, preprocessor, writer,
+            representation=representation, batch_size=batch_size, workers=workers,
+            dist_info=dist_info,
+        )  # fmt: skip
         result_paths: dict[str, Path] = {}
         if not dist_info.is_main:
             barrier()  # rank 0 writes the one result
@@ -256,17 +203,9 @@ def embed(
                 cleanup()
             return EmbedResult(out_path=out_path, n_cells=store.n_cells)
         if aggregate:
-            cells = LazyCells(cells_tmp, obs)
-            try:
-                profiles = aggregate_profiles(cells, control=control)
-            finally:
-                cells.close()
-            for level, adata in (("guides", profiles.guides), ("genes", profiles.genes)):
-                adata.uns[schema.UNS_SCBD] = dict(uns[schema.UNS_SCBD], level=level)
-                tmp = temporary_path(aggregate_paths[level])
-                tmp_paths.append(tmp)
-                adata.write_h5ad(tmp)
-                result_paths[level] = tmp
+            result_paths = _write_profiles(
+                cells_tmp, obs, uns, control=control, paths=aggregate_paths, tmp_paths=tmp_paths
+            )
         move_into_place(cells_tmp, out_path, overwrite=overwrite)
         for level, tmp in result_paths.items():
             move_into_place(tmp, aggregate_paths[level], overwrite=overwrite)
@@ -284,3 +223,119 @@ def embed(
         guides_path=aggregate_paths["guides"] if aggregate else None,
         genes_path=aggregate_paths["genes"] if aggregate else None,
     )
+
+
+# --------------------------------------------------------------------------- embed's stages
+
+
+def _embed_cells(
+    model: Any,
+    store: Store,
+    preprocessor: Any,
+    writer: CellsWriter | None,
+    *,
+    representation: str,
+    batch_size: int,
+    workers: int,
+    dist_info: Any,
+) -> None:
+    """Every cell through the model, in store order, into ``writer`` (rank 0's).
+
+    Under torchrun each rank embeds every world_size-th piece and rank 0 gathers and writes.
+    """
+    import torch
+
+    from scbd_cells.data.loader import images_to_device, iter_cells
+    from scbd_cells.distributed import gather_pieces
+    from scbd_cells.model.scbd import device_autocast, run_model
+
+    torch_device = dist_info.device
+    batch_codes = torch.from_numpy(np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64))
+    with ExitStack() as stack:
+        if writer is not None:
+            stack.callback(writer.close)
+        bar = stack.enter_context(progress_bar(unit="cells"))
+        task = bar.add_task("Embedding cells", total=store.n_cells)
+        autocast = device_autocast(torch_device)
+        stack.enter_context(torch.inference_mode())
+        for indices, images in iter_cells(
+            store,
+            np.arange(store.n_cells),
+            batch_size=batch_size,
+            workers=workers,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        ):
+            pixels = images_to_device(images, torch_device)
+            codes = batch_codes[torch.from_numpy(np.asarray(indices, dtype=np.int64))]
+            inputs = preprocessor(pixels, codes)  # (B, C, S, S) float32
+            output = run_model(model, inputs, autocast=autocast)
+            values = {
+                "X": output.z_perturbation,
+                schema.OBSM_BATCH_EMBEDDING: output.z_batch,
+            }
+            if representation == "encoder":
+                values[schema.OBSM_ENCODER] = output.r_perturbation
+                values[schema.OBSM_BATCH_ENCODER] = output.r_batch
+            gathered = gather_pieces(torch.as_tensor(indices, device=torch_device), values)
+            if writer is None or gathered is None or len(gathered[0]) == 0:
+                continue
+            indices, values = gathered
+            arrays = {k: v.float().cpu().numpy() for k, v in values.items()}
+            if not all(np.isfinite(array).all() for array in arrays.values()):
+                raise DataError(
+                    f"the model gave non-finite (NaN or infinite) embeddings for cells "
+                    f"{int(indices[0])}-{int(indices[-1])} of {store.path}: nothing was "
+                    "written. Check those cells' images (scbd-cells info --verify) and the "
+                    "checkpoint (another --which, or retrain)."
+                )
+            writer.write(int(indices[0]), arrays)
+            bar.advance(task, len(indices))
+
+
+def _write_profiles(
+    cells_path: Path,
+    obs: pd.DataFrame,
+    uns: dict,
+    *,
+    control: str,
+    paths: dict[str, Path],
+    tmp_paths: list[Path],
+) -> dict[str, Path]:
+    """Guide and gene profiles of the cells just written, under temporary names."""
+    from scbd_cells.profiles import aggregate_profiles
+
+    cells = LazyCells(cells_path, obs)
+    try:
+        profiles = aggregate_profiles(cells, control=control)
+    finally:
+        cells.close()
+    written = {}
+    for level, adata in (("guides", profiles.guides), ("genes", profiles.genes)):
+        adata.uns[schema.UNS_SCBD] = dict(uns[schema.UNS_SCBD], level=level)
+        tmp = temporary_path(paths[level])
+        tmp_paths.append(tmp)
+        adata.write_h5ad(tmp)
+        written[level] = tmp
+    return written
+
+
+def _provenance(
+    trained: Any, store: Store, store_path: str | Path, *, control: str, representation: str
+) -> dict[str, Any]:
+    """``uns["scbd"]`` of the files embed writes."""
+    from scbd_cells import __version__
+
+    return {
+        "kind": "scbd",
+        "checkpoint": str(Path(trained.checkpoint_path).resolve()),
+        "step": int(trained.step),
+        # nested dicts, as scanpy keeps parameters in uns (unset options left out)
+        "config": without_none(trained.config),
+        "model_args": without_none(trained.model_args),
+        "store": str(Path(store_path).resolve()),
+        "store_id": store.store_id,
+        "control": control,
+        "representation": representation,
+        "version": __version__,
+    }

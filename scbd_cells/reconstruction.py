@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ from scbd_cells.data import schema
 from scbd_cells.errors import CheckpointError, DataError, InputError
 from scbd_cells.outputs import locks_output, prepare_folder
 from scbd_cells.progress import progress_bar
+
+if TYPE_CHECKING:
+    from scbd_cells.data.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,7 @@ class EncodedCells:
 
 
 def encode_cells(
-    trained: Any, store: Any, rows: Sequence[int] | np.ndarray, *, batch_size: int = 512
+    trained: Any, store: Store, rows: Sequence[int] | np.ndarray, *, batch_size: int = 512
 ) -> EncodedCells:
     """Preprocess and embed some cells of ``store`` with a trained model (as ``embed`` does).
 
@@ -275,7 +278,7 @@ class _Labels:
     control: str | None
 
     @classmethod
-    def of(cls, store: Any) -> _Labels:
+    def of(cls, store: Store) -> _Labels:
         perturbation_codes, perturbation_names = store.codes(schema.PERTURBATION)
         batch_codes, batch_names = store.codes(schema.BATCH)
         split = store.obs[schema.SPLIT].astype(str).to_numpy()

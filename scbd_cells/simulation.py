@@ -786,7 +786,7 @@ def _degrade(
     return fields
 
 
-_TIFF_TEMPLATES: dict[tuple[int, ...], tuple[bytes, int]] = {}
+_TIFF_HEADERS: dict[tuple[int, ...], tuple[bytes, int]] = {}
 
 
 def tiff_bytes(image: np.ndarray) -> bytes:
@@ -800,7 +800,7 @@ def tiff_bytes(image: np.ndarray) -> bytes:
     ``tifffile.imwrite`` byte for byte.
     """
     image = np.ascontiguousarray(image, dtype=np.uint16)
-    template = _TIFF_TEMPLATES.get(image.shape)
+    template = _TIFF_HEADERS.get(image.shape)
     if template is None:
         probe = np.arange(image.size, dtype=np.uint16).reshape(image.shape) * np.uint16(
             7
@@ -816,7 +816,7 @@ def tiff_bytes(image: np.ndarray) -> bytes:
             tifffile.imwrite(buffer, image, photometric="minisblack")
             return buffer.getvalue()
         template = (raw, offset)
-        _TIFF_TEMPLATES[image.shape] = template
+        _TIFF_HEADERS[image.shape] = template
     raw, offset = template
     data = image.tobytes()
     return raw[:offset] + data + raw[offset + len(data) :]

@@ -21,7 +21,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ from scbd_cells.model.losses import (
     scbd_loss,
 )
 from scbd_cells.model.preprocess import Preprocessor, preprocessor_for, random_dihedral
-from scbd_cells.model.scbd import SCBDModel, parameter_groups
+from scbd_cells.model.scbd import SCBDModel, device_autocast, parameter_groups, run_model
 from scbd_cells.outputs import (
     check_not_input,
     check_output,
@@ -65,6 +65,9 @@ from scbd_cells.outputs import (
     write_marker,
 )
 from scbd_cells.progress import progress_bar
+
+if TYPE_CHECKING:
+    from scbd_cells.data.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +205,7 @@ class _Run:
 
     config: TrainConfig
     run_dir: Path
-    store: Any
+    store: Store
     dist: Any  # DistributedInfo
     model: SCBDModel
     forward_model: torch.nn.Module  # the model, under DDP and torch.compile when asked
@@ -381,7 +384,7 @@ def _set_up(
         val_set=_ValidationSet.build(store, config, perturbation_codes, batch_codes, val_rows),
         batch_stats=batch_stats,
         vocab={schema.PERTURBATION: list(perturbation_names), schema.BATCH: list(batch_names)},
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext(),
+        autocast=device_autocast(device),
     )
     if resumed_from is not None:
         _resume(run, resumed_from, changes)
@@ -442,10 +445,7 @@ def _train_step(run: _Run, batch: Any) -> dict[str, float]:
             (config.seed * 1_000_003 + run.step) * 1009 + run.dist.rank
         )
         images = random_dihedral(images, generator=generator)
-    if run.cuda:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with run.autocast:
-        output = run.forward_model(images)
+    output = run_model(run.forward_model, images, autocast=run.autocast)
     # Losses in float32 on the global batch (all ranks' cells).
     z_perturbation = all_gather_with_grad(output.z_perturbation.float())
     z_batch = all_gather_with_grad(output.z_batch.float())
@@ -646,7 +646,7 @@ def _write_option_history(option_history: list[dict[str, Any]], run_dir: Path) -
 
 
 def _check_labels(
-    store: Any,
+    store: Store,
     config: TrainConfig,
     perturbation_codes: np.ndarray,
     batch_codes: np.ndarray,
@@ -689,7 +689,7 @@ def _fit_classes_per_batch(config: TrainConfig, train_perturbations: np.ndarray)
     return config.model_copy(update={"classes_per_batch": n_classes})
 
 
-def _batch_stats(store: Any, config: TrainConfig) -> BatchChannelStats | None:
+def _batch_stats(store: Store, config: TrainConfig) -> BatchChannelStats | None:
     """Per-well channel statistics for ``normalize="batch"`` (None for ``"store"``)."""
     if config.normalize != "batch":
         return None
@@ -786,7 +786,7 @@ def _invariance_reference(
     return float(value)
 
 
-def _check_fingerprint(checkpoint: dict, store: Any, checkpoint_path: Path) -> None:
+def _check_fingerprint(checkpoint: dict, store: Store, checkpoint_path: Path) -> None:
     saved, found = checkpoint.get("store_fingerprint", {}), store.fingerprint()
     if saved.get("store_id") != found["store_id"]:
         raise CheckpointError(
@@ -818,7 +818,7 @@ class _ValidationSet:
     @classmethod
     def build(
         cls,
-        store: Any,
+        store: Store,
         config: TrainConfig,
         perturbation_codes: np.ndarray,
         batch_codes: np.ndarray,
@@ -881,11 +881,8 @@ class _ValidationSet:
         z_perturbation, z_batch, wells = [], [], []
         for index, (images, perturbation, batch) in enumerate(self.batches):
             images = preprocessor(images.to(device), batch.to(device))
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
             perturbation, batch = perturbation.to(device), batch.to(device)
-            with autocast:
-                output = model(images)
+            output = run_model(model, images, autocast=autocast)
             z_c, z_s = output.z_perturbation.float(), output.z_batch.float()
             losses = _scbd_objective(
                 config, z_c, z_s, perturbation=perturbation, batch=batch, n_batches=self.n_batches

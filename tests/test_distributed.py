@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from stores import well_store
 
 from scbd_cells.distributed import (
     DistInfo,
@@ -141,27 +142,7 @@ TRAIN_OPTIONS = {
 @pytest.fixture(scope="module")
 def train_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 perturbations x 4 wells of 2-channel 12 px uint16 crops (perturbation and well signal)."""
-    from scbd_cells.data.store import create_store
-
-    rng = np.random.default_rng(0)
-    rows, images = [], []
-    for perturbation in range(8):
-        for well in range(4):
-            for _cell in range(8):
-                image = rng.normal(1000 + 200 * well, 50, size=(2, 12, 12))
-                image[perturbation % 2, 3:9, 3:9] += 300 * (perturbation // 2)
-                images.append(image.clip(0, 65535).astype(np.uint16))
-                rows.append({"gene": f"gene_{perturbation}", "plate": "p1", "well": f"W{well}"})
-    path = tmp_path_factory.mktemp("dist_store") / "screen.zarr"
-    create_store(
-        path,
-        images=np.stack(images),
-        obs=pd.DataFrame(rows),
-        channel_names=["dna", "actin"],
-        perturbation_column="gene",
-        split_fractions=(0.7, 0.15, 0.15),
-    )
-    return path
+    return well_store(tmp_path_factory.mktemp("dist_store") / "screen.zarr", cells_per_well=8)
 
 
 def _train_losses(run_dir: Path) -> pd.DataFrame:

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+from stores import well_store
 
 from scbd_cells import baseline, embed, evaluate, ingest, open_store, train
 from scbd_cells.checkpoint import load_checkpoint, save_checkpoint
@@ -68,35 +69,8 @@ def cli_process(*args: object, cwd: Path | None = None, **kwargs) -> subprocess.
 
 
 def small_store(path: Path, *, n_wells: int = 4, seed: int = 0) -> Path:
-    """8 perturbations x ``n_wells`` wells x 6 cells, 2-channel 12 px uint16 crops."""
-    rng = np.random.default_rng(seed)
-    rows, images = [], []
-    for perturbation in range(8):
-        for well in range(n_wells):
-            for cell in range(6):
-                image = rng.normal(1000 + 200 * well, 50, size=(2, 12, 12))
-                image[perturbation % 2, 3:9, 3:9] += 300 * (perturbation // 2)
-                images.append(image.clip(0, 65535).astype(np.uint16))
-                rows.append(
-                    {
-                        "cell_id": f"p{perturbation}_w{well}_{cell}",
-                        "gene": "nontargeting" if perturbation == 0 else f"gene_{perturbation}",
-                        "plate": "plate_1",
-                        "well": f"W{well}",
-                    }
-                )
-    create_store(
-        path,
-        images=np.stack(images),
-        obs=pd.DataFrame(rows),
-        channel_names=["dna", "actin"],
-        perturbation_column="gene",
-        control="nontargeting",
-        split_fractions=(0.7, 0.15, 0.15),
-        seed=seed,
-        chunk_cells=16,
-    )
-    return path
+    """8 perturbations (one the control) x ``n_wells`` wells x 6 cells; chunks of 16 cells."""
+    return well_store(path, n_wells=n_wells, seed=seed, control="nontargeting", chunk_cells=16)
 
 
 def crops_screen(root: Path, *, n: int = 24, dtype=np.uint16) -> Path:

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from stores import well_store
 
 from scbd_cells import train
 from scbd_cells.checkpoint import load_checkpoint, load_trained
 from scbd_cells.config import resolve_train_config
-from scbd_cells.data.store import create_store
 from scbd_cells.errors import CheckpointError, DataError, InputError, StoreError
 from scbd_cells.model.scbd import SCBDModel
 
@@ -30,33 +30,7 @@ FAST = {
 
 
 def _make_store(path: Path, *, n_wells: int = 4, seed: int = 0) -> Path:
-    """8 perturbations x ``n_wells`` wells, 2-channel 12 px uint16 crops with a well brightness."""
-    rng = np.random.default_rng(seed)
-    rows, images = [], []
-    for perturbation in range(8):
-        for well in range(n_wells):
-            for cell in range(6):
-                image = rng.normal(1000 + 200 * well, 50, size=(2, 12, 12))
-                image[perturbation % 2, 3:9, 3:9] += 300 * (perturbation // 2)
-                images.append(image.clip(0, 65535).astype(np.uint16))
-                rows.append(
-                    {
-                        "cell_id": f"p{perturbation}_w{well}_{cell}",
-                        "gene": f"gene_{perturbation}",
-                        "plate": "plate_1",
-                        "well": f"W{well}",
-                    }
-                )
-    create_store(
-        path,
-        images=np.stack(images),
-        obs=pd.DataFrame(rows),
-        channel_names=["dna", "actin"],
-        perturbation_column="gene",
-        split_fractions=(0.7, 0.15, 0.15),
-        seed=seed,
-    )
-    return path
+    return well_store(path, n_wells=n_wells, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,15 @@ from the same store.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError
+
+if TYPE_CHECKING:
+    from scbd_cells.data.store import Store
 
 #: Cells per batch label the statistics are computed from (at most).
 DEFAULT_CELLS_PER_BATCH = 2048
@@ -84,7 +87,7 @@ class BatchChannelStats:
 
 
 def batch_channel_stats(
-    store: Any, *, cells_per_batch: int = DEFAULT_CELLS_PER_BATCH, seed: int = 0
+    store: Store, *, cells_per_batch: int = DEFAULT_CELLS_PER_BATCH, seed: int = 0
 ) -> BatchChannelStats:
     """Per-channel mean and std of every batch label's cells (all splits), from a sample.
 

@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ import torch
 from scbd_cells.data import schema
 from scbd_cells.data.sampler import BalancedBatchSampler, arrays_as_tensors
 from scbd_cells.errors import InputError
+
+if TYPE_CHECKING:
+    from scbd_cells.data.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ _CACHE_PIECE_BYTES = 256 * 2**20
 _SEGMENT_TARGET_BYTES = 1 << 20
 
 
-def segment_cells_of(store: Any) -> int:
+def segment_cells_of(store: Store) -> int:
     """Rows per segment of ``store``: whole chunks, about 1 MiB of pixels.
 
     A function of the store's chunking and image size only, so a sampler in segment mode
@@ -89,9 +92,14 @@ class Batch(NamedTuple):
     indices: torch.Tensor
 
 
-def _images_nbytes(store: Any) -> int:
+def _images_nbytes(store: Store) -> int:
     shape = store.images.shape
     return int(np.prod(shape, dtype=np.int64)) * np.dtype(store.images.dtype).itemsize
+
+
+def _fits(nbytes: int, cache_gb: float) -> bool:
+    """Whether images of ``nbytes`` fit a cache budget of ``cache_gb`` (10^9 bytes; 0 = none)."""
+    return cache_gb > 0 and nbytes <= cache_gb * 1e9
 
 
 def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -134,7 +142,7 @@ class CellReader:
 
     def __init__(
         self,
-        store: Any,
+        store: Store,
         *,
         cache_gb: float = 0.0,
         workers: int = 2,
@@ -148,9 +156,9 @@ class CellReader:
         self.store = store
         self.nbytes = _images_nbytes(store)
         self.cached: np.ndarray | None = None
-        self._tensorstore: Any = None
+        self._tensorstore: Store = None
         self._shared_memory: Any = None
-        fits = cache_gb > 0 and self.nbytes <= cache_gb * 1e9
+        fits = _fits(self.nbytes, cache_gb)
         if backend == "memory" or (backend == "auto" and fits):
             self.backend = "memory"
             if share_local_ranks and _local_world_size() > 1:
@@ -283,7 +291,7 @@ def _untrack(segment: Any) -> None:
         pass
 
 
-def _open_tensorstore(store: Any, *, cache_gb: float, workers: int) -> Any:
+def _open_tensorstore(store: Store, *, cache_gb: float, workers: int) -> Any:
     """The store's image array opened with tensorstore, or None if that is not possible."""
     try:
         import tensorstore
@@ -315,7 +323,7 @@ def _open_tensorstore(store: Any, *, cache_gb: float, workers: int) -> Any:
     return array
 
 
-def _tensorstore_read(store: Any, read: Any, rows: tuple[int, int]) -> np.ndarray:
+def _tensorstore_read(store: Store, read: Any, rows: tuple[int, int]) -> np.ndarray:
     """The result of a tensorstore read (a view or a pending read) of store rows ``rows``.
 
     A missing or damaged chunk becomes the store's :class:`~scbd_cells.errors.StoreError`
@@ -356,7 +364,7 @@ class SegmentReader:
     thread-safe; a segment that two reads need at once is decoded once.
     """
 
-    def __init__(self, store: Any, *, budget_gb: float, workers: int = 2) -> None:
+    def __init__(self, store: Store, *, budget_gb: float, workers: int = 2) -> None:
         import threading
         from collections import OrderedDict
 
@@ -471,6 +479,20 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return moved.to(wide) if wide != moved.dtype else moved
 
 
+def images_to_device(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """Pixels read from a store, on ``device`` in a signed integer dtype every op supports.
+
+    On CUDA the store's dtype is copied (from pinned memory, without blocking) and widened
+    there (uint16 -> int32: half the bytes over the bus; torch cannot index uint16 CUDA
+    tensors in every version we support); on the CPU it is widened in place.
+    """
+    device = torch.device(device)
+    host = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return _to_device(host, device)
+
+
 class BalancedLoader:
     """Endless class-balanced batches for one rank, prefetched on background threads.
 
@@ -520,7 +542,7 @@ class BalancedLoader:
 
     def __init__(
         self,
-        store: Any,
+        store: Store,
         sampler: Any,
         *,
         device: str | torch.device,
@@ -548,7 +570,7 @@ class BalancedLoader:
             raise InputError(
                 f"Expected backend auto, memory, chunks, tensorstore or zarr; found {backend!r}."
             )
-        fits = cache_gb > 0 and _images_nbytes(store) <= cache_gb * 1e9
+        fits = _fits(_images_nbytes(store), cache_gb)
         segments = getattr(sampler, "segment_cells", None) is not None
         self.reader: CellReader | SegmentReader
         if backend == "chunks" or (backend == "auto" and segments and not fits and cache_gb > 0):
@@ -747,7 +769,7 @@ class BalancedLoader:
 
 
 def iter_cells(
-    store: Any,
+    store: Store,
     indices: Sequence[int] | np.ndarray,
     *,
     batch_size: int,

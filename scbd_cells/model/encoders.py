@@ -6,9 +6,10 @@ from typing import NamedTuple
 
 from torch import nn
 
+from scbd_cells.config import ENCODER_NAMES
 from scbd_cells.errors import InputError
 
-ENCODERS = ("resnet18", "resnet50", "densenet121", "tiny")
+ENCODERS = ENCODER_NAMES  # one list: TrainConfig checks --encoder against it too
 
 
 class Encoder(NamedTuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import torch
@@ -128,3 +129,27 @@ def parameter_groups(model: SCBDModel, *, decoder_lr: float | None) -> list[dict
     in_decoder = {id(parameter) for parameter in decoder}
     rest = [parameter for parameter in model.parameters() if id(parameter) not in in_decoder]
     return [{"params": rest}, {"params": decoder, "lr": decoder_lr}]
+
+
+def device_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The precision of training and embedding: bf16 autocast on CUDA, float32 on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_model(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> SCBDOutput:
+    """The forward pass as training, validation and embedding run it.
+
+    On CUDA the images go channels-last (the layout the convolutions are fastest in) and
+    the pass runs under ``autocast`` (default :func:`device_autocast`).
+    """
+    if images.is_cuda:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast if autocast is not None else device_autocast(images.device):
+        return model(images)
