@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PERFORMANCE_MD = REPO / "docs" / "performance-log.md"  # the run log; performance.md has the current table
+PERFORMANCE_MD = REPO / "docs" / "performance-log.md"  # the run log (performance.md: current)
 
 
 def machine_info() -> str:
