@@ -7,6 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# --- appendix B of the paper, transcribed verbatim (the numerical reference) ------------
+# the paper's two functions live in tests/scbd_reference.py, transcribed once
+from scbd_reference import paper_invariance_loss, paper_supcon_loss
+
 from scbd_cells.model.losses import (
     batch_target_labels,
     invariance_loss,
@@ -16,37 +20,6 @@ from scbd_cells.model.losses import (
     supcon_loss,
 )
 from scbd_cells.model.scbd import SCBDModel
-
-# --- appendix B of the paper, transcribed verbatim (the numerical reference) ------------
-
-
-def paper_supcon_loss(z, u, temperature):
-    batch_size = len(z)
-    u_col = u.unsqueeze(1)
-    u_row = u.unsqueeze(0)
-    mask_pos = (u_col == u_row).float()
-    offdiag_mask = 1.0 - torch.eye(batch_size)
-    mask_pos = mask_pos * offdiag_mask
-    logits = torch.matmul(z, z.T) / temperature
-    p = mask_pos / mask_pos.sum(dim=1, keepdim=True).clamp(min=1.0)
-    q = F.log_softmax(logits, dim=1)
-    return F.cross_entropy(q, p)
-
-
-def paper_invariance_loss(zc, e, temperature):
-    batch_size = len(zc)
-    e_col = e.unsqueeze(1)
-    e_row = e.unsqueeze(0)
-    mask_pos = (e_col == e_row).float()
-    mask_neg = 1.0 - mask_pos
-    offdiag_mask = 1.0 - torch.eye(batch_size)
-    mask_pos = mask_pos * offdiag_mask
-    logits = torch.matmul(zc, zc.T) / temperature
-    q = F.log_softmax(logits, dim=1)
-    log_prob_pos = (q * mask_pos).mean(dim=1)
-    log_prob_neg = (q * mask_neg).mean(dim=1)
-    return (log_prob_pos - log_prob_neg).abs().mean()
-
 
 # ----------------------------------------------------------------------------------------
 

@@ -307,6 +307,17 @@ def evaluate(
         null_size=null_size, max_replicates=max_replicates, mixing_cells=mixing_cells, seed=seed
     )
     benchmarks: dict[str, BenchmarkResult] = {}
+
+    def labels_of(adata: Any) -> dict[str, Any]:
+        """What every metric of one file needs to know of its labels and complexes."""
+        return {
+            "complexes": complexes,
+            "control": _control(adata, control),
+            "perturbation_key": perturbation_key,
+            "guide_key": guide_key,
+            "batch_key": batch_key,
+        }
+
     inputs: dict[str, dict[str, Any]] = {}
     try:
         for name, key, adata, path, held_cells in zip(
@@ -334,15 +345,7 @@ def evaluate(
                 if name in value_warnings:
                     warnings.filterwarnings("ignore", "invalid value", RuntimeWarning)
                 benchmarks[name] = benchmark_metrics(
-                    adata,
-                    key=key,
-                    profiles=profiles,
-                    complexes=complexes,
-                    control=_control(adata, control),
-                    perturbation_key=perturbation_key,
-                    guide_key=guide_key,
-                    batch_key=batch_key,
-                    settings=settings,
+                    adata, key=key, profiles=profiles, settings=settings, **labels_of(adata)
                 )
             rows.append(
                 {
@@ -364,18 +367,9 @@ def evaluate(
                 log.info("Evaluating %s on its %d held-out cells", name, int(held_cells.sum()))
                 rows[-1].update(
                     holdout_metrics(
-                        adata,
-                        key=key,
-                        held=held_cells,
-                        complexes=complexes,
-                        control=_control(adata, control),
-                        perturbation_key=perturbation_key,
-                        guide_key=guide_key,
-                        batch_key=batch_key,
-                        max_cells=max_cells,
-                        mixing_cells=mixing_cells,
-                        seed=seed,
-                    )
+                        adata, key=key, held=held_cells, max_cells=max_cells,
+                        mixing_cells=mixing_cells, seed=seed, **labels_of(adata),
+                    )  # fmt: skip
                 )
             curves.append(
                 pd.DataFrame(
