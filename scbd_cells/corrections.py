@@ -22,8 +22,9 @@ every Harmony output records its fit in compressed form (:class:`HarmonyReferenc
 as Symphony (Kang et al. 2021, *Nat Commun* 12:5890) maps a query onto a Harmony reference
 (:func:`harmony_map`): soft-assigned to the reference's cluster centroids, then, per
 cluster, the query batches' offsets are estimated by the same ridge mixture-of-experts
-regression Harmony uses, its intercept anchored by the reference's cluster statistics,
-and subtracted. The reference's own corrected profiles are never touched.
+regression Harmony uses (Symphony's penalty, 1), its intercept anchored by the
+reference's cluster statistics, and subtracted. The reference's own corrected profiles
+are never touched.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ SPHERING_EPSILON = 1e-6
 # (harmonypy >= 2.1, as Harmony 1.2 for R; pyproject.toml)
 HARMONY_SIGMA = 0.1
 HARMONY_RIDGE_ALPHA = 0.2
+SYMPHONY_RIDGE_LAMBDA = 1.0  # Symphony's ridge penalty of a query batch (moe_correct_ref)
 UNS_HARMONY_REFERENCE = "harmony_reference"
 MAP_CHUNK = 65_536  # cells soft-clustered at a time when mapping (memory: chunk x clusters)
 
@@ -289,7 +291,7 @@ def harmony_map(
     values: np.ndarray,
     *,
     batches: np.ndarray,
-    ridge_lambda: float | None = None,
+    ridge_lambda: float | None = SYMPHONY_RIDGE_LAMBDA,
 ) -> np.ndarray:
     """Map new cells onto a Harmony reference without refitting it (Symphony's mapping).
 
@@ -304,10 +306,10 @@ def harmony_map(
         z_i <- z_i - sum_k R_ik W_k[batch_i]                   # the intercept stays
 
     So each query batch is moved, cluster by cluster, by its offset from the intercept,
-    and the intercept is pulled to where the reference's corrected cells are. The
-    reference's cells are not involved: nothing of theirs changes. Each call is one
-    regression over the batches it is given (map each new plate on its own, and the
-    plates mapped before it do not change either).
+    and the intercept is held where the reference's corrected cells are. The reference's
+    cells are not involved: nothing of theirs changes. Each call is one regression over the
+    batches it is given (map each new plate on its own, and the plates mapped before it do
+    not change either).
 
     Parameters
     ----------
@@ -318,11 +320,15 @@ def harmony_map(
     batches
         (N,) their batch labels (a new plate's wells).
     ridge_lambda
-        Penalty of every batch coefficient. Default None: the reference's own rule,
-        ``ridge_alpha x`` the batch's expected cells in the cluster (``R_ik`` summed over
-        the query x the batch's share of the query), so that the reference's own cells
-        mapped onto it reproduce Harmony's output (tests). Symphony's ``moe_correct_ref``
-        uses 1.
+        Penalty of every batch coefficient: Symphony's 1 (``moe_correct_ref``) by default,
+        small beside a cluster's cells, so the anchor fixes the intercept and a batch's
+        offset from it is removed almost fully, however many cells the new plate has.
+        ``None``: harmonypy's own rule for its batches, ``ridge_alpha x`` the batch's
+        expected cells in the cluster (``R_ik`` summed over the query x the batch's share
+        of it). That rule leaves ``alpha / (1 + alpha)`` of each batch's offset in a
+        Harmony fit, and in the anchored regression it grows with the query: a plate whose
+        cells crowd a few clusters (``n_k`` >> ``N_k``) keeps most of its offset, its
+        intercept pulled to its own mean (measured in docs/new-plates.md).
 
     Returns
     -------
