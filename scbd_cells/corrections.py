@@ -40,7 +40,7 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import locks_output
+from scbd_cells.outputs import locks_output, read_recorded
 from scbd_cells.replicates import batch_column
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,8 @@ def harmony_map(
     numpy.ndarray
         (N, D) the mapped profiles, float64.
     """
+    if ridge_lambda is not None and not ridge_lambda >= 0:
+        raise InputError(f"ridge_lambda must be 0 or more (or None); found {ridge_lambda}.")
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] != reference.n_features:
         raise DataError(
@@ -447,8 +449,6 @@ def profile_space(recorded: dict[str, Any], *, key: str) -> dict[str, str]:
 
 def read_harmony_reference(path: str | Path) -> HarmonyReference:
     """The Harmony reference recorded in a file that ``correct --method harmony`` wrote."""
-    from scbd_cells.evaluation.cells import read_recorded
-
     source = Path(path)
     recorded = read_recorded(source, what="The Harmony reference")
     if UNS_HARMONY_REFERENCE not in recorded:

@@ -36,7 +36,7 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import check_free_space, locks_output
+from scbd_cells.outputs import check_free_space, locks_output, read_recorded
 from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -575,8 +575,6 @@ def _reference_space(
     nucleus_channel: str | None,
 ) -> ReferenceSpace:
     """The reference baseline's transforms, checked against this store and these options."""
-    from scbd_cells.evaluation.cells import read_recorded
-
     recorded = read_recorded(path, what="The reference baseline")
     if recorded.get("kind") != "baseline" or "pca_components" not in recorded:
         raise DataError(

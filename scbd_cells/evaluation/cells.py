@@ -176,32 +176,6 @@ def open_cells(cells_path: Path) -> CellsFile | None:
         raise
 
 
-def read_recorded(path: Path, *, what: str) -> dict[str, Any]:
-    """``uns["scbd"]`` of an AnnData file, read without its arrays; ``{}`` if it has none.
-
-    ``what`` names the file in the errors (e.g. "The Harmony reference").
-    """
-    from scbd_cells.errors import DataError, InputError
-
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist. Pass an AnnData scbd-cells wrote.")
-    try:
-        cells = open_cells(path)
-        if cells is not None:
-            try:
-                return cells.provenance()
-            finally:
-                cells.close()
-        import anndata as ad
-
-        adata = ad.read_zarr(path) if path.suffix == ".zarr" else ad.read_h5ad(path)
-        return dict(adata.uns.get("scbd", {}))
-    except Exception as error:  # h5py/zarr/anndata raise many types for a bad file
-        raise DataError(
-            f"Could not read {what.lower()} {path} as AnnData ({type(error).__name__}: {error})."
-        ) from None
-
-
 def read_rows(data: Any, positions: np.ndarray, *, chunk_size: int = ROW_CHUNK) -> np.ndarray:
     """``data[positions]`` as float32, for sorted ``positions``, reading one row chunk at a time.
 
