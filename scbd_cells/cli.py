@@ -664,6 +664,15 @@ def baseline(
             "size/shape, intensity and texture measurements with cp-measure (slower)."
         ),
     ] = "handcrafted",
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="An earlier baseline (e.g. of the training plates): measure this store in "
+            "its space, with its channel ranges, standardisation and PCA loadings, none "
+            "refitted (a new plate beside earlier ones; `correct --reference`). Default: fit "
+            "them on this store."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the PCA solver.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
@@ -678,6 +687,7 @@ def baseline(
         batch_size=batch_size,
         normalize=normalize,
         features=features,
+        reference=reference,
         seed=seed,
         overwrite=overwrite,
     )
@@ -848,10 +858,23 @@ def correct(
     perturbation_key: Annotated[
         str, typer.Option(help="obs column holding the control label.")
     ] = "perturbation",
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            help="harmony only: an earlier `correct --method harmony` output (the reference "
+            "plates). PROFILES (a new plate, in the same space: `baseline --reference`, or the "
+            "same SCBD run) are mapped onto that fit, Symphony-style, instead of refitting; "
+            "the reference's profiles never change. Default: fit Harmony on PROFILES."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of Harmony.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
-    """A standard batch correction of cell profiles (the JUMP benchmark's comparators)."""
+    """A standard batch correction of cell profiles (the JUMP benchmark's comparators).
+
+    Harmony's output records its fit, so later plates can be mapped onto it with
+    --reference (docs/new-plates.md).
+    """
     from scbd_cells.corrections import correct as run_correct
 
     result = run_correct(
@@ -862,12 +885,14 @@ def correct(
         key=key,
         control=control,
         perturbation_key=perturbation_key,
+        reference=reference,
         seed=seed,
         overwrite=overwrite,
     )
+    mapped = f" mapped onto {reference}" if reference is not None else ""
     stdout.print(
         f"[green]Corrected[/] {result.n_cells:,} cells x {result.n_features} features with "
-        f"{result.method} -> {result.out_path}"
+        f"{result.method}{mapped} -> {result.out_path}"
     )
 
 

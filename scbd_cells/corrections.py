@@ -15,6 +15,16 @@ own CellProfiler profiles), and writes an AnnData that ``evaluate`` reads:
 - ``combat``: ComBat (``scanpy.pp.combat``), batch = the batch column;
 - ``center-scale``: each feature standardised (mean 0, standard deviation 1) within each
   batch: what ``baseline --normalize batch`` does to the features.
+
+New plates without refitting Harmony (``correct --method harmony --reference FITTED.h5ad``):
+every Harmony output records its fit in compressed form (:class:`HarmonyReference`, in
+``uns["scbd"]["harmony_reference"]``), and cells it was not fitted on are mapped onto it
+as Symphony (Kang et al. 2021, *Nat Commun* 12:5890) maps a query onto a Harmony reference
+(:func:`harmony_map`): soft-assigned to the reference's cluster centroids, then, per
+cluster, the query batches' offsets are estimated by the same ridge mixture-of-experts
+regression Harmony uses (Symphony's penalty, 1), its intercept anchored by the
+reference's cluster statistics, and subtracted. The reference's own corrected profiles
+are never touched.
 """
 
 from __future__ import annotations
@@ -23,20 +33,29 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import locks_output
+from scbd_cells.outputs import locks_output, read_recorded
 from scbd_cells.replicates import batch_column
 
 log = logging.getLogger(__name__)
 
 METHODS = ("harmony", "sphering", "combat", "center-scale")
 SPHERING_EPSILON = 1e-6
+# harmonypy's defaults, passed explicitly so that a reference records what its fit used:
+# the soft-clustering bandwidth, and the ridge penalty of each batch in each cluster,
+# estimated as HARMONY_RIDGE_ALPHA x the cells of that batch expected in that cluster
+# (harmonypy >= 2.1, as Harmony 1.2 for R; pyproject.toml)
+HARMONY_SIGMA = 0.1
+HARMONY_RIDGE_ALPHA = 0.2
+SYMPHONY_RIDGE_LAMBDA = 1.0  # Symphony's ridge penalty of a query batch (moe_correct_ref)
+UNS_HARMONY_REFERENCE = "harmony_reference"
+MAP_CHUNK = 65_536  # cells soft-clustered at a time when mapping (memory: chunk x clusters)
 
 
 @dataclass(frozen=True)
@@ -91,20 +110,280 @@ def zca_sphering(
     return (np.asarray(values, dtype=np.float64) - mean) @ whitening
 
 
-def harmony(values: np.ndarray, batches: np.ndarray, *, seed: int) -> np.ndarray:
-    """Harmony-corrected embedding (harmonypy), cells x features."""
+@dataclass(frozen=True)
+class HarmonyReference:
+    """A Harmony fit, compressed so that new cells can be mapped onto it (Symphony).
+
+    Symphony's reference (Kang et al. 2021): everything the query regression needs from
+    the reference cells, without the cells. ``K`` clusters, ``D`` features.
+
+    Attributes
+    ----------
+    centroids
+        (K, D) unit rows: each cluster's centroid of the *corrected* reference cells,
+        ``normalise(R Z_corr)``, in Harmony's cosine-normalised space.
+    cluster_sizes
+        (K,) ``N_k = sum_i R_ki``, the reference cells' soft counts per cluster.
+    cluster_sums
+        (K, D) ``C_k = sum_i R_ki z_corr_i``, their corrected profiles summed per cluster.
+    sigma
+        (K,) soft-clustering bandwidth of each cluster, as the fit used.
+    ridge_alpha
+        The ridge penalty of batch b in cluster k is ``ridge_alpha x`` the cells of b
+        expected in k (harmonypy's dynamic lambda).
+    batches
+        The reference's batch labels.
+    n_cells
+        Reference cells.
+    space
+        Where the reference's profiles live (``kind`` and, where scbd-cells wrote them,
+        the baseline's ``space_id`` or the SCBD checkpoint and step): cells mapped onto it
+        must come from the same space.
+    """
+
+    centroids: np.ndarray
+    cluster_sizes: np.ndarray
+    cluster_sums: np.ndarray
+    sigma: np.ndarray
+    ridge_alpha: float
+    batches: tuple[str, ...]
+    n_cells: int
+    space: dict[str, str]
+
+    @property
+    def n_features(self) -> int:
+        return int(self.centroids.shape[1])
+
+    def to_uns(self) -> dict[str, Any]:
+        """Plain arrays and strings, for ``uns["scbd"]["harmony_reference"]``."""
+        return {
+            "centroids": self.centroids,
+            "cluster_sizes": self.cluster_sizes,
+            "cluster_sums": self.cluster_sums,
+            "sigma": self.sigma,
+            "ridge_alpha": float(self.ridge_alpha),
+            "batches": list(self.batches),
+            "n_cells": int(self.n_cells),
+            "space": dict(self.space),
+        }
+
+    @classmethod
+    def from_uns(cls, record: Any, *, source: Path) -> HarmonyReference:
+        """The reference stored by :meth:`to_uns`; DataError if it is incomplete."""
+        try:
+            reference = cls(
+                centroids=np.asarray(record["centroids"], dtype=np.float64),
+                cluster_sizes=np.asarray(record["cluster_sizes"], dtype=np.float64),
+                cluster_sums=np.asarray(record["cluster_sums"], dtype=np.float64),
+                sigma=np.asarray(record["sigma"], dtype=np.float64),
+                ridge_alpha=float(record["ridge_alpha"]),
+                batches=tuple(str(b) for b in np.asarray(record["batches"]).ravel()),
+                n_cells=int(record["n_cells"]),
+                space={str(k): str(v) for k, v in dict(record.get("space", {})).items()},
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(
+                f"{source} holds a damaged Harmony reference ({type(error).__name__}: {error})."
+                " Correct the reference plates again with `scbd-cells correct --method harmony`."
+            ) from None
+        n_clusters, n_features = reference.centroids.shape
+        shapes = (
+            reference.cluster_sizes.shape, reference.cluster_sums.shape, reference.sigma.shape
+        )  # fmt: skip
+        if shapes != ((n_clusters,), (n_clusters, n_features), (n_clusters,)):
+            raise DataError(
+                f"{source} holds a damaged Harmony reference: {n_clusters} centroids of "
+                f"{n_features} features, but cluster sizes, sums and sigma of shapes {shapes}. "
+                "Correct the reference plates again with `scbd-cells correct --method harmony`."
+            )
+        return reference
+
+
+class HarmonyFit(NamedTuple):
+    """Harmony's corrected profiles and the reference that maps new cells onto them."""
+
+    corrected: np.ndarray
+    reference: HarmonyReference
+
+
+def _unit_rows(values: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(values, axis=1, keepdims=True)
+    return values / np.where(norms > 0, norms, 1.0)
+
+
+def harmony_fit(
+    values: np.ndarray,
+    batches: np.ndarray,
+    *,
+    seed: int,
+    space: dict[str, str] | None = None,
+) -> HarmonyFit:
+    """Harmony (harmonypy) on cells x features, and its fit as a :class:`HarmonyReference`.
+
+    Parameters
+    ----------
+    values
+        (N, D) profiles (a PCA, an embedding).
+    batches
+        (N,) batch label of each cell.
+    seed
+        harmonypy's ``random_state``.
+    space
+        Recorded in the reference (see :attr:`HarmonyReference.space`).
+
+    Returns
+    -------
+    HarmonyFit
+        ``corrected`` (N, D) as ``harmonypy.run_harmony(...).Z_corr``; ``reference`` built
+        as Symphony's ``buildReferenceFromHarmonyObj``: centroids from the final soft
+        assignments ``R`` and corrected profiles, ``N_k`` and ``C_k`` from the same.
+    """
     import harmonypy
 
-    meta = pd.DataFrame({"batch": np.asarray(batches).astype(str)})
+    labels = np.asarray(batches).astype(str)
+    meta = pd.DataFrame({"batch": labels})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = harmonypy.run_harmony(
-            np.asarray(values, dtype=np.float64), meta, ["batch"], random_state=seed,
-            verbose=False,
+            np.asarray(values, dtype=np.float64), meta, ["batch"], sigma=HARMONY_SIGMA,
+            alpha=HARMONY_RIDGE_ALPHA, random_state=seed, verbose=False,
+        )  # fmt: skip
+    corrected = np.asarray(model.Z_corr, dtype=np.float64)
+    assignments = np.asarray(model.R, dtype=np.float64)
+    # harmonypy has returned (features x cells) and (clusters x cells) in older releases,
+    # (cells x features) and (cells x clusters) in newer; the two change together
+    if corrected.shape[0] != len(meta):
+        corrected, assignments = corrected.T, assignments.T
+    cluster_sums = assignments.T @ corrected  # (K, D)
+    reference = HarmonyReference(
+        centroids=_unit_rows(cluster_sums),
+        cluster_sizes=assignments.sum(axis=0),
+        cluster_sums=cluster_sums,
+        sigma=np.full(assignments.shape[1], HARMONY_SIGMA),
+        ridge_alpha=HARMONY_RIDGE_ALPHA,
+        batches=tuple(pd.unique(labels)),
+        n_cells=len(labels),
+        space=dict(space or {}),
+    )
+    return HarmonyFit(corrected=corrected, reference=reference)
+
+
+def harmony(values: np.ndarray, batches: np.ndarray, *, seed: int) -> np.ndarray:
+    """Harmony-corrected embedding (harmonypy), cells x features."""
+    return harmony_fit(values, batches, seed=seed).corrected
+
+
+def soft_assignments(reference: HarmonyReference, values: np.ndarray) -> np.ndarray:
+    """(N, K) soft assignment of cells to the reference's clusters (rows sum to 1).
+
+    Harmony's soft k-means step on cosine-normalised profiles, as Symphony applies it to
+    a query: ``R_ik`` proportional to ``exp(-2 (1 - cos(z_i, y_k)) / sigma_k)``.
+    """
+    similarity = _unit_rows(np.asarray(values, dtype=np.float64)) @ reference.centroids.T
+    logits = -2.0 * (1.0 - similarity) / reference.sigma  # (N, K)
+    logits -= logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def harmony_map(
+    reference: HarmonyReference,
+    values: np.ndarray,
+    *,
+    batches: np.ndarray,
+    ridge_lambda: float | None = SYMPHONY_RIDGE_LAMBDA,
+) -> np.ndarray:
+    """Map new cells onto a Harmony reference without refitting it (Symphony's mapping).
+
+    In each reference cluster ``k``, with the cells' soft assignments ``R_ik``
+    (:func:`soft_assignments`) and the design ``x_i = [1, onehot(batch_i)]``, the query's
+    coefficients solve the ridge regression that Harmony solves for its own batches, with
+    the reference's cluster as ``N_k`` extra cells of no query batch whose corrected
+    profiles sum to ``C_k``::
+
+        A_k = sum_i R_ik x_i x_i^T + diag(0, lambda_k1, ..., lambda_kB) + N_k e_0 e_0^T
+        W_k = A_k^-1 (sum_i R_ik x_i z_i^T + e_0 C_k)          # (1 + B, D)
+        z_i <- z_i - sum_k R_ik W_k[batch_i]                   # the intercept stays
+
+    So each query batch is moved, cluster by cluster, by its offset from the intercept,
+    and the intercept is held where the reference's corrected cells are. The reference's
+    cells are not involved: nothing of theirs changes. Each call is one regression over the
+    batches it is given (map each new plate on its own, and the plates mapped before it do
+    not change either).
+
+    Parameters
+    ----------
+    reference
+        From :func:`harmony_fit` (or read from a corrected file's ``uns``).
+    values
+        (N, D) the new cells' profiles, in the reference's space (same PCA, same features).
+    batches
+        (N,) their batch labels (a new plate's wells).
+    ridge_lambda
+        Penalty of every batch coefficient: Symphony's 1 (``moe_correct_ref``) by default,
+        small beside a cluster's cells, so the anchor fixes the intercept and a batch's
+        offset from it is removed almost fully, however many cells the new plate has.
+        ``None``: harmonypy's own rule for its batches, ``ridge_alpha x`` the batch's
+        expected cells in the cluster (``R_ik`` summed over the query x the batch's share
+        of it). That rule leaves ``alpha / (1 + alpha)`` of each batch's offset in a
+        Harmony fit, and in the anchored regression it grows with the query: a plate whose
+        cells crowd a few clusters (``n_k`` >> ``N_k``) keeps most of its offset, its
+        intercept pulled to its own mean (measured in docs/new-plates.md).
+
+    Returns
+    -------
+    numpy.ndarray
+        (N, D) the mapped profiles, float64.
+    """
+    if ridge_lambda is not None and not ridge_lambda >= 0:
+        raise InputError(f"ridge_lambda must be 0 or more (or None); found {ridge_lambda}.")
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != reference.n_features:
+        raise DataError(
+            f"The Harmony reference was fitted on {reference.n_features} features; the cells "
+            f"to map have {values.shape[1] if values.ndim == 2 else values.shape}. Map profiles"
+            " made the way the reference's were (the same PCA: `scbd-cells baseline "
+            "--reference`, or the same SCBD run)."
         )
-    corrected = np.asarray(model.Z_corr)
-    # harmonypy has returned (features x cells) in older releases, (cells x features) in newer
-    return corrected.T if corrected.shape[0] != len(meta) else corrected
+    codes, _ = pd.factorize(np.asarray(batches).astype(str))
+    n_batches = int(codes.max()) + 1 if len(codes) else 0
+    n_clusters, n_features = reference.centroids.shape
+    # pass 1: per cluster and batch, the soft counts and the summed profiles
+    counts = np.zeros((n_clusters, n_batches))  # sum_{i in b} R_ik
+    sums = np.zeros((n_clusters, n_batches, n_features))  # sum_{i in b} R_ik z_i
+    for start in range(0, len(values), MAP_CHUNK):
+        chunk = slice(start, start + MAP_CHUNK)
+        weights = soft_assignments(reference, values[chunk])  # (n, K)
+        for batch in np.unique(codes[chunk]):
+            rows = codes[chunk] == batch
+            counts[:, batch] += weights[rows].sum(axis=0)
+            sums[:, batch] += weights[rows].T @ values[chunk][rows]
+    if ridge_lambda is None:
+        share = np.bincount(codes, minlength=n_batches) / max(len(codes), 1)
+        penalty = reference.ridge_alpha * np.outer(counts.sum(axis=1), share)  # (K, B)
+    else:
+        penalty = np.full((n_clusters, n_batches), float(ridge_lambda))
+    # per cluster, the (1 + B) x (1 + B) system: intercept row/column first
+    offsets = np.empty((n_clusters, n_batches, n_features))
+    for k in range(n_clusters):
+        system = np.zeros((1 + n_batches, 1 + n_batches))
+        system[0, 0] = counts[k].sum() + reference.cluster_sizes[k]
+        system[0, 1:] = system[1:, 0] = counts[k]
+        system[1:, 1:] = np.diag(counts[k] + penalty[k])
+        target = np.concatenate(
+            [(sums[k].sum(axis=0) + reference.cluster_sums[k])[None], sums[k]]
+        )  # (1 + B, D)
+        offsets[k] = np.linalg.solve(system, target)[1:]  # the intercept is not removed
+    # pass 2: each cell moves by its batch's offsets, weighted by its clusters
+    mapped = values.copy()
+    for start in range(0, len(values), MAP_CHUNK):
+        chunk = slice(start, start + MAP_CHUNK)
+        weights = soft_assignments(reference, values[chunk])  # (n, K)
+        block = mapped[chunk]  # a view: changed in place
+        for batch in np.unique(codes[chunk]):
+            rows = codes[chunk] == batch
+            block[rows] -= weights[rows] @ offsets[:, batch]  # (n_b, K) @ (K, D)
+    return mapped
 
 
 def combat(values: np.ndarray, batches: np.ndarray) -> np.ndarray:
@@ -142,6 +421,63 @@ def _read(path: Path) -> Any:
         ) from None
 
 
+def profile_space(recorded: dict[str, Any], *, key: str) -> dict[str, str]:
+    """Which space a file's profiles are in, from what scbd-cells recorded in it.
+
+    Two files' profiles can be mixed (a reference and the cells mapped onto it) only if
+    they are in one space: a baseline's PCA with the same standardisation and loadings
+    (its ``space_id``: ``scbd-cells baseline --reference`` keeps the reference's), or SCBD
+    embeddings from the same checkpoint. Empty where the file does not say (a lab's own
+    profiles): nothing can then be checked.
+    """
+    kind = str(recorded.get("kind", ""))
+    if kind.startswith("correct:"):  # a corrected file: the space of what was corrected
+        kind = str(recorded.get("source_kind", ""))
+    if kind == "baseline" and recorded.get("space_id"):
+        space = "features" if key == schema.OBSM_FEATURES else "pca"
+        return {"kind": kind, "space_id": str(recorded["space_id"]), "key": space}
+    if kind == "scbd" and recorded.get("checkpoint"):
+        return {
+            "kind": kind,
+            "checkpoint": str(recorded["checkpoint"]),
+            "step": str(recorded.get("step", "")),
+            "representation": str(recorded.get("representation", "")),
+            "key": key,
+        }
+    return {}
+
+
+def read_harmony_reference(path: str | Path) -> HarmonyReference:
+    """The Harmony reference recorded in a file that ``correct --method harmony`` wrote."""
+    source = Path(path)
+    recorded = read_recorded(source, what="The Harmony reference")
+    if UNS_HARMONY_REFERENCE not in recorded:
+        found = str(recorded.get("kind", "")) or "no scbd-cells record"
+        raise DataError(
+            f"{source} holds no Harmony reference (it is {found}). Pass as --reference the "
+            "output of `scbd-cells correct --method harmony` on the reference plates (files "
+            "corrected before scbd-cells 0.1.0's Harmony references must be corrected again)."
+        )
+    return HarmonyReference.from_uns(recorded[UNS_HARMONY_REFERENCE], source=source)
+
+
+def _check_space(reference: HarmonyReference, space: dict[str, str], *, source: Path) -> None:
+    if not reference.space or not space or reference.space == space:
+        return
+    hint = (
+        "Measure the new plate in the reference's space: `scbd-cells baseline NEW.zarr "
+        "--reference REFERENCE_BASELINE.h5ad` (the reference's channel ranges, "
+        "standardisation and PCA)"
+        if space.get("kind") == "baseline"
+        else "Embed the new plate with the run the reference plates were embedded with"
+    )
+    raise DataError(
+        f"{source} is not in the space the Harmony reference was fitted in (reference: "
+        f"{reference.space}; these profiles: {space}), so the reference's clusters and "
+        f"offsets mean nothing for them. {hint}, then map that file."
+    )
+
+
 @locks_output("out")
 def correct(
     profiles_path: str | Path,
@@ -152,6 +488,7 @@ def correct(
     key: str = "X",
     control: str | None = None,
     perturbation_key: str = schema.PERTURBATION,
+    reference: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> CorrectResult:
@@ -166,7 +503,8 @@ def correct(
         ``harmony``, ``sphering``, ``combat`` or ``center-scale``.
     out
         AnnData to write (``.h5ad`` or ``.zarr``): ``X`` = the corrected values (float32),
-        ``obs`` = the input's, ``uns["scbd"]`` = the input's record plus the correction.
+        ``obs`` = the input's, ``uns["scbd"]`` = the input's record plus the correction
+        (for ``harmony``, also the fit as a reference: ``uns["scbd"]["harmony_reference"]``).
     batch_key
         obs column of the batch (well) corrected for (not used by sphering).
     key
@@ -176,6 +514,12 @@ def correct(
         ``nontargeting``).
     perturbation_key
         obs column holding the control label.
+    reference
+        Harmony only: an earlier ``correct --method harmony`` output (the reference
+        plates). Instead of refitting, this file's cells are mapped onto that fit
+        (:func:`harmony_map`, Symphony's mapping) and the reference's profiles stay as
+        they are. The output carries the same reference, so any file of the series can
+        serve as the next one's.
     seed
         Seeds Harmony.
     overwrite
@@ -190,9 +534,16 @@ def correct(
 
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}; found {method!r}.")
+    if reference is not None and method != "harmony":
+        raise InputError(
+            f"--reference maps new cells onto an earlier Harmony fit; it does not apply to "
+            f"--method {method}. Use --method harmony, or leave out --reference."
+        )
     source = Path(profiles_path)
     out_path = Path(out)
-    check_output_path(out_path, overwrite=overwrite, inputs=[source])
+    reference_path = Path(reference) if reference is not None else None
+    inputs = [source] if reference_path is None else [source, reference_path]
+    check_output_path(out_path, overwrite=overwrite, inputs=inputs)
     adata = _read(source)
     if key == "X":
         values = adata.X
@@ -210,6 +561,7 @@ def correct(
             "Drop or impute those cells or features first."
         )
     recorded = dict(adata.uns.get(schema.UNS_SCBD, {}))
+    space = profile_space(recorded, key=key)
     n_batches = 0
     if method == "sphering":
         label = control or str(recorded.get("control") or schema.CONTROL_LABEL)
@@ -229,12 +581,20 @@ def correct(
             )
         batches = adata.obs[batch_key].astype(str).to_numpy()
         n_batches = len(np.unique(batches))
-        if n_batches < 2:
+        if n_batches < 2 and reference_path is None:  # one new well can be mapped
             raise DataError(
                 f"The batch column {batch_key!r} holds one batch only; nothing to correct."
             )
-        if method == "harmony":
-            corrected = harmony(values, batches, seed=seed)
+        if reference_path is not None:
+            fitted = read_harmony_reference(reference_path)
+            _check_space(fitted, space, source=source)
+            corrected = harmony_map(fitted, values, batches=batches)
+            recorded[UNS_HARMONY_REFERENCE] = fitted.to_uns()
+            recorded["harmony_reference_path"] = str(reference_path.resolve())
+        elif method == "harmony":
+            fit = harmony_fit(values, batches, seed=seed, space=space)
+            corrected = fit.corrected
+            recorded[UNS_HARMONY_REFERENCE] = fit.reference.to_uns()
         elif method == "combat":
             corrected = combat(values, batches)
         else:
@@ -248,11 +608,15 @@ def correct(
         result.var_names = adata.var_names
     elif names is not None and len(names) == corrected.shape[1]:  # a baseline's X_features
         result.var_names = [str(n) for n in names]
+    source_kind = str(recorded.get("kind", ""))
     recorded.update(
         {
             "kind": f"correct:{method}",
             "method": method,
             "source": str(source.resolve()),
+            "source_kind": str(recorded.get("source_kind", ""))
+            if source_kind.startswith("correct:")
+            else source_kind,
             "source_key": key,
             "batch_key": batch_key,
             "seed": seed,
@@ -261,7 +625,10 @@ def correct(
     )
     result.uns[schema.UNS_SCBD] = recorded
     write_anndata(result, out_path, overwrite=overwrite)
-    log.info("Corrected %s (%s) with %s -> %s", source, key, method, out_path)
+    log.info(
+        "Corrected %s (%s) with %s%s -> %s", source, key, method,
+        f" mapped onto {reference_path}" if reference_path is not None else "", out_path,
+    )  # fmt: skip
     return CorrectResult(
         out_path=out_path,
         method=method,

@@ -25,16 +25,18 @@ scikit-image crop by crop), streamed from the store.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells.data import schema
-from scbd_cells.errors import InputError
-from scbd_cells.outputs import check_free_space, locks_output
+from scbd_cells.errors import DataError, InputError
+from scbd_cells.outputs import check_free_space, locks_output, read_recorded
 from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -324,6 +326,7 @@ def baseline(
     batch_size: int = 4096,
     normalize: str = "store",
     features: str = "handcrafted",
+    reference: str | Path | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> BaselineResult:
@@ -353,6 +356,13 @@ def baseline(
         measurements of nucleus and cell with cp-measure, :mod:`scbd_cells.cellprofiler`;
         a measurement undefined for a cell, e.g. texture of a tiny nucleus, is set to the
         feature's mean before standardising).
+    reference
+        An earlier baseline (e.g. of the training plates) to measure this store *in its
+        space*, for profiles that can be put beside the reference's and mapped onto a
+        correction fitted on it (``correct --reference``): the reference's channel ranges
+        (segmentation and texture), its feature means and standard deviations (with
+        ``normalize="store"``), its PCA loadings and its nucleus channel, none refitted.
+        ``features`` and ``normalize`` must be the reference's.
     seed
         Seeds the PCA solver.
     overwrite
@@ -381,13 +391,30 @@ def baseline(
             f"--features must be one of {', '.join(FEATURE_SETS)}; found {features!r}."
         )
     out_path = Path(out)
-    check_output_path(out_path, overwrite=overwrite, inputs=[store_path])
+    reference_path = Path(reference) if reference is not None else None
+    inputs = [store_path] if reference_path is None else [store_path, reference_path]
+    check_output_path(out_path, overwrite=overwrite, inputs=inputs)
     store = open_store(store_path)
+    fitted = None
+    if reference_path is not None:
+        fitted = _reference_space(
+            reference_path, channel_names=store.channel_names, features=features,
+            normalize=normalize, nucleus_channel=nucleus_channel,
+        )  # fmt: skip
+        nucleus_channel = fitted.nucleus_channel
+        if n_components != len(fitted.pca_components):
+            log.info(
+                "Baseline: the reference's PCA has %d components; --n-components %d is not used",
+                len(fitted.pca_components), n_components,
+            )  # fmt: skip
     nucleus_at = _nucleus_channel(store.channel_names, nucleus_channel)
-    stats = store.channel_stats
-    low = np.array(stats["p01"], dtype=np.float32)
-    high = np.array(stats["p99"], dtype=np.float32)
-    high = np.where(high > low, high, low + 1)
+    if fitted is not None:
+        low, high = fitted.channel_low, fitted.channel_high
+    else:
+        stats = store.channel_stats
+        low = np.array(stats["p01"], dtype=np.float32)
+        high = np.array(stats["p99"], dtype=np.float32)
+        high = np.where(high > low, high, low + 1)
     feature_set = features
     names = feature_names(store.channel_names) if feature_set == "handcrafted" else None
     features = None
@@ -410,19 +437,39 @@ def baseline(
             bar.advance(task, len(indices))
     if feature_set == "cellprofiler":
         _fill_undefined(features)
+    feature_mean = feature_std = None
     if normalize == "batch":
         codes, _ = store.codes(schema.BATCH)
         for code in np.unique(codes):
             rows = np.flatnonzero(codes == code)
             features[rows] = _standardised(features[rows])
+    elif fitted is not None:
+        feature_mean, feature_std = fitted.feature_mean, fitted.feature_std
+        features -= feature_mean
+        features /= feature_std
     else:
+        feature_mean = features.mean(axis=0, dtype=np.float64).astype(np.float32)
+        spread = features.std(axis=0, dtype=np.float64)
+        feature_std = np.where(spread > 0, spread, 1.0).astype(np.float32)
         features = _standardised(features)
-    components = min(n_components, features.shape[1], store.n_cells)
-    # copy=False: the covariance_eigh solver reads the features without changing them, so
-    # no second N x F matrix; the projection is float32 already (no copy either).
-    pca = PCA(n_components=components, svd_solver="covariance_eigh", random_state=seed, copy=False)
-    reduced = pca.fit_transform(features).astype(np.float32, copy=False)
-    explained = float(pca.explained_variance_ratio_.sum())
+    if fitted is not None:  # the reference's loadings, as sklearn's PCA.transform
+        pca_mean, pca_components = fitted.pca_mean, fitted.pca_components
+        components = len(pca_components)
+        reduced = ((features - pca_mean) @ pca_components.T).astype(np.float32)
+        variance = reduced.var(axis=0, dtype=np.float64, ddof=1)
+        variance_ratio = variance / max(float(features.var(axis=0, ddof=1).sum()), 1e-12)
+    else:
+        components = min(n_components, features.shape[1], store.n_cells)
+        # copy=False: the covariance_eigh solver reads the features without changing them,
+        # so no second N x F matrix; the projection is float32 already (no copy either).
+        pca = PCA(
+            n_components=components, svd_solver="covariance_eigh", random_state=seed, copy=False
+        )
+        reduced = pca.fit_transform(features).astype(np.float32, copy=False)
+        pca_mean = pca.mean_.astype(np.float32)
+        pca_components = pca.components_.astype(np.float32)
+        variance, variance_ratio = pca.explained_variance_, pca.explained_variance_ratio_
+    explained = float(np.sum(variance_ratio))
 
     adata = ad.AnnData(
         X=reduced, obs=obs, var=pd.DataFrame(index=[f"PC{i + 1}" for i in range(components)])
@@ -430,10 +477,20 @@ def baseline(
     adata.obsm[schema.OBSM_FEATURES] = features
     adata.obsm[schema.OBSM_PCA] = reduced  # where scanpy looks for a PCA
     adata.uns["pca"] = {  # as scanpy.pp.pca writes it
-        "variance": pca.explained_variance_.astype(np.float32),
-        "variance_ratio": pca.explained_variance_ratio_.astype(np.float32),
+        "variance": np.asarray(variance, dtype=np.float32),
+        "variance_ratio": np.asarray(variance_ratio, dtype=np.float32),
         "params": {"zero_center": True, "use_highly_variable": False},
     }
+    # what puts another store's cells into this baseline's space (baseline --reference)
+    space = {
+        "channel_names": list(store.channel_names),
+        "channel_low": np.asarray(low, dtype=np.float32),
+        "channel_high": np.asarray(high, dtype=np.float32),
+        "pca_mean": pca_mean,
+        "pca_components": pca_components,
+    }
+    if feature_mean is not None:
+        space.update(feature_mean=feature_mean, feature_std=feature_std)
     adata.uns[schema.UNS_SCBD] = {
         "kind": "baseline",
         "store": str(Path(store_path).resolve()),
@@ -453,6 +510,9 @@ def baseline(
         "explained_variance": explained,
         "seed": seed,
         "version": _version(),
+        **space,
+        "space_id": space_id(feature_set, normalize, space),
+        "reference": str(reference_path.resolve()) if reference_path is not None else "",
     }
     write_anndata(adata, out_path, overwrite=overwrite)
     log.info(
@@ -473,6 +533,90 @@ def baseline(
 
 
 FEATURE_SETS = ("handcrafted", "cellprofiler")
+
+
+def space_id(feature_set: str, normalize: str, space: dict[str, Any]) -> str:
+    """A fingerprint of what places cells in a baseline's space (16 hex digits).
+
+    Two baselines share it when they measure with the same channel ranges, standardise
+    with the same statistics (or each within its wells) and project with the same loadings:
+    a baseline and those made with ``reference=`` it. ``correct --reference`` compares it.
+    """
+    digest = hashlib.sha256(f"{feature_set}|{normalize}|".encode())
+    for name in sorted(space):
+        value = space[name]
+        digest.update(name.encode())
+        if isinstance(value, np.ndarray):
+            digest.update(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ReferenceSpace:
+    """What :func:`baseline` reuses from a reference baseline (``reference=``)."""
+
+    nucleus_channel: str
+    channel_low: np.ndarray
+    channel_high: np.ndarray
+    feature_mean: np.ndarray | None
+    feature_std: np.ndarray | None
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+
+
+def _reference_space(
+    path: Path,
+    *,
+    channel_names: list[str],
+    features: str,
+    normalize: str,
+    nucleus_channel: str | None,
+) -> ReferenceSpace:
+    """The reference baseline's transforms, checked against this store and these options."""
+    recorded = read_recorded(path, what="The reference baseline")
+    if recorded.get("kind") != "baseline" or "pca_components" not in recorded:
+        raise DataError(
+            f"{path} is not a baseline that records its space (found kind "
+            f"{recorded.get('kind') or 'none'!r}). Pass as --reference the output of "
+            "`scbd-cells baseline` on the reference plates (made with this version: older "
+            "baselines do not record their loadings; run it again)."
+        )
+    for option, value in (("features", features), ("normalize", normalize)):
+        if str(recorded.get(option)) != value:
+            raise InputError(
+                f"The reference baseline {path} was made with --{option} "
+                f"{recorded.get(option)}; this one asks for --{option} {value}. Profiles "
+                f"are comparable only when measured alike: pass --{option} "
+                f"{recorded.get(option)}."
+            )
+    recorded_channels = [str(c) for c in np.asarray(recorded.get("channel_names", [])).ravel()]
+    if recorded_channels != list(channel_names):
+        raise DataError(
+            f"The reference baseline {path} measured channels {recorded_channels}; this store "
+            f"has {list(channel_names)}. Ingest the new plate with the same --channel-names, "
+            "in the same order."
+        )
+    recorded_nucleus = str(recorded.get("nucleus_channel", ""))
+    if nucleus_channel is not None and nucleus_channel != recorded_nucleus:
+        raise InputError(
+            f"The reference baseline {path} segmented nuclei on {recorded_nucleus!r}; this one "
+            f"asks for {nucleus_channel!r}. Leave out --nucleus-channel to use the reference's."
+        )
+
+    def array(name: str) -> np.ndarray | None:
+        return None if name not in recorded else np.asarray(recorded[name], dtype=np.float32)
+
+    return ReferenceSpace(
+        nucleus_channel=recorded_nucleus,
+        channel_low=array("channel_low"),
+        channel_high=array("channel_high"),
+        feature_mean=array("feature_mean"),
+        feature_std=array("feature_std"),
+        pca_mean=array("pca_mean"),
+        pca_components=array("pca_components"),
+    )
 
 
 def _measure(

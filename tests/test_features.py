@@ -13,7 +13,7 @@ from skimage.feature import graycomatrix, graycoprops
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops
 
-from scbd_cells.errors import InputError
+from scbd_cells.errors import DataError, InputError
 from scbd_cells.features import (
     baseline,
     cell_features,
@@ -83,14 +83,21 @@ def test_cell_features_shape_and_finite() -> None:
     assert np.isfinite(values).all()
 
 
-def _store(tmp_path: Path) -> Path:
+def _store(
+    tmp_path: Path,
+    *,
+    name: str = "s.zarr",
+    seed: int = 0,
+    gain: dict[str, float] | None = None,
+    channel_names: tuple[str, ...] = ("actin", "dna", "tubulin"),
+) -> Path:
     from scbd_cells.data.store import create_store
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     n = 240
-    wells = np.repeat(["A01", "A02", "B01"], n // 3)
-    gain = {"A01": 1.0, "A02": 1.6, "B01": 0.7}
-    blobs = np.stack([_blobs(n, seed=s) for s in range(3)], axis=1)
+    gain = gain or {"A01": 1.0, "A02": 1.6, "B01": 0.7}
+    wells = np.repeat(list(gain), n // 3)
+    blobs = np.stack([_blobs(n, seed=s + 3 * seed) for s in range(3)], axis=1)
     images = np.clip(blobs * np.array([gain[w] for w in wells])[:, None, None, None], 0, 60000)
     genes = rng.choice(["g1", "g2", "g3", "nontargeting"], size=n)
     obs = pd.DataFrame(
@@ -102,12 +109,12 @@ def _store(tmp_path: Path) -> Path:
             "well": wells,
         }
     )
-    path = tmp_path / "s.zarr"
+    path = tmp_path / name
     create_store(
         path,
         images=images.astype(np.uint16),
         obs=obs,
-        channel_names=["actin", "dna", "tubulin"],
+        channel_names=list(channel_names),
         perturbation_column="gene",
         guide_column="guide",
         control="nontargeting",
@@ -219,3 +226,75 @@ def test_handcrafted_names_are_cellprofiler_style() -> None:
     assert len(names) == len(set(names)) == 14 + 2 * 16
     prefixes = ("Nuclei_", "Cells_", "Cytoplasm_")
     assert all(name.startswith(prefixes) for name in names)  # pycytominer's compartments
+
+
+def test_baseline_reference_measures_a_new_store_in_its_space(tmp_path: Path) -> None:
+    """``reference=``: a new plate measured with the reference's channel ranges, standardised
+    with its feature means and deviations and projected with its PCA loadings, checked
+    against the measurements redone by hand and sklearn's PCA refitted on the reference."""
+    from sklearn.decomposition import PCA
+
+    from scbd_cells.data.store import open_store
+
+    old_store = _store(tmp_path)
+    new_store = _store(tmp_path, name="new.zarr", seed=1, gain={"C01": 2.2, "C02": 1.9, "D01": 2.5})
+    made = baseline(old_store, out=tmp_path / "old.h5ad", n_components=8)
+    reference = ad.read_h5ad(made.out_path)
+    again = ad.read_h5ad(
+        baseline(old_store, out=tmp_path / "again.h5ad", reference=tmp_path / "old.h5ad").out_path
+    )
+    np.testing.assert_array_equal(again.obsm["X_features"], reference.obsm["X_features"])
+    np.testing.assert_allclose(again.X, reference.X, atol=1e-4)
+    assert again.uns["scbd"]["space_id"] == reference.uns["scbd"]["space_id"]
+
+    new = ad.read_h5ad(
+        baseline(new_store, out=tmp_path / "new.h5ad", reference=tmp_path / "old.h5ad").out_path
+    )
+    assert new.uns["scbd"]["space_id"] == reference.uns["scbd"]["space_id"]
+    assert new.uns["scbd"]["reference"] == str((tmp_path / "old.h5ad").resolve())
+    # by hand: the old store's ranges (p01/p99) and raw-feature statistics, applied to the new
+    stats = open_store(old_store).channel_stats
+    low = np.array(stats["p01"], np.float32)
+    high = np.array(stats["p99"], np.float32)
+    high = np.where(high > low, high, low + 1)
+
+    def raw(store_path: Path) -> np.ndarray:
+        images = np.asarray(open_store(store_path).images[:], dtype=np.float32)
+        return cell_features(images, nucleus_channel=1, channel_low=low, channel_high=high)
+
+    old_raw = raw(old_store).astype(np.float64)
+    mean, std = old_raw.mean(axis=0), old_raw.std(axis=0)
+    expected = (raw(new_store) - mean) / np.where(std > 0, std, 1.0)
+    np.testing.assert_allclose(new.obsm["X_features"], expected, atol=1e-4)
+    pca = PCA(n_components=8, svd_solver="covariance_eigh", random_state=0)
+    pca.fit(np.asarray(reference.obsm["X_features"]))
+    np.testing.assert_allclose(new.X, pca.transform(np.asarray(new.obsm["X_features"])), atol=1e-4)
+    # the new plate's own baseline is another space (its own ranges, statistics and PCA)
+    own = ad.read_h5ad(baseline(new_store, out=tmp_path / "own.h5ad", n_components=8).out_path)
+    assert own.uns["scbd"]["space_id"] != reference.uns["scbd"]["space_id"]
+    assert np.abs(own.X - new.X).max() > 0.1
+
+
+def test_baseline_reference_must_match(tmp_path: Path) -> None:
+    old_store = _store(tmp_path)
+    baseline(old_store, out=tmp_path / "old.h5ad", n_components=8)
+    with pytest.raises(InputError, match="--normalize store"):
+        baseline(old_store, out=tmp_path / "x.h5ad", normalize="batch",
+                 reference=tmp_path / "old.h5ad")  # fmt: skip
+    other = _store(tmp_path, name="other.zarr", channel_names=("actin", "dna", "mito"))
+    with pytest.raises(DataError, match="same --channel-names"):
+        baseline(other, out=tmp_path / "x.h5ad", reference=tmp_path / "old.h5ad")
+    ad.AnnData(X=np.zeros((3, 2), np.float32)).write_h5ad(tmp_path / "plain.h5ad")
+    with pytest.raises(DataError, match="not a baseline that records its space"):
+        baseline(old_store, out=tmp_path / "x.h5ad", reference=tmp_path / "plain.h5ad")
+    with pytest.raises(InputError, match="does not exist"):
+        baseline(old_store, out=tmp_path / "x.h5ad", reference=tmp_path / "nope.h5ad")
+    assert not (tmp_path / "x.h5ad").exists()
+    per_well = baseline(old_store, out=tmp_path / "well.h5ad", normalize="batch", n_components=8)
+    new_store = _store(tmp_path, name="new.zarr", seed=1)
+    mapped = baseline(new_store, out=tmp_path / "new_well.h5ad", normalize="batch",
+                      reference=per_well.out_path)  # fmt: skip
+    assert (
+        ad.read_h5ad(mapped.out_path).uns["scbd"]["space_id"]
+        == ad.read_h5ad(per_well.out_path).uns["scbd"]["space_id"]
+    )

@@ -126,3 +126,29 @@ def test_new_plate_workflow(tmp_path: Path) -> None:
     again = embeddings / "again.h5ad"
     _run(["embed", str(run_dir), str(train_store), "--out", str(again)])
     np.testing.assert_array_equal(ad.read_h5ad(again).X, before)
+
+    # The conventional comparator, without refitting: the baseline of the new plate in the
+    # training baseline's space, mapped onto Harmony fitted on the training plates.
+    base_train, base_new = tmp_path / "baseline_train.h5ad", tmp_path / "baseline_new.h5ad"
+    harmony_train, harmony_new = tmp_path / "harmony_train.h5ad", tmp_path / "harmony_new.h5ad"
+    _run(["baseline", str(train_store), "--out", str(base_train)])
+    _run(["correct", str(base_train), "--method", "harmony", "--out", str(harmony_train)])
+    fitted = ad.read_h5ad(harmony_train).X.copy()
+    _run(["baseline", str(new_store), "--reference", str(base_train), "--out", str(base_new)])
+    _run(
+        [
+            "correct", str(base_new), "--method", "harmony", "--reference", str(harmony_train),
+            "--out", str(harmony_new),
+        ]
+    )  # fmt: skip
+    mapped = ad.read_h5ad(harmony_new)
+    assert mapped.n_obs == metrics["new_plate"]["n_cells"] and np.isfinite(mapped.X).all()
+    np.testing.assert_array_equal(ad.read_h5ad(harmony_train).X, fitted)
+    # a baseline fitted on the new plate alone is another space: refused, not mapped
+    own = tmp_path / "baseline_own.h5ad"
+    _run(["baseline", str(new_store), "--out", str(own)])
+    refused = CliRunner().invoke(
+        app, ["correct", str(own), "--method", "harmony", "--reference", str(harmony_train),
+              "--out", str(tmp_path / "refused.h5ad")],
+    )  # fmt: skip
+    assert refused.exit_code == 1 and "baseline NEW.zarr --reference" in str(refused.exception)
