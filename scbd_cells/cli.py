@@ -515,11 +515,12 @@ def train(
         float | None, typer.Option(help="Decoder learning rate; default: --lr.")
     ] = None,
     normalize: Annotated[
-        Literal["batch", "store"] | None,
+        Literal["batch", "store", "arcsinh"] | None,
         typer.Option(
             help="batch: standardise each channel with the statistics of the cell's own well "
             "(removes brightness and background offsets per well); store: with the whole "
-            "store's." + _train_default("normalize")
+            "store's; arcsinh: the official SCBD code's (arcsinh(x) - 7) / 7 for every cell "
+            "(docs/training.md)." + _train_default("normalize")
         ),
     ] = None,
     augment: Annotated[

@@ -54,7 +54,7 @@ from scbd_cells.model.losses import (
     invariance_shuffled,
     scbd_loss,
 )
-from scbd_cells.model.preprocess import Preprocessor, preprocessor_for, random_dihedral
+from scbd_cells.model.preprocess import ImagePreprocessor, preprocessor_for, random_dihedral
 from scbd_cells.model.scbd import SCBDModel, parameter_groups
 from scbd_cells.outputs import (
     check_not_input,
@@ -251,7 +251,11 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     batch_stats = _batch_stats(store, config)
     preprocessor = preprocessor_for(
-        store, channel_stats=store.channel_stats, image_size=image_size, batch_stats=batch_stats
+        store,
+        channel_stats=store.channel_stats,
+        image_size=image_size,
+        batch_stats=batch_stats,
+        normalize=config.normalize,
     )
     optimizer = torch.optim.AdamW(
         parameter_groups(model, decoder_lr=config.decoder_lr),
@@ -321,8 +325,10 @@ def train(
                 schema.PERTURBATION: list(perturbation_names),
                 schema.BATCH: list(batch_names),
             },
+            "normalize": config.normalize,
             "channel_stats": {k: list(v) for k, v in store.channel_stats.items()},
             "batch_channel_stats": None if batch_stats is None else batch_stats.to_dict(),
+            "val_batch_size": val_set.batch_size,
             "sampler": loader.state_dict(),
             "option_history": option_history,
         }
@@ -568,7 +574,7 @@ def _fit_classes_per_batch(config: TrainConfig, train_perturbations: np.ndarray)
 
 
 def _batch_stats(store: Any, config: TrainConfig) -> BatchChannelStats | None:
-    """Per-well channel statistics for ``normalize="batch"`` (None for ``"store"``)."""
+    """Per-well channel statistics for ``normalize="batch"`` (None for the others)."""
     if config.normalize != "batch":
         return None
     stats = batch_channel_stats(store)
@@ -747,7 +753,7 @@ class _ValidationSet:
     def evaluate(
         self,
         model: SCBDModel,
-        preprocessor: Preprocessor,
+        preprocessor: ImagePreprocessor,
         config: TrainConfig,
         autocast: Any,
         device: torch.device,
