@@ -800,6 +800,12 @@ class _ValidationSet:
 # --- monitoring, signals, metrics ---------------------------------------------------------------
 
 
+# Below log B by less than this fraction of log B counts as "at the collapsed level":
+# 0.005 for B = 128 (an alpha = 10 demo run sat 0.001 above it, alpha = 3 reached 0.007
+# below it by a third of its steps; docs/training.md). The alpha sweep's rule uses it too.
+COLLAPSE_MARGIN = 0.001
+
+
 class _StallMonitor:
     """Warns once when z_c stops learning the perturbation (alpha too large, or no signal).
 
@@ -813,10 +819,7 @@ class _StallMonitor:
       The val batches are fixed, so this reads without the train batches' noise.
     """
 
-    # Below log B by less than this fraction of log B counts as "at the collapsed level":
-    # 0.005 for B = 128 (an alpha = 10 demo run sat 0.001 above it, alpha = 3 reached 0.007
-    # below it by a third of its steps; docs/training.md).
-    collapse_margin = 0.001
+    collapse_margin = COLLAPSE_MARGIN
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
