@@ -471,11 +471,20 @@ def _with_overall(alphas: pd.DataFrame, references: pd.DataFrame) -> tuple[pd.Da
     """
     from scbd_cells.evaluation.overall import overall_scores
 
-    both = pd.concat([alphas, references], ignore_index=True)
+    if references.empty:
+        both = alphas.copy()
+    else:
+        both = pd.concat([alphas, references], ignore_index=True)
     scores = overall_scores(both)
     both[scores.columns] = scores
-    alpha_rows = both.iloc[: len(alphas)].reset_index(drop=True)[list(alphas.columns)]
-    reference_rows = both.iloc[len(alphas) :].reset_index(drop=True)[list(references.columns)]
+
+    def columns(table: pd.DataFrame) -> list[str]:
+        return [*table.columns, *(c for c in scores.columns if c not in table.columns)]
+
+    alpha_rows = both.iloc[: len(alphas)].reset_index(drop=True)[columns(alphas)]
+    if references.empty:
+        return alpha_rows, references
+    reference_rows = both.iloc[len(alphas) :].reset_index(drop=True)[columns(references)]
     return alpha_rows, reference_rows
 
 
@@ -716,8 +725,9 @@ def sweep(
                 "alpha": value,
                 **_val_row(run_dir),
                 **_metric_row(metrics),
+                "embedding": name,
                 "run_dir": str(run_dir),
-                "embedding": str(cells_path),
+                "embedding_path": str(cells_path),
             }
         )
     reference_rows = []
@@ -728,7 +738,9 @@ def sweep(
             path, out_dir / "reports" / folder, label=stem, corum=corum, control=control,
             seed=seed,
         )  # fmt: skip
-        reference_rows.append({"embedding": stem, **_metric_row(metrics), "path": str(path)})
+        reference_rows.append(
+            {"embedding": stem, **_metric_row(metrics), "embedding_path": str(path)}
+        )
 
     table, reference_table = _with_overall(pd.DataFrame(rows), pd.DataFrame(reference_rows))
     recommendation = recommend_alpha(table, margin=margin)

@@ -67,6 +67,28 @@ def test_rule_refuses_to_choose_when_nothing_was_learned() -> None:
         recommend_alpha(_table(DEMO), margin=1.0)
 
 
+def test_overall_scores_span_the_alphas_and_the_references() -> None:
+    """The field's overall score is relative to a table: the sweep's is alphas + references."""
+    from scbd_cells.evaluation.overall import BATCH_METRICS, BIO_METRICS, overall_scores
+    from scbd_cells.sweeping import _with_overall
+
+    rng = np.random.default_rng(0)
+    metrics = [*BATCH_METRICS, *BIO_METRICS]
+    alphas = pd.DataFrame(rng.uniform(size=(3, len(metrics))), columns=metrics)
+    alphas.insert(0, "alpha", [0.0, 1.0, 3.0])
+    references = pd.DataFrame(rng.uniform(size=(2, len(metrics))), columns=metrics)
+    references.insert(0, "embedding", ["baseline", "harmony"])
+    with_alphas, with_references = _with_overall(alphas, references)
+    expected = overall_scores(pd.concat([alphas, references], ignore_index=True))
+    np.testing.assert_allclose(with_alphas["overall"], expected["overall"][:3])
+    np.testing.assert_allclose(with_references["overall"], expected["overall"][3:])
+    assert list(with_references.columns) == [*references.columns, "batch_score", "bio_score",
+                                             "overall"]  # fmt: skip
+    alone, none = _with_overall(alphas, pd.DataFrame())
+    np.testing.assert_allclose(alone["overall"], overall_scores(alphas)["overall"])
+    assert none.empty
+
+
 def test_alphas_are_checked_and_zero_is_added(tmp_path: Path) -> None:
     from scbd_cells.sweeping import _alphas
 
