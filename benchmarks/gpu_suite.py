@@ -311,7 +311,14 @@ def stage_stores(suite: Suite) -> dict[str, Any]:
         )  # fmt: skip
     figures["screen"] = {"path": str(store), "complexes": str(screen / "complexes.txt"),
                          "seconds": time.time() - started}  # fmt: skip
-    info = json.loads(suite.cli("info", store, "--json", what="info"))
+    summary_path = work / "screen_summary.json"
+    suite.python(
+        "-c",
+        "import json, sys; from scbd_cells import open_store; "
+        "json.dump(open_store(sys.argv[1]).summary(), open(sys.argv[2], 'w'), default=str)",
+        store, summary_path, what="store summary",
+    )  # fmt: skip
+    info = json.loads(summary_path.read_text())
     figures["screen"].update(cells=info["n_cells"], perturbations=info["n_perturbations"],
                              batches=info["n_batches"])  # fmt: skip
     suite.stores = figures
