@@ -1089,13 +1089,20 @@ def sweep(
 
     Every train option below applies to each alpha's run (docs/training.md, Choosing alpha).
     """
+    from scbd_cells.errors import InputError
     from scbd_cells.sweeping import sweep as run_sweep
 
+    try:
+        alphas = [float(part) for part in _split_csv(alpha) or []]
+    except ValueError as error:
+        raise InputError(
+            f"--alpha must be numbers separated by commas, e.g. 0,0.3,1,3,10 ({error})."
+        ) from None
     result = run_sweep(
         store_path,
         out=out,
         corum=corum,
-        alpha=_split_csv(alpha) or [],
+        alpha=alphas,
         reference=reference or [],
         margin=margin,
         control=control,

@@ -157,13 +157,18 @@ def test_the_cli_options_reach_the_library(monkeypatch: pytest.MonkeyPatch, tmp_
     ]  # fmt: skip
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 130, result.output  # the stand-in reports an interruption
-    assert [float(a) for a in seen["alpha"]] == [0.0, 0.3, 8.0]
+    assert seen["alpha"] == [0.0, 0.3, 8.0]
     assert [str(p) for p in seen["reference"]] == ["a.h5ad", "b.h5ad"]
     assert seen["margin"] == 0.25 and str(seen["config_path"]) == "o.yaml"
     options = {k: v for k, v in seen.items() if v is not None}
     assert options["steps"] == 7 and options["encoder"] == "tiny"
     assert options["normalize"] == "arcsinh" and options["stratify"] is False
     assert options["classes_per_batch"] == 5 and options["seed"] == 3
+    bad = CliRunner().invoke(app, ["sweep", "s.zarr", "--out", "o", "--corum", "c", "--alpha",
+                                   "0,one"])  # fmt: skip
+    assert isinstance(bad.exception, InputError) and "--alpha must be numbers" in str(
+        bad.exception
+    )  # the entry point turns it into exit code 2
 
 
 def test_sweep_takes_every_train_option() -> None:
