@@ -25,8 +25,13 @@ figures go into docs/performance.md between ``<!-- gpu-suite:start -->`` and
 ``<!-- gpu-suite:end -->`` (replaced on a rerun) and, with ``--out-dir`` (default: the
 ``OUT`` environment variable), the updated file, the section, the figures as JSON and the
 log are copied there. ``--dry-run`` runs every stage at tiny sizes (on the CPU: seconds,
-CI's check that the suite works) and writes the section into the work folder's copy of
-docs/performance.md, not the repository's.
+CI's check that the suite works; in this process unless ``--children``) and writes the
+section into the work folder's copy of docs/performance.md, not the repository's.
+
+The stage sizes were chosen to fit 8 minutes on an H200 host from the CPU figures of
+docs/performance.md and DESIGN.md's H200 rates; they have not been timed on a GPU yet. If
+the budget runs out, the stages left are reported as skipped: ``--budget-s`` gives more
+time, ``--skip STAGE`` leaves one out, and the sizes are options.
 """
 
 from __future__ import annotations
@@ -94,9 +99,9 @@ def sizes_for(args: argparse.Namespace) -> Sizes:
         )  # fmt: skip
     return Sizes(
         encoder="resnet18", classes_per_batch=256, cells_per_class=8, cells_32=args.cells_32,
-        cells_64=args.cells_64, classes=1000, image_small=32, train_steps=100,
-        compile_steps=60, ratio_steps=args.ratio_steps, ratio_warmup=10, embed_batch=8192,
-        loader_batches=10, sim_preset="large", sim_cells_per_guide=args.point_cells_per_guide,
+        cells_64=args.cells_64, classes=1000, image_small=32, train_steps=60,
+        compile_steps=40, ratio_steps=args.ratio_steps, ratio_warmup=10, embed_batch=8192,
+        loader_batches=8, sim_preset="large", sim_cells_per_guide=args.point_cells_per_guide,
         sim_control_cells_per_guide=args.point_control_cells_per_guide,
         point_steps=args.point_steps, point_val_every=max(1, args.point_steps // 4),
     )  # fmt: skip
@@ -180,7 +185,7 @@ class Suite:
         so that each stage has its own time limit and a crash stays in its stage.
         """
         arguments = tuple(str(part) for part in arguments)
-        if self.args.dry_run:
+        if self.args.dry_run and not self.args.children:
             return self.in_process(arguments, what=what)
         return self.run([sys.executable, *arguments], what=what)
 
@@ -476,6 +481,9 @@ def stage_learning_point(suite: Suite) -> dict[str, Any]:
         what="train (learning-curve point)",
     )  # fmt: skip
     figures = {"train_wall_s": time.time() - started, **_train_rates(run_dir)}
+    import yaml
+
+    figures["alpha"] = float(yaml.safe_load((run_dir / "config.yaml").read_text())["alpha"])
     cells = suite.work / "cells_point.h5ad"
     suite.cli("embed", run_dir, screen["path"], "--out", cells, "--device", suite.args.device,
               "--batch-size", sizes.embed_batch, "--workers", suite.args.workers,
@@ -628,8 +636,8 @@ def render_section(
         screen = by_name["stores"].figures["screen"]
         lines += [
             "",
-            f"Learning-curve point: `scbd-cells train` ({sizes.encoder} x2, α = the train "
-            f"default, stratified batches of {f['batch']}, {f['steps']} steps) on the "
+            f"Learning-curve point: `scbd-cells train` ({sizes.encoder} x2, α = {f['alpha']:g} "
+            f"(train's default), stratified batches of {f['batch']}, {f['steps']} steps) on the "
             f"`{sizes.sim_preset}` simulated screen, seed 0"
             + (f", {sizes.sim_cells_per_guide} cells per guide and "
                f"{sizes.sim_control_cells_per_guide} per control guide"
@@ -644,8 +652,10 @@ def render_section(
             f"--preset {sizes.sim_preset} --seed 0"
             + (f" --cells-per-guide {sizes.sim_cells_per_guide} --control-cells-per-guide "
                f"{sizes.sim_control_cells_per_guide}" if sizes.sim_cells_per_guide else "")
-            + "`, then `ingest` as above, `baseline` (with and without `--normalize batch`) and "
-            "`evaluate`.",
+            + "`, `scbd-cells ingest screen/cells.csv --out screen.zarr --perturbation-column "
+            "gene --guide-column guide --control nontargeting --channel-names "
+            "dna_damage,actin,dna,microtubules`, then `baseline` (with and without "
+            "`--normalize batch`) and `evaluate --corum screen/complexes.txt`.",
         ]  # fmt: skip
     failed = [r for r in results if r.status in ("failed", "timeout")]
     for result in failed:
@@ -671,6 +681,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
     parser.add_argument("--dry-run", action="store_true", help="every stage at tiny sizes")
+    parser.add_argument("--children", action="store_true",
+                        help="child processes in a dry run too, as on a GPU")  # fmt: skip
     parser.add_argument("--work-dir", default="/tmp/scbd-gpu-suite", help="stores, runs, logs")
     parser.add_argument("--performance-md", default=None,
                         help="file whose section is written (default docs/performance.md; a "
@@ -680,9 +692,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="whole run in seconds, set-up included")  # fmt: skip
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
-    parser.add_argument("--cells-32", type=int, default=200_000)
-    parser.add_argument("--cells-64", type=int, default=60_000)
-    parser.add_argument("--ratio-steps", type=int, default=60)
+    parser.add_argument("--cells-32", type=int, default=150_000)
+    parser.add_argument("--cells-64", type=int, default=40_000)
+    parser.add_argument("--ratio-steps", type=int, default=50)
     parser.add_argument("--point-steps", type=int, default=2000)
     parser.add_argument("--point-cells-per-guide", type=int, default=48)
     parser.add_argument("--point-control-cells-per-guide", type=int, default=60)
