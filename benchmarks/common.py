@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -210,3 +211,14 @@ def add_store_arguments(parser) -> None:
     parser.add_argument("--work-dir", default="/tmp/scbd-bench", help="where stores are built")
     parser.add_argument("--build-workers", type=int, default=2)
     parser.add_argument("--record", action="store_true", help="append to docs/performance-log.md")
+
+
+def add_json_argument(parser) -> None:
+    """``--json PATH``: also write the figures as JSON (what ``gpu_suite.py`` reads)."""
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+
+
+def write_json(path: str | None, values: dict) -> None:
+    """Write ``values`` (numbers and strings) to ``path``; nothing when ``path`` is None."""
+    if path:
+        Path(path).write_text(json.dumps(values, indent=1, default=float) + "\n")

@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from common import (
     REPO,
+    add_json_argument,
     add_store_arguments,
     benchmark_store,
     markdown_table,
     one_step_run,
     record,
+    write_json,
 )
 
 from scbd_cells.checkpoint import load_trained
@@ -90,6 +92,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="store reader threads")
     parser.add_argument("--repeats", type=int, default=5, help="model-only timed batches")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_json_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -133,6 +136,19 @@ def main() -> None:
         f"{end_to_end / model_rate:.0%} of the model-only rate."
     )
     record("Embed rate: store to AnnData", body, enabled=args.record)
+    write_json(
+        args.json,
+        {
+            "model_only_cells_per_s": model_rate,
+            "end_to_end_cells_per_s": end_to_end,
+            "seconds": timing["seconds"],
+            "n_cells": timing["n_cells"],
+            "peak_rss_gb": child_rss_gb,
+            "image_size": image_size,
+            "batch_size": args.batch_size,
+            "encoder": args.encoder,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.functional as TF
-from common import add_store_arguments, benchmark_store, markdown_table, peak_rss_gb, record
+from common import (
+    add_json_argument,
+    add_store_arguments,
+    benchmark_store,
+    markdown_table,
+    peak_rss_gb,
+    record,
+    write_json,
+)
 
 from scbd_cells.data import schema
 from scbd_cells.data.loader import BalancedLoader, SegmentReader, segment_cells_of
@@ -134,6 +142,7 @@ def main() -> None:
         "until the decoded segments fill 90%% of the budget (a one-off, like the in-memory copy)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="rounds of timed windows")
+    add_json_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -254,6 +263,30 @@ def main() -> None:
         f"Peak RSS {peak_rss_gb():.2f} GB."
     )
     record("Loader: balanced batches vs the one-row-at-a-time path", body, enabled=args.record)
+
+    def ratio(config) -> float:
+        return float(np.median([m[1] / c[1] for m, c in zip(rates[configs[0]], rates[config],
+                                                             strict=True)]))  # fmt: skip
+
+    write_json(
+        args.json,
+        {
+            "reference_cells_per_cpu_s": ref_cpu,
+            "memory_cells_per_s": median(configs[0], 0),
+            "memory_cells_per_cpu_s": median(configs[0], 1),
+            "memory_with_preprocess_cells_per_s": median(configs[1], 0),
+            "segments_half_cells_per_s": median(configs[2], 0),
+            "segments_half_cells_per_cpu_s": median(configs[2], 1),
+            "segments_half_slower": ratio(configs[2]),
+            "segments_tight_cells_per_cpu_s": median(configs[3], 1),
+            "segments_tight_slower": ratio(configs[3]),
+            "tight_budget_gb": per_class_gb,
+            "store_gb": store_gb,
+            "n_cells": store.n_cells,
+            "workers": args.workers,
+            "device": str(device),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from common import add_store_arguments, benchmark_store, markdown_table, peak_rss_gb, record
+from common import (
+    add_json_argument,
+    add_store_arguments,
+    benchmark_store,
+    markdown_table,
+    peak_rss_gb,
+    record,
+    write_json,
+)
 
 from scbd_cells import train
 from scbd_cells.data import schema
@@ -148,6 +156,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--prefetch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_json_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -172,6 +181,24 @@ def main() -> None:
         f"{store.n_cells:,} cells. Peak RSS {peak_rss_gb():.2f} GB."
     )
     record("Training step rate: real loop vs batch on the device", body, enabled=args.record)
+    store_gb = store.n_cells * store.n_channels * store.image_size[0] ** 2 * store.dtype.itemsize
+    write_json(
+        args.json,
+        {
+            "device_only_steps_per_s": only,
+            "real_steps_per_s": real,
+            "real_cells_per_s": real * batch_size,
+            "share": real / only,
+            "batch_size": batch_size,
+            "image_size": image_size,
+            "encoder": args.encoder,
+            "n_cells": store.n_cells,
+            "store_gb": store_gb / 1e9,
+            "cache_gb": args.cache_gb,
+            "compile": args.compile,
+            "peak_rss_gb": peak_rss_gb(),
+        },
+    )
 
 
 if __name__ == "__main__":

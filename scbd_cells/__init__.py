@@ -33,6 +33,7 @@ _LAZY = {
     "export": "scbd_cells.exports",
     "demo": "scbd_cells.pipeline",
     "reconstruct": "scbd_cells.reconstruction",
+    "sweep": "scbd_cells.sweeping",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -56,7 +56,10 @@ def store_obs_for_anndata(store: Store) -> pd.DataFrame:
     for column in obs.columns:
         values = obs[column]
         if column == schema.CELL_ID:
-            obs[column] = values.astype(str).to_numpy(dtype=object)
+            # dtype=object: pandas 3 would infer its str dtype, which anndata 0.12 will not write
+            obs[column] = pd.Series(
+                values.astype(str).to_numpy(dtype=object), index=obs.index, dtype=object
+            )
         elif not (
             isinstance(values.dtype, pd.CategoricalDtype)
             or pd.api.types.is_numeric_dtype(values)
@@ -111,7 +114,28 @@ def _quiet_zarr_consolidation() -> Iterator[None]:
         yield
 
 
+def _plain_strings(adata: Any) -> None:
+    """Text in obs and var as plain object strings, in place, before writing.
+
+    pandas 3 gives text columns and indexes its ``str`` dtype; anndata writes those as
+    nullable-string groups (and 0.12 only when allowed), which anndata < 0.11 and this
+    package's own streaming reader (``evaluation/cells.py``) cannot read. Object strings
+    are written as plain string datasets by every anndata version.
+    """
+    for frame in (adata.obs, adata.var):
+        if isinstance(frame.index.dtype, pd.StringDtype):
+            frame.index = pd.Index(
+                frame.index.to_numpy(dtype=object), dtype=object, name=frame.index.name
+            )
+        for column in frame.columns:
+            if isinstance(frame[column].dtype, pd.StringDtype):
+                frame[column] = pd.Series(
+                    frame[column].to_numpy(dtype=object), index=frame.index, dtype=object
+                )
+
+
 def write_any(adata: Any, path: Path) -> None:
+    _plain_strings(adata)
     if path.suffix == ".zarr":
         import anndata as ad
 

@@ -4,8 +4,10 @@ A checkpoint (``RUN_DIR/checkpoints/{best,last}.pt``) is a plain dict that
 ``torch.load(path, weights_only=True)`` reads: ``model`` (state dict),
 ``model_args``, ``optimizer``, ``step``, ``best_val_loss``, ``config`` (dict),
 ``store_fingerprint``, ``vocab`` (``perturbation``, ``batch`` category lists),
-``channel_stats``, ``batch_channel_stats`` (per-well statistics, or None),
-``sampler`` (state), ``version``. ``best.pt`` leaves out ``optimizer`` and ``sampler``
+``normalize`` (the input transform: ``batch``, ``store`` or ``arcsinh``; absent before
+the option had three values), ``channel_stats``, ``batch_channel_stats`` (per-well
+statistics, or None), ``val_batch_size`` (cells in one validation batch), ``sampler``
+(state), ``version``. ``best.pt`` leaves out ``optimizer`` and ``sampler``
 (only a resume, from ``last.pt``, needs them). Files follow the umask.
 """
 
@@ -23,7 +25,7 @@ from scbd_cells import __version__
 from scbd_cells.data import schema
 from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
 from scbd_cells.errors import CheckpointError
-from scbd_cells.model.preprocess import Preprocessor, preprocessor_for
+from scbd_cells.model.preprocess import ImagePreprocessor, preprocessor_for
 from scbd_cells.model.scbd import SCBDModel
 
 if TYPE_CHECKING:
@@ -148,6 +150,8 @@ class TrainedModel:
         The training store's channel statistics.
     batch_stats
         The training store's per-well statistics (``normalize="batch"``), else None.
+    normalize
+        The input transform the model was trained with: ``batch``, ``store`` or ``arcsinh``.
     model_args, vocab, store_fingerprint, config
         As saved in the checkpoint.
     checkpoint_path
@@ -159,6 +163,7 @@ class TrainedModel:
     model: SCBDModel
     channel_stats: dict[str, list[float]]
     batch_stats: BatchChannelStats | None
+    normalize: str
     model_args: dict[str, Any]
     vocab: dict[str, list[str]]
     store_fingerprint: dict[str, Any]
@@ -166,12 +171,7 @@ class TrainedModel:
     checkpoint_path: Path
     step: int
 
-    @property
-    def normalize(self) -> str:
-        """``batch`` or ``store`` (checkpoints from before the option: ``store``)."""
-        return "store" if self.batch_stats is None else "batch"
-
-    def preprocessor_for(self, store: Store) -> Preprocessor:
+    def preprocessor_for(self, store: Store) -> ImagePreprocessor:
         """The model's input transform for ``store``'s cells (call it with their batch codes).
 
         With per-well normalisation the training store reuses the statistics saved
@@ -188,6 +188,7 @@ class TrainedModel:
             channel_stats=self.channel_stats,
             image_size=image_size,
             batch_stats=batch_stats,
+            normalize=self.normalize,
         )
 
     def check_store(self, store: Store) -> None:
@@ -264,6 +265,7 @@ def load_trained(
         model=model,
         channel_stats={k: list(v) for k, v in checkpoint["channel_stats"].items()},
         batch_stats=None if batch_stats is None else BatchChannelStats.from_dict(batch_stats),
+        normalize=normalize_of(checkpoint),
         model_args=dict(checkpoint["model_args"]),
         vocab={k: list(v) for k, v in checkpoint.get("vocab", {}).items()},
         store_fingerprint=dict(checkpoint.get("store_fingerprint", {})),
@@ -271,3 +273,16 @@ def load_trained(
         checkpoint_path=checkpoint_path,
         step=int(checkpoint["step"]),
     )
+
+
+def normalize_of(checkpoint: dict[str, Any]) -> str:
+    """The input transform a checkpoint was trained with: ``batch``, ``store`` or ``arcsinh``.
+
+    Checkpoints from before the ``normalize`` entry tell it by their per-well statistics
+    (present: ``batch``; absent: ``store``, which is also what checkpoints from before
+    per-well normalisation used).
+    """
+    saved = checkpoint.get("normalize")
+    if saved is not None:
+        return str(saved)
+    return "store" if checkpoint.get("batch_channel_stats") is None else "batch"

@@ -8,6 +8,7 @@ raises, logs and never exits.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -515,11 +516,12 @@ def train(
         float | None, typer.Option(help="Decoder learning rate; default: --lr.")
     ] = None,
     normalize: Annotated[
-        Literal["batch", "store"] | None,
+        Literal["batch", "store", "arcsinh"] | None,
         typer.Option(
             help="batch: standardise each channel with the statistics of the cell's own well "
             "(removes brightness and background offsets per well); store: with the whole "
-            "store's." + _train_default("normalize")
+            "store's; arcsinh: the official SCBD code's (arcsinh(x) - 7) / 7 for every cell "
+            "(docs/training.md)." + _train_default("normalize")
         ),
     ] = None,
     augment: Annotated[
@@ -1021,6 +1023,134 @@ def reconstruct(
         f"[green]Drew[/] {', '.join(result.perturbations)} -> {result.out_dir} "
         f"({', '.join(path.name for path in result.figure_paths.values())}, index.csv)"
     )
+
+
+def _print_sweep(result: Any) -> None:
+    """One line per alpha (and reference): what the rule read and what the evaluation found."""
+    from rich.table import Table
+
+    def number(value: Any, fmt: str) -> str:
+        return "–" if value is None or value != value else format(value, fmt)
+
+    view = Table(title="Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)")
+    for column in ("alpha", "val SupCon(z_c)", "fall kept", "CORUM AUPRC", "well F1 / chance",
+                   "overall"):  # fmt: skip
+        view.add_column(column, justify="right", no_wrap=column == "alpha")
+    for row in result.table.itertuples(index=False):
+        view.add_row(
+            f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
+            number(row.val_supcon_perturbation, ".4f"),
+            number(row.retained, ".0%"),
+            number(row.corum_auprc, ".4f"),
+            number(row.well_f1_over_chance, ".2f"),
+            number(row.overall, ".3f"),
+        )
+    for row in result.references.itertuples(index=False):
+        view.add_row(
+            str(row.embedding), "", "", number(row.corum_auprc, ".4f"),
+            number(row.well_f1_over_chance, ".2f"), number(row.overall, ".3f"),
+        )  # fmt: skip
+    stdout.print(view)
+
+
+def _with_train_options(command: Any) -> Any:
+    """Give a command every option of ``train`` but --out, --resume, --alpha and --config.
+
+    The options are ``train``'s own parameters (type, help, default) spliced into the
+    command's signature, which Typer reads: the two commands cannot drift apart. The
+    command receives the ones the user set in ``**train_options``.
+    """
+    skipped = {"store_path", "out", "config", "resume", "alpha"}
+    own = inspect.signature(command, eval_str=True)
+    shared = [
+        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, parameter in inspect.signature(train, eval_str=True).parameters.items()
+        if name not in skipped
+    ]
+    kept = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = own.replace(parameters=[*kept, *shared])
+    return command
+
+
+@app.command(cls=_Command)
+@_with_train_options
+def sweep(
+    store_path: Annotated[Path, typer.Argument(help="Store written by `scbd-cells ingest`.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Sweep folder: one run per alpha, embeddings, reports, sweep.csv, tradeoff.png, "
+            "sweep.md. Rerun the same command to continue an unfinished sweep."
+        ),
+    ],
+    corum: Annotated[
+        Path,
+        typer.Option(
+            help="Complexes file for the evaluation (CORUM 3.x/4.x/5.x, two-column or GMT); "
+            "reporting only, the recommended alpha never reads it."
+        ),
+    ],
+    alpha: Annotated[
+        str, typer.Option(help="Comma-separated alphas to train (0 is added when missing).")
+    ] = "0,0.3,1,3,10",
+    reference: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="AnnData of a conventional pipeline (baseline, correct), drawn beside the "
+            "alphas; repeat for several."
+        ),
+    ] = None,
+    margin: Annotated[
+        float,
+        typer.Option(
+            help="Recommend the largest alpha whose val perturbation SupCon loss keeps at least "
+            "1 - MARGIN of the sweep's largest fall below log(val batch size) "
+            "(docs/training.md, Choosing alpha)."
+        ),
+    ] = 0.5,
+    control: Annotated[
+        str | None,
+        typer.Option(help="Non-targeting control label for the evaluation (default: the store's)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML train options (e.g. a run's config.yaml); CLI wins.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start over: replace an earlier sweep in --out.")
+    ] = False,
+    **train_options: Any,
+) -> None:
+    """Train, embed and evaluate SCBD at several alphas; draw the trade-off, recommend one.
+
+    Every train option below applies to each alpha's run (docs/training.md, Choosing alpha).
+    """
+    from scbd_cells.errors import InputError
+    from scbd_cells.sweeping import sweep as run_sweep
+
+    try:
+        alphas = [float(part) for part in _split_csv(alpha) or []]
+    except ValueError as error:
+        raise InputError(
+            f"--alpha must be numbers separated by commas, e.g. 0,0.3,1,3,10 ({error})."
+        ) from None
+    result = run_sweep(
+        store_path,
+        out=out,
+        corum=corum,
+        alpha=alphas,
+        reference=reference or [],
+        margin=margin,
+        control=control,
+        config_path=config,
+        overwrite=overwrite,
+        **train_options,
+    )
+    if result.interrupted:
+        stdout.print("[yellow]Interrupted[/]; run the same command again to continue.")
+        raise typer.Exit(130)
+    _print_sweep(result)
+    stdout.print(f"[green]Recommended alpha[/]: {result.reason}")
+    stdout.print(f"Sweep: {result.summary_path} (figure {result.figure_path.name})")
 
 
 # <subcommands>

@@ -38,10 +38,11 @@ class TrainConfig(BaseModel):
         description="AdamW learning rate of the decoder; None = lr. The decoder learns from "
         "detached embeddings, so its rate changes no embedding.",
     )
-    normalize: Literal["batch", "store"] = Field(
+    normalize: Literal["batch", "store", "arcsinh"] = Field(
         "batch",
         description="batch: each channel standardised with the statistics of the cell's own "
-        "batch label (well); store: with the store's statistics (train split).",
+        "batch label (well); store: with the store's statistics (train split); arcsinh: the "
+        "official SCBD code's transform, (arcsinh(x) - 7) / 7 for every cell.",
     )
     augment: bool = Field(
         False, description="Random 90-degree turns and mirror images of train cells (off: paper)."

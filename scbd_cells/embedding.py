@@ -28,6 +28,7 @@ from scbd_cells.anndata_io import (
     store_obs_for_anndata,
     temporary_path,
     without_none,
+    write_any,
 )
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
@@ -315,7 +316,7 @@ def _write_profiles(
         adata.uns[schema.UNS_SCBD] = dict(uns[schema.UNS_SCBD], level=level)
         tmp = temporary_path(paths[level])
         tmp_paths.append(tmp)
-        adata.write_h5ad(tmp)
+        write_any(adata, tmp)
         written[level] = tmp
     return written
 

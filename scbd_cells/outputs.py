@@ -48,6 +48,7 @@ KIND_NAMES = {
     "demo": "a scbd-cells demo folder",
     "table": "a profile table exported by scbd-cells",
     "pictures": "a folder of scbd-cells reconstruct pictures",
+    "sweep": "a scbd-cells alpha sweep folder",
 }
 ANNDATA_SUFFIXES = (".h5ad", ".zarr")
 _UNS_KEY = "scbd"  # schema.UNS_SCBD; kept here so this module imports nothing heavy

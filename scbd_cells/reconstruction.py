@@ -600,6 +600,8 @@ _COLUMN_LABELS, _BLOCK_TITLE, _BLOCK_GAP = 0.36, 0.26, 0.3
 def _space_note(normalize: str) -> str:
     if normalize == "batch":
         return "each channel standardised with its own well's statistics"
+    if normalize == "arcsinh":
+        return "(arcsinh(x) - 7) / 7 of the raw intensities, the paper's code's transform"
     return "each channel standardised with the store's statistics"
 
 

@@ -54,7 +54,7 @@ from scbd_cells.model.losses import (
     invariance_shuffled,
     scbd_loss,
 )
-from scbd_cells.model.preprocess import Preprocessor, preprocessor_for, random_dihedral
+from scbd_cells.model.preprocess import ImagePreprocessor, preprocessor_for, random_dihedral
 from scbd_cells.model.scbd import SCBDModel, device_autocast, parameter_groups, run_model
 from scbd_cells.outputs import (
     check_not_input,
@@ -210,7 +210,7 @@ class _Run:
     model: SCBDModel
     forward_model: torch.nn.Module  # the model, under DDP and torch.compile when asked
     optimizer: torch.optim.Optimizer
-    preprocessor: Preprocessor
+    preprocessor: ImagePreprocessor
     loader: BalancedLoader
     val_set: _ValidationSet
     batch_stats: BatchChannelStats | None
@@ -245,8 +245,10 @@ class _Run:
             "config": self.config.model_dump(),
             "store_fingerprint": self.store.fingerprint(),
             "vocab": self.vocab,
+            "normalize": self.config.normalize,
             "channel_stats": {k: list(v) for k, v in self.store.channel_stats.items()},
             "batch_channel_stats": None if self.batch_stats is None else self.batch_stats.to_dict(),
+            "val_batch_size": self.val_set.batch_size,
             "sampler": self.loader.state_dict(),
             "option_history": self.option_history,
         }
@@ -365,6 +367,7 @@ def _set_up(
         channel_stats=store.channel_stats,
         image_size=image_size,
         batch_stats=batch_stats,
+        normalize=config.normalize,
     )
     optimizer = torch.optim.AdamW(
         parameter_groups(model, decoder_lr=config.decoder_lr),
@@ -690,7 +693,7 @@ def _fit_classes_per_batch(config: TrainConfig, train_perturbations: np.ndarray)
 
 
 def _batch_stats(store: Store, config: TrainConfig) -> BatchChannelStats | None:
-    """Per-well channel statistics for ``normalize="batch"`` (None for ``"store"``)."""
+    """Per-well channel statistics for ``normalize="batch"`` (None for the others)."""
     if config.normalize != "batch":
         return None
     stats = batch_channel_stats(store)
@@ -869,7 +872,7 @@ class _ValidationSet:
     def evaluate(
         self,
         model: SCBDModel,
-        preprocessor: Preprocessor,
+        preprocessor: ImagePreprocessor,
         config: TrainConfig,
         autocast: Any,
         device: torch.device,
@@ -913,6 +916,12 @@ class _ValidationSet:
 # --- monitoring, signals, metrics ---------------------------------------------------------------
 
 
+# Below log B by less than this fraction of log B counts as "at the collapsed level":
+# 0.005 for B = 128 (an alpha = 10 demo run sat 0.001 above it, alpha = 3 reached 0.007
+# below it by a third of its steps; docs/training.md). The alpha sweep's rule uses it too.
+COLLAPSE_MARGIN = 0.001
+
+
 class _StallMonitor:
     """Warns once when z_c stops learning the perturbation (alpha too large, or no signal).
 
@@ -926,10 +935,7 @@ class _StallMonitor:
       The val batches are fixed, so this reads without the train batches' noise.
     """
 
-    # Below log B by less than this fraction of log B counts as "at the collapsed level":
-    # 0.005 for B = 128 (an alpha = 10 demo run sat 0.001 above it, alpha = 3 reached 0.007
-    # below it by a third of its steps; docs/training.md).
-    collapse_margin = 0.001
+    collapse_margin = COLLAPSE_MARGIN
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config

@@ -13,7 +13,7 @@ from scbd_cells.cli import app
 
 COMMANDS = [
     "simulate", "ingest", "info", "train", "embed", "baseline", "correct", "evaluate", "export",
-    "demo",
+    "demo", "sweep",
 ]  # fmt: skip
 runner = CliRunner()
 

@@ -231,3 +231,14 @@ def test_aggregate_without_control_fails_first(setup, tmp_path: Path, entries) -
             run_dir, store_path, out=tmp_path / "out" / "cells.h5ad", aggregate=True, device="cpu"
         )
     assert not entries(tmp_path / "out")
+
+
+def test_obs_text_columns_are_plain_strings_anndata_writes(setup) -> None:
+    """pandas 3 infers its ``str`` dtype for text, which anndata 0.12 refuses to write
+    (``allow_write_nullable_strings``): cell ids must stay plain object strings."""
+    from scbd_cells.embedding import store_obs_for_anndata
+
+    _, store_path = setup
+    obs = store_obs_for_anndata(open_store(store_path))
+    assert obs["cell_id"].dtype == object and obs.index.dtype == object
+    assert all(isinstance(value, str) for value in obs["cell_id"])

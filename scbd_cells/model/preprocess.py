@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -11,6 +11,22 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:  # the model layer takes statistics; it needs no data-layer code
     from scbd_cells.data.batch_stats import BatchChannelStats
+
+#: ``train --normalize`` choices: per-well statistics, the store's statistics, the paper's code.
+NORMALIZE_CHOICES = ("batch", "store", "arcsinh")
+#: The official code's ``T.Normalize(7., 7.)`` after its arcsinh: (arcsinh(x) - 7) / 7.
+ARCSINH_CENTER = 7.0
+ARCSINH_SCALE = 7.0
+
+
+class ImagePreprocessor(Protocol):
+    """What train, embed and reconstruct need of a preprocessor: raw pixels in, model input out."""
+
+    image_size: int
+
+    def __call__(self, images: torch.Tensor, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) raw pixels (any dtype) -> (B, C, image_size, image_size) float32."""
+        ...
 
 
 class Preprocessor:
@@ -27,10 +43,9 @@ class Preprocessor:
 
     The statistics are computed once (at ingest, or from a per-well sample when a
     run starts) and the transform is identical at train and embed time. (The
-    paper's code applies an arcsinh transform instead; per-channel
-    standardisation plays the same role of putting the stains on one scale.)
-    Images whose size differs from ``image_size`` are resized (bilinear,
-    antialiased).
+    paper's code applies an arcsinh transform instead: :class:`ArcsinhPreprocessor`,
+    ``normalize="arcsinh"``.) Images whose size differs from ``image_size`` are
+    resized (bilinear, antialiased).
 
     Parameters
     ----------
@@ -105,6 +120,46 @@ class Preprocessor:
         return images
 
 
+class ArcsinhPreprocessor:
+    """The official SCBD code's transform: resize, arcsinh, then (x - 7) / 7, for every cell.
+
+    ``normalize="arcsinh"``. The paper's code (``scbd/data/funk22.py`` of
+    github.com/Genentech/SCBD, class ``Funk22Dataset``) applies
+    ``T.Compose([T.Resize((32, 32)), Arcsinh(), T.Normalize(7., 7.)])`` to each cell's
+    uint16 tensor. torchvision's ``Resize`` on a tensor interpolates in float32
+    (bilinear, antialiased, ``align_corners=False``) and casts the result back to the
+    input's dtype, which for uint16 truncates towards zero; a crop already at the size is
+    returned as is. This class does the same on a batch: integer pixels are resized in
+    float32 and truncated back onto the integer grid, float pixels are resized as floats;
+    then ``(arcsinh(x) - 7) / 7`` per pixel. No statistics of the data enter, so it needs
+    no batch codes and a new plate gets exactly the transform the training plates got.
+
+    Parameters
+    ----------
+    image_size
+        Side of the square images the model expects.
+    """
+
+    def __init__(self, *, image_size: int) -> None:
+        self.image_size = int(image_size)
+
+    def __call__(self, images: torch.Tensor, batch: torch.Tensor | None = None) -> torch.Tensor:
+        """Preprocess a batch on its own device; ``batch`` is accepted and not needed."""
+        integer = not images.is_floating_point()
+        images = images.to(torch.float32)  # widen first: uint16 has few kernels
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = F.interpolate(
+                images,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+            if integer:  # torchvision's cast back to uint16 (towards zero)
+                images = images.trunc()
+        return (torch.arcsinh(images) - ARCSINH_CENTER) / ARCSINH_SCALE  # (B, C, S, S)
+
+
 def random_dihedral(images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
     """Each image turned by a random multiple of 90 degrees and mirrored with probability 1/2.
 
@@ -147,8 +202,9 @@ def preprocessor_for(
     channel_stats: Mapping[str, Sequence[float]],
     image_size: int,
     batch_stats: BatchChannelStats | None,
-) -> Preprocessor:
-    """The :class:`Preprocessor` for cells whose batch codes index ``batch_labels``.
+    normalize: str | None = None,
+) -> ImagePreprocessor:
+    """The preprocessor for cells whose batch codes index ``batch_labels``.
 
     Parameters
     ----------
@@ -160,8 +216,17 @@ def preprocessor_for(
     image_size
         The model's input size.
     batch_stats
-        Statistics of every label in ``batch_labels``, or None for ``normalize="store"``.
+        Statistics of every label in ``batch_labels``, or None for ``normalize="store"``
+        (and ``"arcsinh"``).
+    normalize
+        ``"arcsinh"`` for the official code's transform (:class:`ArcsinhPreprocessor`);
+        otherwise (``"batch"``, ``"store"`` or None) standardisation with ``batch_stats``
+        when given, else with ``channel_stats``.
     """
+    if normalize is not None and normalize not in NORMALIZE_CHOICES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, found {normalize!r}")
+    if normalize == "arcsinh":
+        return ArcsinhPreprocessor(image_size=image_size)
     if batch_stats is None:
         return Preprocessor(channel_stats, image_size=image_size)
     mean, std = batch_stats.rows_for([str(label) for label in batch_labels])
