@@ -450,7 +450,7 @@ def stage_loader(suite: Suite) -> dict[str, Any]:
 POINT_METRICS = """
 import json, sys
 import anndata as ad
-from scbd_cells.evaluation.batch import batch_prediction_f1, subsample
+from scbd_cells.well_probe import batch_prediction_f1, subsample
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, corum_pr
 from scbd_cells.profiles import aggregate_profiles

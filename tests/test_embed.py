@@ -236,7 +236,7 @@ def test_aggregate_without_control_fails_first(setup, tmp_path: Path, entries) -
 def test_obs_text_columns_are_plain_strings_anndata_writes(setup) -> None:
     """pandas 3 infers its ``str`` dtype for text, which anndata 0.12 refuses to write
     (``allow_write_nullable_strings``): cell ids must stay plain object strings."""
-    from scbd_cells.embedding import store_obs_for_anndata
+    from scbd_cells.anndata_io import store_obs_for_anndata
 
     _, store_path = setup
     obs = store_obs_for_anndata(open_store(store_path))
