@@ -108,16 +108,7 @@ class Preprocessor:
         else:
             mean = self.mean.to(images.device)[None, :, None, None]
             std = self.std.to(images.device)[None, :, None, None]
-        images = (images - mean) / std  # (B, C, H, W)
-        if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(
-                images,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )
-        return images
+        return resize((images - mean) / std, self.image_size)  # (B, C, S, S)
 
 
 class ArcsinhPreprocessor:
@@ -148,16 +139,20 @@ class ArcsinhPreprocessor:
         integer = not images.is_floating_point()
         images = images.to(torch.float32)  # widen first: uint16 has few kernels
         if images.shape[-2:] != (self.image_size, self.image_size):
-            images = F.interpolate(
-                images,
-                size=(self.image_size, self.image_size),
-                mode="bilinear",
-                align_corners=False,
-                antialias=True,
-            )
+            images = resize(images, self.image_size)
             if integer:  # torchvision's cast back to uint16 (towards zero)
                 images = images.trunc()
         return (torch.arcsinh(images) - ARCSINH_CENTER) / ARCSINH_SCALE  # (B, C, S, S)
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images (B, C, H, W) resized to (B, C, size, size): bilinear, antialiased, as
+    torchvision's ``Resize`` on a tensor; images already at the size are returned as is."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
 
 
 def random_dihedral(images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
