@@ -932,7 +932,9 @@ class _StallMonitor:
       a z_c that is the same for every cell. The appendix-B loss keeps each cell's own
       similarity in the softmax, so a random z_c starts above that level and first falls
       *to* it by collapsing; only a fall *below* it means perturbations are told apart.
-      The val batches are fixed, so this reads without the train batches' noise.
+      The val batches are fixed, so this reads without the train batches' noise. When an
+      earlier validation *was* below that level, the run has learned and is now
+      memorising its train cells (overfitting), which the warning says instead.
     """
 
     collapse_margin = COLLAPSE_MARGIN
@@ -945,6 +947,7 @@ class _StallMonitor:
         self.n_val_checks = 0
         self.warned = False
         self.warned_collapse = False
+        self.best_val: tuple[float, int] | None = None  # (lowest val SupCon, its step)
 
     def record(self, value: float) -> None:
         if len(self.first) < self.window:
@@ -955,6 +958,8 @@ class _StallMonitor:
         self, step: int, *, val_supcon: float | None = None, val_batch_size: int | None = None
     ) -> None:
         self.n_val_checks += 1
+        if val_supcon is not None and (self.best_val is None or val_supcon < self.best_val[0]):
+            self.best_val = (val_supcon, step)
         if step < 4 * self.window or len(self.first) < self.window:
             return
         start, now = float(np.mean(self.first)), float(np.mean(self.recent))
@@ -976,6 +981,22 @@ class _StallMonitor:
         late_enough = self.n_val_checks >= 2 and step >= self.config.steps // 4
         if late_enough and val_supcon > collapse_level * (1 - self.collapse_margin):
             self.warned_collapse = True
+            best, best_step = self.best_val or (val_supcon, step)
+            if best < collapse_level * (1 - self.collapse_margin):  # it had learned
+                logger.warning(
+                    "The val perturbation SupCon loss rose from %.4f (step %d) to %.4f (step "
+                    "%d), back above log(val batch size) = %.4f, while the train loss is "
+                    "%.3f: the encoders are memorising the train cells. embed uses best.pt "
+                    "(the lowest val loss); more steps will not help here, more cells per "
+                    "perturbation, --augment or a lower --lr may (docs/training.md).",
+                    best,
+                    best_step,
+                    val_supcon,
+                    step,
+                    collapse_level,
+                    now,
+                )
+                return
             logger.warning(
                 "After %d steps the val perturbation SupCon loss (%.4f) is not below "
                 "log(val batch size) = %.4f, the value of a z_c that is the same for every "

@@ -241,6 +241,17 @@ def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
     assert caplog.text.count("is not below log(val batch size)") == 1
     assert "has not fallen" not in caplog.text
 
+    # Below the collapsed level first, back above it later: overfitting, said as such.
+    caplog.clear()
+    overfit = _StallMonitor(config)
+    for i in range(40):
+        overfit.record(math.log(24) - 0.02 * i)  # the train loss keeps falling
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        overfit.check(20, val_supcon=math.log(32) - 0.05, val_batch_size=32)
+        overfit.check(40, val_supcon=math.log(32) + 0.05, val_batch_size=32)
+    assert "memorising the train cells" in caplog.text and "(step 20)" in caplog.text
+    assert "is not below log(val batch size)" not in caplog.text
+
     # Val loss below the collapsed level by more than the margin: learning, no warning.
     caplog.clear()
     below = _StallMonitor(config)
