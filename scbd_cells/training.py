@@ -986,9 +986,10 @@ class _StallMonitor:
                 logger.warning(
                     "The val perturbation SupCon loss rose from %.4f (step %d) to %.4f (step "
                     "%d), back above log(val batch size) = %.4f, while the train loss is "
-                    "%.3f: the encoders are memorising the train cells. embed uses best.pt "
-                    "(the lowest val loss); more steps will not help here, more cells per "
-                    "perturbation, --augment or a lower --lr may (docs/training.md).",
+                    "%.3f: the encoders are memorising the train cells. More steps will not "
+                    "help; a run of as many steps as that lowest point (best.pt follows the "
+                    "total val loss), more cells per perturbation or --augment may "
+                    "(docs/training.md).",
                     best,
                     best_step,
                     val_supcon,
