@@ -86,10 +86,12 @@ def run(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             resume = (run_dir / "checkpoints" / "last.pt").exists()
             # validation every 1/6 of the run, as the demo's 50 of 300
-            scbd_cells.train(
+            trained = scbd_cells.train(
                 store, out=run_dir, resume=resume,
                 **dict(options, steps=steps, alpha=alpha, val_every=max(10, steps // 6)),
             )  # fmt: skip
+            if trained.interrupted:  # Ctrl-C: leave it unembedded, so a rerun resumes it
+                raise SystemExit(f"{name}: interrupted; rerun the same command to continue")
             scbd_cells.embed(run_dir, store, out=cells, workers=2)
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
 
