@@ -144,6 +144,16 @@ def _split_csv(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def _split_numbers(value: str | None, *, option: str, expected: str) -> list[float]:
+    """``"0.3,1"`` -> ``[0.3, 1.0]``; a word is a usage error naming ``option``."""
+    from scbd_cells.errors import InputError
+
+    try:
+        return [float(part) for part in _split_csv(value) or []]
+    except ValueError as error:
+        raise InputError(f"{option} must be {expected} ({error}).") from None
+
+
 # ---------------------------------------------------------------------------
 # Subcommands. Keep each one short: parse, call the library, print a summary.
 # ---------------------------------------------------------------------------
@@ -300,14 +310,10 @@ def ingest(
     Rerun the same command after a crash to resume.
     """
     from scbd_cells.data.ingest import ingest as run_ingest
-    from scbd_cells.errors import InputError
 
-    try:
-        fractions = [float(part) for part in _split_csv(split_fractions) or []]
-    except ValueError as error:
-        raise InputError(
-            f"--split-fractions must be three numbers, e.g. 0.83,0.02,0.15 ({error})."
-        ) from None
+    fractions = _split_numbers(
+        split_fractions, option="--split-fractions", expected="three numbers, e.g. 0.83,0.02,0.15"
+    )
     result = run_ingest(
         table,
         out=out,
@@ -1124,15 +1130,11 @@ def sweep(
 
     Every train option below applies to each alpha's run (docs/training.md, Choosing alpha).
     """
-    from scbd_cells.errors import InputError
     from scbd_cells.sweeping import sweep as run_sweep
 
-    try:
-        alphas = [float(part) for part in _split_csv(alpha) or []]
-    except ValueError as error:
-        raise InputError(
-            f"--alpha must be numbers separated by commas, e.g. 0,0.3,1,3,10 ({error})."
-        ) from None
+    alphas = _split_numbers(
+        alpha, option="--alpha", expected="numbers separated by commas, e.g. 0,0.3,1,3,10"
+    )
     result = run_sweep(
         store_path,
         out=out,

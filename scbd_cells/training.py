@@ -978,11 +978,12 @@ class _StallMonitor:
         if val_supcon is None or not val_batch_size or self.warned_collapse:
             return
         collapse_level = math.log(val_batch_size)
+        learned_below = collapse_level * (1 - self.collapse_margin)
         late_enough = self.n_val_checks >= 2 and step >= self.config.steps // 4
-        if late_enough and val_supcon > collapse_level * (1 - self.collapse_margin):
+        if late_enough and val_supcon > learned_below:
             self.warned_collapse = True
             best, best_step = self.best_val or (val_supcon, step)
-            if best < collapse_level * (1 - self.collapse_margin):  # it had learned
+            if best < learned_below:  # it had learned
                 logger.warning(
                     "The val perturbation SupCon loss rose from %.4f (step %d) to %.4f (step "
                     "%d), back above log(val batch size) = %.4f, while the train loss is "
