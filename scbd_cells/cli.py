@@ -167,8 +167,12 @@ def simulate(
         typer.Option(help="tiny (tests, 1.4k cells), demo (15k cells, 64 px), large (1M, 32 px)."),
     ] = "demo",
     layout: Annotated[
-        Literal["crops", "fields"],
-        typer.Option(help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y."),
+        Literal["crops", "fields", "arrayed"],
+        typer.Option(
+            help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y; arrayed: an "
+            "arrayed screen (compound x concentration per well, DMSO wells, plates in batches, "
+            "moa.gmt) as crops."
+        ),
     ] = "crops",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, identical files.")] = 0,
     workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
@@ -244,9 +248,10 @@ def simulate(
         batch_strength=batch_strength,
         holdout_plates=holdout_plates,
     )
+    genes, groups = ("compounds", "mechanisms") if layout == "arrayed" else ("genes", "complexes")
     stdout.print(
-        f"[green]Simulated[/] {result.n_cells:,} cells ({result.n_genes} genes in "
-        f"{result.n_complexes} complexes + control, {result.n_wells} wells, {result.layout}) "
+        f"[green]Simulated[/] {result.n_cells:,} cells ({result.n_genes} {genes} in "
+        f"{result.n_complexes} {groups} + control, {result.n_wells} wells, {result.layout}) "
         f"in {result.seconds:.1f} s -> {result.cells_path}"
     )
     if result.preview_path is not None:
