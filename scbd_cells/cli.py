@@ -711,12 +711,14 @@ def baseline(
     )
 
 
-def _print_table(table) -> None:
+def _print_table(table, *, relationships: str = "CORUM") -> None:
     from rich.table import Table
 
     from scbd_cells.evaluation.pages import FIELD_COLUMNS
 
-    view = Table(title="Evaluation (CORUM AUPRC, recall: higher is better; well F1: lower)")
+    view = Table(
+        title=f"Evaluation ({relationships} AUPRC, recall: higher is better; well F1: lower)"
+    )
     for column in ("embedding", "AUPRC", "recall@5/95", "well F1", "chance", "genes", "cells"):
         if column == "embedding":  # names are what the reader looks for: never cut them
             view.add_column(column, no_wrap=True, min_width=max(map(len, table["embedding"])))
@@ -736,6 +738,11 @@ def _print_table(table) -> None:
     if "overall" in table:
         title = "The field's metrics (JUMP benchmark; all: higher is better)"
         stdout.print(_rich_table(title, table, FIELD_COLUMNS, arrows=False))
+    if "nsc" in table:
+        from scbd_cells.evaluation.moa import MOA_COLUMNS
+
+        title = "Mechanism of action: 1-NN accuracy, not same compound (NSC) / or batch (NSCB)"
+        stdout.print(_rich_table(title, table, MOA_COLUMNS, arrows=True))
     if "heldout_corum_auprc" in table:
         from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS
 
@@ -816,6 +823,31 @@ def evaluate(
         str | None,
         typer.Option(help="obs column of --holdout-batches, e.g. plate. \\[default: --batch-key]"),
     ] = None,
+    replicate_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The replicate unit in place of the guide, e.g. plate,well in an arrayed "
+            "screen (one perturbation per well). \\[default: --guide-key]"
+        ),
+    ] = None,
+    compound_key: Annotated[
+        str | None,
+        typer.Option(
+            help="obs column of the compound: adds NSC and NSCB (1-NN accuracy of the "
+            "relationship group on treatment profiles, not the same compound / batch)."
+        ),
+    ] = None,
+    concentration_key: Annotated[
+        str | None,
+        typer.Option(help="obs column of the concentration: treatment = compound x concentration."),
+    ] = None,
+    standardize_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Standardise NSC/NSCB profiles to the control cells of the same COLUMN value "
+            "(e.g. plate). \\[default: not standardised]"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every subsample, split and draw.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
 ) -> None:
@@ -839,10 +871,14 @@ def evaluate(
         umap=umap,
         holdout_batches=_split_csv(holdout_batches),
         holdout_key=holdout_key,
+        replicate_key=replicate_key,
+        compound_key=compound_key,
+        concentration_key=concentration_key,
+        standardize_key=standardize_key,
         seed=seed,
         overwrite=overwrite,
     )
-    _print_table(result.table)
+    _print_table(result.table, relationships=result.metrics["settings"]["relationships"])
     for text in result.metrics.get("warnings", {}).values():
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     stdout.print(f"Report: {result.report_path}")

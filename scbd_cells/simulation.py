@@ -236,9 +236,9 @@ ARRAYED_PRESETS: dict[str, ArrayedParams] = {
     "tiny": ArrayedParams(
         n_compounds=6,
         n_mechanisms=3,
-        concentrations=(0.1, 1.0, 10.0),
+        concentrations=(1.0, 10.0),
         control_wells=4,
-        cells_per_well=10,
+        cells_per_well=16,
         plates=4,
         plates_per_batch=2,
         crop_size=32,
