@@ -178,10 +178,11 @@ def test_a_profile_with_no_candidate_is_not_counted() -> None:
 
 
 def _arrayed_cells(seed: int = 0) -> ad.AnnData:
-    """A hand-made arrayed screen: 2 batches x 2 plates, 4 compounds x 2 doses, DMSO wells."""
+    """A hand-made arrayed screen: 2 batches x 3 plates, 4 compounds x 2 doses, DMSO wells."""
     rng = np.random.default_rng(seed)
     rows = []
-    for plate, batch in (("p1", "b1"), ("p2", "b1"), ("p3", "b2"), ("p4", "b2")):
+    plates = {"p1": "b1", "p2": "b1", "p3": "b1", "p4": "b2", "p5": "b2", "p6": "b2"}
+    for plate, batch in plates.items():
         wells = [(c, dose) for c in ("k1", "k2", "k3", "k4") for dose in (1.0, 10.0)]
         wells += [("DMSO", 0.0)] * 3
         # each plate in its own order: a well name (W03) holds other treatments on other plates
@@ -234,7 +235,8 @@ def test_treatment_profiles_are_medians_of_well_means(standardize: bool) -> None
     expected = _pandas_profiles(adata, standardize=standardize)
     assert len(profiles.meta) == len(expected) == 16  # 4 compounds x 2 doses x 2 batches
     assert set(profiles.meta["compound"]) == {"k1", "k2", "k3", "k4"}  # no control
-    assert (profiles.meta["n_replicates"] == 2).all()  # one well per plate, two plates a batch
+    # one well per plate, three plates a batch: a median of three is not their mean
+    assert (profiles.meta["n_replicates"] == 3).all()
     got = pd.DataFrame(
         profiles.values,
         index=pd.MultiIndex.from_arrays(
@@ -379,6 +381,7 @@ def test_arrayed_screen_end_to_end(tmp_path: Path) -> None:
     assert entry["nscb"] == pytest.approx(nscb)
     assert entry["n_moa_profiles"] == n_profiles == 6 * 2 * 2  # compound x dose x batch
     assert entry["n_genes"] == 6  # compound profiles from well replicates, for the AUPRC
+    assert entry["n_replicates"] == 4 * (6 * 2 + 4)  # mAP's replicates: every well of 4 plates
     settings = metrics["settings"]
     assert settings["relationships"] == "relationships (moa.gmt)"
     assert settings["moa"]["standardize_key"] == "plate"
