@@ -776,7 +776,11 @@ def evaluate(
         list[Path], typer.Argument(help="Cell-level AnnData files (.h5ad/.zarr) to compare.")
     ],
     corum: Annotated[
-        Path, typer.Option(help="Complexes file: CORUM 3.x/4.x/5.x, two-column or GMT.")
+        Path,
+        typer.Option(
+            help="Complexes file (CORUM 3.x/4.x/5.x) or any relationship groups, e.g. "
+            "mechanisms of action (GMT or two-column; reported as 'relationships (FILE)')."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Report folder to write.")],
     key: Annotated[

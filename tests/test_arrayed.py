@@ -192,9 +192,10 @@ def _arrayed_cells(seed: int = 0) -> ad.AnnData:
                 rows.append((compound, dose, plate, f"W{w:02d}", batch))
     obs = pd.DataFrame(rows, columns=["compound", "concentration", "plate", "well", "batch"])
     obs["perturbation"] = obs["compound"]
-    x = rng.normal(size=(len(obs), 5)) + np.where(obs["plate"].isin(["p2", "p4"]), 3.0, 0.0)[
-        :, None
-    ]
+    x = (
+        rng.normal(size=(len(obs), 5))
+        + np.where(obs["plate"].isin(["p2", "p4"]), 3.0, 0.0)[:, None]
+    )
     obs.index = [f"cell{i}" for i in range(len(obs))]
     return ad.AnnData(X=x.astype(np.float32), obs=obs)
 
