@@ -395,6 +395,21 @@ def moa_retrieval(
     return result, profiles
 
 
+def moa_metrics(
+    adata: Any, *, relationships: Complexes, settings: MoaSettings, use_rep: str = "X"
+) -> dict[str, float | int]:
+    """:data:`MOA_KEYS` of one cell embedding, for its row of the report (:func:`moa_retrieval`)."""
+    result, profiles = moa_retrieval(
+        adata, relationships=relationships, settings=settings, use_rep=use_rep
+    )
+    return {
+        "nsc": result.nsc,
+        "nscb": result.nscb,
+        "n_moa_profiles": len(profiles.meta),
+        "n_moa_queries_nscb": result.n_queries_nscb,
+    }
+
+
 def moa_explanation(settings: dict[str, Any]) -> str:
     """What the NSC/NSCB columns mean, with the choices made (Markdown)."""
     treatment = f"`{settings['compound_key']}`"

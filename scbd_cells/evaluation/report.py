@@ -43,7 +43,7 @@ from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_
 from scbd_cells.evaluation.holdout import HOLDOUT_KEYS, Holdout, holdout_metrics
 from scbd_cells.evaluation.map import DEFAULT_MAX_REPLICATES, DEFAULT_NULL_SIZE
 from scbd_cells.evaluation.mixing import DEFAULT_MIXING_CELLS
-from scbd_cells.evaluation.moa import MOA_KEYS, MoaSettings, moa_retrieval
+from scbd_cells.evaluation.moa import MOA_KEYS, MoaSettings, moa_metrics
 from scbd_cells.evaluation.overall import overall_scores
 from scbd_cells.evaluation.pages import (
     ReportExtras,
@@ -420,27 +420,17 @@ def evaluate(
                     )  # fmt: skip
                 )
             if compound_key is not None:
-                moa, moa_profiles = moa_retrieval(
-                    adata,
-                    relationships=complexes,
-                    use_rep=key,
-                    settings=MoaSettings(
-                        compound_key=compound_key,
-                        batch_key=batch_key,
-                        perturbation_key=perturbation_key,
-                        control=_control(adata, control),
-                        concentration_key=concentration_key,
-                        replicate_key=replicate if replicate in adata.obs.columns else None,
-                        standardize_key=standardize_key,
-                    ),
+                moa_settings = MoaSettings(
+                    compound_key=compound_key,
+                    batch_key=batch_key,
+                    perturbation_key=perturbation_key,
+                    control=_control(adata, control),
+                    concentration_key=concentration_key,
+                    replicate_key=replicate if replicate in adata.obs.columns else None,
+                    standardize_key=standardize_key,
                 )
                 rows[-1].update(
-                    {
-                        "nsc": moa.nsc,
-                        "nscb": moa.nscb,
-                        "n_moa_profiles": len(moa_profiles.meta),
-                        "n_moa_queries_nscb": moa.n_queries_nscb,
-                    }
+                    moa_metrics(adata, relationships=complexes, settings=moa_settings, use_rep=key)
                 )
             curves.append(
                 pd.DataFrame(
