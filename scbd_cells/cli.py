@@ -167,8 +167,12 @@ def simulate(
         typer.Option(help="tiny (tests, 1.4k cells), demo (15k cells, 64 px), large (1M, 32 px)."),
     ] = "demo",
     layout: Annotated[
-        Literal["crops", "fields"],
-        typer.Option(help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y."),
+        Literal["crops", "fields", "arrayed"],
+        typer.Option(
+            help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y; arrayed: an "
+            "arrayed screen (compound x concentration per well, DMSO wells, plates in batches, "
+            "moa.gmt) as crops."
+        ),
     ] = "crops",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, identical files.")] = 0,
     workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
@@ -244,9 +248,10 @@ def simulate(
         batch_strength=batch_strength,
         holdout_plates=holdout_plates,
     )
+    genes, groups = ("compounds", "mechanisms") if layout == "arrayed" else ("genes", "complexes")
     stdout.print(
-        f"[green]Simulated[/] {result.n_cells:,} cells ({result.n_genes} genes in "
-        f"{result.n_complexes} complexes + control, {result.n_wells} wells, {result.layout}) "
+        f"[green]Simulated[/] {result.n_cells:,} cells ({result.n_genes} {genes} in "
+        f"{result.n_complexes} {groups} + control, {result.n_wells} wells, {result.layout}) "
         f"in {result.seconds:.1f} s -> {result.cells_path}"
     )
     if result.preview_path is not None:
@@ -706,12 +711,14 @@ def baseline(
     )
 
 
-def _print_table(table) -> None:
+def _print_table(table, *, relationships: str = "CORUM") -> None:
     from rich.table import Table
 
     from scbd_cells.evaluation.pages import FIELD_COLUMNS
 
-    view = Table(title="Evaluation (CORUM AUPRC, recall: higher is better; well F1: lower)")
+    view = Table(
+        title=f"Evaluation ({relationships} AUPRC, recall: higher is better; well F1: lower)"
+    )
     for column in ("embedding", "AUPRC", "recall@5/95", "well F1", "chance", "genes", "cells"):
         if column == "embedding":  # names are what the reader looks for: never cut them
             view.add_column(column, no_wrap=True, min_width=max(map(len, table["embedding"])))
@@ -731,6 +738,11 @@ def _print_table(table) -> None:
     if "overall" in table:
         title = "The field's metrics (JUMP benchmark; all: higher is better)"
         stdout.print(_rich_table(title, table, FIELD_COLUMNS, arrows=False))
+    if "nsc" in table:
+        from scbd_cells.evaluation.moa import MOA_COLUMNS
+
+        title = "Mechanism of action: 1-NN accuracy, not same compound (NSC) / or batch (NSCB)"
+        stdout.print(_rich_table(title, table, MOA_COLUMNS, arrows=True))
     if "heldout_corum_auprc" in table:
         from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS
 
@@ -764,7 +776,11 @@ def evaluate(
         list[Path], typer.Argument(help="Cell-level AnnData files (.h5ad/.zarr) to compare.")
     ],
     corum: Annotated[
-        Path, typer.Option(help="Complexes file: CORUM 3.x/4.x/5.x, two-column or GMT.")
+        Path,
+        typer.Option(
+            help="Complexes file (CORUM 3.x/4.x/5.x) or any relationship groups, e.g. "
+            "mechanisms of action (GMT or two-column; reported as 'relationships (FILE)')."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Report folder to write.")],
     key: Annotated[
@@ -811,6 +827,31 @@ def evaluate(
         str | None,
         typer.Option(help="obs column of --holdout-batches, e.g. plate. \\[default: --batch-key]"),
     ] = None,
+    replicate_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The replicate unit in place of the guide, e.g. plate,well in an arrayed "
+            "screen (one perturbation per well). \\[default: --guide-key]"
+        ),
+    ] = None,
+    compound_key: Annotated[
+        str | None,
+        typer.Option(
+            help="obs column of the compound: adds NSC and NSCB (1-NN accuracy of the "
+            "relationship group on treatment profiles, not the same compound / batch)."
+        ),
+    ] = None,
+    concentration_key: Annotated[
+        str | None,
+        typer.Option(help="obs column of the concentration: treatment = compound x concentration."),
+    ] = None,
+    standardize_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Standardise NSC/NSCB profiles to the control cells of the same COLUMN value "
+            "(e.g. plate). \\[default: not standardised]"
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every subsample, split and draw.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
 ) -> None:
@@ -834,10 +875,14 @@ def evaluate(
         umap=umap,
         holdout_batches=_split_csv(holdout_batches),
         holdout_key=holdout_key,
+        replicate_key=replicate_key,
+        compound_key=compound_key,
+        concentration_key=concentration_key,
+        standardize_key=standardize_key,
         seed=seed,
         overwrite=overwrite,
     )
-    _print_table(result.table)
+    _print_table(result.table, relationships=result.metrics["settings"]["relationships"])
     for text in result.metrics.get("warnings", {}).values():
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     stdout.print(f"Report: {result.report_path}")

@@ -172,7 +172,9 @@ def aggregate_profiles(
         bad = guide_names[int(np.flatnonzero(genes_per_guide > 1)[0])]
         raise DataError(
             f"Guide {bad!r} is assigned to more than one perturbation; guides must be unique to "
-            "one gene. Check the guide and perturbation columns."
+            "one gene. Check the guide and perturbation columns. In an arrayed screen (one "
+            "perturbation per well, no guide) the well is the replicate: evaluate "
+            "--replicate-key plate,well."
         )
     gene_of_guide = np.asarray(gene_labels, dtype=object)[pair_gene]
     if control not in set(gene_of_guide):

@@ -58,7 +58,11 @@ MORPHOLOGY = (
     "microtubule_intensity",
     "microtubule_density",
 )
-LAYOUTS = ("crops", "fields")
+LAYOUTS = ("crops", "fields", "arrayed")
+#: The negative control of an arrayed screen (one vehicle well: concentration 0).
+ARRAYED_CONTROL = "DMSO"
+#: The relationship file of an arrayed screen: mechanism-of-action groups of compounds (GMT).
+ARRAYED_RELATIONSHIPS = "moa.gmt"
 MIN_CROP_SIZE = 16
 #: Drawing sizes are defined for a 64 px crop and scaled to ``crop_size``.
 REFERENCE_CROP = 64
@@ -179,6 +183,99 @@ PRESETS: dict[str, SimulationParams] = {
 
 
 @dataclass(frozen=True)
+class ArrayedParams:
+    """Sizes and strengths of a simulated arrayed screen (``layout="arrayed"``).
+
+    Every plate holds each treatment (a compound at one concentration) in one well and
+    ``control_wells`` wells of the vehicle (:data:`ARRAYED_CONTROL`); consecutive plates
+    form batches of ``plates_per_batch`` (plates imaged together share part of their
+    technical effects).
+
+    Attributes
+    ----------
+    n_compounds
+        Compounds (the control comes on top).
+    n_mechanisms
+        Mechanisms of action; each compound belongs to one (at least two compounds each).
+    concentrations
+        Concentrations of every compound (µM); a treatment is a compound at one of them.
+    control_wells
+        Vehicle wells per plate.
+    cells_per_well
+        Cells imaged per well.
+    plates, plates_per_batch
+        Replicate plates and how many form one batch (``plates`` must be a multiple).
+    crop_size, field_grid, effect_strength, batch_strength, cells_per_chunk
+        As in :class:`SimulationParams`.
+    """
+
+    n_compounds: int
+    n_mechanisms: int
+    concentrations: tuple[float, ...]
+    control_wells: int
+    cells_per_well: int
+    plates: int
+    plates_per_batch: int
+    crop_size: int = 64
+    field_grid: int = 6
+    effect_strength: float = 1.0
+    batch_strength: float = 1.0
+    cells_per_chunk: int = 1024
+
+    @property
+    def wells_per_plate(self) -> int:
+        return self.n_compounds * len(self.concentrations) + self.control_wells
+
+    @property
+    def n_cells(self) -> int:
+        return self.plates * self.wells_per_plate * self.cells_per_well
+
+
+ARRAYED_PRESETS: dict[str, ArrayedParams] = {
+    # Tests: 880 cells at 32 px (22 wells x 4 plates in 2 batches), seconds.
+    "tiny": ArrayedParams(
+        n_compounds=6,
+        n_mechanisms=3,
+        concentrations=(1.0, 10.0),
+        control_wells=4,
+        cells_per_well=16,
+        plates=4,
+        plates_per_batch=2,
+        crop_size=32,
+        field_grid=4,
+        effect_strength=2.0,
+        cells_per_chunk=512,
+    ),
+    # The demo: ~13 k cells at 64 px (56 wells x 6 plates in 3 batches).
+    "demo": ArrayedParams(
+        n_compounds=24,
+        n_mechanisms=8,
+        concentrations=(0.3, 3.0),
+        control_wells=8,
+        cells_per_well=40,
+        plates=6,
+        plates_per_batch=2,
+        crop_size=64,
+        field_grid=6,
+        effect_strength=3.0,
+    ),
+    # Benchmarks: ~1 M cells at 32 px (352 wells of a 384-well plate x 8 plates in 4 batches).
+    "large": ArrayedParams(
+        n_compounds=80,
+        n_mechanisms=16,
+        concentrations=(0.1, 0.3, 1.0, 3.0),
+        control_wells=32,
+        cells_per_well=360,
+        plates=8,
+        plates_per_batch=2,
+        crop_size=32,
+        field_grid=8,
+        cells_per_chunk=4096,
+    ),
+}
+
+
+@dataclass(frozen=True)
 class SimulationResult:
     """What :func:`simulate` wrote.
 
@@ -187,13 +284,14 @@ class SimulationResult:
     out_dir
         The screen's folder.
     cells_path, complexes_path, truth_path
-        ``cells.csv``, ``complexes.txt`` (CORUM 5.x) and ``truth.json``.
+        ``cells.csv``, ``complexes.txt`` (CORUM 5.x; arrayed: ``moa.gmt``, the compounds'
+        mechanism-of-action groups) and ``truth.json``.
     preview_path
         ``preview.png`` when asked for, else None.
     layout
-        ``"crops"`` or ``"fields"``.
+        ``"crops"``, ``"fields"`` or ``"arrayed"``.
     n_cells, n_genes, n_complexes, n_wells, n_fields
-        Sizes (``n_genes`` without the control).
+        Sizes (``n_genes`` without the control; arrayed: compounds and mechanisms).
     params
         The parameters used.
     seconds
@@ -211,7 +309,7 @@ class SimulationResult:
     n_complexes: int
     n_wells: int
     n_fields: int
-    params: SimulationParams
+    params: SimulationParams | ArrayedParams
     seconds: float
 
 
@@ -332,30 +430,7 @@ def _design(params: SimulationParams, rng: np.random.Generator) -> _Design:
     order = np.lexsort((rng.random(cell_guide.size), cell_well))
     cell_guide, cell_well = cell_guide[order], cell_well[order]
 
-    # Fields: consecutive cells of a well fill fields of up to grid**2 slots; the
-    # slots are a jittered grid with a quarter-pitch margin, so a few cells sit so
-    # close to the border that their crop would leave the field (as in real data).
-    pitch, grid = params.crop_size, params.field_grid
-    field_size = grid * pitch + pitch // 2
-    per_field = grid * grid
-    rank_in_well = np.arange(cell_guide.size) - np.searchsorted(cell_well, cell_well, side="left")
-    cell_tile = rank_in_well // per_field
-    fields = sorted(set(zip(cell_well.tolist(), cell_tile.tolist(), strict=True)))
-    field_index = {key: i for i, key in enumerate(fields)}
-    cell_field = np.array(
-        [field_index[key] for key in zip(cell_well.tolist(), cell_tile.tolist(), strict=True)]
-    )
-    slot = np.empty(cell_guide.size, dtype=int)
-    bounds = np.flatnonzero(np.diff(cell_field, prepend=-1, append=-1) != 0)
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        slot[start:stop] = rng.permutation(per_field)[: stop - start]
-    jitter = np.clip(
-        np.rint(rng.normal(0, pitch / 8, size=(cell_guide.size, 2))), -pitch // 3, pitch // 3
-    )
-    # Sub-pixel part of the centroid, kept inside (-0.5, 0.5) so round() gives the pixel drawn at.
-    subpixel = rng.uniform(-0.45, 0.45, size=(cell_guide.size, 2))
-    cell_y = pitch // 4 + (slot // grid) * pitch + pitch // 2 + jitter[:, 0] + subpixel[:, 0]
-    cell_x = pitch // 4 + (slot % grid) * pitch + pitch // 2 + jitter[:, 1] + subpixel[:, 1]
+    placement = _place_cells(cell_well, crop_size=params.crop_size, grid=params.field_grid, rng=rng)
 
     # Edited or not, per cell (a guide's efficacy is the fraction of its cells edited).
     edited = rng.random(cell_guide.size) < guide_efficacy_array[cell_guide]
@@ -376,13 +451,58 @@ def _design(params: SimulationParams, rng: np.random.Generator) -> _Design:
         well_effects=well_effects,
         cell_guide=cell_guide,
         cell_well=cell_well,
-        cell_tile=cell_tile,
-        cell_field=cell_field,
-        cell_x=cell_x,
-        cell_y=cell_y,
+        cell_tile=placement.tile,
+        cell_field=placement.field,
+        cell_x=placement.x,
+        cell_y=placement.y,
         cell_shift=cell_shift,
-        field_size=field_size,
-        fields=fields,
+        field_size=placement.field_size,
+        fields=placement.fields,
+    )
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where each cell sits: its field of view and centroid (cells ordered by well)."""
+
+    tile: np.ndarray  # field index within the well
+    field: np.ndarray  # global field index
+    x: np.ndarray  # centroid column in the field (float)
+    y: np.ndarray  # centroid row in the field (float)
+    field_size: int
+    fields: list[tuple[int, int]]  # (well, tile) per global field
+
+
+def _place_cells(
+    cell_well: np.ndarray, *, crop_size: int, grid: int, rng: np.random.Generator
+) -> _Placement:
+    """Put the cells of each well (``cell_well`` sorted) on fields of view.
+
+    Consecutive cells of a well fill fields of up to ``grid**2`` slots; the slots are a
+    jittered grid with a quarter-pitch margin, so a few cells sit so close to the border
+    that their crop would leave the field (as in real data).
+    """
+    pitch, n_cells = crop_size, cell_well.size
+    field_size = grid * pitch + pitch // 2
+    per_field = grid * grid
+    rank_in_well = np.arange(n_cells) - np.searchsorted(cell_well, cell_well, side="left")
+    cell_tile = rank_in_well // per_field
+    fields = sorted(set(zip(cell_well.tolist(), cell_tile.tolist(), strict=True)))
+    field_index = {key: i for i, key in enumerate(fields)}
+    cell_field = np.array(
+        [field_index[key] for key in zip(cell_well.tolist(), cell_tile.tolist(), strict=True)]
+    )
+    slot = np.empty(n_cells, dtype=int)
+    bounds = np.flatnonzero(np.diff(cell_field, prepend=-1, append=-1) != 0)
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        slot[start:stop] = rng.permutation(per_field)[: stop - start]
+    jitter = np.clip(np.rint(rng.normal(0, pitch / 8, size=(n_cells, 2))), -pitch // 3, pitch // 3)
+    # Sub-pixel part of the centroid, kept inside (-0.5, 0.5) so round() gives the pixel drawn at.
+    subpixel = rng.uniform(-0.45, 0.45, size=(n_cells, 2))
+    cell_y = pitch // 4 + (slot // grid) * pitch + pitch // 2 + jitter[:, 0] + subpixel[:, 0]
+    cell_x = pitch // 4 + (slot % grid) * pitch + pitch // 2 + jitter[:, 1] + subpixel[:, 1]
+    return _Placement(
+        tile=cell_tile, field=cell_field, x=cell_x, y=cell_y, field_size=field_size, fields=fields
     )
 
 
@@ -396,7 +516,7 @@ def _at_least(sizes: np.ndarray, minimum: int) -> np.ndarray:
 
 
 def _well_effects(
-    params: SimulationParams, rng: np.random.Generator, well_plate: np.ndarray
+    params: SimulationParams | ArrayedParams, rng: np.random.Generator, well_plate: np.ndarray
 ) -> list[dict[str, Any]]:
     """Per-well technical effects: a plate part shared by its wells plus a well part."""
     strength, n_channels, scale = params.batch_strength, len(SIM_CHANNELS), params.crop_size / 64
@@ -485,6 +605,280 @@ def _hold_out_plates(design: _Design, params: SimulationParams, *, seed: int) ->
     for well, effect in zip(wells, shifted, strict=True):
         design.well_effects[well] = effect
     design.holdout_plates = design.plates[first:]
+
+
+# ---------------------------------------------------------------------------
+# Arrayed design: one treatment per well, controls on every plate, plates in batches
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ArrayedFacts:
+    """What an arrayed screen adds to :class:`_Design` (its treatments are the design's guides)."""
+
+    concentrations: np.ndarray  # (n_treatments,) µM, 0 for the control
+    ec50: np.ndarray  # (n_compounds,) µM
+    well_treatment: np.ndarray  # (n_wells,) treatment index
+    batches: list[str]
+    plate_batch: np.ndarray  # (n_plates,) batch index
+
+
+def _arrayed_well_name(index: int) -> str:
+    """Well names of a 384-well plate, row by row: A01 ... A24, B01 ... P24."""
+    return f"{'ABCDEFGHIJKLMNOP'[index // 24]}{index % 24 + 1:02d}"
+
+
+def _random_direction(rng: np.random.Generator) -> np.ndarray:
+    """A unit vector over :data:`MORPHOLOGY` that moves 2-4 of the parameters."""
+    vector = np.zeros(len(MORPHOLOGY))
+    chosen = rng.choice(len(MORPHOLOGY), size=int(rng.integers(2, 5)), replace=False)
+    vector[chosen] = rng.normal(size=chosen.size)
+    return vector / np.linalg.norm(vector)
+
+
+def _arrayed_design(
+    params: ArrayedParams, rng: np.random.Generator
+) -> tuple[_Design, _ArrayedFacts]:
+    """Compounds in mechanisms, treatments (compound x concentration) in wells, cells in fields.
+
+    A mechanism shifts 2-4 morphological parameters; its compounds share that direction
+    with their own strength plus a smaller compound-specific part, scaled by a Hill
+    response ``c / (c + EC50)`` to the concentration. Each plate holds every treatment
+    once and ``control_wells`` vehicle wells, in a random order of its own; plates of
+    one batch share a batch part of their technical effects on top of the plate part.
+    """
+    n_compounds, n_mechanisms = params.n_compounds, params.n_mechanisms
+    compounds = [f"CPD{i + 1:04d}" for i in range(n_compounds)] + [ARRAYED_CONTROL]
+
+    # Mechanisms: the compounds split into groups of random size (>= 2).
+    order = rng.permutation(n_compounds)
+    cuts = np.sort(rng.choice(np.arange(1, n_compounds), size=n_mechanisms - 1, replace=False))
+    sizes = _at_least(np.diff(np.concatenate([[0], cuts, [n_compounds]])), 2)
+    mechanism = np.empty(n_compounds, dtype=int)
+    start = 0
+    for index, size in enumerate(sizes):
+        mechanism[order[start : start + size]] = index
+        start += size
+    strength = params.effect_strength
+    mechanism_effects = np.stack(
+        [_random_direction(rng) * rng.uniform(0.6, 1.4) * strength for _ in range(n_mechanisms)]
+    )
+    compound_effects = np.zeros((n_compounds + 1, len(MORPHOLOGY)))  # the control's row: zero
+    for index in range(n_compounds):
+        own = _random_direction(rng) * 0.25 * strength
+        compound_effects[index] = rng.uniform(0.7, 1.3) * mechanism_effects[mechanism[index]] + own
+    concentrations = np.asarray(params.concentrations, dtype=float)
+    middle = float(np.exp(np.log(concentrations).mean()))
+    ec50 = middle * np.exp(rng.normal(0, 0.7, size=n_compounds))
+
+    # Treatments (the design's "guides"): each compound at each concentration, then the control.
+    treatments = [f"{c}@{x:g}" for c in compounds[:-1] for x in concentrations] + [ARRAYED_CONTROL]
+    treatment_compound = np.append(
+        np.repeat(np.arange(n_compounds), concentrations.size), n_compounds
+    )
+    treatment_concentration = np.append(np.tile(concentrations, n_compounds), 0.0)
+    response = np.append(
+        treatment_concentration[:-1]
+        / (treatment_concentration[:-1] + ec50[treatment_compound[:-1]]),
+        0.0,
+    )
+
+    # Plates: every treatment once and the control wells, in a random order per plate.
+    plates = [f"plate{p + 1}" for p in range(params.plates)]
+    plate_batch = np.arange(params.plates) // params.plates_per_batch
+    batches = [f"batch{b + 1}" for b in range(int(plate_batch.max()) + 1)]
+    on_plate = np.append(
+        np.arange(len(treatments) - 1), np.full(params.control_wells, len(treatments) - 1)
+    )
+    well_treatment = np.concatenate([rng.permutation(on_plate) for _ in plates])
+    wells_per_plate = on_plate.size
+    wells = [_arrayed_well_name(w) for _ in plates for w in range(wells_per_plate)]
+    well_plate = np.repeat(np.arange(params.plates), wells_per_plate)
+    well_effects = _well_effects(params, rng, well_plate)
+    batch_strength, n_channels = params.batch_strength, len(SIM_CHANNELS)
+    batch_gain = rng.normal(0, 0.2 * batch_strength, size=(len(batches), n_channels))
+    batch_offset = rng.normal(0, 100 * batch_strength, size=(len(batches), n_channels))
+    for well, effect in enumerate(well_effects):
+        batch = plate_batch[well_plate[well]]
+        effect["gain"] = (np.asarray(effect["gain"]) * np.exp(batch_gain[batch])).tolist()
+        effect["offset"] = np.maximum(
+            50.0, np.asarray(effect["offset"]) + batch_offset[batch]
+        ).tolist()
+
+    # Cells: cells_per_well in every well; about one in ten does not respond.
+    cell_well = np.repeat(np.arange(len(wells)), params.cells_per_well)
+    placement = _place_cells(cell_well, crop_size=params.crop_size, grid=params.field_grid, rng=rng)
+    cell_treatment = well_treatment[cell_well]
+    responds = rng.random(cell_well.size) < 0.9
+    cell_shift = (
+        compound_effects[treatment_compound[cell_treatment]]
+        * (response[cell_treatment] * responds)[:, None]
+    ).astype(np.float32)
+
+    design = _Design(
+        genes=compounds,
+        gene_complex=mechanism.tolist(),
+        gene_effects=compound_effects,
+        complex_names=[f"Simulated mechanism {k + 1}" for k in range(n_mechanisms)],
+        complex_effects=mechanism_effects,
+        guides=treatments,
+        guide_gene=treatment_compound,
+        guide_efficacy=response,
+        plates=plates,
+        wells=wells,
+        well_plate=well_plate,
+        well_effects=well_effects,
+        cell_guide=cell_treatment,
+        cell_well=cell_well,
+        cell_tile=placement.tile,
+        cell_field=placement.field,
+        cell_x=placement.x,
+        cell_y=placement.y,
+        cell_shift=cell_shift,
+        field_size=placement.field_size,
+        fields=placement.fields,
+    )
+    facts = _ArrayedFacts(
+        concentrations=treatment_concentration,
+        ec50=ec50,
+        well_treatment=well_treatment,
+        batches=batches,
+        plate_batch=plate_batch,
+    )
+    return design, facts
+
+
+def _arrayed_cells_table(design: _Design, facts: _ArrayedFacts) -> pd.DataFrame:
+    """``cell_id, image_path, compound, concentration, plate, well, batch, tile, x, y``."""
+    plate_index = design.well_plate[design.cell_well]
+    plate = np.asarray(design.plates)[plate_index]
+    well = np.asarray(design.wells)[design.cell_well]
+    return pd.DataFrame(
+        {
+            "cell_id": np.arange(design.cell_well.size),
+            "image_path": [
+                f"images/{p}_{w}/cell{i:07d}.tif"
+                for i, (p, w) in enumerate(zip(plate, well, strict=True))
+            ],
+            "compound": np.asarray(design.genes)[design.guide_gene[design.cell_guide]],
+            "concentration": facts.concentrations[design.cell_guide],
+            "plate": plate,
+            "well": well,
+            "batch": np.asarray(facts.batches)[facts.plate_batch[plate_index]],
+            "tile": design.cell_tile,
+            "x": np.round(design.cell_x, 3),
+            "y": np.round(design.cell_y, 3),
+        }
+    )
+
+
+def _write_relationships(path: Path, design: _Design) -> None:
+    """GMT: ``mechanism<TAB>description<TAB>compound<TAB>compound ...``, one line per mechanism."""
+    lines = []
+    for index, name in enumerate(design.complex_names):
+        members = [c for c, m in zip(design.genes, design.gene_complex, strict=False) if m == index]
+        lines.append("\t".join([name, "simulated mechanism of action", *members]))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _arrayed_truth(
+    design: _Design, facts: _ArrayedFacts, params: ArrayedParams, *, seed: int
+) -> dict[str, Any]:
+    def vector(values: np.ndarray) -> dict[str, float]:
+        return {name: round(float(v), 6) for name, v in zip(MORPHOLOGY, values, strict=True)}
+
+    return {
+        "scbd_cells_version": __version__,
+        "seed": seed,
+        "layout": "arrayed",
+        "parameters": asdict(params),
+        "channels": list(SIM_CHANNELS),
+        "morphology": list(MORPHOLOGY),
+        "field_size": design.field_size,
+        "control": ARRAYED_CONTROL,
+        "relationships": ARRAYED_RELATIONSHIPS,
+        "compounds": {
+            compound: {
+                "mechanism": design.complex_names[design.gene_complex[i]],
+                "effect": vector(design.gene_effects[i]),
+                "ec50": round(float(facts.ec50[i]), 6),
+            }
+            for i, compound in enumerate(design.genes[:-1])
+        },
+        "mechanisms": {
+            name: {
+                "members": [
+                    c for c, m in zip(design.genes, design.gene_complex, strict=False) if m == k
+                ],
+                "effect": vector(design.complex_effects[k]),
+            }
+            for k, name in enumerate(design.complex_names)
+        },
+        "treatments": {
+            treatment: {
+                "compound": design.genes[design.guide_gene[t]],
+                "concentration": float(facts.concentrations[t]),
+                "response": round(float(design.guide_efficacy[t]), 6),
+            }
+            for t, treatment in enumerate(design.guides)
+        },
+        "batches": {
+            batch: [p for p, b in zip(design.plates, facts.plate_batch, strict=True) if b == k]
+            for k, batch in enumerate(facts.batches)
+        },
+        "wells": {
+            f"{design.plates[design.well_plate[w]]}_{design.wells[w]}": {
+                "treatment": design.guides[facts.well_treatment[w]],
+                **{
+                    key: [round(v, 6) for v in value]
+                    if isinstance(value, list)
+                    else round(value, 6)
+                    for key, value in effect.items()
+                },
+            }
+            for w, effect in enumerate(design.well_effects)
+        },
+    }
+
+
+def _check_arrayed_params(params: ArrayedParams, *, workers: int) -> None:
+    counts = {
+        "n_compounds (--n-genes)": params.n_compounds,
+        "cells_per_well (--cells-per-guide)": params.cells_per_well,
+        "plates": params.plates,
+        "plates_per_batch": params.plates_per_batch,
+        "control_wells": params.control_wells,
+        "workers": workers,
+    }
+    for name, value in counts.items():
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}.")
+    if params.n_mechanisms < 1 or 2 * params.n_mechanisms > params.n_compounds:
+        raise InputError(
+            f"{params.n_mechanisms} mechanisms (--n-complexes) need between 1 and "
+            f"n_compounds / 2 = {params.n_compounds // 2} (two compounds each), with "
+            f"{params.n_compounds} compounds (--n-genes)."
+        )
+    if params.plates % params.plates_per_batch:
+        raise InputError(
+            f"plates ({params.plates}) must be a multiple of plates_per_batch "
+            f"({params.plates_per_batch}): every batch holds the same number of plates."
+        )
+    if params.wells_per_plate > 384:
+        raise InputError(
+            f"A plate holds at most 384 wells; {params.n_compounds} compounds x "
+            f"{len(params.concentrations)} concentrations + {params.control_wells} control "
+            f"wells need {params.wells_per_plate}. Lower --n-genes."
+        )
+    if not MIN_CROP_SIZE <= params.crop_size <= 512:
+        raise InputError(
+            f"crop_size must be between {MIN_CROP_SIZE} and 512 px, got {params.crop_size}."
+        )
+    if params.effect_strength < 0 or params.batch_strength < 0:
+        raise InputError(
+            f"effect_strength and batch_strength must be >= 0, got {params.effect_strength} "
+            f"and {params.batch_strength}."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -872,6 +1266,10 @@ def simulate(
         ``"crops"``: one (C, H, W) uint16 TIFF per cell, column ``image_path``.
         ``"fields"``: one single-channel TIFF per field and channel, columns
         ``<channel>_path``; ``x`` / ``y`` locate each cell in its field.
+        ``"arrayed"``: an arrayed screen (:class:`ArrayedParams`) written as crops: one
+        treatment (``compound`` at ``concentration``) per well, vehicle (``DMSO``) wells on
+        every plate, plates grouped in ``batch``es, no guide; ``moa.gmt`` holds the
+        compounds' mechanism-of-action groups (docs/simulator.md).
     seed
         Everything is drawn from it; the same seed writes byte-identical files,
         whatever ``workers``.
@@ -884,7 +1282,7 @@ def simulate(
         script, call :func:`simulate` under ``if __name__ == "__main__":``).
     n_genes, n_complexes, guides_per_gene, control_guides, cells_per_guide, \
 control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, batch_strength
-        Override the preset (see :class:`SimulationParams`).
+        Override the preset (see :class:`SimulationParams`; arrayed: :data:`ARRAYED_OVERRIDES`).
     holdout_plates
         Hold out the last K plates: their wells get technical effects unlike any
         other plate's, ``cells.csv`` gains a boolean ``holdout`` column and
@@ -902,7 +1300,7 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
             "Pick a preset and override sizes with the size options."
         )
     if layout not in LAYOUTS:
-        raise InputError(f"Unknown layout {layout!r}: expected 'crops' or 'fields'.")
+        raise InputError(f"Unknown layout {layout!r}: expected 'crops', 'fields' or 'arrayed'.")
     overrides = {
         "n_genes": n_genes,
         "n_complexes": n_complexes,
@@ -917,20 +1315,37 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
         "batch_strength": batch_strength,
         "holdout_plates": holdout_plates,
     }
-    params = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-    _check_params(params, workers=workers)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    params: SimulationParams | ArrayedParams
+    facts = None
+    if layout == "arrayed":
+        if preview:
+            raise InputError(
+                "--preview draws the pooled layouts only; leave it out with --layout arrayed."
+            )
+        params = _arrayed_params(preset, given)
+        _check_arrayed_params(params, workers=workers)
+    else:
+        params = replace(PRESETS[preset], **given)
+        _check_params(params, workers=workers)
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite=overwrite)
 
     rng = np.random.default_rng(seed)
-    design = _design(params, rng)
-    _hold_out_plates(design, params, seed=seed)
+    if isinstance(params, ArrayedParams):
+        design, facts = _arrayed_design(params, rng)
+        n_genes, n_groups = params.n_compounds, params.n_mechanisms
+    else:
+        design = _design(params, rng)
+        _hold_out_plates(design, params, seed=seed)
+        n_genes, n_groups = params.n_genes, params.n_complexes
     n_cells = design.cell_guide.size
     logger.info(
-        "Simulating %s cells (%d genes in %d complexes, %d wells) at %d px into %s",
+        "Simulating %s cells (%d %s in %d groups, %d wells) at %d px into %s",
         f"{n_cells:,}",
-        params.n_genes,
-        params.n_complexes,
+        n_genes,
+        "compounds" if facts is not None else "genes",
+        n_groups,
         len(design.wells),
         params.crop_size,
         out_dir,
@@ -947,14 +1362,19 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
                 for done in pool.map(_render_chunk, chunks):
                     bar.advance(task, done)
 
-    complexes_path = out_dir / "complexes.txt"
-    _write_complexes(complexes_path, design)
     truth_path = out_dir / "truth.json"
-    truth_path.write_text(
-        json.dumps(_truth(design, params, seed=seed, layout=layout), indent=1) + "\n"
-    )
+    if facts is not None:
+        complexes_path = out_dir / ARRAYED_RELATIONSHIPS
+        _write_relationships(complexes_path, design)
+        truth = _arrayed_truth(design, facts, params, seed=seed)
+        table = _arrayed_cells_table(design, facts)
+    else:
+        complexes_path = out_dir / "complexes.txt"
+        _write_complexes(complexes_path, design)
+        truth = _truth(design, params, seed=seed, layout=layout)
+        table = _cells_table(design, layout=layout)
+    truth_path.write_text(json.dumps(truth, indent=1) + "\n")
     cells_path = out_dir / "cells.csv"
-    table = _cells_table(design, layout=layout)
     table.to_csv(cells_path, index=False, float_format="%.3f", lineterminator="\n")
 
     preview_path = None
@@ -975,13 +1395,38 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
         preview_path=preview_path,
         layout=layout,
         n_cells=n_cells,
-        n_genes=params.n_genes,
-        n_complexes=params.n_complexes,
+        n_genes=n_genes,
+        n_complexes=n_groups,
         n_wells=len(design.wells),
         n_fields=len(design.fields),
         params=params,
         seconds=seconds,
     )
+
+
+#: The size options that an arrayed screen reads, and the field of :class:`ArrayedParams` each sets.
+ARRAYED_OVERRIDES = {
+    "n_genes": "n_compounds",
+    "n_complexes": "n_mechanisms",
+    "cells_per_guide": "cells_per_well",
+    "plates": "plates",
+    "crop_size": "crop_size",
+    "effect_strength": "effect_strength",
+    "batch_strength": "batch_strength",
+}
+
+
+def _arrayed_params(preset: str, given: dict[str, Any]) -> ArrayedParams:
+    """The arrayed preset with the size options that apply to it; the pooled-only ones refused."""
+    pooled_only = sorted(set(given) - set(ARRAYED_OVERRIDES))
+    if pooled_only:
+        names = ", ".join("--" + name.replace("_", "-") for name in pooled_only)
+        raise InputError(
+            f"{names} size a pooled screen; --layout arrayed takes --n-genes (compounds), "
+            "--n-complexes (mechanisms), --cells-per-guide (cells per well), --plates, "
+            "--crop-size, --effect-strength and --batch-strength."
+        )
+    return replace(ARRAYED_PRESETS[preset], **{ARRAYED_OVERRIDES[k]: v for k, v in given.items()})
 
 
 def _check_params(params: SimulationParams, *, workers: int) -> None:
@@ -1028,7 +1473,15 @@ def _check_params(params: SimulationParams, *, workers: int) -> None:
         )
 
 
-SCREEN_ENTRIES = ("cells.csv", "images", "fields", "complexes.txt", "truth.json", "preview.png")
+SCREEN_ENTRIES = (
+    "cells.csv",
+    "images",
+    "fields",
+    "complexes.txt",
+    ARRAYED_RELATIONSHIPS,
+    "truth.json",
+    "preview.png",
+)
 
 
 def _prepare_out_dir(out_dir: Path, *, overwrite: bool) -> None:
@@ -1036,7 +1489,14 @@ def _prepare_out_dir(out_dir: Path, *, overwrite: bool) -> None:
     prepare_folder(out_dir, kind="screen", overwrite=overwrite, entries=SCREEN_ENTRIES)
 
 
-def _chunks(design: _Design, params: SimulationParams, *, seed: int, layout: str, out_dir: Path):
+def _chunks(
+    design: _Design,
+    params: SimulationParams | ArrayedParams,
+    *,
+    seed: int,
+    layout: str,
+    out_dir: Path,
+):
     """Work items: runs of whole fields of one well holding about ``cells_per_chunk`` cells."""
     per_field = params.field_grid**2
     fields_per_chunk = max(1, params.cells_per_chunk // per_field)

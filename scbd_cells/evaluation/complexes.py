@@ -29,6 +29,8 @@ from scbd_cells.errors import DataError, InputError
 log = logging.getLogger(__name__)
 
 _HUMAN = {"human", "homo sapiens"}
+#: The formats read from a CORUM export; the others hold any relationship groups.
+CORUM_FORMATS = ("corum3", "corum5")
 _MEMBER_SPLIT = re.compile(r"[;,\s]+")
 
 
@@ -52,6 +54,21 @@ class Complexes:
     members: tuple[frozenset[str], ...]
     format: str
     path: Path
+
+    @property
+    def is_corum(self) -> bool:
+        """Whether the file is a CORUM export (else any relationship groups: GMT, two-column)."""
+        return self.format in CORUM_FORMATS
+
+    @property
+    def label(self) -> str:
+        """How the report names the file's metrics: ``CORUM``, else ``relationships (FILE)``.
+
+        A GMT or two-column file may hold any groups (mechanisms of action, targets,
+        pathways), so its metrics are not called CORUM's; ``metrics.json`` keeps the
+        ``corum_*`` keys whatever the file, and records this label beside them.
+        """
+        return "CORUM" if self.is_corum else f"relationships ({self.path.name})"
 
     @property
     def genes(self) -> frozenset[str]:

@@ -22,6 +22,7 @@ from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.evaluation.figures import plot_tradeoff, plot_umaps
 from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS, HOLDOUT_EXPLANATION, holdout_intro
 from scbd_cells.evaluation.html import html_table, provenance_html, report_html
+from scbd_cells.evaluation.moa import MOA_BEST, MOA_COLUMNS, moa_explanation
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,16 @@ FIELD_COLUMNS = [
     ("bio_score", "bio ↑", ".2f"),
     ("overall", "overall ↑", ".2f"),
 ]
+
+
+def paper_columns(label: str) -> list[tuple[str, str, str]]:
+    """:data:`PAPER_COLUMNS` with the relationship file's label (``CORUM`` or neutral)."""
+    return [
+        (column, f"{label} AUPRC ↑" if column == "corum_auprc" else header, fmt)
+        for column, header, fmt in PAPER_COLUMNS
+    ]
+
+
 # the best value of each of these columns is shown bold in report.html
 BEST = {
     **{c: "max" for c, _, f in PAPER_COLUMNS + FIELD_COLUMNS if f not in ("s", "d", ",d")},
@@ -212,9 +223,11 @@ def write_extras(
         plot_umaps(_umap_panels(extras), folder / "umap.png", seed=extras.seed)
         images.append((folder / "umap.png", "UMAPs: gene profiles by complex, cells by well"))
     settings = metrics["settings"]
+    label = settings.get("relationships", "CORUM")
+    pair = "genes share a complex" if label == "CORUM" else "perturbations share a group"
     paper_text = (
-        "<p class='note'>CORUM AUPRC: area under the precision-recall curve of predicting "
-        "'the two genes share a complex' from the cosine similarity of their profiles "
+        f"<p class='note'>{html.escape(label)} AUPRC: area under the precision-recall curve "
+        f"of predicting 'the two {pair}' from the cosine similarity of their profiles "
         "(thresholds at the p-th / (100 − p)-th percentiles, p = 80..99; paper appendix "
         "A.3); recall at p = 95 and p = 90. Well F1: held-out macro F1 of a logistic "
         f"regression predicting the batch (<code>{settings['batch_key']}</code>) from the "
@@ -228,6 +241,16 @@ def write_extras(
         ("Warning", f"<p><strong>{html.escape(text)}</strong></p>")
         for text in metrics.get("warnings", {}).values()
     ]
+    moa_section = []
+    if settings.get("moa"):
+        render = markdown_it.MarkdownIt().render
+        moa_section.append(
+            (
+                "Mechanism of action: NSC / NSCB",
+                html_table(table, MOA_COLUMNS, best=MOA_BEST)
+                + render(moa_explanation(settings["moa"])),
+            )
+        )
     holdout_section = []
     if metrics.get("holdout"):
         render = markdown_it.MarkdownIt().render
@@ -243,7 +266,11 @@ def write_extras(
         title="scbd-cells evaluation",
         sections=[
             *warnings,
-            ("The paper's tasks", html_table(table, PAPER_COLUMNS, best=BEST) + paper_text),
+            (
+                "The paper's tasks",
+                html_table(table, paper_columns(label), best=BEST) + paper_text,
+            ),
+            *moa_section,
             (
                 "The field's metrics (JUMP batch-correction benchmark)",
                 html_table(table, FIELD_COLUMNS, best=BEST) + explanation,
@@ -263,4 +290,14 @@ def holdout_markdown(table: pd.DataFrame, holdout: dict[str, Any]) -> str:
     return (
         f"## Held-out batches\n\n{holdout_intro(holdout)}\n\n"
         f"{markdown_table(table, HOLDOUT_COLUMNS)}\n\n{HOLDOUT_EXPLANATION}\n"
+    )
+
+
+def moa_markdown(table: pd.DataFrame, settings: dict[str, Any] | None) -> str:
+    """The report's NSC/NSCB section (empty without ``--compound-key``)."""
+    if not settings:
+        return ""
+    return (
+        "\n## Mechanism of action: NSC / NSCB\n\n"
+        f"{markdown_table(table, MOA_COLUMNS)}\n\n{moa_explanation(settings)}\n"
     )

@@ -43,13 +43,15 @@ from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_
 from scbd_cells.evaluation.holdout import HOLDOUT_KEYS, Holdout, holdout_metrics
 from scbd_cells.evaluation.map import DEFAULT_MAX_REPLICATES, DEFAULT_NULL_SIZE
 from scbd_cells.evaluation.mixing import DEFAULT_MIXING_CELLS
+from scbd_cells.evaluation.moa import MOA_KEYS, MoaSettings, moa_metrics
 from scbd_cells.evaluation.overall import overall_scores
 from scbd_cells.evaluation.pages import (
-    PAPER_COLUMNS,
     ReportExtras,
     field_markdown,
     holdout_markdown,
     markdown_table,
+    moa_markdown,
+    paper_columns,
     write_extras,
 )
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
@@ -189,6 +191,10 @@ def evaluate(
     umap: bool = True,
     holdout_batches: list[str] | None = None,
     holdout_key: str | None = None,
+    replicate_key: str | None = None,
+    compound_key: str | None = None,
+    concentration_key: str | None = None,
+    standardize_key: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
 ) -> EvaluationResult:
@@ -200,7 +206,8 @@ def evaluate(
         Cell-level AnnData files (``.h5ad`` or ``.zarr``) with perturbation, guide and batch
         columns in obs.
     corum
-        Complexes file (CORUM 3.x/4.x/5.x, two-column or GMT).
+        Relationship file: CORUM 3.x/4.x/5.x, or any groups (mechanisms of action,
+        targets) as GMT or two-column; the report names the latter ``relationships (FILE)``.
     out
         Report folder; written atomically.
     keys
@@ -231,6 +238,19 @@ def evaluate(
         they mix with the rest are reported apart (``evaluation/holdout.py``).
     holdout_key
         obs column of ``holdout_batches`` (default: ``batch_key``), e.g. ``plate``.
+    replicate_key
+        The replicate unit in place of the guide, e.g. ``plate,well`` in an arrayed screen
+        (one perturbation per well; several columns are joined as for ``batch_key``).
+        Default: the guide column (``guide_key``).
+    compound_key
+        obs column of the compound: adds ``nsc`` and ``nscb`` (1-NN accuracy of the
+        relationship group on treatment profiles, excluding the same compound, and also the
+        same ``batch_key``; :mod:`scbd_cells.evaluation.moa`).
+    concentration_key
+        obs column of the concentration: a treatment is compound x concentration.
+    standardize_key
+        Standardise the replicate profiles for NSC/NSCB to the control cells of the same
+        value of this column (e.g. ``plate``); default: no standardisation.
     seed
         Seeds every subsample, split, classifier, null distribution and clustering.
     overwrite
@@ -258,8 +278,19 @@ def evaluate(
         holdout = Holdout(column=holdout_key or batch_key, values=tuple(holdout_batches))
     check_output(out_dir, kind="report", overwrite=overwrite, inputs=[*paths, corum])
     complexes = read_complexes(corum)
+    moa_columns = {
+        "--compound-key": compound_key,
+        "--concentration-key": concentration_key,
+        "--standardize-key": standardize_key,
+    }
+    if compound_key is None and (concentration_key or standardize_key):
+        raise InputError(
+            "--concentration-key and --standardize-key shape the NSC/NSCB treatment profiles; "
+            "they need --compound-key (the obs column of the compound)."
+        )
 
     datasets: list[Any] = []
+    replicates: list[str] = []  # the replicate column of each file (the guide's by default)
     requested_batch_key = batch_key
     try:
         for path, key in zip(paths, keys, strict=True):
@@ -285,6 +316,19 @@ def evaluate(
                     "it: embed from a store (which carries 'batch'), or name the column with "
                     "--batch-key."
                 )
+            replicates.append(batch_column(adata, replicate_key) if replicate_key else guide_key)
+            for option, column in moa_columns.items():
+                if column and column not in adata.obs.columns:
+                    raise DataError(
+                        f"{path} has no column {column!r} in obs for {option} (columns: "
+                        f"{', '.join(map(str, adata.obs.columns[:12]))})."
+                    )
+            if replicate_key and replicates[-1] not in adata.obs.columns:
+                raise DataError(
+                    f"{path} has no column {replicate_key!r} in obs for --replicate-key "
+                    f"(columns: {', '.join(map(str, adata.obs.columns[:12]))}). Name the "
+                    "replicate unit, e.g. plate,well in an arrayed screen."
+                )
         held = []
         for path, adata in zip(paths, datasets, strict=True):
             if holdout is None:
@@ -308,20 +352,20 @@ def evaluate(
     )
     benchmarks: dict[str, BenchmarkResult] = {}
 
-    def labels_of(adata: Any) -> dict[str, Any]:
+    def labels_of(adata: Any, replicate: str) -> dict[str, Any]:
         """What every metric of one file needs to know of its labels and complexes."""
         return {
             "complexes": complexes,
             "control": _control(adata, control),
             "perturbation_key": perturbation_key,
-            "guide_key": guide_key,
+            "guide_key": replicate,  # the guide, or the replicate unit (--replicate-key)
             "batch_key": batch_key,
         }
 
     inputs: dict[str, dict[str, Any]] = {}
     try:
-        for name, key, adata, path, held_cells in zip(
-            names, keys, datasets, paths, held, strict=True
+        for name, key, adata, path, held_cells, replicate in zip(
+            names, keys, datasets, paths, held, replicates, strict=True
         ):
             log.info("Evaluating %s (%s, %d cells)", name, key, adata.n_obs)
             inputs[name] = input_provenance(path, key=key, adata=adata)
@@ -329,7 +373,7 @@ def evaluate(
                 adata,
                 use_rep=key,
                 perturbation_key=perturbation_key,
-                guide_key=guide_key,
+                guide_key=replicate,
                 control=_control(adata, control),
             )
             genes = profiles.genes
@@ -345,7 +389,11 @@ def evaluate(
                 if name in value_warnings:
                     warnings.filterwarnings("ignore", "invalid value", RuntimeWarning)
                 benchmarks[name] = benchmark_metrics(
-                    adata, key=key, profiles=profiles, settings=settings, **labels_of(adata)
+                    adata,
+                    key=key,
+                    profiles=profiles,
+                    settings=settings,
+                    **labels_of(adata, replicate),
                 )
             rows.append(
                 {
@@ -368,8 +416,21 @@ def evaluate(
                 rows[-1].update(
                     holdout_metrics(
                         adata, key=key, held=held_cells, max_cells=max_cells,
-                        mixing_cells=mixing_cells, seed=seed, **labels_of(adata),
+                        mixing_cells=mixing_cells, seed=seed, **labels_of(adata, replicate),
                     )  # fmt: skip
+                )
+            if compound_key is not None:
+                moa_settings = MoaSettings(
+                    compound_key=compound_key,
+                    batch_key=batch_key,
+                    perturbation_key=perturbation_key,
+                    control=_control(adata, control),
+                    concentration_key=concentration_key,
+                    replicate_key=replicate if replicate in adata.obs.columns else None,
+                    standardize_key=standardize_key,
+                )
+                rows[-1].update(
+                    moa_metrics(adata, relationships=complexes, settings=moa_settings, use_rep=key)
                 )
             curves.append(
                 pd.DataFrame(
@@ -387,6 +448,8 @@ def evaluate(
     table = pd.DataFrame(rows)
     table = pd.concat([table, overall_scores(table)], axis=1)
     extra_keys = ("corum_prevalence", "n_replicates", "n_mixing_cells")
+    if compound_key is not None:
+        extra_keys += MOA_KEYS
     metrics = {
         "embeddings": {
             row["embedding"]: {k: _json_number(row[k]) for k in (*METRIC_KEYS, *extra_keys)}
@@ -406,6 +469,19 @@ def evaluate(
         "settings": {
             "corum": str(Path(corum)),
             "complexes_format": complexes.format,
+            "relationships": complexes.label,
+            "replicate_key": replicate_key,
+            "moa": None
+            if compound_key is None
+            else {
+                "compound_key": compound_key,
+                "concentration_key": concentration_key,
+                "batch_key": batch_key,
+                "replicate_key": replicate_key,
+                "standardize_key": standardize_key,
+                "profiles": "median of the replicates' cell means per treatment and batch",
+                "distance": "cosine",
+            },
             "percentiles": list(DEFAULT_PERCENTILES),
             "keys": dict(zip(names, keys, strict=True)),
             "files": {n: str(p) for n, p in zip(names, paths, strict=True)},
@@ -445,7 +521,9 @@ def _json_number(value: Any) -> Any:
     return None if np.isnan(value) else value
 
 
-def _plot_curves(curves: pd.DataFrame, path: Path, table: pd.DataFrame | None = None) -> None:
+def _plot_curves(
+    curves: pd.DataFrame, path: Path, table: pd.DataFrame | None = None, *, label: str = "CORUM"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -473,7 +551,8 @@ def _plot_curves(curves: pd.DataFrame, path: Path, table: pd.DataFrame | None = 
         )
     axes.set_xlabel("recall")
     axes.set_ylabel("precision")
-    axes.set_title("CORUM complex prediction (p = 80..99)")
+    title = "CORUM complex prediction" if label == "CORUM" else f"{label}: pairs in a group"
+    axes.set_title(f"{title} (p = 80..99)")
     axes.legend(frameon=False, fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
@@ -523,13 +602,20 @@ def format_table(table: pd.DataFrame) -> str:
 
 def _report_text(metrics: dict[str, Any], table: pd.DataFrame) -> str:
     settings = metrics["settings"]
+    label = settings.get("relationships", "CORUM")
     notes = "".join(f"> **Warning**: {text}\n\n" for text in metrics["warnings"].values())
+    pair = (
+        '"the two genes share a complex"'
+        if label == "CORUM"
+        else '"the two perturbations share a group" (mechanism of action, target, ...)'
+    )
+    source = "Complexes" if label == "CORUM" else "Relationships"
     return f"""# scbd-cells evaluation
 
-{notes}{markdown_table(table, PAPER_COLUMNS)}
+{notes}{markdown_table(table, paper_columns(label))}
 
-- **CORUM AUPRC**: area under the precision-recall curve of predicting "the two genes share a
-  complex" from the cosine similarity of their profiles, thresholds at the p-th / (100 − p)-th
+- **{label} AUPRC**: area under the precision-recall curve of predicting {pair}
+  from the cosine similarity of their profiles, thresholds at the p-th / (100 − p)-th
   percentiles for p = 80..99 (paper appendix A.3). Higher is better. **recall @ 5%/95%**: recall
   at p = 95 (**10%/90%**: p = 90), the known-relationship recall of perturbation-map benchmarks.
 - **well F1**: held-out macro F1 of a logistic regression predicting the batch
@@ -537,8 +623,8 @@ def _report_text(metrics: dict[str, Any], table: pd.DataFrame) -> str:
   {settings["seed"]}, at most {settings["max_cells"]} cells). Lower is better; **chance** is the
   expected F1 of guessing.
 
-Complexes: `{settings["corum"]}` ({settings["complexes_format"]}).
-
+{source}: `{settings["corum"]}` ({settings["complexes_format"]}).
+{moa_markdown(table, settings["moa"])}
 ![CORUM precision-recall](corum_pr.png)
 
 ![well prediction](well_f1.png)
@@ -564,7 +650,9 @@ def _write_report(
     try:
         (tmp_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         curves.to_csv(tmp_dir / "corum_pr.csv", index=False)
-        _plot_curves(curves, tmp_dir / "corum_pr.png", table)
+        _plot_curves(
+            curves, tmp_dir / "corum_pr.png", table, label=metrics["settings"]["relationships"]
+        )
         _plot_well(table, tmp_dir / "well_f1.png")
         (tmp_dir / "report.md").write_text(_report_text(metrics, table))
         write_extras(tmp_dir, metrics=metrics, table=table, extras=extras)
