@@ -1,0 +1,130 @@
+"""Benchmark: reading OME-Zarr fields of view, by reader, in fields per second on one core.
+
+Ingest reads every field of view once, whole, at multiscale level 0. This writes
+``--fields`` OME-Zarr images with ome-zarr-py's writer (NGFF 0.5, its default pyramid),
+then reads each one's level 0 as a (C, H, W) numpy array with
+
+- zarr-python following the NGFF metadata (``scbd_cells.data.ome_zarr.read_ome_zarr``,
+  what ingest uses),
+- ome-zarr-py's reader (``Reader(parse_url(path))``, the node's dask array computed),
+- tensorstore (the level's array opened with the ``zarr3`` driver),
+
+rounds alternating, and checks that all three return the same pixels. The same fields as
+OME-TIFF through tifffile are the reference of the format ingest read before.
+
+Usage::
+
+    python benchmarks/ingest_ome.py --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def write_fields(work_dir: Path, *, n_fields: int, channels: int, size: int) -> list[Path]:
+    """``n_fields`` fields of smooth noise as OME-Zarr (and OME-TIFF beside them)."""
+    import tifffile
+    import zarr
+    from ome_zarr.writer import write_image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(n_fields):
+        pixels = rng.integers(0, 4000, (channels, size, size), dtype=np.uint16)
+        path = work_dir / f"field{index:03d}.ome.zarr"
+        write_image(pixels, zarr.open_group(str(path), mode="w"), axes="cyx")
+        tifffile.imwrite(work_dir / f"field{index:03d}.ome.tif", pixels, ome=True)
+        paths.append(path)
+    return paths
+
+
+def read_ome_zarr_py(path: Path) -> np.ndarray:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    node = next(iter(Reader(parse_url(str(path)))()))
+    return np.asarray(node.data[0].compute())
+
+
+def read_tensorstore(path: Path) -> np.ndarray:
+    import tensorstore
+
+    from scbd_cells.data.ome_zarr import describe_ome_zarr
+
+    image = describe_ome_zarr(path)
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": image.array_path}}
+    return tensorstore.open(spec, read=True).result().read().result()
+
+
+def read_zarr_python(path: Path) -> np.ndarray:
+    from scbd_cells.data.ome_zarr import read_ome_zarr
+
+    return read_ome_zarr(path)
+
+
+def read_ome_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    return tifffile.imread(path.with_name(path.name.replace(".ome.zarr", ".ome.tif")))
+
+
+def main() -> None:
+    from common import markdown_table, record
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/scbd-bench-ome"))
+    parser.add_argument("--fields", type=int, default=24)
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--size", type=int, default=1024, help="field side in px")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--record", action="store_true", help="append to docs/performance-log.md")
+    args = parser.parse_args()
+    shutil.rmtree(args.work_dir, ignore_errors=True)
+    args.work_dir.mkdir(parents=True)
+    paths = write_fields(
+        args.work_dir, n_fields=args.fields, channels=args.channels, size=args.size
+    )
+    readers = {
+        "zarr-python + NGFF metadata (ingest)": read_zarr_python,
+        "ome-zarr-py Reader (dask)": read_ome_zarr_py,
+        "tensorstore zarr3": read_tensorstore,
+        "OME-TIFF, tifffile (reference)": read_ome_tiff,
+    }
+    expected = [read_ome_tiff(path) for path in paths]
+    seconds: dict[str, list[float]] = {name: [] for name in readers}
+    for _ in range(args.rounds):
+        for name, reader in readers.items():
+            started = time.perf_counter()
+            for path, pixels in zip(paths, expected, strict=True):
+                if not np.array_equal(reader(path), pixels):
+                    raise SystemExit(f"{name} read other pixels from {path}")
+            seconds[name].append(time.perf_counter() - started)
+    field_mb = args.channels * args.size * args.size * 2 / 1e6
+    rows = []
+    for name, times in seconds.items():
+        best = statistics.median(times)
+        rows.append(
+            [name, args.fields / best, args.fields * field_mb / best, 1000 * best / args.fields]
+        )
+    body = (
+        markdown_table(["reader", "fields/s", "MB/s", "ms per field"], rows)
+        + f"\n\n{args.fields} fields of {args.channels} × {args.size} × {args.size} uint16 "
+        f"({field_mb:.1f} MB each), written by ome-zarr-py (NGFF 0.5, default pyramid and "
+        f"compression), read whole at level 0 on one thread; medians of {args.rounds} rounds "
+        "in which the readers take turns (warm page cache). All readers return the same pixels."
+    )
+    record("Ingest: OME-Zarr readers", body, enabled=args.record)
+
+
+if __name__ == "__main__":
+    main()
