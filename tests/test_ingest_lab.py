@@ -61,7 +61,7 @@ def cellprofiler_screen(root: Path, *, n_images: int = 4, seed: int = 0) -> dict
             "ImageNumber": image_number,
             "Metadata_Plate": plate,
             "Metadata_Well": well,
-            "Metadata_Site": "01",
+            "Metadata_Site": "01" if image_number != 2 else None,  # one empty field
             "Metadata_Gene": ["ACTB", "nontargeting"][image_number % 2],
         }
         for c, channel in enumerate(CHANNELS):
@@ -174,7 +174,8 @@ def test_cellprofiler_image_and_object_tables_to_store_and_embedding(tmp_path: P
         plate = image_table.loc[image_number, "Metadata_Plate"]
         assert by_id.loc[cell_id, "Metadata_Plate"] == plate
     assert set(obs["Metadata_Plate"]) == {"0001", "0002"}
-    assert set(obs["Metadata_Site"]) == {"01"}
+    assert set(obs["Metadata_Site"].dropna()) == {"01"}
+    assert obs["Metadata_Site"].isna().sum() == (obs["ImageNumber"] == 2).sum() > 0
     assert set(obs[schema.BATCH].astype(str)) <= {"0001_A01", "0001_B02", "0002_A01", "0002_B02"}
 
     # ... and on into the embedding's obs, unchanged
@@ -185,7 +186,8 @@ def test_cellprofiler_image_and_object_tables_to_store_and_embedding(tmp_path: P
     for column in ("ImageNumber", "ObjectNumber"):
         np.testing.assert_array_equal(cells.obs[column].to_numpy(), obs[column].to_numpy())
     for column in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Gene"):
-        assert list(cells.obs[column].astype(str)) == list(obs[column]), column
+        written = cells.obs[column].astype(object).where(cells.obs[column].notna(), None)
+        assert list(written) == list(obs[column].where(obs[column].notna(), None)), column
 
 
 def test_cellprofiler_merged_table_from_the_cli(tmp_path: Path) -> None:
@@ -467,3 +469,61 @@ def test_masks_with_centroid_columns_and_bad_options(tmp_path: Path) -> None:
             screen["table"], out=tmp_path / "d.zarr", perturbation_column="gene",
             image_column="field", mask_column="mask", label_column="label",
         )  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")
+def test_ome_zarr_labels_group_as_the_mask(tmp_path: Path) -> None:
+    """An OME-Zarr field with its segmentation in ``labels/`` (ome-zarr-py's write_labels)."""
+    import zarr
+    from ome_zarr.writer import write_image, write_labels
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(4)
+    field = rng.integers(1, 60000, (2, *FIELD), dtype=np.uint16)
+    labels = np.zeros(FIELD, np.uint32)
+    centres = {1: (15, 20), 2: (15, 25)}  # 2 reaches into 1's crop
+    for label, centre in centres.items():
+        labels[disk(centre, 3, shape=FIELD)] = label
+    group = zarr.open_group(str(tmp_path / "field.ome.zarr"), mode="w")
+    write_image(field, group, axes="cyx")
+    write_labels(labels, group, name="cells", axes="yx", scaler=None, scale_factors=(2,))
+    table = tmp_path / "objects.csv"
+    pd.DataFrame(
+        {"ObjectNumber": [1, 2], "gene": ["ACTB", "TUBB"], "plate": "P1", "well": "A01",
+         "field": "field.ome.zarr", "mask": "field.ome.zarr/labels/cells"}
+    ).to_csv(table, index=False)  # fmt: skip
+    result = ingest(
+        table, out=tmp_path / "store.zarr", perturbation_column="gene", fov_column="field",
+        mask_column="mask", crop_size=CROP, channel_names=["dna", "actin"],
+    )  # fmt: skip
+    store = open_store(result.store_path)
+    assert result.n_cells == 2
+    for position, label in enumerate(store.obs["ObjectNumber"]):
+        centre_y, centre_x = centres[label]
+        expected = crop_of(field, centre_x, centre_y).copy()
+        window = crop_of(labels, centre_x, centre_y)
+        expected[:, (window != 0) & (window != label)] = 0
+        assert (expected == 0).any()
+        np.testing.assert_array_equal(store.read([position])[0], expected)
+
+
+def test_every_command_in_docs_inputs_parses() -> None:
+    """docs/inputs.md shows one command per input kind: each names only real options."""
+    import shlex
+
+    import typer.main
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "inputs.md").read_text()
+    commands = [
+        shlex.split(block.replace("\\\n", " "), comments=True)
+        for block in text.split("```bash\n")[1:]
+        for block in [block.split("```")[0]]
+    ]
+    ingest_command = typer.main.get_command(app).commands["ingest"]
+    n_parsed = 0
+    for block in commands:
+        for start in [i for i, word in enumerate(block) if word == "scbd-cells"]:
+            end = next((i for i in range(start + 1, len(block)) if block[i] == "scbd-cells"), None)
+            ingest_command.make_context("ingest", block[start + 2 : end])  # unknown option: raises
+            n_parsed += 1
+    assert n_parsed >= 7
