@@ -917,14 +917,13 @@ def _mask_centroids(
             f"field {field_size[0]}x{field_size[1]} px (a label image must share the field's grid)"
         )
         return y, x, dict.fromkeys(range(len(labels)), reason)
-    present = np.zeros(int(mask.max()) + 1, bool)
-    present[np.unique(mask)] = True
+    present = set(np.unique(mask).tolist()) - {0}  # labels may be sparse (any integers)
     failures: dict[int, str] = {}
-    wanted = sorted({int(label) for label in labels if 0 < label < len(present)})
+    wanted = sorted({int(label) for label in labels if int(label) in present})
     centres = dict(zip(wanted, ndimage.center_of_mass(np.ones(mask.shape), mask, wanted),
                        strict=True))  # fmt: skip
     for position, label in enumerate(labels):
-        if 0 < label < len(present) and present[int(label)]:
+        if int(label) in present:
             y[position], x[position] = centres[int(label)]
         else:
             failures[position] = f"label {label:g} is not in the mask {os.path.basename(mask_path)}"
@@ -1656,7 +1655,7 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: int) -> Imag
             workers=workers,
         )
     masks = _masks_of(table, spec, base_dir=base_dir)
-    x_column, y_column = _centroid_columns(table, spec, cellprofiler=cellprofiler, masks=masks)
+    x_column, y_column = _centroid_columns(table, spec, masks=masks)
     if not spec.crop_size:
         raise InputError("Fields of view need --crop-size: the side of each cell's crop in px.")
     if spec.crop_size < 1:
@@ -1685,7 +1684,7 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: int) -> Imag
 
 
 def _centroid_columns(
-    table: pd.DataFrame, spec: IngestSpec, *, cellprofiler: bool, masks: _Masks | None
+    table: pd.DataFrame, spec: IngestSpec, *, masks: _Masks | None
 ) -> tuple[str | None, str | None]:
     """The centroid columns: the options', else CellProfiler's ``Location_Center_X/Y``.
 
@@ -1702,7 +1701,7 @@ def _centroid_columns(
                 "--y-column."
             )
         return spec.x_column, spec.y_column
-    found = cellprofiler_tables.centroid_columns(table.columns) if cellprofiler else []
+    found = cellprofiler_tables.centroid_columns(table.columns)
     if len(found) == 1:
         log.info("Centroids from CellProfiler's %s / %s.", *found[0])
         return found[0]
