@@ -364,12 +364,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     reads) file, or of an OME-Zarr image folder (level 0, as (C, H, W)), as stored.
     """
     suffix = os.path.splitext(path)[1].lower()
-    if is_ome_zarr(path):
-        pixels = read_ome_zarr(path)
-    elif suffix in (".tif", ".tiff"):
+    if suffix in (".tif", ".tiff"):
         pixels = _read_tiff(path)
     elif suffix == ".npy":
         pixels = np.load(path, allow_pickle=False)
+    elif is_ome_zarr(path):  # after the file suffixes: no extra stat per crop file
+        pixels = read_ome_zarr(path)
     else:
         from PIL import Image
 
@@ -389,7 +389,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def image_header_shape(path: str | os.PathLike) -> tuple[int, ...]:
     """The shape of an image without decoding its pixels (TIFF, NPY, OME-Zarr; Pillow formats)."""
     suffix = os.path.splitext(path)[1].lower()
-    if is_ome_zarr(path):
+    if suffix not in (".tif", ".tiff", ".npy") and is_ome_zarr(path):
         return describe_ome_zarr(path).chw_shape
     if suffix in (".tif", ".tiff"):
         import tifffile
