@@ -256,6 +256,9 @@ def test_cell_id_column_and_image_table_problems(tmp_path: Path) -> None:
     assert list(obs[schema.CELL_ID]) == list(obs["Metadata_CellID"])
     assert set(obs[schema.CELL_ID]) <= set(objects["Metadata_CellID"])
 
+    without_images = {k: v for k, v in options.items() if k != "image_table"}
+    with pytest.raises(InputError, match="object table: pass its per-image table"):
+        ingest(screen["object_table"], out=tmp_path / "no.zarr", **without_images)
     with pytest.raises(InputError, match="--channels names \\['ER'\\]"):
         ingest(screen["object_table"], out=tmp_path / "er.zarr", channels=["ER"], **options)
     with pytest.raises(InputError, match="no column 'Metadata_Cell'"):

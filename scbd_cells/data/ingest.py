@@ -1598,13 +1598,20 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: int) -> Imag
     if cellprofiler:
         chosen.append("--channels (CellProfiler PathName_/FileName_ pairs)")
     if len(chosen) != 1:
+        hint = ""
+        object_table = cellprofiler_tables.IMAGE_NUMBER in table.columns
+        if not chosen and object_table and not spec.image_table:
+            hint = (
+                " The table looks like a CellProfiler object table: pass its per-image table "
+                "(with the FileName_/PathName_ columns) with --image-table."
+            )
         raise InputError(
             "Say where the images are with exactly one of --image-column (a crop file per cell), "
             "--channel-columns (a file per cell and channel), --fov-column or "
             "--fov-channel-columns "
             "(fields of view, with --x-column, --y-column, --crop-size), or --channels "
             "(CellProfiler's PathName_<image>/FileName_<image> columns); "
-            f"found {chosen or 'none'}."
+            f"found {chosen or 'none'}.{hint}"
         )
     base_dir = Path(spec.image_root) if spec.image_root else spec.table.parent
     if cellprofiler:
