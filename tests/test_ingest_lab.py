@@ -530,3 +530,20 @@ def test_every_command_in_docs_inputs_parses() -> None:
             ingest_command.make_context("ingest", block[start + 2 : end])  # unknown option: raises
             n_parsed += 1
     assert n_parsed >= 7
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated class Scaler:DeprecationWarning")
+def test_ome_zarr_axes_by_name_and_one_plane_only(tmp_path: Path) -> None:
+    """tczyx with t = z = 1 reads as (C, H, W); a z-stack is refused, naming the axis."""
+    import zarr
+    from ome_zarr.writer import write_image
+
+    from scbd_cells.data.ome_zarr import read_ome_zarr
+
+    pixels = np.arange(2 * 3 * 16 * 20, dtype=np.uint16).reshape(1, 3, 2, 16, 20)  # t c z y x
+    write_image(pixels[:, :, :1], zarr.open_group(str(tmp_path / "flat.zarr"), mode="w"),
+                axes="tczyx")  # fmt: skip
+    np.testing.assert_array_equal(read_ome_zarr(tmp_path / "flat.zarr"), pixels[0, :, 0])
+    write_image(pixels, zarr.open_group(str(tmp_path / "stack.zarr"), mode="w"), axes="tczyx")
+    with pytest.raises(DataError, match="more than one plane along z"):
+        read_ome_zarr(tmp_path / "stack.zarr")
