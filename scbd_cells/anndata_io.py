@@ -65,7 +65,9 @@ def store_obs_for_anndata(store: Store) -> pd.DataFrame:
             or pd.api.types.is_numeric_dtype(values)
             or pd.api.types.is_bool_dtype(values)
         ):
-            obs[column] = pd.Categorical(values.astype(str).to_numpy(dtype=object))
+            # text as the table held it; an empty field stays missing (not the text "nan")
+            text = values.astype(str).where(values.notna())
+            obs[column] = pd.Categorical(text.to_numpy(dtype=object))
         elif isinstance(values.dtype, pd.CategoricalDtype):
             obs[column] = values.cat.rename_categories([str(c) for c in values.cat.categories])
     return obs

@@ -309,6 +309,46 @@ def ingest(
         bool, typer.Option(help="Leave bad rows out (listed in STORE/rejected.csv), don't fail.")
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    image_root: Annotated[
+        Path | None,
+        typer.Option(help="Folder relative image paths resolve against. \\[default: the table's]"),
+    ] = None,
+    image_table: Annotated[
+        Path | None,
+        typer.Option(
+            help="CellProfiler per-image table (Image.csv), joined to TABLE (a per-object "
+            "table) on ImageNumber."
+        ),
+    ] = None,
+    channels: Annotated[
+        str | None,
+        typer.Option(
+            help="CellProfiler image names read as channels, in order: their PathName_<name>/"
+            "FileName_<name> columns. \\[default: every such pair, when no other image option]"
+        ),
+    ] = None,
+    cell_id_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Column naming each cell. \\[default: cell_id, else ImageNumber_ObjectNumber, "
+            "else the row number]"
+        ),
+    ] = None,
+    mask_column: Annotated[
+        str | None,
+        typer.Option(
+            help="Label image per field (same grid, 0 = background): a path column, or a "
+            "CellProfiler object/image name. Crops each row's object."
+        ),
+    ] = None,
+    mask_neighbours: Annotated[
+        Literal["zero", "keep"],
+        typer.Option(help="zero: other objects' pixels in a crop set to 0; keep: untouched."),
+    ] = "zero",
+    label_column: Annotated[
+        str | None,
+        typer.Option(help="Column with each row's label in its mask. \\[default: ObjectNumber]"),
+    ] = None,
 ) -> None:
     """Turn a cells table and its images (crops or fields of view) into a store.
 
@@ -340,6 +380,13 @@ def ingest(
         seed=seed,
         skip_bad=skip_bad,
         overwrite=overwrite,
+        image_root=image_root,
+        image_table=image_table,
+        channels=_split_csv(channels),
+        cell_id_column=cell_id_column,
+        mask_column=mask_column,
+        mask_neighbours=mask_neighbours,
+        label_column=label_column,
     )
     if result.already_complete:
         stdout.print(

@@ -26,6 +26,8 @@ LAYERS = {
     # 1: data and model side by side, and the small numeric pieces
     "scbd_cells.data.store": 1,
     "scbd_cells.data.ingest": 1,
+    "scbd_cells.data.cellprofiler_tables": 1,
+    "scbd_cells.data.ome_zarr": 1,
     "scbd_cells.data.batch_stats": 1,
     "scbd_cells.data.sampler": 1,
     "scbd_cells.data.loader": 1,

@@ -46,7 +46,8 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells import __version__
-from scbd_cells.data import schema
+from scbd_cells.data import cellprofiler_tables, schema
+from scbd_cells.data.ome_zarr import describe_ome_zarr, is_ome_zarr, read_ome_zarr
 from scbd_cells.data.store import (
     DEFAULT_BATCH_COLUMNS,
     DEFAULT_SPLIT_FRACTIONS,
@@ -142,6 +143,13 @@ class IngestSpec:
     split_fractions: tuple[float, float, float]
     seed: int
     skip_bad: bool
+    image_root: str | None = None
+    image_table: str | None = None
+    channels: tuple[str, ...] | None = None
+    cell_id_column: str | None = None
+    mask_column: str | None = None
+    mask_neighbours: str | None = None  # set with mask_column only
+    label_column: str | None = None
 
     def options(self) -> dict:
         """The options as JSON values (what a store records to recognise a rerun)."""
@@ -213,9 +221,9 @@ class _BadImage(Exception):
 def read_table(table_path: Path, *, text_columns: Sequence[str] = ()) -> pd.DataFrame:
     """Read a cells table: CSV, TSV (``.tsv``, ``.tab``, ``.txt``; gzip allowed) or Parquet.
 
-    ``text_columns`` (ids, labels, batch columns) of a CSV/TSV are read as the
-    strings the file holds: ``00001`` stays ``00001``, ``NA`` stays ``NA``, and only
-    an empty field is null. Other columns are parsed as pandas does.
+    ``text_columns`` (ids, labels, batch columns) and every ``Metadata_*`` column of a
+    CSV/TSV are read as the strings the file holds: ``00001`` stays ``00001``, ``NA``
+    stays ``NA``, and only an empty field is null. Other columns are parsed as pandas does.
     """
     name = table_path.name.lower().removesuffix(".gz")
     if not table_path.is_file():
@@ -228,7 +236,9 @@ def read_table(table_path: Path, *, text_columns: Sequence[str] = ()) -> pd.Data
         separator = "\t" if name.endswith((".tsv", ".tab", ".txt")) else ","
         if name.endswith((".tsv", ".tab", ".txt", ".csv")):
             table = pd.read_csv(table_path, sep=separator, low_memory=False)
-            text = [column for column in dict.fromkeys(text_columns) if column in table.columns]
+            metadata = filter(cellprofiler_tables.is_metadata_column, table.columns)
+            wanted = dict.fromkeys([*text_columns, *metadata])
+            text = [column for column in wanted if column in table.columns]
             if text:  # again, as text: the first pass may have re-typed them (00001 -> 1)
                 table[text] = pd.read_csv(
                     table_path, sep=separator, usecols=text, dtype=str, keep_default_na=False,
@@ -350,12 +360,16 @@ _NOT_INTENSITY_MODES = {
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Pixels of a TIFF, NPY or PNG (any format Pillow reads) file, as stored."""
+    """Pixels of a TIFF (OME-TIFF: the first series, full size), NPY or PNG (any format Pillow
+    reads) file, or of an OME-Zarr image folder (level 0, as (C, H, W)), as stored.
+    """
     suffix = os.path.splitext(path)[1].lower()
     if suffix in (".tif", ".tiff"):
         pixels = _read_tiff(path)
     elif suffix == ".npy":
         pixels = np.load(path, allow_pickle=False)
+    elif is_ome_zarr(path):  # after the file suffixes: no extra stat per crop file
+        pixels = read_ome_zarr(path)
     else:
         from PIL import Image
 
@@ -373,8 +387,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def image_header_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """The shape of an image file without decoding its pixels (TIFF, NPY; Pillow formats)."""
+    """The shape of an image without decoding its pixels (TIFF, NPY, OME-Zarr; Pillow formats)."""
     suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".tif", ".tiff", ".npy") and is_ome_zarr(path):
+        return describe_ome_zarr(path).chw_shape
     if suffix in (".tif", ".tiff"):
         import tifffile
 
@@ -465,8 +481,13 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _resolve(value: object, base_dir: Path) -> str:
-    """An image path from the table, relative ones against the table's folder (as str: cheap)."""
+    """An image path from the table, relative ones against ``base_dir`` (as str: cheap)."""
     return os.path.join(base_dir, str(value))
+
+
+def _column_paths(table: pd.DataFrame, column: str, base_dir: Path) -> list[str | None]:
+    """The image paths of a path column, resolved (None where the table has none)."""
+    return [None if pd.isna(v) else _resolve(v, base_dir) for v in table[column]]
 
 
 def _parallel_map(function: Callable, items: Sequence, workers: int) -> list:
@@ -477,10 +498,15 @@ def _parallel_map(function: Callable, items: Sequence, workers: int) -> list:
         return list(pool.map(function, items))
 
 
+def _image_exists(path: str) -> bool:
+    """A file, or an OME-Zarr image (a folder holding a Zarr group)."""
+    return os.path.isfile(path) or is_ome_zarr(path)
+
+
 def _files_exist(paths: list[str], workers: int) -> list[bool]:
-    """``os.path.isfile`` for many paths, in batches over threads (network disks wait on stat)."""
+    """:func:`_image_exists` for many paths, in batches over threads (network disks wait)."""
     batches = [paths[i : i + 4096] for i in range(0, len(paths), 4096)]
-    results = _parallel_map(lambda batch: [os.path.isfile(p) for p in batch], batches, workers)
+    results = _parallel_map(lambda batch: [_image_exists(p) for p in batch], batches, workers)
     return [exists for batch in results for exists in batch]
 
 
@@ -638,11 +664,10 @@ class _CropSource:
 
     def __init__(
         self,
-        table: pd.DataFrame,
         *,
         columns: list[str],
+        paths: list[list[str | None]],
         per_channel: bool,
-        base_dir: Path,
         n_channels: int | None,
         workers: int,
     ) -> None:
@@ -650,10 +675,6 @@ class _CropSource:
         self.per_channel = per_channel
         self.n_channels = len(columns) if per_channel else n_channels
         self.workers = workers
-        paths = [
-            [None if pd.isna(v) else _resolve(v, base_dir) for v in table[column]]
-            for column in columns
-        ]
         self.paths_of_row = list(zip(*paths, strict=True))
         self.reference: _Reference | None = None
         self.first_path: str | None = None
@@ -796,29 +817,46 @@ def _record_block(writer: StoreWriter, block: int, tasks: list[Future], bar, tas
 
 @dataclass(frozen=True)
 class _FieldSpec:
-    """How to read one field of view and cut its cells; sent with every task."""
+    """How to read one field of view and cut its cells; sent with every task.
+
+    With a label image (``masks``), a field's key ends with the mask's path.
+    """
 
     per_channel: bool
     n_channels: int | None
     dtype: np.dtype | None = None
     crop_size: int = 0
     resize: int | None = None
+    masks: bool = False
+    mask_neighbours: str = "zero"
 
 
 def _load_field(field: tuple[str, ...], shape: tuple[int, ...], spec: _FieldSpec) -> np.ndarray:
     """(C, H, W) pixels of a field, checked against its header ``shape``."""
+    images = field[:-1] if spec.masks else field
     if spec.per_channel:
-        planes = [np.squeeze(read_image(path)) for path in field]
+        planes = [np.squeeze(read_image(path)) for path in images]
         if len({plane.dtype for plane in planes}) > 1:
             raise _BadImage(f"the channel files of {os.path.basename(field[0])} differ in dtype")
         pixels = np.stack(planes)
     else:
-        pixels = to_chw(read_image(field[0]), spec.n_channels)
+        pixels = to_chw(read_image(images[0]), spec.n_channels)
     if pixels.shape != tuple(shape):
         raise _BadImage(
             f"{os.path.basename(field[0])} decodes to {pixels.shape}, its header says {shape}"
         )
     return pixels
+
+
+def read_label_image(path: str | os.PathLike) -> np.ndarray:
+    """A label image as (H, W) integers (0 = background; a leading axis of 1 is dropped)."""
+    labels = np.squeeze(read_image(path))
+    if labels.ndim != 2 or labels.dtype.kind not in "ui":
+        raise _BadImage(
+            f"the mask {os.path.basename(path)} is not a label image: shape {labels.shape}, dtype "
+            f"{labels.dtype.name} (expected one plane of integer labels, 0 = background)"
+        )
+    return labels
 
 
 def _cut_field(
@@ -827,10 +865,15 @@ def _cut_field(
     shape: tuple[int, ...],
     tops: np.ndarray,
     lefts: np.ndarray,
+    labels: np.ndarray | None,
     spec: _FieldSpec,
     keep: bool,
 ) -> tuple[int, np.ndarray | None, str | None]:
-    """Read one field and cut (and resize) its cells' crops (a worker task)."""
+    """Read one field and cut (and resize) its cells' crops (a worker task).
+
+    With a label image and ``mask_neighbours="zero"``, the pixels of other objects
+    (labels other than 0 and the cell's own) are set to 0 in each cell's crop.
+    """
 
     def cut() -> np.ndarray:
         pixels = _as_reference_dtype(
@@ -839,27 +882,84 @@ def _cut_field(
         size = spec.crop_size
         crops = np.stack(
             [pixels[:, t : t + size, s : s + size] for t, s in zip(tops, lefts, strict=True)]
-        )
+        )  # (n, C, S, S)
+        if spec.masks and spec.mask_neighbours == "zero":
+            mask = read_label_image(field[-1])
+            windows = np.stack(
+                [mask[t : t + size, s : s + size] for t, s in zip(tops, lefts, strict=True)]
+            )  # (n, S, S)
+            own = labels.astype(windows.dtype)[:, None, None]
+            neighbours = (windows != 0) & (windows != own)
+            crops = np.where(neighbours[:, None], np.zeros((), crops.dtype), crops)
         return resize_images(crops, spec.resize) if spec.resize else crops
 
     crops, reason = _failure_of(cut)
     return index, crops if keep else None, reason
 
 
+def _mask_centroids(
+    mask_path: str, labels: np.ndarray, field_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Centroids (y, x) of ``labels`` in a label image, and the positions that fail.
+
+    The centroid is the mean row and column of the label's pixels (CellProfiler's
+    ``Location_Center``). A label absent from the image, or a mask of another size than
+    its field, is a failure of that position.
+    """
+    from scipy import ndimage
+
+    y = np.full(len(labels), np.nan)
+    x = np.full(len(labels), np.nan)
+    mask = read_label_image(mask_path)
+    if mask.shape != tuple(field_size):
+        reason = (
+            f"the mask {os.path.basename(mask_path)} is {mask.shape[0]}x{mask.shape[1]} px, its "
+            f"field {field_size[0]}x{field_size[1]} px (a label image must share the field's grid)"
+        )
+        return y, x, dict.fromkeys(range(len(labels)), reason)
+    present = set(np.unique(mask).tolist()) - {0}  # labels may be sparse (any integers)
+    failures: dict[int, str] = {}
+    wanted = sorted({int(label) for label in labels if int(label) in present})
+    centres = dict(zip(wanted, ndimage.center_of_mass(np.ones(mask.shape), mask, wanted),
+                       strict=True))  # fmt: skip
+    for position, label in enumerate(labels):
+        if int(label) in present:
+            y[position], x[position] = centres[int(label)]
+        else:
+            failures[position] = f"label {label:g} is not in the mask {os.path.basename(mask_path)}"
+    return y, x, failures
+
+
+@dataclass(frozen=True)
+class _Masks:
+    """Label images for the fields: a path and the row's own label per table row."""
+
+    paths: list[str | None]
+    labels: np.ndarray  # float: NaN where the table has no label
+    label_column: str
+    neighbours: str
+
+
 class _FieldSource:
-    """Fields of view (one multi-channel file, or one file per channel) with cell centroids."""
+    """Fields of view (one multi-channel file, or one file per channel) with cell centroids.
+
+    Centroids come from the ``x``/``y`` columns or, with label images and no columns,
+    from the labels themselves.
+    """
 
     def __init__(
         self,
-        table: pd.DataFrame,
         *,
         columns: list[str],
+        paths: list[list[str | None]],
         per_channel: bool,
-        base_dir: Path,
         n_channels: int | None,
-        x_column: str,
-        y_column: str,
+        x: np.ndarray | None,
+        y: np.ndarray | None,
+        x_column: str | None,
+        y_column: str | None,
         crop_size: int,
+        masks: _Masks | None,
         workers: int,
     ) -> None:
         self.columns = columns
@@ -867,13 +967,12 @@ class _FieldSource:
         self.n_channels = len(columns) if per_channel else n_channels
         self.crop_size = crop_size
         self.workers = workers
-        paths = [
-            [None if pd.isna(v) else _resolve(v, base_dir) for v in table[column]]
-            for column in columns
-        ]
-        self.field_of_row = [None if None in key else key for key in zip(*paths, strict=True)]
-        self.x = pd.to_numeric(table[x_column], errors="coerce").to_numpy(dtype=np.float64)
-        self.y = pd.to_numeric(table[y_column], errors="coerce").to_numpy(dtype=np.float64)
+        self.masks = masks
+        keys = zip(*paths, *([masks.paths] if masks else []), strict=True)
+        self.field_of_row = [None if None in key else key for key in keys]
+        n_rows = len(self.field_of_row)
+        self.x = x if x is not None else np.full(n_rows, np.nan)
+        self.y = y if y is not None else np.full(n_rows, np.nan)
         self.x_column, self.y_column = x_column, y_column
         self.shapes: dict[tuple, tuple[int, int, int]] = {}
         self.reference: _Reference | None = None
@@ -881,6 +980,7 @@ class _FieldSource:
         self.border_rows: list[int] = []
 
     def _field_shape(self, field: tuple[str, ...]) -> tuple[int, int, int]:
+        field = field[:-1] if self.masks else field  # the images, without the label image
         if self.per_channel:
             shapes = [tuple(s for s in image_header_shape(path) if s != 1) for path in field]
             if any(len(shape) != 2 for shape in shapes):
@@ -896,6 +996,45 @@ class _FieldSource:
         shape = image_header_shape(field[0])
         return to_chw(np.empty(shape, np.uint8), self.n_channels).shape
 
+    def _check_masks(self, rows: list[int]) -> dict[int, str]:
+        """Rows without a label, or whose label is not in their mask; centroids from the masks.
+
+        Every label image is read once here (the centroids decide which cells are at
+        the border before anything is written).
+        """
+        masks = self.masks
+        bad: dict[int, str] = {}
+        by_field: dict[tuple, list[int]] = {}
+        for row in rows:
+            label = masks.labels[row]
+            if np.isfinite(label) and label >= 1 and label == int(label):
+                by_field.setdefault(self.field_of_row[row], []).append(row)
+            else:
+                bad[row] = (
+                    f"no object label (column {masks.label_column!r} holds {label:g}; expected "
+                    "the object's label in the mask, an integer >= 1)"
+                )
+
+        def centroids(field: tuple) -> tuple:
+            labels = masks.labels[by_field[field]]
+            return _failure_of(_mask_centroids, field[-1], labels, self.shapes[field][1:])
+
+        fields = list(by_field)
+        for field, (found, reason) in zip(
+            fields, _parallel_map(centroids, fields, self.workers), strict=True
+        ):
+            members = by_field[field]
+            if reason is not None:
+                bad.update(dict.fromkeys(members, f"{os.path.basename(field[-1])}: {reason}"))
+                continue
+            y, x, failures = found
+            for position, row in enumerate(members):
+                if position in failures:
+                    bad[row] = failures[position]
+                elif self.x_column is None:
+                    self.y[row], self.x[row] = y[position], x[position]
+        return bad
+
     def crop_origin(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-left pixel of each cell's crop: ``rint(y) - S // 2``, ``rint(x) - S // 2``."""
         half = self.crop_size // 2
@@ -909,7 +1048,7 @@ class _FieldSource:
         fields = sorted({self.field_of_row[r] for r in rows} - {None})
         missing = {}
         for field in fields:
-            absent = [p for p in field if not os.path.isfile(p)]
+            absent = [p for p in field if not _image_exists(p)]
             if absent:
                 missing[field] = f"file not found: {absent[0]}"
         readable = [field for field in fields if field not in missing]
@@ -936,7 +1075,14 @@ class _FieldSource:
                     f"field {os.path.basename(field[0])} has {self.shapes[field][0]} channels; "
                     f"wrong channel count, expected {self.n_channels}"
                 )
-            elif not (np.isfinite(self.x[row]) and np.isfinite(self.y[row])):
+        if self.masks is not None:
+            bad.update(self._check_masks([int(row) for row in rows if int(row) not in bad]))
+        for row in rows:
+            row = int(row)
+            field = self.field_of_row[row]
+            if row in bad:
+                continue
+            if not (np.isfinite(self.x[row]) and np.isfinite(self.y[row])):
                 bad[row] = f"no centroid (null {self.x_column!r} / {self.y_column!r})"
             else:
                 _, height, width = self.shapes[field]
@@ -967,6 +1113,8 @@ class _FieldSource:
             dtype if dtype is not None else (self.reference.dtype if self.reference else None),
             self.crop_size,
             resize,
+            masks=self.masks is not None,
+            mask_neighbours=self.masks.neighbours if self.masks else "zero",
         )
 
     def probe(self, rows: np.ndarray) -> None:
@@ -1003,8 +1151,11 @@ class _FieldSource:
             futures = []
             for index, field, positions in tasks:
                 top, left = self.crop_origin(rows[positions])
+                labels = self.masks.labels[rows[positions]] if self.masks else None
                 futures.append(
-                    pool.submit(_cut_field, index, field, self.shapes[field], top, left, spec, keep)
+                    pool.submit(
+                        _cut_field, index, field, self.shapes[field], top, left, labels, spec, keep
+                    )
                 )
             for future in as_completed(futures):
                 index, crops, reason = future.result()
@@ -1124,6 +1275,13 @@ def ingest(
     seed: int = 0,
     skip_bad: bool = False,
     overwrite: bool = False,
+    image_root: str | os.PathLike | None = None,
+    image_table: str | os.PathLike | None = None,
+    channels: Sequence[str] | None = None,
+    cell_id_column: str | None = None,
+    mask_column: str | None = None,
+    mask_neighbours: str = "zero",
+    label_column: str | None = None,
 ) -> IngestResult:
     """Turn a cells table and its images into a store (``scbd-cells ingest``).
 
@@ -1131,8 +1289,10 @@ def ingest(
     ----------
     table_path
         Cells table (CSV, TSV or Parquet), one row per cell; relative image
-        paths resolve against its folder. A ``cell_id`` column names the cells
-        (else the row number does).
+        paths resolve against its folder (or ``image_root``). ``Metadata_*``
+        columns are kept as the text the table holds. The cells are named by
+        ``cell_id_column``, else a ``cell_id`` column, else
+        ``<ImageNumber>_<ObjectNumber>`` (CellProfiler), else the row number.
     out
         The store to write (``STORE.zarr``); written as ``STORE.zarr.partial``
         and renamed when complete. Rerunning the same command after a crash
@@ -1165,6 +1325,28 @@ def ingest(
         Leave bad rows out (recorded in ``rejected.csv``) instead of stopping.
     overwrite
         Replace an existing store.
+    image_root
+        The folder relative image paths resolve against (default: the table's).
+    image_table
+        CellProfiler's per-image table, joined to ``table_path`` (its per-object
+        table) on ``ImageNumber``.
+    channels
+        CellProfiler image names whose ``PathName_<name>``/``FileName_<name>`` columns
+        (also ``Image_``-prefixed) are read as fields, one channel each, in this order.
+        Without any image option, every such pair of the table is read. The centroids
+        are ``[<Object>_]Location_Center_X/Y`` unless ``x_column``/``y_column`` say.
+    cell_id_column
+        The column naming each cell (kept as text).
+    mask_column
+        Fields: a label image per row's field (same grid; 0 = background), a path column
+        or a CellProfiler object/image name. Each row's object is ``label_column``
+        (default ``ObjectNumber``); without centroid columns, its centroid is the mean
+        pixel position of its label. Rows whose label is not in the mask are bad rows.
+    mask_neighbours
+        ``zero``: other objects' pixels in a crop are set to 0 (background kept);
+        ``keep``: crops as cut. Recorded in the store's attributes.
+    label_column
+        The column holding each row's label in its mask.
 
     Returns
     -------
@@ -1190,14 +1372,27 @@ def ingest(
         split_fractions=check_split_fractions(split_fractions),
         seed=seed,
         skip_bad=skip_bad,
+        image_root=str(Path(image_root).resolve()) if image_root else None,
+        image_table=str(Path(image_table).resolve()) if image_table else None,
+        channels=tuple(channels) if channels else None,
+        cell_id_column=cell_id_column,
+        mask_column=mask_column,
+        mask_neighbours=mask_neighbours if mask_column else None,
+        label_column=label_column,
     )
+    if mask_neighbours not in schema.MASK_NEIGHBOURS_CHOICES:
+        raise InputError(
+            f"--mask-neighbours must be one of {', '.join(schema.MASK_NEIGHBOURS_CHOICES)}; "
+            f"found {mask_neighbours!r}."
+        )
     if workers < 1:
         raise InputError(f"--workers must be at least 1; found {workers}.")
     if resize is not None and resize < 1:
         raise InputError(f"--resize must be a positive number of pixels; found {resize}.")
-    check_not_input(out_path, [table_path])
+    inputs = [table_path, *([Path(spec.image_table)] if spec.image_table else [])]
+    check_not_input(out_path, inputs)
     with output_lock(out_path):
-        table_sha256 = file_sha256(table_path) if table_path.is_file() else ""
+        table_sha256 = _tables_sha256(inputs)
         finished = _finished_ingest(out_path, spec.options(), table_sha256, overwrite=overwrite)
         if finished is not None:
             return finished
@@ -1207,6 +1402,14 @@ def ingest(
         return _ingest(
             spec, out_path, record=record, workers=workers, overwrite=overwrite, started=started
         )
+
+
+def _tables_sha256(paths: list[Path]) -> str:
+    """SHA-256 of the cells table; with an image table, of both tables' digests in turn."""
+    digests = [file_sha256(path) if path.is_file() else "" for path in paths]
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def _finished_ingest(
@@ -1266,9 +1469,7 @@ def _ingest(
     started: float,
 ) -> IngestResult:
     """Read, check and write (the lock is held and the output checked)."""
-    text_columns = [schema.CELL_ID, spec.perturbation_column, *spec.batch_columns]
-    text_columns += [spec.guide_column] if spec.guide_column else []
-    table = read_table(spec.table, text_columns=text_columns)
+    table = _read_input_table(spec)
     spec = _with_default_image_column(spec, table)
     source = _make_source(table, spec, workers=workers)
     labelled = label_table(
@@ -1278,6 +1479,7 @@ def _ingest(
         batch_columns=spec.batch_columns,
         control=spec.control,
         skip_bad=spec.skip_bad,
+        cell_id_column=spec.cell_id_column,
     )
     cell_ids = dict(
         zip(labelled.obs[TABLE_ROW].tolist(), labelled.obs[schema.CELL_ID].tolist(), strict=True)
@@ -1337,6 +1539,27 @@ def _ingest(
     )
 
 
+def _read_input_table(spec: IngestSpec) -> pd.DataFrame:
+    """The cells table (joined with the image table), with a ``cell_id`` column if it can be built.
+
+    Without ``--cell-id-column`` or a ``cell_id`` column, CellProfiler's ``ImageNumber``
+    and ``ObjectNumber`` name each cell ``"<ImageNumber>_<ObjectNumber>"``.
+    """
+    text_columns = [schema.CELL_ID, spec.perturbation_column, *spec.batch_columns]
+    text_columns += [name for name in (spec.guide_column, spec.cell_id_column) if name]
+    table = read_table(spec.table, text_columns=text_columns)
+    if spec.image_table:
+        image_table = Path(spec.image_table)
+        images = read_table(image_table, text_columns=text_columns)
+        table = cellprofiler_tables.join_image_table(table, images, image_table=image_table)
+    if spec.cell_id_column is None and schema.CELL_ID not in table.columns:
+        numbered = cellprofiler_tables.numbered_cell_ids(table)
+        if numbered is not None:
+            log.info("Cell ids from ImageNumber and ObjectNumber: <image>_<object>.")
+            table[schema.CELL_ID] = numbered
+    return table
+
+
 def _raise_or_reject(
     problems: dict[int, str], rejected: dict[int, str], cell_ids: dict, skip_bad: bool
 ) -> None:
@@ -1370,78 +1593,189 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: int) -> Imag
         )
         if value
     ]
+    pairs = cellprofiler_tables.image_pairs(table.columns)
+    cellprofiler = bool(spec.channels) or (not chosen and bool(pairs))
+    if cellprofiler:
+        chosen.append("--channels (CellProfiler PathName_/FileName_ pairs)")
     if len(chosen) != 1:
+        hint = ""
+        object_table = cellprofiler_tables.IMAGE_NUMBER in table.columns
+        if not chosen and object_table and not spec.image_table:
+            hint = (
+                " The table looks like a CellProfiler object table: pass its per-image table "
+                "(with the FileName_/PathName_ columns) with --image-table."
+            )
         raise InputError(
             "Say where the images are with exactly one of --image-column (a crop file per cell), "
             "--channel-columns (a file per cell and channel), --fov-column or "
             "--fov-channel-columns "
-            f"(fields of view, with --x-column, --y-column, --crop-size); found {chosen or 'none'}."
+            "(fields of view, with --x-column, --y-column, --crop-size), or --channels "
+            "(CellProfiler's PathName_<image>/FileName_<image> columns); "
+            f"found {chosen or 'none'}.{hint}"
         )
-    columns = (
-        [spec.image_column]
-        if spec.image_column
-        else list(spec.channel_columns or spec.fov_channel_columns or [spec.fov_column])
-    )
-    fields = bool(spec.fov_column or spec.fov_channel_columns)
-    columns_needed = columns
-    if fields:
-        missing_options = [
-            flag
-            for flag, value in (
-                ("--x-column", spec.x_column),
-                ("--y-column", spec.y_column),
-                ("--crop-size", spec.crop_size),
-            )
-            if not value
+    base_dir = Path(spec.image_root) if spec.image_root else spec.table.parent
+    if cellprofiler:
+        if not spec.channels:  # a label image saved beside the channels is no channel
+            pairs = {name: pair for name, pair in pairs.items() if name != spec.mask_column}
+        images = cellprofiler_tables.choose_images(pairs, spec.channels)
+        columns = list(images)
+        paths = [
+            cellprofiler_tables.image_paths(table, pair, image_root=base_dir)
+            for pair in images.values()
         ]
-        if missing_options:
-            raise InputError(
-                f"Fields of view need {', '.join(missing_options)}: the centroid columns (pixels, "
-                "x = column, y = row) and the crop size in pixels."
-            )
-        if spec.crop_size < 1:
-            raise InputError(
-                f"--crop-size must be a positive number of pixels; found {spec.crop_size}."
-            )
-        columns_needed = [*columns, spec.x_column, spec.y_column]
-    missing = [name for name in columns_needed if name not in table.columns]
-    if missing:
-        raise InputError(
-            f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
-            f"{list(table.columns)}. Name the image (and centroid) columns with the matching "
-            "option."
+        log.info(
+            "CellProfiler images read as channels: %s (choose and order them with --channels).",
+            ", ".join(columns),
         )
-    per_channel = bool(spec.channel_columns or spec.fov_channel_columns)
+    else:
+        columns = (
+            [spec.image_column]
+            if spec.image_column
+            else list(spec.channel_columns or spec.fov_channel_columns or [spec.fov_column])
+        )
+        missing = [name for name in columns if name not in table.columns]
+        if missing:
+            raise InputError(
+                f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
+                f"{list(table.columns)}. Name the image columns with the matching option."
+            )
+        paths = [_column_paths(table, column, base_dir) for column in columns]
+    fields = bool(spec.fov_column or spec.fov_channel_columns or cellprofiler)
+    per_channel = bool(spec.channel_columns or spec.fov_channel_columns or cellprofiler)
     names = spec.channel_names
     if per_channel and names and len(names) != len(columns):
         raise InputError(
             f"--channel-names gives {len(names)} names for {len(columns)} channel columns; "
             "give one name per channel column, in the same order."
         )
-    common = {
-        "columns": columns,
-        "per_channel": per_channel,
-        "base_dir": spec.table.parent,
-        "n_channels": len(names) if names else None,
-        "workers": workers,
-    }
-    if fields:
-        return _FieldSource(
-            table,
-            x_column=spec.x_column,
-            y_column=spec.y_column,
-            crop_size=int(spec.crop_size),
-            **common,
+    if not fields:
+        if spec.mask_column:
+            raise InputError(
+                "--mask-column needs fields of view (--fov-column, --fov-channel-columns or "
+                "CellProfiler's image columns): a label image shares its field's grid."
+            )
+        return _CropSource(
+            columns=columns,
+            paths=paths,
+            per_channel=per_channel,
+            n_channels=len(names) if names else None,
+            workers=workers,
         )
-    return _CropSource(table, **common)
+    masks = _masks_of(table, spec, base_dir=base_dir)
+    x_column, y_column = _centroid_columns(table, spec, masks=masks)
+    if not spec.crop_size:
+        raise InputError("Fields of view need --crop-size: the side of each cell's crop in px.")
+    if spec.crop_size < 1:
+        raise InputError(
+            f"--crop-size must be a positive number of pixels; found {spec.crop_size}."
+        )
+
+    def numbers(column: str | None) -> np.ndarray | None:
+        if column is None:
+            return None
+        return pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
+
+    return _FieldSource(
+        columns=columns,
+        paths=paths,
+        per_channel=per_channel,
+        n_channels=len(names) if names else None,
+        x=numbers(x_column),
+        y=numbers(y_column),
+        x_column=x_column,
+        y_column=y_column,
+        crop_size=int(spec.crop_size),
+        masks=masks,
+        workers=workers,
+    )
+
+
+def _centroid_columns(
+    table: pd.DataFrame, spec: IngestSpec, *, masks: _Masks | None
+) -> tuple[str | None, str | None]:
+    """The centroid columns: the options', else CellProfiler's ``Location_Center_X/Y``.
+
+    (None, None) when the label images give the centroids.
+    """
+    if bool(spec.x_column) != bool(spec.y_column):
+        raise InputError("Pass both --x-column and --y-column (centroid column and row, px).")
+    if spec.x_column:
+        missing = [name for name in (spec.x_column, spec.y_column) if name not in table.columns]
+        if missing:
+            raise InputError(
+                f"The cells table has no column {', '.join(map(repr, missing))}; its columns "
+                f"are {list(table.columns)}. Name the centroid columns with --x-column and "
+                "--y-column."
+            )
+        return spec.x_column, spec.y_column
+    found = cellprofiler_tables.centroid_columns(table.columns)
+    if len(found) == 1:
+        log.info("Centroids from CellProfiler's %s / %s.", *found[0])
+        return found[0]
+    if len(found) > 1:
+        raise InputError(
+            f"The table has the centroids of several objects: {found}. Choose the object "
+            "whose cells to crop with --x-column and --y-column."
+        )
+    if masks is not None:
+        log.info("Centroids from the label images (--mask-column %s).", spec.mask_column)
+        return None, None
+    raise InputError(
+        "Fields of view need the cells' centroids: --x-column and --y-column (pixels, x = "
+        "column, y = row), CellProfiler's Location_Center_X/Y columns, or label images "
+        "(--mask-column)."
+    )
+
+
+def _masks_of(table: pd.DataFrame, spec: IngestSpec, *, base_dir: Path) -> _Masks | None:
+    """The label images of ``--mask-column`` and each row's label, or None without masks.
+
+    The column holds a path per row; for CellProfiler tables it may also name an
+    object (``ObjectsPathName_<name>``/``ObjectsFileName_<name>``) or image pair.
+    """
+    if not spec.mask_column:
+        return None
+    name = spec.mask_column
+    if name in table.columns:
+        paths = _column_paths(table, name, base_dir)
+    else:
+        objects = cellprofiler_tables.image_pairs(table.columns, objects=True)
+        pair = objects.get(name) or cellprofiler_tables.image_pairs(table.columns).get(name)
+        if pair is None:
+            raise InputError(
+                f"--mask-column {name!r} is neither a column of the table nor a CellProfiler "
+                "object or image name with PathName_/FileName_ columns. Name the column that "
+                "holds each field's label image."
+            )
+        paths = cellprofiler_tables.image_paths(table, pair, image_root=base_dir)
+    label_column = spec.label_column or cellprofiler_tables.OBJECT_NUMBER
+    if label_column not in table.columns:
+        raise InputError(
+            f"--mask-column needs each row's label in the mask: the table has no column "
+            f"{label_column!r}. Name it with --label-column (CellProfiler: ObjectNumber)."
+        )
+    labels = pd.to_numeric(table[label_column], errors="coerce").to_numpy(dtype=np.float64)
+    return _Masks(
+        paths=paths,
+        labels=labels,
+        label_column=label_column,
+        neighbours=spec.mask_neighbours or "zero",
+    )
 
 
 def metadata_channel_names(path: str | os.PathLike, n_channels: int) -> list[str] | None:
-    """Channel names an OME-TIFF or ImageJ TIFF records (None when it records none that fit).
+    """Channel names an OME-TIFF, ImageJ TIFF or OME-Zarr records (None when none fit).
 
-    OME: the ``Name`` of each ``Channel`` element; ImageJ: the ``Labels`` of a stack
-    with one label per channel. Only names that are unique and one per channel count.
+    OME-TIFF: the ``Name`` of each ``Channel`` element of the OME-XML; ImageJ: the
+    ``Labels`` of a stack with one label per channel; OME-Zarr: ``omero.channels[*].label``.
+    Only names that are unique and one per channel count.
     """
+    if is_ome_zarr(path):
+        try:
+            found = describe_ome_zarr(path).channel_names
+        except DataError:  # unreadable metadata: no names (the read reports why)
+            return None
+        return list(found) if found and len(found) == n_channels else None
     if os.path.splitext(path)[1].lower() not in (".tif", ".tiff"):
         return None
     import xml.etree.ElementTree as ElementTree
@@ -1566,6 +1900,7 @@ def _write_store(
             "n_border": len(border),
             "source_image_size": [reference.height, reference.width],
             "ingest": record,
+            **({schema.MASK_NEIGHBOURS: spec.mask_neighbours} if spec.mask_neighbours else {}),
         },
     )
     seconds = time.perf_counter() - started

@@ -12,12 +12,18 @@ STORE_FORMAT = "scbd-cells-store"
 STORE_FORMAT_VERSION = 2
 
 # Canonical per-cell columns in ``Store.obs`` (besides the carried metadata).
-CELL_ID = "cell_id"
+CELL_ID = "cell_id"  # a string per cell: --cell-id-column, ImageNumber_ObjectNumber, or the row
 PERTURBATION = "perturbation"
 GUIDE = "guide"
 BATCH = "batch"
 SPLIT = "split"
 SPLITS = ("train", "val", "test")
+
+# Columns carried verbatim (as the table's text) from the table to the store and AnnData.
+METADATA_PREFIX = "Metadata_"
+# Store attribute: how a crop treats the other objects of a label image (--mask-neighbours).
+MASK_NEIGHBOURS = "mask_neighbours"
+MASK_NEIGHBOURS_CHOICES = ("zero", "keep")
 
 # --- simulated screen -------------------------------------------------------
 CONTROL_LABEL = "nontargeting"

@@ -125,6 +125,7 @@ def label_table(
     batch_columns: Sequence[str] = DEFAULT_BATCH_COLUMNS,
     control: str | None = None,
     skip_bad: bool = False,
+    cell_id_column: str | None = None,
 ) -> LabelledTable:
     """Check the label columns and build ``cell_id, perturbation, guide, batch`` plus metadata.
 
@@ -139,6 +140,9 @@ def label_table(
         The control's perturbation label; must occur in the table.
     skip_bad
         Reject rows with null labels or repeated cell ids instead of raising.
+    cell_id_column
+        The column naming the cells (default ``cell_id`` if the table has one, else the
+        row numbers name them); kept under its own name too.
 
     Returns
     -------
@@ -160,11 +164,18 @@ def label_table(
             f"columns {label_columns}, found columns {list(table.columns)}. Pass the right "
             "--perturbation-column / --guide-column / --batch-columns."
         )
+    if cell_id_column is not None and cell_id_column not in table.columns:
+        raise InputError(
+            f"The cells table has no column {cell_id_column!r} (--cell-id-column). "
+            f"{did_you_mean(cell_id_column, list(map(str, table.columns)))}"
+            "Name the column that holds each cell's id."
+        )
+    id_column = cell_id_column or (schema.CELL_ID if schema.CELL_ID in table.columns else None)
     table = table.reset_index(drop=True)
     rejected: list[tuple[int, str, str]] = []
-    if schema.CELL_ID in table.columns:
-        cell_id = table[schema.CELL_ID].astype(str)
-        null_ids = table[schema.CELL_ID].isna().to_numpy()
+    if id_column is not None:
+        cell_id = table[id_column].astype(str)
+        null_ids = table[id_column].isna().to_numpy()
     else:
         cell_id = pd.Series([str(row) for row in range(len(table))])
         null_ids = np.zeros(len(table), bool)
@@ -187,7 +198,7 @@ def label_table(
         rows = np.flatnonzero(null_ids).tolist()
         if not skip_bad:
             raise DataError(
-                f"Column {schema.CELL_ID!r} is empty in {describe_rows(rows)}. Fill in the cell "
+                f"Column {id_column!r} is empty in {describe_rows(rows)}. Fill in the cell "
                 "ids, drop the column (ids are then the row numbers), or pass --skip-bad."
             )
         rejected.extend((row, "", "null cell id") for row in rows if not bad[row])
@@ -198,7 +209,7 @@ def label_table(
         if not skip_bad:
             examples = ", ".join(f"{row} ({cell_id[row]!r})" for row in rows[:_MAX_ROWS_IN_MESSAGE])
             raise DataError(
-                f"Column {schema.CELL_ID!r} repeats cell ids: {len(rows)} rows reuse an id seen "
+                f"Column {id_column!r} repeats cell ids: {len(rows)} rows reuse an id seen "
                 f"earlier, e.g. rows {examples}. Cell ids must be unique: fix the table or pass "
                 "--skip-bad to keep only the first row of each id."
             )
@@ -228,7 +239,7 @@ def label_table(
         schema.BATCH: batch,
     }
     sources = {
-        schema.CELL_ID: schema.CELL_ID,
+        schema.CELL_ID: id_column,
         schema.PERTURBATION: perturbation_column,
         schema.GUIDE: guide_column,
     }
