@@ -13,7 +13,8 @@ in-memory AnnData that ``correct``, ``evaluate`` and ``export`` read:
 - ``var_names``: the feature columns' names;
 - ``obs``: every other column, names kept (``Metadata_Plate`` stays ``Metadata_Plate``;
   text as categorical strings; a CSV's ``Metadata_*`` columns are read as the text the file
-  holds, so plate ``0001`` stays ``"0001"``);
+  holds, so plate ``0001`` stays ``"0001"``, and as numbers only where the numbers write
+  back as the same text, as ``ObjectNumber`` ``7``);
 - ``uns["scbd"]``: ``kind = "profile_table"``, the source and the feature names.
 
 Which ``Metadata_*`` column is the batch, the perturbation or the guide is the command's
@@ -71,13 +72,32 @@ def profile_feature_columns(frame: pd.DataFrame) -> list[str]:
     return [str(c) for c in frame.columns if not str(c).startswith(METADATA_PREFIX) and numeric(c)]
 
 
+def _lossless_numbers(text: pd.Series) -> pd.Series:
+    """A CSV text column as numbers where that loses nothing (``"7"``), else as text.
+
+    Plate ``"0001"`` or well ``"1e3"`` stay text: the numbers would write back differently.
+    """
+    present = text.dropna()
+    try:
+        numbers = pd.to_numeric(present)
+    except (ValueError, TypeError):
+        return text
+    if len(present) == 0 or not numbers.astype(str).equals(present.astype(str)):
+        return text
+    return pd.to_numeric(text)
+
+
 def _read_frame(path: Path) -> pd.DataFrame:
     if path.suffix.lower() == ".parquet":
         return pd.read_parquet(path)
-    # Metadata_ columns as the text the file holds (plate "0001" is not the number 1)
+    # Metadata_ columns as the text the file holds (plate "0001" is not the number 1),
+    # numbers only where they write back as the same text (ImageNumber, ObjectNumber)
     header = pd.read_csv(path, nrows=0).columns
     text = {name: str for name in header if str(name).startswith(METADATA_PREFIX)}
-    return pd.read_csv(path, dtype=text, keep_default_na=True)
+    frame = pd.read_csv(path, dtype=text, keep_default_na=True)
+    for name in text:
+        frame[name] = _lossless_numbers(frame[name])
+    return frame
 
 
 def read_profile_table(path: str | Path) -> Any:

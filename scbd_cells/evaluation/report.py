@@ -54,6 +54,7 @@ from scbd_cells.evaluation.pages import (
 )
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
 from scbd_cells.outputs import check_output, locks_output, remove_owned, write_marker
+from scbd_cells.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.profiles import aggregate_profiles
 from scbd_cells.replicates import batch_column
 from scbd_cells.well_probe import batch_prediction_f1, subsample
@@ -198,7 +199,8 @@ def evaluate(
     ----------
     embedding_paths
         Cell-level AnnData files (``.h5ad`` or ``.zarr``) with perturbation, guide and batch
-        columns in obs.
+        columns in obs, or pycytominer profile tables (``.parquet``, ``.csv``; name their
+        ``Metadata_*`` columns with the keys).
     corum
         Complexes file (CORUM 3.x/4.x/5.x, two-column or GMT).
     out
@@ -265,6 +267,12 @@ def evaluate(
         for path, key in zip(paths, keys, strict=True):
             adata = read_embedding(path)
             datasets.append(adata)
+            if is_profile_table(path):
+                check_profile_columns(
+                    adata,
+                    {"--perturbation-key": perturbation_key, "--batch-key": requested_batch_key},
+                    source=path,
+                )
             if key == "X" and adata.X is None:
                 raise DataError(
                     f"{path} has no X. Name the embedding's obsm key with --key (keys: "
