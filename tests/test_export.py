@@ -285,3 +285,33 @@ def test_plate_and_well_from_recorded_batch_columns_whatever_their_names(
     table = pd.read_csv(plates.out_path)
     assert table[schema.METADATA_PLATE].tolist() == ["P1", "P2"]
     assert table[schema.METADATA_WELL].tolist() == ["mixed", "mixed"]
+
+
+def test_an_ingested_store_records_its_batch_columns_for_export(tmp_path: Path) -> None:
+    """ingest --batch-columns Plate_Barcode,WellPosition -> baseline -> export's plate/well."""
+    from scbd_cells import baseline, ingest
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "crops").mkdir()
+    rows = []
+    for i in range(32):
+        np.save(tmp_path / f"crops/c{i}.npy", rng.integers(0, 4000, (2, 12, 12), np.uint16))
+        rows.append({"cell_id": f"c{i}", "image_path": f"crops/c{i}.npy",
+                     "gene": f"g{i % 4}", "Plate_Barcode": f"BR{i % 2}",
+                     "WellPosition": f"A0{i % 4 // 2 + 1}",
+                     "Metadata_Site": f"s{i % 3}"})  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "cells.csv", index=False)
+    store = tmp_path / "store.zarr"
+    ingest(tmp_path / "cells.csv", out=store, perturbation_column="gene",
+           image_column="image_path", batch_columns=["Plate_Barcode", "WellPosition"],
+           channel_names=["dna", "actin"])  # fmt: skip
+    profiles = tmp_path / "baseline.h5ad"
+    baseline(store, out=profiles, n_components=4)
+    recorded = ad.read_h5ad(profiles).uns["scbd"]["label_columns"]
+    assert recorded["perturbation"] == "gene"
+    assert list(recorded["batch"]) == ["Plate_Barcode", "WellPosition"]
+    cell = pd.read_parquet(export(profiles, level="cell", out=tmp_path / "c.parquet").out_path)
+    table = pd.DataFrame(rows).set_index("cell_id").loc[cell["Metadata_Cell_ID"]]
+    assert cell[schema.METADATA_PLATE].tolist() == table["Plate_Barcode"].tolist()
+    assert cell[schema.METADATA_WELL].tolist() == table["WellPosition"].tolist()
+    assert cell["Metadata_Site"].tolist() == table["Metadata_Site"].tolist()
