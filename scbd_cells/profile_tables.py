@@ -170,6 +170,14 @@ def read_profile_table(path: str | Path) -> Any:
             source, len(non_metadata), ", ".join(non_metadata[:8]),
         )  # fmt: skip
     values = frame[features].to_numpy(dtype=np.float32)  # (n_profiles, n_features)
+    missing = ~np.isfinite(values).all(axis=0)
+    if missing.any():  # the commands refuse them; say where they are and what removes them
+        named = [name for name, bad in zip(features, missing, strict=True) if bad]
+        log.warning(
+            "%s: %d feature(s) hold NaN or infinite values (%s); drop them first, e.g. "
+            "pycytominer.feature_select(..., operation='drop_na_columns').",
+            source, len(named), ", ".join(named[:5]),
+        )  # fmt: skip
     adata = ad.AnnData(X=values, obs=obs)
     adata.var_names = pd.Index(features, dtype=object)
     adata.uns[schema.UNS_SCBD] = {

@@ -9,6 +9,7 @@ numbers, pycytominer's ``aggregate`` for the exported well profiles.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -111,6 +112,12 @@ def test_features_as_pycytominer_infers_them(tmp_path: Path, pycytominer) -> Non
         assert list(adata.obs.columns) == [c for c in written.columns if c not in FEATURES]
         assert set(adata.obs["Metadata_Plate"]) == set(PLATES)  # "0001", not 1
         assert adata.uns["scbd"]["kind"] == "profile_table"
+    # pycytominer's own writer gzips a CSV by default
+    gzipped = pycytominer.cyto_utils.output(written, str(tmp_path / "profiles.csv.gz"))
+    assert Path(gzipped).read_bytes()[:2] == b"\x1f\x8b"
+    adata = read_profile_table(gzipped)
+    np.testing.assert_allclose(adata.X, written[FEATURES].to_numpy(), rtol=1e-6)
+    assert set(adata.obs["Metadata_Plate"]) == set(PLATES)
 
 
 def test_correct_evaluate_export_through_the_cli(
@@ -219,7 +226,7 @@ def test_a_missing_key_names_the_close_column(
 
 
 def test_bad_tables_and_outputs(
-    tmp_path: Path, pycytominer, capsys: pytest.CaptureFixture
+    tmp_path: Path, pycytominer, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     parquet, _ = _pycytominer_tables(tmp_path, pycytominer)
     with pytest.raises(InputError, match="does not exist"):
@@ -239,6 +246,17 @@ def test_bad_tables_and_outputs(
     with pytest.raises(DataError, match="Could not read"):
         read_profile_table(broken)
 
+    # NaN features: the reader names them, the commands refuse them
+    holes = pd.read_parquet(parquet)
+    holes.loc[3, "Nuclei_AreaShape_Area"] = np.nan
+    holes.to_parquet(tmp_path / "holes.parquet")
+    with caplog.at_level(logging.WARNING, logger="scbd_cells.profile_tables"):
+        read_profile_table(tmp_path / "holes.parquet")
+    assert "Nuclei_AreaShape_Area" in caplog.text and "drop_na_columns" in caplog.text
+    code, output = _cli(capsys, "correct", tmp_path / "holes.parquet", "--method", "combat",
+                        "--batch-key", "Metadata_Well", "--out", tmp_path / "h.h5ad")
+    assert code == 1 and "NaN" in output and not (tmp_path / "h.h5ad").exists()
+
     # correct writes a table only from a table, and never over a lab's own table
     ad.AnnData(X=np.zeros((4, 2), np.float32)).write_h5ad(tmp_path / "cells.h5ad")
     code, output = _cli(capsys, "correct", tmp_path / "cells.h5ad", "--method", "center-scale",
@@ -250,6 +268,11 @@ def test_bad_tables_and_outputs(
                      "Metadata_Well", "--out", lab, "--overwrite")  # fmt: skip
     assert code == 2 and "not a profile table" in output
     assert lab.read_text() == "mine\n"
+    code, output = _cli(capsys, "correct", parquet, "--method", "center-scale", "--batch-key",
+                        "Metadata_Well", "--out", tmp_path / "ours.csv.gz")  # fmt: skip
+    assert code == 0, output
+    assert (tmp_path / "ours.csv.gz").read_bytes()[:2] == b"\x1f\x8b"
+    assert len(read_profile_table(tmp_path / "ours.csv.gz").var_names) == len(FEATURES)
     for attempt in ("first", "again"):
         code, output = _cli(capsys, "correct", parquet, "--method", "center-scale", "--batch-key",
                          "Metadata_Well", "--out", tmp_path / "ours.parquet", "--overwrite")

@@ -270,7 +270,11 @@ def evaluate(
             if is_profile_table(path):
                 check_profile_columns(
                     adata,
-                    {"--perturbation-key": perturbation_key, "--batch-key": requested_batch_key},
+                    {
+                        "--perturbation-key": perturbation_key,
+                        "--guide-key": guide_key if guide_key != schema.GUIDE else None,
+                        "--batch-key": requested_batch_key,
+                    },
                     source=path,
                 )
             if key == "X" and adata.X is None:
