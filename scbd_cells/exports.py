@@ -174,14 +174,20 @@ def _plate_well(adata: Any, groups: Any, keys: dict) -> tuple[np.ndarray, np.nda
     return found[0], found[1]
 
 
-def _carried_columns(adata: Any) -> list[str]:
-    """obs ``Metadata_*`` columns carried as they are (not the ones export fills itself)."""
+def _carried_columns(adata: Any, *, key_columns: set[str]) -> list[str]:
+    """obs ``Metadata_*`` columns carried as they are (not the ones export fills itself).
+
+    A column named like one export fills (``Metadata_Batch``, e.g. a table scbd-cells
+    exported) is replaced by export's own, silently when a key names it (same values).
+    """
     own = {*schema.METADATA_COLUMNS, schema.METADATA_CELL_ID}
     carried = []
     for name in (str(c) for c in adata.obs.columns):
         if not name.startswith(schema.METADATA_PREFIX):
             continue
         if name in own and name not in (schema.METADATA_PLATE, schema.METADATA_WELL):
+            if name in key_columns:
+                continue
             log.warning(
                 "obs column %s is not carried: export writes its own %s (from the keys).",
                 name, name,
@@ -360,7 +366,10 @@ def export(
         if data is None:
             raise DataError(f"{source} has no X; name an obsm key with --key.")
         names = feature_columns(adata, key, int(data.shape[1]))
-        carried = _carried_columns(adata)  # before batch_column adds a joined column
+        # before batch_column adds a joined column
+        carried = _carried_columns(
+            adata, key_columns={batch_key, perturbation_key, guide_key}
+        )
         plate, well = _plate_well_columns(adata, batch_key)
         batch_key = batch_column(adata, batch_key)
         obs_column(adata, batch_key, "batch")

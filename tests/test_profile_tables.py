@@ -280,3 +280,27 @@ def test_bad_tables_and_outputs(
     code, output = _cli(capsys, "correct", parquet, "--method", "center-scale", "--batch-key",
                      "Metadata_Well", "--out", tmp_path / "ours.parquet")  # fmt: skip
     assert code == 2 and "--overwrite" in output
+
+
+def test_an_exported_table_read_back_by_export(tmp_path: Path, pycytominer, caplog) -> None:
+    """scbd-cells' own guide x well export, exported again per gene: one column per name."""
+    from scbd_cells import export
+
+    parquet, _ = _pycytominer_tables(tmp_path, pycytominer)
+    export(parquet, level="guide", out=tmp_path / "guides.parquet",
+           batch_key="Metadata_Plate,Metadata_Well", perturbation_key="Metadata_Gene",
+           guide_key="Metadata_sgRNA")  # fmt: skip
+    guides = pd.read_parquet(tmp_path / "guides.parquet")
+    with caplog.at_level(logging.WARNING, logger="scbd_cells.exports"):
+        export(tmp_path / "guides.parquet", level="gene", out=tmp_path / "genes.parquet",
+               batch_key="Metadata_Batch", perturbation_key="Metadata_Perturbation",
+               guide_key="Metadata_Guide")  # fmt: skip
+    genes = pd.read_parquet(tmp_path / "genes.parquet")
+    assert not genes.columns.duplicated().any()
+    assert "Metadata_Batch" not in caplog.text  # named by a key: replaced, same values
+    assert "Metadata_n_cells" in caplog.text  # export counts the rows it averages itself
+    assert (genes["Metadata_Gene"] == genes["Metadata_Perturbation"]).all()
+    assert genes["Metadata_n_cells"].eq(2).all()  # two guide rows per gene x well
+    expected = guides.groupby(["Metadata_Batch", "Metadata_Perturbation"])[FEATURES].mean()
+    got = genes.set_index(["Metadata_Batch", "Metadata_Perturbation"])[FEATURES]
+    np.testing.assert_allclose(got.loc[expected.index], expected, rtol=1e-5)
