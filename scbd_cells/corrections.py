@@ -519,7 +519,7 @@ def correct(
         (for ``harmony``, also the fit as a reference: ``uns["scbd"]["harmony_reference"]``).
         From a profile table, also a table (``.parquet``, ``.csv``, ``.csv.gz``): the
         input's columns other than the features as they were, then the corrected features
-        under their names (the record is then only in the log).
+        under their names (a table keeps no ``uns["scbd"]`` record).
     batch_key
         obs column of the batch (well) corrected for (not used by sphering).
     key
