@@ -34,6 +34,7 @@ _LAZY = {
     "demo": "scbd_cells.pipeline",
     "reconstruct": "scbd_cells.reconstruction",
     "sweep": "scbd_cells.sweeping",
+    "read_profile_table": "scbd_cells.profile_tables",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -7,7 +7,8 @@
   (``embed``);
 - :func:`check_output_path` is the ownership rule for AnnData outputs
   (:mod:`scbd_cells.outputs`); :func:`store_obs_for_anndata` the store's cell table as
-  ``obs``; :class:`LazyCells` reads a cells file's arrays without loading them.
+  ``obs``, :func:`store_label_columns` the columns its labels came from;
+  :class:`LazyCells` reads a cells file's arrays without loading them.
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ def store_obs_for_anndata(store: Store) -> pd.DataFrame:
         elif isinstance(values.dtype, pd.CategoricalDtype):
             obs[column] = values.cat.rename_categories([str(c) for c in values.cat.categories])
     return obs
+
+
+def store_label_columns(store: Store) -> dict[str, Any]:
+    """``uns["scbd"]["label_columns"]``: the table columns ingest made the labels from.
+
+    ``{"perturbation": str, "guide": str (if given), "batch": [str, ...]}`` from the
+    store's recorded ingest arguments (``--perturbation-column``, ``--guide-column``,
+    ``--batch-columns``), so that ``export`` finds the plate and the well whatever their
+    names; ``{}`` for a store that does not record them.
+    """
+    arguments = store.provenance.get("arguments") or {}
+    if not arguments.get("perturbation_column"):
+        return {}
+    found: dict[str, Any] = {"perturbation": str(arguments["perturbation_column"])}
+    if arguments.get("guide_column"):
+        found["guide"] = str(arguments["guide_column"])
+    found["batch"] = [str(name) for name in arguments.get("batch_columns") or []]
+    return found
 
 
 def without_none(options: dict) -> dict:

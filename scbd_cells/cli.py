@@ -820,7 +820,11 @@ def _rich_table(title: str, table, columns: list[tuple[str, str, str]], *, arrow
 @app.command(cls=_Command)
 def evaluate(
     embeddings: Annotated[
-        list[Path], typer.Argument(help="Cell-level AnnData files (.h5ad/.zarr) to compare.")
+        list[Path],
+        typer.Argument(
+            help="Cell-level AnnData files (.h5ad/.zarr) or pycytominer tables (.parquet/.csv) "
+            "to compare."
+        ),
     ],
     corum: Annotated[
         Path,
@@ -938,13 +942,23 @@ def evaluate(
 @app.command(cls=_Command)
 def correct(
     profiles: Annotated[
-        Path, typer.Argument(help="Cell-level AnnData (.h5ad/.zarr): embed, baseline, your own.")
+        Path,
+        typer.Argument(
+            help="Cell-level AnnData (.h5ad/.zarr): embed, baseline, your own; or a pycytominer "
+            "table (.parquet/.csv)."
+        ),
     ],
     method: Annotated[
         Literal["harmony", "sphering", "combat", "center-scale"],
         typer.Option(help="harmony, sphering (ZCA on the controls), combat, center-scale."),
     ],
-    out: Annotated[Path, typer.Option(help="Corrected AnnData to write (.h5ad or .zarr).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Corrected AnnData to write (.h5ad or .zarr); from a table, also a table "
+            "(.parquet/.csv)."
+        ),
+    ],
     batch_key: Annotated[
         str, typer.Option(help="obs column of the batch corrected for (not used by sphering).")
     ] = "batch",
@@ -998,7 +1012,10 @@ def correct(
 
 @app.command(cls=_Command)
 def export(
-    embedding: Annotated[Path, typer.Argument(help="Cell-level AnnData (.h5ad/.zarr).")],
+    embedding: Annotated[
+        Path,
+        typer.Argument(help="Cell-level AnnData (.h5ad/.zarr), or a pycytominer .parquet/.csv."),
+    ],
     level: Annotated[
         Literal["cell", "well", "guide", "gene"],
         typer.Option(help="cell, well, guide (guide x well) or gene (gene x well)."),

@@ -40,7 +40,14 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import locks_output, read_recorded
+from scbd_cells.outputs import check_output, locks_output, read_recorded
+from scbd_cells.profile_tables import (
+    check_profile_columns,
+    is_profile_table,
+    profile_table_frame,
+    read_profile_table,
+    write_profile_table,
+)
 from scbd_cells.replicates import batch_column
 
 log = logging.getLogger(__name__)
@@ -408,10 +415,13 @@ def combat(values: np.ndarray, batches: np.ndarray) -> np.ndarray:
 def _read(path: Path) -> Any:
     import anndata as ad
 
+    if is_profile_table(path):
+        return read_profile_table(path)
     if not path.exists():
         raise InputError(
             f"Profiles {path} do not exist. Pass a cell-level AnnData written by `scbd-cells "
-            "embed`, `scbd-cells baseline` or another tool (.h5ad or .zarr)."
+            "embed`, `scbd-cells baseline` or another tool (.h5ad or .zarr), or a pycytominer "
+            "table (.parquet, .csv)."
         )
     try:
         return ad.read_zarr(path) if path.suffix == ".zarr" else ad.read_h5ad(path)
@@ -498,13 +508,18 @@ def correct(
     ----------
     profiles_path
         Cell-level AnnData (``.h5ad`` or ``.zarr``): one row per cell, the batch column in
-        obs.
+        obs; or a pycytominer profile table (``.parquet``, ``.csv``, ``.csv.gz``: its
+        ``Metadata_*`` columns as obs, its features as ``X``;
+        :func:`scbd_cells.profile_tables.read_profile_table`).
     method
         ``harmony``, ``sphering``, ``combat`` or ``center-scale``.
     out
         AnnData to write (``.h5ad`` or ``.zarr``): ``X`` = the corrected values (float32),
         ``obs`` = the input's, ``uns["scbd"]`` = the input's record plus the correction
         (for ``harmony``, also the fit as a reference: ``uns["scbd"]["harmony_reference"]``).
+        From a profile table, also a table (``.parquet``, ``.csv``, ``.csv.gz``): the
+        input's columns other than the features as they were, then the corrected features
+        under their names (a table keeps no ``uns["scbd"]`` record).
     batch_key
         obs column of the batch (well) corrected for (not used by sphering).
     key
@@ -543,8 +558,28 @@ def correct(
     out_path = Path(out)
     reference_path = Path(reference) if reference is not None else None
     inputs = [source] if reference_path is None else [source, reference_path]
-    check_output_path(out_path, overwrite=overwrite, inputs=inputs)
+    table_out = is_profile_table(out_path)
+    if table_out and not is_profile_table(source):
+        raise InputError(
+            f"--out {out_path} is a table, but {source} is an AnnData: `correct` writes a table "
+            "only for a table it read. Write an AnnData (.h5ad) and make a pycytominer table "
+            "of it with `scbd-cells export`."
+        )
+    if table_out:
+        check_output(out_path, kind="table", overwrite=overwrite, inputs=inputs)
+    else:
+        check_output_path(out_path, overwrite=overwrite, inputs=inputs)
     adata = _read(source)
+    input_columns = [str(c) for c in adata.obs.columns]  # before a joined batch column
+    if is_profile_table(source):
+        check_profile_columns(
+            adata,
+            {
+                "--perturbation-key": perturbation_key if method == "sphering" else None,
+                "--batch-key": batch_key if method != "sphering" else None,
+            },
+            source=source,
+        )
     if key == "X":
         values = adata.X
     elif key in adata.obsm:
@@ -624,7 +659,11 @@ def correct(
         }
     )
     result.uns[schema.UNS_SCBD] = recorded
-    write_anndata(result, out_path, overwrite=overwrite)
+    if table_out:
+        table = profile_table_frame(result, result.X)[[*input_columns, *result.var_names]]
+        write_profile_table(table, out_path, overwrite=overwrite)
+    else:
+        write_anndata(result, out_path, overwrite=overwrite)
     log.info(
         "Corrected %s (%s) with %s%s -> %s", source, key, method,
         f" mapped onto {reference_path}" if reference_path is not None else "", out_path,

@@ -25,6 +25,7 @@ from scbd_cells.anndata_io import (
     check_output_path,
     move_into_place,
     remove_path,
+    store_label_columns,
     store_obs_for_anndata,
     temporary_path,
     without_none,
@@ -339,4 +340,5 @@ def _provenance(
         "control": control,
         "representation": representation,
         "version": __version__,
+        schema.UNS_LABEL_COLUMNS: store_label_columns(store),
     }

@@ -14,12 +14,32 @@ combinations) and one named column per feature:
   replicate profiles that copairs' mAP ranks (a guide's wells are its replicates);
 - ``gene``: one row per gene x well, the mean of the gene's cells in that well.
 
-Columns: ``Metadata_Plate``, ``Metadata_Well`` (from obs ``plate`` / ``well`` when present,
-else empty), ``Metadata_Batch``, ``Metadata_Guide``, ``Metadata_Perturbation``,
-``Metadata_n_cells`` (int), then the features: the AnnData's ``var_names`` for ``X``, the
-recorded feature names for a baseline's ``X_features`` (CellProfiler-style), else
-``{key}_0 ...``. Values are the raw means: normalise them downstream (e.g.
-``pycytominer.normalize(..., samples="Metadata_Perturbation == 'nontargeting'")``).
+Columns, in this order:
+
+- ``Metadata_Plate``, ``Metadata_Well``: from obs ``Metadata_Plate`` / ``Metadata_Well``
+  when present; else from the batch columns the file records (``uns["scbd"]
+  ["label_columns"]["batch"]``, what ``ingest --batch-columns`` named) or ``--batch-key``
+  names (``Metadata_Plate,Metadata_Well``), the one whose name holds ``plate`` / ``well``;
+  else from obs ``plate`` / ``well``; else empty. A group whose cells span several plates
+  (wells) gets ``"mixed"``;
+- ``Metadata_Batch``, ``Metadata_Guide``, ``Metadata_Perturbation`` (from the
+  ``--batch-key``, ``--guide-key``, ``--perturbation-key`` columns), ``Metadata_n_cells``
+  (int);
+- cell level only: ``Metadata_Cell_ID`` (obs ``cell_id``), ``Metadata_ImageNumber`` and
+  ``Metadata_ObjectNumber`` (obs ``ImageNumber`` / ``ObjectNumber``, as CellProfiler
+  numbers them), when obs has them: each row joins back to the lab's CellProfiler tables;
+- every other ``Metadata_*`` column of obs, under its own name and with its values as
+  obs holds them: at the cell level all of them, at the other levels those constant within
+  every group (a plate's ``Metadata_Plate_Map``, a compound's ``Metadata_MoA``); the others
+  are left out (logged);
+- then the features: the AnnData's ``var_names`` for ``X``, the recorded feature names for
+  a baseline's ``X_features`` (CellProfiler-style), else ``{key}_0 ...``. Values are the
+  raw means: normalise them downstream (e.g.
+  ``pycytominer.normalize(..., samples="Metadata_Perturbation == 'nontargeting'")``).
+
+The input may also be a pycytominer profile table (``.parquet``, ``.csv``: see
+:mod:`scbd_cells.profile_tables`); name its columns with the keys
+(``--batch-key Metadata_Plate --perturbation-key Metadata_broad_sample``).
 """
 
 from __future__ import annotations
@@ -36,7 +56,9 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
+from scbd_cells.evaluation.cells import CellsFile
 from scbd_cells.outputs import check_output, locks_output, remove_owned, write_file_marker
+from scbd_cells.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.replicates import (
     ROW_CHUNK,
     batch_column,
@@ -89,17 +111,110 @@ def feature_columns(adata: Any, key: str, width: int) -> list[str]:
     return [f"{key}_{i}" for i in range(width)]
 
 
-def _plate_well(adata: Any, rows: pd.DataFrame, batch_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Plate and well of each group, read through its batch label (one plate/well a batch)."""
-    n = len(rows)
-    columns = adata.obs.columns
-    if schema.PLATE not in columns or schema.WELL not in columns:
-        return np.full(n, "", dtype=object), np.full(n, "", dtype=object)
-    groups = cell_groups(adata, [batch_key, schema.PLATE, schema.WELL])
-    table = groups.labels.drop_duplicates(batch_key).set_index(batch_key)
-    plate = table[schema.PLATE].reindex(rows[batch_key]).fillna("").to_numpy(dtype=object)
-    well = table[schema.WELL].reindex(rows[batch_key]).fillna("").to_numpy(dtype=object)
-    return plate, well
+def _recorded(adata: Any) -> dict:
+    """``uns["scbd"]`` of a CellsFile or an AnnData, or ``{}``."""
+    if isinstance(adata, CellsFile):
+        return adata.provenance()
+    found = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
+    return dict(found) if hasattr(found, "items") else {}
+
+
+def _plate_well_columns(adata: Any, batch_key: str) -> tuple[str | None, str | None]:
+    """The obs columns of the plate and the well (see the module docstring), or None."""
+    columns = [str(c) for c in adata.obs.columns]
+    labels = _recorded(adata).get(schema.UNS_LABEL_COLUMNS) or {}
+    recorded = labels.get("batch") if hasattr(labels, "get") else None
+    sources = [str(c) for c in np.atleast_1d(recorded if recorded is not None else [])]
+    sources += [part.strip() for part in batch_key.split(",") if part.strip()]
+
+    def find(word: str, metadata_name: str) -> str | None:
+        if metadata_name in columns:
+            return metadata_name
+        named = [c for c in sources if word in c.lower() and c in columns]
+        if named:
+            return named[0]
+        return next((c for c in columns if c.lower() == word), None)
+
+    return find("plate", schema.METADATA_PLATE), find("well", schema.METADATA_WELL)
+
+
+def _verbatim(values: pd.Series) -> np.ndarray:
+    """A column's values as obs holds them: numbers as they are, text as str (nulls None)."""
+    if isinstance(values.dtype, pd.CategoricalDtype):  # through the categories: no str a cell
+        labels = values.cat.categories.astype(str).to_numpy(dtype=object)
+        return np.append(labels, None)[values.cat.codes.to_numpy()]  # code -1 (null): None
+    if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return values.to_numpy()
+    return np.asarray([None if pd.isna(v) else str(v) for v in values.to_numpy()], dtype=object)
+
+
+def _per_group(
+    values: pd.Series, codes: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's value of an obs column, and whether the group's cells all share it."""
+    frame = pd.DataFrame({"group": codes, "value": _verbatim(values)})
+    frame = frame[frame["group"] >= 0]
+    by_group = frame.groupby("group", sort=True)["value"]
+    constant = by_group.nunique(dropna=False).reindex(range(n_groups), fill_value=0) <= 1
+    first = by_group.first().reindex(range(n_groups))
+    return first.to_numpy(dtype=object), constant.to_numpy(dtype=bool)
+
+
+def _plate_well(adata: Any, groups: Any, keys: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Plate and well of each group: its cells' one value, ``"mixed"`` if several."""
+    n = len(groups.labels)
+    found = []
+    for name in (keys["plate"], keys["well"]):
+        if name is None:
+            found.append(np.full(n, "", dtype=object))
+            continue
+        values, constant = _per_group(adata.obs[name], groups.codes, n)
+        text = np.asarray(["" if v is None else str(v) for v in values], dtype=object)
+        found.append(np.where(constant, text, MIXED).astype(object))
+    return found[0], found[1]
+
+
+def _carried_columns(adata: Any, *, key_columns: set[str]) -> list[str]:
+    """obs ``Metadata_*`` columns carried as they are (not the ones export fills itself).
+
+    A column named like one export fills (``Metadata_Batch``, e.g. a table scbd-cells
+    exported) is replaced by export's own, silently when a key names it (same values).
+    """
+    own = {*schema.METADATA_COLUMNS, schema.METADATA_CELL_ID}
+    carried = []
+    for name in (str(c) for c in adata.obs.columns):
+        if not name.startswith(schema.METADATA_PREFIX):
+            continue
+        if name in own and name not in (schema.METADATA_PLATE, schema.METADATA_WELL):
+            if name in key_columns:
+                continue
+            log.warning(
+                "obs column %s is not carried: export writes its own %s (from the keys).",
+                name, name,
+            )  # fmt: skip
+            continue
+        if name not in (schema.METADATA_PLATE, schema.METADATA_WELL):
+            carried.append(name)
+    return carried
+
+
+def _cell_ids(adata: Any) -> dict[str, np.ndarray]:
+    """``Metadata_Cell_ID`` / ``Metadata_ImageNumber`` / ``Metadata_ObjectNumber`` per cell."""
+    columns = set(map(str, adata.obs.columns))
+    found = {}
+    for source, target in (
+        (schema.CELL_ID, schema.METADATA_CELL_ID),
+        (schema.IMAGE_NUMBER, schema.METADATA_IMAGE_NUMBER),
+        (schema.OBJECT_NUMBER, schema.METADATA_OBJECT_NUMBER),
+    ):
+        if source in columns and target not in columns:
+            values = adata.obs[source]
+            found[target] = (
+                values.astype(str).to_numpy(dtype=object)
+                if source == schema.CELL_ID
+                else _verbatim(values)
+            )
+    return found
 
 
 def _metadata(
@@ -149,12 +264,14 @@ def _cell_table(adata: Any, key: str, out_path: Path, names: list[str], keys: di
         return adata.obs[name].astype(str).to_numpy(dtype=object)
 
     meta = {
-        schema.METADATA_PLATE: column(schema.PLATE),
-        schema.METADATA_WELL: column(schema.WELL),
+        schema.METADATA_PLATE: column(keys["plate"]),
+        schema.METADATA_WELL: column(keys["well"]),
         schema.METADATA_BATCH: column(keys["batch"]),
         schema.METADATA_GUIDE: column(keys["guide"]),
         schema.METADATA_PERTURBATION: column(keys["perturbation"]),
     }
+    extra = _cell_ids(adata)
+    extra.update({name: _verbatim(adata.obs[name]) for name in keys["carried"]})
     writer = None
     header = True
     try:
@@ -163,7 +280,8 @@ def _cell_table(adata: Any, key: str, out_path: Path, names: list[str], keys: di
             values = read_rows(data, np.arange(start, stop))
             frame = pd.DataFrame({k: v[start:stop] for k, v in meta.items()})
             frame[schema.METADATA_N_CELLS] = np.ones(stop - start, dtype=np.int64)
-            frame = pd.concat([frame, pd.DataFrame(values, columns=names)], axis=1)
+            extras = pd.DataFrame({k: v[start:stop] for k, v in extra.items()})
+            frame = pd.concat([frame, extras, pd.DataFrame(values, columns=names)], axis=1)
             if out_path.suffix == ".csv":
                 frame.to_csv(out_path, mode="w" if header else "a", header=header, index=False)
                 header = False
@@ -195,7 +313,8 @@ def export(
     Parameters
     ----------
     embedding_path
-        Cell-level AnnData (``.h5ad`` or ``.zarr``), read lazily.
+        Cell-level AnnData (``.h5ad`` or ``.zarr``), read lazily; or a pycytominer profile
+        table (``.parquet``, ``.csv``), read whole.
     level
         ``cell``, ``well``, ``guide`` (guide x well) or ``gene`` (gene x well).
     out
@@ -222,6 +341,15 @@ def export(
     source = Path(embedding_path)
     check_output(out_path, kind="table", overwrite=overwrite, inputs=[source])
     adata = read_embedding(source)
+    if is_profile_table(source):
+        try:
+            check_profile_columns(adata, _named_keys(
+                level=level, batch_key=batch_key, perturbation_key=perturbation_key,
+                guide_key=guide_key,
+            ), source=source)  # fmt: skip
+        except BaseException:
+            close_all([adata])
+            raise
     out_path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(
         prefix=f".{out_path.stem}.tmp-", suffix=out_path.suffix, dir=out_path.parent
@@ -238,12 +366,20 @@ def export(
         if data is None:
             raise DataError(f"{source} has no X; name an obsm key with --key.")
         names = feature_columns(adata, key, int(data.shape[1]))
+        # before batch_column adds a joined column
+        carried = _carried_columns(
+            adata, key_columns={batch_key, perturbation_key, guide_key}
+        )
+        plate, well = _plate_well_columns(adata, batch_key)
         batch_key = batch_column(adata, batch_key)
         obs_column(adata, batch_key, "batch")
         keys = {
             "batch": batch_key,
             "perturbation": perturbation_key if perturbation_key in adata.obs.columns else None,
             "guide": guide_key if guide_key in adata.obs.columns else None,
+            "plate": plate,
+            "well": well,
+            "carried": carried,
         }
         if level == "cell":
             n_rows = _cell_table(adata, key, tmp_path, names, keys)
@@ -283,7 +419,7 @@ def _group_table(adata: Any, key: str, level: str, names: list[str], keys: dict)
     values = group_means(adata, groups, use_rep=key)
     rows = groups.labels.rename(columns={batch_key: "batch"})
     batches = rows["batch"]
-    plate, well = _plate_well(adata, groups.labels, batch_key)
+    plate, well = _plate_well(adata, groups, keys)
     if level == "well":
         perturbation = (
             _single_or_mixed(adata, keys["perturbation"], batch_key, batches)
@@ -301,4 +437,33 @@ def _group_table(adata: Any, key: str, level: str, names: list[str], keys: dict)
             else np.full(len(rows), "", dtype=object)
         )
     meta = _metadata(rows, plate=plate, well=well, guide=guide, perturbation=perturbation)
-    return pd.concat([meta, pd.DataFrame(values, columns=names)], axis=1)
+    carried = _constant_columns(adata, groups, keys["carried"], level=level)
+    return pd.concat([meta, carried, pd.DataFrame(values, columns=names)], axis=1)
+
+
+def _constant_columns(adata: Any, groups: Any, names: list[str], *, level: str) -> pd.DataFrame:
+    """The carried ``Metadata_*`` columns that are constant within every group, one row each."""
+    n = len(groups.labels)
+    kept, dropped = {}, []
+    for name in names:
+        values, constant = _per_group(adata.obs[name], groups.codes, n)
+        if constant.all():
+            kept[name] = values
+        else:
+            dropped.append(name)
+    if dropped:
+        log.info(
+            "Not carried at the %s level (they vary within a %s): %s",
+            level, level, ", ".join(dropped),
+        )  # fmt: skip
+    return pd.DataFrame(kept, index=pd.RangeIndex(n))
+
+
+def _named_keys(*, level: str, batch_key: str, perturbation_key: str, guide_key: str) -> dict:
+    """The key options a profile table must have: the batch, and those the user named."""
+    needed = {"--batch-key": batch_key}
+    if perturbation_key != schema.PERTURBATION or level in ("guide", "gene"):
+        needed["--perturbation-key"] = perturbation_key
+    if guide_key != schema.GUIDE:
+        needed["--guide-key"] = guide_key
+    return needed

@@ -378,6 +378,7 @@ def baseline(
     from scbd_cells.anndata_io import (
         anndata_bytes,
         check_output_path,
+        store_label_columns,
         store_obs_for_anndata,
         write_anndata,
     )
@@ -496,6 +497,7 @@ def baseline(
         "store": str(Path(store_path).resolve()),
         "store_id": store.store_id,
         "control": store.control or "",
+        schema.UNS_LABEL_COLUMNS: store_label_columns(store),
         "method": (
             "CellProfiler-style intensity, shape and Haralick texture features"
             if feature_set == "handcrafted"

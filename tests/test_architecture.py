@@ -40,6 +40,7 @@ LAYERS = {
     # 2: what joins data and model, and the AnnData files
     "scbd_cells.checkpoint": 2,
     "scbd_cells.anndata_io": 2,
+    "scbd_cells.profile_tables": 2,
     # 3: the commands that make embeddings
     "scbd_cells.training": 3,
     "scbd_cells.embedding": 3,

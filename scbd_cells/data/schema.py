@@ -59,3 +59,14 @@ METADATA_COLUMNS = (
     METADATA_PERTURBATION,
     METADATA_N_CELLS,
 )
+
+# --- what export adds so that rows join back to the lab's tables -------------
+IMAGE_NUMBER = "ImageNumber"  # CellProfiler's image and object numbers
+OBJECT_NUMBER = "ObjectNumber"
+METADATA_PREFIX = "Metadata_"
+METADATA_CELL_ID = "Metadata_Cell_ID"
+METADATA_IMAGE_NUMBER = "Metadata_ImageNumber"
+METADATA_OBJECT_NUMBER = "Metadata_ObjectNumber"
+# uns["scbd"]["label_columns"]: the input columns the labels came from
+# ({"perturbation": str, "guide": str | None, "batch": [str, ...]})
+UNS_LABEL_COLUMNS = "label_columns"

@@ -246,14 +246,20 @@ def check_values(data: Any, *, chunk_size: int = ROW_CHUNK) -> ValueCheck:
 
 
 def read_embedding(path: Path) -> Any:
-    """Open a cell-level AnnData (``.h5ad`` or ``.zarr``) without loading it.
+    """Open a cell-level AnnData (``.h5ad`` or ``.zarr``) without loading it, or read a table.
 
     Returns a :class:`~scbd_cells.evaluation.cells.CellsFile` (obs columns read when
     asked, ``X`` / ``obsm`` sliced from disk); a file older than AnnData's element encoding
-    is read with anndata instead (``.h5ad`` backed, ``.zarr`` in memory).
+    is read with anndata instead (``.h5ad`` backed, ``.zarr`` in memory); a pycytominer
+    profile table (``.parquet``, ``.csv``) as an in-memory AnnData
+    (:func:`scbd_cells.profile_tables.read_profile_table`).
     """
     import anndata as ad
 
+    from scbd_cells.profile_tables import is_profile_table, read_profile_table
+
+    if is_profile_table(path):
+        return read_profile_table(path)
     if not path.exists():
         raise InputError(
             f"Embedding {path} does not exist. Make one with `scbd-cells embed RUN_DIR "

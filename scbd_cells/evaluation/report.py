@@ -56,6 +56,7 @@ from scbd_cells.evaluation.pages import (
 )
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
 from scbd_cells.outputs import check_output, locks_output, remove_owned, write_marker
+from scbd_cells.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.profiles import aggregate_profiles
 from scbd_cells.replicates import batch_column
 from scbd_cells.well_probe import batch_prediction_f1, subsample
@@ -204,7 +205,8 @@ def evaluate(
     ----------
     embedding_paths
         Cell-level AnnData files (``.h5ad`` or ``.zarr``) with perturbation, guide and batch
-        columns in obs.
+        columns in obs, or pycytominer profile tables (``.parquet``, ``.csv``; name their
+        ``Metadata_*`` columns with the keys).
     corum
         Relationship file: CORUM 3.x/4.x/5.x, or any groups (mechanisms of action,
         targets) as GMT or two-column; the report names the latter ``relationships (FILE)``.
@@ -296,6 +298,16 @@ def evaluate(
         for path, key in zip(paths, keys, strict=True):
             adata = read_embedding(path)
             datasets.append(adata)
+            if is_profile_table(path):
+                check_profile_columns(
+                    adata,
+                    {
+                        "--perturbation-key": perturbation_key,
+                        "--guide-key": guide_key if guide_key != schema.GUIDE else None,
+                        "--batch-key": requested_batch_key,
+                    },
+                    source=path,
+                )
             if key == "X" and adata.X is None:
                 raise DataError(
                     f"{path} has no X. Name the embedding's obsm key with --key (keys: "
