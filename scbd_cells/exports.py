@@ -25,8 +25,6 @@ recorded feature names for a baseline's ``X_features`` (CellProfiler-style), els
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,13 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import check_output, locks_output, remove_owned, write_file_marker
+from scbd_cells.outputs import (
+    check_output,
+    locks_output,
+    publish,
+    remove_temporary,
+    temporary_name,
+)
 from scbd_cells.replicates import (
     ROW_CHUNK,
     batch_column,
@@ -223,11 +227,7 @@ def export(
     check_output(out_path, kind="table", overwrite=overwrite, inputs=[source])
     adata = read_embedding(source)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(
-        prefix=f".{out_path.stem}.tmp-", suffix=out_path.suffix, dir=out_path.parent
-    )
-    os.close(handle)
-    tmp_path = Path(name)
+    tmp_path = temporary_name(out_path)
     try:
         if key != "X" and key not in adata.obsm:
             raise DataError(
@@ -251,12 +251,9 @@ def export(
             frame = _group_table(adata, key, level, names, keys)
             _write(frame, tmp_path)
             n_rows = len(frame)
-        if check_output(out_path, kind="table", overwrite=overwrite):  # again, just before
-            remove_owned(out_path, kind="table")
-        os.replace(tmp_path, out_path)
-        write_file_marker(out_path, kind="table")
+        publish(tmp_path, out_path, kind="table", overwrite=overwrite)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        remove_temporary(tmp_path)
         raise
     finally:
         close_all([adata])

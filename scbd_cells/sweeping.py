@@ -44,6 +44,7 @@ import yaml
 
 from scbd_cells.errors import InputError
 from scbd_cells.outputs import (
+    atomic_path,
     check_not_input,
     check_output,
     kind_of,
@@ -52,6 +53,7 @@ from scbd_cells.outputs import (
     remove_owned,
     writable_folder_error,
     write_marker,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -291,12 +293,6 @@ def _mark(folder: Path, entries: Sequence[str]) -> None:
     write_marker(folder, kind="sweep", entries=[*earlier.get("entries", []), *entries])
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    tmp_path.write_text(text)
-    os.replace(tmp_path, path)
-
-
 def _record_request(out_dir: Path, request: dict[str, Any], *, resumed: bool) -> None:
     """``sweep.yaml``; on a rerun, warn about what changed since the sweep began."""
     path = out_dir / "sweep.yaml"
@@ -315,7 +311,7 @@ def _record_request(out_dir: Path, request: dict[str, Any], *, resumed: bool) ->
                 out_dir,
                 ", ".join(changed),
             )
-    _write_text(path, yaml.safe_dump(request, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(request, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- the stages
@@ -538,10 +534,11 @@ def plot_tradeoff(
         ax.legend(frameon=False, fontsize=8)
     figure.suptitle("Biology kept against well information left, per α (up and left is better)")
     figure.tight_layout()
-    tmp_path = figure_path.with_name(f".{figure_path.name}.tmp.png")
-    figure.savefig(tmp_path)
-    plt.close(figure)
-    os.replace(tmp_path, figure_path)
+    try:
+        with atomic_path(figure_path) as tmp_path:
+            figure.savefig(tmp_path)
+    finally:
+        plt.close(figure)
 
 
 def _summary(
@@ -751,12 +748,12 @@ def sweep(
     table.insert(table.columns.get_loc("within_margin") + 1, "recommended",
                  table["alpha"] == recommendation.alpha)  # fmt: skip
     table_path = out_dir / "sweep.csv"
-    _write_text(table_path, table.to_csv(index=False))
-    _write_text(out_dir / "references.csv", reference_table.to_csv(index=False))
+    write_text_atomic(table_path, table.to_csv(index=False))
+    write_text_atomic(out_dir / "references.csv", reference_table.to_csv(index=False))
     figure_path = out_dir / "tradeoff.png"
     plot_tradeoff(table, reference_table, figure_path, recommended=recommendation.alpha)
     summary_path = out_dir / "sweep.md"
-    _write_text(summary_path, _summary(table, reference_table, recommendation, margin=margin))
+    write_text_atomic(summary_path, _summary(table, reference_table, recommendation, margin=margin))
     log.info("sweep: %s", recommendation.reason)
     return SweepResult(
         out_dir=out_dir,

@@ -38,7 +38,7 @@ from zarr.storage import LocalStore
 from scbd_cells import __version__
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError, StoreError
-from scbd_cells.outputs import check_output, remove_owned
+from scbd_cells.outputs import check_output, remove_owned, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -516,12 +516,6 @@ def _fsync_append(path: Path, line: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    os.replace(temporary, path)
-
-
 def _to_json(value: Any) -> Any:
     """Make numpy scalars and tuples JSON-friendly for zarr attributes."""
     return json.loads(
@@ -687,10 +681,8 @@ class StoreWriter:
         self.obs.to_parquet(self.partial_path / OBS_FILE, index=False)
         (self.partial_path / WRITTEN_FILE).write_text("")
         # the state file goes last: a partial store without it is simply restarted
-        _write_json_atomic(
-            state_path,
-            {"plan_key": self.plan_key, "store_id": store_id, "block_cells": self.block_cells},
-        )
+        state = {"plan_key": self.plan_key, "store_id": store_id, "block_cells": self.block_cells}
+        write_text_atomic(state_path, json.dumps(state, indent=1))
         return set()
 
     def _restore_stats(self, done: set[int]) -> None:
