@@ -293,16 +293,36 @@ def _mark(folder: Path, entries: Sequence[str]) -> None:
     write_marker(folder, kind="sweep", entries=[*earlier.get("entries", []), *entries])
 
 
+def _check_same_store(out_dir: Path, earlier: dict[str, Any], request: dict[str, Any]) -> None:
+    """Refuse to continue a sweep on another store than the one it began on (by store id)."""
+    before, now = earlier.get("store_id"), request["store_id"]
+    if before is None:  # a sweep begun before the id was recorded: compare the paths
+        same = Path(str(earlier.get("store", ""))).resolve() == Path(request["store"]).resolve()
+    else:
+        same = before == now
+    if not same:
+        raise InputError(
+            f"The sweep in {out_dir} was begun on the store {earlier.get('store')} (store id "
+            f"{before or 'not recorded'}); this command gives {request['store']} (store id "
+            f"{now}). Its finished runs were trained on the first, so they cannot be reported "
+            "for the second. Choose another --out, or pass --overwrite to start the sweep over "
+            "on the new store."
+        )
+
+
 def _record_request(out_dir: Path, request: dict[str, Any], *, resumed: bool) -> None:
-    """``sweep.yaml``; on a rerun, warn about what changed since the sweep began."""
+    """``sweep.yaml``; on a rerun, refuse another store and warn about other changes."""
     path = out_dir / "sweep.yaml"
     if resumed and path.exists():
         try:
             earlier = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
             earlier = {}
+        _check_same_store(out_dir, earlier, request)
         changed = sorted(
-            key for key in set(earlier) | set(request) if earlier.get(key) != request.get(key)
+            key
+            for key in (set(earlier) | set(request)) - {"store_id"}  # checked above
+            if earlier.get(key) != request.get(key)
         )
         if changed:
             log.warning(
@@ -653,6 +673,7 @@ def sweep(
         write.
     """
     from scbd_cells.config import resolve_train_config
+    from scbd_cells.data.store import open_store
 
     out_dir = Path(out)
     store_path = Path(store_path)
@@ -676,12 +697,14 @@ def sweep(
     if not 0 <= margin < 1:
         raise InputError(f"--margin must be at least 0 and below 1; found {margin}.")
     inputs = [store_path, corum, config_path, *references.values()]
+    store_id = open_store(store_path).store_id  # which store the runs are trained on
     resumed = _open_sweep_folder(out_dir, overwrite=overwrite, inputs=inputs)
     seed = int(resolve_train_config(config_path=config_path, overrides=options).seed)
     _record_request(
         out_dir,
         {
             "store": str(store_path),
+            "store_id": store_id,
             "corum": str(corum),
             "alpha": alphas,
             "reference": [str(path) for path in references.values()],

@@ -473,7 +473,7 @@ def test_a_model_that_gives_nan_stops_embed(trained, tmp_path, monkeypatch) -> N
     monkeypatch.setattr(SCBDModel, "forward", nan_forward)
     with pytest.raises(DataError, match="non-finite .* embeddings for cells 0-"):
         embed(run_dir, store_path, out=tmp_path / "cells.h5ad", workers=0)
-    assert list(tmp_path.iterdir()) == [tmp_path / ".cells.h5ad.lock"]  # no temporary file
+    assert list(tmp_path.iterdir()) == []  # no temporary file, and the lock file went too
 
 
 # --------------------------------------------------------------------------- Ctrl-C, resume
