@@ -496,7 +496,7 @@ def test_a_table_an_earlier_version_marked_is_still_replaced(tmp_path: Path) -> 
 # --------------------------------------------------------------------------- files written
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
 def test_files_follow_the_umask_and_leave_nothing_beside_them(tmp_path: Path, umask) -> None:
     from scbd_cells import export
 
