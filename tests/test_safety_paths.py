@@ -208,6 +208,12 @@ def test_deleting_a_store_or_an_anndata_folder_never_follows_a_link(tmp_path: Pa
         link.symlink_to(path, target_is_directory=True)
         with pytest.raises(InputError, match="symbolic link"):
             check_output(link, kind=kind, overwrite=True)
+        if kind == "store":  # ingest, which resolves --out, refuses it too
+            from scbd_cells import ingest
+
+            with pytest.raises(InputError, match="symbolic link"):
+                ingest(tmp_path / "cells.csv", out=link, perturbation_column="gene",
+                       overwrite=True)  # fmt: skip
         remove_owned(path, kind=kind)
         assert not path.exists()
     assert _snapshot(elsewhere) == before
