@@ -320,7 +320,7 @@ def _chunk(store: Path, index: int) -> Path:
 
 @pytest.mark.parametrize("shards", [False, True])
 def test_a_chunk_moved_to_another_place_is_an_error_naming_its_cells(
-    tmp_path: Path, shards: bool, capsys
+    trained, tmp_path: Path, shards: bool, capsys
 ) -> None:
     from scbd_cells.cli import main
     from scbd_cells.data.loader import CellReader, SegmentReader
@@ -359,6 +359,14 @@ def test_a_chunk_moved_to_another_place_is_an_error_naming_its_cells(
         segments.read(np.arange(40, 60))
     # the other chunks read as before
     assert opened.read(np.arange(0, 16)).shape == (16, 2, *opened.image_size)
+    if not shards:  # the commands that read every cell stop, naming the cells
+        from scbd_cells import baseline
+
+        with pytest.raises(StoreError, match=cells):
+            embed(trained[1], store, out=tmp_path / "cells.h5ad", device="cpu", workers=0)
+        with pytest.raises(StoreError, match=cells):
+            baseline(store, out=tmp_path / "baseline.h5ad")
+        assert not (tmp_path / "cells.h5ad").exists() and not (tmp_path / "baseline.h5ad").exists()
 
 
 def test_a_store_without_chunk_places_reads_and_a_damaged_list_is_refused(
