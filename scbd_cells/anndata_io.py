@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +26,13 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import InputError
-from scbd_cells.outputs import check_free_space, check_output, remove_owned
+from scbd_cells.outputs import (
+    check_free_space,
+    check_output,
+    publish,
+    remove_temporary,
+    temporary_name,
+)
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
@@ -104,26 +108,17 @@ def anndata_bytes(obs: pd.DataFrame, n_values: int) -> int:
 
 
 def temporary_path(out_path: Path) -> Path:
-    handle, name = tempfile.mkstemp(
-        prefix=f".{out_path.stem}.tmp-", suffix=out_path.suffix, dir=out_path.parent
-    )
-    os.close(handle)
-    os.unlink(name)
-    return Path(name)
+    """A hidden temporary name beside ``out_path`` (:func:`scbd_cells.outputs.temporary_name`)."""
+    return temporary_name(out_path)
 
 
 def remove_path(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    remove_temporary(path)
 
 
 def move_into_place(tmp_path: Path, out_path: Path, *, overwrite: bool) -> None:
-    if out_path.exists() or out_path.is_symlink():
-        check_output(out_path, kind="anndata", overwrite=overwrite)  # again, just before
-        remove_owned(out_path, kind="anndata")
-    os.replace(tmp_path, out_path)
+    """Put a finished AnnData in place, replacing only one scbd-cells wrote, and record it."""
+    publish(tmp_path, out_path, kind="anndata", overwrite=overwrite)
 
 
 @contextmanager

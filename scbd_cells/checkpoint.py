@@ -14,7 +14,6 @@ statistics, or None), ``val_batch_size`` (cells in one validation batch), ``samp
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,26 +42,17 @@ def checkpoint_path_of(run_dir: Path, which: str) -> Path:
 
 
 def save_checkpoint(checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
-    """Write ``checkpoint`` atomically: a temporary file in the same folder, then a rename.
+    """Write ``checkpoint`` atomically (:func:`scbd_cells.outputs.atomic_path`).
 
-    A crash during the write leaves the previous file intact.
+    A crash during the write leaves the previous file intact; the file follows the umask.
     """
+    from scbd_cells.outputs import atomic_path
+
     checkpoint_path = Path(checkpoint_path)
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = {**checkpoint, "version": CHECKPOINT_VERSION, "package_version": __version__}
-    handle, tmp_name = tempfile.mkstemp(
-        prefix=f".{checkpoint_path.name}.", suffix=".tmp", dir=checkpoint_path.parent
-    )
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from labmates
-        os.replace(tmp_name, checkpoint_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(checkpoint_path) as tmp_path:
+        torch.save(checkpoint, tmp_path)
 
 
 def for_embedding(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -95,12 +85,6 @@ def check_argument_order(run_dir: str | os.PathLike, store_path: str | os.PathLi
             f"The arguments look swapped: {' and '.join(found)}. Give the training run first, "
             f"then the store: RUN_DIR STORE, here `{store_path} {run_dir}`."
         )
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(checkpoint_path: Path, *, map_location: str | torch.device = "cpu") -> dict:

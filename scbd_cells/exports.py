@@ -45,8 +45,6 @@ The input may also be a pycytominer profile table (``.parquet``, ``.csv``: see
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +55,13 @@ import pandas as pd
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.evaluation.cells import CellsFile
-from scbd_cells.outputs import check_output, locks_output, remove_owned, write_file_marker
+from scbd_cells.outputs import (
+    check_output,
+    locks_output,
+    publish,
+    remove_temporary,
+    temporary_name,
+)
 from scbd_cells.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.replicates import (
     ROW_CHUNK,
@@ -351,11 +355,7 @@ def export(
             close_all([adata])
             raise
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(
-        prefix=f".{out_path.stem}.tmp-", suffix=out_path.suffix, dir=out_path.parent
-    )
-    os.close(handle)
-    tmp_path = Path(name)
+    tmp_path = temporary_name(out_path)
     try:
         if key != "X" and key not in adata.obsm:
             raise DataError(
@@ -387,12 +387,9 @@ def export(
             frame = _group_table(adata, key, level, names, keys)
             _write(frame, tmp_path)
             n_rows = len(frame)
-        if check_output(out_path, kind="table", overwrite=overwrite):  # again, just before
-            remove_owned(out_path, kind="table")
-        os.replace(tmp_path, out_path)
-        write_file_marker(out_path, kind="table")
+        publish(tmp_path, out_path, kind="table", overwrite=overwrite)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        remove_temporary(tmp_path)
         raise
     finally:
         close_all([adata])

@@ -236,33 +236,16 @@ def profile_table_frame(adata: Any, values: np.ndarray) -> pd.DataFrame:
 
 
 def write_profile_table(frame: pd.DataFrame, out_path: Path, *, overwrite: bool) -> None:
-    """Write ``frame`` as Parquet or CSV (by suffix) under a temporary name, then into place.
+    """Write ``frame`` as Parquet or CSV (by suffix; ``.csv.gz`` gzipped) into place atomically.
 
-    The output is marked as scbd-cells' (``outputs.write_file_marker``), and an existing
-    file is replaced only with ``overwrite`` and only if scbd-cells wrote it.
+    The output's ownership is recorded (``outputs.publish``), and an existing file is
+    replaced only with ``overwrite`` and only if scbd-cells wrote it.
     """
-    import os
-    import tempfile
-
-    from scbd_cells.outputs import check_output, remove_owned, write_file_marker
+    from scbd_cells.outputs import atomic_path
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".csv.gz" if str(out_path).lower().endswith(".csv.gz") else out_path.suffix
-    handle, name = tempfile.mkstemp(
-        prefix=f".{out_path.name}.tmp-", suffix=suffix, dir=out_path.parent
-    )
-    os.close(handle)
-    os.unlink(name)  # written anew below, so the file follows the umask (mkstemp's is 0600)
-    tmp_path = Path(name)
-    try:
-        if suffix == ".parquet":
+    with atomic_path(out_path, kind="table", overwrite=overwrite) as tmp_path:
+        if out_path.suffix == ".parquet":
             frame.to_parquet(tmp_path, index=False)
-        else:
+        else:  # the temporary name keeps the last suffix, so ".gz" still means gzip
             frame.to_csv(tmp_path, index=False)
-        if check_output(out_path, kind="table", overwrite=overwrite):  # again, just before
-            remove_owned(out_path, kind="table")
-        os.replace(tmp_path, out_path)
-        write_file_marker(out_path, kind="table")
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import CheckpointError, DataError, InputError
-from scbd_cells.outputs import locks_output, prepare_folder
+from scbd_cells.outputs import atomic_path, locks_output, prepare_folder
 from scbd_cells.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -683,10 +682,11 @@ def _block_size(grid: Grid, *, titled: bool) -> tuple[float, float]:
 def _save(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp_path = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp_path, dpi=100, facecolor="black", metadata={"Software": None})
-    plt.close(figure)
-    os.replace(tmp_path, path)
+    try:
+        with atomic_path(path) as tmp_path:
+            figure.savefig(tmp_path, dpi=100, facecolor="black", metadata={"Software": None})
+    finally:
+        plt.close(figure)
 
 
 def draw_grid(
@@ -923,14 +923,8 @@ def reconstruct(
             grid, out_dir / f"{grid.name}_channels.png", channels=True, **common
         )
     index_path = out_dir / INDEX_FILE
-    handle, tmp_name = tempfile.mkstemp(prefix=".index.", suffix=".csv", dir=out_dir)
-    os.close(handle)
-    try:
-        index.to_csv(tmp_name, index=False)
-        os.replace(tmp_name, index_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(index_path) as tmp_path:
+        index.to_csv(tmp_path, index=False)
     shown = [labels.perturbation_names[p] for p in chosen]
     log.info("Drew %s -> %s", ", ".join(shown), out_dir)
     return ReconstructResult(

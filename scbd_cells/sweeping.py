@@ -44,6 +44,7 @@ import yaml
 
 from scbd_cells.errors import InputError
 from scbd_cells.outputs import (
+    atomic_path,
     check_not_input,
     check_output,
     kind_of,
@@ -52,6 +53,7 @@ from scbd_cells.outputs import (
     remove_owned,
     writable_folder_error,
     write_marker,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -291,22 +293,36 @@ def _mark(folder: Path, entries: Sequence[str]) -> None:
     write_marker(folder, kind="sweep", entries=[*earlier.get("entries", []), *entries])
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    tmp_path.write_text(text)
-    os.replace(tmp_path, path)
+def _check_same_store(out_dir: Path, earlier: dict[str, Any], request: dict[str, Any]) -> None:
+    """Refuse to continue a sweep on another store than the one it began on (by store id)."""
+    before, now = earlier.get("store_id"), request["store_id"]
+    if before is None:  # a sweep begun before the id was recorded: compare the paths
+        same = Path(str(earlier.get("store", ""))).resolve() == Path(request["store"]).resolve()
+    else:
+        same = before == now
+    if not same:
+        raise InputError(
+            f"The sweep in {out_dir} was begun on the store {earlier.get('store')} (store id "
+            f"{before or 'not recorded'}); this command gives {request['store']} (store id "
+            f"{now}). Its finished runs were trained on the first, so they cannot be reported "
+            "for the second. Choose another --out, or pass --overwrite to start the sweep over "
+            "on the new store."
+        )
 
 
 def _record_request(out_dir: Path, request: dict[str, Any], *, resumed: bool) -> None:
-    """``sweep.yaml``; on a rerun, warn about what changed since the sweep began."""
+    """``sweep.yaml``; on a rerun, refuse another store and warn about other changes."""
     path = out_dir / "sweep.yaml"
     if resumed and path.exists():
         try:
             earlier = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
             earlier = {}
+        _check_same_store(out_dir, earlier, request)
         changed = sorted(
-            key for key in set(earlier) | set(request) if earlier.get(key) != request.get(key)
+            key
+            for key in (set(earlier) | set(request)) - {"store_id"}  # checked above
+            if earlier.get(key) != request.get(key)
         )
         if changed:
             log.warning(
@@ -315,7 +331,7 @@ def _record_request(out_dir: Path, request: dict[str, Any], *, resumed: bool) ->
                 out_dir,
                 ", ".join(changed),
             )
-    _write_text(path, yaml.safe_dump(request, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(request, sort_keys=False))
 
 
 # --------------------------------------------------------------------------- the stages
@@ -538,10 +554,11 @@ def plot_tradeoff(
         ax.legend(frameon=False, fontsize=8)
     figure.suptitle("Biology kept against well information left, per α (up and left is better)")
     figure.tight_layout()
-    tmp_path = figure_path.with_name(f".{figure_path.name}.tmp.png")
-    figure.savefig(tmp_path)
-    plt.close(figure)
-    os.replace(tmp_path, figure_path)
+    try:
+        with atomic_path(figure_path) as tmp_path:
+            figure.savefig(tmp_path)
+    finally:
+        plt.close(figure)
 
 
 def _summary(
@@ -656,6 +673,7 @@ def sweep(
         write.
     """
     from scbd_cells.config import resolve_train_config
+    from scbd_cells.data.store import open_store
 
     out_dir = Path(out)
     store_path = Path(store_path)
@@ -679,12 +697,14 @@ def sweep(
     if not 0 <= margin < 1:
         raise InputError(f"--margin must be at least 0 and below 1; found {margin}.")
     inputs = [store_path, corum, config_path, *references.values()]
+    store_id = open_store(store_path).store_id  # which store the runs are trained on
     resumed = _open_sweep_folder(out_dir, overwrite=overwrite, inputs=inputs)
     seed = int(resolve_train_config(config_path=config_path, overrides=options).seed)
     _record_request(
         out_dir,
         {
             "store": str(store_path),
+            "store_id": store_id,
             "corum": str(corum),
             "alpha": alphas,
             "reference": [str(path) for path in references.values()],
@@ -751,12 +771,12 @@ def sweep(
     table.insert(table.columns.get_loc("within_margin") + 1, "recommended",
                  table["alpha"] == recommendation.alpha)  # fmt: skip
     table_path = out_dir / "sweep.csv"
-    _write_text(table_path, table.to_csv(index=False))
-    _write_text(out_dir / "references.csv", reference_table.to_csv(index=False))
+    write_text_atomic(table_path, table.to_csv(index=False))
+    write_text_atomic(out_dir / "references.csv", reference_table.to_csv(index=False))
     figure_path = out_dir / "tradeoff.png"
     plot_tradeoff(table, reference_table, figure_path, recommended=recommendation.alpha)
     summary_path = out_dir / "sweep.md"
-    _write_text(summary_path, _summary(table, reference_table, recommendation, margin=margin))
+    write_text_atomic(summary_path, _summary(table, reference_table, recommendation, margin=margin))
     log.info("sweep: %s", recommendation.reason)
     return SweepResult(
         out_dir=out_dir,

@@ -57,12 +57,14 @@ from scbd_cells.model.losses import (
 from scbd_cells.model.preprocess import ImagePreprocessor, preprocessor_for, random_dihedral
 from scbd_cells.model.scbd import SCBDModel, device_autocast, parameter_groups, run_model
 from scbd_cells.outputs import (
+    atomic_path,
     check_not_input,
     check_output,
     kind_of,
     locks_output,
     writable_folder_error,
     write_marker,
+    write_text_atomic,
 )
 from scbd_cells.progress import progress_bar
 
@@ -645,7 +647,7 @@ def _write_option_history(option_history: list[dict[str, Any]], run_dir: Path) -
 
     path = run_dir / "option_history.yaml"
     if option_history:
-        path.write_text(yaml.safe_dump(option_history, sort_keys=False))
+        write_text_atomic(path, yaml.safe_dump(option_history, sort_keys=False))
 
 
 def _check_labels(
@@ -1079,13 +1081,8 @@ def _write_metrics(
     import pandas as pd
 
     table = pd.DataFrame(history, columns=METRIC_COLUMNS)
-    tmp_path = run_dir / ".metrics.csv.tmp"
-    try:
+    with atomic_path(run_dir / "metrics.csv") as tmp_path:
         table.to_csv(tmp_path, index=False)
-        os.replace(tmp_path, run_dir / "metrics.csv")
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
     plot_curves(table, run_dir / "curves.png", collapsed=collapsed)
 
 
@@ -1146,7 +1143,8 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp_path = figure_path.with_name(f".{figure_path.name}.tmp.png")
-    fig.savefig(tmp_path, dpi=90)
-    plt.close(fig)
-    os.replace(tmp_path, figure_path)
+    try:
+        with atomic_path(figure_path) as tmp_path:
+            fig.savefig(tmp_path, dpi=90)
+    finally:
+        plt.close(fig)

@@ -12,6 +12,19 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_state_folder(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """Ownership records of the files tests write go to a folder of the test session's own
+    (``XDG_STATE_HOME``, inherited by the CLI subprocesses), not to the user's."""
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``tiny`` simulated screen (crops layout), seed 0."""

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import zarr
 
 from scbd_cells.checkpoint import load_trained, save_checkpoint
 from scbd_cells.data.store import create_store, open_store
@@ -21,7 +20,12 @@ GENES = ["g1", "g2", "g3", "g4", "g5", "g6", "nontargeting"]
 
 
 def _make_store(
-    path: Path, *, n_channels: int = 3, n: int = 210, control: str | None = "nontargeting"
+    path: Path,
+    *,
+    n_channels: int = 3,
+    n: int = 210,
+    control: str | None = "nontargeting",
+    dimmer: bool = False,
 ) -> Path:
     rng = np.random.default_rng(0)
     names = GENES if control else [g for g in GENES if g != "nontargeting"]
@@ -37,6 +41,8 @@ def _make_store(
         }
     )
     images = rng.integers(0, 4000, size=(n, n_channels, 16, 16), dtype=np.uint16)
+    if dimmer:  # a dimmer plate with a higher background
+        images = images // 2 + 300
     create_store(
         path,
         images=images,
@@ -156,9 +162,7 @@ def test_embed_per_well_normalisation(setup, tmp_path: Path) -> None:
     np.testing.assert_allclose(cells.X[rows], expected.z_perturbation.numpy(), atol=1e-5)
 
     # another store (new wells, other brightness): its wells get their own statistics
-    other_path = _make_store(tmp_path / "other.zarr")
-    pixels = zarr.open_array(other_path / "images", mode="r+")
-    pixels[:] = pixels[:] // 2 + 300  # a dimmer plate with a higher background
+    other_path = _make_store(tmp_path / "other.zarr", dimmer=True)
     other = open_store(other_path)
     with torch.inference_mode():
         expected = trained.model(torch.from_numpy(_by_hand_well_inputs(other, rows)))

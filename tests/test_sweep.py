@@ -109,7 +109,7 @@ def test_a_sweep_folder_keeps_what_scbd_cells_did_not_write(tmp_path: Path) -> N
     (out / "sweep.csv").write_text("alpha\n0\n")
     (out / "notes.txt").write_text("mine")
     (out / "runs" / "my_run_notes.txt").write_text("mine too")
-    (out / "runs" / ".alpha_0.lock").write_text("")  # as train leaves it
+    (out / "runs" / ".alpha_0.lock").write_text("")  # as a killed train leaves it
     assert _open_sweep_folder(out, overwrite=False, inputs=[]) is True  # continued
     assert (out / "sweep.csv").exists()
     assert _open_sweep_folder(out, overwrite=True, inputs=[]) is False  # started over

@@ -1353,6 +1353,8 @@ def ingest(
     IngestResult
     """
     started = time.perf_counter()
+    if overwrite and Path(out).is_symlink():  # never replaced through a link (docs/reliability.md)
+        check_output(Path(out), kind="store", overwrite=True)
     table_path, out_path = Path(table_path).resolve(), Path(out).resolve()
     spec = IngestSpec(
         table=table_path,

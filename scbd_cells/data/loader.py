@@ -258,6 +258,7 @@ class CellReader:
         # Sorted unique rows let the store merge runs and read each chunk once.
         unique, inverse = np.unique(indices, return_inverse=True)
         if self._tensorstore is not None:
+            self.store.images.check_placement(unique)  # tensorstore bypasses zarr's checks
             images = _tensorstore_read(
                 self.store, self._tensorstore.oindex[unique], (int(unique[0]), int(unique[-1]) + 1)
             )
@@ -392,6 +393,8 @@ class SegmentReader:
             for s in segments
         ]
         if self._tensorstore is not None:
+            for a, b in bounds:  # tensorstore bypasses zarr's checks of each chunk's place
+                self.store.images.check_placement(np.arange(a, b))
             futures = [self._tensorstore[a:b].read() for a, b in bounds]  # decoded concurrently
             return [
                 _tensorstore_read(self.store, future, bound)

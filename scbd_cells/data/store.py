@@ -32,13 +32,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.abc.store import SuffixByteRequest
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
 from scbd_cells import __version__
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError, StoreError
-from scbd_cells.outputs import check_output, remove_owned
+from scbd_cells.outputs import check_output, remove_owned, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ OBS_FILE = "obs.parquet"
 REJECTED_FILE = "rejected.csv"
 PARTIAL_SUFFIX = ".partial"
 STATE_FILE = "ingest_state.json"
+#: Per chunk file (a shard when the store is sharded), by index along the cells: the CRC32C
+#: that ends the file. It binds each chunk to its place (docs/store.md, "Chunks in their place").
+CHUNK_CHECKSUMS_FILE = "chunk_checksums.npy"
 WRITTEN_FILE = "written_blocks.txt"
 TABLE_ROW = "table_row"
 
@@ -527,12 +531,6 @@ def _fsync_append(path: Path, line: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    os.replace(temporary, path)
-
-
 def _to_json(value: Any) -> Any:
     """Make numpy scalars and tuples JSON-friendly for zarr attributes."""
     return json.loads(
@@ -698,10 +696,8 @@ class StoreWriter:
         self.obs.to_parquet(self.partial_path / OBS_FILE, index=False)
         (self.partial_path / WRITTEN_FILE).write_text("")
         # the state file goes last: a partial store without it is simply restarted
-        _write_json_atomic(
-            state_path,
-            {"plan_key": self.plan_key, "store_id": store_id, "block_cells": self.block_cells},
-        )
+        state = {"plan_key": self.plan_key, "store_id": store_id, "block_cells": self.block_cells}
+        write_text_atomic(state_path, json.dumps(state, indent=1))
         return set()
 
     def _restore_stats(self, done: set[int]) -> None:
@@ -766,6 +762,7 @@ class StoreWriter:
             raise StoreError(f"Cannot finish the store: blocks {missing[:5]} were not written.")
         rejected_table = pd.DataFrame(list(rejected), columns=["row", schema.CELL_ID, "reason"])
         rejected_table.to_csv(self.partial_path / REJECTED_FILE, index=False)
+        checksums_record = _write_chunk_checksums(self.partial_path, self.images)
         if self.stats.n_blank:
             log.warning(
                 "%d of %d cells are entirely zero (every pixel of every channel): check the "
@@ -777,6 +774,7 @@ class StoreWriter:
             "channel_stats": self.stats.result(),
             "n_rejected": len(rejected_table),
             "n_blank": self.stats.n_blank,
+            "chunk_checksums": checksums_record,
             **(_to_json(extra) if extra else {}),
             "complete": True,
         }
@@ -795,6 +793,73 @@ class StoreWriter:
             remove_owned(replaced, kind="store")
         log.info("Wrote %s (%d cells).", self.path, self.n_cells)
         return self.path
+
+
+def _chunk_file_cells(array: zarr.Array) -> int:
+    """Cells per chunk file: a shard's when the array is sharded, else a chunk's."""
+    return int(array.metadata.chunk_grid.chunk_shape[0])
+
+
+def _chunk_file_key(array: zarr.Array, index: int) -> str:
+    """The key of chunk file ``index`` (along the cells) inside the images array."""
+    return array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+
+
+def _file_tail(path: Path) -> int:
+    """The last 4 bytes of a file, as the little-endian CRC32C zarr's codec appends."""
+    with open(path, "rb") as handle:
+        handle.seek(-4, os.SEEK_END)
+        return int.from_bytes(handle.read(4), "little")
+
+
+def _write_chunk_checksums(store_path: Path, array: zarr.Array) -> dict[str, str]:
+    """Record every chunk file's closing CRC32C by its index (:data:`CHUNK_CHECKSUMS_FILE`).
+
+    A chunk file ends with the CRC32C of its bytes (of its index, for a shard), which
+    differs from chunk to chunk: a file copied or moved to another chunk's place still
+    passes its own checksum but not the one recorded for that place. Returns the group
+    attribute that names the list and its SHA-256.
+    """
+    import hashlib
+    import io
+
+    n_files = -(-int(array.shape[0]) // _chunk_file_cells(array))
+    images_dir = store_path / IMAGES_KEY
+    try:
+        tails = [_file_tail(images_dir / _chunk_file_key(array, i)) for i in range(n_files)]
+    except OSError as error:
+        raise StoreError(f"Cannot finish the store: a chunk file is unreadable ({error})") from None
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(tails, dtype="<u4"), allow_pickle=False)
+    (store_path / CHUNK_CHECKSUMS_FILE).write_bytes(buffer.getvalue())
+    return {"file": CHUNK_CHECKSUMS_FILE, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+
+
+def _read_chunk_checksums(path: Path, attributes: dict) -> np.ndarray | None:
+    """The store's per-place chunk checksums; None for a store written before they existed."""
+    import hashlib
+    import io
+
+    record = attributes.get("chunk_checksums")
+    if record is None:
+        return None
+    file_path = path / str(record.get("file", CHUNK_CHECKSUMS_FILE))
+    try:
+        data = file_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != record.get("sha256"):
+            raise ValueError("its SHA-256 is not the one recorded in zarr.json")
+        checksums = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise StoreError(
+            f"The store {path} is damaged: its list of chunk checksums {file_path} cannot be "
+            f"used ({error}), so chunks cannot be checked against their place. Re-ingest the "
+            "table (or restore the store from a copy)."
+        ) from None
+    return checksums.astype(np.uint32, copy=False)
+
+
+class ChunkPlacementError(ValueError):
+    """A chunk file that passes its own checksum but was written for another place."""
 
 
 _OPEN_ARRAYS: dict[str, zarr.Array] = {}
@@ -922,11 +987,38 @@ class CheckedLocalStore(LocalStore):
     written (:data:`WRITE_CONFIG`), so here a missing one means damage.
     """
 
+    #: Set by :func:`open_store`: the recorded closing CRC32C of each chunk file, by index
+    #: (None for a store written before they were recorded), and the key prefix of those files.
+    chunk_checksums: np.ndarray | None = None
+    chunk_prefix = f"{IMAGES_KEY}/c/"
+
     async def get(self, key, prototype=None, byte_range=None):  # noqa: ANN001 (zarr's signature)
         value = await super().get(key, prototype, byte_range)
-        if value is None and key.startswith(f"{IMAGES_KEY}/c/"):
+        if not key.startswith(self.chunk_prefix):
+            return value
+        if value is None:
             raise FileNotFoundError(f"chunk file {self.root / key} is missing")
+        # a whole chunk file, or a shard's index read from its end: both end with the file's tail
+        if self.chunk_checksums is not None and (
+            byte_range is None or isinstance(byte_range, SuffixByteRequest)
+        ):
+            index = int(key[len(self.chunk_prefix) :].split("/", 1)[0])
+            found = int.from_bytes(value.as_numpy_array()[-4:].tobytes(), "little")
+            if index >= len(self.chunk_checksums) or found != self.chunk_checksums[index]:
+                check_chunk_place(self.root / key, index, found, self.chunk_checksums)
         return value
+
+
+def check_chunk_place(path: Path, index: int, found: int, checksums: np.ndarray) -> None:
+    """Raise :class:`ChunkPlacementError` when chunk file ``index`` is not the one written there."""
+    expected = int(checksums[index]) if index < len(checksums) else None
+    if found != expected:
+        raise ChunkPlacementError(
+            f"chunk file {path} is not the chunk written at this place: it ends with checksum "
+            f"{found:08x}, and ingest recorded "
+            + (f"{expected:08x}" if expected is not None else "no chunk")
+            + " for this position (a chunk file copied or moved here from elsewhere)"
+        )
 
 
 class ImageArray:
@@ -938,9 +1030,15 @@ class ImageArray:
     the damaged cell ranges and ``scbd-cells info --verify``.
     """
 
-    def __init__(self, array: zarr.Array, store_path: Path) -> None:
+    def __init__(
+        self, array: zarr.Array, store_path: Path, *, chunk_checksums: np.ndarray | None = None
+    ) -> None:
         self.array = array
         self.store_path = store_path
+        self.chunk_checksums = chunk_checksums
+        self.file_cells = _chunk_file_cells(array)
+        # chunk files whose place was checked (readers that bypass zarr check each once)
+        self._placed = np.zeros(-(-int(array.shape[0]) // self.file_cells), bool)
         self.shape = tuple(int(size) for size in array.shape)
         self.dtype = np.dtype(array.dtype)
         self.chunks = tuple(int(size) for size in array.chunks)
@@ -963,6 +1061,31 @@ class ImageArray:
             return self.array.get_orthogonal_selection(selection)
         except Exception as error:
             raise self.read_error(_rows_of(selection, self.shape[0]), error) from error
+
+    def check_placement(self, rows: np.ndarray) -> None:
+        """Check, once per chunk file, that the files holding ``rows`` are in their place.
+
+        For readers that do not go through zarr-python (tensorstore): the last 4 bytes of
+        each file not checked yet are compared with the checksum recorded for its index;
+        zarr-python reads are checked on every read (:class:`CheckedLocalStore`).
+
+        Raises
+        ------
+        StoreError
+            A chunk file holds a chunk written for another place, naming its cells.
+        """
+        if self.chunk_checksums is None or len(rows) == 0:
+            return
+        files = np.unique(np.asarray(rows, dtype=np.int64) // self.file_cells)
+        for index in files[~self._placed[files]].tolist():
+            path = self.store_path / IMAGES_KEY / _chunk_file_key(self.array, index)
+            start = index * self.file_cells
+            rows_of_file = (start, min(start + self.file_cells, self.shape[0]))
+            try:
+                check_chunk_place(path, index, _file_tail(path), self.chunk_checksums)
+            except (OSError, ChunkPlacementError) as error:
+                raise self.read_error(rows_of_file, error) from error
+            self._placed[index] = True
 
     def damaged_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
         """Cell ranges ``[a, b)`` within ``[start, stop)`` whose chunk cannot be read."""
@@ -1030,7 +1153,10 @@ class Store:
         self._group = group
         attributes = dict(group.attrs)
         self.attributes = attributes
-        self.images = ImageArray(group[IMAGES_KEY], path)
+        checksums = _read_chunk_checksums(path, attributes)
+        if isinstance(group.store, CheckedLocalStore):
+            group.store.chunk_checksums = checksums
+        self.images = ImageArray(group[IMAGES_KEY], path, chunk_checksums=checksums)
         self.format_version = int(attributes["format_version"])
         self.n_cells, self.n_channels, height, width = (int(size) for size in self.images.shape)
         self.image_size = (height, width)
@@ -1147,11 +1273,21 @@ class Store:
         """Read and check every chunk; return the damaged cell ranges ``[start, stop)``.
 
         Each chunk is read through zarr, which checks its CRC32C checksum and
-        decodes it; a missing chunk file counts as damaged.
+        decodes it; a missing chunk file counts as damaged, and so does one that is not
+        the chunk written at its place (another chunk's file copied or moved there), in a
+        store that records each chunk's place (all stores written since that was added).
         """
         from concurrent.futures import ThreadPoolExecutor
 
         from scbd_cells.progress import progress_bar
+
+        if self.images.chunk_checksums is None:
+            log.warning(
+                "%s was written before scbd-cells recorded where each chunk belongs: every "
+                "chunk's own checksum is checked, but a chunk file copied or moved to another "
+                "chunk's place would pass. Re-ingest the table to have that checked too.",
+                self.path,
+            )
 
         unit = self.images.chunks[0]
         step = unit * max(1, (64 << 20) // max(1, unit * self.images.nbytes // max(1, len(self))))

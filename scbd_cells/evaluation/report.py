@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +52,15 @@ from scbd_cells.evaluation.pages import (
     write_extras,
 )
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
-from scbd_cells.outputs import check_output, locks_output, remove_owned, write_marker
+from scbd_cells.outputs import (
+    check_output,
+    locks_output,
+    publish,
+    remove_owned,
+    remove_temporary,
+    temporary_name,
+    write_marker,
+)
 from scbd_cells.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.profiles import aggregate_profiles
 from scbd_cells.replicates import batch_column
@@ -658,7 +663,8 @@ def _write_report(
     extras: ReportExtras,
 ) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp_dir = temporary_name(out_dir)  # made here, so it and its files follow the umask
+    tmp_dir.mkdir()
     try:
         (tmp_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         curves.to_csv(tmp_dir / "corum_pr.csv", index=False)
@@ -674,8 +680,8 @@ def _write_report(
             remove_owned(out_dir, kind="report")
         out_dir.mkdir(exist_ok=True)
         for name in written:
-            os.replace(tmp_dir / name, out_dir / name)
+            publish(tmp_dir / name, out_dir / name)
         write_marker(out_dir, kind="report", entries=written)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        remove_temporary(tmp_dir)
     log.info("Wrote the report to %s", out_dir)
