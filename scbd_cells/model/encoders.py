@@ -54,9 +54,9 @@ def build_encoder(name: str, *, in_channels: int, stem: str = "imagenet") -> Enc
 
     if name in ("resnet18", "resnet50"):
         network = getattr(models, name)(weights=None)
-        stem = network.conv1
+        first = network.conv1
         network.conv1 = nn.Conv2d(
-            in_channels, stem.out_channels, kernel_size=7, stride=2, padding=3, bias=False
+            in_channels, first.out_channels, kernel_size=7, stride=2, padding=3, bias=False
         )
         feature_dim = network.fc.in_features
         network.fc = nn.Identity()
@@ -65,9 +65,9 @@ def build_encoder(name: str, *, in_channels: int, stem: str = "imagenet") -> Enc
         return Encoder(network, feature_dim)
     if name == "densenet121":
         network = models.densenet121(weights=None)
-        stem = network.features.conv0
+        first = network.features.conv0
         network.features.conv0 = nn.Conv2d(
-            in_channels, stem.out_channels, kernel_size=7, stride=2, padding=3, bias=False
+            in_channels, first.out_channels, kernel_size=7, stride=2, padding=3, bias=False
         )
         feature_dim = network.classifier.in_features
         network.classifier = nn.Identity()
