@@ -119,34 +119,52 @@ def test_augmentation_is_seeded() -> None:
         )
 
 
+def _transform_of(original: np.ndarray, moved: np.ndarray, m: int) -> tuple[int, int, int]:
+    """(symmetry index, dy, dx) that turns ``original`` into ``moved``; exactly one."""
+    matches = [
+        (index, dy, dx)
+        for index, turned in enumerate(_dihedral(original))
+        for dy, dx in itertools.product(range(-m, m + 1), repeat=2)
+        if np.array_equal(moved, _shifted(np.ascontiguousarray(turned), dy, dx, m))
+    ]
+    assert len(matches) == 1
+    return matches[0]
+
+
 def test_training_batches_are_augmented_and_seeded(
     small_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the model sees: shifted symmetries of the cells, the same for the same seed."""
-    from scbd_cells.model import preprocess
+    """What the model sees: each cell one of the 8 symmetries moved by whole pixels; the
+    transforms drawn are the same for the same seed and differ for another seed."""
+    from scbd_cells import training
 
-    seen: list[torch.Tensor] = []
-    real = preprocess.random_shift
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = training.augment_images
 
     def spy(images: torch.Tensor, **kwargs) -> torch.Tensor:
         out = real(images, **kwargs)
-        seen.append(out.clone())
+        seen.append((images.clone(), out.clone()))
         return out
 
-    monkeypatch.setattr(preprocess, "random_shift", spy)
+    monkeypatch.setattr(training, "augment_images", spy)
     options = {**FAST, "steps": 2, "val_every": 2, "augment": "dihedral+shift"}
-    first = train(small_store, out=tmp_path / "a", seed=1, **options)
-    second = train(small_store, out=tmp_path / "b", seed=1, **options)
-    third = train(small_store, out=tmp_path / "c", seed=2, **options)
+    runs = [train(small_store, out=tmp_path / f"run{i}", seed=s, **options)
+            for i, s in enumerate((1, 1, 2))]  # fmt: skip
     assert len(seen) == 6  # one call per training step, none in validation
-    assert all(torch.equal(a, b) for a, b in zip(seen[0:2], seen[2:4], strict=True))
-    assert not any(torch.equal(a, c) for a, c in zip(seen[0:2], seen[4:6], strict=True))
-    assert first.config.augment == "dihedral+shift"
-    assert load_checkpoint(first.last_checkpoint_path)["config"]["augment"] == "dihedral+shift"
+    m = max_shift_for(12)
+    transforms = [
+        [_transform_of(a, b, m) for a, b in zip(before.numpy(), after.numpy(), strict=True)]
+        for before, after in seen
+    ]
+    assert transforms[0:2] == transforms[2:4]  # same seed: the same turns and shifts
+    assert transforms[0:2] != transforms[4:6]  # another seed: others
+    drawn = {t for step in transforms for t in step}
+    assert len({index for index, _, _ in drawn}) > 4 and any(dy or dx for _, dy, dx in drawn)
+    assert runs[0].config.augment == "dihedral+shift"
+    assert load_checkpoint(runs[0].last_checkpoint_path)["config"]["augment"] == "dihedral+shift"
     columns = ["loss", "supcon_perturbation", "supcon_batch"]
-    a, b = (pd.read_csv(r.metrics_path)[columns].to_numpy() for r in (first, second))
+    a, b = (pd.read_csv(r.metrics_path)[columns].to_numpy() for r in runs[:2])
     np.testing.assert_array_equal(a, b)
-    assert third.config.seed == 2
 
 
 def test_resume_is_exact_with_shifts_and_warm_up(small_store: Path, tmp_path: Path) -> None:
