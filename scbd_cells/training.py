@@ -1048,9 +1048,8 @@ class _StallMonitor:
                     "The val perturbation SupCon loss rose from %.4f (step %d) to %.4f (step "
                     "%d), back above log(val batch size) = %.4f, while the train loss is "
                     "%.3f: the encoders are memorising the train cells. More steps will not "
-                    "help; a run of as many steps as that lowest point (best.pt follows the "
-                    "total val loss), more cells per perturbation or --augment may "
-                    "(docs/training.md).",
+                    "help; --select z_c (best.pt at that lowest point), more cells per "
+                    "perturbation or --augment dihedral+shift may (docs/training.md).",
                     best,
                     best_step,
                     val_supcon,
