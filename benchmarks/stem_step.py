@@ -4,7 +4,9 @@
 (the ImageNet stem shrinks it to 8x8), so every later stage sees 16 times the positions.
 This measures what that costs: forward + SCBD loss + backward + AdamW on one batch already
 in memory (no loader), both encoders, per stem, alternating the stems run by run so that a
-machine shared with other work slows both alike. Examples::
+machine shared with other work slows both alike. Wall time and the process's CPU time
+(all its threads) are both reported: on a shared machine the CPU seconds are the better
+guide. Examples::
 
     python benchmarks/stem_step.py                                 # ResNet-18, 320 x 32 px, CPU
     python benchmarks/stem_step.py --device cuda --batch 2048 --steps 20 --record
@@ -25,8 +27,8 @@ from scbd_cells.model.scbd import SCBDModel, run_model
 STEMS = ("imagenet", "small")
 
 
-def step_seconds(args, stem: str, device: torch.device) -> list[float]:
-    """Seconds of each timed step (after one untimed warm-up step) for one stem."""
+def step_seconds(args, stem: str, device: torch.device) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each timed step (after one untimed warm-up step), one stem."""
     torch.manual_seed(0)
     model = SCBDModel(
         {"encoder": args.encoder, "in_channels": args.channels, "image_size": args.image_size,
@@ -45,7 +47,7 @@ def step_seconds(args, stem: str, device: torch.device) -> list[float]:
     for index in range(args.steps + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         output = run_model(model, images)
         loss = scbd_loss(
             output.z_perturbation.float(), output.z_batch.float(), perturbation=perturbation,
@@ -57,7 +59,7 @@ def step_seconds(args, stem: str, device: torch.device) -> list[float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         if index:  # the first step allocates and warms the kernels
-            seconds.append(time.perf_counter() - started)
+            seconds.append((time.perf_counter() - started, time.process_time() - started_cpu))
     return seconds
 
 
@@ -76,19 +78,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    times: dict[str, list[float]] = {stem: [] for stem in STEMS}
+    times: dict[str, list[tuple[float, float]]] = {stem: [] for stem in STEMS}
     for _ in range(args.rounds):
         for stem in STEMS:
             times[stem] += step_seconds(args, stem, device)
-    median = {stem: statistics.median(values) for stem, values in times.items()}
+    wall = {stem: statistics.median(w for w, _ in values) for stem, values in times.items()}
+    cpu = {stem: statistics.median(c for _, c in values) for stem, values in times.items()}
     rows = [
-        [stem, median[stem], min(times[stem]), max(times[stem]), args.batch / median[stem],
-         median[stem] / median["imagenet"]]
+        [stem, wall[stem], min(w for w, _ in times[stem]), max(w for w, _ in times[stem]),
+         wall[stem] / wall["imagenet"], cpu[stem], cpu[stem] / cpu["imagenet"]]
         for stem in STEMS
     ]  # fmt: skip
     body = markdown_table(
-        ["stem", "s/step (median)", "fastest", "slowest", "cells/s", "vs imagenet"], rows
-    )
+        ["stem", "wall s/step (median)", "fastest", "slowest", "wall vs imagenet",
+         "CPU s/step (median)", "CPU vs imagenet"],
+        rows,
+    )  # fmt: skip
     body += (
         f"\n\n{args.encoder} ×2, batch {args.batch} at {args.image_size} px, {args.channels} "
         f"channels: forward + SCBD loss + backward + AdamW on a batch in memory, "
@@ -96,7 +101,7 @@ def main() -> None:
         f"{device} ({args.threads} threads). Peak RSS {peak_rss_gb():.2f} GB."
     )
     record("Training step: ImageNet stem vs small-image stem", body, enabled=args.record)
-    write_json(args.json, {f"{stem}_s_per_step": median[stem] for stem in STEMS})
+    write_json(args.json, {f"{stem}_s_per_step": wall[stem] for stem in STEMS})
 
 
 if __name__ == "__main__":
