@@ -251,7 +251,10 @@ def resolve_train_config(
         return TrainConfig(**options)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            if e["loc"]
+            else e["msg"].removeprefix("Value error, ")  # a rule across options
+            for e in error.errors()
         )
         raise InputError(
             f"invalid train options ({problems}). See `scbd-cells train --help`."

@@ -363,3 +363,34 @@ def test_warmup_sets_the_rate_of_each_step(small_store: Path, tmp_path: Path) ->
     groups = load_checkpoint(plain.last_checkpoint_path)["optimizer"]["param_groups"]
     assert groups[0]["lr"] == 1e-3  # no warm-up: the rate as given, from the first step
     assert load_checkpoint(run.last_checkpoint_path)["config"]["warmup_steps"] == 4
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_the_options_on_the_command_line(small_store: Path, tmp_path: Path) -> None:
+    """train and sweep take the four options; a bad pairing is a usage error."""
+    from typer.testing import CliRunner
+
+    from scbd_cells.cli import app
+
+    common = ["train", str(small_store), "--encoder", "tiny", "--z-dim", "8", "--steps", "2",
+              "--val-every", "2", "--classes-per-batch", "6", "--cells-per-class", "4",
+              "--workers", "0", "--device", "cpu", "-q"]  # fmt: skip
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, [*common, "--out", str(out), "--augment", "dihedral+shift", "--select", "z_c",
+              "--warmup-steps", "3", "--stem", "imagenet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "best.pt: step 2 (--select z_c)" in " ".join(result.output.split())
+    saved = resolve_train_config(config_path=out / "config.yaml")
+    assert (saved.augment, saved.select, saved.warmup_steps, saved.stem) == (
+        "dihedral+shift", "z_c", 3, "imagenet",
+    )  # fmt: skip
+    refused = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "r2"), "--stem", "small"])
+    assert isinstance(refused.exception, InputError)  # cli.main: exit 2, one paragraph
+    assert "invalid train options (--stem small changes" in str(refused.exception)
+    help_text = CliRunner().invoke(app, ["sweep", "--help"]).output
+    for option in ("--augment", "--stem", "--select", "--warmup-steps"):
+        assert option in help_text
