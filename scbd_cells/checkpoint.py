@@ -250,7 +250,7 @@ def load_trained(
         channel_stats={k: list(v) for k, v in checkpoint["channel_stats"].items()},
         batch_stats=None if batch_stats is None else BatchChannelStats.from_dict(batch_stats),
         normalize=normalize_of(checkpoint),
-        model_args=dict(checkpoint["model_args"]),
+        model_args=dict(model.model_args),  # an older checkpoint's missing keys: the defaults
         vocab={k: list(v) for k, v in checkpoint.get("vocab", {}).items()},
         store_fingerprint=dict(checkpoint.get("store_fingerprint", {})),
         config=dict(checkpoint.get("config", {})),

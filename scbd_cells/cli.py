@@ -583,10 +583,35 @@ def train(
         ),
     ] = None,
     augment: Annotated[
-        bool | None,
+        Literal["none", "dihedral", "dihedral+shift"] | None,
         typer.Option(
-            "--augment/--no-augment",
-            help="Random 90-degree turns and mirror images of train cells (default: off).",
+            help="none (the paper); dihedral: each train cell turned by a random multiple of 90 "
+            "degrees and mirrored at random (exact, seeded); dihedral+shift: then moved by up "
+            "to 1/8 of the crop (4 px at 32 px), the edge reflected into the gap."
+            + _train_default("augment")
+        ),
+    ] = None,
+    stem: Annotated[
+        Literal["imagenet", "small"] | None,
+        typer.Option(
+            help="First layers of a ResNet/DenseNet: imagenet (7x7 stride 2 + max pool: a 32 px "
+            "crop is 8x8 after them) or small (3x3 stride 1, no pool: 32x32 stays; about 16x "
+            "the compute)." + _train_default("stem")
+        ),
+    ] = None,
+    select: Annotated[
+        Literal["total", "z_c"] | None,
+        typer.Option(
+            help="What keeps checkpoints/best.pt: total, the lowest total val loss (the "
+            "paper); z_c, the lowest val SupCon(z_c; perturbation), ties to the lower well "
+            "F1 of z_c. metrics.csv names both rules' steps." + _train_default("select")
+        ),
+    ] = None,
+    warmup_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Linear learning-rate warm-up over N steps, then constant (0: none)."
+            + _train_default("warmup_steps")
         ),
     ] = None,
     stratify: Annotated[
@@ -632,6 +657,7 @@ def train(
         val_every=val_every,
         lr=lr,
         weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
         seed=seed,
         device=device,
         compile=compile,
@@ -640,6 +666,8 @@ def train(
         decoder_lr=decoder_lr,
         normalize=normalize,
         augment=augment,
+        stem=stem,
+        select=select,
         stratify=stratify,
         sampling=sampling,
         cache_gb=cache_gb,
@@ -652,6 +680,12 @@ def train(
             f"step {result.step}: val loss {val['loss']:.4f} (best {result.best_val_loss:.4f}); "
             f"well F1 z_c {val['well_f1_z_perturbation']:.3f}, z_s {val['well_f1_z_batch']:.3f}, "
             f"chance {val['well_f1_chance']:.3f}"
+        )
+    if result.best_step is not None:
+        stdout.print(
+            f"best.pt: step {result.best_step} (--select {result.config.select}); the lowest "
+            f"total val loss is at step {result.best_step_total}, the lowest val SupCon(z_c) "
+            f"at step {result.best_step_z_c}"
         )
     if result.interrupted:
         stdout.print(f"[yellow]Interrupted[/] at step {result.step}; continue with --resume.")

@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from scbd_cells.errors import InputError
 
@@ -44,8 +51,19 @@ class TrainConfig(BaseModel):
         "batch label (well); store: with the store's statistics (train split); arcsinh: the "
         "official SCBD code's transform, (arcsinh(x) - 7) / 7 for every cell.",
     )
-    augment: bool = Field(
-        False, description="Random 90-degree turns and mirror images of train cells (off: paper)."
+    augment: Literal["none", "dihedral", "dihedral+shift"] = Field(
+        "none",
+        description="none (the paper); dihedral: each train cell turned by a random multiple "
+        "of 90 degrees and mirrored with probability 1/2 (the square's 8 symmetries, exact); "
+        "dihedral+shift: then moved by a random whole number of pixels, at most 1/8 of the "
+        "crop (4 px at 32 px) each way, the edge reflected into the gap. A run written with "
+        "the earlier on/off option reads true as dihedral, false as none.",
+    )
+    stem: Literal["imagenet", "small"] = Field(
+        "imagenet",
+        description="First layers of a ResNet/DenseNet encoder: imagenet (7x7 stride 2 + max "
+        "pool, torchvision's; a 32 px crop is 8x8 after them) or small (3x3 stride 1, no "
+        "pool; 32x32 stays 32x32: the usual choice at 32-64 px, about 16x the compute).",
     )
     # objective
     alpha: float = Field(1.0, ge=0, description="Weight of the invariance loss.")
@@ -74,10 +92,22 @@ class TrainConfig(BaseModel):
     steps: int = Field(10_000, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Linear learning-rate warm-up: step s (from 0) trains at lr x (s + 1) / N "
+        "for s < N, then at lr, constant (0: no warm-up, the paper).",
+    )
     seed: int = 0
     # validation and logging
     val_every: int = Field(500, ge=1)
     val_batches: int = Field(2, ge=1, description="Class-balanced val batches per val pass.")
+    select: Literal["total", "z_c"] = Field(
+        "total",
+        description="Which validation keeps checkpoints/best.pt: total, the lowest total val "
+        "loss (the paper's rule); z_c, the lowest val SupCon(z_c; perturbation), ties broken "
+        "by the lower well-probe F1 of z_c. Both rules' steps go to metrics.csv either way.",
+    )
     log_every: int = Field(10, ge=1)
     stall_tolerance: float = Field(
         0.02, ge=0, description="Warn if the perturbation loss fell by less than this fraction."
@@ -96,6 +126,20 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown encoder {value!r}; choose one of {', '.join(ENCODER_NAMES)}")
         return value
 
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _legacy_augment(cls, value: Any) -> Any:
+        return legacy_augment(value)
+
+    @model_validator(mode="after")
+    def _stem_fits_encoder(self) -> TrainConfig:
+        if self.stem == "small" and self.encoder == "tiny":
+            raise ValueError(
+                "--stem small changes the first layers of resnet18, resnet50 and densenet121; "
+                "the tiny encoder has no such stem. Drop --stem or choose another --encoder"
+            )
+        return self
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -107,6 +151,25 @@ class TrainConfig(BaseModel):
     def batch_size(self) -> int:
         """Global batch size: classes_per_batch x cells_per_class."""
         return self.classes_per_batch * self.cells_per_class
+
+
+def legacy_augment(value: Any) -> Any:
+    """``augment`` as written before it had three values: true is dihedral, false is none.
+
+    YAML and the environment spell booleans in several ways (``true``, ``False``, ``1``,
+    ``off``); each reads as the on/off option read it.
+    """
+    if isinstance(value, bool):
+        return "dihedral" if value else "none"
+    if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+        return "dihedral" if _BOOLEAN_WORDS[value.strip().lower()] else "none"
+    return value
+
+
+_BOOLEAN_WORDS = {
+    "true": True, "yes": True, "on": True, "1": True,
+    "false": False, "no": False, "off": False, "0": False,
+}  # fmt: skip
 
 
 def _env_options() -> dict[str, str]:
@@ -188,7 +251,10 @@ def resolve_train_config(
         return TrainConfig(**options)
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            if e["loc"]
+            else e["msg"].removeprefix("Value error, ")  # a rule across options
+            for e in error.errors()
         )
         raise InputError(
             f"invalid train options ({problems}). See `scbd-cells train --help`."

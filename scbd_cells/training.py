@@ -34,7 +34,13 @@ from scbd_cells.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from scbd_cells.config import TrainConfig, read_config_file, resolve_train_config, save_config
+from scbd_cells.config import (
+    TrainConfig,
+    legacy_augment,
+    read_config_file,
+    resolve_train_config,
+    save_config,
+)
 from scbd_cells.data import schema
 from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
 from scbd_cells.data.loader import BalancedLoader, segment_cells_of
@@ -54,8 +60,10 @@ from scbd_cells.model.losses import (
     invariance_shuffled,
     scbd_loss,
 )
-from scbd_cells.model.preprocess import ImagePreprocessor, preprocessor_for, random_dihedral
+from scbd_cells.model.preprocess import ImagePreprocessor, augment_images, preprocessor_for
 from scbd_cells.model.scbd import SCBDModel, device_autocast, parameter_groups, run_model
+from scbd_cells.model.schedule import set_learning_rates
+from scbd_cells.model.selection import CheckpointSelection
 from scbd_cells.outputs import (
     atomic_path,
     check_not_input,
@@ -88,6 +96,8 @@ METRIC_COLUMNS = [
     "steps_per_s",
     "cells_per_s",
     "elapsed_s",
+    "best_step_total",  # val rows: the step each --select rule keeps so far
+    "best_step_z_c",
 ]
 
 
@@ -109,6 +119,9 @@ class TrainResult:
         Lowest validation loss seen.
     interrupted
         True when stopped by Ctrl-C (``last`` holds the state; rerun with ``resume=True``).
+    best_step, best_step_total, best_step_z_c
+        The step ``best.pt`` holds (chosen by ``config.select``), and the step each rule
+        keeps (:mod:`scbd_cells.model.selection`); None before the first validation.
     final_val
         The last validation row (losses and well F1 of z_c, z_s and chance).
     config
@@ -124,6 +137,9 @@ class TrainResult:
     interrupted: bool
     final_val: dict[str, float]
     config: TrainConfig
+    best_step: int | None = None
+    best_step_total: int | None = None
+    best_step_z_c: int | None = None
 
 
 @locks_output("out")
@@ -223,6 +239,8 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     option_history: list[dict[str, Any]] = field(default_factory=list)
     final_val: dict[str, float] = field(default_factory=dict)
+    selection: CheckpointSelection = field(default_factory=CheckpointSelection)
+    base_lrs: list[float] = field(default_factory=list)  # per group, from the options
 
     @property
     def last_path(self) -> Path:
@@ -253,6 +271,7 @@ class _Run:
             "val_batch_size": self.val_set.batch_size,
             "sampler": self.loader.state_dict(),
             "option_history": self.option_history,
+            "selection": self.selection.state_dict(),
         }
 
     def write_metrics(self) -> None:
@@ -358,6 +377,7 @@ def _set_up(
         "z_dim": config.z_dim,
         "decoder": config.decoder,
         "decoder_width": config.decoder_width,
+        "stem": config.stem,
     }
     model = SCBDModel(model_args).to(device)
     cuda = device.type == "cuda"
@@ -390,6 +410,7 @@ def _set_up(
         batch_stats=batch_stats,
         vocab={schema.PERTURBATION: list(perturbation_names), schema.BATCH: list(batch_names)},
         autocast=device_autocast(device),
+        base_lrs=[group["lr"] for group in optimizer.param_groups],  # before a resume loads
     )
     if resumed_from is not None:
         _resume(run, resumed_from, changes)
@@ -428,6 +449,7 @@ def _resume(run: _Run, checkpoint: dict[str, Any], changes: dict[str, tuple[Any,
     run.step, run.best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
     run.history = _read_metrics(run.run_dir / "metrics.csv", up_to_step=run.step)
     run.option_history = list(checkpoint.get("option_history", []))
+    run.selection = _resumed_selection(checkpoint, run.history, best_path=run.best_path)
     logger.info("Resuming %s at step %d", run.run_dir, run.step)
     if changes:
         logger.warning(
@@ -444,12 +466,12 @@ def _train_step(run: _Run, batch: Any) -> dict[str, float]:
     """One optimiser step on one class-balanced batch; returns the step's losses."""
     config = run.config
     images = run.preprocessor(batch.images, batch.batch)  # (b, C, H, W) float32
-    if config.augment:
-        # seeded by (seed, step, rank): a resumed run draws the same turns
+    if config.augment != "none":
+        # seeded by (seed, step, rank): a resumed run draws the same turns and shifts
         generator = torch.Generator().manual_seed(
             (config.seed * 1_000_003 + run.step) * 1009 + run.dist.rank
         )
-        images = random_dihedral(images, generator=generator)
+        images = augment_images(images, augment=config.augment, generator=generator)
     output = run_model(run.forward_model, images, autocast=run.autocast)
     # Losses in float32 on the global batch (all ranks' cells).
     z_perturbation = all_gather_with_grad(output.z_perturbation.float())
@@ -486,6 +508,9 @@ def _train_step(run: _Run, batch: Any) -> dict[str, float]:
     )
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()
+    set_learning_rates(
+        run.optimizer, base_lrs=run.base_lrs, step=run.step, warmup_steps=config.warmup_steps
+    )
     run.optimizer.step()
     return parts
 
@@ -502,8 +527,10 @@ def _validate_and_save(run: _Run, stall: _StallMonitor, *, elapsed_s: float) -> 
     stall.check(
         run.step, val_supcon=val["supcon_perturbation"], val_batch_size=run.val_set.batch_size
     )
-    if val["loss"] < run.best_val_loss:
-        run.best_val_loss = val["loss"]
+    improved = run.selection.update(val, step=run.step)  # every rule, whichever keeps best.pt
+    val.update(run.selection.columns())
+    run.best_val_loss = min(run.best_val_loss, val["loss"])
+    if run.config.select in improved:
         save_checkpoint(for_embedding(run.checkpoint()), run.best_path)
     save_checkpoint(run.checkpoint(), run.last_path)
     run.write_metrics()
@@ -532,6 +559,9 @@ def _finish(run: _Run, *, interrupted: bool) -> TrainResult:
         interrupted=interrupted,
         final_val=run.final_val,
         config=run.config,
+        best_step=run.selection.best_step(run.config.select),
+        best_step_total=run.selection.best_step("total"),
+        best_step_z_c=run.selection.best_step("z_c"),
     )
 
 
@@ -584,6 +614,7 @@ SHAPE_OPTIONS = (
     "image_size",
     "decoder",
     "decoder_width",
+    "stem",
     "classes_per_batch",
     "cells_per_class",
     "sampling",
@@ -620,12 +651,22 @@ def _resume_changes(
 ) -> dict[str, tuple[Any, Any]]:
     """Options that differ from the checkpoint's; refuse a change of the model's shape."""
     saved = dict(checkpoint.get("config") or {})
+    if "augment" in saved:  # true/false before augment had three values
+        saved["augment"] = legacy_augment(saved["augment"])
     current = config.model_dump()
     changes = {
         key: (saved.get(key), value)
         for key, value in current.items()
         if key in saved and saved[key] != value
     }
+    if "select" in changes:
+        old, new = changes["select"]
+        raise InputError(
+            f"cannot resume {checkpoint_path} with --select {new}: its best.pt was kept by "
+            f"--select {old}. Resume without --select (the run keeps {old}); metrics.csv's "
+            f"best_step_{new} column names the step {new} would keep. For {new} from the "
+            "start, begin a new run in another --out."
+        )
     fixed = [key for key in SHAPE_OPTIONS if key in changes]
     if fixed:
         described = ", ".join(
@@ -639,6 +680,25 @@ def _resume_changes(
             "a new run in another --out."
         )
     return changes
+
+
+def _resumed_selection(
+    checkpoint: dict[str, Any], history: list[dict[str, Any]], *, best_path: Path
+) -> CheckpointSelection:
+    """Each rule's best step at the resume point: the checkpoint's, or replayed from metrics.
+
+    A checkpoint from before ``--select`` records none; its val rows (``metrics.csv``, up to
+    the checkpoint's step) give both rules, and its ``best_val_loss`` (the lowest total,
+    the only rule then) with ``best.pt``'s step stays the bar for ``total`` when those
+    rows are gone.
+    """
+    if "selection" in checkpoint:
+        return CheckpointSelection.from_state(checkpoint["selection"])
+    selection = CheckpointSelection.from_rows(row for row in history if row["phase"] == "val")
+    if "total" not in selection.best and math.isfinite(float(checkpoint["best_val_loss"])):
+        best = load_checkpoint(best_path) if best_path.is_file() else checkpoint
+        selection.best["total"] = ((float(checkpoint["best_val_loss"]),), int(best["step"]))
+    return selection
 
 
 def _write_option_history(option_history: list[dict[str, Any]], run_dir: Path) -> None:
@@ -990,9 +1050,8 @@ class _StallMonitor:
                     "The val perturbation SupCon loss rose from %.4f (step %d) to %.4f (step "
                     "%d), back above log(val batch size) = %.4f, while the train loss is "
                     "%.3f: the encoders are memorising the train cells. More steps will not "
-                    "help; a run of as many steps as that lowest point (best.pt follows the "
-                    "total val loss), more cells per perturbation or --augment may "
-                    "(docs/training.md).",
+                    "help; --select z_c (best.pt at that lowest point), more cells per "
+                    "perturbation or --augment dihedral+shift may (docs/training.md).",
                     best,
                     best_step,
                     val_supcon,

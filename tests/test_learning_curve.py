@@ -53,3 +53,35 @@ def test_learning_curve_on_the_tiny_demo(tmp_path: Path) -> None:
     assert table["overall"].notna().all()
     assert (tmp_path / "curves" / "curves.png").stat().st_size > 10_000
     assert "steps_3_alpha_0" in (tmp_path / "curves" / "curves.md").read_text()
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning_curve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_option_sets_name_their_runs() -> None:
+    """--variant NAME:option=value,... and --seed S name each run; the names parse back."""
+    curve = _script_module()
+    assert curve.parse_variant("default") == ("default", {})
+    assert curve.parse_variant("all:stem=small,augment=dihedral+shift,warmup-steps=50") == (
+        "all", {"stem": "small", "augment": "dihedral+shift", "warmup_steps": "50"},
+    )  # fmt: skip
+    for bad in ("Big:stem=small", "x:steps=5", "x:stem", "default:stem=small"):
+        with pytest.raises(SystemExit):
+            curve.parse_variant(bad)
+    names = {
+        (300, 3.0, "default", 0): "steps_300_alpha_3",  # as before option sets
+        (300, 0.5, "small", 0): "steps_300_alpha_0.5_small",
+        (1000, 3.0, "default", 2): "steps_1000_alpha_3_seed_2",
+        (1000, 3.0, "d4-shift", 1): "steps_1000_alpha_3_d4-shift_seed_1",
+    }
+    for (steps, alpha, variant, seed), name in names.items():
+        assert curve.run_name(steps, alpha, variant, seed) == name
+        parsed = curve.RUN_NAME.match(name).groups()
+        assert (int(parsed[0]), float(parsed[1])) == (steps, alpha)
+        assert (parsed[2] or "default", int(parsed[3] or 0)) == (variant, seed)

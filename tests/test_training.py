@@ -374,17 +374,17 @@ def test_augment_changes_what_the_model_sees(
 ) -> None:
     """With --augment the model is fed each cell turned or mirrored (one of the square's 8
     symmetries, not all of them the identity); without it, the cells as they are."""
-    from scbd_cells import training
+    from scbd_cells.model import preprocess
 
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = training.random_dihedral
+    real = preprocess.random_dihedral
 
     def spy(images: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         out = real(images, generator=generator)
         seen.append((images.clone(), out.clone()))
         return out
 
-    monkeypatch.setattr(training, "random_dihedral", spy)
+    monkeypatch.setattr(preprocess, "random_dihedral", spy)
     train(small_store, out=tmp_path / "plain", steps=2, **FAST)
     assert not seen  # off by default
     turned = train(small_store, out=tmp_path / "turned", steps=2, augment=True, **FAST)

@@ -10,6 +10,8 @@ from scbd_cells.config import ENCODER_NAMES
 from scbd_cells.errors import InputError
 
 ENCODERS = ENCODER_NAMES  # one list: TrainConfig checks --encoder against it too
+#: ``train --stem`` choices: torchvision's ImageNet stem, or one for small crops.
+STEMS = ("imagenet", "small")
 
 
 class Encoder(NamedTuple):
@@ -19,7 +21,7 @@ class Encoder(NamedTuple):
     feature_dim: int
 
 
-def build_encoder(name: str, *, in_channels: int) -> Encoder:
+def build_encoder(name: str, *, in_channels: int, stem: str = "imagenet") -> Encoder:
     """Build an encoder with random weights whose first convolution takes ``in_channels``.
 
     Parameters
@@ -30,6 +32,10 @@ def build_encoder(name: str, *, in_channels: int) -> Encoder:
         not for science).
     in_channels
         Number of image channels (the store's).
+    stem
+        ``imagenet`` (torchvision's 7x7 stride-2 convolution and 3x3 stride-2 max pool)
+        or ``small`` (a 3x3 stride-1 convolution, no pool: :func:`use_small_stem`);
+        ResNets and DenseNet only.
 
     Returns
     -------
@@ -38,23 +44,35 @@ def build_encoder(name: str, *, in_channels: int) -> Encoder:
     """
     from torchvision import models  # heavy import, only when a model is built
 
+    if stem not in STEMS:
+        raise InputError(f"unknown stem {stem!r}: expected one of {', '.join(STEMS)}.")
+    if stem != "imagenet" and name not in ("resnet18", "resnet50", "densenet121"):
+        raise InputError(
+            f"--stem {stem} changes the first layers of a ResNet or DenseNet; the {name!r} "
+            "encoder has no such stem. Drop --stem or choose --encoder resnet18."
+        )
+
     if name in ("resnet18", "resnet50"):
         network = getattr(models, name)(weights=None)
-        stem = network.conv1
+        first = network.conv1
         network.conv1 = nn.Conv2d(
-            in_channels, stem.out_channels, kernel_size=7, stride=2, padding=3, bias=False
+            in_channels, first.out_channels, kernel_size=7, stride=2, padding=3, bias=False
         )
         feature_dim = network.fc.in_features
         network.fc = nn.Identity()
+        if stem == "small":
+            use_small_stem(network, in_channels=in_channels)
         return Encoder(network, feature_dim)
     if name == "densenet121":
         network = models.densenet121(weights=None)
-        stem = network.features.conv0
+        first = network.features.conv0
         network.features.conv0 = nn.Conv2d(
-            in_channels, stem.out_channels, kernel_size=7, stride=2, padding=3, bias=False
+            in_channels, first.out_channels, kernel_size=7, stride=2, padding=3, bias=False
         )
         feature_dim = network.classifier.in_features
         network.classifier = nn.Identity()
+        if stem == "small":
+            use_small_stem(network, in_channels=in_channels)
         return Encoder(network, feature_dim)
     if name == "tiny":
         network = nn.Sequential(
@@ -72,9 +90,34 @@ def build_encoder(name: str, *, in_channels: int) -> Encoder:
     )
 
 
+def use_small_stem(network: nn.Module, *, in_channels: int) -> None:
+    """Replace a torchvision ResNet's or DenseNet's ImageNet stem with a small-image one, in place.
+
+    The ImageNet stem (7x7 convolution of stride 2, then a 3x3 max pool of stride 2)
+    shrinks a crop four-fold before the first block: 32 px become 8x8. The small-image
+    stem (a 3x3 convolution of stride 1, padding 1, no pool; the CIFAR ResNets' first
+    layer) keeps 32x32, so every later stage sees 16 times the positions (about 16x the
+    compute at the same crop size). The convolution keeps the stem's output channels, so
+    the rest of the network and its feature size r are unchanged.
+    """
+    from torchvision import models
+
+    if isinstance(network, models.ResNet):  # conv1, bn1, relu, maxpool, layer1...
+        out_channels = network.conv1.out_channels
+        network.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        network.maxpool = nn.Identity()
+        return
+    if not isinstance(network, models.DenseNet):
+        raise TypeError(f"expected a torchvision ResNet or DenseNet, found {type(network)}")
+    features = network.features  # conv0, norm0, relu0, pool0, denseblock1...
+    out_channels = features.conv0.out_channels
+    features.conv0 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1, bias=False)
+    features.pool0 = nn.Identity()
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["ENCODERS", "Encoder", "build_encoder", "count_parameters"]
+__all__ = ["ENCODERS", "STEMS", "Encoder", "build_encoder", "count_parameters", "use_small_stem"]

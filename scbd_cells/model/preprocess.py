@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # the model layer takes statistics; it needs no data-layer co
 
 #: ``train --normalize`` choices: per-well statistics, the store's statistics, the paper's code.
 NORMALIZE_CHOICES = ("batch", "store", "arcsinh")
+#: ``train --augment`` choices.
+AUGMENT_CHOICES = ("none", "dihedral", "dihedral+shift")
 #: The official code's ``T.Normalize(7., 7.)`` after its arcsinh: (arcsinh(x) - 7) / 7.
 ARCSINH_CENTER = 7.0
 ARCSINH_SCALE = 7.0
@@ -189,6 +191,72 @@ def random_dihedral(images: torch.Tensor, *, generator: torch.Generator) -> torc
     if chosen.numel():
         out[chosen] = out[chosen].flip(-1)
     return out
+
+
+def max_shift_for(image_size: int) -> int:
+    """Largest shift of ``augment="dihedral+shift"``: 1/8 of the crop (4 px at 32), at least 1."""
+    return max(1, int(image_size) // 8)
+
+
+def random_shift(
+    images: torch.Tensor, *, generator: torch.Generator, max_shift: int
+) -> torch.Tensor:
+    """Each image moved by a random whole number of pixels, the edge reflected into the gap.
+
+    Row and column shifts are drawn independently and uniformly from ``-max_shift ..
+    max_shift``; image ``i`` becomes the window at offset (max_shift + dy, max_shift +
+    dx) of the image padded by ``max_shift`` on every side with reflection (numpy's
+    ``"reflect"``: the edge pixel is not repeated). Whole pixels move, nothing is
+    interpolated, and no new intensity appears (zero padding after normalisation would
+    paint the well's mean intensity, not background, into the crop).
+
+    Parameters
+    ----------
+    images
+        (B, C, S, S) images, on any device; ``max_shift`` < S.
+    generator
+        CPU generator for the per-image draws.
+    max_shift
+        Largest shift in pixels, each way.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, C, S, S) shifted images, same dtype and device.
+    """
+    n, _, height, width = images.shape
+    if not 0 < max_shift < min(height, width):
+        raise ValueError(f"max_shift must be in 1..{min(height, width) - 1}, found {max_shift}")
+    shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator)  # (B, 2)
+    padded = F.pad(images, (max_shift,) * 4, mode="reflect")  # (B, C, S + 2m, S + 2m)
+    start = (max_shift + shifts).to(images.device)
+    rows = start[:, 0, None] + torch.arange(height, device=images.device)  # (B, S)
+    columns = start[:, 1, None] + torch.arange(width, device=images.device)  # (B, S)
+    picked = padded[
+        torch.arange(n, device=images.device)[:, None, None],
+        :,
+        rows[:, :, None],
+        columns[:, None, :],
+    ]  # (B, S, S, C): advanced indices first
+    return picked.permute(0, 3, 1, 2).contiguous()
+
+
+def augment_images(
+    images: torch.Tensor, *, augment: str, generator: torch.Generator
+) -> torch.Tensor:
+    """``train --augment``: none, dihedral (:func:`random_dihedral`) or dihedral+shift
+    (then :func:`random_shift` by at most :func:`max_shift_for` the crop), drawn in that
+    order from ``generator``, so ``dihedral`` draws the same turns with or without shifts.
+    """
+    if augment not in AUGMENT_CHOICES:
+        raise ValueError(f"augment must be one of {AUGMENT_CHOICES}, found {augment!r}")
+    if augment == "none":
+        return images
+    images = random_dihedral(images, generator=generator)
+    if augment == "dihedral+shift":
+        max_shift = max_shift_for(images.shape[-1])
+        images = random_shift(images, generator=generator, max_shift=max_shift)
+    return images
 
 
 def preprocessor_for(

@@ -20,6 +20,7 @@ DEFAULT_MODEL_ARGS: dict[str, Any] = {
     "z_dim": 64,
     "decoder": False,
     "decoder_width": 256,
+    "stem": "imagenet",  # checkpoints written before --stem had the ImageNet stem
 }
 
 
@@ -65,7 +66,7 @@ class SCBDModel(nn.Module):
     ----------
     model_args
         Plain dict: ``encoder``, ``in_channels``, ``image_size``, ``z_dim``,
-        ``decoder`` (bool), ``decoder_width``; missing keys take
+        ``decoder`` (bool), ``decoder_width``, ``stem``; missing keys take
         :data:`DEFAULT_MODEL_ARGS`.
     """
 
@@ -73,8 +74,9 @@ class SCBDModel(nn.Module):
         super().__init__()
         self.model_args = {**DEFAULT_MODEL_ARGS, **model_args}
         args = self.model_args
-        encoder_c = build_encoder(args["encoder"], in_channels=args["in_channels"])
-        encoder_s = build_encoder(args["encoder"], in_channels=args["in_channels"])
+        shape = {"in_channels": args["in_channels"], "stem": args["stem"]}
+        encoder_c = build_encoder(args["encoder"], **shape)
+        encoder_s = build_encoder(args["encoder"], **shape)
         self.encoder_perturbation = encoder_c.module
         self.encoder_batch = encoder_s.module
         self.head_perturbation = ProjectionHead(encoder_c.feature_dim, args["z_dim"])
