@@ -1,0 +1,106 @@
+"""Ingest's work on a ``dask.distributed`` cluster (``ingest --scheduler``).
+
+``dask.distributed`` is optional (``pip install scbd-cells[dask]``) and imported
+only here, when a scheduler is asked for. The cluster's workers run the same
+tasks as ingest's local processes (read a run of cells, write whole chunks of
+the output store, return their statistics) through a
+:class:`concurrent.futures.Executor`, so the store, the bad-row report and
+resuming are the single-machine path's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING
+
+from scbd_cells.errors import InputError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "scbd-cells[dask]"'
+_LOCAL = re.compile(r"local:(\d+)")
+_CONNECT_TIMEOUT_S = 30
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise InputError(
+            "--scheduler runs ingest on a dask.distributed cluster, which is not installed: "
+            f"{INSTALL_HINT} (or run without --scheduler, on this machine's --workers)."
+        ) from None
+    return distributed
+
+
+@contextlib.contextmanager
+def connect(scheduler: str) -> Iterator[Client]:
+    """A client of ``scheduler``: an address (``tcp://host:8786``), or ``local:N``.
+
+    ``local:N`` starts a ``LocalCluster`` of N worker processes of one thread each
+    (no dashboard) and shuts it down on leaving, also after an error.
+    """
+    distributed = _import_distributed()
+    local = _LOCAL.fullmatch(scheduler.strip())
+    if scheduler.strip().startswith("local") and (local is None or int(local.group(1)) < 1):
+        raise InputError(
+            f"--scheduler {scheduler!r}: write local:N with N worker processes (N >= 1), "
+            "or a scheduler address such as tcp://host:8786."
+        )
+    with contextlib.ExitStack() as stack:
+        chatty = logging.getLogger("distributed")  # logs every connection at INFO
+        stack.callback(chatty.setLevel, chatty.level)
+        chatty.setLevel(max(chatty.level, logging.WARNING))
+        if local is not None:
+            n_workers = int(local.group(1))
+            log.info("Starting a local Dask cluster of %d worker processes.", n_workers)
+            cluster = stack.enter_context(
+                distributed.LocalCluster(
+                    n_workers=n_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                )
+            )
+            address = cluster.scheduler_address
+        else:
+            address = scheduler.strip()
+        try:
+            client = distributed.Client(address, timeout=_CONNECT_TIMEOUT_S)
+        except (OSError, ValueError) as error:  # unreachable (timeouts are OSErrors), malformed
+            raise InputError(
+                f"Cannot reach the Dask scheduler at {scheduler!r} ({error}). Start one "
+                "(`dask scheduler`, then `dask worker ADDRESS` on each node) and pass the "
+                "address it prints, or use --scheduler local:N on this machine."
+            ) from None
+        stack.enter_context(client)
+        n_workers = len(client.scheduler_info()["workers"])
+        log.info("Ingest on the Dask cluster at %s (%d workers now).", address, n_workers)
+        yield client
+
+
+def executor(client: Client) -> Executor:
+    """An executor running tasks on ``client``'s cluster (what ingest's local pool does).
+
+    Tasks are submitted as impure (never deduplicated); a task whose worker dies is
+    run again on another one by the scheduler, which is safe: ingest's tasks write
+    whole chunks, the same bytes each time.
+    """
+    from distributed.cfexecutor import ClientExecutor
+
+    class _ClusterExecutor(ClientExecutor):
+        """``shutdown(cancel_futures=)`` as the standard executors have it."""
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            if cancel_futures:
+                self._client.cancel([f for f in self._futures if not f.done()])
+            super().shutdown(wait=wait)
+
+    return _ClusterExecutor(client, pure=False)
