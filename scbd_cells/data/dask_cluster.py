@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = 'pip install "scbd-cells[dask]"'
 _LOCAL = re.compile(r"local:(\d+)")
 _CONNECT_TIMEOUT_S = 30
+# no dashboard; the scheduler's HTTP server (health checks) on a free local port, not 8787
+LOCAL_SCHEDULER_OPTIONS = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
 
 
 def _import_distributed():
@@ -67,6 +69,7 @@ def connect(scheduler: str) -> Iterator[Client]:
                     threads_per_worker=1,
                     processes=True,
                     dashboard_address=None,
+                    scheduler_kwargs=LOCAL_SCHEDULER_OPTIONS,
                 )
             )
             address = cluster.scheduler_address
@@ -96,11 +99,15 @@ def executor(client: Client) -> Executor:
     from distributed.cfexecutor import ClientExecutor
 
     class _ClusterExecutor(ClientExecutor):
-        """``shutdown(cancel_futures=)`` as the standard executors have it."""
+        """Shut down only when no task of this executor runs any more.
+
+        Cancelling a Dask task that already runs does not stop it, and a task left
+        writing after an ingest starts over without bad rows would put cells of the
+        old plan into the new store. So ``cancel_futures`` is not honoured: every
+        submitted task finishes first (ingest keeps at most two blocks in flight).
+        """
 
         def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-            if cancel_futures:
-                self._client.cancel([f for f in self._futures if not f.done()])
-            super().shutdown(wait=wait)
+            super().shutdown(wait=True)
 
     return _ClusterExecutor(client, pure=False)
