@@ -200,6 +200,32 @@ def test_killed_client_resumes_to_the_single_machine_store(
     assert_same_store(out, reference)
 
 
+def test_tasks_of_a_killed_worker_run_again_to_the_same_store(
+    tmp_path: Path, scheduler: str, small_blocks: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table_path, _ = write_crops(tmp_path, n=240, seed=4)
+    out = tmp_path / "s.zarr"
+    reference = single_machine_reference(out, table_path=table_path, perturbation_column="gene")
+    with distributed.Client(scheduler) as client:
+        before = set(client.run(os.getpid).values())
+        victim = min(before)
+        record_block = store_module.StoreWriter.record_block
+
+        def record_then_kill(self, block: int, stats) -> None:
+            record_block(self, block, stats)
+            if block == 2:  # the next block's tasks are on the workers now
+                os.kill(victim, signal.SIGKILL)
+
+        monkeypatch.setattr(store_module.StoreWriter, "record_block", record_then_kill)
+        result = ingest(table_path, out=out, perturbation_column="gene", scheduler=scheduler)
+        client.wait_for_workers(2, timeout=60)  # its nanny starts another one
+        after = set(client.run(os.getpid).values())
+
+    assert victim not in after and len(after) == 2
+    assert result.n_cells == 240
+    assert_same_store(out, reference)
+
+
 def test_without_distributed_the_message_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
