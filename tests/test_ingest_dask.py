@@ -24,7 +24,7 @@ from test_ingest import write_crops, write_fields
 
 from scbd_cells import ingest, open_store
 from scbd_cells.data import store as store_module
-from scbd_cells.data.dask_cluster import LOCAL_SCHEDULER_OPTIONS
+from scbd_cells.data.dask_cluster import LOCAL_SCHEDULER_OPTIONS, check_shared
 from scbd_cells.data.store import partial_path_of
 from scbd_cells.errors import InputError, StoreError
 
@@ -236,6 +236,15 @@ def test_without_distributed_the_message_names_the_extra(
         ingest(table_path, out=out, perturbation_column="gene", scheduler="local:2")
     assert error.value.exit_code == 2  # a usage error: one paragraph, no traceback
     assert not out.exists() and not partial_path_of(out).exists()
+
+
+def test_workers_that_do_not_see_the_files_are_refused(tmp_path: Path, scheduler: str) -> None:
+    with distributed.Client(scheduler) as client:
+        check_shared(client, [str(tmp_path)])  # both workers see it: no error
+        with pytest.raises(InputError, match="every worker mounts") as error:
+            check_shared(client, [str(tmp_path), str(tmp_path / "elsewhere.tif")])
+    message = str(error.value)
+    assert message.count("lacks") == 2 and message.count("elsewhere.tif") == 2  # both workers
 
 
 @pytest.mark.parametrize("scheduler", ["local:0", "local", "local:two"])

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -86,7 +87,35 @@ def connect(scheduler: str) -> Iterator[Client]:
         stack.enter_context(client)
         n_workers = len(client.scheduler_info()["workers"])
         log.info("Ingest on the Dask cluster at %s (%d workers now).", address, n_workers)
+        if n_workers == 0:
+            log.warning(
+                "The Dask scheduler at %s has no workers yet: the ingest waits until some "
+                "join (`dask worker %s` on the nodes).",
+                address,
+                address,
+            )
         yield client
+
+
+def check_shared(client: Client, paths: Sequence[str]) -> None:
+    """Refuse a cluster whose workers do not see ``paths`` (an image, the output folder).
+
+    A worker without the shared file system would otherwise report its cells'
+    images as missing (bad rows, left out with ``--skip-bad``): silently wrong.
+    Workers that join later are not checked.
+    """
+    missing: dict[str, list[str]] = {}
+    for path in paths:
+        for worker, exists in client.run(os.path.exists, path).items():
+            if not exists:
+                missing.setdefault(worker, []).append(path)
+    if missing:
+        listed = "; ".join(f"{worker} lacks {', '.join(lost)}" for worker, lost in missing.items())
+        raise InputError(
+            f"Dask workers do not see the files this ingest needs ({listed}). The images and "
+            "--out must be on a file system every worker mounts at the same path "
+            "(docs/scaling.md, 'Ingest on a Dask cluster')."
+        )
 
 
 def executor(client: Client) -> Executor:

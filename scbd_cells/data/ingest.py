@@ -547,6 +547,11 @@ class _Workers:
             return _executor(self.threads)
         return dask_cluster.executor(self.client)
 
+    def check_shared(self, paths: list[str]) -> None:
+        """A cluster's workers must see ``paths`` (this machine's processes always do)."""
+        if self.client is not None:
+            dask_cluster.check_shared(self.client, paths)
+
 
 def _exit_with(parent_pid: int) -> None:
     """Worker initialiser: leave when the ingest process is gone (e.g. killed with SIGKILL).
@@ -1555,6 +1560,8 @@ def _ingest(
             )
         try:
             source.probe(obs[TABLE_ROW].to_numpy())
+            existing = next(p for p in out_path.parents if p.exists())  # --out's folder, if any
+            workers.check_shared([source.first_path, str(existing)])
             return _write_store(
                 source,
                 obs,
