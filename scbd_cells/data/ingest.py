@@ -6,10 +6,11 @@ Three passes, each cheap compared with the next:
    columns, missing files, centroids (fields: one header read per field);
 2. a probe of the first few images fixes the reference (channels, size, dtype);
 3. the write: cells in store order (grouped by perturbation), block by block;
-   each worker reads a run of whole chunks, resizes it if asked, writes it and
-   returns its statistics. Fields of view are read once each and all their
-   cells cut out into a scratch file first, because store order scatters a
-   field's cells over the whole store.
+   each worker (a local process, or a Dask worker with ``scheduler``) reads a
+   run of whole chunks, resizes it if asked, writes it and returns its
+   statistics. Fields of view are read once each and all their cells cut out
+   into a scratch file first, because store order scatters a field's cells
+   over the whole store.
 
 An image that fails in pass 3 (corrupt data, wrong channel count, another
 size) stops the ingest with the rows named, or with ``skip_bad`` is recorded
