@@ -97,6 +97,9 @@ def test_crops_on_a_cluster_equal_the_single_machine_store_and_bad_rows(
         table_path=table_path, perturbation_column="gene", guide_column="guide", skip_bad=True
     )
     reference = single_machine_reference(out, **options)
+    ingest(out=out, workers=1, **options)  # what two single-machine runs leave identical
+    assert_same_store(out, reference)
+    out.rename(tmp_path / "one-worker.zarr")
 
     result = ingest(out=out, scheduler=scheduler, **options)
 
@@ -109,7 +112,7 @@ def test_crops_on_a_cluster_equal_the_single_machine_store_and_bad_rows(
 
 
 def test_fields_with_border_cells_on_local_cluster_equal_the_single_machine_store(
-    tmp_path: Path,
+    tmp_path: Path, small_blocks: None
 ) -> None:
     table_path, _ = write_fields(tmp_path, n_fields=4, cells_per_field=15, seed=2)
     table = pd.read_csv(table_path)
