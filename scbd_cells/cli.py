@@ -349,6 +349,14 @@ def ingest(
         str | None,
         typer.Option(help="Column with each row's label in its mask. \\[default: ObjectNumber]"),
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Read and write the cells on a dask.distributed cluster: its address "
+            "(tcp://host:8786) or local:N (N local processes); the table, images and --out on a "
+            "file system every worker sees. Needs scbd-cells[dask] (docs/scaling.md)."
+        ),
+    ] = None,
 ) -> None:
     """Turn a cells table and its images (crops or fields of view) into a store.
 
@@ -387,6 +395,7 @@ def ingest(
         mask_column=mask_column,
         mask_neighbours=mask_neighbours,
         label_column=label_column,
+        scheduler=scheduler,
     )
     if result.already_complete:
         stdout.print(

@@ -31,6 +31,7 @@ LAYERS = {
     "scbd_cells.data.batch_stats": 1,
     "scbd_cells.data.sampler": 1,
     "scbd_cells.data.loader": 1,
+    "scbd_cells.data.dask_cluster": 1,
     "scbd_cells.simulation": 1,
     "scbd_cells.model": 1,
     "scbd_cells.well_probe": 1,

@@ -38,6 +38,12 @@ CASES = [
          "skip_bad": True, "workers": 3},
     ),
     (
+        ["ingest", "cells.csv", "--out", "s.zarr", "--perturbation-column", "gene",
+         "--scheduler", "tcp://head:8786"],
+        "scbd_cells.data.ingest", "ingest",
+        {"scheduler": "tcp://head:8786", "workers": 2},
+    ),
+    (
         ["train", "s.zarr", "--out", "run", "--alpha", "2.5", "--encoder", "tiny",
          "--sampling", "segments", "--no-stratify", "--classes-per-batch", "5",
          "--decoder", "--decoder-lr", "0.003", "--normalize", "store", "--device", "cpu"],

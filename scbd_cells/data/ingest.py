@@ -6,10 +6,11 @@ Three passes, each cheap compared with the next:
    columns, missing files, centroids (fields: one header read per field);
 2. a probe of the first few images fixes the reference (channels, size, dtype);
 3. the write: cells in store order (grouped by perturbation), block by block;
-   each worker reads a run of whole chunks, resizes it if asked, writes it and
-   returns its statistics. Fields of view are read once each and all their
-   cells cut out into a scratch file first, because store order scatters a
-   field's cells over the whole store.
+   each worker (a local process, or a Dask worker with ``scheduler``) reads a
+   run of whole chunks, resizes it if asked, writes it and returns its
+   statistics. Fields of view are read once each and all their cells cut out
+   into a scratch file first, because store order scatters a field's cells
+   over the whole store.
 
 An image that fails in pass 3 (corrupt data, wrong channel count, another
 size) stops the ingest with the rows named, or with ``skip_bad`` is recorded
@@ -40,13 +41,13 @@ from concurrent.futures import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells import __version__
-from scbd_cells.data import cellprofiler_tables, schema
+from scbd_cells.data import cellprofiler_tables, dask_cluster, schema
 from scbd_cells.data.ome_zarr import describe_ome_zarr, is_ome_zarr, read_ome_zarr
 from scbd_cells.data.store import (
     DEFAULT_BATCH_COLUMNS,
@@ -64,6 +65,9 @@ from scbd_cells.data.store import (
 from scbd_cells.errors import DataError, InputError, StoreError
 from scbd_cells.outputs import check_not_input, check_output, kind_of, output_lock
 from scbd_cells.progress import progress_bar
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
@@ -527,6 +531,29 @@ def _executor(workers: int) -> Executor:
     )
 
 
+@dataclass(frozen=True)
+class _Workers:
+    """Who reads and writes the cells: this machine's processes, or a Dask cluster's workers.
+
+    ``threads`` check files and headers on this machine either way (I/O-bound);
+    with ``client`` (a ``dask.distributed.Client``) the cluster runs the tasks
+    that read cells and write the store, else ``threads`` local processes do.
+    """
+
+    threads: int
+    client: Client | None = None
+
+    def executor(self) -> Executor:
+        if self.client is None:
+            return _executor(self.threads)
+        return dask_cluster.executor(self.client)
+
+    def check_shared(self, paths: list[str]) -> None:
+        """A cluster's workers must see ``paths`` (this machine's processes always do)."""
+        if self.client is not None:
+            dask_cluster.check_shared(self.client, paths)
+
+
 def _exit_with(parent_pid: int) -> None:
     """Worker initialiser: leave when the ingest process is gone (e.g. killed with SIGKILL).
 
@@ -669,7 +696,7 @@ class _CropSource:
         paths: list[list[str | None]],
         per_channel: bool,
         n_channels: int | None,
-        workers: int,
+        workers: _Workers,
     ) -> None:
         self.columns = columns
         self.per_channel = per_channel
@@ -692,7 +719,7 @@ class _CropSource:
         """Table-level problems: empty paths and missing files."""
         bad: dict[int, str] = {}
         unique = list(dict.fromkeys(p for row in rows for p in self.paths_of_row[row] if p))
-        exists = dict(zip(unique, _files_exist(unique, self.workers), strict=True))
+        exists = dict(zip(unique, _files_exist(unique, self.workers.threads), strict=True))
         for row in rows:
             for column, path in zip(self.columns, self.paths_of_row[row], strict=True):
                 if path is None:
@@ -724,7 +751,7 @@ class _CropSource:
         """Read every listed cell; return the failures."""
         spec = self.spec()
         failures: dict[int, str] = {}
-        with _executor(self.workers) as pool:
+        with self.workers.executor() as pool:
             pieces = np.array_split(rows, max(1, math.ceil(len(rows) / _TASK_CELLS)))
             tasks = [pool.submit(_read_crop_batch, self._items(p), spec, False) for p in pieces]
             for future in tasks:
@@ -778,7 +805,7 @@ def _store_scratch(
     return {}, stats, len(images)
 
 
-def _run_blocks(writer: StoreWriter, submit: Callable, *, workers: int, bar, task) -> None:
+def _run_blocks(writer: StoreWriter, submit: Callable, *, workers: _Workers, bar, task) -> None:
     """Write every pending block as chunk-aligned worker tasks; record each finished block.
 
     ``submit(pool, start, stop)`` starts one task for store rows ``start:stop``
@@ -786,7 +813,7 @@ def _run_blocks(writer: StoreWriter, submit: Callable, *, workers: int, bar, tas
     while this block's finish, so the workers never wait for the parent.
     """
     step = writer.write_unit * max(1, _TASK_CELLS // writer.write_unit)
-    pool = _executor(workers)
+    pool = workers.executor()
     try:
         in_flight: deque = deque()
         for block in writer.pending_blocks():
@@ -960,7 +987,7 @@ class _FieldSource:
         y_column: str | None,
         crop_size: int,
         masks: _Masks | None,
-        workers: int,
+        workers: _Workers,
     ) -> None:
         self.columns = columns
         self.per_channel = per_channel
@@ -1021,7 +1048,7 @@ class _FieldSource:
 
         fields = list(by_field)
         for field, (found, reason) in zip(
-            fields, _parallel_map(centroids, fields, self.workers), strict=True
+            fields, _parallel_map(centroids, fields, self.workers.threads), strict=True
         ):
             members = by_field[field]
             if reason is not None:
@@ -1053,7 +1080,7 @@ class _FieldSource:
                 missing[field] = f"file not found: {absent[0]}"
         readable = [field for field in fields if field not in missing]
         shapes = _parallel_map(
-            lambda field: _failure_of(self._field_shape, field), readable, self.workers
+            lambda field: _failure_of(self._field_shape, field), readable, self.workers.threads
         )
         for field, (shape, reason) in zip(readable, shapes, strict=True):
             if reason is None:
@@ -1147,7 +1174,7 @@ class _FieldSource:
     def _run(self, rows: np.ndarray, tasks: list, spec: _FieldSpec, *, keep: bool) -> Iterator:
         """Cut the fields of ``tasks`` in parallel; yield ``(index, positions, crops, reason)``."""
         positions_of = {index: positions for index, _, positions in tasks}
-        with _executor(self.workers) as pool:
+        with self.workers.executor() as pool:
             futures = []
             for index, field, positions in tasks:
                 top, left = self.crop_origin(rows[positions])
@@ -1282,6 +1309,7 @@ def ingest(
     mask_column: str | None = None,
     mask_neighbours: str = "zero",
     label_column: str | None = None,
+    scheduler: str | None = None,
 ) -> IngestResult:
     """Turn a cells table and its images into a store (``scbd-cells ingest``).
 
@@ -1347,6 +1375,14 @@ def ingest(
         ``keep``: crops as cut. Recorded in the store's attributes.
     label_column
         The column holding each row's label in its mask.
+    scheduler
+        Read and write the cells on a ``dask.distributed`` cluster instead of
+        this machine's processes: a scheduler address (``tcp://host:8786``), or
+        ``local:N`` for a local cluster of N processes. Its workers write the
+        store directly, so the table, the images and ``out`` must be on a file
+        system every worker sees; ``workers`` then only checks files here.
+        Needs ``pip install "scbd-cells[dask]"``. The store is the one the
+        single-machine path writes (docs/scaling.md).
 
     Returns
     -------
@@ -1401,9 +1437,24 @@ def ingest(
         check_output(out_path, kind="store", overwrite=overwrite)
         check_partial(out_path)
         record = {"table_sha256": table_sha256, "options": spec.options()}
-        return _ingest(
-            spec, out_path, record=record, workers=workers, overwrite=overwrite, started=started
-        )
+        if scheduler is None:
+            return _ingest(
+                spec,
+                out_path,
+                record=record,
+                workers=_Workers(workers),
+                overwrite=overwrite,
+                started=started,
+            )
+        with dask_cluster.connect(scheduler) as client:
+            return _ingest(
+                spec,
+                out_path,
+                record=record,
+                workers=_Workers(workers, client),
+                overwrite=overwrite,
+                started=started,
+            )
 
 
 def _tables_sha256(paths: list[Path]) -> str:
@@ -1466,7 +1517,7 @@ def _ingest(
     out_path: Path,
     *,
     record: dict,
-    workers: int,
+    workers: _Workers,
     overwrite: bool,
     started: float,
 ) -> IngestResult:
@@ -1510,6 +1561,8 @@ def _ingest(
             )
         try:
             source.probe(obs[TABLE_ROW].to_numpy())
+            existing = next(p for p in out_path.parents if p.exists())  # --out's folder, if any
+            workers.check_shared([source.first_path, str(existing)])
             return _write_store(
                 source,
                 obs,
@@ -1583,7 +1636,7 @@ def _with_default_image_column(spec: IngestSpec, table: pd.DataFrame) -> IngestS
     return spec
 
 
-def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: int) -> ImageSource:
+def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: _Workers) -> ImageSource:
     """Pick the image source from the options; check its columns exist."""
     chosen = [
         name
