@@ -64,7 +64,7 @@ from scbd_cells.outputs import (
     writable_folder_error,
     write_marker,
 )
-from scbd_cells.progress import progress_bar
+from scbd_cells.progress import format_duration, progress_bar
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
@@ -172,6 +172,7 @@ def train(
     run = _set_up(store_path, run_dir, config, resume=resume)
     config = run.config  # as the store fitted it (classes per batch)
     stop, stall, log = _StopRequest(), _StallMonitor(config), _TrainLog(run.step, config)
+    pace = _PaceCheck(run.step, config, device=run.dist.device, is_main=run.dist.is_main)
     run.model.train()
     with stop.installed(), progress_bar(unit="steps") as bar:
         task = bar.add_task("Training", total=config.steps, completed=run.step)
@@ -180,6 +181,7 @@ def train(
                 parts = _train_step(run, next(run.loader))
                 run.step += 1
                 bar.advance(task)
+                pace.check(run.step)
                 log.add(parts)
                 stall.record(parts["supcon_perturbation"])
                 if run.step % config.log_every == 0 or run.step == config.steps:
@@ -531,6 +533,55 @@ def _finish(run: _Run, *, interrupted: bool) -> TrainResult:
         final_val=run.final_val,
         config=run.config,
     )
+
+
+class _PaceCheck:
+    """Times the first steps; on a CPU, warns when the run is planned to take hours.
+
+    The default run (ResNet-18, 10,000 steps) takes a day and more on a laptop; the
+    warning comes after a few seconds, with options of a run that finishes in minutes.
+    """
+
+    WARMUP_STEPS = 2  # the first steps build caches and allocate: not timed
+    TIMED_STEPS = 5
+    WARN_ABOVE_S = 30 * 60
+
+    def __init__(self, step: int, config: TrainConfig, *, device: torch.device, is_main: bool,
+                 clock: Any = time.perf_counter) -> None:  # fmt: skip
+        self.config = config
+        self.clock = clock
+        self.enabled = torch.device(device).type == "cpu" and is_main
+        self.start_step = step + self.WARMUP_STEPS
+        self.started: float | None = None
+
+    def check(self, step: int) -> None:
+        if not self.enabled:
+            return
+        if step == self.start_step:
+            self.started = self.clock()
+        elif self.started is not None and step == self.start_step + self.TIMED_STEPS:
+            self.enabled = False
+            per_step = (self.clock() - self.started) / self.TIMED_STEPS
+            self.warn(per_step, remaining=self.config.steps - step)
+
+    def warn(self, per_step: float, *, remaining: int) -> None:
+        """The warning, when ``remaining`` steps at ``per_step`` seconds exceed the limit."""
+        if per_step * remaining <= self.WARN_ABOVE_S:
+            return
+        in_ten_minutes = max(1, int(600 / per_step))
+        shorter = f"--steps {in_ten_minutes:,}".replace(",", "")
+        if self.config.encoder != "tiny":
+            shorter += " (or --encoder tiny, a small CPU encoder, with more steps)"
+        logger.warning(
+            "On the CPU this run will take about %s: %s steps left at %.1f s/step (timed over "
+            "%d steps). For a first result in about 10 minutes stop it (Ctrl-C keeps a "
+            "checkpoint) and train with %s, as docs/quickstart.md does; or train on a GPU.",
+            format_duration(per_step * remaining),
+            f"{remaining:,}",
+            per_step,
+            self.TIMED_STEPS,
+            shorter,
+        )
 
 
 class _TrainLog:

@@ -203,3 +203,68 @@ def test_logs_are_plain_unwrapped_lines_when_piped(tiny_screen: Path, tmp_path: 
     lines = completed.stderr.splitlines()
     assert any(str(out) in line for line in lines), completed.stderr
     assert all(" INFO " in line or " WARNING " in line for line in lines), completed.stderr
+
+
+def test_piped_progress_is_a_plain_line_at_most_every_30_s(caplog: pytest.LogCaptureFixture) -> None:
+    """Off a terminal: step count, rate and ETA as a log line, at most every 30 s (fake clock)."""
+    import io
+
+    from rich.console import Console
+
+    from scbd_cells import progress
+
+    now = [0.0]
+    assert not Console(file=io.StringIO()).is_terminal  # what a pipe or a log file looks like
+    bar = progress.LogProgress(unit="steps", clock=lambda: now[0])
+    task = bar.add_task("Training", total=1000, completed=100)  # a resumed run
+    with caplog.at_level("INFO", logger="scbd_cells.progress"):
+        for _ in range(100):  # 100 steps of 0.5 s: 50 s, so one line at 30 s
+            now[0] += 0.5
+            bar.advance(task)
+            bar.update(task, description="Training [dim]loss 4.2[/]")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["Training loss 4.2: 160/1,000 steps (16 %), 2.0 steps/s, ETA 7 min"]
+
+
+def test_progress_bar_logs_lines_when_stderr_is_not_a_terminal() -> None:
+    from scbd_cells import progress
+
+    with progress.progress_bar(unit="cells") as bar:  # pytest captures stderr: not a terminal
+        assert isinstance(bar, progress.LogProgress)
+    progress.set_quiet(True)
+    try:
+        with progress.progress_bar(unit="cells") as bar:
+            assert not isinstance(bar, progress.LogProgress)
+    finally:
+        progress.set_quiet(False)
+
+
+def test_a_cpu_run_planned_for_hours_says_so_early(caplog: pytest.LogCaptureFixture) -> None:
+    """The default ResNet-18 run on a laptop: after a few timed steps, the time and a short run."""
+    import torch
+
+    from scbd_cells.config import TrainConfig
+    from scbd_cells.training import _PaceCheck
+
+    now = [0.0]
+    pace = _PaceCheck(0, TrainConfig(), device=torch.device("cpu"), is_main=True,
+                      clock=lambda: now[0])  # fmt: skip
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        for step in range(1, 11):
+            now[0] += 12.0  # 12 s per step
+            pace.check(step)
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert "about 33.3 h" in warning and "9,993 steps left at 12.0 s/step" in warning
+    assert "--steps 50 " in warning and "--encoder tiny" in warning
+
+    caplog.clear()
+    fast = _PaceCheck(0, TrainConfig(steps=300), device=torch.device("cpu"), is_main=True,
+                      clock=lambda: now[0])  # fmt: skip
+    gpu = _PaceCheck(0, TrainConfig(), device=torch.device("cuda"), is_main=True,
+                     clock=lambda: now[0])  # fmt: skip
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        for step in range(1, 11):
+            now[0] += 1.0  # 300 steps of 1 s: 5 minutes, no warning
+            fast.check(step)
+            gpu.check(step)
+    assert caplog.records == []
