@@ -205,7 +205,7 @@ def test_logs_are_plain_unwrapped_lines_when_piped(tiny_screen: Path, tmp_path: 
     assert all(" INFO " in line or " WARNING " in line for line in lines), completed.stderr
 
 
-def test_piped_progress_is_a_plain_line_at_most_every_30_s(caplog: pytest.LogCaptureFixture) -> None:
+def test_piped_progress_is_a_plain_line_at_most_every_30_s(caplog) -> None:
     """Off a terminal: step count, rate and ETA as a log line, at most every 30 s (fake clock)."""
     import io
 
