@@ -87,7 +87,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 console = Console(stderr=True)
-stdout = Console()
+stdout = Console(soft_wrap=True)  # result lines keep their paths whole (no wrap inserted)
 
 
 def _version_callback(value: bool) -> None:
@@ -516,7 +516,11 @@ def train(
         ),
     ] = None,
     decoder_width: Annotated[
-        int | None, typer.Option(help="Decoder channels." + _train_default("decoder_width"))
+        int | None,
+        typer.Option(
+            help="Decoder channels \\[default: sized to the encoder and image: 32 with tiny, "
+            "128 at 32 px, 256 at 64 px]"
+        ),
     ] = None,
     decoder_lr: Annotated[
         float | None, typer.Option(help="Decoder learning rate; default: --lr.")
@@ -707,55 +711,87 @@ def baseline(
 
 
 def _print_table(table) -> None:
-    from rich.table import Table
-
     from scbd_cells.evaluation.pages import FIELD_COLUMNS
 
-    view = Table(title="Evaluation (CORUM AUPRC, recall: higher is better; well F1: lower)")
-    for column in ("embedding", "AUPRC", "recall@5/95", "well F1", "chance", "genes", "cells"):
-        if column == "embedding":  # names are what the reader looks for: never cut them
-            view.add_column(column, no_wrap=True, min_width=max(map(len, table["embedding"])))
-        else:
-            view.add_column(column, justify="right")
-    for row in table.itertuples(index=False):
-        view.add_row(
-            row.embedding,
-            f"{row.corum_auprc:.4f}",
-            f"{row.corum_recall_5_95:.3f}",
-            f"{row.well_f1:.3f}",
-            f"{row.well_f1_chance:.3f}",
-            str(row.n_genes),
-            f"{row.n_cells:,}",
-        )
-    stdout.print(view)
+    paper = [
+        ("embedding", "embedding", "s"),
+        ("corum_auprc", "AUPRC", ".4f"),
+        ("corum_recall_5_95", "recall@5/95", ".3f"),
+        ("well_f1", "well F1", ".3f"),
+        ("well_f1_chance", "chance", ".3f"),
+        ("n_genes", "genes", "d"),
+        ("n_cells", "cells", ",d"),
+    ]
+    title = "Evaluation (CORUM AUPRC, recall: higher is better; well F1: lower)"
+    _print_fitted(_rich_tables(title, table, paper, arrows=False))
     if "overall" in table:
         title = "The field's metrics (JUMP benchmark; all: higher is better)"
-        stdout.print(_rich_table(title, table, FIELD_COLUMNS, arrows=False))
+        _print_fitted(_rich_tables(title, table, FIELD_COLUMNS, arrows=False))
     if "heldout_corum_auprc" in table:
         from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS
 
         title = "Held-out batches, apart from the rest"
-        stdout.print(_rich_table(title, table, HOLDOUT_COLUMNS, arrows=True))
+        _print_fitted(_rich_tables(title, table, HOLDOUT_COLUMNS, arrows=True))
 
 
-def _rich_table(title: str, table, columns: list[tuple[str, str, str]], *, arrows: bool):
-    """``table``'s ``(column, header, format)`` as a Rich table; names never cut."""
+def _print_fitted(views: list) -> None:
+    for view in views:
+        stdout.print(view)
+
+
+def _rich_tables(
+    title: str,
+    table,
+    columns: list[tuple[str, str, str]],
+    *,
+    arrows: bool,
+    width: int | None = None,
+) -> list:
+    """``table``'s ``(column, header, format)`` as Rich tables that fit ``width`` columns.
+
+    No number is squeezed to ``0.…`` and no name is cut: when the columns do not fit the
+    console (80 columns in a log or a pipe) the table is split into parts of whole columns,
+    each repeating the first (the embedding's name).
+    """
     from rich.table import Table
 
-    view = Table(title=title)
-    for column, header, _ in columns:
-        if column == "embedding":
-            view.add_column(header, no_wrap=True, min_width=max(map(len, table["embedding"])))
-        else:
-            view.add_column(header if arrows else header.replace(" ↑", ""), justify="right")
-    for _, row in table.iterrows():
-        view.add_row(
-            *[
-                str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
-                for c, _, f in columns
-            ]
-        )
-    return view
+    width = width or stdout.width
+    headers = [header if arrows else header.replace(" ↑", "") for _, header, _ in columns]
+    cells = [
+        [
+            str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
+            for c, _, f in columns
+        ]
+        for _, row in table.iterrows()
+    ]
+
+    def needed(i: int) -> int:  # the widest value or header word, plus the borders
+        words = [len(word) for word in headers[i].split()]
+        return max([*words, *(len(row[i]) for row in cells)]) + 3
+
+    parts: list[list[int]] = [[]]
+    used = 1 + needed(0)
+    for i in range(1, len(columns)):
+        if parts[-1] and used + needed(i) > width:
+            parts.append([])
+            used = 1 + needed(0)
+        parts[-1].append(i)
+        used += needed(i)
+    views = []
+    for number, part in enumerate(parts, start=1):
+        suffix = f" ({number}/{len(parts)})" if len(parts) > 1 else ""
+        view = Table(title=title + suffix)
+        for i in [0, *part]:
+            view.add_column(
+                headers[i],
+                justify="left" if i == 0 else "right",
+                no_wrap=i == 0,
+                width=needed(i) - 3,  # headers wrap between words, values stay whole
+            )
+        for row in cells:
+            view.add_row(*[row[i] for i in [0, *part]])
+        views.append(view)
+    return views
 
 
 @app.command(cls=_Command)
@@ -840,7 +876,7 @@ def evaluate(
     _print_table(result.table)
     for text in result.metrics.get("warnings", {}).values():
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
-    stdout.print(f"Report: {result.report_path}")
+    stdout.print(f"Report: {result.out_dir / 'report.html'} (and report.md, metrics.json)")
 
 
 @app.command(cls=_Command)
@@ -973,7 +1009,8 @@ def demo(
     )
     _print_table(result.table)
     stdout.print(
-        f"Report: {result.report_path} (total {sum(result.seconds.values()) / 60:.1f} min)"
+        f"Report: {result.report_path.with_name('report.html')} (and report.md; total "
+        f"{sum(result.seconds.values()) / 60:.1f} min)"
     )
 
 

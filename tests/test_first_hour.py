@@ -5,6 +5,7 @@ The cases of the "first hour" issue that are behaviour (wording is left to the m
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -110,6 +111,9 @@ def test_a_batch_of_several_columns(embedded: Path, tmp_path: Path, write_corum)
     assert joined.metrics["embeddings"]["cells"]["well_f1"] == pytest.approx(
         one.metrics["embeddings"]["cells"]["well_f1"]
     )
+    report = (tmp_path / "one" / "report.md").read_text()  # umap=False: no link to umap.png
+    links = re.findall(r"\]\(([^)]+\.png)\)", report)
+    assert links and all((tmp_path / "one" / link).is_file() for link in links), links
     corrected = correct(cells, method="center-scale", batch_key="plate,well",
                         out=tmp_path / "centred.h5ad")  # fmt: skip
     assert "plate_well" in ad.read_h5ad(corrected.out_path).obs.columns
@@ -268,3 +272,46 @@ def test_a_cpu_run_planned_for_hours_says_so_early(caplog: pytest.LogCaptureFixt
             fast.check(step)
             gpu.check(step)
     assert caplog.records == []
+
+
+def test_results_tables_read_at_80_columns() -> None:
+    """Every number whole at 80 columns: the field's table is split, never squeezed to 0.…"""
+    import io
+
+    from rich.console import Console
+
+    from scbd_cells.cli import _rich_tables
+    from scbd_cells.evaluation.pages import FIELD_COLUMNS
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.uniform(size=(3, len(FIELD_COLUMNS) - 1)),
+                         columns=[c for c, _, _ in FIELD_COLUMNS[1:]])  # fmt: skip
+    table.insert(0, "embedding", ["scbd_alpha0_a_long_name", "baseline_harmony", "scbd"])
+    table.loc[1, "kbet"] = np.nan
+    views = _rich_tables("The field's metrics", table, FIELD_COLUMNS, arrows=False, width=80)
+    assert len(views) > 1
+    out = io.StringIO()
+    console = Console(file=out, width=80)
+    for view in views:
+        console.print(view)
+    text = out.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for _, row in table.iterrows():  # every value, formatted, on the embedding's line
+        name = f"│ {row['embedding']} "
+        assert sum(line.startswith(name) for line in text.splitlines()) == len(views)
+        for column, _, fmt in FIELD_COLUMNS[1:]:
+            if row[column] == row[column]:
+                assert format(row[column], fmt) in text
+
+
+def test_result_lines_keep_paths_whole_at_80_columns(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scbd_cells.cli import app
+
+    out = tmp_path / "a folder name long enough to be wrapped at eighty columns" / "screen"
+    result = CliRunner().invoke(app, ["simulate", str(out), "--preset", "tiny", "--n-genes", "4",
+                                      "--n-complexes", "2"], env={"COLUMNS": "80"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert str(out / "cells.csv") in result.stdout

@@ -414,6 +414,7 @@ def evaluate(
             "mixing_cells": mixing_cells,
             "max_replicates": max_replicates,
             "null_size": null_size,
+            "umap": umap,
             "seed": seed,
         },
         "provenance": report_provenance(inputs, complexes_path=Path(corum)),
