@@ -31,7 +31,12 @@ class TrainConfig(BaseModel):
     z_dim: int = Field(64, ge=2, description="Size of z_c and z_s.")
     image_size: int | None = Field(None, ge=8, description="Model input size; None = the store's.")
     decoder: bool = Field(False, description="Train the additive decoder on detached z (A.1.1).")
-    decoder_width: int = Field(256, ge=4, description="Decoder channels (paper: 256).")
+    decoder_width: int | None = Field(
+        None,
+        ge=4,
+        description="Decoder channels; None = sized to the encoder and image: 32 with tiny, "
+        "otherwise 256 (the paper's) at 64 px, 128 at 32 px.",
+    )
     decoder_lr: float | None = Field(
         None,
         gt=0,
