@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,6 +40,25 @@ class _Group(TyperGroup):
         flags = [arg for arg in args[:end] if arg in GLOBAL_FLAGS]
         rest = [arg for arg in args[:end] if arg not in GLOBAL_FLAGS]
         return super().parse_args(ctx, flags + rest + args[end:])
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as error:
+            error.message = _did_you_mean_choice(error.message)
+            raise
+
+
+def _did_you_mean_choice(message: str) -> str:
+    """``'harmoni' is not one of 'harmony', ...`` gains ``Did you mean 'harmony'?``."""
+    import difflib
+
+    found = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
+    if found is None:
+        return message
+    choices = re.findall(r"'([^']*)'", found.group(2))
+    close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
+    return f"{message} Did you mean {close[0]!r}?" if close else message
 
 
 class _Command(TyperCommand):

@@ -315,3 +315,24 @@ def test_result_lines_keep_paths_whole_at_80_columns(tmp_path: Path) -> None:
                                       "--n-complexes", "2"], env={"COLUMNS": "80"})  # fmt: skip
     assert result.exit_code == 0, result.output
     assert str(out / "cells.csv") in result.stdout
+
+
+def test_did_you_mean_for_choices_and_column_names(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scbd_cells.cli import app
+    from scbd_cells.data.store import did_you_mean
+
+    result = CliRunner().invoke(app, ["correct", "x.h5ad", "--method", "harmoni", "--out", "y"])
+    assert result.exit_code == 2 and "Did you mean 'harmony'?" in result.output
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"perturbation": ["g1", "g2"] * 10, "well": ["A01"] * 10 + ["B01"] * 10},
+                       index=[f"c{i}" for i in range(20)])  # fmt: skip
+    cells = ad.AnnData(rng.normal(size=(20, 3)).astype(np.float32), obs=obs)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(DataError, match="Did you mean 'well'"):
+        correct(tmp_path / "cells.h5ad", method="center-scale", batch_key="wel",
+                out=tmp_path / "c.h5ad")  # fmt: skip
+    # another tool's prefixed names (pycytominer, CellProfiler)
+    assert "'Metadata_Plate'" in did_you_mean("plate", ["Metadata_Plate", "Metadata_Well"])

@@ -55,6 +55,7 @@ from scbd_cells.data.store import (
     StoreWriter,
     check_partial,
     check_split_fractions,
+    did_you_mean,
     finalise_obs,
     label_table,
     open_store,
@@ -1408,7 +1409,9 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: int) -> Imag
     if missing:
         raise InputError(
             f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
-            f"{list(table.columns)}. Name the image (and centroid) columns with the matching "
+            f"{list(table.columns)}. "
+            f"{''.join(did_you_mean(name, list(table.columns)) for name in missing)}"
+            "Name the image (and centroid) columns with the matching "
             "option."
         )
     per_channel = bool(spec.channel_columns or spec.fov_channel_columns)
