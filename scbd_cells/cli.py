@@ -29,11 +29,20 @@ from scbd_cells.progress import set_quiet
 GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
 # One wording per option across commands.
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N."
-WORKERS_HELP = "Images read or written at once (threads; processes in simulate)."
 
 
 class _Group(TyperGroup):
     """The program: moves -q/-v given after the subcommand in front of it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _conventional_metavars(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
@@ -61,6 +70,32 @@ def _did_you_mean_choice(message: str) -> str:
     return f"{message} Did you mean {close[0]!r}?" if close else message
 
 
+# Typer's type names (<int>, <list[Path]>) as the usual upper-case metavars
+_METAVARS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH", "Path": "PATH",
+             "bool": "", "file": "FILE", "dir": "DIRECTORY"}  # fmt: skip
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def _conventional_metavars(params: list[Any]) -> None:
+    """Upper-case names for arguments and values, none for on/off flags, choices in brackets."""
+    for param in params:
+        if param.metavar is not None:
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = param.name.upper()
+            param.display_type_rich = _no_type  # the upper-case name says it, as in click
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""
+        else:
+            label = param.display_type(None).strip("<>")
+            inner = re.fullmatch(r"list\[(.*)\]", label)
+            label = inner.group(1) if inner else label
+            param.metavar = _METAVARS.get(label, f"[{label}]" if "|" in label else label.upper())
+
+
 class _Command(TyperCommand):
     """A subcommand whose help follows the usual conventions.
 
@@ -70,11 +105,7 @@ class _Command(TyperCommand):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for param in self.params:
-            if param.param_type_name == "argument" and param.metavar is None:
-                param.metavar = param.name.upper()
-            elif getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
+        _conventional_metavars(self.params)
 
     def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)
@@ -191,7 +222,7 @@ def simulate(
         typer.Option(help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y."),
     ] = "crops",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, identical files.")] = 0,
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[int, typer.Option(help="Processes drawing and writing images at once.")] = 2,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing simulated screen in OUT_DIR.")
     ] = False,
@@ -313,7 +344,10 @@ def ingest(
     resize: Annotated[
         int | None, typer.Option(help="Store crops at PX x PX (area average).")
     ] = None,
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[
+        int,
+        typer.Option(help="Workers reading and writing chunks (1: one thread; more: processes)."),
+    ] = 2,
     split_fractions: Annotated[
         str, typer.Option(help="Train,val,test fractions (stratified by perturbation).")
     ] = "0.83,0.02,0.15",
@@ -391,7 +425,7 @@ def info(
             "(exit 1 if any)."
         ),
     ] = False,
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[int, typer.Option(help="Threads reading chunks (with --verify).")] = 2,
 ) -> None:
     """What is in a store: cells, channels, labels, split, size, format version."""
     import json
@@ -456,8 +490,11 @@ def _train_default(name: str) -> str:
     """``[default: X]`` for a train option (options are None so YAML/env can apply)."""
     from scbd_cells.config import TrainConfig
 
+    default = TrainConfig.model_fields[name].default
+    if isinstance(default, bool):  # as click writes an on/off flag's default: no-decoder
+        default = name.replace("_", "-") if default else f"no-{name.replace('_', '-')}"
     # "\\[" keeps rich from reading "[default: ...]" as markup
-    return f" \\[default: {TrainConfig.model_fields[name].default}]"
+    return f" \\[default: {default}]"
 
 
 @app.command(cls=_Command)
@@ -498,7 +535,7 @@ def train(
         int | None, typer.Option(help="Embedding size." + _train_default("z_dim"))
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Model input px; default: the store's size.")
+        int | None, typer.Option(help="Model input px. \\[default: the store's size]")
     ] = None,
     classes_per_batch: Annotated[
         int | None,
@@ -532,7 +569,7 @@ def train(
         typer.Option(
             "--decoder/--no-decoder",
             help="Train the additive decoder on detached z (for `scbd-cells reconstruct`; "
-            "changes no embedding). \\[default: False]",
+            "changes no embedding). \\[default: no-decoder]",
         ),
     ] = None,
     decoder_width: Annotated[
@@ -543,7 +580,7 @@ def train(
         ),
     ] = None,
     decoder_lr: Annotated[
-        float | None, typer.Option(help="Decoder learning rate; default: --lr.")
+        float | None, typer.Option(help="Decoder learning rate. \\[default: --lr]")
     ] = None,
     normalize: Annotated[
         Literal["batch", "store", "arcsinh"] | None,
@@ -558,7 +595,7 @@ def train(
         bool | None,
         typer.Option(
             "--augment/--no-augment",
-            help="Random 90-degree turns and mirror images of train cells (default: off).",
+            help="Random 90-degree turns and mirror images of train cells. \\[default: no-augment]",
         ),
     ] = None,
     stratify: Annotated[
@@ -649,7 +686,7 @@ def embed(
         Literal["best", "last"],
         typer.Option(help="Checkpoint of the run: best (lowest val loss) or last."),
     ] = "best",
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Embed every cell: X = z_c, obsm["X_scbd_batch"] = z_s, obs = the store's cell table."""
@@ -679,7 +716,7 @@ def baseline(
     n_components: Annotated[int, typer.Option(help="PCA dimensions.")] = 64,
     nucleus_channel: Annotated[
         str | None,
-        typer.Option(help="Channel to segment nuclei on (default: one named dna/dapi/hoechst)."),
+        typer.Option(help="Channel to segment nuclei on. \\[default: one named dna/dapi/hoechst]"),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Cells measured at a time.")] = 4096,
     normalize: Annotated[
@@ -825,15 +862,17 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report folder to write.")],
     key: Annotated[
         list[str] | None,
-        typer.Option(help="X or an obsm key, once for all files or once per file (default X)."),
+        typer.Option(help="X or an obsm key, once for all files or once per file. \\[default: X]"),
     ] = None,
     label: Annotated[
         list[str] | None,
-        typer.Option(help="Name in the table, once per file (default: the file stem)."),
+        typer.Option(help="Name in the table, once per file. \\[default: the file stem]"),
     ] = None,
     control: Annotated[
         str | None,
-        typer.Option(help="Non-targeting control label (default: from the file or nontargeting)."),
+        typer.Option(
+            help="Non-targeting control label. \\[default: from the file or nontargeting]"
+        ),
     ] = None,
     perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = "perturbation",
     guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
@@ -917,7 +956,7 @@ def correct(
     ),
     control: Annotated[
         str | None,
-        typer.Option(help="Control label for sphering (default: from the file or nontargeting)."),
+        typer.Option(help="Control label for sphering. \\[default: from the file or nontargeting]"),
     ] = None,
     perturbation_key: Annotated[
         str, typer.Option(help="obs column holding the control label.")
@@ -1004,14 +1043,14 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of everything; same seed, same table.")] = 0,
     alpha: Annotated[
         float | None,
-        typer.Option(help="Invariance weight of the SCBD model (default: the demo's own)."),
+        typer.Option(help="Invariance weight of the SCBD model. \\[default: the demo's own]"),
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option(help="Training steps per model (default: the demo training options)."),
+        typer.Option(help="Training steps per model. \\[default: the demo training options]"),
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[int, typer.Option(help="Processes simulating, threads reading images.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = False,
 ) -> None:
     """Simulate -> ingest -> train (alpha=0 and default) -> embed -> baseline -> evaluate."""
@@ -1173,7 +1212,9 @@ def sweep(
     ] = 0.5,
     control: Annotated[
         str | None,
-        typer.Option(help="Non-targeting control label for the evaluation (default: the store's)."),
+        typer.Option(
+            help="Non-targeting control label for the evaluation. \\[default: the store's]"
+        ),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML train options (e.g. a run's config.yaml); CLI wins.")

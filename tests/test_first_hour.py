@@ -173,13 +173,22 @@ def test_help_follows_the_conventions() -> None:
 
     from scbd_cells.cli import app
 
-    train_help = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    def help_of(*command: str) -> str:
+        return CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+
+    train_help = help_of("train")
     assert "train [OPTIONS] STORE_PATH" in train_help and "{store_path}" not in train_help
-    assert "<resnet18|resnet50|densenet121|tiny>" in train_help
-    assert "<bool>" not in train_help
-    simulate_help = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"}).output
-    assert "<tiny|demo|large>" in simulate_help and "OUT_DIR" in simulate_help
+    assert "[resnet18|resnet50|densenet121|tiny]" in train_help
+    assert " INTEGER " in train_help and " FLOAT " in train_help
+    simulate_help = help_of("simulate")
+    assert "[tiny|demo|large]" in simulate_help and "OUT_DIR" in simulate_help
     assert "Targeted genes [default: set by --preset]" in simulate_help
+    helps = {name: help_of(name) for name in ("info", "ingest", "embed", "evaluate", "correct")}
+    for text in [help_of(), train_help, simulate_help, *helps.values()]:
+        # no type for on/off flags, upper-case value names, one way of writing defaults
+        assert "<" not in text and "[default: False]" not in text and "(default" not in text
+    assert "no-decoder]" in train_help  # [default: no-decoder], as click writes --overwrite's
+    assert "simulate" not in helps["info"]  # --workers' help is about info's own workers
 
 
 def test_rates_below_one_per_second_read_as_seconds_per_item() -> None:
