@@ -53,9 +53,8 @@ def _encoder(name: str, in_channels: int) -> tuple[nn.Module, int]:
 
     if name == "tiny":  # the three-layer CNN scbd-cells offers for first runs and tests
         layers = []
-        for i, width in enumerate((32, 64, 128)):
-            stride = 1 if i == 0 else 2
-            layers += [nn.Conv2d(in_channels, width, 3, stride=stride, padding=1, bias=False)]
+        for width in (32, 64, 128):
+            layers += [nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False)]
             layers += [nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             in_channels = width
         return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 128
