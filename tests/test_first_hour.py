@@ -345,3 +345,24 @@ def test_did_you_mean_for_choices_and_column_names(tmp_path: Path) -> None:
                 out=tmp_path / "c.h5ad")  # fmt: skip
     # another tool's prefixed names (pycytominer, CellProfiler)
     assert "'Metadata_Plate'" in did_you_mean("plate", ["Metadata_Plate", "Metadata_Well"])
+
+
+def test_decoder_sized_to_the_encoder_and_counts_printed_apart() -> None:
+    """tiny's decoder is not the paper's 9 M parameters; counts are per part, never 0.0 M."""
+    from scbd_cells.config import TrainConfig
+    from scbd_cells.model.encoders import count_parameters
+    from scbd_cells.model.scbd import SCBDModel, default_decoder_width
+    from scbd_cells.training import _parameter_counts
+
+    assert TrainConfig().decoder_width is None  # sized when the run is set up
+    assert default_decoder_width("tiny", 32) == 32
+    assert default_decoder_width("resnet18", 64) == 256  # the paper's
+    assert default_decoder_width("resnet18", 32) == 128
+    model = SCBDModel({"encoder": "tiny", "decoder": True, "decoder_width": 32})
+    decoder = count_parameters(model.decoder_perturbation) + count_parameters(model.decoder_batch)
+    paper = SCBDModel({"encoder": "tiny", "decoder": True, "decoder_width": 256})
+    assert decoder < 200_000 < 2 * count_parameters(paper.decoder_batch)  # 0.16 M, not 9 M
+    encoder = count_parameters(model.encoder_perturbation)
+    text = _parameter_counts(model)
+    assert f"encoders 2 x {encoder / 1e3:.3g} k" in text and "decoder 2 x" in text
+    assert "0.0 M" not in text
