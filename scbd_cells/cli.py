@@ -1129,30 +1129,33 @@ def reconstruct(
 
 def _print_sweep(result: Any) -> None:
     """One line per alpha (and reference): what the rule read and what the evaluation found."""
-    from rich.table import Table
+    import pandas as pd
 
     def number(value: Any, fmt: str) -> str:
         return "–" if value is None or value != value else format(value, fmt)
 
-    view = Table(title="Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)")
-    for column in ("alpha", "val SupCon(z_c)", "fall kept", "CORUM AUPRC", "well F1 / chance",
-                   "overall"):  # fmt: skip
-        view.add_column(column, justify="right", no_wrap=column == "alpha")
-    for row in result.table.itertuples(index=False):
-        view.add_row(
-            f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
-            number(row.val_supcon_perturbation, ".4f"),
-            number(row.retained, ".0%"),
-            number(row.corum_auprc, ".4f"),
-            number(row.well_f1_over_chance, ".2f"),
-            number(row.overall, ".3f"),
-        )
-    for row in result.references.itertuples(index=False):
-        view.add_row(
-            str(row.embedding), "", "", number(row.corum_auprc, ".4f"),
-            number(row.well_f1_over_chance, ".2f"), number(row.overall, ".3f"),
-        )  # fmt: skip
-    stdout.print(view)
+    rows = [
+        {
+            "alpha": f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
+            "supcon": number(row.val_supcon_perturbation, ".4f"),
+            "kept": number(row.retained, ".0%"),
+            "auprc": number(row.corum_auprc, ".4f"),
+            "well": number(row.well_f1_over_chance, ".2f"),
+            "overall": number(row.overall, ".3f"),
+        }
+        for row in result.table.itertuples(index=False)
+    ]
+    rows += [
+        {"alpha": str(row.embedding), "supcon": "", "kept": "",
+         "auprc": number(row.corum_auprc, ".4f"), "well": number(row.well_f1_over_chance, ".2f"),
+         "overall": number(row.overall, ".3f")}
+        for row in result.references.itertuples(index=False)
+    ]  # fmt: skip
+    columns = [("alpha", "alpha", "s"), ("supcon", "val SupCon(z_c)", "s"),
+               ("kept", "fall kept", "s"), ("auprc", "CORUM AUPRC", "s"),
+               ("well", "well F1 / chance", "s"), ("overall", "overall", "s")]  # fmt: skip
+    title = "Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)"
+    _print_fitted(_rich_tables(title, pd.DataFrame(rows), columns, arrows=False))
 
 
 def _with_train_options(command: Any) -> Any:
