@@ -528,7 +528,7 @@ def train(
         float | None, typer.Option(help="SupCon temperature." + _train_default("temperature"))
     ] = None,
     encoder: Annotated[
-        Literal["resnet18", "resnet50", "densenet121", "tiny"] | None,
+        Literal["resnet18", "resnet50", "densenet121", "small", "tiny"] | None,
         typer.Option(help="Image encoders (two, random weights)." + _train_default("encoder")),
     ] = None,
     z_dim: Annotated[
@@ -575,7 +575,7 @@ def train(
     decoder_width: Annotated[
         int | None,
         typer.Option(
-            help="Decoder channels \\[default: sized to the encoder and image: 32 with tiny, "
+            help="Decoder channels \\[default: sized to the encoder and image: 32 with small/tiny, "
             "128 at 32 px, 256 at 64 px]"
         ),
     ] = None,

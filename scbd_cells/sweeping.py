@@ -62,7 +62,7 @@ COLLAPSE_MARGIN = 0.001
 
 # "Clearly learned": a fall below log B of at least this fraction of log B (0.049 for B = 128).
 # The validation loss moves by 0.01-0.04 between validations of one run (docs/training.md,
-# seeds 0-2 of the demo), so a smaller fall may be noise: a 40-step sweep of the demo screen
+# seeds 0-2 of the demo), so a smaller fall may be noise: a 40-step sweep of the tiny screen
 # fell 0.0067 at best. The demo's 300-step runs fall 0.07-0.13 at alpha 0-3.
 LEARNED_MARGIN = 0.01
 
@@ -165,7 +165,7 @@ def recommend_alpha(table: pd.DataFrame, *, margin: float = DEFAULT_MARGIN) -> R
                 f"size), the level of a z_c that learned nothing ({fell}; at least "
                 f"{floor:.3f}, {LEARNED_MARGIN:.0%} of it, is needed): z_c learned no "
                 "perturbation at any alpha, so the sweep cannot recommend one. Train longer "
-                "(--steps: the demo screen needs about 300), on a CPU with --encoder tiny, or "
+                "(--steps: the demo screen needs about 300), on a CPU with --encoder small, or "
                 "check that the perturbations change the cells."
             ),
         )

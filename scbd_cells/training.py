@@ -592,8 +592,8 @@ class _PaceCheck:
             return
         in_ten_minutes = max(1, int(600 / per_step))
         shorter = f"--steps {in_ten_minutes:,}".replace(",", "")
-        if self.config.encoder != "tiny":
-            shorter += " (or --encoder tiny, a small CPU encoder, with more steps)"
+        if self.config.encoder not in ("small", "tiny"):
+            shorter += " (or --encoder small, a CPU-sized encoder, with more steps)"
         logger.warning(
             "On the CPU this run will take about %s: %s steps left at %.1f s/step (timed over "
             "%d steps). For a first result in about 10 minutes stop it (Ctrl-C keeps a "

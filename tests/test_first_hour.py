@@ -178,7 +178,7 @@ def test_help_follows_the_conventions() -> None:
 
     train_help = help_of("train")
     assert "train [OPTIONS] STORE_PATH" in train_help and "{store_path}" not in train_help
-    assert "[resnet18|resnet50|densenet121|tiny]" in train_help
+    assert "[resnet18|resnet50|densenet121|small|tiny]" in train_help
     assert " INTEGER " in train_help and " FLOAT " in train_help
     simulate_help = help_of("simulate")
     assert "[tiny|demo|large]" in simulate_help and "OUT_DIR" in simulate_help
@@ -268,7 +268,7 @@ def test_a_cpu_run_planned_for_hours_says_so_early(caplog: pytest.LogCaptureFixt
             pace.check(step)
     [warning] = [record.getMessage() for record in caplog.records]
     assert "about 33.3 h" in warning and "9,993 steps left at 12.0 s/step" in warning
-    assert "--steps 50 " in warning and "--encoder tiny" in warning
+    assert "--steps 50 " in warning and "--encoder small" in warning
 
     caplog.clear()
     fast = _PaceCheck(0, TrainConfig(steps=300), device=torch.device("cpu"), is_main=True,
@@ -348,19 +348,19 @@ def test_did_you_mean_for_choices_and_column_names(tmp_path: Path) -> None:
 
 
 def test_decoder_sized_to_the_encoder_and_counts_printed_apart() -> None:
-    """tiny's decoder is not the paper's 9 M parameters; counts are per part, never 0.0 M."""
+    """small's decoder is not the paper's 9 M parameters; counts are per part, never 0.0 M."""
     from scbd_cells.config import TrainConfig
     from scbd_cells.model.encoders import count_parameters
     from scbd_cells.model.scbd import SCBDModel, default_decoder_width
     from scbd_cells.training import _parameter_counts
 
     assert TrainConfig().decoder_width is None  # sized when the run is set up
-    assert default_decoder_width("tiny", 32) == 32
+    assert default_decoder_width("small", 32) == default_decoder_width("tiny", 32) == 32
     assert default_decoder_width("resnet18", 64) == 256  # the paper's
     assert default_decoder_width("resnet18", 32) == 128
-    model = SCBDModel({"encoder": "tiny", "decoder": True, "decoder_width": 32})
+    model = SCBDModel({"encoder": "small", "decoder": True, "decoder_width": 32})
     decoder = count_parameters(model.decoder_perturbation) + count_parameters(model.decoder_batch)
-    paper = SCBDModel({"encoder": "tiny", "decoder": True, "decoder_width": 256})
+    paper = SCBDModel({"encoder": "small", "decoder": True, "decoder_width": 256})
     assert decoder < 200_000 < 2 * count_parameters(paper.decoder_batch)  # 0.16 M, not 9 M
     encoder = count_parameters(model.encoder_perturbation)
     text = _parameter_counts(model)

@@ -61,9 +61,9 @@ def test_rule_refuses_to_choose_when_nothing_was_learned() -> None:
     assert chosen.alpha is None and "learned no perturbation" in chosen.reason
     assert not chosen.within_margin.any()
     # a fall within the validation loss's noise (below 1 % of log B = 0.049) is no learning
-    # either: a 40-step sweep of the demo screen fell 0.0067 at best (issue 23)
+    # either: a 40-step sweep of the tiny screen fell 0.0067 at best (issue 23)
     noise = recommend_alpha(_table({0.0: LOG_B - 0.0067, 1.0: LOG_B, 3.0: LOG_B - 0.0044}))
-    assert noise.alpha is None and "--steps" in noise.reason and "--encoder tiny" in noise.reason
+    assert noise.alpha is None and "--steps" in noise.reason and "--encoder small" in noise.reason
     assert recommend_alpha(_table({0.0: LOG_B - 0.04, 1.0: LOG_B})).alpha is None
     assert recommend_alpha(_table({0.0: LOG_B - 0.06, 1.0: LOG_B})).alpha == 0.0
     with pytest.raises(InputError, match="margin"):
