@@ -54,10 +54,10 @@ def main() -> None:
             for name, value in seconds.items()]  # fmt: skip
     rows.append(["demo, all stages", round(total, 1), ""])
     rows.append([f"evaluate one file alone ({cells.name}, new process)", round(alone, 1), ""])
+    steps = f" --steps {args.steps}" if args.steps else ""
     body = (
-        f"`scbd-cells demo --preset {args.preset}`"
-        + (f" --steps {args.steps}" if args.steps else "")
-        + ", then `scbd-cells evaluate` of its scbd cells.h5ad alone (--no-umap):\n\n"
+        f"`scbd-cells demo --preset {args.preset}{steps}`, then `scbd-cells evaluate` of its "
+        "scbd cells.h5ad alone (--no-umap):\n\n"
         + markdown_table(["stage", "seconds", "share of the demo's stages"], rows)
     )
     record("First hour: the demo's stages and one small evaluate", body, enabled=args.record)
