@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,17 +29,71 @@ from scbd_cells.progress import set_quiet
 GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
 # One wording per option across commands.
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N."
-WORKERS_HELP = "Images read or written at once (threads; processes in simulate)."
 
 
 class _Group(TyperGroup):
     """The program: moves -q/-v given after the subcommand in front of it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _conventional_metavars(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
         flags = [arg for arg in args[:end] if arg in GLOBAL_FLAGS]
         rest = [arg for arg in args[:end] if arg not in GLOBAL_FLAGS]
         return super().parse_args(ctx, flags + rest + args[end:])
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.BadParameter as error:
+            error.message = _did_you_mean_choice(error.message)
+            raise
+
+
+def _did_you_mean_choice(message: str) -> str:
+    """``'harmoni' is not one of 'harmony', ...`` gains ``Did you mean 'harmony'?``."""
+    import difflib
+
+    found = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
+    if found is None:
+        return message
+    choices = re.findall(r"'([^']*)'", found.group(2))
+    close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
+    return f"{message} Did you mean {close[0]!r}?" if close else message
+
+
+# Typer's type names (<int>, <list[Path]>) as the usual upper-case metavars
+_METAVARS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH", "Path": "PATH",
+             "bool": "", "file": "FILE", "dir": "DIRECTORY"}  # fmt: skip
+
+
+def _no_type(ctx: Any) -> None:
+    return None
+
+
+def _conventional_metavars(params: list[Any]) -> None:
+    """Upper-case names for arguments and values, none for on/off flags, choices in brackets."""
+    for param in params:
+        if param.metavar is not None:
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = param.name.upper()
+            param.display_type_rich = _no_type  # the upper-case name says it, as in click
+        elif getattr(param, "is_flag", False):
+            param.metavar = ""
+        else:
+            label = param.display_type(None).strip("<>")
+            inner = re.fullmatch(r"list\[(.*)\]", label)
+            label = inner.group(1) if inner else label
+            param.metavar = _METAVARS.get(label, f"[{label}]" if "|" in label else label.upper())
 
 
 class _Command(TyperCommand):
@@ -50,11 +105,7 @@ class _Command(TyperCommand):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for param in self.params:
-            if param.param_type_name == "argument" and param.metavar is None:
-                param.metavar = param.name.upper()
-            elif getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""
+        _conventional_metavars(self.params)
 
     def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)
@@ -87,7 +138,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 console = Console(stderr=True)
-stdout = Console()
+stdout = Console(soft_wrap=True)  # result lines keep their paths whole (no wrap inserted)
 
 
 def _version_callback(value: bool) -> None:
@@ -175,7 +226,7 @@ def simulate(
         ),
     ] = "crops",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, identical files.")] = 0,
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[int, typer.Option(help="Processes drawing and writing images at once.")] = 2,
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing simulated screen in OUT_DIR.")
     ] = False,
@@ -298,7 +349,10 @@ def ingest(
     resize: Annotated[
         int | None, typer.Option(help="Store crops at PX x PX (area average).")
     ] = None,
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[
+        int,
+        typer.Option(help="Workers reading and writing chunks (1: one thread; more: processes)."),
+    ] = 2,
     split_fractions: Annotated[
         str, typer.Option(help="Train,val,test fractions (stratified by perturbation).")
     ] = "0.83,0.02,0.15",
@@ -432,7 +486,7 @@ def info(
             "(exit 1 if any)."
         ),
     ] = False,
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[int, typer.Option(help="Threads reading chunks (with --verify).")] = 2,
 ) -> None:
     """What is in a store: cells, channels, labels, split, size, format version."""
     import json
@@ -497,8 +551,11 @@ def _train_default(name: str) -> str:
     """``[default: X]`` for a train option (options are None so YAML/env can apply)."""
     from scbd_cells.config import TrainConfig
 
+    default = TrainConfig.model_fields[name].default
+    if isinstance(default, bool):  # as click writes an on/off flag's default: no-decoder
+        default = name.replace("_", "-") if default else f"no-{name.replace('_', '-')}"
     # "\\[" keeps rich from reading "[default: ...]" as markup
-    return f" \\[default: {TrainConfig.model_fields[name].default}]"
+    return f" \\[default: {default}]"
 
 
 @app.command(cls=_Command)
@@ -532,14 +589,14 @@ def train(
         float | None, typer.Option(help="SupCon temperature." + _train_default("temperature"))
     ] = None,
     encoder: Annotated[
-        Literal["resnet18", "resnet50", "densenet121", "tiny"] | None,
+        Literal["resnet18", "resnet50", "densenet121", "small", "tiny"] | None,
         typer.Option(help="Image encoders (two, random weights)." + _train_default("encoder")),
     ] = None,
     z_dim: Annotated[
         int | None, typer.Option(help="Embedding size." + _train_default("z_dim"))
     ] = None,
     image_size: Annotated[
-        int | None, typer.Option(help="Model input px; default: the store's size.")
+        int | None, typer.Option(help="Model input px. \\[default: the store's size]")
     ] = None,
     classes_per_batch: Annotated[
         int | None,
@@ -573,14 +630,18 @@ def train(
         typer.Option(
             "--decoder/--no-decoder",
             help="Train the additive decoder on detached z (for `scbd-cells reconstruct`; "
-            "changes no embedding). \\[default: False]",
+            "changes no embedding). \\[default: no-decoder]",
         ),
     ] = None,
     decoder_width: Annotated[
-        int | None, typer.Option(help="Decoder channels." + _train_default("decoder_width"))
+        int | None,
+        typer.Option(
+            help="Decoder channels \\[default: sized to the encoder and image: 32 with small/tiny, "
+            "128 at 32 px, 256 at 64 px]"
+        ),
     ] = None,
     decoder_lr: Annotated[
-        float | None, typer.Option(help="Decoder learning rate; default: --lr.")
+        float | None, typer.Option(help="Decoder learning rate. \\[default: --lr]")
     ] = None,
     normalize: Annotated[
         Literal["batch", "store", "arcsinh"] | None,
@@ -720,7 +781,7 @@ def embed(
         Literal["best", "last"],
         typer.Option(help="Checkpoint of the run: best (lowest val loss) or last."),
     ] = "best",
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Embed every cell: X = z_c, obsm["X_scbd_batch"] = z_s, obs = the store's cell table."""
@@ -750,7 +811,7 @@ def baseline(
     n_components: Annotated[int, typer.Option(help="PCA dimensions.")] = 64,
     nucleus_channel: Annotated[
         str | None,
-        typer.Option(help="Channel to segment nuclei on (default: one named dna/dapi/hoechst)."),
+        typer.Option(help="Channel to segment nuclei on. \\[default: one named dna/dapi/hoechst]"),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Cells measured at a time.")] = 4096,
     normalize: Annotated[
@@ -802,62 +863,92 @@ def baseline(
 
 
 def _print_table(table, *, relationships: str = "CORUM") -> None:
-    from rich.table import Table
-
     from scbd_cells.evaluation.pages import FIELD_COLUMNS
 
-    view = Table(
-        title=f"Evaluation ({relationships} AUPRC, recall: higher is better; well F1: lower)"
-    )
-    for column in ("embedding", "AUPRC", "recall@5/95", "well F1", "chance", "genes", "cells"):
-        if column == "embedding":  # names are what the reader looks for: never cut them
-            view.add_column(column, no_wrap=True, min_width=max(map(len, table["embedding"])))
-        else:
-            view.add_column(column, justify="right")
-    for row in table.itertuples(index=False):
-        view.add_row(
-            row.embedding,
-            f"{row.corum_auprc:.4f}",
-            f"{row.corum_recall_5_95:.3f}",
-            f"{row.well_f1:.3f}",
-            f"{row.well_f1_chance:.3f}",
-            str(row.n_genes),
-            f"{row.n_cells:,}",
-        )
-    stdout.print(view)
+    paper = [
+        ("embedding", "embedding", "s"),
+        ("corum_auprc", "AUPRC", ".4f"),
+        ("corum_recall_5_95", "recall@5/95", ".3f"),
+        ("well_f1", "well F1", ".3f"),
+        ("well_f1_chance", "chance", ".3f"),
+        ("n_genes", "genes", "d"),
+        ("n_cells", "cells", ",d"),
+    ]
+    title = f"Evaluation ({relationships} AUPRC, recall: higher is better; well F1: lower)"
+    _print_fitted(_rich_tables(title, table, paper, arrows=False))
     if "overall" in table:
         title = "The field's metrics (JUMP benchmark; all: higher is better)"
-        stdout.print(_rich_table(title, table, FIELD_COLUMNS, arrows=False))
+        _print_fitted(_rich_tables(title, table, FIELD_COLUMNS, arrows=False))
     if "nsc" in table:
         from scbd_cells.evaluation.moa import MOA_COLUMNS
 
         title = "Mechanism of action: 1-NN accuracy, not same compound (NSC) / or batch (NSCB)"
-        stdout.print(_rich_table(title, table, MOA_COLUMNS, arrows=True))
+        _print_fitted(_rich_tables(title, table, MOA_COLUMNS, arrows=True))
     if "heldout_corum_auprc" in table:
         from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS
 
         title = "Held-out batches, apart from the rest"
-        stdout.print(_rich_table(title, table, HOLDOUT_COLUMNS, arrows=True))
+        _print_fitted(_rich_tables(title, table, HOLDOUT_COLUMNS, arrows=True))
 
 
-def _rich_table(title: str, table, columns: list[tuple[str, str, str]], *, arrows: bool):
-    """``table``'s ``(column, header, format)`` as a Rich table; names never cut."""
+def _print_fitted(views: list) -> None:
+    for view in views:
+        stdout.print(view)
+
+
+def _rich_tables(
+    title: str,
+    table,
+    columns: list[tuple[str, str, str]],
+    *,
+    arrows: bool,
+    width: int | None = None,
+) -> list:
+    """``table``'s ``(column, header, format)`` as Rich tables that fit ``width`` columns.
+
+    No number is squeezed to ``0.…`` and no name is cut: when the columns do not fit the
+    console (80 columns in a log or a pipe) the table is split into parts of whole columns,
+    each repeating the first (the embedding's name).
+    """
     from rich.table import Table
 
-    view = Table(title=title)
-    for column, header, _ in columns:
-        if column == "embedding":
-            view.add_column(header, no_wrap=True, min_width=max(map(len, table["embedding"])))
-        else:
-            view.add_column(header if arrows else header.replace(" ↑", ""), justify="right")
-    for _, row in table.iterrows():
-        view.add_row(
-            *[
-                str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
-                for c, _, f in columns
-            ]
-        )
-    return view
+    width = width or stdout.width
+    headers = [header if arrows else header.replace(" ↑", "") for _, header, _ in columns]
+    cells = [
+        [
+            str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
+            for c, _, f in columns
+        ]
+        for _, row in table.iterrows()
+    ]
+
+    def needed(i: int) -> int:  # the widest value or header word, plus the borders
+        words = [len(word) for word in headers[i].split()]
+        return max([*words, *(len(row[i]) for row in cells)]) + 3
+
+    parts: list[list[int]] = [[]]
+    used = 1 + needed(0)
+    for i in range(1, len(columns)):
+        if parts[-1] and used + needed(i) > width:
+            parts.append([])
+            used = 1 + needed(0)
+        parts[-1].append(i)
+        used += needed(i)
+    views = []
+    for number, part in enumerate(parts, start=1):
+        suffix = f" ({number}/{len(parts)})" if len(parts) > 1 else ""
+        view = Table(title=title + suffix)
+        for i in [0, *part]:
+            view.add_column(
+                headers[i],
+                justify="left" if i == 0 else "right",
+                no_wrap=i == 0,
+                width=needed(i) - 3,  # headers wrap between words, values stay whole
+            )
+        for row in cells:
+            view.add_row(*[row[i] for i in [0, *part]])
+        views.append(view)
+    return views
 
 
 @app.command(cls=_Command)
@@ -879,15 +970,17 @@ def evaluate(
     out: Annotated[Path, typer.Option(help="Report folder to write.")],
     key: Annotated[
         list[str] | None,
-        typer.Option(help="X or an obsm key, once for all files or once per file (default X)."),
+        typer.Option(help="X or an obsm key, once for all files or once per file. \\[default: X]"),
     ] = None,
     label: Annotated[
         list[str] | None,
-        typer.Option(help="Name in the table, once per file (default: the file stem)."),
+        typer.Option(help="Name in the table, once per file. \\[default: the file stem]"),
     ] = None,
     control: Annotated[
         str | None,
-        typer.Option(help="Non-targeting control label (default: from the file or nontargeting)."),
+        typer.Option(
+            help="Non-targeting control label. \\[default: from the file or nontargeting]"
+        ),
     ] = None,
     perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = "perturbation",
     guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
@@ -979,7 +1072,7 @@ def evaluate(
     _print_table(result.table, relationships=result.metrics["settings"]["relationships"])
     for text in result.metrics.get("warnings", {}).values():
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
-    stdout.print(f"Report: {result.report_path}")
+    stdout.print(f"Report: {result.out_dir / 'report.html'} (and report.md, metrics.json)")
 
 
 @app.command(cls=_Command)
@@ -1010,7 +1103,7 @@ def correct(
     ),
     control: Annotated[
         str | None,
-        typer.Option(help="Control label for sphering (default: from the file or nontargeting)."),
+        typer.Option(help="Control label for sphering. \\[default: from the file or nontargeting]"),
     ] = None,
     perturbation_key: Annotated[
         str, typer.Option(help="obs column holding the control label.")
@@ -1100,14 +1193,14 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of everything; same seed, same table.")] = 0,
     alpha: Annotated[
         float | None,
-        typer.Option(help="Invariance weight of the SCBD model (default: the demo's own)."),
+        typer.Option(help="Invariance weight of the SCBD model. \\[default: the demo's own]"),
     ] = None,
     steps: Annotated[
         int | None,
-        typer.Option(help="Training steps per model (default: the demo training options)."),
+        typer.Option(help="Training steps per model. \\[default: the demo training options]"),
     ] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    workers: Annotated[int, typer.Option(help=WORKERS_HELP)] = 2,
+    workers: Annotated[int, typer.Option(help="Processes simulating, threads reading images.")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = False,
 ) -> None:
     """Simulate -> ingest -> train (alpha=0 and default) -> embed -> baseline -> evaluate."""
@@ -1125,7 +1218,8 @@ def demo(
     )
     _print_table(result.table)
     stdout.print(
-        f"Report: {result.report_path} (total {sum(result.seconds.values()) / 60:.1f} min)"
+        f"Report: {result.report_path.with_name('report.html')} (and report.md; total "
+        f"{sum(result.seconds.values()) / 60:.1f} min)"
     )
 
 
@@ -1185,30 +1279,33 @@ def reconstruct(
 
 def _print_sweep(result: Any) -> None:
     """One line per alpha (and reference): what the rule read and what the evaluation found."""
-    from rich.table import Table
+    import pandas as pd
 
     def number(value: Any, fmt: str) -> str:
         return "–" if value is None or value != value else format(value, fmt)
 
-    view = Table(title="Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)")
-    for column in ("alpha", "val SupCon(z_c)", "fall kept", "CORUM AUPRC", "well F1 / chance",
-                   "overall"):  # fmt: skip
-        view.add_column(column, justify="right", no_wrap=column == "alpha")
-    for row in result.table.itertuples(index=False):
-        view.add_row(
-            f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
-            number(row.val_supcon_perturbation, ".4f"),
-            number(row.retained, ".0%"),
-            number(row.corum_auprc, ".4f"),
-            number(row.well_f1_over_chance, ".2f"),
-            number(row.overall, ".3f"),
-        )
-    for row in result.references.itertuples(index=False):
-        view.add_row(
-            str(row.embedding), "", "", number(row.corum_auprc, ".4f"),
-            number(row.well_f1_over_chance, ".2f"), number(row.overall, ".3f"),
-        )  # fmt: skip
-    stdout.print(view)
+    rows = [
+        {
+            "alpha": f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
+            "supcon": number(row.val_supcon_perturbation, ".4f"),
+            "kept": number(row.retained, ".0%"),
+            "auprc": number(row.corum_auprc, ".4f"),
+            "well": number(row.well_f1_over_chance, ".2f"),
+            "overall": number(row.overall, ".3f"),
+        }
+        for row in result.table.itertuples(index=False)
+    ]
+    rows += [
+        {"alpha": str(row.embedding), "supcon": "", "kept": "",
+         "auprc": number(row.corum_auprc, ".4f"), "well": number(row.well_f1_over_chance, ".2f"),
+         "overall": number(row.overall, ".3f")}
+        for row in result.references.itertuples(index=False)
+    ]  # fmt: skip
+    columns = [("alpha", "alpha", "s"), ("supcon", "val SupCon(z_c)", "s"),
+               ("kept", "fall kept", "s"), ("auprc", "CORUM AUPRC", "s"),
+               ("well", "well F1 / chance", "s"), ("overall", "overall", "s")]  # fmt: skip
+    title = "Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)"
+    _print_fitted(_rich_tables(title, pd.DataFrame(rows), columns, arrows=False))
 
 
 def _with_train_options(command: Any) -> Any:
@@ -1268,7 +1365,9 @@ def sweep(
     ] = 0.5,
     control: Annotated[
         str | None,
-        typer.Option(help="Non-targeting control label for the evaluation (default: the store's)."),
+        typer.Option(
+            help="Non-targeting control label for the evaluation. \\[default: the store's]"
+        ),
     ] = None,
     config: Annotated[
         Path | None, typer.Option(help="YAML train options (e.g. a run's config.yaml); CLI wins.")

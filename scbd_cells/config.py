@@ -21,7 +21,7 @@ from pydantic import (
 from scbd_cells.errors import InputError
 
 ENV_PREFIX = "SCBD_CELLS_TRAIN_"
-ENCODER_NAMES = ("resnet18", "resnet50", "densenet121", "tiny")
+ENCODER_NAMES = ("resnet18", "resnet50", "densenet121", "small", "tiny")
 
 
 class TrainConfig(BaseModel):
@@ -34,11 +34,16 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # model
-    encoder: str = Field("resnet18", description="resnet18, resnet50, densenet121 or tiny")
+    encoder: str = Field("resnet18", description="resnet18, resnet50, densenet121, small or tiny")
     z_dim: int = Field(64, ge=2, description="Size of z_c and z_s.")
     image_size: int | None = Field(None, ge=8, description="Model input size; None = the store's.")
     decoder: bool = Field(False, description="Train the additive decoder on detached z (A.1.1).")
-    decoder_width: int = Field(256, ge=4, description="Decoder channels (paper: 256).")
+    decoder_width: int | None = Field(
+        None,
+        ge=4,
+        description="Decoder channels; None = sized to the encoder and image: 32 with small "
+        "or tiny, otherwise 256 (the paper's) at 64 px, 128 at 32 px.",
+    )
     decoder_lr: float | None = Field(
         None,
         gt=0,
@@ -133,10 +138,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _stem_fits_encoder(self) -> TrainConfig:
-        if self.stem == "small" and self.encoder == "tiny":
+        if self.stem == "small" and self.encoder in ("tiny", "small"):
             raise ValueError(
                 "--stem small changes the first layers of resnet18, resnet50 and densenet121; "
-                "the tiny encoder has no such stem. Drop --stem or choose another --encoder"
+                f"the {self.encoder} encoder has no such stem. Drop --stem or choose another "
+                "--encoder"
             )
         return self
 

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.data import schema
+from scbd_cells.data.store import did_you_mean
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.outputs import check_output, locks_output, read_recorded
 from scbd_cells.profile_tables import (
@@ -603,7 +604,8 @@ def correct(
         if perturbation_key not in adata.obs.columns:
             raise DataError(
                 f"{source} has no column {perturbation_key!r} in obs; sphering needs it to "
-                "find the control cells."
+                f"find the control cells. {did_you_mean(perturbation_key, list(adata.obs.columns))}"
+                "Name it with --perturbation-key."
             )
         is_control = adata.obs[perturbation_key].astype(str).to_numpy() == label
         corrected = zca_sphering(values, values[is_control])
@@ -612,7 +614,8 @@ def correct(
         if batch_key not in adata.obs.columns:
             raise DataError(
                 f"{source} has no batch column {batch_key!r} in obs (columns: "
-                f"{', '.join(map(str, adata.obs.columns[:12]))}). Name it with --batch-key."
+                f"{', '.join(map(str, adata.obs.columns[:12]))}). "
+                f"{did_you_mean(batch_key, list(adata.obs.columns))}Name it with --batch-key."
             )
         batches = adata.obs[batch_key].astype(str).to_numpy()
         n_batches = len(np.unique(batches))

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.data import schema
+from scbd_cells.data.store import did_you_mean
 from scbd_cells.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ def _labels(adata: Any, key: str, what: str) -> pd.Series:
     if key not in adata.obs.columns:
         raise DataError(
             f"The embedding has no {what} column {key!r} in obs (columns: "
-            f"{', '.join(map(str, adata.obs.columns[:12]))}). Embed with `scbd-cells embed`, "
+            f"{', '.join(map(str, adata.obs.columns[:12]))}). "
+            f"{did_you_mean(key, list(adata.obs.columns))}Embed with `scbd-cells embed`, "
             f"which copies the store's cell table, or name the column with the {what} option."
         )
     return adata.obs[key]

@@ -1,9 +1,16 @@
-"""Progress: the one rich progress helper; bars only on a terminal, on rank 0, unless --quiet."""
+"""Progress: the one progress helper; a bar on a terminal, plain log lines elsewhere.
+
+On a terminal (stderr) a rich bar; written to a file or a pipe (a log, a cluster job) a
+plain ``Training: 1,200/10,000 steps (12 %), 3.4 steps/s, ETA 43 min`` line at most every
+30 s; nothing on ranks other than 0 or with --quiet.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -23,6 +30,10 @@ from rich.text import Text
 # Set by the command line's --quiet (the entry point configures output, as it does logging).
 _settings = {"quiet": False}
 
+logger = logging.getLogger(__name__)
+
+LOG_EVERY_S = 30.0  # a piped log gets one progress line at most this often
+
 
 def _console() -> Console:
     return Console(stderr=True)
@@ -31,11 +42,15 @@ def _console() -> Console:
 def progress_enabled() -> bool:
     """Whether progress bars are shown: on a terminal (stderr), on rank 0, without --quiet.
 
-    A bar written to a file or a pipe (a log, a test, a job scheduler) is noise.
+    A bar written to a file or a pipe (a log, a test, a job scheduler) is noise; there
+    :func:`progress_bar` logs plain lines instead.
     """
-    if _settings["quiet"] or int(os.environ.get("RANK", "0")) != 0:
-        return False
-    return _console().is_terminal
+    return _progress_reported() and _console().is_terminal
+
+
+def _progress_reported() -> bool:
+    """Whether progress is reported at all: on rank 0, without --quiet."""
+    return not _settings["quiet"] and int(os.environ.get("RANK", "0")) == 0
 
 
 def set_quiet(quiet: bool) -> None:
@@ -82,15 +97,101 @@ class _NullProgress:
         pass
 
 
-@contextmanager
-def progress_bar(*, unit: str = "cells") -> Iterator[Progress | _NullProgress]:
-    """A rich progress bar with rate and ETA; a no-op object when bars are off.
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3.5 h``: an ETA as people read it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
-    Use ``task = bar.add_task("Ingesting", total=n)`` then
-    ``bar.advance(task, k)``; the bar shows ``unit``/s.
+
+class _LogTask:
+    """One task of :class:`LogProgress`: counts, and when its last line was written."""
+
+    def __init__(self, description: str, total: float | None, completed: float, now: float):
+        self.description = description
+        self.total = total
+        self.completed = completed
+        self.started_at = completed  # the rate counts this run's items only
+        self.start_time = now
+        self.last_line = now
+
+
+class LogProgress:
+    """The progress bar's stand-in off a terminal: a plain log line at most every ``every_s``.
+
+    It takes the calls of ``rich.progress.Progress`` that scbd-cells makes (``add_task``,
+    ``advance``, ``update``) and logs ``Training: 1,200/10,000 steps (12 %), 3.4 steps/s,
+    ETA 43 min`` (rich markup in a description is dropped).
     """
-    if not progress_enabled():
+
+    def __init__(
+        self,
+        *,
+        unit: str,
+        every_s: float = LOG_EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.unit = unit
+        self.every_s = every_s
+        self.clock = clock
+        self.tasks: list[_LogTask] = []
+
+    def add_task(self, description: str, *, total: float | None = None, completed: float = 0,
+                 **_kwargs) -> int:  # fmt: skip
+        self.tasks.append(_LogTask(description, total, completed, self.clock()))
+        return len(self.tasks) - 1
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(self, task_id: int, *, description: str | None = None,
+               completed: float | None = None, advance: float | None = None,
+               total: float | None = None, **_kwargs) -> None:  # fmt: skip
+        task = self.tasks[task_id]
+        if description is not None:
+            task.description = description
+        if total is not None:
+            task.total = total
+        if completed is not None:
+            task.completed = completed
+        if advance is not None:
+            task.completed += advance
+        now = self.clock()
+        if now - task.last_line >= self.every_s:
+            task.last_line = now
+            logger.info("%s", self.line(task, now=now))
+
+    def line(self, task: _LogTask, *, now: float) -> str:
+        """``Training: 1,200/10,000 steps (12 %), 3.4 steps/s, ETA 43 min``."""
+        description = Text.from_markup(task.description).plain
+        done = f"{task.completed:,.0f}"
+        if task.total:
+            done += f"/{task.total:,.0f} {self.unit} ({100 * task.completed / task.total:.0f} %)"
+        else:
+            done += f" {self.unit}"
+        elapsed = now - task.start_time
+        per_second = (task.completed - task.started_at) / elapsed if elapsed > 0 else 0.0
+        parts = [f"{description}: {done}", format_rate(per_second, self.unit)]
+        if task.total and per_second > 0:
+            parts.append(f"ETA {format_duration((task.total - task.completed) / per_second)}")
+        return ", ".join(parts)
+
+
+@contextmanager
+def progress_bar(*, unit: str = "cells") -> Iterator[Progress | LogProgress | _NullProgress]:
+    """A rich progress bar with rate and ETA on a terminal, plain log lines elsewhere.
+
+    Use ``task = bar.add_task("Ingesting", total=n)`` then ``bar.advance(task, k)``;
+    the bar shows ``unit``/s. Off a terminal (a log file, a pipe, a cluster job) it is a
+    :class:`LogProgress`; with --quiet or on ranks other than 0 a no-op object.
+    """
+    if not _progress_reported():
         yield _NullProgress()
+        return
+    if not _console().is_terminal:
+        yield LogProgress(unit=unit)
         return
     with Progress(
         TextColumn("[bold]{task.description}"),

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.data.store import did_you_mean
 from scbd_cells.errors import DataError
 from scbd_cells.profiles import factorize_labels
 
@@ -53,7 +54,8 @@ def obs_column(adata: Any, key: str, what: str) -> pd.Series:
     if key not in adata.obs.columns:
         raise DataError(
             f"The embedding has no {what} column {key!r} in obs (columns: "
-            f"{', '.join(map(str, list(adata.obs.columns)[:12]))}). Embed from a store with "
+            f"{', '.join(map(str, list(adata.obs.columns)[:12]))}). "
+            f"{did_you_mean(key, list(adata.obs.columns))}Embed from a store with "
             f"`scbd-cells embed` (which copies the store's cell table), or name the column "
             f"with the {what} option."
         )

@@ -62,6 +62,12 @@ log = logging.getLogger(__name__)
 # repeated here so that the rule imports no torch)
 COLLAPSE_MARGIN = 0.001
 
+# "Clearly learned": a fall below log B of at least this fraction of log B (0.049 for B = 128).
+# The validation loss moves by 0.01-0.04 between validations of one run (docs/training.md,
+# seeds 0-2 of the demo), so a smaller fall may be noise: a 40-step sweep of the tiny screen
+# fell 0.0067 at best. The demo's 300-step runs fall 0.07-0.13 at alpha 0-3.
+LEARNED_MARGIN = 0.01
+
 DEFAULT_ALPHAS = (0.0, 0.3, 1.0, 3.0, 10.0)
 #: Fraction of the sweep's largest fall below log(val batch size) that an alpha may lose.
 DEFAULT_MARGIN = 0.5
@@ -120,8 +126,9 @@ def recommend_alpha(table: pd.DataFrame, *, margin: float = DEFAULT_MARGIN) -> R
     For each row, ``fall = log_val_batch_size - val_supcon_perturbation``: how far the
     validation perturbation SupCon loss of the checkpoint the sweep embedded lies below
     log(B), the loss of a z_c that is the same for every cell (B = cells in one validation
-    batch; the same level the training's stall warning uses). If no fall exceeds that
-    warning's margin (0.1 % of log B), nothing is recommended. An alpha is within the
+    batch; the same level the training's stall warning uses). If no fall reaches
+    ``LEARNED_MARGIN`` (1 %) of log B, more than the validation loss moves between
+    validations, nothing is recommended. An alpha is within the
     margin when its fall is at least ``(1 - margin)`` times the largest fall in the sweep;
     the recommendation is the largest such alpha. The reference is the sweep's best fall,
     not alpha = 0's, because on small screens alpha = 0 overfits (its validation loss
@@ -146,19 +153,22 @@ def recommend_alpha(table: pd.DataFrame, *, margin: float = DEFAULT_MARGIN) -> R
         float
     )
     best = float(fall.max()) if len(fall) else float("nan")
-    # a fall within the training's collapse margin is no learning (its stall warning's level)
-    floor = COLLAPSE_MARGIN * float(table["log_val_batch_size"].astype(float).max())
-    if not math.isfinite(best) or best <= floor:
+    # a fall smaller than the validation loss's own noise is no learning
+    floor = LEARNED_MARGIN * float(table["log_val_batch_size"].astype(float).max())
+    if not math.isfinite(best) or best < floor:
         nothing = pd.Series(False, index=table.index)
+        fell = f"{best:.4f} at best" if math.isfinite(best) else "no value"
         return Recommendation(
             alpha=None,
             retained=pd.Series(np.nan, index=table.index),
             within_margin=nothing,
             reason=(
-                "no alpha's validation perturbation SupCon loss fell below log(val batch size) by "
-                f"more than {COLLAPSE_MARGIN:.1%} of it (the training's stall warning's level): "
-                "z_c learned no perturbation at any alpha, so the sweep cannot recommend one. "
-                "Train longer (--steps) or check that the perturbations change the cells."
+                "no alpha's validation perturbation SupCon loss fell clearly below log(val batch "
+                f"size), the level of a z_c that learned nothing ({fell}; at least "
+                f"{floor:.3f}, {LEARNED_MARGIN:.0%} of it, is needed): z_c learned no "
+                "perturbation at any alpha, so the sweep cannot recommend one. Train longer "
+                "(--steps: the demo screen needs about 300), on a CPU with --encoder small, or "
+                "check that the perturbations change the cells."
             ),
         )
     retained = fall / best

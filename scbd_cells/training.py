@@ -61,7 +61,13 @@ from scbd_cells.model.losses import (
     scbd_loss,
 )
 from scbd_cells.model.preprocess import ImagePreprocessor, augment_images, preprocessor_for
-from scbd_cells.model.scbd import SCBDModel, device_autocast, parameter_groups, run_model
+from scbd_cells.model.scbd import (
+    SCBDModel,
+    default_decoder_width,
+    device_autocast,
+    parameter_groups,
+    run_model,
+)
 from scbd_cells.model.schedule import set_learning_rates
 from scbd_cells.model.selection import CheckpointSelection
 from scbd_cells.outputs import (
@@ -74,7 +80,7 @@ from scbd_cells.outputs import (
     write_marker,
     write_text_atomic,
 )
-from scbd_cells.progress import progress_bar
+from scbd_cells.progress import format_duration, progress_bar
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
@@ -190,6 +196,7 @@ def train(
     run = _set_up(store_path, run_dir, config, resume=resume)
     config = run.config  # as the store fitted it (classes per batch)
     stop, stall, log = _StopRequest(), _StallMonitor(config), _TrainLog(run.step, config)
+    pace = _PaceCheck(run.step, config, device=run.dist.device, is_main=run.dist.is_main)
     run.model.train()
     with stop.installed(), progress_bar(unit="steps") as bar:
         task = bar.add_task("Training", total=config.steps, completed=run.step)
@@ -198,6 +205,7 @@ def train(
                 parts = _train_step(run, next(run.loader))
                 run.step += 1
                 bar.advance(task)
+                pace.check(run.step)
                 log.add(parts)
                 stall.record(parts["supcon_perturbation"])
                 if run.step % config.log_every == 0 or run.step == config.steps:
@@ -376,7 +384,7 @@ def _set_up(
         "image_size": image_size,
         "z_dim": config.z_dim,
         "decoder": config.decoder,
-        "decoder_width": config.decoder_width,
+        "decoder_width": config.decoder_width or default_decoder_width(config.encoder, image_size),
         "stem": config.stem,
     }
     model = SCBDModel(model_args).to(device)
@@ -424,10 +432,10 @@ def _set_up(
         save_config(config, run_dir / "config.yaml")
         _write_option_history(run.option_history, run_dir)
         logger.info(
-            "Training %s x2 (%.1f M parameters) on %s: %d train cells, %d perturbations, "
+            "Training %s x2 (%s) on %s: %d train cells, %d perturbations, "
             "%d batch labels, batches of %d x %d = %d cells, %d steps",
             config.encoder,
-            sum(p.numel() for p in model.parameters()) / 1e6,
+            _parameter_counts(model),
             device,
             train_rows.size,
             len(np.unique(perturbation_codes[train_rows])),
@@ -563,6 +571,71 @@ def _finish(run: _Run, *, interrupted: bool) -> TrainResult:
         best_step_total=run.selection.best_step("total"),
         best_step_z_c=run.selection.best_step("z_c"),
     )
+
+
+def _parameter_counts(model: SCBDModel) -> str:
+    """``encoders 2 x 11.2 M, heads 2 x 0.26 M, decoder 2 x 1.2 M parameters``."""
+
+    def count(module: torch.nn.Module) -> str:
+        n = sum(p.numel() for p in module.parameters())
+        return f"{n / 1e6:.2g} M" if n >= 1e5 else f"{n / 1e3:.3g} k"
+
+    parts = [
+        f"encoders 2 x {count(model.encoder_perturbation)}",
+        f"heads 2 x {count(model.head_perturbation)}",
+    ]
+    if model.decoder_perturbation is not None:
+        parts.append(f"decoder 2 x {count(model.decoder_perturbation)}")
+    return ", ".join(parts) + " parameters"
+
+
+class _PaceCheck:
+    """Times the first steps; on a CPU, warns when the run is planned to take hours.
+
+    The default run (ResNet-18, 10,000 steps) takes a day and more on a laptop; the
+    warning comes after a few seconds, with options of a run that finishes in minutes.
+    """
+
+    WARMUP_STEPS = 2  # the first steps build caches and allocate: not timed
+    TIMED_STEPS = 5
+    WARN_ABOVE_S = 30 * 60
+
+    def __init__(self, step: int, config: TrainConfig, *, device: torch.device, is_main: bool,
+                 clock: Any = time.perf_counter) -> None:  # fmt: skip
+        self.config = config
+        self.clock = clock
+        self.enabled = torch.device(device).type == "cpu" and is_main
+        self.start_step = step + self.WARMUP_STEPS
+        self.started: float | None = None
+
+    def check(self, step: int) -> None:
+        if not self.enabled:
+            return
+        if step == self.start_step:
+            self.started = self.clock()
+        elif self.started is not None and step == self.start_step + self.TIMED_STEPS:
+            self.enabled = False
+            per_step = (self.clock() - self.started) / self.TIMED_STEPS
+            self.warn(per_step, remaining=self.config.steps - step)
+
+    def warn(self, per_step: float, *, remaining: int) -> None:
+        """The warning, when ``remaining`` steps at ``per_step`` seconds exceed the limit."""
+        if per_step * remaining <= self.WARN_ABOVE_S:
+            return
+        in_ten_minutes = max(1, int(600 / per_step))
+        shorter = f"--steps {in_ten_minutes:,}".replace(",", "")
+        if self.config.encoder not in ("small", "tiny"):
+            shorter += " (or --encoder small, a CPU-sized encoder, with more steps)"
+        logger.warning(
+            "On the CPU this run will take about %s: %s steps left at %.1f s/step (timed over "
+            "%d steps). For a first result in about 10 minutes stop it (Ctrl-C keeps a "
+            "checkpoint) and train with %s, as docs/quickstart.md does; or train on a GPU.",
+            format_duration(per_step * remaining),
+            f"{remaining:,}",
+            per_step,
+            self.TIMED_STEPS,
+            shorter,
+        )
 
 
 class _TrainLog:

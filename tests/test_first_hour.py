@@ -5,6 +5,7 @@ The cases of the "first hour" issue that are behaviour (wording is left to the m
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -110,6 +111,9 @@ def test_a_batch_of_several_columns(embedded: Path, tmp_path: Path, write_corum)
     assert joined.metrics["embeddings"]["cells"]["well_f1"] == pytest.approx(
         one.metrics["embeddings"]["cells"]["well_f1"]
     )
+    report = (tmp_path / "one" / "report.md").read_text()  # umap=False: no link to umap.png
+    links = re.findall(r"\]\(([^)]+\.png)\)", report)
+    assert links and all((tmp_path / "one" / link).is_file() for link in links), links
     corrected = correct(cells, method="center-scale", batch_key="plate,well",
                         out=tmp_path / "centred.h5ad")  # fmt: skip
     assert "plate_well" in ad.read_h5ad(corrected.out_path).obs.columns
@@ -169,13 +173,22 @@ def test_help_follows_the_conventions() -> None:
 
     from scbd_cells.cli import app
 
-    train_help = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    def help_of(*command: str) -> str:
+        return CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+
+    train_help = help_of("train")
     assert "train [OPTIONS] STORE_PATH" in train_help and "{store_path}" not in train_help
-    assert "<resnet18|resnet50|densenet121|tiny>" in train_help
-    assert "<bool>" not in train_help
-    simulate_help = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"}).output
-    assert "<tiny|demo|large>" in simulate_help and "OUT_DIR" in simulate_help
+    assert "[resnet18|resnet50|densenet121|small|tiny]" in train_help
+    assert " INTEGER " in train_help and " FLOAT " in train_help
+    simulate_help = help_of("simulate")
+    assert "[tiny|demo|large]" in simulate_help and "OUT_DIR" in simulate_help
     assert "Targeted genes [default: set by --preset]" in simulate_help
+    helps = {name: help_of(name) for name in ("info", "ingest", "embed", "evaluate", "correct")}
+    for text in [help_of(), train_help, simulate_help, *helps.values()]:
+        # no type for on/off flags, upper-case value names, one way of writing defaults
+        assert "<" not in text and "[default: False]" not in text and "(default" not in text
+    assert "no-decoder]" in train_help  # [default: no-decoder], as click writes --overwrite's
+    assert "simulate" not in helps["info"]  # --workers' help is about info's own workers
 
 
 def test_rates_below_one_per_second_read_as_seconds_per_item() -> None:
@@ -203,3 +216,153 @@ def test_logs_are_plain_unwrapped_lines_when_piped(tiny_screen: Path, tmp_path: 
     lines = completed.stderr.splitlines()
     assert any(str(out) in line for line in lines), completed.stderr
     assert all(" INFO " in line or " WARNING " in line for line in lines), completed.stderr
+
+
+def test_piped_progress_is_a_plain_line_at_most_every_30_s(caplog) -> None:
+    """Off a terminal: step count, rate and ETA as a log line, at most every 30 s (fake clock)."""
+    import io
+
+    from rich.console import Console
+
+    from scbd_cells import progress
+
+    now = [0.0]
+    assert not Console(file=io.StringIO()).is_terminal  # what a pipe or a log file looks like
+    bar = progress.LogProgress(unit="steps", clock=lambda: now[0])
+    task = bar.add_task("Training", total=1000, completed=100)  # a resumed run
+    with caplog.at_level("INFO", logger="scbd_cells.progress"):
+        for _ in range(100):  # 100 steps of 0.5 s: 50 s, so one line at 30 s
+            now[0] += 0.5
+            bar.advance(task)
+            bar.update(task, description="Training [dim]loss 4.2[/]")
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["Training loss 4.2: 160/1,000 steps (16 %), 2.0 steps/s, ETA 7 min"]
+
+
+def test_progress_bar_logs_lines_when_stderr_is_not_a_terminal() -> None:
+    from scbd_cells import progress
+
+    with progress.progress_bar(unit="cells") as bar:  # pytest captures stderr: not a terminal
+        assert isinstance(bar, progress.LogProgress)
+    progress.set_quiet(True)
+    try:
+        with progress.progress_bar(unit="cells") as bar:
+            assert not isinstance(bar, progress.LogProgress)
+    finally:
+        progress.set_quiet(False)
+
+
+def test_a_cpu_run_planned_for_hours_says_so_early(caplog: pytest.LogCaptureFixture) -> None:
+    """The default ResNet-18 run on a laptop: after a few timed steps, the time and a short run."""
+    import torch
+
+    from scbd_cells.config import TrainConfig
+    from scbd_cells.training import _PaceCheck
+
+    now = [0.0]
+    pace = _PaceCheck(0, TrainConfig(), device=torch.device("cpu"), is_main=True,
+                      clock=lambda: now[0])  # fmt: skip
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        for step in range(1, 11):
+            now[0] += 12.0  # 12 s per step
+            pace.check(step)
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert "about 33.3 h" in warning and "9,993 steps left at 12.0 s/step" in warning
+    assert "--steps 50 " in warning and "--encoder small" in warning
+
+    caplog.clear()
+    fast = _PaceCheck(0, TrainConfig(steps=300), device=torch.device("cpu"), is_main=True,
+                      clock=lambda: now[0])  # fmt: skip
+    gpu = _PaceCheck(0, TrainConfig(), device=torch.device("cuda"), is_main=True,
+                     clock=lambda: now[0])  # fmt: skip
+    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+        for step in range(1, 11):
+            now[0] += 1.0  # 300 steps of 1 s: 5 minutes, no warning
+            fast.check(step)
+            gpu.check(step)
+    assert caplog.records == []
+
+
+def test_results_tables_read_at_80_columns() -> None:
+    """Every number whole at 80 columns: the field's table is split, never squeezed to 0.…"""
+    import io
+
+    from rich.console import Console
+
+    from scbd_cells.cli import _rich_tables
+    from scbd_cells.evaluation.pages import FIELD_COLUMNS
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.uniform(size=(3, len(FIELD_COLUMNS) - 1)),
+                         columns=[c for c, _, _ in FIELD_COLUMNS[1:]])  # fmt: skip
+    table.insert(0, "embedding", ["scbd_alpha0_a_long_name", "baseline_harmony", "scbd"])
+    table.loc[1, "kbet"] = np.nan
+    views = _rich_tables("The field's metrics", table, FIELD_COLUMNS, arrows=False, width=80)
+    assert len(views) > 1
+    out = io.StringIO()
+    console = Console(file=out, width=80)
+    for view in views:
+        console.print(view)
+    text = out.getvalue()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for _, row in table.iterrows():  # every value, formatted, on the embedding's line
+        name = f"│ {row['embedding']} "
+        assert sum(line.startswith(name) for line in text.splitlines()) == len(views)
+        for column, _, fmt in FIELD_COLUMNS[1:]:
+            if row[column] == row[column]:
+                assert format(row[column], fmt) in text
+
+
+def test_result_lines_keep_paths_whole_at_80_columns(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scbd_cells.cli import app
+
+    out = tmp_path / "a folder name long enough to be wrapped at eighty columns" / "screen"
+    result = CliRunner().invoke(app, ["simulate", str(out), "--preset", "tiny", "--n-genes", "4",
+                                      "--n-complexes", "2"], env={"COLUMNS": "80"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert str(out / "cells.csv") in result.stdout
+
+
+def test_did_you_mean_for_choices_and_column_names(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scbd_cells.cli import app
+    from scbd_cells.data.store import did_you_mean
+
+    result = CliRunner().invoke(app, ["correct", "x.h5ad", "--method", "harmoni", "--out", "y"])
+    assert result.exit_code == 2 and "Did you mean 'harmony'?" in result.output
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"perturbation": ["g1", "g2"] * 10, "well": ["A01"] * 10 + ["B01"] * 10},
+                       index=[f"c{i}" for i in range(20)])  # fmt: skip
+    cells = ad.AnnData(rng.normal(size=(20, 3)).astype(np.float32), obs=obs)
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(DataError, match="Did you mean 'well'"):
+        correct(tmp_path / "cells.h5ad", method="center-scale", batch_key="wel",
+                out=tmp_path / "c.h5ad")  # fmt: skip
+    # another tool's prefixed names (pycytominer, CellProfiler)
+    assert "'Metadata_Plate'" in did_you_mean("plate", ["Metadata_Plate", "Metadata_Well"])
+
+
+def test_decoder_sized_to_the_encoder_and_counts_printed_apart() -> None:
+    """small's decoder is not the paper's 9 M parameters; counts are per part, never 0.0 M."""
+    from scbd_cells.config import TrainConfig
+    from scbd_cells.model.encoders import count_parameters
+    from scbd_cells.model.scbd import SCBDModel, default_decoder_width
+    from scbd_cells.training import _parameter_counts
+
+    assert TrainConfig().decoder_width is None  # sized when the run is set up
+    assert default_decoder_width("small", 32) == default_decoder_width("tiny", 32) == 32
+    assert default_decoder_width("resnet18", 64) == 256  # the paper's
+    assert default_decoder_width("resnet18", 32) == 128
+    model = SCBDModel({"encoder": "small", "decoder": True, "decoder_width": 32})
+    decoder = count_parameters(model.decoder_perturbation) + count_parameters(model.decoder_batch)
+    paper = SCBDModel({"encoder": "small", "decoder": True, "decoder_width": 256})
+    assert decoder < 200_000 < 2 * count_parameters(paper.decoder_batch)  # 0.16 M, not 9 M
+    encoder = count_parameters(model.encoder_perturbation)
+    text = _parameter_counts(model)
+    assert f"encoders 2 x {encoder / 1e3:.3g} k" in text and "decoder 2 x" in text
+    assert "0.0 M" not in text

@@ -7,6 +7,7 @@ are the references; scbd-cells computes the same numbers on shared neighbours wi
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -131,3 +132,42 @@ def test_overall_is_the_benchmark_formula() -> None:
     without = overall_scores(table)
     bio = scaled[[m for m in BIO_METRICS if m != "leiden_ari"]].mean(axis=1)
     np.testing.assert_allclose(without["bio_score"], bio, atol=1e-12)
+
+
+def test_leiden_of_a_small_table_compiles_nothing_and_equals_scanpy(tmp_path) -> None:
+    """In a fresh process (nothing compiled yet) the graph's umap kernels run interpreted:
+    no numba compile on a small file's evaluate, and scanpy's own clusters all the same."""
+    import os
+    import subprocess
+    import sys
+
+    import anndata as ad
+    import scanpy as sc
+
+    values, _, _ = _cells(0.0, n=400)
+    np.save(tmp_path / "values.npy", values)
+    script = (
+        "import sys, numpy as np\n"
+        "from umap import umap_\n"
+        "from scbd_cells.evaluation.biology import leiden_clusters\n"
+        "ours = leiden_clusters(np.load(sys.argv[1]), seed=0)\n"
+        "assert not umap_.smooth_knn_dist.signatures, 'numba compiled the kernel'\n"
+        "assert not umap_.compute_membership_strengths.signatures\n"
+        "print(','.join(ours))\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "values.npy")], capture_output=True,
+        text=True, env={**os.environ, "PYTHONPATH": root},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    ours = completed.stdout.strip().split(",")
+    adata = ad.AnnData(X=values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        sc.pp.neighbors(adata, n_neighbors=15, use_rep="X", metric="cosine", random_state=0)
+        sc.tl.leiden(
+            adata, resolution=1.0, flavor="igraph", n_iterations=2, directed=False,
+            random_state=0,
+        )
+    np.testing.assert_array_equal(ours, adata.obs["leiden"].astype(str).to_numpy())

@@ -60,9 +60,12 @@ def test_rule_refuses_to_choose_when_nothing_was_learned() -> None:
     chosen = recommend_alpha(_table({0.0: LOG_B + 0.01, 1.0: LOG_B, 3.0: LOG_B + 0.2}))
     assert chosen.alpha is None and "learned no perturbation" in chosen.reason
     assert not chosen.within_margin.any()
-    # a fall within the stall warning's margin (0.1 % of log B = 0.0049) is no learning either
-    assert recommend_alpha(_table({0.0: LOG_B - 0.004, 1.0: LOG_B})).alpha is None
-    assert recommend_alpha(_table({0.0: LOG_B - 0.006, 1.0: LOG_B})).alpha == 0.0
+    # a fall within the validation loss's noise (below 1 % of log B = 0.049) is no learning
+    # either: a 40-step sweep of the tiny screen fell 0.0067 at best (issue 23)
+    noise = recommend_alpha(_table({0.0: LOG_B - 0.0067, 1.0: LOG_B, 3.0: LOG_B - 0.0044}))
+    assert noise.alpha is None and "--steps" in noise.reason and "--encoder small" in noise.reason
+    assert recommend_alpha(_table({0.0: LOG_B - 0.04, 1.0: LOG_B})).alpha is None
+    assert recommend_alpha(_table({0.0: LOG_B - 0.06, 1.0: LOG_B})).alpha == 0.0
     with pytest.raises(InputError, match="margin"):
         recommend_alpha(_table(DEMO), margin=1.0)
 

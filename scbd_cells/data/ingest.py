@@ -57,6 +57,7 @@ from scbd_cells.data.store import (
     StoreWriter,
     check_partial,
     check_split_fractions,
+    did_you_mean,
     finalise_obs,
     label_table,
     open_store,
@@ -1692,7 +1693,9 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: _Workers) ->
         if missing:
             raise InputError(
                 f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
-                f"{list(table.columns)}. Name the image columns with the matching option."
+                f"{list(table.columns)}. "
+                f"{''.join(did_you_mean(name, list(table.columns)) for name in missing)}"
+                "Name the image columns with the matching option."
             )
         paths = [_column_paths(table, column, base_dir) for column in columns]
     fields = bool(spec.fov_column or spec.fov_channel_columns or cellprofiler)
@@ -1759,8 +1762,9 @@ def _centroid_columns(
         if missing:
             raise InputError(
                 f"The cells table has no column {', '.join(map(repr, missing))}; its columns "
-                f"are {list(table.columns)}. Name the centroid columns with --x-column and "
-                "--y-column."
+                f"are {list(table.columns)}. "
+                f"{''.join(did_you_mean(name, list(table.columns)) for name in missing)}"
+                "Name the centroid columns with --x-column and --y-column."
             )
         return spec.x_column, spec.y_column
     found = cellprofiler_tables.centroid_columns(table.columns)

@@ -101,12 +101,16 @@ def did_you_mean(word: str, choices: Sequence[str]) -> str:
     """``"Did you mean 'nontargeting'? "`` for the closest of ``choices`` (case ignored), or ``""``.
 
     For a control label or a column name typed slightly wrong: the right one is named
-    even when it is not among the first few alphabetically.
+    even when it is not among the first few alphabetically. A column name also finds the
+    prefixed column of other tools (``plate``: ``Metadata_Plate``).
     """
     import difflib
 
     by_lower = {str(choice).lower(): str(choice) for choice in choices}
-    close = difflib.get_close_matches(word.lower(), list(by_lower), n=3, cutoff=0.6)
+    wanted = str(word).lower()
+    close = difflib.get_close_matches(wanted, list(by_lower), n=3, cutoff=0.6)
+    close += [name for name in by_lower if name.endswith(f"_{wanted}") and name not in close]
+    close = close[:3]
     if not close:
         return ""
     names = " or ".join(repr(by_lower[match]) for match in close)
@@ -165,7 +169,8 @@ def label_table(
     if missing:
         raise InputError(
             f"The cells table has no column {', '.join(map(repr, missing))}: expected the label "
-            f"columns {label_columns}, found columns {list(table.columns)}. Pass the right "
+            f"columns {label_columns}, found columns {list(table.columns)}. "
+            f"{''.join(did_you_mean(name, list(table.columns)) for name in missing)}Pass the right "
             "--perturbation-column / --guide-column / --batch-columns."
         )
     if cell_id_column is not None and cell_id_column not in table.columns:
@@ -1202,7 +1207,8 @@ class Store:
         """Integer codes (int32, (N,)) and the categories of an ``obs`` column."""
         if column not in self.obs.columns:
             raise InputError(
-                f"The store has no column {column!r}; its columns are {list(self.obs.columns)}."
+                f"The store has no column {column!r}; its columns are {list(self.obs.columns)}. "
+                f"{did_you_mean(column, list(self.obs.columns))}".rstrip()
             )
         values = self.obs[column]
         if isinstance(values.dtype, pd.CategoricalDtype):

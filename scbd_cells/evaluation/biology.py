@@ -15,8 +15,10 @@ wells, control-subtracted, standardised):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +99,38 @@ def scanpy_neighbors(adata: Any, *, n_neighbors: int, metric: str, seed: int) ->
         )
 
 
+# Up to this many rows the graph's two umap kernels run as the Python they are written in:
+# numba would spend 20-40 s compiling them on a laptop (the whole evaluate of a small file
+# took ~60 s), while interpreted they take well under a second at this size.
+INTERPRETED_GRAPH_ROWS = 2_000
+
+
+@contextlib.contextmanager
+def _umap_kernels_interpreted(n_rows: int) -> Iterator[None]:
+    """scanpy's connectivities (umap's fuzzy simplicial set) without JIT for small graphs.
+
+    ``smooth_knn_dist`` and ``compute_membership_strengths`` are numba functions; their
+    ``py_func`` is the same code run by Python. Above ``INTERPRETED_GRAPH_ROWS`` rows, or
+    once numba has compiled them in this process, nothing changes.
+    """
+    with warnings.catch_warnings():  # as scanpy imports it
+        warnings.filterwarnings("ignore", message=r"Tensorflow not installed")
+        from umap import umap_
+
+    kernels = ("smooth_knn_dist", "compute_membership_strengths")
+    compiled = {name: getattr(umap_, name) for name in kernels}
+    if n_rows > INTERPRETED_GRAPH_ROWS or any(f.signatures for f in compiled.values()):
+        yield
+        return
+    try:
+        for name, function in compiled.items():
+            setattr(umap_, name, function.py_func)
+        yield
+    finally:
+        for name, function in compiled.items():
+            setattr(umap_, name, function)
+
+
 def leiden_clusters(profiles: np.ndarray, *, seed: int) -> np.ndarray:
     """Leiden clusters (scanpy, igraph flavour) of rows on a cosine nearest-neighbour graph."""
     import anndata as ad
@@ -104,7 +138,8 @@ def leiden_clusters(profiles: np.ndarray, *, seed: int) -> np.ndarray:
 
     adata = ad.AnnData(X=np.asarray(profiles, dtype=np.float32))
     n_neighbors = max(2, min(LEIDEN_NEIGHBORS, adata.n_obs - 1))
-    scanpy_neighbors(adata, n_neighbors=n_neighbors, metric="cosine", seed=seed)
+    with _umap_kernels_interpreted(adata.n_obs):
+        scanpy_neighbors(adata, n_neighbors=n_neighbors, metric="cosine", seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # scanpy's notices on defaults
         sc.tl.leiden(

@@ -167,6 +167,8 @@ def field_explanation(settings: dict[str, Any], table: pd.DataFrame) -> str:
 
 def field_markdown(metrics: dict[str, Any], table: pd.DataFrame) -> str:
     """The field's part of ``report.md``: its table, what the columns mean, provenance."""
+    drawn = metrics["settings"]["umap"]  # no link to a picture --no-umap did not draw
+    umap = "\n![UMAPs of gene profiles and cells](umap.png)\n" if drawn else ""
     return f"""## The field's metrics (JUMP batch-correction benchmark)
 
 {markdown_table(table, FIELD_COLUMNS)}
@@ -174,9 +176,7 @@ def field_markdown(metrics: dict[str, Any], table: pd.DataFrame) -> str:
 {field_explanation(metrics["settings"], table)}
 
 ![biology kept vs well left](tradeoff.png)
-
-![UMAPs of gene profiles and cells](umap.png)
-
+{umap}
 ## Provenance
 
 {provenance_markdown(metrics["provenance"])}

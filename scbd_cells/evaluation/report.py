@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.data import schema
+from scbd_cells.data.store import did_you_mean
 from scbd_cells.errors import DataError, InputError
 from scbd_cells.evaluation.benchmark import (
     BENCHMARK_KEYS,
@@ -63,6 +64,7 @@ from scbd_cells.outputs import (
 )
 from scbd_cells.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.profiles import aggregate_profiles
+from scbd_cells.progress import progress_bar
 from scbd_cells.replicates import batch_column
 from scbd_cells.well_probe import batch_prediction_f1, subsample
 
@@ -329,7 +331,8 @@ def evaluate(
             if batch_key not in adata.obs.columns:
                 raise DataError(
                     f"{path} has no batch column {batch_key!r} in obs (columns: "
-                    f"{', '.join(map(str, adata.obs.columns[:12]))}). Well prediction needs "
+                    f"{', '.join(map(str, adata.obs.columns[:12]))}). "
+                    f"{did_you_mean(batch_key, list(adata.obs.columns))}Well prediction needs "
                     "it: embed from a store (which carries 'batch'), or name the column with "
                     "--batch-key."
                 )
@@ -355,7 +358,8 @@ def evaluate(
             if column not in adata.obs.columns:
                 raise DataError(
                     f"{path} has no column {holdout.column!r} in obs for --holdout-key (columns: "
-                    f"{', '.join(map(str, adata.obs.columns[:12]))})."
+                    f"{', '.join(map(str, adata.obs.columns[:12]))}). "
+                    f"{did_you_mean(column, list(adata.obs.columns))}".rstrip()
                 )
             held.append(holdout.mask(adata.obs[column], path=path))
         value_warnings = _check_values(paths, names, keys, datasets)
@@ -381,84 +385,89 @@ def evaluate(
 
     inputs: dict[str, dict[str, Any]] = {}
     try:
-        for name, key, adata, path, held_cells, replicate in zip(
-            names, keys, datasets, paths, held, replicates, strict=True
-        ):
-            log.info("Evaluating %s (%s, %d cells)", name, key, adata.n_obs)
-            inputs[name] = input_provenance(path, key=key, adata=adata)
-            profiles = aggregate_profiles(
-                adata,
-                use_rep=key,
-                perturbation_key=perturbation_key,
-                guide_key=replicate,
-                control=_control(adata, control),
-            )
-            genes = profiles.genes
-            corum_result: CorumResult = corum_pr(
-                genes.X, list(genes.obs_names), complexes, percentiles=DEFAULT_PERCENTILES
-            )
-            positions = subsample(adata.n_obs, max_cells=max_cells, seed=seed)
-            batches = adata.obs[batch_key].iloc[positions].astype(str).to_numpy()
-            well = batch_prediction_f1(_rows(adata, key, positions), batches, seed=seed)
-            # a constant embedding (warned about) has zero-norm profiles: its cosine-based
-            # metrics are NaN, reported as undefined, not as numpy's divide warnings
-            with warnings.catch_warnings():  # process-wide: copairs computes in threads
-                if name in value_warnings:
-                    warnings.filterwarnings("ignore", "invalid value", RuntimeWarning)
-                benchmarks[name] = benchmark_metrics(
+        with progress_bar(unit="cells") as bar:  # off a terminal: a line every 30 s
+            task = bar.add_task("Evaluating", total=sum(int(a.n_obs) for a in datasets))
+            for name, key, adata, path, held_cells, replicate in zip(
+                names, keys, datasets, paths, held, replicates, strict=True
+            ):
+                log.info("Evaluating %s (%s, %d cells)", name, key, adata.n_obs)
+                inputs[name] = input_provenance(path, key=key, adata=adata)
+                profiles = aggregate_profiles(
                     adata,
-                    key=key,
-                    profiles=profiles,
-                    settings=settings,
-                    **labels_of(adata, replicate),
-                )
-            rows.append(
-                {
-                    "embedding": name,
-                    "corum_auprc": corum_result.auprc,
-                    "corum_recall_5_95": corum_result.recall_5_95,
-                    "well_f1": well.f1,
-                    "well_f1_chance": well.chance,
-                    "n_genes": corum_result.n_genes,
-                    "n_cells": int(adata.n_obs),
-                    "corum_recall_10_90": _recall_at(corum_result, 90),
-                    **benchmarks[name].values,
-                    "corum_prevalence": corum_result.n_positive_pairs / corum_result.n_pairs,
-                    "n_replicates": benchmarks[name].n_replicates,
-                    "n_mixing_cells": benchmarks[name].n_mixing_cells,
-                }
-            )
-            if held_cells is not None:
-                log.info("Evaluating %s on its %d held-out cells", name, int(held_cells.sum()))
-                rows[-1].update(
-                    holdout_metrics(
-                        adata, key=key, held=held_cells, max_cells=max_cells,
-                        mixing_cells=mixing_cells, seed=seed, **labels_of(adata, replicate),
-                    )  # fmt: skip
-                )
-            if compound_key is not None:
-                moa_settings = MoaSettings(
-                    compound_key=compound_key,
-                    batch_key=batch_key,
+                    use_rep=key,
                     perturbation_key=perturbation_key,
+                    guide_key=replicate,
                     control=_control(adata, control),
-                    concentration_key=concentration_key,
-                    replicate_key=replicate if replicate in adata.obs.columns else None,
-                    standardize_key=standardize_key,
                 )
-                rows[-1].update(
-                    moa_metrics(adata, relationships=complexes, settings=moa_settings, use_rep=key)
+                genes = profiles.genes
+                corum_result: CorumResult = corum_pr(
+                    genes.X, list(genes.obs_names), complexes, percentiles=DEFAULT_PERCENTILES
                 )
-            curves.append(
-                pd.DataFrame(
+                positions = subsample(adata.n_obs, max_cells=max_cells, seed=seed)
+                batches = adata.obs[batch_key].iloc[positions].astype(str).to_numpy()
+                well = batch_prediction_f1(_rows(adata, key, positions), batches, seed=seed)
+                # a constant embedding (warned about) has zero-norm profiles: its cosine-based
+                # metrics are NaN, reported as undefined, not as numpy's divide warnings
+                with warnings.catch_warnings():  # process-wide: copairs computes in threads
+                    if name in value_warnings:
+                        warnings.filterwarnings("ignore", "invalid value", RuntimeWarning)
+                    benchmarks[name] = benchmark_metrics(
+                        adata,
+                        key=key,
+                        profiles=profiles,
+                        settings=settings,
+                        **labels_of(adata, replicate),
+                    )
+                rows.append(
                     {
                         "embedding": name,
-                        "percentile": corum_result.percentiles,
-                        "precision": corum_result.precision,
-                        "recall": corum_result.recall,
+                        "corum_auprc": corum_result.auprc,
+                        "corum_recall_5_95": corum_result.recall_5_95,
+                        "well_f1": well.f1,
+                        "well_f1_chance": well.chance,
+                        "n_genes": corum_result.n_genes,
+                        "n_cells": int(adata.n_obs),
+                        "corum_recall_10_90": _recall_at(corum_result, 90),
+                        **benchmarks[name].values,
+                        "corum_prevalence": corum_result.n_positive_pairs / corum_result.n_pairs,
+                        "n_replicates": benchmarks[name].n_replicates,
+                        "n_mixing_cells": benchmarks[name].n_mixing_cells,
                     }
                 )
-            )
+                if held_cells is not None:
+                    log.info("Evaluating %s on its %d held-out cells", name, int(held_cells.sum()))
+                    rows[-1].update(
+                        holdout_metrics(
+                            adata, key=key, held=held_cells, max_cells=max_cells,
+                            mixing_cells=mixing_cells, seed=seed, **labels_of(adata, replicate),
+                        )  # fmt: skip
+                    )
+                if compound_key is not None:
+                    moa_settings = MoaSettings(
+                        compound_key=compound_key,
+                        batch_key=batch_key,
+                        perturbation_key=perturbation_key,
+                        control=_control(adata, control),
+                        concentration_key=concentration_key,
+                        replicate_key=replicate if replicate in adata.obs.columns else None,
+                        standardize_key=standardize_key,
+                    )
+                    rows[-1].update(
+                        moa_metrics(
+                            adata, relationships=complexes, settings=moa_settings, use_rep=key
+                        )
+                    )
+                curves.append(
+                    pd.DataFrame(
+                        {
+                            "embedding": name,
+                            "percentile": corum_result.percentiles,
+                            "precision": corum_result.precision,
+                            "recall": corum_result.recall,
+                        }
+                    )
+                )
+                bar.advance(task, int(adata.n_obs))
     finally:
         close_all(datasets)
 
@@ -507,6 +516,7 @@ def evaluate(
             "mixing_cells": mixing_cells,
             "max_replicates": max_replicates,
             "null_size": null_size,
+            "umap": umap,
             "seed": seed,
         },
         "provenance": report_provenance(inputs, complexes_path=Path(corum)),
