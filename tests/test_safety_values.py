@@ -1,0 +1,200 @@
+"""Data safety for values and requests: no silent NaN, no unbounded request, the cause named.
+
+Cases of docs/reliability.md (issue 21): non-finite profiles refused by every writer,
+ComBat's preconditions, missing batch labels, requests larger than the data, a disk that
+fills up during embed (a real small tmpfs, root only: skipped elsewhere), and messages
+that name the real cause.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from stores import well_store
+
+from scbd_cells import train
+from scbd_cells.cli import main
+
+FAST = {
+    "encoder": "tiny",
+    "classes_per_batch": 6,
+    "cells_per_class": 4,
+    "val_batches": 1,
+    "log_every": 2,
+    "workers": 0,
+    "device": "cpu",
+    "z_dim": 8,
+}
+
+
+def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
+    """Run ``scbd-cells ARGS`` in this process through the real entry point."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["scbd-cells", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def mount_tmpfs(path: Path, *, size: str) -> None:
+    """A real small filesystem at ``path``; the test is skipped where none can be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            "a full disk is tested on a small tmpfs, which only root can mount here: "
+            f"{result.stderr.decode().strip() or 'mount failed'}"
+        )
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """An 8 MiB tmpfs, unmounted after the test."""
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, size="8m")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(store, run folder): 192 cells, 4 training steps."""
+    root = tmp_path_factory.mktemp("values")
+    store_path = well_store(root / "s.zarr", control="nontargeting", chunk_cells=16)
+    train(store_path, out=root / "run", steps=4, val_every=2, **FAST)
+    return store_path, root / "run"
+
+
+def cells_file(path: Path, *, n_wells: int = 3, per_well: int = 6, seed: int = 0) -> Path:
+    """A lab's cell-level AnnData: 5 features, gene / guide / well / batch in obs."""
+    rng = np.random.default_rng(seed)
+    n = n_wells * per_well
+    obs = pd.DataFrame(
+        {
+            "perturbation": [["nontargeting", "g1", "g2"][i % 3] for i in range(n)],
+            "guide": [f"sg{i % 6}" for i in range(n)],
+            "plate": "P1",
+            "well": [f"W{i // per_well}" for i in range(n)],
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    obs["batch"] = obs["plate"] + "_" + obs["well"]
+    adata = ad.AnnData(X=rng.normal(size=(n, 5)).astype(np.float32), obs=obs)
+    adata.write_h5ad(path)
+    return path
+
+
+# --------------------------------------------------------------------------- 4. full disk
+
+
+@pytest.fixture(scope="module")
+def trained_4k(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(store, run): 4,096 cells, so that embed's encoder output (1.3 MiB) outgrows HDF5's
+    1 MiB reserve and chunk cache, as a real screen's does."""
+    root = tmp_path_factory.mktemp("values_4k")
+    store_path = well_store(root / "s.zarr", cells_per_well=128)
+    train(store_path, out=root / "run", steps=2, val_every=2, **FAST)
+    return store_path, root / "run"
+
+
+FILL_THE_DISK = """
+import os
+import sys
+from scbd_cells import anndata_io
+from scbd_cells.cli import main
+
+disk, when = {disk!r}, {when!r}
+
+def fill():  # another process takes all the room left on the disk
+    handle = os.open(os.path.join(disk, "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(handle, b"\\1" * 4096)
+    except OSError:
+        os.close(handle)
+
+real_write, real_write_any, calls = anndata_io.CellsWriter.write, anndata_io.write_any, []
+
+def write_then_fill(self, start, values):
+    calls.append(start)
+    if when == "batch" and len(calls) == 2:
+        fill()
+    return real_write(self, start, values)
+
+def skeleton_then_fill(adata, path):
+    real_write_any(adata, path)
+    if when == "skeleton":
+        fill()
+
+anndata_io.CellsWriter.write = write_then_fill
+anndata_io.write_any = skeleton_then_fill
+sys.argv = ["scbd-cells", "embed", {run!r}, {store!r}, "--out", os.path.join(disk, "cells.h5ad"),
+            "--representation", "encoder", "--batch-size", "512"]
+main()
+"""
+
+
+def embed_filling(disk: Path, store_path: Path, run_dir: Path, *, when: str):
+    script = FILL_THE_DISK.format(
+        disk=str(disk), when=when, run=str(run_dir), store=str(store_path)
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env
+    )
+
+
+def test_a_disk_that_fills_up_during_embed_does_not_crash_it(
+    trained_4k, small_disk: Path, tmp_path: Path, capsys
+) -> None:
+    """The embeddings' room is taken when the file is created: a later fill changes nothing.
+
+    Before, HDF5 held the batches in its caches and failed to write them when the file was
+    closed: the message, ~25 lines of h5py "Exception ignored", then a segfault (exit 139).
+    """
+    store_path, run_dir = trained_4k
+    result = embed_filling(small_disk, store_path, run_dir, when="batch")
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+    assert (small_disk / "filler").stat().st_size > 3 * 2**20  # the fill did happen
+    code, _ = cli(
+        capsys, "embed", run_dir, store_path, "--out", tmp_path / "reference.h5ad",
+        "--representation", "encoder", "--batch-size", "512",
+    )  # fmt: skip
+    assert code == 0
+    written, reference = ad.read_h5ad(small_disk / "cells.h5ad"), ad.read_h5ad(
+        tmp_path / "reference.h5ad"
+    )
+    assert written.n_obs == 4096
+    np.testing.assert_array_equal(written.X, reference.X)
+    for key in reference.obsm:
+        np.testing.assert_array_equal(written.obsm[key], reference.obsm[key])
+
+
+def test_a_disk_full_before_the_embeddings_have_room_is_a_message(
+    trained_4k, small_disk: Path
+) -> None:
+    """Filled right after the cell table is written: the message, exit 1, nothing left."""
+    store_path, run_dir = trained_4k
+    result = embed_filling(small_disk, store_path, run_dir, when="skeleton")
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Not enough room for" in result.stderr and str(small_disk / "cells.h5ad") in (
+        result.stderr.replace("\n", "")
+    )
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+    assert "bug" not in result.stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == [".cells.h5ad.lock", "filler"]
