@@ -60,6 +60,29 @@ def obs_column(adata: Any, key: str, what: str) -> pd.Series:
     return adata.obs[key]
 
 
+def check_no_missing(adata: Any, key: str, *, what: str) -> None:
+    """Refuse a label column with missing values (NaN), naming the rows that lack one.
+
+    Read as text, a missing label would become a batch (or group) named ``"nan"``,
+    silently pooling unrelated cells.
+    """
+    missing = np.flatnonzero(pd.isna(adata.obs[key]).to_numpy())
+    if not len(missing):
+        return
+    if isinstance(adata.obs, pd.DataFrame):
+        names = [str(adata.obs.index[i]) for i in missing[:5]]
+    else:  # a lazily read cells file (ObsColumns)
+        names = adata.obs.names_at(missing[:5])
+    shown = ", ".join(map(repr, names)) + (
+        f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
+    )
+    raise DataError(
+        f"The {what} column {key!r} is missing for {len(missing):,} of {adata.n_obs:,} cells "
+        f"(rows {shown}). Fill in their {what} label, or drop those cells first (e.g. "
+        f"adata[adata.obs[{key!r}].notna()].copy())."
+    )
+
+
 def batch_column(adata: Any, batch_key: str) -> str:
     """The obs column that holds the batch label: ``batch_key``, or a comma list joined.
 
@@ -68,6 +91,9 @@ def batch_column(adata: Any, batch_key: str) -> str:
     name is returned.
     """
     parts = [part.strip() for part in batch_key.split(",") if part.strip()]
+    for part in parts:
+        if part in adata.obs.columns:
+            check_no_missing(adata, part, what="batch")
     if len(parts) <= 1:
         return batch_key.strip()
     joined = obs_column(adata, parts[0], "batch").astype(str).reset_index(drop=True)

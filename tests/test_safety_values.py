@@ -198,3 +198,88 @@ def test_a_disk_full_before_the_embeddings_have_room_is_a_message(
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
     assert "bug" not in result.stderr
     assert sorted(p.name for p in small_disk.iterdir()) == [".cells.h5ad.lock", "filler"]
+
+
+# --------------------------------------------------------------------------- 3. non-finite
+
+
+def test_combat_refuses_a_batch_of_one_cell(tmp_path: Path, capsys) -> None:
+    """ComBat gave NaN for every value (exit 0); now the small batch is named."""
+    path = cells_file(tmp_path / "cells.h5ad")
+    adata = ad.read_h5ad(path)
+    lonely = adata[:1].copy()
+    lonely.obs_names = ["lonely"]
+    lonely.obs["batch"] = "P1_W9"
+    ad.concat([adata, lonely], merge="same").write_h5ad(path)
+    out = tmp_path / "combat.h5ad"
+    code, output = cli(capsys, "correct", path, "--method", "combat", "--out", out)
+    assert code == 1 and "'P1_W9'" in output and "at least 2 cells" in output
+    assert not out.exists()
+    # a batch label unique to each cell: every batch is too small
+    code, output = cli(
+        capsys, "correct", path, "--method", "combat", "--batch-key", "guide,well", "--out", out
+    )
+    assert code == 1 and "at least 2 cells" in output and not out.exists()
+
+
+def test_combat_refuses_constant_features(tmp_path: Path, capsys) -> None:
+    path = cells_file(tmp_path / "cells.h5ad")
+    adata = ad.read_h5ad(path)
+    adata.X = np.ones_like(adata.X)
+    adata.write_h5ad(path)
+    out = tmp_path / "combat.h5ad"
+    code, output = cli(capsys, "correct", path, "--method", "combat", "--out", out)
+    assert code == 1 and "constant" in output and not out.exists()
+
+
+def test_no_anndata_is_written_with_nan_or_inf(tmp_path: Path) -> None:
+    """The one AnnData writer (correct, baseline, embed's profiles) refuses non-finite rows."""
+    from scbd_cells.anndata_io import write_anndata
+    from scbd_cells.errors import DataError
+
+    adata = ad.read_h5ad(cells_file(tmp_path / "cells.h5ad"))
+    adata.X[3, 1] = np.nan
+    adata.obsm["X_pca"] = np.zeros((adata.n_obs, 2), dtype=np.float32)
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(DataError, match=r"1 of 18 rows of its X .*rows c3\)"):
+        write_anndata(adata, out, overwrite=False)
+    adata.X[3, 1] = 0
+    adata.obsm["X_pca"][[5, 7]] = np.inf
+    with pytest.raises(DataError, match=r"obsm\['X_pca'\] .*rows c5, c7"):
+        write_anndata(adata, out, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]
+
+
+# --------------------------------------------------------------------------- 7. missing labels
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["correct", "--method", "harmony"],
+        ["correct", "--method", "center-scale"],
+        ["correct", "--method", "combat"],
+        ["export", "--level", "well"],
+        ["evaluate"],
+    ],
+    ids=["harmony", "center-scale", "combat", "export", "evaluate"],
+)
+def test_missing_batch_labels_are_an_error_naming_the_rows(
+    tmp_path: Path, capsys, write_corum, command: list[str]
+) -> None:
+    """Missing batch labels were pooled into a well named "nan" (ComBat: a LinAlgError)."""
+    path = cells_file(tmp_path / "cells.h5ad", n_wells=4)
+    adata = ad.read_h5ad(path)
+    adata.obs["batch"] = pd.Categorical(adata.obs["batch"].astype(object).where(
+        ~adata.obs_names.isin(["c2", "c11"]), None
+    ))  # fmt: skip
+    adata.write_h5ad(path)
+    suffix = {"export": "parquet", "evaluate": ""}.get(command[0], "h5ad")
+    out = tmp_path / (f"out.{suffix}" if suffix else "report")
+    extra = []
+    if command[0] == "evaluate":
+        extra = ["--corum", write_corum(tmp_path / "corum.txt", {"c": ["g1", "g2"]})]
+    code, output = cli(capsys, command[0], path, *command[1:], *extra, "--out", out)
+    assert code == 1, output
+    assert "'batch' is missing for 2 of 24 cells" in output and "'c2', 'c11'" in output
+    assert not out.exists()

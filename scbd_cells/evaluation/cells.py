@@ -76,6 +76,11 @@ class ObsColumns:
         if name not in self.columns:
             self.columns = self.columns.append(pd.Index([name]))
 
+    def names_at(self, positions: np.ndarray) -> list[str]:
+        """The obs names (cell ids) of the rows at ``positions``, for messages."""
+        index = np.asarray(_read_elem(self._group[self._group.attrs["_index"]]))
+        return [str(name) for name in index[np.asarray(positions, dtype=np.int64)]]
+
     def __getitem__(self, name: str) -> pd.Series:
         if name not in self.columns:
             raise KeyError(name)
