@@ -283,3 +283,46 @@ def test_missing_batch_labels_are_an_error_naming_the_rows(
     assert code == 1, output
     assert "'batch' is missing for 2 of 24 cells" in output and "'c2', 'c11'" in output
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 8. export
+
+
+@pytest.mark.parametrize("level", ["cell", "guide"])
+def test_export_refuses_nan_values_naming_the_cells(tmp_path: Path, capsys, level: str) -> None:
+    path = cells_file(tmp_path / "cells.h5ad")
+    adata = ad.read_h5ad(path)
+    adata.X[[4, 9], 2] = [np.nan, np.inf]
+    adata.write_h5ad(path)
+    out = tmp_path / "profiles.parquet"
+    code, output = cli(capsys, "export", path, "--level", level, "--out", out)
+    assert code == 1 and "2 of 18 cells (cells c4, c9)" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "cells.h5ad"
+    ]
+
+
+def test_export_refuses_an_empty_file(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "empty.h5ad"
+    empty = ad.read_h5ad(cells_file(tmp_path / "cells.h5ad"))[:0].copy()
+    empty.write_h5ad(path)
+    out = tmp_path / "profiles.parquet"
+    code, output = cli(capsys, "export", path, "--level", "well", "--out", out)
+    assert code == 1 and "no profiles to export: 0 cells" in output and not out.exists()
+
+
+def test_export_refuses_a_guide_key_that_is_gene_by_well(tmp_path: Path, capsys) -> None:
+    path = cells_file(tmp_path / "cells.h5ad")
+    adata = ad.read_h5ad(path)
+    obs = adata.obs.astype(str)
+    adata.obs["gene_well"] = obs["perturbation"] + "@" + obs["well"]
+    adata.write_h5ad(path)
+    out = tmp_path / "profiles.parquet"
+    code, output = cli(
+        capsys, "export", path, "--level", "guide", "--guide-key", "gene_well", "--out", out
+    )
+    assert code == 1 and "'gene_well' holds 9 values, each in a single well" in output, output
+    assert not out.exists()
+    # the real guide column (each guide in every well) is exported
+    code, output = cli(capsys, "export", path, "--level", "guide", "--out", out)
+    assert code == 0 and len(pd.read_parquet(out)) == 18
