@@ -141,17 +141,30 @@ def _plain_strings(adata: Any) -> None:
                 )
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _bad(values: np.ndarray) -> np.ndarray:
+    """NaN, infinite, or (float64) beyond float32's range: infinite once stored as float32."""
+    with np.errstate(invalid="ignore"):
+        return ~(np.abs(values) <= FLOAT32_MAX)
+
+
 def non_finite_rows(values: Any) -> np.ndarray:
-    """Positions of the rows of ``values`` (dense or sparse, 2-D) holding NaN or infinity."""
+    """Rows of ``values`` (dense or sparse, 2-D) holding NaN, infinity, or beyond float32.
+
+    Profiles are stored and read as float32, where a float64 value beyond about
+    ±3.4e38 becomes infinite: such rows count as non-finite too.
+    """
     import scipy.sparse as sp
 
     if sp.issparse(values):
         coo = values.tocoo()
-        return np.unique(coo.row[~np.isfinite(coo.data)])
+        return np.unique(coo.row[_bad(coo.data)])
     array = np.asarray(values)
     if not np.issubdtype(array.dtype, np.number):
         return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+    return np.flatnonzero(_bad(array.reshape(len(array), -1)).any(axis=1))
 
 
 def rows_named(names: Sequence[Any], rows: np.ndarray, *, limit: int = 5) -> str:
@@ -175,7 +188,8 @@ def check_finite(adata: Any, *, shown_as: Path) -> None:
         if len(rows):
             raise DataError(
                 f"{shown_as} was not written: {len(rows):,} of {adata.n_obs:,} rows of its "
-                f"{name} are NaN or infinite (rows {rows_named(adata.obs_names, rows)}). "
+                f"{name} are NaN, infinite or beyond float32's range (±3.4e38) (rows "
+                f"{rows_named(adata.obs_names, rows)}). "
                 "scbd-cells does not write non-finite profiles: check the input for NaN or "
                 "infinite values (numpy.isfinite) and drop or impute those rows, or choose "
                 "another method."
@@ -317,8 +331,9 @@ class CellsWriter:
             rows = non_finite_rows(block)
             if len(rows):
                 raise DataError(
-                    f"{self.shown_as} was not written: {len(rows):,} cells of {key} are NaN or "
-                    f"infinite (cells {rows_named(self.cell_ids, start + rows)})."
+                    f"{self.shown_as} was not written: {len(rows):,} cells of {key} are NaN, "
+                    "infinite or beyond float32's range (cells "
+                    f"{rows_named(self.cell_ids, start + rows)})."
                 )
         if self.remaining_bytes:
             check_free_space(self.shown_as, self.remaining_bytes)

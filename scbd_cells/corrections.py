@@ -561,7 +561,12 @@ def correct(
     CorrectResult
     """
     from scbd_cells import __version__
-    from scbd_cells.anndata_io import check_output_path, write_anndata
+    from scbd_cells.anndata_io import (
+        check_output_path,
+        non_finite_rows,
+        rows_named,
+        write_anndata,
+    )
 
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}; found {method!r}.")
@@ -586,10 +591,12 @@ def correct(
             " Choose one of them or 'X' with --key."
         )
     values = np.asarray(values.toarray() if hasattr(values, "toarray") else values, np.float64)
-    if not np.isfinite(values).all():
+    bad = non_finite_rows(values)
+    if len(bad):
         raise DataError(
-            f"{source} ({key}) holds NaN or infinite values; {method} needs finite numbers. "
-            "Drop or impute those cells or features first."
+            f"{source} ({key}) holds NaN, infinite or beyond-float32 (±3.4e38) values in "
+            f"{len(bad):,} of {len(values):,} cells (cells {rows_named(adata.obs_names, bad)}); "
+            f"{method} needs finite numbers. Drop or impute those cells or features first."
         )
     recorded = dict(adata.uns.get(schema.UNS_SCBD, {}))
     space = profile_space(recorded, key=key)

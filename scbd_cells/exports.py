@@ -288,7 +288,8 @@ def _refuse_non_finite(adata: Any, data: Any, *, source: Path, key: str) -> None
     else:  # a lazily read cells file (ObsColumns)
         cell_names = adata.obs.names_at(shown)
     raise DataError(
-        f"{source} holds NaN or infinite values in {key} for {len(rows):,} of "
+        f"{source} holds NaN, infinite or beyond-float32 (±3.4e38) values in {key} for "
+        f"{len(rows):,} of "
         f"{int(data.shape[0]):,} cells (cells {rows_named(cell_names, np.arange(len(shown)))}"
         f"{f' and {len(rows) - 5:,} more' if len(rows) > 5 else ''}): their profiles would be "
         "NaN. Drop or impute those cells first; nothing was written."

@@ -290,6 +290,23 @@ def _resolve_options(
     return resolved
 
 
+MAX_UPSCALE = 4  # --image-size at most this many times the store's crops
+
+
+def _check_image_size(config: TrainConfig, store: Store) -> None:
+    """Refuse a model input far larger than the store's crops, before any memory is taken."""
+    crop = int(store.image_size[0])
+    if config.image_size is not None and config.image_size > MAX_UPSCALE * crop:
+        raise InputError(
+            f"--image-size {config.image_size} would enlarge the store's {crop} px crops "
+            f"{config.image_size / crop:.0f}x (a batch of {config.batch_size:,} cells of "
+            f"{store.n_channels} channels would take "
+            f"{config.batch_size * store.n_channels * config.image_size**2 * 4 / 2**30:,.1f} GiB"
+            f"); enlarging adds no detail. Use at most {MAX_UPSCALE * crop} ({MAX_UPSCALE}x), "
+            "or leave --image-size out to train at the store's size."
+        )
+
+
 def _set_up(
     store_path: str | os.PathLike, run_dir: Path, config: TrainConfig, *, resume: bool
 ) -> _Run:
@@ -308,6 +325,7 @@ def _set_up(
     split = store.obs[schema.SPLIT].astype(str).to_numpy()
     train_rows = np.flatnonzero(split == "train")
     val_rows = np.flatnonzero(split == "val")
+    _check_image_size(config, store)
     config = _fit_classes_per_batch(config, perturbation_codes[train_rows])
     _check_labels(store, config, perturbation_codes, batch_codes, batch_names, train_rows)
     if val_rows.size == 0:

@@ -218,7 +218,7 @@ class ValueCheck:
     Attributes
     ----------
     n_nonfinite
-        NaN or infinite entries.
+        NaN, infinite or beyond-float32 entries (infinite once read as float32).
     n_constant_columns, n_columns
         Columns whose finite values are all equal (zero variance), and all columns.
     """
@@ -242,7 +242,8 @@ def check_values(data: Any, *, chunk_size: int = ROW_CHUNK) -> ValueCheck:
     for start in range(0, n_rows, chunk_size):
         block = data[start : start + chunk_size]
         block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, np.float64)
-        finite = np.isfinite(block)
+        with np.errstate(invalid="ignore"):  # beyond float32: infinite once read as float32
+            finite = np.abs(block) <= np.finfo(np.float32).max
         nonfinite += int(block.size - np.count_nonzero(finite))
         low = np.minimum(low, np.where(finite, block, np.inf).min(axis=0, initial=np.inf))
         high = np.maximum(high, np.where(finite, block, -np.inf).max(axis=0, initial=-np.inf))
