@@ -591,6 +591,12 @@ def correct(
             " Choose one of them or 'X' with --key."
         )
     values = np.asarray(values.toarray() if hasattr(values, "toarray") else values, np.float64)
+    if values.shape[0] == 0 or values.shape[1] == 0:
+        raise DataError(
+            f"{source} holds no profiles to correct: {values.shape[0]:,} cells x "
+            f"{values.shape[1]:,} features in {key}. Pass the cell-level file that embed, "
+            "baseline or export's source holds."
+        )
     bad = non_finite_rows(values)
     if len(bad):
         raise DataError(

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.errors import DataError
-from scbd_cells.profiles import factorize_labels
+from scbd_cells.profiles import check_no_missing, factorize_labels
 
 log = logging.getLogger(__name__)
 
@@ -58,29 +58,6 @@ def obs_column(adata: Any, key: str, what: str) -> pd.Series:
             f"with the {what} option."
         )
     return adata.obs[key]
-
-
-def check_no_missing(adata: Any, key: str, *, what: str) -> None:
-    """Refuse a label column with missing values (NaN), naming the rows that lack one.
-
-    Read as text, a missing label would become a batch (or group) named ``"nan"``,
-    silently pooling unrelated cells.
-    """
-    missing = np.flatnonzero(pd.isna(adata.obs[key]).to_numpy())
-    if not len(missing):
-        return
-    if isinstance(adata.obs, pd.DataFrame):
-        names = [str(adata.obs.index[i]) for i in missing[:5]]
-    else:  # a lazily read cells file (ObsColumns)
-        names = adata.obs.names_at(missing[:5])
-    shown = ", ".join(map(repr, names)) + (
-        f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
-    )
-    raise DataError(
-        f"The {what} column {key!r} is missing for {len(missing):,} of {adata.n_obs:,} cells "
-        f"(rows {shown}). Fill in their {what} label, or drop those cells first (e.g. "
-        f"adata[adata.obs[{key!r}].notna()].copy())."
-    )
 
 
 def batch_column(adata: Any, batch_key: str) -> str:

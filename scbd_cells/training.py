@@ -32,6 +32,7 @@ from scbd_cells.checkpoint import (
     checkpoint_path_of,
     for_embedding,
     load_checkpoint,
+    non_finite_tensors,
     save_checkpoint,
 )
 from scbd_cells.config import TrainConfig, read_config_file, resolve_train_config, save_config
@@ -351,6 +352,13 @@ def _set_up(
     _check_wells_per_batch(perturbation_codes, train_rows, config, batch_codes)
     last_path = checkpoint_path_of(run_dir, "last")
     resumed_from = load_checkpoint(last_path) if resume else None
+    if resumed_from is not None and (broken := non_finite_tensors(resumed_from["model"])):
+        raise CheckpointError(
+            f"{last_path} (step {resumed_from.get('step')}) holds non-finite (NaN or infinite) "
+            f"weights in {len(broken)} tensors (e.g. {', '.join(broken[:3])}): it is not a "
+            "state training can continue from. Start the run again in a new --out (with a "
+            "lower --lr or a higher --temperature if its loss diverged)."
+        )
     changes = _resume_changes(resumed_from, config, last_path) if resumed_from else {}
     if dist_info.is_main:  # only now, with the options and the store checked
         _prepare_run_dir(run_dir)

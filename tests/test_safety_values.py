@@ -326,3 +326,187 @@ def test_export_refuses_a_guide_key_that_is_gene_by_well(tmp_path: Path, capsys)
     # the real guide column (each guide in every well) is exported
     code, output = cli(capsys, "export", path, "--level", "guide", "--out", out)
     assert code == 0 and len(pd.read_parquet(out)) == 18
+
+
+# --------------------------------------------------------------------------- 6. requests
+
+
+def test_reconstruct_refuses_more_cells_than_the_store_holds(trained, tmp_path, capsys) -> None:
+    """--cells 5000 on a small store took 8 GB and minutes before being killed."""
+    store_path, run_dir = trained
+    out = tmp_path / "pictures"
+    code, output = cli(capsys, "reconstruct", run_dir, store_path, "--out", out, "--cells", 5000)
+    assert code == 2 and "--cells 5,000" in output and "holds 192 cells" in output, output
+    assert "Use --cells 64 or fewer" in output and not out.exists()
+
+
+def test_train_refuses_an_image_size_far_beyond_the_crops(trained, tmp_path, capsys) -> None:
+    """--image-size 4096 on 12 px crops tried a 36 GB allocation."""
+    store_path, _ = trained
+    out = tmp_path / "run"
+    code, output = cli(
+        capsys, "train", store_path, "--out", out, "--image-size", 4096, "--encoder", "tiny",
+        "--device", "cpu", "--steps", 1,
+    )  # fmt: skip
+    assert code == 2 and "--image-size 4096" in output and "12 px" in output, output
+    assert "at most 48" in output and not out.exists()
+
+
+# --------------------------------------------------------------------------- 14. cells per class
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_one_cell_per_class_is_refused(trained, tmp_path, capsys, command, write_corum) -> None:
+    """With one cell of each class in a batch, SupCon has no positive pair."""
+    store_path, _ = trained
+    out = tmp_path / "out"
+    extra = ["--corum", write_corum(tmp_path / "c.txt", {"c": ["gene_1", "gene_2"]})]
+    code, output = cli(
+        capsys, command, store_path, "--out", out, "--cells-per-class", 1,
+        *(extra if command == "sweep" else []),
+    )  # fmt: skip
+    assert code == 2 and "cells_per_class" in output and "greater than or equal to 2" in output
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 12. internal errors
+
+
+def test_reconstruct_with_a_malformed_device_is_a_usage_error(trained, tmp_path, capsys) -> None:
+    store_path, run_dir = trained
+    out = tmp_path / "pictures"
+    code, output = cli(
+        capsys, "reconstruct", run_dir, store_path, "--out", out, "--device", "cuda:x"
+    )
+    assert code == 2 and "'cuda:x'" in output and "bug" not in output, output
+
+
+@pytest.fixture
+def unknown_codec_store(trained, tmp_path: Path) -> Path:
+    """A copy of the store whose images/zarr.json names a codec zarr does not know."""
+    import json
+    import shutil
+
+    copy = tmp_path / "codec.zarr"
+    shutil.copytree(trained[0], copy)
+    metadata_path = copy / "images" / "zarr.json"
+    text = metadata_path.read_text()
+    assert '"name": "blosc"' in text
+    metadata_path.write_text(text.replace('"name": "blosc"', '"name": "blosc9"'))
+    json.loads(metadata_path.read_text())
+    return copy
+
+
+@pytest.mark.parametrize("command", ["info", "embed", "baseline", "train"])
+def test_an_unknown_codec_in_the_store_is_a_store_error(
+    trained, unknown_codec_store, tmp_path, capsys, command
+) -> None:
+    run_dir = trained[1]
+    args = {
+        "info": [unknown_codec_store],
+        "embed": [run_dir, unknown_codec_store, "--out", tmp_path / "cells.h5ad"],
+        "baseline": [unknown_codec_store, "--out", tmp_path / "baseline.h5ad"],
+        "train": [unknown_codec_store, "--out", tmp_path / "run", "--encoder", "tiny"],
+    }[command]
+    code, output = cli(capsys, command, *args)
+    assert code == 1 and "cannot read" in output and "blosc9" in output, output
+    assert "bug" not in output
+
+
+def test_float64_values_beyond_float32_are_refused(tmp_path: Path, capsys, write_corum) -> None:
+    """1e300 became inf when read as float32: evaluate failed as a bug, export wrote inf."""
+    path = cells_file(tmp_path / "cells.h5ad")
+    adata = ad.read_h5ad(path)
+    adata.X = adata.X.astype(np.float64)
+    adata.X[3, 1] = 1e300
+    adata.write_h5ad(path)
+    corum = write_corum(tmp_path / "corum.txt", {"c": ["g1", "g2"]})
+    code, output = cli(capsys, "evaluate", path, "--corum", corum, "--out", tmp_path / "report")
+    assert code == 1 and "beyond-float32" in output and "bug" not in output, output
+    out = tmp_path / "cells.parquet"
+    code, output = cli(capsys, "export", path, "--level", "cell", "--out", out)
+    assert code == 1 and "beyond-float32" in output and "(cells c3)" in output, output
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 13. the cause named
+
+
+def test_missing_perturbation_labels_are_named_as_missing(tmp_path: Path) -> None:
+    """They were reported as "guide assigned to more than one perturbation"."""
+    from scbd_cells import aggregate_profiles
+    from scbd_cells.errors import DataError
+
+    adata = ad.read_h5ad(cells_file(tmp_path / "cells.h5ad"))
+    adata.obs["perturbation"] = adata.obs["perturbation"].astype(object).where(
+        adata.obs_names != "c4", None
+    )
+    with pytest.raises(DataError, match=r"'perturbation' is missing for 1 of 18 cells \(rows 'c4'"):
+        aggregate_profiles(adata, control="nontargeting")
+
+
+def test_a_store_without_its_images_array_is_named_damaged(trained, tmp_path, capsys) -> None:
+    """It was reported as an unfinished ingest ("completion flag not set")."""
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(trained[0], copy)
+    (copy / "images" / "zarr.json").unlink()
+    code, output = cli(capsys, "info", copy)
+    assert code == 1 and "images array is missing" in output and "completion flag" not in output
+
+
+def test_a_gpu_number_is_named_as_given(trained, tmp_path, capsys) -> None:
+    """--device cuda:7 was reported as 'cuda'."""
+    code, output = cli(capsys, "train", trained[0], "--out", tmp_path / "run", "--device", "cuda:7")
+    assert code == 2 and "cuda:7" in output, output
+
+
+def test_a_file_without_cells_is_named_empty(tmp_path: Path, capsys) -> None:
+    """correct on a 0-cell file said "one batch only"."""
+    path = tmp_path / "empty.h5ad"
+    ad.read_h5ad(cells_file(tmp_path / "cells.h5ad"))[:0].copy().write_h5ad(path)
+    out = tmp_path / "out.h5ad"
+    code, output = cli(capsys, "correct", path, "--method", "center-scale", "--out", out)
+    assert code == 1 and "no profiles to correct: 0 cells" in output and not out.exists()
+
+
+def test_a_folder_given_as_an_image_is_named_a_folder(tmp_path: Path) -> None:
+    """It was reported as "file not found"."""
+    import tifffile
+
+    from scbd_cells import ingest
+    from scbd_cells.errors import DataError
+
+    (tmp_path / "crops").mkdir()
+    rows = []
+    for i in range(6):
+        tifffile.imwrite(tmp_path / f"crops/{i}.tif", np.full((2, 8, 8), 100 + i, np.uint16))
+        rows.append({"cell_id": str(i), "image_path": f"crops/{i}.tif", "gene": f"g{i % 2}",
+                     "plate": "P1", "well": "A01"})  # fmt: skip
+    (tmp_path / "crops" / "folder").mkdir()
+    rows[3]["image_path"] = "crops/folder"
+    table = tmp_path / "cells.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    with pytest.raises(DataError, match="a folder, not an image file"):
+        ingest(table, out=tmp_path / "s.zarr", perturbation_column="gene")
+
+
+def test_resuming_from_nan_weights_is_not_called_a_good_state(tmp_path: Path) -> None:
+    """The resume failed at its first step, naming the NaN checkpoint "the last good state"."""
+    import torch
+
+    from scbd_cells.checkpoint import load_checkpoint, save_checkpoint
+    from scbd_cells.errors import CheckpointError
+
+    store_path = well_store(tmp_path / "s.zarr", control="nontargeting", chunk_cells=16)
+    run_dir = tmp_path / "run"
+    train(store_path, out=run_dir, steps=2, val_every=2, **FAST)
+    last = run_dir / "checkpoints" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    name = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
+    checkpoint["model"][name] = torch.full_like(checkpoint["model"][name], float("nan"))
+    save_checkpoint(checkpoint, last)
+    with pytest.raises(CheckpointError, match="not a state training can continue from") as info:
+        train(store_path, out=run_dir, steps=4, val_every=2, resume=True, **FAST)
+    assert "last good state" not in str(info.value)
