@@ -340,16 +340,20 @@ def test_reconstruct_refuses_more_cells_than_the_store_holds(trained, tmp_path, 
     assert "Use --cells 64 or fewer" in output and not out.exists()
 
 
+SMALL_RUN = ["--encoder", "tiny", "--device", "cpu", "--steps", 1, "--val-every", 1,
+             "--classes-per-batch", 6, "--workers", 0]  # fmt: skip
+
+
 def test_train_refuses_an_image_size_far_beyond_the_crops(trained, tmp_path, capsys) -> None:
-    """--image-size 4096 on 12 px crops tried a 36 GB allocation."""
+    """--image-size 4096 on small crops tried a 36 GB allocation (4096 would still be
+    tried if this check broke: 64 px, over 4 x the 12 px crops, is refused as well)."""
     store_path, _ = trained
     out = tmp_path / "run"
-    code, output = cli(
-        capsys, "train", store_path, "--out", out, "--image-size", 4096, "--encoder", "tiny",
-        "--device", "cpu", "--steps", 1,
-    )  # fmt: skip
-    assert code == 2 and "--image-size 4096" in output and "12 px" in output, output
+    code, output = cli(capsys, "train", store_path, "--out", out, "--image-size", 64, *SMALL_RUN)
+    assert code == 2 and "--image-size 64" in output and "12 px" in output, output
     assert "at most 48" in output and not out.exists()
+    code, _ = cli(capsys, "train", store_path, "--out", out, "--image-size", 48, *SMALL_RUN)
+    assert code == 0
 
 
 # --------------------------------------------------------------------------- 14. cells per class
@@ -362,7 +366,7 @@ def test_one_cell_per_class_is_refused(trained, tmp_path, capsys, command, write
     out = tmp_path / "out"
     extra = ["--corum", write_corum(tmp_path / "c.txt", {"c": ["gene_1", "gene_2"]})]
     code, output = cli(
-        capsys, command, store_path, "--out", out, "--cells-per-class", 1,
+        capsys, command, store_path, "--out", out, "--cells-per-class", 1, *SMALL_RUN,
         *(extra if command == "sweep" else []),
     )  # fmt: skip
     assert code == 2 and "cells_per_class" in output and "greater than or equal to 2" in output
