@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import warnings
@@ -25,10 +27,11 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.data import schema
-from scbd_cells.errors import InputError
+from scbd_cells.errors import DataError, DiskFullError, InputError
 from scbd_cells.outputs import (
     check_free_space,
     check_output,
+    free_bytes,
     publish,
     remove_temporary,
     temporary_name,
@@ -150,7 +153,67 @@ def _plain_strings(adata: Any) -> None:
                 )
 
 
-def write_any(adata: Any, path: Path) -> None:
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _bad(values: np.ndarray) -> np.ndarray:
+    """NaN, infinite, or (float64) beyond float32's range: infinite once stored as float32."""
+    with np.errstate(invalid="ignore"):
+        return ~(np.abs(values) <= FLOAT32_MAX)
+
+
+def non_finite_rows(values: Any) -> np.ndarray:
+    """Rows of ``values`` (dense or sparse, 2-D) holding NaN, infinity, or beyond float32.
+
+    Profiles are stored and read as float32, where a float64 value beyond about
+    ±3.4e38 becomes infinite: such rows count as non-finite too.
+    """
+    import scipy.sparse as sp
+
+    if sp.issparse(values):
+        coo = values.tocoo()
+        return np.unique(coo.row[_bad(coo.data)])
+    array = np.asarray(values)
+    if not np.issubdtype(array.dtype, np.number):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(_bad(array.reshape(len(array), -1)).any(axis=1))
+
+
+def rows_named(names: Sequence[Any], rows: np.ndarray, *, limit: int = 5) -> str:
+    """``"c3, c9, c12 and 4 more"``: the first rows of ``rows`` by name."""
+    shown = ", ".join(str(names[int(i)]) for i in rows[:limit])
+    return shown + (f" and {len(rows) - limit:,} more" if len(rows) > limit else "")
+
+
+def check_finite(adata: Any, *, shown_as: Path) -> None:
+    """Refuse to write profiles that hold NaN or infinity, naming the rows and the array.
+
+    Every AnnData scbd-cells writes goes through here (:func:`write_any`): a
+    correction, a PCA or an aggregation that produced non-finite values is an
+    error, never a file that looks finished.
+    """
+    arrays = [("X", adata.X), *((f"obsm[{k!r}]", v) for k, v in adata.obsm.items())]
+    for name, values in arrays:
+        if values is None or isinstance(values, pd.DataFrame):
+            continue
+        rows = non_finite_rows(values)
+        if len(rows):
+            raise DataError(
+                f"{shown_as} was not written: {len(rows):,} of {adata.n_obs:,} rows of its "
+                f"{name} are NaN, infinite or beyond float32's range (±3.4e38) (rows "
+                f"{rows_named(adata.obs_names, rows)}). "
+                "scbd-cells does not write non-finite profiles: check the input for NaN or "
+                "infinite values (numpy.isfinite) and drop or impute those rows, or choose "
+                "another method."
+            )
+
+
+def write_any(adata: Any, path: Path, *, shown_as: Path | None = None) -> None:
+    """Write ``adata`` to ``path`` (by extension); refused if it holds NaN or infinity.
+
+    ``shown_as`` is the output named in messages (``path`` may be a temporary name).
+    """
+    check_finite(adata, shown_as=shown_as or path)
     _plain_strings(adata)
     if path.suffix == ".zarr":
         import anndata as ad
@@ -174,7 +237,7 @@ def write_anndata(adata: Any, out_path: Path, *, overwrite: bool) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = temporary_path(out_path)
     try:
-        write_any(adata, tmp_path)
+        write_any(adata, tmp_path, shown_as=out_path)
         move_into_place(tmp_path, out_path, overwrite=overwrite)
     except BaseException:
         remove_path(tmp_path)
@@ -185,19 +248,36 @@ class CellsWriter:
     """Writes a cells AnnData skeleton, then fills ``X`` / ``obsm`` arrays batch by batch.
 
     HDF5 cannot recover from a full disk: a write or close that fails for want
-    of room leaves the library in a state that crashes the interpreter. So,
-    before each batch, the writer checks that the disk still has room for
-    everything left to write, and it holds a 1 MiB reserve file beside the
-    output that it deletes before closing: if someone else filled the disk, the
-    file can still be closed cleanly (then removed as unfinished).
+    of room leaves the library in a state that crashes the interpreter (h5py's
+    objects, finalised later, print "Exception ignored" and the process ends in
+    a segfault). So an ``.h5ad``'s arrays are given all their room on disk when
+    they are created (contiguous, allocated and zero-filled at once) and the
+    file is flushed: the batches then only overwrite blocks the file already
+    owns, and closing has nothing left to write. A disk that fills up before
+    that point fails while the file is being created; :meth:`abort` then
+    truncates the file to nothing before closing it, so that HDF5's last
+    writes find room, and the caller removes it. A 1 MiB reserve file beside
+    the output, deleted before closing, is kept as a further margin. Zarr
+    writes each chunk as a file, so the free space is checked before each
+    batch instead.
     """
 
     RESERVE_BYTES = 1 << 20
 
-    def __init__(self, path: Path, *, obs: pd.DataFrame, widths: dict[str, int], uns: dict):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        obs: pd.DataFrame,
+        widths: dict[str, int],
+        uns: dict,
+        shown_as: Path | None = None,
+    ):
         import anndata as ad
 
         self.path = path
+        self.shown_as = shown_as or path  # the output named in messages (path is temporary)
+        self.cell_ids = obs.index
         self.remaining_bytes = 4 * len(obs) * sum(widths.values())
         self.reserve_path = path.with_name(path.name + ".reserve")
         if path.suffix == ".h5ad":
@@ -225,25 +305,54 @@ class CellsWriter:
 
             self.root = h5py.File(path, "r+")
             obsm = self.root.require_group("obsm")
+            allocate_now = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            allocate_now.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
 
             def create(group, name, width):
+                # contiguous, allocated and zero-filled now: later writes need no new room
                 array = group.create_dataset(
-                    name, shape=(n_cells, width), dtype="float32", chunks=(min(chunk, 4096), width)
-                )
+                    name, shape=(n_cells, width), dtype="float32", dcpl=allocate_now,
+                    fill_time="alloc",
+                )  # fmt: skip
                 array.attrs["encoding-type"] = "array"
                 array.attrs["encoding-version"] = "0.2.0"
                 return array
 
-        self.arrays = {
-            key: create(self.root if key == "X" else obsm, key, width)
-            for key, width in widths.items()
-        }
+        try:
+            self.arrays = {
+                key: create(self.root if key == "X" else obsm, key, width)
+                for key, width in widths.items()
+            }
+            if path.suffix == ".h5ad":
+                self.root.flush()  # headers and zero-filled arrays on disk while room is known
+                self.remaining_bytes = 0
+        except BaseException as error:
+            self.abort()
+            if "errno = 28" in str(error):  # h5py reports ENOSPC as ValueError or RuntimeError
+                raise DiskFullError(
+                    f"Not enough room for {self.shown_as}: the disk filled up while its "
+                    f"{self.remaining_bytes / 2**20:,.1f} MiB of embeddings were being allocated "
+                    f"({(free_bytes(path.parent) or 0) / 2**20:,.1f} MiB free now); nothing was "
+                    "left behind. "
+                    "Free some space or choose a --out on another disk."
+                ) from None
+            raise
 
     def write(self, start: int, values: dict[str, np.ndarray]) -> None:
-        check_free_space(self.path, self.remaining_bytes)
+        for key, block in values.items():
+            rows = non_finite_rows(block)
+            if len(rows):
+                raise DataError(
+                    f"{self.shown_as} was not written: {len(rows):,} cells of {key} are NaN, "
+                    "infinite or beyond float32's range (cells "
+                    f"{rows_named(self.cell_ids, start + rows)})."
+                )
+        if self.remaining_bytes:
+            check_free_space(self.shown_as, self.remaining_bytes)
         for key, block in values.items():
             self.arrays[key][start : start + len(block)] = block
-            self.remaining_bytes -= block.nbytes
+            if self.remaining_bytes:
+                self.remaining_bytes -= block.nbytes
 
     def close(self) -> None:
         if self.path.suffix == ".zarr":
@@ -253,9 +362,38 @@ class CellsWriter:
                 zarr.consolidate_metadata(self.path)
         else:
             self.reserve_path.unlink(missing_ok=True)  # room for HDF5's last metadata writes
-            self.arrays.clear()
+            self.arrays = {}
             root, self.root = self.root, None
+            if root is not None:
+                root.close()
+
+    def abort(self) -> None:
+        """Close an unfinished file so that it can be removed, whatever room the disk has.
+
+        An ``.h5ad`` is truncated to nothing first: the file is discarded anyway, and
+        its freed blocks give HDF5 room for what it writes when closing (a close that
+        fails on a full disk would crash the interpreter later). The caller removes it.
+        """
+        if self.path.suffix == ".zarr":
+            return
+        self.reserve_path.unlink(missing_ok=True)
+        self.arrays = {}
+        root, self.root = self.root, None
+        if root is None:
+            return
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, 0)
+        with contextlib.suppress(Exception):  # the file is discarded: only a clean close counts
             root.close()
+        gc.collect()  # h5py objects held by the failed frames go now, while the file is closed
+
+    def finish(self, exc_type: type[BaseException] | None, *_: object) -> bool:
+        """``__exit__``-style: close the file after a clean run, :meth:`abort` after an error."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
 
 
 def _reserve(path: Path, n_bytes: int) -> None:

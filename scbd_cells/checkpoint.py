@@ -232,11 +232,7 @@ def load_trained(
         raise CheckpointError(
             f"the weights in {checkpoint_path} do not fit the model they describe ({error})."
         ) from error
-    broken = [
-        name
-        for name, tensor in model.state_dict().items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    ]
+    broken = non_finite_tensors(model.state_dict())
     if broken:
         raise CheckpointError(
             f"{checkpoint_path} holds non-finite (NaN or infinite) weights in {len(broken)} "
@@ -270,3 +266,14 @@ def normalize_of(checkpoint: dict[str, Any]) -> str:
     if saved is not None:
         return str(saved)
     return "store" if checkpoint.get("batch_channel_stats") is None else "batch"
+
+
+def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` that hold NaN or infinity."""
+    return [
+        name
+        for name, tensor in state_dict.items()
+        if torch.is_tensor(tensor)
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ]

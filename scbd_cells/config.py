@@ -79,7 +79,9 @@ class TrainConfig(BaseModel):
     batch_target: Literal["batch", "perturbation+batch"] = "batch"
     # batches (paper A.1: 256 classes x 8 cells = 2048)
     classes_per_batch: int = Field(256, ge=1)
-    cells_per_class: int = Field(8, ge=1)
+    cells_per_class: int = Field(
+        8, ge=2, description="Cells of each class in a batch: at least 2, SupCon's positive pair."
+    )
     stratify: bool = Field(
         True,
         description="Spread each perturbation's cells in a batch evenly over its batch labels, "

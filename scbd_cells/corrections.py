@@ -394,10 +394,41 @@ def harmony_map(
     return mapped
 
 
+COMBAT_MIN_CELLS = 2  # ComBat estimates a mean and a variance of each feature in each batch
+
+
+def check_combat(values: np.ndarray, batches: np.ndarray) -> None:
+    """ComBat's preconditions: each batch has a variance to estimate, some feature varies.
+
+    A batch of one cell (or a batch label unique to each cell) has no variance, and
+    features that are all constant have nothing to standardise: ComBat then returns NaN
+    for every value.
+    """
+    labels, counts = np.unique(np.asarray(batches).astype(str), return_counts=True)
+    small = labels[counts < COMBAT_MIN_CELLS]
+    if len(small):
+        shown = ", ".join(f"{label!r}" for label in small[:5])
+        more = f" and {len(small) - 5:,} more" if len(small) > 5 else ""
+        raise DataError(
+            f"ComBat estimates each feature's variance within each batch, so every batch needs "
+            f"at least {COMBAT_MIN_CELLS} cells; {len(small):,} of {len(labels):,} batches have "
+            f"fewer ({shown}{more}: 1 cell each). Name a coarser batch with --batch-key (e.g. "
+            "the plate), drop those cells, or use --method harmony or center-scale."
+        )
+    values = np.asarray(values)
+    if len(values) and not (np.ptp(values, axis=0) > 0).any():
+        raise DataError(
+            f"Every one of the {values.shape[1]:,} features is constant across the cells: "
+            "ComBat has nothing to standardise. Check that --key names the profiles."
+        )
+
+
 def combat(values: np.ndarray, batches: np.ndarray) -> np.ndarray:
     """ComBat (scanpy.pp.combat) with the batch column as the batch."""
     import anndata as ad
     import scanpy as sc
+
+    check_combat(values, batches)
 
     adata = ad.AnnData(
         X=np.asarray(values, dtype=np.float64),
@@ -546,7 +577,12 @@ def correct(
     CorrectResult
     """
     from scbd_cells import __version__
-    from scbd_cells.anndata_io import check_output_path, write_anndata
+    from scbd_cells.anndata_io import (
+        check_output_path,
+        non_finite_rows,
+        rows_named,
+        write_anndata,
+    )
 
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}; found {method!r}.")
@@ -591,10 +627,18 @@ def correct(
             " Choose one of them or 'X' with --key."
         )
     values = np.asarray(values.toarray() if hasattr(values, "toarray") else values, np.float64)
-    if not np.isfinite(values).all():
+    if values.shape[0] == 0 or values.shape[1] == 0:
         raise DataError(
-            f"{source} ({key}) holds NaN or infinite values; {method} needs finite numbers. "
-            "Drop or impute those cells or features first."
+            f"{source} holds no profiles to correct: {values.shape[0]:,} cells x "
+            f"{values.shape[1]:,} features in {key}. Pass the cell-level file that embed, "
+            "baseline or export's source holds."
+        )
+    bad = non_finite_rows(values)
+    if len(bad):
+        raise DataError(
+            f"{source} ({key}) holds NaN, infinite or beyond-float32 (±3.4e38) values in "
+            f"{len(bad):,} of {len(values):,} cells (cells {rows_named(adata.obs_names, bad)}); "
+            f"{method} needs finite numbers. Drop or impute those cells or features first."
         )
     recorded = dict(adata.uns.get(schema.UNS_SCBD, {}))
     space = profile_space(recorded, key=key)

@@ -71,7 +71,8 @@ def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(
-                "Expected a CUDA GPU for device='cuda', found none. Use --device cpu or auto."
+                f"--device {str(device)!r} needs a CUDA GPU, and this machine has none (or "
+                "torch was built without CUDA). Use --device cpu or auto."
             )
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -82,6 +83,12 @@ def _resolve_device(device: str | torch.device, local_rank: int) -> torch.device
             )
         torch.cuda.set_device(device)
     return device
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The device a single-process command computes on: ``auto``, ``cpu``, ``cuda``,
+    ``cuda:N``; an :class:`InputError` naming the value when it is none of those."""
+    return _resolve_device(device, 0)
 
 
 def init_distributed(device: str | torch.device = "auto") -> DistInfo:

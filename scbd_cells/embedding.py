@@ -192,7 +192,7 @@ def embed(
         writer = None
         if dist_info.is_main:
             tmp_paths += [cells_tmp, cells_tmp.with_name(cells_tmp.name + ".reserve")]
-            writer = CellsWriter(cells_tmp, obs=obs, widths=widths, uns=uns)
+            writer = CellsWriter(cells_tmp, obs=obs, widths=widths, uns=uns, shown_as=out_path)
         _embed_cells(
             model, store, preprocessor, writer,
             representation=representation, batch_size=batch_size, workers=workers,
@@ -255,7 +255,7 @@ def _embed_cells(
     batch_codes = torch.from_numpy(np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64))
     with ExitStack() as stack:
         if writer is not None:
-            stack.callback(writer.close)
+            stack.push(writer.finish)  # closes, or discards after an error
         bar = stack.enter_context(progress_bar(unit="cells"))
         task = bar.add_task("Embedding cells", total=store.n_cells)
         autocast = device_autocast(torch_device)
@@ -317,7 +317,7 @@ def _write_profiles(
         adata.uns[schema.UNS_SCBD] = dict(uns[schema.UNS_SCBD], level=level)
         tmp = temporary_path(paths[level])
         tmp_paths.append(tmp)
-        write_any(adata, tmp)
+        write_any(adata, tmp, shown_as=paths[level])
         written[level] = tmp
     return written
 

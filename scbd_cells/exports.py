@@ -365,6 +365,12 @@ def export(
         data = adata.X if key == "X" else adata.obsm[key]
         if data is None:
             raise DataError(f"{source} has no X; name an obsm key with --key.")
+        if int(data.shape[0]) == 0 or int(data.shape[1]) == 0:
+            raise DataError(
+                f"{source} holds no profiles to export: {int(data.shape[0]):,} cells x "
+                f"{int(data.shape[1]):,} features in {key}. Export the cell-level file that "
+                "embed, baseline or correct wrote."
+            )
         names = feature_columns(adata, key, int(data.shape[1]))
         # before batch_column adds a joined column
         carried = _carried_columns(
@@ -381,6 +387,7 @@ def export(
             "well": well,
             "carried": carried,
         }
+        _refuse_non_finite(adata, data, source=source, key=key)
         if level == "cell":
             n_rows = _cell_table(adata, key, tmp_path, names, keys)
         else:
@@ -395,6 +402,51 @@ def export(
         close_all([adata])
     log.info("Exported %d %s profiles x %d features -> %s", n_rows, level, len(names), out_path)
     return ExportResult(out_path=out_path, level=level, n_rows=n_rows, n_features=len(names))
+
+
+def _refuse_non_finite(adata: Any, data: Any, *, source: Path, key: str) -> None:
+    """Refuse NaN or infinite values, naming the first cells that hold them (one pass)."""
+    from scbd_cells.anndata_io import non_finite_rows, rows_named
+
+    bad: list[np.ndarray] = []
+    for start in range(0, int(data.shape[0]), ROW_CHUNK):
+        block = data[start : start + ROW_CHUNK]
+        bad.append(start + non_finite_rows(block))
+    rows = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+    if not len(rows):
+        return
+    shown = rows[:5]
+    if isinstance(adata.obs, pd.DataFrame):
+        cell_names = [str(adata.obs.index[i]) for i in shown]
+    else:  # a lazily read cells file (ObsColumns)
+        cell_names = adata.obs.names_at(shown)
+    raise DataError(
+        f"{source} holds NaN, infinite or beyond-float32 (±3.4e38) values in {key} for "
+        f"{len(rows):,} of "
+        f"{int(data.shape[0]):,} cells (cells {rows_named(cell_names, np.arange(len(shown)))}"
+        f"{f' and {len(rows) - 5:,} more' if len(rows) > 5 else ''}): their profiles would be "
+        "NaN. Drop or impute those cells first; nothing was written."
+    )
+
+
+def _refuse_guides_that_are_wells(rows: pd.DataFrame, *, guide: str, batch: str) -> None:
+    """Refuse a guide column that is really gene x well: each guide in one well only.
+
+    Guide profiles are guide x well means, whose replicates are a guide's other wells;
+    a column with one value per gene and well gives the gene x well profiles again, none
+    with a replicate.
+    """
+    n_guides = rows[guide].nunique()
+    n_batches = rows[batch].nunique()
+    if n_batches < 2 or len(rows) != n_guides:  # some guide is in several wells
+        return
+    example = rows.iloc[0]
+    raise DataError(
+        f"--guide-key {guide!r} holds {n_guides:,} values, each in a single well (e.g. "
+        f"{example[guide]!r} only in {example[batch]!r}): it names gene x well, not the "
+        "guide (sgRNA), so guide profiles would have no replicate wells. Name the sgRNA "
+        "column with --guide-key, or export --level gene (gene x well) or --level well."
+    )
 
 
 def _group_table(adata: Any, key: str, level: str, names: list[str], keys: dict) -> pd.DataFrame:
@@ -413,6 +465,8 @@ def _group_table(adata: Any, key: str, level: str, names: list[str], keys: dict)
     else:
         by = [batch_key]
     groups = cell_groups(adata, by)
+    if level == "guide" and keys["guide"] is not None:
+        _refuse_guides_that_are_wells(groups.labels, guide=keys["guide"], batch=batch_key)
     values = group_means(adata, groups, use_rep=key)
     rows = groups.labels.rename(columns={batch_key: "batch"})
     batches = rows["batch"]

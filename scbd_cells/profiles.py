@@ -82,6 +82,29 @@ def standardise(values: np.ndarray, *, reference: np.ndarray | None = None) -> n
     return (values - mean) / np.where(std > 0, std, 1.0)
 
 
+def check_no_missing(adata: Any, key: str, *, what: str) -> None:
+    """Refuse a label column with missing values (NaN), naming the rows that lack one.
+
+    Read as text, a missing label would become a batch (or group) named ``"nan"``,
+    silently pooling unrelated cells.
+    """
+    missing = np.flatnonzero(pd.isna(adata.obs[key]).to_numpy())
+    if not len(missing):
+        return
+    if isinstance(adata.obs, pd.DataFrame):
+        names = [str(adata.obs.index[i]) for i in missing[:5]]
+    else:  # a lazily read cells file (ObsColumns)
+        names = adata.obs.names_at(missing[:5])
+    shown = ", ".join(map(repr, names)) + (
+        f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
+    )
+    raise DataError(
+        f"The {what} column {key!r} is missing for {len(missing):,} of {adata.n_obs:,} cells "
+        f"(rows {shown}). Fill in their {what} label, or drop those cells first (e.g. "
+        f"adata[adata.obs[{key!r}].notna()].copy())."
+    )
+
+
 def _labels(adata: Any, key: str, what: str) -> pd.Series:
     if key not in adata.obs.columns:
         raise DataError(
@@ -90,6 +113,7 @@ def _labels(adata: Any, key: str, what: str) -> pd.Series:
             f"{did_you_mean(key, list(adata.obs.columns))}Embed with `scbd-cells embed`, "
             f"which copies the store's cell table, or name the column with the {what} option."
         )
+    check_no_missing(adata, key, what=what)
     return adata.obs[key]
 
 

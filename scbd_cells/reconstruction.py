@@ -61,6 +61,8 @@ OUTPUT_FILES = (
 )
 #: Perturbations chosen when none are named (besides the control).
 DEFAULT_N_PERTURBATIONS = 4
+#: Most cells a perturbation shows in the reconstruction grid (two pictures each).
+MAX_GRID_CELLS = 64
 #: Cells per perturbation encoded to rank perturbations and to find typical cells.
 SAMPLE_PER_PERTURBATION = 16
 #: Display range of each channel: these percentiles of the originals shown.
@@ -839,18 +841,24 @@ def reconstruct(
     InputError
         Bad option values, unknown perturbations, an output folder that is not ours.
     """
-    import torch
 
     from scbd_cells.checkpoint import check_argument_order, load_trained
     from scbd_cells.data.store import open_store
+    from scbd_cells.distributed import resolve_device
 
     if cells < 1 or wells < 1:
         raise InputError(f"--cells and --wells must be at least 1; found {cells} and {wells}.")
     out_dir = Path(out)
     check_argument_order(run_dir, store_path)
     store = open_store(store_path)
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cells > min(MAX_GRID_CELLS, store.n_cells):
+        raise InputError(
+            f"--cells {cells:,} asks for {cells:,} cells of each perturbation side by side "
+            f"({2 * cells:,} pictures a row); the store {store.path} holds {store.n_cells:,} "
+            f"cells and a row shows at most {MAX_GRID_CELLS}. Use --cells "
+            f"{min(MAX_GRID_CELLS, store.n_cells)} or fewer."
+        )
+    device = str(resolve_device(device or "auto"))
     trained = load_trained(run_dir, which=which, device=device)
     check_decoder(trained)
     trained.check_store(store)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from scbd_cells.data.store import did_you_mean
 from scbd_cells.errors import DataError
-from scbd_cells.profiles import factorize_labels
+from scbd_cells.profiles import check_no_missing, factorize_labels
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ def batch_column(adata: Any, batch_key: str) -> str:
     name is returned.
     """
     parts = [part.strip() for part in batch_key.split(",") if part.strip()]
+    for part in parts:
+        if part in adata.obs.columns:
+            check_no_missing(adata, part, what="batch")
     if len(parts) <= 1:
         return batch_key.strip()
     joined = obs_column(adata, parts[0], "batch").astype(str).reset_index(drop=True)

@@ -32,6 +32,7 @@ from scbd_cells.checkpoint import (
     checkpoint_path_of,
     for_embedding,
     load_checkpoint,
+    non_finite_tensors,
     save_checkpoint,
 )
 from scbd_cells.config import (
@@ -319,6 +320,23 @@ def _resolve_options(
     return resolved
 
 
+MAX_UPSCALE = 4  # --image-size at most this many times the store's crops
+
+
+def _check_image_size(config: TrainConfig, store: Store) -> None:
+    """Refuse a model input far larger than the store's crops, before any memory is taken."""
+    crop = int(store.image_size[0])
+    if config.image_size is not None and config.image_size > MAX_UPSCALE * crop:
+        raise InputError(
+            f"--image-size {config.image_size} would enlarge the store's {crop} px crops "
+            f"{config.image_size / crop:.0f}x (a batch of {config.batch_size:,} cells of "
+            f"{store.n_channels} channels would take "
+            f"{config.batch_size * store.n_channels * config.image_size**2 * 4 / 2**30:,.1f} GiB"
+            f"); enlarging adds no detail. Use at most {MAX_UPSCALE * crop} ({MAX_UPSCALE}x), "
+            "or leave --image-size out to train at the store's size."
+        )
+
+
 def _set_up(
     store_path: str | os.PathLike, run_dir: Path, config: TrainConfig, *, resume: bool
 ) -> _Run:
@@ -337,6 +355,7 @@ def _set_up(
     split = store.obs[schema.SPLIT].astype(str).to_numpy()
     train_rows = np.flatnonzero(split == "train")
     val_rows = np.flatnonzero(split == "val")
+    _check_image_size(config, store)
     config = _fit_classes_per_batch(config, perturbation_codes[train_rows])
     _check_labels(store, config, perturbation_codes, batch_codes, batch_names, train_rows)
     if val_rows.size == 0:
@@ -362,6 +381,13 @@ def _set_up(
     _check_wells_per_batch(perturbation_codes, train_rows, config, batch_codes)
     last_path = checkpoint_path_of(run_dir, "last")
     resumed_from = load_checkpoint(last_path) if resume else None
+    if resumed_from is not None and (broken := non_finite_tensors(resumed_from["model"])):
+        raise CheckpointError(
+            f"{last_path} (step {resumed_from.get('step')}) holds non-finite (NaN or infinite) "
+            f"weights in {len(broken)} tensors (e.g. {', '.join(broken[:3])}): it is not a "
+            "state training can continue from. Start the run again in a new --out (with a "
+            "lower --lr or a higher --temperature if its loss diverged)."
+        )
     changes = _resume_changes(resumed_from, config, last_path) if resumed_from else {}
     if dist_info.is_main:  # only now, with the options and the store checked
         _prepare_run_dir(run_dir)

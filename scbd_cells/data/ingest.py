@@ -508,6 +508,13 @@ def _image_exists(path: str) -> bool:
     return os.path.isfile(path) or is_ome_zarr(path)
 
 
+def _not_a_file(path: str) -> str:
+    """Why ``path`` is not an image file: a folder, or nothing there."""
+    if os.path.isdir(path):
+        return f"a folder, not an image file: {path}"
+    return f"file not found: {path}"
+
+
 def _files_exist(paths: list[str], workers: int) -> list[bool]:
     """:func:`_image_exists` for many paths, in batches over threads (network disks wait)."""
     batches = [paths[i : i + 4096] for i in range(0, len(paths), 4096)]
@@ -587,6 +594,8 @@ def _failure_of(function: Callable, *args) -> tuple[object | None, str | None]:
         return None, str(error)
     except FileNotFoundError as error:
         return None, f"file not found: {error.filename or error}"
+    except IsADirectoryError as error:
+        return None, f"a folder, not an image file: {error.filename or error}"
     except Exception as error:  # decoders raise many types for corrupt files
         return None, f"cannot read the image ({type(error).__name__}: {error})"
 
@@ -726,7 +735,7 @@ class _CropSource:
                 if path is None:
                     bad.setdefault(int(row), f"no image path in column {column!r}")
                 elif not exists[path]:
-                    bad.setdefault(int(row), f"file not found: {path}")
+                    bad.setdefault(int(row), _not_a_file(path))
         return bad
 
     def probe(self, rows: np.ndarray) -> None:
@@ -1078,7 +1087,7 @@ class _FieldSource:
         for field in fields:
             absent = [p for p in field if not _image_exists(p)]
             if absent:
-                missing[field] = f"file not found: {absent[0]}"
+                missing[field] = _not_a_file(absent[0])
         readable = [field for field in fields if field not in missing]
         shapes = _parallel_map(
             lambda field: _failure_of(self._field_shape, field), readable, self.workers.threads

@@ -1403,12 +1403,26 @@ def open_store(path: str | os.PathLike) -> Store:
             f"{path} has store format version {version}; this scbd-cells (version {__version__}) "
             f"reads version {schema.STORE_FORMAT_VERSION}. Re-ingest the table with this version."
         )
-    if attributes.get("complete") is not True or IMAGES_KEY not in group:
+    if attributes.get("complete") is not True:
         raise StoreError(
             f"The store {path} is unfinished (its completion flag is not set). Rerun the ingest "
             "command that made it, with --overwrite if needed."
         )
-    store = Store(path, group)
+    try:
+        store = Store(path, group) if IMAGES_KEY in group else None
+    except (zarr.errors.BaseZarrError, ValueError, TypeError, KeyError) as error:
+        raise StoreError(
+            f"The store {path} has image metadata ({path / IMAGES_KEY / 'zarr.json'}) that "
+            f"zarr {zarr.__version__} cannot read ({type(error).__name__}: {error}): a codec "
+            "it does not know, or an edited file. Open it with the scbd-cells and zarr that "
+            "wrote it, or re-ingest the table with --overwrite."
+        ) from error
+    if store is None:
+        raise StoreError(
+            f"The store {path} is damaged: it is marked complete but its images array is "
+            f"missing ({path / IMAGES_KEY / 'zarr.json'} is not there). Restore the store from "
+            "a copy, or re-ingest the table with --overwrite."
+        )
     _check_consistent(store)
     return store
 

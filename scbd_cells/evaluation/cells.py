@@ -76,6 +76,11 @@ class ObsColumns:
         if name not in self.columns:
             self.columns = self.columns.append(pd.Index([name]))
 
+    def names_at(self, positions: np.ndarray) -> list[str]:
+        """The obs names (cell ids) of the rows at ``positions``, for messages."""
+        index = np.asarray(_read_elem(self._group[self._group.attrs["_index"]]))
+        return [str(name) for name in index[np.asarray(positions, dtype=np.int64)]]
+
     def __getitem__(self, name: str) -> pd.Series:
         if name not in self.columns:
             raise KeyError(name)
@@ -213,7 +218,7 @@ class ValueCheck:
     Attributes
     ----------
     n_nonfinite
-        NaN or infinite entries.
+        NaN, infinite or beyond-float32 entries (infinite once read as float32).
     n_constant_columns, n_columns
         Columns whose finite values are all equal (zero variance), and all columns.
     """
@@ -237,7 +242,8 @@ def check_values(data: Any, *, chunk_size: int = ROW_CHUNK) -> ValueCheck:
     for start in range(0, n_rows, chunk_size):
         block = data[start : start + chunk_size]
         block = np.asarray(block.toarray() if hasattr(block, "toarray") else block, np.float64)
-        finite = np.isfinite(block)
+        with np.errstate(invalid="ignore"):  # beyond float32: infinite once read as float32
+            finite = np.abs(block) <= np.finfo(np.float32).max
         nonfinite += int(block.size - np.count_nonzero(finite))
         low = np.minimum(low, np.where(finite, block, np.inf).min(axis=0, initial=np.inf))
         high = np.maximum(high, np.where(finite, block, -np.inf).max(axis=0, initial=-np.inf))

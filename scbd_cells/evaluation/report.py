@@ -156,7 +156,8 @@ def _check_values(
         found = check_values(adata.X if key == "X" else adata.obsm[key])
         if found.n_nonfinite:
             raise DataError(
-                f"{path} holds {found.n_nonfinite:,} NaN or infinite values in {key}: no metric "
+                f"{path} holds {found.n_nonfinite:,} NaN or infinite values (float64 beyond "
+                f"float32's ±3.4e38 counted) in {key}: no metric "
                 "is defined on them. Re-embed the cells (embed now refuses a model that gives "
                 "them), or remove the affected cells from the file."
             )
