@@ -377,8 +377,8 @@ def ingest(
     channels: Annotated[
         str | None,
         typer.Option(
-            help="CellProfiler image names read as channels, in order: their PathName_<name>/"
-            "FileName_<name> columns. \\[default: every such pair, when no other image option]"
+            help="CellProfiler image names read as channels, in order: their PathName_NAME/"
+            "FileName_NAME columns. \\[default: every such pair, when no other image option]"
         ),
     ] = None,
     cell_id_column: Annotated[

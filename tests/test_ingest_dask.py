@@ -37,15 +37,24 @@ PROVENANCE = [("provenance", "created"), ("store_id",)]
 
 @pytest.fixture(scope="module")
 def scheduler() -> str:
-    """The address of a 2-process local cluster, closed after the module whatever happens."""
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        scheduler_kwargs=LOCAL_SCHEDULER_OPTIONS,
-    ) as cluster:
-        yield cluster.scheduler_address
+    """The address of a 2-process local cluster, closed after the module whatever happens.
+
+    The nanny sets OMP_NUM_THREADS=1 (and more) in this process's environment; it is put
+    back afterwards, or later tests' subprocesses would run torch on another thread count.
+    """
+    saved = dict(os.environ)
+    try:
+        with distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            scheduler_kwargs=LOCAL_SCHEDULER_OPTIONS,
+        ) as cluster:
+            yield cluster.scheduler_address
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture
@@ -129,8 +138,11 @@ def test_fields_with_border_cells_on_local_cluster_equal_the_single_machine_stor
     )
     reference = single_machine_reference(out, **options)
 
+    environment = dict(os.environ)
     result = ingest(out=out, scheduler="local:2", **options)
 
+    # the nanny's OMP_NUM_THREADS=1 for its workers must not stay in this process
+    assert dict(os.environ) == environment
     assert result.n_border > 0 and result.n_rejected == 15
     reasons = open_store(out).rejected["reason"]
     assert reasons.str.startswith("border").sum() == result.n_border

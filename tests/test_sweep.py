@@ -244,8 +244,10 @@ def test_sweep_end_to_end_resumes_a_killed_run(
 
     table = pd.read_csv(out / "sweep.csv")
     assert table["alpha"].tolist() == [0.0, 1.0]  # alpha 0 added
-    assert table["recommended"].sum() == 1
-    assert table.loc[table["recommended"], "alpha"].item() == result.recommended_alpha
+    # 4 steps of the tiny encoder learn little: the rule may decline to recommend (issue 23),
+    # but the table and the result always agree
+    recommended = table.loc[table["recommended"], "alpha"].tolist()
+    assert recommended == ([] if result.recommended_alpha is None else [result.recommended_alpha])
     metrics = json.loads((out / "reports" / "alpha_1" / "metrics.json").read_text())
     assert table.loc[1, "corum_auprc"] == pytest.approx(
         metrics["embeddings"]["alpha_1"]["corum_auprc"]
@@ -260,4 +262,7 @@ def test_sweep_end_to_end_resumes_a_killed_run(
     references = pd.read_csv(out / "references.csv")
     assert references["embedding"].tolist() == ["baseline"]
     assert (out / "tradeoff.png").stat().st_size > 10_000
-    assert f"Recommended α: {result.recommended_alpha:g}" in (out / "sweep.md").read_text()
+    if result.recommended_alpha is None:
+        assert "cannot recommend" in (out / "sweep.md").read_text()
+    else:
+        assert f"Recommended α: {result.recommended_alpha:g}" in (out / "sweep.md").read_text()

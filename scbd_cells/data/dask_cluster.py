@@ -58,6 +58,10 @@ def connect(scheduler: str) -> Iterator[Client]:
             "or a scheduler address such as tcp://host:8786."
         )
     with contextlib.ExitStack() as stack:
+        # LocalCluster's nanny sets OMP_NUM_THREADS=1 and friends in *this* process's
+        # environment for its workers; put them back, or every process started after the
+        # ingest (a training, a test's subprocess) would run torch on one thread.
+        stack.callback(_restore_environ, dict(os.environ))
         chatty = logging.getLogger("distributed")  # logs every connection at INFO
         stack.callback(chatty.setLevel, chatty.level)
         chatty.setLevel(max(chatty.level, logging.WARNING))
@@ -95,6 +99,14 @@ def connect(scheduler: str) -> Iterator[Client]:
                 address,
             )
         yield client
+
+
+def _restore_environ(saved: dict[str, str]) -> None:
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def check_shared(client: Client, paths: Sequence[str]) -> None:
