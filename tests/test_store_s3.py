@@ -169,3 +169,20 @@ def test_ingest_to_object_storage_is_refused_and_writes_nothing(
     assert "aws s3 sync STORE.zarr s3://lab/new.zarr" in str(result.exception)
     assert list(tmp_path.iterdir()) == [table]  # no local s3: folder
     assert not s3fs.S3FileSystem().exists(f"{BUCKET}/new.zarr")
+
+
+def test_the_loader_reads_a_store_on_s3_with_tensorstore(uploaded: tuple[Path, str]) -> None:
+    from scbd_cells.data.loader import CellReader
+
+    local_path, url = uploaded
+    remote, local = open_store(url), open_store(local_path)
+    reader = CellReader(remote, cache_gb=0.0, backend="tensorstore")
+    assert reader.backend == "tensorstore"
+    rows = np.array([150, 3, 77, 3, 190, 12])
+    np.testing.assert_array_equal(reader.read(rows), local.read(rows))
+    moved = _copy(url, "moved_ts")
+    fs = s3fs.S3FileSystem()
+    fs.copy(f"{moved}/images/c/0/0/0/0", f"{moved}/images/c/2/0/0/0")
+    damaged = CellReader(open_store(moved), cache_gb=0.0, backend="tensorstore")
+    with pytest.raises(StoreError, match=r"cells 16-23 cannot be read.*not the chunk written"):
+        damaged.read(np.array([17, 40]))
