@@ -339,7 +339,7 @@ def _s3_kvstore(url: str) -> dict | None:
     AWS_PROFILE, ~/.aws/credentials) but not a custom endpoint; the endpoint and region are
     the ones botocore resolves from the same environment and ~/.aws/config (AWS_ENDPOINT_URL,
     AWS_ENDPOINT_URL_S3, endpoint_url), so both readers reach the same server. The S3
-    benchmark (docs/performance-log.md) found tensorstore 3.5-4x faster than zarr-python
+    benchmark (benchmarks/store_s3.py) found tensorstore 2-5x faster than zarr-python
     with s3fs for the loader's reads.
     """
     if not url.startswith("s3://"):
