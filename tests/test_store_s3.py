@@ -187,3 +187,18 @@ def test_the_loader_reads_a_store_on_s3_with_tensorstore(uploaded: tuple[Path, s
     damaged = CellReader(open_store(moved), cache_gb=0.0, backend="tensorstore")
     with pytest.raises(StoreError, match=r"cells 16-23 cannot be read.*not the chunk written"):
         damaged.read(np.array([17, 40]))
+
+
+def test_without_s3fs_the_error_names_the_extra(
+    uploaded: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    import fsspec  # noqa: F401 (loads fsspec.registry)
+
+    _, url = uploaded
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if not installed
+    # fsspec keeps the classes it imported: forget s3's so that it imports s3fs again
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)
+    with pytest.raises(InputError, match=r"pip install 'scbd-cells\[s3\]'"):
+        open_store(url)

@@ -299,13 +299,14 @@ def _open_tensorstore(store: Store, *, cache_gb: float, workers: int) -> Any:
         import tensorstore
     except ImportError:
         return None
-    if isinstance(store.path, str):  # a store on object storage
-        kvstore = _s3_kvstore(store.path)
+    location = getattr(store, "path", "")
+    if isinstance(location, str) and "://" in location:  # a store on object storage
+        kvstore = _s3_kvstore(location)
         if kvstore is None:
             return None
-        array_dir = f"{store.path}/images"
+        array_dir = f"{location}/images"
     else:
-        array_dir = Path(store.path) / "images"
+        array_dir = Path(location) / "images"
         if not (array_dir / "zarr.json").is_file():
             return None
         kvstore = {"driver": "file", "path": str(array_dir)}
