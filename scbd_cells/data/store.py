@@ -1391,13 +1391,19 @@ class Store:
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Open a finished store read-only.
+    """Open a finished store read-only: a local path, or a ``str`` URL on object storage.
+
+    ``s3://bucket/key.zarr`` (or ``gs://``) is read through zarr's fsspec store with the
+    credentials and endpoint of the environment (docs/scaling.md, "Stores on object
+    storage"); ``store.path`` is then that URL.
 
     Raises
     ------
     StoreError
         If the path is missing, unfinished (an ingest is still running or was
         killed), not a scbd-cells store, or of another format version.
+    InputError
+        A URL of another scheme, or s3fs (gcsfs) is not installed.
     """
     url = object_url(path)
     if url is not None:
