@@ -29,6 +29,7 @@ from scbd_cells.progress import set_quiet
 GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
 # One wording per option across commands.
 DEVICE_HELP = "auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N."
+STORE_URL_HELP = "A local path, or an s3:// or gs:// URL (docs/scaling.md)."
 
 
 class _Group(TyperGroup):
@@ -195,6 +196,30 @@ def _split_csv(value: str | None) -> list[str] | None:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+def store_argument(value: str) -> Path | str:
+    """A store argument as the readers take it: the URL of a store on object storage kept a
+    ``str`` (``Path`` would turn ``s3://`` into ``s3:/``), a local path as a ``Path``."""
+    from scbd_cells.outputs import object_url
+
+    return object_url(value) or Path(value)
+
+
+def refuse_object_storage_out(out: str) -> None:
+    """Refuse ``ingest --out s3://...``: ingest writes a local store (docs/scaling.md)."""
+    from scbd_cells.errors import InputError
+    from scbd_cells.outputs import object_url
+
+    url = object_url(out)
+    if url is not None:
+        raise InputError(
+            f"ingest writes stores to a local or shared file system, not to {url}: object "
+            "storage has no atomic rename or file lock, which the unfinished-store, resume and "
+            "one-writer guarantees rely on. Ingest into a local STORE.zarr, then copy it, e.g. "
+            f"`aws s3 sync STORE.zarr {url}`; info, train, embed and baseline read it there "
+            '(docs/scaling.md, "Stores on object storage").'
+        )
+
+
 def _split_numbers(value: str | None, *, option: str, expected: str) -> list[float]:
     """``"0.3,1"`` -> ``[0.3, 1.0]``; a word is a usage error naming ``option``."""
     from scbd_cells.errors import InputError
@@ -314,7 +339,9 @@ def ingest(
     table: Annotated[
         Path, typer.Argument(help="Cells table: CSV, TSV or Parquet, one row per cell.")
     ],
-    out: Annotated[Path, typer.Option(help="Store to write (STORE.zarr).")],
+    out: Annotated[
+        str, typer.Option(help="Store to write (STORE.zarr), on a local or shared file system.")
+    ],
     perturbation_column: Annotated[
         str, typer.Option(help="Column with the perturbation (gene) label.")
     ],
@@ -418,12 +445,13 @@ def ingest(
     """
     from scbd_cells.data.ingest import ingest as run_ingest
 
+    refuse_object_storage_out(out)
     fractions = _split_numbers(
         split_fractions, option="--split-fractions", expected="three numbers, e.g. 0.83,0.02,0.15"
     )
     result = run_ingest(
         table,
-        out=out,
+        out=Path(out),
         perturbation_column=perturbation_column,
         guide_column=guide_column,
         batch_columns=_split_csv(batch_columns) or [],
@@ -475,7 +503,9 @@ def ingest(
 
 @app.command(cls=_Command)
 def info(
-    store: Annotated[Path, typer.Argument(help="A store written by `scbd-cells ingest`.")],
+    store: Annotated[
+        str, typer.Argument(help=f"A store written by `scbd-cells ingest`. {STORE_URL_HELP}")
+    ],
     json_output: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
@@ -495,7 +525,7 @@ def info(
 
     from scbd_cells.data.store import open_store
 
-    opened = open_store(store)
+    opened = open_store(store_argument(store))
     summary = opened.summary()
     damaged = opened.verify(workers=workers) if verify else None
     if damaged is not None:
@@ -560,7 +590,9 @@ def _train_default(name: str) -> str:
 
 @app.command(cls=_Command)
 def train(
-    store_path: Annotated[Path, typer.Argument(help="Store written by `scbd-cells ingest`.")],
+    store_path: Annotated[
+        str, typer.Argument(help=f"Store written by `scbd-cells ingest`. {STORE_URL_HELP}")
+    ],
     out: Annotated[Path, typer.Option(help="Run folder: config, metrics, curves, checkpoints.")],
     config: Annotated[
         Path | None, typer.Option(help="YAML options (e.g. a run's config.yaml); CLI wins.")
@@ -743,7 +775,9 @@ def train(
         cache_gb=cache_gb,
         workers=workers,
     )
-    result = run_training(store_path, out=out, config_path=config, resume=resume, **options)
+    result = run_training(
+        store_argument(store_path), out=out, config_path=config, resume=resume, **options
+    )
     val = result.final_val
     if val:
         stdout.print(
@@ -766,7 +800,10 @@ def train(
 @app.command(cls=_Command)
 def embed(
     run_dir: Annotated[Path, typer.Argument(help="Training run folder (or a checkpoint .pt).")],
-    store: Annotated[Path, typer.Argument(help="Store to embed (channels must fit the model).")],
+    store: Annotated[
+        str,
+        typer.Argument(help=f"Store to embed (channels must fit the model). {STORE_URL_HELP}"),
+    ],
     out: Annotated[Path, typer.Option(help="Cells AnnData to write: .h5ad or .zarr.")],
     aggregate: Annotated[
         bool, typer.Option(help="Also write guides.h5ad and genes.h5ad beside --out.")
@@ -789,7 +826,7 @@ def embed(
 
     result = run_embed(
         run_dir,
-        store,
+        store_argument(store),
         out=out,
         aggregate=aggregate,
         representation=representation,
@@ -806,7 +843,7 @@ def embed(
 
 @app.command(cls=_Command)
 def baseline(
-    store: Annotated[Path, typer.Argument(help="Store to measure.")],
+    store: Annotated[str, typer.Argument(help=f"Store to measure. {STORE_URL_HELP}")],
     out: Annotated[Path, typer.Option(help="AnnData to write: .h5ad or .zarr.")],
     n_components: Annotated[int, typer.Option(help="PCA dimensions.")] = 64,
     nucleus_channel: Annotated[
@@ -844,7 +881,7 @@ def baseline(
     from scbd_cells.features import baseline as run_baseline
 
     result = run_baseline(
-        store,
+        store_argument(store),
         out=out,
         n_components=n_components,
         nucleus_channel=nucleus_channel,

@@ -33,7 +33,7 @@ from scbd_cells.anndata_io import (
 )
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import check_free_space, locks_output
+from scbd_cells.outputs import check_free_space, location_text, locks_output
 from scbd_cells.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -335,7 +335,7 @@ def _provenance(
         # nested dicts, as scanpy keeps parameters in uns (unset options left out)
         "config": without_none(trained.config),
         "model_args": without_none(trained.model_args),
-        "store": str(Path(store_path).resolve()),
+        "store": location_text(store_path),
         "store_id": store.store_id,
         "control": control,
         "representation": representation,

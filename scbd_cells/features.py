@@ -36,7 +36,7 @@ import pandas as pd
 
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import check_free_space, locks_output, read_recorded
+from scbd_cells.outputs import check_free_space, location_text, locks_output, read_recorded
 from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -494,7 +494,7 @@ def baseline(
         space.update(feature_mean=feature_mean, feature_std=feature_std)
     adata.uns[schema.UNS_SCBD] = {
         "kind": "baseline",
-        "store": str(Path(store_path).resolve()),
+        "store": location_text(store_path),
         "store_id": store.store_id,
         "control": store.control or "",
         schema.UNS_LABEL_COLUMNS: store_label_columns(store),

@@ -78,6 +78,33 @@ _LOCK_WAIT_S = 0.25
 # --------------------------------------------------------------------------- what is there
 
 
+#: URL schemes of object storage a store can be read from (docs/scaling.md, "Stores on object
+#: storage"); every other path is a local one.
+OBJECT_STORAGE_SCHEMES = ("s3", "gs")
+
+
+def object_url(path: str | os.PathLike | None) -> str | None:
+    """``path`` as an object-storage URL (``s3://bucket/key``, no trailing ``/``), or None.
+
+    Only a ``str`` can be a URL: ``Path("s3://b/k")`` has already lost a slash. The
+    functions of this module work on local paths; callers route URLs around them.
+    """
+    if not isinstance(path, str) or "://" not in path:
+        return None
+    scheme = path.split("://", 1)[0].lower()
+    if scheme not in OBJECT_STORAGE_SCHEMES:
+        raise InputError(
+            f"{path} is a {scheme}:// URL; scbd-cells reads stores from local paths and from "
+            f"{', '.join(f'{name}://' for name in OBJECT_STORAGE_SCHEMES)} URLs only."
+        )
+    return path.rstrip("/")
+
+
+def location_text(path: str | os.PathLike) -> str:
+    """What provenance records for an input: its URL, or its resolved local path."""
+    return object_url(path) or str(Path(path).resolve())
+
+
 def _read_json(path: Path) -> dict | None:
     """A JSON object from ``path``; None when missing, unreadable, or a symbolic link.
 
@@ -214,8 +241,8 @@ def check_not_input(out_path: Path, inputs: Iterable[str | os.PathLike | None]) 
     """
     out_resolved = Path(out_path).resolve()
     for source in inputs:
-        if source is None:
-            continue
+        if source is None or object_url(source) is not None:
+            continue  # an input on object storage is never a local output
         source_resolved = Path(source).resolve()
         if source_resolved == out_resolved or out_resolved in source_resolved.parents:
             relation = "is" if source_resolved == out_resolved else "contains"

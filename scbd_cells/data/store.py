@@ -34,12 +34,12 @@ import pandas as pd
 import zarr
 from zarr.abc.store import SuffixByteRequest
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from scbd_cells import __version__
 from scbd_cells.data import schema
 from scbd_cells.errors import DataError, InputError, StoreError
-from scbd_cells.outputs import check_output, remove_owned, write_text_atomic
+from scbd_cells.outputs import check_output, object_url, remove_owned, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -810,7 +810,9 @@ def _chunk_file_key(array: zarr.Array, index: int) -> str:
     return array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
 
 
-def _file_tail(path: Path) -> int:
+def _file_tail(path: Path | str) -> int:
+    if isinstance(path, str):  # a chunk file on object storage
+        return int.from_bytes(_read_bytes(path, start=-4), "little")
     """The last 4 bytes of a file, as the little-endian CRC32C zarr's codec appends."""
     with open(path, "rb") as handle:
         handle.seek(-4, os.SEEK_END)
@@ -840,7 +842,7 @@ def _write_chunk_checksums(store_path: Path, array: zarr.Array) -> dict[str, str
     return {"file": CHUNK_CHECKSUMS_FILE, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
 
 
-def _read_chunk_checksums(path: Path, attributes: dict) -> np.ndarray | None:
+def _read_chunk_checksums(path: Path | str, attributes: dict) -> np.ndarray | None:
     """The store's per-place chunk checksums; None for a store written before they existed."""
     import hashlib
     import io
@@ -848,9 +850,9 @@ def _read_chunk_checksums(path: Path, attributes: dict) -> np.ndarray | None:
     record = attributes.get("chunk_checksums")
     if record is None:
         return None
-    file_path = path / str(record.get("file", CHUNK_CHECKSUMS_FILE))
+    file_path = _join(path, str(record.get("file", CHUNK_CHECKSUMS_FILE)))
     try:
-        data = file_path.read_bytes()
+        data = _read_bytes(file_path)
         if hashlib.sha256(data).hexdigest() != record.get("sha256"):
             raise ValueError("its SHA-256 is not the one recorded in zarr.json")
         checksums = np.load(io.BytesIO(data), allow_pickle=False)
@@ -985,8 +987,8 @@ def create_store(
 # ---------------------------------------------------------------------------
 
 
-class CheckedLocalStore(LocalStore):
-    """A zarr ``LocalStore`` for finished stores: a missing image chunk is an error, not zeros.
+class _CheckedChunks:
+    """Reads of a finished store: a missing image chunk is an error, not zeros.
 
     zarr reads a missing chunk file as the fill value; every chunk of a store is
     written (:data:`WRITE_CONFIG`), so here a missing one means damage.
@@ -997,12 +999,15 @@ class CheckedLocalStore(LocalStore):
     chunk_checksums: np.ndarray | None = None
     chunk_prefix = f"{IMAGES_KEY}/c/"
 
-    async def get(self, key, prototype=None, byte_range=None):  # noqa: ANN001 (zarr's signature)
-        value = await super().get(key, prototype, byte_range)
+    def where(self, key: str) -> Path | str:
+        raise NotImplementedError
+
+    def checked(self, key: str, value: Any, byte_range: Any) -> Any:
+        """``value`` read for ``key``, after the checks above."""
         if not key.startswith(self.chunk_prefix):
             return value
         if value is None:
-            raise FileNotFoundError(f"chunk file {self.root / key} is missing")
+            raise FileNotFoundError(f"chunk file {self.where(key)} is missing")
         # a whole chunk file, or a shard's index read from its end: both end with the file's tail
         if self.chunk_checksums is not None and (
             byte_range is None or isinstance(byte_range, SuffixByteRequest)
@@ -1010,11 +1015,33 @@ class CheckedLocalStore(LocalStore):
             index = int(key[len(self.chunk_prefix) :].split("/", 1)[0])
             found = int.from_bytes(value.as_numpy_array()[-4:].tobytes(), "little")
             if index >= len(self.chunk_checksums) or found != self.chunk_checksums[index]:
-                check_chunk_place(self.root / key, index, found, self.chunk_checksums)
+                check_chunk_place(self.where(key), index, found, self.chunk_checksums)
         return value
 
 
-def check_chunk_place(path: Path, index: int, found: int, checksums: np.ndarray) -> None:
+class CheckedLocalStore(_CheckedChunks, LocalStore):
+    """A zarr ``LocalStore`` for finished stores (:class:`_CheckedChunks`)."""
+
+    def where(self, key: str) -> Path:
+        return self.root / key
+
+    async def get(self, key, prototype=None, byte_range=None):  # noqa: ANN001 (zarr's signature)
+        return self.checked(key, await super().get(key, prototype, byte_range), byte_range)
+
+
+class CheckedFsspecStore(_CheckedChunks, FsspecStore):
+    """A zarr ``FsspecStore`` for finished stores on object storage (:class:`_CheckedChunks`)."""
+
+    url = ""  # set by :func:`open_store`
+
+    def where(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    async def get(self, key, prototype=None, byte_range=None):  # noqa: ANN001 (zarr's signature)
+        return self.checked(key, await super().get(key, prototype, byte_range), byte_range)
+
+
+def check_chunk_place(path: Path | str, index: int, found: int, checksums: np.ndarray) -> None:
     """Raise :class:`ChunkPlacementError` when chunk file ``index`` is not the one written there."""
     expected = int(checksums[index]) if index < len(checksums) else None
     if found != expected:
@@ -1036,7 +1063,11 @@ class ImageArray:
     """
 
     def __init__(
-        self, array: zarr.Array, store_path: Path, *, chunk_checksums: np.ndarray | None = None
+        self,
+        array: zarr.Array,
+        store_path: Path | str,
+        *,
+        chunk_checksums: np.ndarray | None = None,
     ) -> None:
         self.array = array
         self.store_path = store_path
@@ -1083,7 +1114,7 @@ class ImageArray:
             return
         files = np.unique(np.asarray(rows, dtype=np.int64) // self.file_cells)
         for index in files[~self._placed[files]].tolist():
-            path = self.store_path / IMAGES_KEY / _chunk_file_key(self.array, index)
+            path = _join(self.store_path, f"{IMAGES_KEY}/{_chunk_file_key(self.array, index)}")
             start = index * self.file_cells
             rows_of_file = (start, min(start + self.file_cells, self.shape[0]))
             try:
@@ -1153,13 +1184,13 @@ class Store:
         numpy); a damaged chunk raises :class:`StoreError` naming its cells.
     """
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, group: zarr.Group) -> None:
+        self.path = path  # a Path, or the store's URL on object storage
         self._group = group
         attributes = dict(group.attrs)
         self.attributes = attributes
         checksums = _read_chunk_checksums(path, attributes)
-        if isinstance(group.store, CheckedLocalStore):
+        if isinstance(group.store, _CheckedChunks):
             group.store.chunk_checksums = checksums
         self.images = ImageArray(group[IMAGES_KEY], path, chunk_checksums=checksums)
         self.format_version = int(attributes["format_version"])
@@ -1189,7 +1220,7 @@ class Store:
     def obs(self) -> pd.DataFrame:
         """The per-cell table in store order, indexed by cell id (str)."""
         try:
-            obs = pd.read_parquet(self.path / OBS_FILE)
+            obs = pd.read_parquet(_table_source(self.path, OBS_FILE))
         except Exception as error:  # pyarrow raises several types for a damaged file
             raise _obs_error(self.path, error) from error
         obs.index = pd.Index(obs[schema.CELL_ID].astype(str).to_numpy(dtype=object), dtype=object)
@@ -1198,10 +1229,10 @@ class Store:
     @cached_property
     def rejected(self) -> pd.DataFrame:
         """Rows of the input table left out by ``--skip-bad`` (``row, cell_id, reason``)."""
-        path = self.path / REJECTED_FILE
-        if not path.exists():
+        if not _exists(_join(self.path, REJECTED_FILE)):
             return pd.DataFrame(columns=["row", schema.CELL_ID, "reason"])
-        return pd.read_csv(path, dtype={schema.CELL_ID: str, "reason": str})
+        source = _table_source(self.path, REJECTED_FILE)
+        return pd.read_csv(source, dtype={schema.CELL_ID: str, "reason": str})
 
     def codes(self, column: str) -> tuple[np.ndarray, list[str]]:
         """Integer codes (int32, (N,)) and the categories of an ``obs`` column."""
@@ -1236,7 +1267,10 @@ class Store:
         """What ``scbd-cells info`` shows, JSON-friendly."""
         obs = self.obs
         per_class = obs[schema.PERTURBATION].value_counts()
-        size_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        if isinstance(self.path, str):  # on object storage: the sizes the bucket lists
+            size_bytes = _filesystem(self.path).du(self.path, total=True)
+        else:
+            size_bytes = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
         control_cells = (
             int((obs[schema.PERTURBATION].astype(str) == self.control).sum())
             if self.control is not None
@@ -1363,14 +1397,23 @@ class Store:
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Open a finished store read-only.
+    """Open a finished store read-only: a local path, or a ``str`` URL on object storage.
+
+    ``s3://bucket/key.zarr`` (or ``gs://``) is read through zarr's fsspec store with the
+    credentials and endpoint of the environment (docs/scaling.md, "Stores on object
+    storage"); ``store.path`` is then that URL.
 
     Raises
     ------
     StoreError
         If the path is missing, unfinished (an ingest is still running or was
         killed), not a scbd-cells store, or of another format version.
+    InputError
+        A URL of another scheme, or s3fs (gcsfs) is not installed.
     """
+    url = object_url(path)
+    if url is not None:
+        return _open_remote_store(url)
     path = Path(path)
     partial = partial_path_of(path)
     if not path.exists():
@@ -1390,6 +1433,11 @@ def open_store(path: str | os.PathLike) -> Store:
             f"{path} is not a Zarr v3 store written by scbd-cells ({error}). "
             "Create one with `scbd-cells ingest`."
         ) from error
+    return _checked_store(path, group)
+
+
+def _checked_store(path: Path | str, group: zarr.Group) -> Store:
+    """The :class:`Store` of an opened group, after its format, version and completion checks."""
     attributes = dict(group.attrs)
     if attributes.get("format") != schema.STORE_FORMAT:
         raise StoreError(
@@ -1427,9 +1475,9 @@ def open_store(path: str | os.PathLike) -> Store:
     return store
 
 
-def _obs_error(path: Path, error: BaseException) -> StoreError:
+def _obs_error(path: Path | str, error: BaseException) -> StoreError:
     return StoreError(
-        f"The store {path} is damaged: its cell table {path / OBS_FILE} cannot be read "
+        f"The store {path} is damaged: its cell table {_join(path, OBS_FILE)} cannot be read "
         f"({type(error).__name__}: {error}). Re-ingest the table to rebuild the store."
     )
 
@@ -1439,7 +1487,7 @@ def _check_consistent(store: Store) -> None:
     import pyarrow.parquet as pq
 
     try:
-        n_rows = pq.read_metadata(store.path / OBS_FILE).num_rows
+        n_rows = pq.read_metadata(_table_source(store.path, OBS_FILE)).num_rows
     except Exception as error:  # missing, truncated or not parquet
         raise _obs_error(store.path, error) from error
     attributes = store.attributes
@@ -1466,3 +1514,94 @@ def _check_consistent(store: Store) -> None:
             f"The store {store.path} contradicts itself ({'; '.join(problems)}): its metadata "
             "was edited or damaged after ingest. Re-ingest the table to rebuild it."
         )
+
+
+# ---------------------------------------------------------------------------
+# stores on object storage (docs/scaling.md, "Stores on object storage")
+# ---------------------------------------------------------------------------
+
+_S3_EXTRA = (
+    "Reading stores on object storage needs the optional dependencies: "
+    "`pip install 'scbd-cells[s3]'` (s3fs; gcsfs for gs://)."
+)
+
+
+def _filesystem(url: str) -> Any:
+    """The fsspec file system of ``url``; credentials and endpoint from the environment.
+
+    s3fs (botocore) reads ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE`` and ``~/.aws/``;
+    scbd-cells passes none of them itself.
+    """
+    import fsspec
+
+    try:
+        return fsspec.filesystem(url.split("://", 1)[0])
+    except ImportError as error:
+        raise InputError(f"{_S3_EXTRA} ({error})") from None
+
+
+def _join(location: Path | str, name: str) -> Path | str:
+    """``location / name`` for a local store, ``location/name`` for one on object storage."""
+    return f"{location}/{name}" if isinstance(location, str) else location / name
+
+
+def _read_bytes(target: Path | str, *, start: int | None = None) -> bytes:
+    """A file's bytes (from ``start``, negative from the end); OSError when it cannot be read."""
+    if isinstance(target, Path):
+        return target.read_bytes() if start is None else target.read_bytes()[start:]
+    try:
+        return _filesystem(target).cat_file(target, start=start)
+    except OSError:
+        raise
+    except Exception as error:  # botocore and network errors
+        raise OSError(f"{type(error).__name__}: {error}") from error
+
+
+def _exists(target: Path | str) -> bool:
+    return target.exists() if isinstance(target, Path) else _filesystem(target).exists(target)
+
+
+def _table_source(location: Path | str, name: str) -> Path | Any:
+    """What pandas and pyarrow read a store's table file from (its path, or its bytes)."""
+    import io
+
+    target = _join(location, name)
+    return target if isinstance(target, Path) else io.BytesIO(_read_bytes(target))
+
+
+def _open_remote_store(url: str) -> Store:
+    """:func:`open_store` for a store on object storage (read-only, through zarr's fsspec store)."""
+    try:
+        exists = _exists(f"{url}/zarr.json")
+        partial_exists = not exists and _exists(f"{url}{PARTIAL_SUFFIX}/zarr.json")
+    except InputError:
+        raise
+    except Exception as error:  # botocore: no credentials, access denied, endpoint unreachable
+        raise StoreError(
+            f"Cannot reach the store {url} ({type(error).__name__}: {error}). Check the "
+            "credentials and endpoint in the environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or ~/.aws/; docs/scaling.md)."
+        ) from None
+    if not exists:
+        if partial_exists:
+            raise StoreError(
+                f"The store {url} is unfinished: an ingest into it was interrupted or is still "
+                f"running ({url}{PARTIAL_SUFFIX} exists)."
+            )
+        raise StoreError(
+            f"No store at {url}. Ingest the table into a local store, then copy it there "
+            '(docs/scaling.md, "Stores on object storage").'
+        )
+    try:
+        zarr_store = CheckedFsspecStore.from_url(url, read_only=True)
+        zarr_store.url = url
+        group = zarr.open_group(zarr_store, mode="r", zarr_format=3)
+    except ImportError as error:
+        raise InputError(f"{_S3_EXTRA} ({error})") from None
+    except Exception as error:
+        raise StoreError(
+            f"{url} is not a Zarr v3 store written by scbd-cells ({type(error).__name__}: "
+            f"{error}). Create one with `scbd-cells ingest`."
+        ) from error
+    return _checked_store(url, group)
