@@ -168,6 +168,22 @@ def _main_options(
     set_quiet(quiet)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Plain lines to whatever ``sys.stderr`` is when a record comes, not the one at setup.
+
+    A command run in-process (a notebook, a test's CliRunner) may leave this root handler
+    behind after its stderr was closed; later records would then fail to print.
+    """
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; always use sys.stderr
+        pass
+
+
 def configure_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     """scbd-cells' own messages at INFO (DEBUG with -v, WARNING with -q); other libraries'
     at WARNING (matplotlib's at ERROR). On a terminal lines are Rich's, with times; piped or
@@ -179,7 +195,7 @@ def configure_logging(*, verbose: bool = False, quiet: bool = False) -> None:
         )
         handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
         )

@@ -49,3 +49,24 @@ def test_package_error_becomes_clean_exit(tmp_path) -> None:
     assert result.returncode in (1, 2)
     assert "Traceback" not in result.stderr
     assert "missing.zarr" in result.stderr
+
+
+def test_plain_log_lines_follow_the_current_stderr(monkeypatch, capsys) -> None:
+    """A command run in-process leaves its root handler behind; once the stderr it saw is
+    closed (a notebook cell, a test's CliRunner), later records still print, to today's."""
+    import io
+    import logging
+
+    from scbd_cells import cli as cli_module
+
+    monkeypatch.setattr(cli_module.console, "force_terminal", False, raising=False)
+    earlier = io.StringIO()
+    monkeypatch.setattr("sys.stderr", earlier)
+    cli_module.configure_logging()
+    logging.getLogger("scbd_cells.test").warning("first")
+    earlier.close()
+    monkeypatch.undo()
+    logging.getLogger("scbd_cells.test").warning("second")
+    captured = capsys.readouterr().err
+    assert "second" in captured and "Logging error" not in captured
+    logging.basicConfig(handlers=[], force=True)
