@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from scbd_cells.data.store import create_store
 
@@ -55,3 +57,31 @@ def well_store(
         **({"chunk_cells": chunk_cells} if chunk_cells else {}),
     )
     return path
+
+
+# Training options small enough for a test: two tiny encoders, 6 x 4 cells a batch.
+FAST = {
+    "encoder": "tiny",
+    "classes_per_batch": 6,
+    "cells_per_class": 4,
+    "val_batches": 1,
+    "log_every": 2,
+    "workers": 0,
+    "device": "cpu",
+    "z_dim": 8,
+}
+
+
+def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
+    """Run ``scbd-cells ARGS`` in this process through the real entry point."""
+    from scbd_cells.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["scbd-cells", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err

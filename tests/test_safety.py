@@ -22,40 +22,14 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
-from stores import well_store
+from stores import FAST, cli, well_store
 
 from scbd_cells import baseline, embed, evaluate, ingest, open_store, train
 from scbd_cells.checkpoint import load_checkpoint, save_checkpoint
-from scbd_cells.cli import main
 from scbd_cells.data.store import create_store, partial_path_of
 from scbd_cells.errors import CheckpointError, DataError, InputError, StoreError
 
-FAST = {
-    "encoder": "tiny",
-    "classes_per_batch": 6,
-    "cells_per_class": 4,
-    "val_batches": 1,
-    "log_every": 2,
-    "workers": 0,
-    "device": "cpu",
-    "z_dim": 8,
-}
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
-    """Run ``scbd-cells ARGS`` in this process through the real entry point."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["scbd-cells", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def cli_process(*args: object, cwd: Path | None = None, **kwargs) -> subprocess.CompletedProcess:

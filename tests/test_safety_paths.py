@@ -20,7 +20,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from stores import well_store
+from stores import FAST, well_store
 
 from scbd_cells import embed, open_store, train
 from scbd_cells.anndata_io import write_anndata
@@ -40,17 +40,6 @@ from scbd_cells.outputs import (
     write_marker,
     write_text_atomic,
 )
-
-FAST = {
-    "encoder": "tiny",
-    "classes_per_batch": 6,
-    "cells_per_class": 4,
-    "val_batches": 1,
-    "log_every": 2,
-    "workers": 0,
-    "device": "cpu",
-    "z_dim": 8,
-}
 
 
 @pytest.fixture(scope="module")

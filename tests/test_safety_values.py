@@ -18,34 +18,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from stores import well_store
+from stores import FAST, cli, well_store
 
 from scbd_cells import train
-from scbd_cells.cli import main
-
-FAST = {
-    "encoder": "tiny",
-    "classes_per_batch": 6,
-    "cells_per_class": 4,
-    "val_batches": 1,
-    "log_every": 2,
-    "workers": 0,
-    "device": "cpu",
-    "z_dim": 8,
-}
-
-
-def cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
-    """Run ``scbd-cells ARGS`` in this process through the real entry point."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["scbd-cells", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def mount_tmpfs(path: Path, *, size: str) -> None:

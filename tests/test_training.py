@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from stores import well_store
+from stores import FAST, well_store
 
 from scbd_cells import train
 from scbd_cells.checkpoint import load_checkpoint, load_trained
@@ -16,19 +16,8 @@ from scbd_cells.config import resolve_train_config
 from scbd_cells.errors import CheckpointError, DataError, InputError, StoreError
 from scbd_cells.model.scbd import SCBDModel
 
+
 # Tiny and fast: 2-layer encoder, 12 px, 24-cell batches.
-FAST = {
-    "encoder": "tiny",
-    "classes_per_batch": 6,
-    "cells_per_class": 4,
-    "val_batches": 1,
-    "log_every": 2,
-    "workers": 0,
-    "device": "cpu",
-    "z_dim": 8,
-}
-
-
 def _make_store(path: Path, *, n_wells: int = 4, seed: int = 0) -> Path:
     return well_store(path, n_wells=n_wells, seed=seed)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from stores import well_store
+from stores import FAST, well_store
 
 from scbd_cells import train
 from scbd_cells.checkpoint import load_checkpoint, load_trained, save_checkpoint
@@ -20,17 +20,6 @@ from scbd_cells.model.preprocess import augment_images, max_shift_for, random_sh
 from scbd_cells.model.scbd import SCBDModel
 from scbd_cells.model.schedule import warmup_factor
 from scbd_cells.model.selection import CheckpointSelection
-
-FAST = {
-    "encoder": "tiny",
-    "classes_per_batch": 6,
-    "cells_per_class": 4,
-    "val_batches": 1,
-    "log_every": 2,
-    "workers": 0,
-    "device": "cpu",
-    "z_dim": 8,
-}
 
 
 @pytest.fixture(scope="module")
