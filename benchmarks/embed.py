@@ -33,7 +33,7 @@ from common import (
     write_json,
 )
 
-from scbd_cells.checkpoint import load_trained
+from scbd_cells.training.checkpoint import load_trained
 
 CHILD = """
 import json, resource, sys, time

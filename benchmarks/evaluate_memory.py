@@ -1,7 +1,7 @@
 """Benchmark: peak memory and wall time of ``scbd-cells evaluate`` against the number of cells.
 
 Writes synthetic cell-level embeddings the way ``scbd-cells embed`` does
-(``scbd_cells.anndata_io.CellsWriter``: the store's cell table as ``obs``, ``X`` = z_c and
+(``scbd_cells.profiles.anndata_io.CellsWriter``: the store's cell table as ``obs``, ``X`` = z_c and
 ``obsm["X_scbd_batch"]`` = z_s, 64 dimensions each, filled batch by batch) with the columns
 a store carries (cell_id, perturbation, guide, batch, split, image_path, gene, plate, well,
 tile, x, y, table_row), plus a CORUM 5.x complexes file (200 complexes whose genes share
@@ -100,7 +100,7 @@ def write_cells(
 
     A complex's genes share part of their effect, so the CORUM figures are above random.
     """
-    from scbd_cells.anndata_io import CellsWriter
+    from scbd_cells.profiles.anndata_io import CellsWriter
 
     rng = np.random.default_rng(seed)
     obs = cells_obs(n_cells, n_genes=n_genes, guides_per_gene=4, n_plates=4, n_wells=24, rng=rng)

@@ -450,10 +450,10 @@ def stage_loader(suite: Suite) -> dict[str, Any]:
 POINT_METRICS = """
 import json, sys
 import anndata as ad
-from scbd_cells.well_probe import batch_prediction_f1, subsample
+from scbd_cells.evaluation.well_probe import batch_prediction_f1, subsample
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, corum_pr
-from scbd_cells.profiles import aggregate_profiles
+from scbd_cells.profiles.aggregate import aggregate_profiles
 cells_path, complexes_path, out_path = sys.argv[1:4]
 adata = ad.read_h5ad(cells_path)
 genes = aggregate_profiles(adata, control="nontargeting").genes

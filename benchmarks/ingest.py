@@ -118,8 +118,8 @@ def main() -> None:
     from common import markdown_table, record
 
     from scbd_cells import ingest, open_store
+    from scbd_cells.core.progress import set_quiet
     from scbd_cells.data import schema
-    from scbd_cells.progress import set_quiet
 
     set_quiet(True)
     table_path = screen(args)

@@ -28,8 +28,8 @@ def main() -> None:
     from common import markdown_table, record
 
     import scbd_cells
+    from scbd_cells.core.progress import set_quiet
     from scbd_cells.data import ingest as ingest_module
-    from scbd_cells.progress import set_quiet
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("table", type=Path, help="a simulated screen's cells.csv (crops layout)")

@@ -51,7 +51,7 @@ def _tree_rss_bytes(root_pid: int) -> int:
 
 def _draw_rate(crop_size: int, n_cells: int = 2048) -> float:
     """Cells per second per core for :func:`draw_cells` (no blur, noise or writing)."""
-    from scbd_cells.simulation import draw_cells
+    from scbd_cells.sim.screen import draw_cells
 
     rng = np.random.default_rng(0)
     shift = np.zeros((n_cells, 10), dtype=np.float32)

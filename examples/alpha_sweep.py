@@ -33,11 +33,11 @@ import pandas as pd
 import torch
 
 import scbd_cells
-from scbd_cells.checkpoint import load_trained
 from scbd_cells.data import schema
 from scbd_cells.data.loader import iter_cells
+from scbd_cells.evaluation.well_probe import batch_prediction_f1
 from scbd_cells.pipeline import DEMO_SPLIT_FRACTIONS
-from scbd_cells.well_probe import batch_prediction_f1
+from scbd_cells.training.checkpoint import load_trained
 
 SCREENS = {
     "demo": {},
@@ -120,7 +120,7 @@ def run(out_dir: Path, spec: str, *, steps: int, val_every: int, options: dict) 
     tag = "_".join(f"{k}{v}" for k, v in sorted(options.items()))
     run_dir = out_dir / "runs" / "_".join([spec.replace(":", "_"), tag]).strip("_")
     n_classes = len(scbd_cells.open_store(store_path).class_ranges())
-    from scbd_cells.config import demo_train_options
+    from scbd_cells.core.config import demo_train_options
 
     options = {
         **demo_train_options(n_classes),

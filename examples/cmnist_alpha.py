@@ -38,8 +38,8 @@ from coloured_digits import ingest_coloured_digits
 from sklearn.linear_model import LogisticRegression
 
 import scbd_cells
-from scbd_cells.checkpoint import load_trained
 from scbd_cells.data import schema
+from scbd_cells.training.checkpoint import load_trained
 
 
 @torch.no_grad()

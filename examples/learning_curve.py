@@ -48,7 +48,7 @@ from pathlib import Path
 import pandas as pd
 
 import scbd_cells
-from scbd_cells.config import demo_train_options
+from scbd_cells.core.config import demo_train_options
 from scbd_cells.data import schema
 from scbd_cells.evaluation.pages import markdown_table
 

@@ -5,7 +5,7 @@ unlike any training well's), ingests the training plates and the new plate into
 separate stores with identical options, and corrects the new plate four ways:
 
 - ``scbd``: SCBD trained on the training plates with the demo's options
-  (``scbd_cells.config.demo_train_options``), embedding the new plate as it stands;
+  (``scbd_cells.core.config.demo_train_options``), embedding the new plate as it stands;
 - ``harmony_refit``: the handcrafted baseline (uncorrected, standardised and PCA'd
   as the training plates' baseline was) with Harmony refitted on all plates;
 - ``harmony_mapped``: the same baseline with Harmony fitted on the training plates
@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 import scbd_cells
-from scbd_cells.config import demo_train_options
+from scbd_cells.core.config import demo_train_options
 
 CHANNELS = ["dna_damage", "actin", "dna", "microtubules"]
 CONTROL = "nontargeting"
@@ -196,7 +196,7 @@ def main() -> None:
 
 def map_with_own_rule(embeddings: Path, out: Path) -> None:
     """The new plate mapped with ``ridge_lambda=None``, beside the training plates' fit."""
-    from scbd_cells.corrections import harmony_map, read_harmony_reference
+    from scbd_cells.profiles.corrections import harmony_map, read_harmony_reference
 
     reference = read_harmony_reference(embeddings / "harmony_mapped" / "train_plates.h5ad")
     new = ad.read_h5ad(embeddings / "baseline" / "new_plate.h5ad")
@@ -310,7 +310,7 @@ def write_summary(out: Path, *, names: list[str]) -> str:
             f"{row['heldout_ilisi']:.3f} | {row['heldout_kbet']:.3f} | "
             f"{'–' if delta[name] is None else format(delta[name], '.3g')} |"
         )
-    from scbd_cells.corrections import read_harmony_reference, soft_assignments
+    from scbd_cells.profiles.corrections import read_harmony_reference, soft_assignments
 
     embeddings = out / "embeddings"
     reference = read_harmony_reference(embeddings / "harmony_mapped" / "train_plates.h5ad")

@@ -1,7 +1,7 @@
 """How low can the perturbation SupCon loss go on a simulated screen? A ceiling from the truth.
 
 The simulator draws each cell's morphology as ``N(0, I) + shift`` over ten parameters
-(``scbd_cells.simulation.MORPHOLOGY``), where ``shift`` is its gene's effect if the cell
+(``scbd_cells.sim.screen.MORPHOLOGY``), where ``shift`` is its gene's effect if the cell
 was edited. An encoder can at best recover those parameters, so the appendix-B SupCon
 loss of an embedding *of the true parameters* bounds from below what training can reach
 per cell (pixels, rendering and well effects only lose information; the parameters are
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from scbd_cells.model.losses import supcon_loss
-from scbd_cells.simulation import PRESETS, _design
+from scbd_cells.sim.screen import PRESETS, _design
 
 SCALES = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 

@@ -21,20 +21,20 @@ __version__ = "0.1.0"
 # public name -> module that defines it. Module names differ from the function
 # names on purpose: a submodule called ``train`` would shadow ``scbd_cells.train``.
 _LAZY = {
-    "simulate": "scbd_cells.simulation",
+    "simulate": "scbd_cells.sim.screen",
     "ingest": "scbd_cells.data.ingest",
     "open_store": "scbd_cells.data.store",
-    "train": "scbd_cells.training",
-    "embed": "scbd_cells.embedding",
-    "aggregate_profiles": "scbd_cells.profiles",
-    "baseline": "scbd_cells.features",
+    "train": "scbd_cells.training.loop",
+    "embed": "scbd_cells.embedding.encode",
+    "aggregate_profiles": "scbd_cells.profiles.aggregate",
+    "baseline": "scbd_cells.profiles.features",
     "evaluate": "scbd_cells.evaluation.report",
-    "correct": "scbd_cells.corrections",
-    "export": "scbd_cells.exports",
+    "correct": "scbd_cells.profiles.corrections",
+    "export": "scbd_cells.profiles.exports",
     "demo": "scbd_cells.pipeline",
-    "reconstruct": "scbd_cells.reconstruction",
-    "sweep": "scbd_cells.sweeping",
-    "read_profile_table": "scbd_cells.profile_tables",
+    "reconstruct": "scbd_cells.embedding.reconstruction",
+    "sweep": "scbd_cells.training.sweeping",
+    "read_profile_table": "scbd_cells.profiles.profile_tables",
 }
 
 __all__ = ["__version__", *_LAZY]

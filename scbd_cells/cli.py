@@ -2,7 +2,7 @@
 
 Each subcommand is one short function calling the library function of the same
 name (``scbd_cells.<command>``). Only this module turns the package's
-exceptions (:class:`scbd_cells.errors.ScbdError`) into exit codes; library code
+exceptions (:class:`scbd_cells.core.errors.ScbdError`) into exit codes; library code
 raises, logs and never exits.
 """
 
@@ -21,8 +21,8 @@ from rich.logging import RichHandler
 from typer.core import TyperCommand, TyperGroup
 
 from scbd_cells import __version__
-from scbd_cells.errors import ScbdError
-from scbd_cells.progress import set_quiet
+from scbd_cells.core.errors import ScbdError
+from scbd_cells.core.progress import set_quiet
 
 # Options of the whole program that are also accepted after the subcommand
 # (``scbd-cells ingest ... --quiet``).
@@ -215,15 +215,15 @@ def _split_csv(value: str | None) -> list[str] | None:
 def store_argument(value: str) -> Path | str:
     """A store argument as the readers take it: the URL of a store on object storage kept a
     ``str`` (``Path`` would turn ``s3://`` into ``s3:/``), a local path as a ``Path``."""
-    from scbd_cells.outputs import object_url
+    from scbd_cells.core.outputs import object_url
 
     return object_url(value) or Path(value)
 
 
 def refuse_object_storage_out(out: str) -> None:
     """Refuse ``ingest --out s3://...``: ingest writes a local store (docs/scaling.md)."""
-    from scbd_cells.errors import InputError
-    from scbd_cells.outputs import object_url
+    from scbd_cells.core.errors import InputError
+    from scbd_cells.core.outputs import object_url
 
     url = object_url(out)
     if url is not None:
@@ -238,7 +238,7 @@ def refuse_object_storage_out(out: str) -> None:
 
 def _split_numbers(value: str | None, *, option: str, expected: str) -> list[float]:
     """``"0.3,1"`` -> ``[0.3, 1.0]``; a word is a usage error naming ``option``."""
-    from scbd_cells.errors import InputError
+    from scbd_cells.core.errors import InputError
 
     try:
         return [float(part) for part in _split_csv(value) or []]
@@ -317,7 +317,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Write a synthetic optical pooled screen: cells.csv, images, complexes.txt, truth.json."""
-    from scbd_cells.simulation import simulate as run_simulation
+    from scbd_cells.sim.screen import simulate as run_simulation
 
     result = run_simulation(
         out_dir,
@@ -549,7 +549,7 @@ def info(
     if json_output:
         stdout.print_json(json.dumps(summary))
     if damaged:
-        from scbd_cells.errors import StoreError
+        from scbd_cells.core.errors import StoreError
 
         listed = ", ".join(f"{a}-{b - 1}" for a, b in damaged[:20])
         more = f" (and {len(damaged) - 20} more ranges)" if len(damaged) > 20 else ""
@@ -595,7 +595,7 @@ def info(
 
 def _train_default(name: str) -> str:
     """``[default: X]`` for a train option (options are None so YAML/env can apply)."""
-    from scbd_cells.config import TrainConfig
+    from scbd_cells.core.config import TrainConfig
 
     default = TrainConfig.model_fields[name].default
     if isinstance(default, bool):  # as click writes an on/off flag's default: no-decoder
@@ -759,7 +759,7 @@ def train(
     ] = None,
 ) -> None:
     """Train SCBD: z_c keeps the perturbation, z_s takes the well (docs/training.md)."""
-    from scbd_cells.training import train as run_training
+    from scbd_cells.training.loop import train as run_training
 
     options = dict(
         alpha=alpha,
@@ -838,7 +838,7 @@ def embed(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
 ) -> None:
     """Embed every cell: X = z_c, obsm["X_scbd_batch"] = z_s, obs = the store's cell table."""
-    from scbd_cells.embedding import embed as run_embed
+    from scbd_cells.embedding.encode import embed as run_embed
 
     result = run_embed(
         run_dir,
@@ -894,7 +894,7 @@ def baseline(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
 ) -> None:
     """CellProfiler-style reference: intensity, shape and texture features per cell, then PCA."""
-    from scbd_cells.features import baseline as run_baseline
+    from scbd_cells.profiles.features import baseline as run_baseline
 
     result = run_baseline(
         store_argument(store),
@@ -1178,7 +1178,7 @@ def correct(
     Harmony's output records its fit, so later plates can be mapped onto it with
     --reference (docs/new-plates.md).
     """
-    from scbd_cells.corrections import correct as run_correct
+    from scbd_cells.profiles.corrections import correct as run_correct
 
     result = run_correct(
         profiles,
@@ -1219,7 +1219,7 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing table.")] = False,
 ) -> None:
     """Profiles with Metadata_ columns, for pycytominer and copairs (docs/evaluation.md)."""
-    from scbd_cells.exports import export as run_export
+    from scbd_cells.profiles.exports import export as run_export
 
     result = run_export(
         embedding,
@@ -1310,7 +1310,7 @@ def reconstruct(
     swap_perturbation.png ("well A's look with perturbation B"), each also as
     *_channels.png, and index.csv (the cells used). Needs a run trained with --decoder.
     """
-    from scbd_cells.reconstruction import reconstruct as run_reconstruct
+    from scbd_cells.embedding.reconstruction import reconstruct as run_reconstruct
 
     result = run_reconstruct(
         run_dir,
@@ -1434,7 +1434,7 @@ def sweep(
 
     Every train option below applies to each alpha's run (docs/training.md, Choosing alpha).
     """
-    from scbd_cells.sweeping import sweep as run_sweep
+    from scbd_cells.training.sweeping import sweep as run_sweep
 
     alphas = _split_numbers(
         alpha, option="--alpha", expected="numbers separated by commas, e.g. 0,0.3,1,3,10"

@@ -31,8 +31,8 @@ from typing import Any
 
 import pandas as pd
 
+from scbd_cells.core.outputs import locks_output, prepare_folder
 from scbd_cells.data import schema
-from scbd_cells.outputs import locks_output, prepare_folder
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class DemoResult:
 
 
 def _default_alpha() -> float:
-    from scbd_cells.config import TrainConfig
+    from scbd_cells.core.config import TrainConfig
 
     return float(TrainConfig.model_fields["alpha"].default)
 
@@ -104,7 +104,7 @@ def demo(
         Seeds the simulation, the split, training and evaluation: same seed, same table.
     alpha
         Invariance weight of the SCBD model (default: the demo training options' alpha,
-        see ``scbd_cells.config.demo_train_options``); the reference model uses alpha = 0.
+        see ``scbd_cells.core.config.demo_train_options``); the reference model uses alpha = 0.
     steps
         Training steps per model (default: the demo's training options).
     device
@@ -118,16 +118,16 @@ def demo(
     -------
     DemoResult
     """
-    from scbd_cells.config import demo_train_options
-    from scbd_cells.corrections import correct
+    from scbd_cells.core.config import demo_train_options
     from scbd_cells.data.ingest import ingest
     from scbd_cells.data.store import open_store
-    from scbd_cells.embedding import embed
+    from scbd_cells.embedding.encode import embed
+    from scbd_cells.embedding.reconstruction import reconstruct
     from scbd_cells.evaluation.report import evaluate
-    from scbd_cells.features import baseline
-    from scbd_cells.reconstruction import reconstruct
-    from scbd_cells.simulation import simulate
-    from scbd_cells.training import train
+    from scbd_cells.profiles.corrections import correct
+    from scbd_cells.profiles.features import baseline
+    from scbd_cells.sim.screen import simulate
+    from scbd_cells.training.loop import train
 
     out_dir = Path(out)
     # only what a demo wrote is replaced (its marker lists it); anything else in the folder stays
@@ -163,7 +163,7 @@ def demo(
     train_split = store.obs[schema.SPLIT].astype(str) == "train"
     n_classes = int(store.obs.loc[train_split, schema.PERTURBATION].nunique())
     options: dict[str, Any] = dict(demo_train_options(n_classes), seed=seed, device=device)
-    # the demo's alpha is the training stage's choice for short CPU runs (config.py)
+    # the demo's alpha is the training stage's choice for short CPU runs (core/config.py)
     alpha = float(options.get("alpha", _default_alpha())) if alpha is None else float(alpha)
     if steps is not None:
         options["steps"] = steps

@@ -16,14 +16,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "scbd_cells"
 # The layers of docs/architecture.md, lowest first (a module takes its longest prefix).
 LAYERS = {
     # 0: used by every part
-    "scbd_cells.errors": 0,
-    "scbd_cells.progress": 0,
-    "scbd_cells.outputs": 0,
-    "scbd_cells.distributed": 0,
-    "scbd_cells.config": 0,
+    "scbd_cells.core": 0,
     "scbd_cells.data": 0,  # the package itself: schema
     "scbd_cells.data.schema": 0,
-    # 1: data and model side by side, and the small numeric pieces
+    # 1: data, simulator and model side by side, and the small numeric pieces
     "scbd_cells.data.store": 1,
     "scbd_cells.data.ingest": 1,
     "scbd_cells.data.cellprofiler_tables": 1,
@@ -32,38 +28,39 @@ LAYERS = {
     "scbd_cells.data.sampler": 1,
     "scbd_cells.data.loader": 1,
     "scbd_cells.data.dask_cluster": 1,
-    "scbd_cells.simulation": 1,
+    "scbd_cells.sim": 1,
     "scbd_cells.model": 1,
-    "scbd_cells.well_probe": 1,
-    "scbd_cells.cellprofiler": 1,
-    "scbd_cells.profiles": 1,
-    "scbd_cells.replicates": 1,
-    # 2: what joins data and model, and the AnnData files
-    "scbd_cells.checkpoint": 2,
-    "scbd_cells.anndata_io": 2,
-    "scbd_cells.profile_tables": 2,
+    "scbd_cells.evaluation.well_probe": 1,  # a metric training's validation uses too
+    "scbd_cells.profiles": 1,  # the package: its docstring
+    "scbd_cells.profiles.cellprofiler": 1,
+    "scbd_cells.profiles.aggregate": 1,
+    "scbd_cells.profiles.replicates": 1,
+    # 2: what joins data and model, and the AnnData and profile files
+    "scbd_cells.training": 2,  # the package: its docstring
+    "scbd_cells.training.checkpoint": 2,
+    "scbd_cells.profiles.anndata_io": 2,
+    "scbd_cells.profiles.profile_tables": 2,
     # 3: the commands that make embeddings
-    "scbd_cells.training": 3,
+    "scbd_cells.training.loop": 3,
     "scbd_cells.embedding": 3,
-    "scbd_cells.features": 3,
-    "scbd_cells.corrections": 3,
-    "scbd_cells.reconstruction": 3,
+    "scbd_cells.profiles.features": 3,
+    "scbd_cells.profiles.corrections": 3,
     # 4: the commands that read embeddings
     "scbd_cells.evaluation": 4,
-    "scbd_cells.exports": 4,
-    "scbd_cells.sweep": 5,
+    "scbd_cells.profiles.exports": 4,
     # 5: what runs several commands, and the entry points
+    "scbd_cells.training.sweeping": 5,
     "scbd_cells.pipeline": 5,
     "scbd_cells.cli": 6,
     "scbd_cells.__main__": 6,
     "scbd_cells": 6,  # the package's lazy public names
 }
 COMMANDS = {
-    "scbd_cells.training",
-    "scbd_cells.embedding",
-    "scbd_cells.features",
-    "scbd_cells.corrections",
-    "scbd_cells.reconstruction",
+    "scbd_cells.training.loop",
+    "scbd_cells.embedding.encode",
+    "scbd_cells.embedding.reconstruction",
+    "scbd_cells.profiles.features",
+    "scbd_cells.profiles.corrections",
 }
 
 
@@ -98,7 +95,7 @@ def runtime_imports(tree: ast.AST) -> list[str]:
         if isinstance(node, ast.ImportFrom) and module.startswith("scbd_cells"):
             names = [alias.name for alias in node.names]
             if node.module == "scbd_cells" and names == ["__version__"]:
-                found.append("scbd_cells.errors")  # the version string: layer 0
+                found.append("scbd_cells.core.errors")  # the version string: layer 0
             else:
                 found.append(node.module)
         elif isinstance(node, ast.Import):
@@ -147,4 +144,21 @@ def test_the_check_sees_a_violation() -> None:
         "def f():\n    from scbd_cells.evaluation.report import evaluate\n"
     )
     assert runtime_imports(tree) == ["scbd_cells.evaluation.report"]
-    assert layer_of("scbd_cells.evaluation.report") > layer_of("scbd_cells.training")
+    assert layer_of("scbd_cells.evaluation.report") > layer_of("scbd_cells.training.loop")
+
+
+def test_the_tree_shows_the_stages() -> None:
+    """Only the entry points sit loose beside the stage packages (docs/architecture.md)."""
+    loose = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py", "__main__.py", "cli.py", "pipeline.py"]
+    packages = sorted(path.parent.name for path in PACKAGE.glob("*/__init__.py"))
+    assert packages == [
+        "core", "data", "embedding", "evaluation", "model", "profiles", "sim", "training",
+    ]  # fmt: skip
+
+
+def test_every_public_name_is_importable_from_the_package() -> None:
+    import scbd_cells
+
+    for name in scbd_cells.__all__:
+        assert callable(getattr(scbd_cells, name)) or name == "__version__", name

@@ -16,9 +16,14 @@ import pandas as pd
 import pytest
 import torch
 
-from scbd_cells.checkpoint import load_checkpoint, load_trained, normalize_of, save_checkpoint
 from scbd_cells.data.store import create_store, open_store
 from scbd_cells.model.preprocess import ArcsinhPreprocessor, preprocessor_for
+from scbd_cells.training.checkpoint import (
+    load_checkpoint,
+    load_trained,
+    normalize_of,
+    save_checkpoint,
+)
 
 
 def numpy_resize_weights(n_in: int, n_out: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from sklearn.neighbors import NearestNeighbors
 from typer.testing import CliRunner
 
 from scbd_cells.cli import app
-from scbd_cells.errors import DataError, InputError
+from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.moa import (
     MoaSettings,
@@ -23,7 +23,7 @@ from scbd_cells.evaluation.moa import (
     nearest_moa_accuracy,
     treatment_profiles,
 )
-from scbd_cells.simulation import ARRAYED_PRESETS, simulate
+from scbd_cells.sim.screen import ARRAYED_PRESETS, simulate
 
 runner = CliRunner()
 CHANNELS = "dna_damage,actin,dna,microtubules"

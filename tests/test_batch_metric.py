@@ -8,8 +8,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
-from scbd_cells.errors import DataError
-from scbd_cells.well_probe import (
+from scbd_cells.core.errors import DataError
+from scbd_cells.evaluation.well_probe import (
     batch_prediction_f1,
     chance_macro_f1,
     split_indices,

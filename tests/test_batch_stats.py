@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
+from scbd_cells.core.errors import DataError
 from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
 from scbd_cells.data.store import create_store, open_store
-from scbd_cells.errors import DataError
 from scbd_cells.model.preprocess import Preprocessor, preprocessor_for
 
 

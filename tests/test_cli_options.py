@@ -25,7 +25,7 @@ CASES = [
     (
         ["simulate", "OUT", "--preset", "tiny", "--seed", "7", "--layout", "fields",
          "--holdout-plates", "1", "--workers", "3"],
-        "scbd_cells.simulation", "simulate",
+        "scbd_cells.sim.screen", "simulate",
         {"preset": "tiny", "seed": 7, "layout": "fields", "holdout_plates": 1, "workers": 3},
     ),
     (
@@ -47,7 +47,7 @@ CASES = [
         ["train", "s.zarr", "--out", "run", "--alpha", "2.5", "--encoder", "tiny",
          "--sampling", "segments", "--no-stratify", "--classes-per-batch", "5",
          "--decoder", "--decoder-lr", "0.003", "--normalize", "store", "--device", "cpu"],
-        "scbd_cells.training", "train",
+        "scbd_cells.training.loop", "train",
         {"alpha": 2.5, "encoder": "tiny", "sampling": "segments", "stratify": False,
          "classes_per_batch": 5, "decoder": True, "decoder_lr": 0.003, "normalize": "store",
          "device": "cpu", "resume": False},
@@ -55,14 +55,14 @@ CASES = [
     (
         ["embed", "run", "s.zarr", "--out", "c.h5ad", "--which", "last", "--batch-size", "7",
          "--representation", "encoder", "--aggregate", "--device", "cpu", "--overwrite"],
-        "scbd_cells.embedding", "embed",
+        "scbd_cells.embedding.encode", "embed",
         {"which": "last", "batch_size": 7, "representation": "encoder", "aggregate": True,
          "device": "cpu", "overwrite": True},
     ),
     (
         ["baseline", "s.zarr", "--out", "b.h5ad", "--features", "cellprofiler",
          "--n-components", "5", "--normalize", "batch", "--nucleus-channel", "dna"],
-        "scbd_cells.features", "baseline",
+        "scbd_cells.profiles.features", "baseline",
         {"features": "cellprofiler", "n_components": 5, "normalize": "batch",
          "nucleus_channel": "dna"},
     ),
@@ -77,12 +77,12 @@ CASES = [
     (
         ["correct", "b.h5ad", "--method", "sphering", "--out", "x.h5ad", "--key", "X_pca",
          "--control", "NT"],
-        "scbd_cells.corrections", "correct",
+        "scbd_cells.profiles.corrections", "correct",
         {"method": "sphering", "key": "X_pca", "control": "NT"},
     ),
     (
         ["export", "c.h5ad", "--level", "gene", "--out", "g.parquet", "--key", "X_pca"],
-        "scbd_cells.exports", "export",
+        "scbd_cells.profiles.exports", "export",
         {"level": "gene", "key": "X_pca"},
     ),
     (
@@ -94,7 +94,7 @@ CASES = [
     (
         ["reconstruct", "run", "s.zarr", "--out", "p", "--wells", "2", "--cells", "3",
          "--perturbations", "A,B", "--which", "last"],
-        "scbd_cells.reconstruction", "reconstruct",
+        "scbd_cells.embedding.reconstruction", "reconstruct",
         {"wells": 2, "cells": 3, "perturbations": ["A", "B"], "which": "last"},
     ),
 ]  # fmt: skip

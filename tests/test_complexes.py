@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scbd_cells.errors import DataError
+from scbd_cells.core.errors import DataError
 from scbd_cells.evaluation.complexes import read_complexes
 
 

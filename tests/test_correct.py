@@ -13,15 +13,15 @@ import pandas as pd
 import pytest
 
 from scbd_cells import correct
-from scbd_cells.corrections import (
+from scbd_cells.core.errors import DataError, InputError
+from scbd_cells.evaluation.mixing import batch_mixing
+from scbd_cells.profiles.corrections import (
     HarmonyReference,
     harmony,
     harmony_fit,
     harmony_map,
     read_harmony_reference,
 )
-from scbd_cells.errors import DataError, InputError
-from scbd_cells.evaluation.mixing import batch_mixing
 
 
 def _profiles(path: Path, *, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import precision_score, recall_score
 from sklearn.metrics.pairwise import cosine_similarity
 
-from scbd_cells.errors import DataError
+from scbd_cells.core.errors import DataError
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import corum_pr
 

@@ -9,7 +9,7 @@ import anndata as ad
 import pandas as pd
 import pytest
 
-from scbd_cells.errors import InputError
+from scbd_cells.core.errors import InputError
 from scbd_cells.pipeline import demo
 
 

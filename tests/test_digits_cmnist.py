@@ -18,12 +18,12 @@ from scbd_reference import ReferenceSCBD, reference_train
 from sklearn.linear_model import LogisticRegression
 
 from scbd_cells import open_store, train
-from scbd_cells.checkpoint import load_checkpoint, load_trained
 from scbd_cells.data import schema
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.data.store import create_store
 from scbd_cells.model.preprocess import Preprocessor
 from scbd_cells.model.scbd import SCBDModel
+from scbd_cells.training.checkpoint import load_checkpoint, load_trained
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coloured_digits.py"
 

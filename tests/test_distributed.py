@@ -17,7 +17,7 @@ import pytest
 import torch
 from stores import well_store
 
-from scbd_cells.distributed import (
+from scbd_cells.core.distributed import (
     DistInfo,
     all_gather_nograd,
     all_gather_with_grad,
@@ -273,7 +273,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     case, out = sys.argv[1], Path(sys.argv[2])
     dist_info = init_distributed("cpu")
-    from scbd_cells.distributed import barrier, cleanup
+    from scbd_cells.core.distributed import barrier, cleanup
 
     try:
         WORKERS[case](dist_info, out, *sys.argv[3:])

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from scbd_cells.checkpoint import load_trained, save_checkpoint
+from scbd_cells.core.errors import CheckpointError, InputError
 from scbd_cells.data.store import create_store, open_store
-from scbd_cells.embedding import embed
-from scbd_cells.errors import CheckpointError, InputError
+from scbd_cells.embedding.encode import embed
 from scbd_cells.model.scbd import DEFAULT_MODEL_ARGS, SCBDModel
+from scbd_cells.training.checkpoint import load_trained, save_checkpoint
 
 GENES = ["g1", "g2", "g3", "g4", "g5", "g6", "nontargeting"]
 
@@ -225,7 +225,7 @@ def test_cli_mismatched_store_exit_code(setup, tmp_path: Path) -> None:
 
 
 def test_aggregate_without_control_fails_first(setup, tmp_path: Path, entries) -> None:
-    from scbd_cells.errors import DataError
+    from scbd_cells.core.errors import DataError
 
     run_dir, _ = setup
     store_path = _make_store(tmp_path / "no_control.zarr", n=70, control=None)
@@ -240,7 +240,7 @@ def test_aggregate_without_control_fails_first(setup, tmp_path: Path, entries) -
 def test_obs_text_columns_are_plain_strings_anndata_writes(setup) -> None:
     """pandas 3 infers its ``str`` dtype for text, which anndata 0.12 refuses to write
     (``allow_write_nullable_strings``): cell ids must stay plain object strings."""
-    from scbd_cells.anndata_io import store_obs_for_anndata
+    from scbd_cells.profiles.anndata_io import store_obs_for_anndata
 
     _, store_path = setup
     obs = store_obs_for_anndata(open_store(store_path))

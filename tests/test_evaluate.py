@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scbd_cells.errors import DataError, InputError
+from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.evaluation.report import METRIC_KEYS, evaluate
 
 COMPLEXES = {"cA": ["g0", "g1", "g2", "g3"], "cB": ["g4", "g5", "g6"], "cC": ["g7", "g8", "g9"]}

@@ -14,14 +14,14 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-from scbd_cells.anndata_io import write_anndata
-from scbd_cells.errors import DataError
+from scbd_cells.core.errors import DataError
 from scbd_cells.evaluation.cells import CellsFile, open_cells, read_rows
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import corum_pr
 from scbd_cells.evaluation.report import evaluate
-from scbd_cells.profiles import aggregate_profiles, factorize_labels
-from scbd_cells.well_probe import batch_prediction_f1, subsample
+from scbd_cells.evaluation.well_probe import batch_prediction_f1, subsample
+from scbd_cells.profiles.aggregate import aggregate_profiles, factorize_labels
+from scbd_cells.profiles.anndata_io import write_anndata
 
 COMPLEXES = {"cA": ["g0", "g1", "g2"], "cB": ["g3", "g4", "g5"], "cC": ["g6", "g7"]}
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from scbd_cells import export
+from scbd_cells.core.errors import InputError
 from scbd_cells.data import schema
-from scbd_cells.errors import InputError
 from scbd_cells.evaluation.map import phenotypic_activity, replicate_profiles
 
 CONTROL = "nontargeting"

@@ -13,8 +13,8 @@ from skimage.feature import graycomatrix, graycoprops
 from skimage.filters import threshold_otsu
 from skimage.measure import regionprops
 
-from scbd_cells.errors import DataError, InputError
-from scbd_cells.features import (
+from scbd_cells.core.errors import DataError, InputError
+from scbd_cells.profiles.features import (
     baseline,
     cell_features,
     feature_names,
@@ -175,8 +175,8 @@ def test_cellprofiler_mosaic_equals_cp_measure_crop_by_crop() -> None:
     """Tiling a batch into one label image measures each cell as cp-measure does alone."""
     from cp_measure.bulk import get_core_measurements
 
-    from scbd_cells.cellprofiler import measure_batch
-    from scbd_cells.features import segment
+    from scbd_cells.profiles.cellprofiler import measure_batch
+    from scbd_cells.profiles.features import segment
 
     images = np.stack([_blobs(5, seed=s) for s in range(2)], axis=1).astype(np.uint16)
     low, high = np.zeros(2, np.float32), np.full(2, 1500, np.float32)

@@ -15,7 +15,7 @@ import pytest
 import tifffile
 
 from scbd_cells import baseline, correct, embed, evaluate, export, ingest, open_store, train
-from scbd_cells.errors import DataError, InputError
+from scbd_cells.core.errors import DataError, InputError
 
 
 def crops(root: Path, *, n: int = 30, ome_names: list[str] | None = None) -> Path:
@@ -192,7 +192,7 @@ def test_help_follows_the_conventions() -> None:
 
 
 def test_rates_below_one_per_second_read_as_seconds_per_item() -> None:
-    from scbd_cells.progress import format_rate
+    from scbd_cells.core.progress import format_rate
 
     assert format_rate(0.25, "steps") == "4.0 s/step"
     assert format_rate(3.456, "steps") == "3.5 steps/s"
@@ -224,13 +224,13 @@ def test_piped_progress_is_a_plain_line_at_most_every_30_s(caplog) -> None:
 
     from rich.console import Console
 
-    from scbd_cells import progress
+    from scbd_cells.core import progress
 
     now = [0.0]
     assert not Console(file=io.StringIO()).is_terminal  # what a pipe or a log file looks like
     bar = progress.LogProgress(unit="steps", clock=lambda: now[0])
     task = bar.add_task("Training", total=1000, completed=100)  # a resumed run
-    with caplog.at_level("INFO", logger="scbd_cells.progress"):
+    with caplog.at_level("INFO", logger="scbd_cells.core.progress"):
         for _ in range(100):  # 100 steps of 0.5 s: 50 s, so one line at 30 s
             now[0] += 0.5
             bar.advance(task)
@@ -240,7 +240,7 @@ def test_piped_progress_is_a_plain_line_at_most_every_30_s(caplog) -> None:
 
 
 def test_progress_bar_logs_lines_when_stderr_is_not_a_terminal() -> None:
-    from scbd_cells import progress
+    from scbd_cells.core import progress
 
     with progress.progress_bar(unit="cells") as bar:  # pytest captures stderr: not a terminal
         assert isinstance(bar, progress.LogProgress)
@@ -256,13 +256,13 @@ def test_a_cpu_run_planned_for_hours_says_so_early(caplog: pytest.LogCaptureFixt
     """The default ResNet-18 run on a laptop: after a few timed steps, the time and a short run."""
     import torch
 
-    from scbd_cells.config import TrainConfig
-    from scbd_cells.training import _PaceCheck
+    from scbd_cells.core.config import TrainConfig
+    from scbd_cells.training.loop import _PaceCheck
 
     now = [0.0]
     pace = _PaceCheck(0, TrainConfig(), device=torch.device("cpu"), is_main=True,
                       clock=lambda: now[0])  # fmt: skip
-    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+    with caplog.at_level("WARNING", logger="scbd_cells.training.loop"):
         for step in range(1, 11):
             now[0] += 12.0  # 12 s per step
             pace.check(step)
@@ -275,7 +275,7 @@ def test_a_cpu_run_planned_for_hours_says_so_early(caplog: pytest.LogCaptureFixt
                       clock=lambda: now[0])  # fmt: skip
     gpu = _PaceCheck(0, TrainConfig(), device=torch.device("cuda"), is_main=True,
                      clock=lambda: now[0])  # fmt: skip
-    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+    with caplog.at_level("WARNING", logger="scbd_cells.training.loop"):
         for step in range(1, 11):
             now[0] += 1.0  # 300 steps of 1 s: 5 minutes, no warning
             fast.check(step)
@@ -349,10 +349,10 @@ def test_did_you_mean_for_choices_and_column_names(tmp_path: Path) -> None:
 
 def test_decoder_sized_to_the_encoder_and_counts_printed_apart() -> None:
     """small's decoder is not the paper's 9 M parameters; counts are per part, never 0.0 M."""
-    from scbd_cells.config import TrainConfig
+    from scbd_cells.core.config import TrainConfig
     from scbd_cells.model.encoders import count_parameters
     from scbd_cells.model.scbd import SCBDModel, default_decoder_width
-    from scbd_cells.training import _parameter_counts
+    from scbd_cells.training.loop import _parameter_counts
 
     assert TrainConfig().decoder_width is None  # sized when the run is set up
     assert default_decoder_width("small", 32) == default_decoder_width("tiny", 32) == 32

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from scbd_cells import ingest, open_store
 from scbd_cells.cli import app
+from scbd_cells.core.errors import DataError, InputError, StoreError
 from scbd_cells.data import schema
 from scbd_cells.data.store import partial_path_of
-from scbd_cells.errors import DataError, InputError, StoreError
 
 GENES = ["ACTB", "nontargeting", "TUBB", "POLR2A"]
 

@@ -23,10 +23,10 @@ import pytest
 from test_ingest import write_crops, write_fields
 
 from scbd_cells import ingest, open_store
+from scbd_cells.core.errors import InputError, StoreError
 from scbd_cells.data import store as store_module
 from scbd_cells.data.dask_cluster import LOCAL_SCHEDULER_OPTIONS, check_shared
 from scbd_cells.data.store import partial_path_of
-from scbd_cells.errors import InputError, StoreError
 
 distributed = pytest.importorskip("distributed")
 

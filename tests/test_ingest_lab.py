@@ -18,12 +18,12 @@ import torch
 from typer.testing import CliRunner
 
 from scbd_cells import ingest, open_store
-from scbd_cells.checkpoint import save_checkpoint
 from scbd_cells.cli import app
+from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.data import schema
-from scbd_cells.embedding import embed
-from scbd_cells.errors import DataError, InputError
+from scbd_cells.embedding.encode import embed
 from scbd_cells.model.scbd import DEFAULT_MODEL_ARGS, SCBDModel
+from scbd_cells.training.checkpoint import save_checkpoint
 
 CROP = 8
 FIELD = (40, 48)  # (H, W)

@@ -101,7 +101,7 @@ def test_ranks_get_disjoint_slices_that_make_the_global_batch() -> None:
 
 
 def test_global_batch_not_divisible_by_ranks_is_refused() -> None:
-    from scbd_cells.errors import InputError
+    from scbd_cells.core.errors import InputError
 
     store = ArrayStore()
     loader = BalancedLoader(

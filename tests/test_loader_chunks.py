@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
+from scbd_cells.core.errors import InputError
 from scbd_cells.data import loader as loader_module
 from scbd_cells.data.loader import BalancedLoader, SegmentReader, segment_cells_of
 from scbd_cells.data.sampler import BalancedBatchSampler
 from scbd_cells.data.store import create_store
-from scbd_cells.errors import InputError
 
 
 def _table(n_genes: int, per_gene: np.ndarray, n_wells: int, seed: int) -> pd.DataFrame:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from scbd_cells.checkpoint import load_trained
 from scbd_cells.cli import app
 from scbd_cells.data import schema
 from scbd_cells.data.batch_stats import batch_channel_stats
 from scbd_cells.data.store import open_store
+from scbd_cells.training.checkpoint import load_trained
 
 INGEST = [
     "--perturbation-column", "gene", "--guide-column", "guide", "--control", "nontargeting",

@@ -20,8 +20,8 @@ import pandas as pd
 import pytest
 
 from scbd_cells.cli import main
-from scbd_cells.errors import DataError, InputError
-from scbd_cells.profile_tables import profile_feature_columns, read_profile_table
+from scbd_cells.core.errors import DataError, InputError
+from scbd_cells.profiles.profile_tables import profile_feature_columns, read_profile_table
 
 CONTROL = "nontargeting"
 COMPLEXES = {"cA": ["g0", "g1", "g2"], "cB": ["g3", "g4", "g5"]}
@@ -250,7 +250,7 @@ def test_bad_tables_and_outputs(
     holes = pd.read_parquet(parquet)
     holes.loc[3, "Nuclei_AreaShape_Area"] = np.nan
     holes.to_parquet(tmp_path / "holes.parquet")
-    with caplog.at_level(logging.WARNING, logger="scbd_cells.profile_tables"):
+    with caplog.at_level(logging.WARNING, logger="scbd_cells.profiles.profile_tables"):
         read_profile_table(tmp_path / "holes.parquet")
     assert "Nuclei_AreaShape_Area" in caplog.text and "drop_na_columns" in caplog.text
     code, output = _cli(capsys, "correct", tmp_path / "holes.parquet", "--method", "combat",
@@ -291,7 +291,7 @@ def test_an_exported_table_read_back_by_export(tmp_path: Path, pycytominer, capl
            batch_key="Metadata_Plate,Metadata_Well", perturbation_key="Metadata_Gene",
            guide_key="Metadata_sgRNA")  # fmt: skip
     guides = pd.read_parquet(tmp_path / "guides.parquet")
-    with caplog.at_level(logging.WARNING, logger="scbd_cells.exports"):
+    with caplog.at_level(logging.WARNING, logger="scbd_cells.profiles.exports"):
         export(tmp_path / "guides.parquet", level="gene", out=tmp_path / "genes.parquet",
                batch_key="Metadata_Batch", perturbation_key="Metadata_Perturbation",
                guide_key="Metadata_Guide")  # fmt: skip

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scbd_cells.errors import DataError
-from scbd_cells.profiles import aggregate_profiles
+from scbd_cells.core.errors import DataError
+from scbd_cells.profiles.aggregate import aggregate_profiles
 
 
 def _cells(seed: int = 0) -> ad.AnnData:

@@ -12,13 +12,13 @@ from matplotlib.image import imread
 from typer.testing import CliRunner
 
 from scbd_cells import reconstruct, train
-from scbd_cells.checkpoint import load_trained
 from scbd_cells.cli import app
+from scbd_cells.core.errors import CheckpointError, InputError
+from scbd_cells.core.outputs import MARKER_NAME, kind_of
 from scbd_cells.data import schema
 from scbd_cells.data.store import open_store
-from scbd_cells.errors import CheckpointError, InputError
-from scbd_cells.outputs import MARKER_NAME, kind_of
-from scbd_cells.reconstruction import OUTPUT_FILES, decode, encode_cells
+from scbd_cells.embedding.reconstruction import OUTPUT_FILES, decode, encode_cells
+from scbd_cells.training.checkpoint import load_trained
 
 # The tiny encoder with a narrow decoder: seconds on a CPU.
 FAST = {
@@ -45,7 +45,7 @@ def decoder_run(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     on z_c and z_s visibly, as a trained decoder's do, which is what tests of the grids'
     wiring need (the training itself is tested in test_the_decoder_changes_no_embedding).
     """
-    from scbd_cells.checkpoint import load_checkpoint, save_checkpoint
+    from scbd_cells.training.checkpoint import load_checkpoint, save_checkpoint
 
     run_dir = tmp_path_factory.mktemp("reconstruct") / "run"
     train(tiny_store, out=run_dir, decoder=True, decoder_width=8, decoder_lr=1e-2, **FAST)
@@ -222,7 +222,7 @@ def test_the_decoder_changes_no_embedding(tiny_store: Path, tmp_path: Path) -> N
     """Trained on detached embeddings, at its own learning rate, the decoder leaves every
     encoder and head weight bit for bit as in the same run without it (so adding --decoder
     to a run, e.g. the demo's, changes none of its numbers)."""
-    from scbd_cells.checkpoint import load_checkpoint
+    from scbd_cells.training.checkpoint import load_checkpoint
 
     options = dict(FAST, steps=12, lr=3e-3)
     plain = train(tiny_store, out=tmp_path / "plain", **options)

@@ -25,9 +25,9 @@ import torch
 from stores import FAST, cli, well_store
 
 from scbd_cells import baseline, embed, evaluate, ingest, open_store, train
-from scbd_cells.checkpoint import load_checkpoint, save_checkpoint
+from scbd_cells.core.errors import CheckpointError, DataError, InputError, StoreError
 from scbd_cells.data.store import create_store, partial_path_of
-from scbd_cells.errors import CheckpointError, DataError, InputError, StoreError
+from scbd_cells.training.checkpoint import load_checkpoint, save_checkpoint
 
 # --------------------------------------------------------------------------- helpers
 

@@ -23,9 +23,8 @@ import pytest
 from stores import FAST, well_store
 
 from scbd_cells import embed, open_store, train
-from scbd_cells.anndata_io import write_anndata
-from scbd_cells.errors import InputError, StoreError
-from scbd_cells.outputs import (
+from scbd_cells.core.errors import InputError, StoreError
+from scbd_cells.core.outputs import (
     MARKER_NAME,
     atomic_path,
     check_output,
@@ -40,6 +39,7 @@ from scbd_cells.outputs import (
     write_marker,
     write_text_atomic,
 )
+from scbd_cells.profiles.anndata_io import write_anndata
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_deleting_a_folder_output_never_follows_a_link(tmp_path: Path, kind: str
 
 def test_sweep_overwrite_with_a_run_linked_from_elsewhere_keeps_that_run(tmp_path: Path) -> None:
     """The issue's case: SWEEP/runs/alpha_1 is a link to a run elsewhere; --overwrite."""
-    from scbd_cells.sweeping import _mark, _open_sweep_folder
+    from scbd_cells.training.sweeping import _mark, _open_sweep_folder
 
     elsewhere = _elsewhere(tmp_path)
     before = _snapshot(elsewhere)
@@ -386,7 +386,7 @@ def test_a_store_without_chunk_places_reads_and_a_damaged_list_is_refused(
 
 
 def test_a_sweep_rerun_on_another_store_is_refused_naming_both(tmp_path: Path, monkeypatch):
-    from scbd_cells import sweeping
+    from scbd_cells.training import sweeping
 
     first = well_store(tmp_path / "a.zarr", chunk_cells=16, seed=0)
     second = well_store(tmp_path / "b.zarr", chunk_cells=16, seed=1)

@@ -89,7 +89,7 @@ def trained_4k(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 FILL_THE_DISK = """
 import os
 import sys
-from scbd_cells import anndata_io
+from scbd_cells.profiles import anndata_io
 from scbd_cells.cli import main
 
 disk, when = {disk!r}, {when!r}
@@ -209,8 +209,8 @@ def test_combat_refuses_constant_features(tmp_path: Path, capsys) -> None:
 
 def test_no_anndata_is_written_with_nan_or_inf(tmp_path: Path) -> None:
     """The one AnnData writer (correct, baseline, embed's profiles) refuses non-finite rows."""
-    from scbd_cells.anndata_io import write_anndata
-    from scbd_cells.errors import DataError
+    from scbd_cells.core.errors import DataError
+    from scbd_cells.profiles.anndata_io import write_anndata
 
     adata = ad.read_h5ad(cells_file(tmp_path / "cells.h5ad"))
     adata.X[3, 1] = np.nan
@@ -415,7 +415,7 @@ def test_float64_values_beyond_float32_are_refused(tmp_path: Path, capsys, write
 def test_missing_perturbation_labels_are_named_as_missing(tmp_path: Path) -> None:
     """They were reported as "guide assigned to more than one perturbation"."""
     from scbd_cells import aggregate_profiles
-    from scbd_cells.errors import DataError
+    from scbd_cells.core.errors import DataError
 
     adata = ad.read_h5ad(cells_file(tmp_path / "cells.h5ad"))
     adata.obs["perturbation"] = adata.obs["perturbation"].astype(object).where(
@@ -456,7 +456,7 @@ def test_a_folder_given_as_an_image_is_named_a_folder(tmp_path: Path) -> None:
     import tifffile
 
     from scbd_cells import ingest
-    from scbd_cells.errors import DataError
+    from scbd_cells.core.errors import DataError
 
     (tmp_path / "crops").mkdir()
     rows = []
@@ -476,8 +476,8 @@ def test_resuming_from_nan_weights_is_not_called_a_good_state(tmp_path: Path) ->
     """The resume failed at its first step, naming the NaN checkpoint "the last good state"."""
     import torch
 
-    from scbd_cells.checkpoint import load_checkpoint, save_checkpoint
-    from scbd_cells.errors import CheckpointError
+    from scbd_cells.core.errors import CheckpointError
+    from scbd_cells.training.checkpoint import load_checkpoint, save_checkpoint
 
     store_path = well_store(tmp_path / "s.zarr", control="nontargeting", chunk_cells=16)
     run_dir = tmp_path / "run"

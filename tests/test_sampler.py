@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from scbd_cells.core.errors import InputError
 from scbd_cells.data.sampler import BalancedBatchSampler, equal_allocation
-from scbd_cells.errors import InputError
 
 
 def _imbalanced_codes(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

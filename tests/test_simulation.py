@@ -17,9 +17,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from typer.testing import CliRunner
 
+from scbd_cells.core.errors import InputError
 from scbd_cells.data.schema import CONTROL_LABEL, SIM_CHANNELS
-from scbd_cells.errors import InputError
-from scbd_cells.simulation import read_crops, simulate, tiff_bytes
+from scbd_cells.sim.screen import read_crops, simulate, tiff_bytes
 
 # A screen smaller than ``tiny`` for the tests that write several screens.
 SMALL = dict(preset="tiny", n_genes=6, n_complexes=2, cells_per_guide=6, control_cells_per_guide=6)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scbd_cells.core.errors import DataError, InputError, StoreError
 from scbd_cells.data import schema
 from scbd_cells.data.store import (
     ChannelStats,
@@ -19,7 +20,6 @@ from scbd_cells.data.store import (
     open_store,
     partial_path_of,
 )
-from scbd_cells.errors import DataError, InputError, StoreError
 
 GENES = ["ATP5", "nontargeting", "POLR2", "RPL3", "SDHA"]
 

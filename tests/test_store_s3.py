@@ -19,8 +19,8 @@ from stores import well_store
 from typer.testing import CliRunner
 
 from scbd_cells.cli import app
+from scbd_cells.core.errors import InputError, StoreError
 from scbd_cells.data.store import open_store
-from scbd_cells.errors import InputError, StoreError
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")

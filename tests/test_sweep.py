@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from scbd_cells.errors import InputError
-from scbd_cells.sweeping import recommend_alpha
+from scbd_cells.core.errors import InputError
+from scbd_cells.training.sweeping import recommend_alpha
 
 LOG_B = math.log(128)
 
@@ -53,8 +53,8 @@ def test_rule_picks_the_largest_alpha_within_the_margin() -> None:
 
 
 def test_rule_refuses_to_choose_when_nothing_was_learned() -> None:
-    from scbd_cells.sweeping import COLLAPSE_MARGIN
-    from scbd_cells.training import COLLAPSE_MARGIN as TRAINING_MARGIN
+    from scbd_cells.training.loop import COLLAPSE_MARGIN as TRAINING_MARGIN
+    from scbd_cells.training.sweeping import COLLAPSE_MARGIN
 
     assert COLLAPSE_MARGIN == TRAINING_MARGIN  # the stall warning's level
     chosen = recommend_alpha(_table({0.0: LOG_B + 0.01, 1.0: LOG_B, 3.0: LOG_B + 0.2}))
@@ -73,7 +73,7 @@ def test_rule_refuses_to_choose_when_nothing_was_learned() -> None:
 def test_overall_scores_span_the_alphas_and_the_references() -> None:
     """The field's overall score is relative to a table: the sweep's is alphas + references."""
     from scbd_cells.evaluation.overall import BATCH_METRICS, BIO_METRICS, overall_scores
-    from scbd_cells.sweeping import _with_overall
+    from scbd_cells.training.sweeping import _with_overall
 
     rng = np.random.default_rng(0)
     metrics = [*BATCH_METRICS, *BIO_METRICS]
@@ -93,7 +93,7 @@ def test_overall_scores_span_the_alphas_and_the_references() -> None:
 
 
 def test_alphas_are_checked_and_zero_is_added(tmp_path: Path) -> None:
-    from scbd_cells.sweeping import _alphas
+    from scbd_cells.training.sweeping import _alphas
 
     assert _alphas(["3", "0.3", "10"]) == [0.0, 0.3, 3.0, 10.0]
     for bad in (["-1"], ["1", "1.0"], ["nan"], [], ["x"]):
@@ -103,7 +103,7 @@ def test_alphas_are_checked_and_zero_is_added(tmp_path: Path) -> None:
 
 def test_a_sweep_folder_keeps_what_scbd_cells_did_not_write(tmp_path: Path) -> None:
     """--overwrite removes the sweep's own runs, files and reports; a user's files stay."""
-    from scbd_cells.sweeping import _mark, _open_sweep_folder
+    from scbd_cells.training.sweeping import _mark, _open_sweep_folder
 
     out = tmp_path / "sweep"
     assert _open_sweep_folder(out, overwrite=False, inputs=[]) is False
@@ -133,7 +133,7 @@ def test_a_sweep_folder_keeps_what_scbd_cells_did_not_write(tmp_path: Path) -> N
 
 def test_a_second_sweep_on_the_same_folder_exits_at_once(tiny_store: Path, tmp_path) -> None:
     from scbd_cells import sweep
-    from scbd_cells.outputs import output_lock
+    from scbd_cells.core.outputs import output_lock
 
     out = tmp_path / "sweep"
     with output_lock(out), pytest.raises(InputError, match="being written by another"):
@@ -142,8 +142,8 @@ def test_a_second_sweep_on_the_same_folder_exits_at_once(tiny_store: Path, tmp_p
 
 
 def test_the_cli_options_reach_the_library(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    from scbd_cells import sweeping
     from scbd_cells.cli import app
+    from scbd_cells.training import sweeping
 
     seen = {}
 
@@ -201,7 +201,8 @@ def test_sweep_end_to_end_resumes_a_killed_run(
     """Ctrl-C in alpha 1's training; the rerun skips alpha 0's finished stages and resumes."""
     import logging
 
-    from scbd_cells import baseline, sweep, training
+    from scbd_cells import baseline, sweep
+    from scbd_cells.training import loop as training
 
     reference = tmp_path / "baseline.h5ad"
     baseline(tiny_store, out=reference, nucleus_channel="ch2")
@@ -220,7 +221,7 @@ def test_sweep_end_to_end_resumes_a_killed_run(
     monkeypatch.setattr(training, "scbd_loss", ctrl_c_in_alpha_1)
     first = sweep(tiny_store, out=out, corum=corum, alpha=[1], reference=[reference], **FAST)
     assert first.interrupted and not (out / "sweep.csv").exists()
-    from scbd_cells.checkpoint import load_checkpoint
+    from scbd_cells.training.checkpoint import load_checkpoint
 
     assert load_checkpoint(out / "runs" / "alpha_0" / "checkpoints" / "last.pt")["step"] == 4
     assert load_checkpoint(out / "runs" / "alpha_1" / "checkpoints" / "last.pt")["step"] == 3

@@ -11,10 +11,10 @@ import torch
 from stores import FAST, well_store
 
 from scbd_cells import train
-from scbd_cells.checkpoint import load_checkpoint, load_trained
-from scbd_cells.config import resolve_train_config
-from scbd_cells.errors import CheckpointError, DataError, InputError, StoreError
+from scbd_cells.core.config import resolve_train_config
+from scbd_cells.core.errors import CheckpointError, DataError, InputError, StoreError
 from scbd_cells.model.scbd import SCBDModel
+from scbd_cells.training.checkpoint import load_checkpoint, load_trained
 
 
 # Tiny and fast: 2-layer encoder, 12 px, 24-cell batches.
@@ -150,8 +150,8 @@ def test_one_well_store_is_refused(tmp_path: Path) -> None:
 def test_non_finite_loss_stops_with_training_error(
     small_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scbd_cells import training
-    from scbd_cells.errors import TrainingError
+    from scbd_cells.core.errors import TrainingError
+    from scbd_cells.training import loop as training
 
     train(small_store, out=tmp_path / "run", steps=2, val_every=2, **FAST)
     real_loss = training.scbd_loss
@@ -198,14 +198,14 @@ def test_cli_bad_input_exits_with_message(small_store: Path, tmp_path: Path) -> 
 def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
     import math
 
-    from scbd_cells.config import TrainConfig
-    from scbd_cells.training import _StallMonitor
+    from scbd_cells.core.config import TrainConfig
+    from scbd_cells.training.loop import _StallMonitor
 
     config = TrainConfig(steps=100, classes_per_batch=6, cells_per_class=4, alpha=10.0)
     stalled = _StallMonitor(config)
     for _ in range(40):
         stalled.record(5.0)
-    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+    with caplog.at_level("WARNING", logger="scbd_cells.training.loop"):
         stalled.check(40)
     assert "has not fallen" in caplog.text and "alpha (10)" in caplog.text
 
@@ -213,7 +213,7 @@ def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
     learning = _StallMonitor(config)
     for i in range(40):
         learning.record(5.0 - 0.05 * i)  # falls, and stays away from log(24)
-    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+    with caplog.at_level("WARNING", logger="scbd_cells.training.loop"):
         learning.check(40)
     assert caplog.text == ""
 
@@ -222,7 +222,7 @@ def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
     collapsed = _StallMonitor(config)
     for i in range(40):
         collapsed.record(math.log(24) + (1.0 if i < 10 else 0.0))
-    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+    with caplog.at_level("WARNING", logger="scbd_cells.training.loop"):
         collapsed.check(20, val_supcon=math.log(32) + 0.001, val_batch_size=32)
         assert caplog.text == ""  # first val check: too early to tell
         collapsed.check(40, val_supcon=math.log(32) - 0.001, val_batch_size=32)
@@ -235,7 +235,7 @@ def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
     overfit = _StallMonitor(config)
     for i in range(40):
         overfit.record(math.log(24) - 0.02 * i)  # the train loss keeps falling
-    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+    with caplog.at_level("WARNING", logger="scbd_cells.training.loop"):
         overfit.check(20, val_supcon=math.log(32) - 0.05, val_batch_size=32)
         overfit.check(40, val_supcon=math.log(32) + 0.05, val_batch_size=32)
     assert "memorising the train cells" in caplog.text and "(step 20)" in caplog.text
@@ -246,7 +246,7 @@ def test_stall_and_collapse_warnings(caplog: pytest.LogCaptureFixture) -> None:
     below = _StallMonitor(config)
     for i in range(40):
         below.record(math.log(24) + (1.0 if i < 10 else 0.0))
-    with caplog.at_level("WARNING", logger="scbd_cells.training"):
+    with caplog.at_level("WARNING", logger="scbd_cells.training.loop"):
         below.check(20, val_supcon=math.log(32) - 0.01, val_batch_size=32)
         below.check(40, val_supcon=math.log(32) - 0.02, val_batch_size=32)
     assert caplog.text == ""
@@ -273,7 +273,7 @@ def test_ctrl_c_saves_last_and_returns(
     import os
     import signal
 
-    from scbd_cells import training
+    from scbd_cells.training import loop as training
 
     real_loss, calls = training.scbd_loss, []
 
@@ -297,7 +297,7 @@ def test_val_batches_do_not_repeat_cells_when_the_split_allows(tmp_path: Path) -
     """A cell drawn twice is a perfect positive: val batches avoid it when they can."""
     from scbd_cells.data import schema
     from scbd_cells.data.store import open_store
-    from scbd_cells.training import _ValidationSet
+    from scbd_cells.training.loop import _ValidationSet
 
     store_path = _make_store(tmp_path / "wide_val.zarr")
     store = open_store(store_path)

@@ -12,14 +12,14 @@ import torch
 from stores import FAST, well_store
 
 from scbd_cells import train
-from scbd_cells.checkpoint import load_checkpoint, load_trained, save_checkpoint
-from scbd_cells.config import resolve_train_config
-from scbd_cells.errors import InputError
+from scbd_cells.core.config import resolve_train_config
+from scbd_cells.core.errors import InputError
 from scbd_cells.model.encoders import build_encoder
 from scbd_cells.model.preprocess import augment_images, max_shift_for, random_shift
 from scbd_cells.model.scbd import SCBDModel
 from scbd_cells.model.schedule import warmup_factor
 from scbd_cells.model.selection import CheckpointSelection
+from scbd_cells.training.checkpoint import load_checkpoint, load_trained, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_training_batches_are_augmented_and_seeded(
 ) -> None:
     """What the model sees: each cell one of the 8 symmetries moved by whole pixels; the
     transforms drawn are the same for the same seed and differ for another seed."""
-    from scbd_cells import training
+    from scbd_cells.training import loop as training
 
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = training.augment_images
@@ -262,7 +262,7 @@ EXPECTED = {"total": [2, 4, 6, 8], "z_c": [2, 4, 6, 6]}
 
 def _script_validation(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, float]]:
     """Replace the val pass by the scripted rows, one per call, in order."""
-    from scbd_cells import training
+    from scbd_cells.training import loop as training
 
     rows = [dict(row) for row in SCRIPTED]
 

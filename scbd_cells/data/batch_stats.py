@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scbd_cells.core.errors import DataError
 from scbd_cells.data import schema
-from scbd_cells.errors import DataError
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store

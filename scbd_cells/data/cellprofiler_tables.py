@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.data import schema
-from scbd_cells.errors import DataError, InputError
 
 IMAGE_NUMBER = "ImageNumber"
 OBJECT_NUMBER = "ObjectNumber"

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
-from scbd_cells.errors import InputError
+from scbd_cells.core.errors import InputError
 
 if TYPE_CHECKING:
     from distributed import Client

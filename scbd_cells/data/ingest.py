@@ -47,6 +47,9 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells import __version__
+from scbd_cells.core.errors import DataError, InputError, StoreError
+from scbd_cells.core.outputs import check_not_input, check_output, kind_of, output_lock
+from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import cellprofiler_tables, dask_cluster, schema
 from scbd_cells.data.ome_zarr import describe_ome_zarr, is_ome_zarr, read_ome_zarr
 from scbd_cells.data.store import (
@@ -63,9 +66,6 @@ from scbd_cells.data.store import (
     open_store,
     write_cells,
 )
-from scbd_cells.errors import DataError, InputError, StoreError
-from scbd_cells.outputs import check_not_input, check_output, kind_of, output_lock
-from scbd_cells.progress import progress_bar
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from scbd_cells.core.errors import InputError
 from scbd_cells.data import schema
 from scbd_cells.data.sampler import BalancedBatchSampler, arrays_as_tensors
-from scbd_cells.errors import InputError
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
@@ -200,7 +200,7 @@ class CellReader:
 
         import torch.distributed as dist
 
-        from scbd_cells.distributed import barrier
+        from scbd_cells.core.distributed import barrier
 
         images = self.store.images
         shm_dir = Path("/dev/shm")
@@ -365,7 +365,7 @@ def _s3_kvstore(url: str) -> dict | None:
 def _tensorstore_read(store: Store, read: Any, rows: tuple[int, int]) -> np.ndarray:
     """The result of a tensorstore read (a view or a pending read) of store rows ``rows``.
 
-    A missing or damaged chunk becomes the store's :class:`~scbd_cells.errors.StoreError`
+    A missing or damaged chunk becomes the store's :class:`~scbd_cells.core.errors.StoreError`
     naming the damaged cells (tensorstore checks chunks' CRC32C and refuses missing ones).
     """
     try:
@@ -844,7 +844,7 @@ def iter_cells(
         rank ``r`` reading pieces ``r, r + world_size, ...``. Every rank yields
         the same number of pieces (empty ones at the end where the pieces run
         out), so a collective per piece (e.g.
-        :func:`scbd_cells.distributed.gather_pieces`) stays in step, and the
+        :func:`scbd_cells.core.distributed.gather_pieces`) stays in step, and the
         pieces of one round, concatenated in rank order, are consecutive in
         ``indices``.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from scbd_cells.errors import DataError
+from scbd_cells.core.errors import DataError
 
 _GROUP_FILES = ("zarr.json", ".zattrs", ".zgroup")
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from scbd_cells.errors import InputError
+from scbd_cells.core.errors import InputError
 
 
 def arrays_as_tensors(state: dict[str, Any]) -> dict[str, Any]:

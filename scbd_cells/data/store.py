@@ -37,9 +37,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from scbd_cells import __version__
+from scbd_cells.core.errors import DataError, InputError, StoreError
+from scbd_cells.core.outputs import check_output, object_url, remove_owned, write_text_atomic
 from scbd_cells.data import schema
-from scbd_cells.errors import DataError, InputError, StoreError
-from scbd_cells.outputs import check_output, object_url, remove_owned, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -1319,7 +1319,7 @@ class Store:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        from scbd_cells.progress import progress_bar
+        from scbd_cells.core.progress import progress_bar
 
         if self.images.chunk_checksums is None:
             log.warning(

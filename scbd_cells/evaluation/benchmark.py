@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError
 from scbd_cells.data import schema
-from scbd_cells.errors import DataError
 from scbd_cells.evaluation.biology import guide_biology
 from scbd_cells.evaluation.cells import read_rows
 from scbd_cells.evaluation.complexes import Complexes
@@ -29,7 +29,7 @@ from scbd_cells.evaluation.map import (
     replicate_profiles,
 )
 from scbd_cells.evaluation.mixing import MixingResult, batch_mixing
-from scbd_cells.well_probe import subsample
+from scbd_cells.evaluation.well_probe import subsample
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def benchmark_metrics(
     key
         ``"X"`` or the obsm key of the embedding.
     profiles
-        Its :class:`~scbd_cells.profiles.Profiles` (guides and genes).
+        Its :class:`~scbd_cells.profiles.aggregate.Profiles` (guides and genes).
     complexes
         The complexes file.
     control

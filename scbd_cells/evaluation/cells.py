@@ -7,7 +7,7 @@ store's cell table with a unique id and image path per cell) that is about 0.6â€
 cell before any work. Evaluation needs two or three ``obs`` columns and one array, read
 in row chunks, so :func:`open_cells` opens the file with h5py / zarr, reads an ``obs``
 column only when it is asked for, and hands out the on-disk arrays, which
-:func:`scbd_cells.profiles.aggregate_profiles` and :func:`read_rows` slice a chunk at a
+:func:`scbd_cells.profiles.aggregate.aggregate_profiles` and :func:`read_rows` slice a chunk at a
 time.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scbd_cells.errors import DataError, InputError
+from scbd_cells.core.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -258,11 +258,11 @@ def read_embedding(path: Path) -> Any:
     asked, ``X`` / ``obsm`` sliced from disk); a file older than AnnData's element encoding
     is read with anndata instead (``.h5ad`` backed, ``.zarr`` in memory); a pycytominer
     profile table (``.parquet``, ``.csv``) as an in-memory AnnData
-    (:func:`scbd_cells.profile_tables.read_profile_table`).
+    (:func:`scbd_cells.profiles.profile_tables.read_profile_table`).
     """
     import anndata as ad
 
-    from scbd_cells.profile_tables import is_profile_table, read_profile_table
+    from scbd_cells.profiles.profile_tables import is_profile_table, read_profile_table
 
     if is_profile_table(path):
         return read_profile_table(path)

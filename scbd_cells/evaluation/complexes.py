@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scbd_cells.errors import DataError, InputError
+from scbd_cells.core.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scbd_cells.errors import DataError
+from scbd_cells.core.errors import DataError
 from scbd_cells.evaluation.complexes import Complexes
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def corum_pr(
     ----------
     profiles
         (n_genes, D) gene profiles (control-subtracted and standardised, as
-        :func:`scbd_cells.profiles.aggregate_profiles` makes them).
+        :func:`scbd_cells.profiles.aggregate.aggregate_profiles` makes them).
     genes
         Gene symbol of each row.
     complexes

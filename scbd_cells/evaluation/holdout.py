@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scbd_cells.errors import DataError
+from scbd_cells.core.errors import DataError
 from scbd_cells.evaluation.cells import read_rows
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, corum_pr
 from scbd_cells.evaluation.mixing import batch_mixing
-from scbd_cells.well_probe import batch_prediction_f1, subsample
+from scbd_cells.evaluation.well_probe import batch_prediction_f1, subsample
 
 # (column, header, format) of the report's held-out table
 HOLDOUT_COLUMNS = [
@@ -89,7 +89,7 @@ def holdout_metrics(
     """The held-out cells' metrics (the keys of :data:`HOLDOUT_KEYS`) for one embedding."""
     import anndata as ad
 
-    from scbd_cells.profiles import aggregate_profiles
+    from scbd_cells.profiles.aggregate import aggregate_profiles
 
     data = adata.X if key == "X" else adata.obsm[key]
     held_rows = np.flatnonzero(held)

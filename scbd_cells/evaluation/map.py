@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError
 from scbd_cells.data import schema
-from scbd_cells.errors import DataError
 from scbd_cells.evaluation.complexes import Complexes
-from scbd_cells.replicates import cap_groups, cell_groups, group_means
+from scbd_cells.profiles.replicates import cap_groups, cell_groups, group_means
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scbd_cells.errors import DataError
+from scbd_cells.core.errors import DataError
 from scbd_cells.evaluation.complexes import Complexes
-from scbd_cells.replicates import CellGroups, cell_groups, group_means
+from scbd_cells.profiles.replicates import CellGroups, cell_groups, group_means
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError, InputError
+from scbd_cells.core.outputs import (
+    check_output,
+    locks_output,
+    publish,
+    remove_owned,
+    remove_temporary,
+    temporary_name,
+    write_marker,
+)
+from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import schema
 from scbd_cells.data.store import did_you_mean
-from scbd_cells.errors import DataError, InputError
 from scbd_cells.evaluation.benchmark import (
     BENCHMARK_KEYS,
     BenchmarkResult,
@@ -53,20 +63,10 @@ from scbd_cells.evaluation.pages import (
     write_extras,
 )
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
-from scbd_cells.outputs import (
-    check_output,
-    locks_output,
-    publish,
-    remove_owned,
-    remove_temporary,
-    temporary_name,
-    write_marker,
-)
-from scbd_cells.profile_tables import check_profile_columns, is_profile_table
-from scbd_cells.profiles import aggregate_profiles
-from scbd_cells.progress import progress_bar
-from scbd_cells.replicates import batch_column
-from scbd_cells.well_probe import batch_prediction_f1, subsample
+from scbd_cells.evaluation.well_probe import batch_prediction_f1, subsample
+from scbd_cells.profiles.aggregate import aggregate_profiles
+from scbd_cells.profiles.profile_tables import check_profile_columns, is_profile_table
+from scbd_cells.profiles.replicates import batch_column
 
 log = logging.getLogger(__name__)
 

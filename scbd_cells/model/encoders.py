@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 from torch import nn
 
-from scbd_cells.config import ENCODER_NAMES
-from scbd_cells.errors import InputError
+from scbd_cells.core.config import ENCODER_NAMES
+from scbd_cells.core.errors import InputError
 
 ENCODERS = ENCODER_NAMES  # one list: TrainConfig checks --encoder against it too
 #: ``train --stem`` choices: torchvision's ImageNet stem, or one for small crops.

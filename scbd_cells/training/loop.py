@@ -27,34 +27,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scbd_cells.checkpoint import (
-    CHECKPOINT_DIR,
-    checkpoint_path_of,
-    for_embedding,
-    load_checkpoint,
-    non_finite_tensors,
-    save_checkpoint,
-)
-from scbd_cells.config import (
+from scbd_cells.core.config import (
     TrainConfig,
     legacy_augment,
     read_config_file,
     resolve_train_config,
     save_config,
 )
-from scbd_cells.data import schema
-from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
-from scbd_cells.data.loader import BalancedLoader, segment_cells_of
-from scbd_cells.data.sampler import BalancedBatchSampler
-from scbd_cells.data.store import open_store
-from scbd_cells.distributed import (
+from scbd_cells.core.distributed import (
     all_gather_nograd,
     all_gather_with_grad,
     barrier,
     cleanup,
     init_distributed,
 )
-from scbd_cells.errors import CheckpointError, DataError, InputError, TrainingError
+from scbd_cells.core.errors import CheckpointError, DataError, InputError, TrainingError
+from scbd_cells.core.outputs import (
+    atomic_path,
+    check_not_input,
+    check_output,
+    kind_of,
+    locks_output,
+    writable_folder_error,
+    write_marker,
+    write_text_atomic,
+)
+from scbd_cells.core.progress import format_duration, progress_bar
+from scbd_cells.data import schema
+from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
+from scbd_cells.data.loader import BalancedLoader, segment_cells_of
+from scbd_cells.data.sampler import BalancedBatchSampler
+from scbd_cells.data.store import open_store
 from scbd_cells.model.losses import (
     SCBDLoss,
     batch_target_labels,
@@ -71,17 +74,14 @@ from scbd_cells.model.scbd import (
 )
 from scbd_cells.model.schedule import set_learning_rates
 from scbd_cells.model.selection import CheckpointSelection
-from scbd_cells.outputs import (
-    atomic_path,
-    check_not_input,
-    check_output,
-    kind_of,
-    locks_output,
-    writable_folder_error,
-    write_marker,
-    write_text_atomic,
+from scbd_cells.training.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_path_of,
+    for_embedding,
+    load_checkpoint,
+    non_finite_tensors,
+    save_checkpoint,
 )
-from scbd_cells.progress import format_duration, progress_bar
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
@@ -176,7 +176,7 @@ def train(
         Continue the run in ``out`` from ``checkpoints/last.pt`` exactly where it
         stopped; its ``config.yaml`` is the base, ``options`` may change e.g. ``steps``.
     **options
-        Any :class:`~scbd_cells.config.TrainConfig` field, e.g. ``alpha=1.0``,
+        Any :class:`~scbd_cells.core.config.TrainConfig` field, e.g. ``alpha=1.0``,
         ``steps=2000``. Precedence: defaults < config < config_path < env < options.
 
     Returns
@@ -264,7 +264,7 @@ class _Run:
         return self.dist.device.type == "cuda"
 
     def checkpoint(self) -> dict[str, Any]:
-        """The plain-dict checkpoint of the run as it is now (``checkpoint.py`` documents it)."""
+        """The plain-dict checkpoint of the run as it is now (``training/checkpoint.py`` documents it)."""
         return {
             "model": self.model.state_dict(),
             "model_args": dict(self.model.model_args),
@@ -1038,7 +1038,7 @@ class _ValidationSet:
         autocast: Any,
         device: torch.device,
     ) -> dict[str, float]:
-        from scbd_cells.well_probe import batch_prediction_f1
+        from scbd_cells.evaluation.well_probe import batch_prediction_f1
 
         model.eval()
         parts: dict[str, list[float]] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scbd_cells.errors import DataError
+from scbd_cells.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

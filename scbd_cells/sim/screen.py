@@ -37,10 +37,10 @@ import tifffile
 from scipy import ndimage
 
 from scbd_cells import __version__
+from scbd_cells.core.errors import InputError
+from scbd_cells.core.outputs import locks_output, prepare_folder
+from scbd_cells.core.progress import progress_bar
 from scbd_cells.data.schema import CONTROL_LABEL, SIM_CHANNELS
-from scbd_cells.errors import InputError
-from scbd_cells.outputs import locks_output, prepare_folder
-from scbd_cells.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 

@@ -38,18 +38,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError, InputError
+from scbd_cells.core.outputs import check_output, locks_output, read_recorded
 from scbd_cells.data import schema
 from scbd_cells.data.store import did_you_mean
-from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import check_output, locks_output, read_recorded
-from scbd_cells.profile_tables import (
+from scbd_cells.profiles.profile_tables import (
     check_profile_columns,
     is_profile_table,
     profile_table_frame,
     read_profile_table,
     write_profile_table,
 )
-from scbd_cells.replicates import batch_column
+from scbd_cells.profiles.replicates import batch_column
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +542,7 @@ def correct(
         Cell-level AnnData (``.h5ad`` or ``.zarr``): one row per cell, the batch column in
         obs; or a pycytominer profile table (``.parquet``, ``.csv``, ``.csv.gz``: its
         ``Metadata_*`` columns as obs, its features as ``X``;
-        :func:`scbd_cells.profile_tables.read_profile_table`).
+        :func:`scbd_cells.profiles.profile_tables.read_profile_table`).
     method
         ``harmony``, ``sphering``, ``combat`` or ``center-scale``.
     out
@@ -577,7 +577,7 @@ def correct(
     CorrectResult
     """
     from scbd_cells import __version__
-    from scbd_cells.anndata_io import (
+    from scbd_cells.profiles.anndata_io import (
         check_output_path,
         non_finite_rows,
         rows_named,

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError
 from scbd_cells.data import schema
 from scbd_cells.data.store import did_you_mean
-from scbd_cells.errors import DataError
 
 log = logging.getLogger(__name__)
 

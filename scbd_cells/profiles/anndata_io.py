@@ -6,7 +6,7 @@
   first, then ``X`` / ``obsm`` batch by batch, checking the free space before each
   (``embed``);
 - :func:`check_output_path` is the ownership rule for AnnData outputs
-  (:mod:`scbd_cells.outputs`); :func:`store_obs_for_anndata` the store's cell table as
+  (:mod:`scbd_cells.core.outputs`); :func:`store_obs_for_anndata` the store's cell table as
   ``obs``, :func:`store_label_columns` the columns its labels came from;
   :class:`LazyCells` reads a cells file's arrays without loading them.
 """
@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from scbd_cells.data import schema
-from scbd_cells.errors import DataError, DiskFullError, InputError
-from scbd_cells.outputs import (
+from scbd_cells.core.errors import DataError, DiskFullError, InputError
+from scbd_cells.core.outputs import (
     check_free_space,
     check_output,
     free_bytes,
@@ -36,6 +35,7 @@ from scbd_cells.outputs import (
     remove_temporary,
     temporary_name,
 )
+from scbd_cells.data import schema
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
@@ -47,7 +47,7 @@ def check_output_path(out_path: Path, *, overwrite: bool, inputs: Sequence[Any] 
     """Refuse an output of unknown type, one that is an input, or one scbd-cells may not replace.
 
     An existing output is replaced only with ``overwrite`` and only if it is an
-    AnnData that scbd-cells wrote (``uns["scbd"]``); see :mod:`scbd_cells.outputs`.
+    AnnData that scbd-cells wrote (``uns["scbd"]``); see :mod:`scbd_cells.core.outputs`.
     """
     if out_path.suffix not in OUTPUT_SUFFIXES:
         raise InputError(
@@ -111,7 +111,7 @@ def anndata_bytes(obs: pd.DataFrame, n_values: int) -> int:
 
 
 def temporary_path(out_path: Path) -> Path:
-    """A hidden temporary name beside ``out_path`` (:func:`scbd_cells.outputs.temporary_name`)."""
+    """A hidden temporary name beside ``out_path`` (``core.outputs.temporary_name``)."""
     return temporary_name(out_path)
 
 
@@ -408,7 +408,7 @@ def _reserve(path: Path, n_bytes: int) -> None:
 class LazyCells:
     """A read-only, AnnData-like view of a cells file's ``X``/``obsm`` arrays (no full load).
 
-    Has what :func:`scbd_cells.profiles.aggregate_profiles` reads: ``obs``,
+    Has what :func:`scbd_cells.profiles.aggregate.aggregate_profiles` reads: ``obs``,
     ``X``, ``obsm``, ``n_obs``, ``n_vars``.
     """
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from scbd_cells.errors import InputError
+from scbd_cells.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 cp-measure (Muñoz et al., CellProfiler's measurement modules as Python functions) measures
 two objects per crop, on masks from the baseline's documented simple segmentation
-(:func:`scbd_cells.features.segment`: Otsu threshold of the nuclear stain -> ``Nuclei``;
+(:func:`scbd_cells.profiles.features.segment`: Otsu threshold of the nuclear stain -> ``Nuclei``;
 Otsu threshold of the summed, p99-scaled channels, or the nucleus -> ``Cells``; an empty
 nucleus falls back to the crop's central 3 x 3 pixels and an empty cell to its nucleus):
 
@@ -48,7 +48,7 @@ def _measurements() -> dict:
     try:
         from cp_measure.bulk import get_core_measurements
     except ImportError:
-        from scbd_cells.errors import InputError
+        from scbd_cells.core.errors import InputError
 
         raise InputError(
             "--features cellprofiler needs cp-measure, which is not installed. Install it "

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import CheckpointError, DataError, InputError
+from scbd_cells.core.outputs import atomic_path, locks_output, prepare_folder
+from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import schema
-from scbd_cells.errors import CheckpointError, DataError, InputError
-from scbd_cells.outputs import atomic_path, locks_output, prepare_folder
-from scbd_cells.progress import progress_bar
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
@@ -184,7 +184,7 @@ def encode_cells(
     Parameters
     ----------
     trained
-        A :class:`~scbd_cells.checkpoint.TrainedModel`.
+        A :class:`~scbd_cells.training.checkpoint.TrainedModel`.
     store
         An open store (its own per-well statistics when it is not the training store).
     rows
@@ -230,7 +230,7 @@ def decode(
     Parameters
     ----------
     trained
-        A :class:`~scbd_cells.checkpoint.TrainedModel` trained with ``--decoder``.
+        A :class:`~scbd_cells.training.checkpoint.TrainedModel` trained with ``--decoder``.
     z_perturbation, z_batch
         (n, z) embeddings; row i of each makes picture i (same cell: a
         reconstruction; different cells: a swap).
@@ -842,9 +842,9 @@ def reconstruct(
         Bad option values, unknown perturbations, an output folder that is not ours.
     """
 
-    from scbd_cells.checkpoint import check_argument_order, load_trained
+    from scbd_cells.core.distributed import resolve_device
     from scbd_cells.data.store import open_store
-    from scbd_cells.distributed import resolve_device
+    from scbd_cells.training.checkpoint import check_argument_order, load_trained
 
     if cells < 1 or wells < 1:
         raise InputError(f"--cells and --wells must be at least 1; found {cells} and {wells}.")

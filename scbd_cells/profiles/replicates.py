@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError
 from scbd_cells.data.store import did_you_mean
-from scbd_cells.errors import DataError
-from scbd_cells.profiles import check_no_missing, factorize_labels
+from scbd_cells.profiles.aggregate import check_no_missing, factorize_labels
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError, InputError
+from scbd_cells.core.outputs import check_free_space, location_text, locks_output, read_recorded
+from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import schema
-from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import check_free_space, location_text, locks_output, read_recorded
-from scbd_cells.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +353,7 @@ def baseline(
     features
         ``handcrafted`` (default: the numpy measurements above, 78 for four channels) or
         ``cellprofiler`` (CellProfiler's own size/shape, intensity and texture
-        measurements of nucleus and cell with cp-measure, :mod:`scbd_cells.cellprofiler`;
+        measurements of nucleus and cell with cp-measure, :mod:`scbd_cells.profiles.cellprofiler`;
         a measurement undefined for a cell, e.g. texture of a tiny nucleus, is set to the
         feature's mean before standardising).
     reference
@@ -375,15 +375,15 @@ def baseline(
     import anndata as ad
     from sklearn.decomposition import PCA
 
-    from scbd_cells.anndata_io import (
+    from scbd_cells.data.loader import iter_cells
+    from scbd_cells.data.store import open_store
+    from scbd_cells.profiles.anndata_io import (
         anndata_bytes,
         check_output_path,
         store_label_columns,
         store_obs_for_anndata,
         write_anndata,
     )
-    from scbd_cells.data.loader import iter_cells
-    from scbd_cells.data.store import open_store
 
     if normalize not in ("batch", "store"):
         raise InputError(f"--normalize must be batch or store; found {normalize!r}.")
@@ -638,7 +638,7 @@ def _measure(
             channel_high=channel_high,
         )
         return values, list(names or feature_names(channel_names))
-    from scbd_cells.cellprofiler import measure_batch
+    from scbd_cells.profiles.cellprofiler import measure_batch
 
     nucleus, cell = segment(images, nucleus_channel=nucleus_channel, channel_high=channel_high)
     height, width = nucleus.shape[1:]

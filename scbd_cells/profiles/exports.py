@@ -38,7 +38,7 @@ Columns, in this order:
   ``pycytominer.normalize(..., samples="Metadata_Perturbation == 'nontargeting'")``).
 
 The input may also be a pycytominer profile table (``.parquet``, ``.csv``: see
-:mod:`scbd_cells.profile_tables`); name its columns with the keys
+:mod:`scbd_cells.profiles.profile_tables`); name its columns with the keys
 (``--batch-key Metadata_Plate --perturbation-key Metadata_broad_sample``).
 """
 
@@ -52,18 +52,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from scbd_cells.data import schema
-from scbd_cells.errors import DataError, InputError
-from scbd_cells.evaluation.cells import CellsFile
-from scbd_cells.outputs import (
+from scbd_cells.core.errors import DataError, InputError
+from scbd_cells.core.outputs import (
     check_output,
     locks_output,
     publish,
     remove_temporary,
     temporary_name,
 )
-from scbd_cells.profile_tables import check_profile_columns, is_profile_table
-from scbd_cells.replicates import (
+from scbd_cells.data import schema
+from scbd_cells.evaluation.cells import CellsFile
+from scbd_cells.profiles.profile_tables import check_profile_columns, is_profile_table
+from scbd_cells.profiles.replicates import (
     ROW_CHUNK,
     batch_column,
     cell_groups,
@@ -406,7 +406,7 @@ def export(
 
 def _refuse_non_finite(adata: Any, data: Any, *, source: Path, key: str) -> None:
     """Refuse NaN or infinite values, naming the first cells that hold them (one pass)."""
-    from scbd_cells.anndata_io import non_finite_rows, rows_named
+    from scbd_cells.profiles.anndata_io import non_finite_rows, rows_named
 
     bad: list[np.ndarray] = []
     for start in range(0, int(data.shape[0]), ROW_CHUNK):

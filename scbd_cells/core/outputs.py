@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from scbd_cells import __version__
-from scbd_cells.errors import DiskFullError, InputError
+from scbd_cells.core.errors import DiskFullError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def read_recorded(path: str | os.PathLike, *, what: str) -> dict:
     Reads that element only, never ``X``, ``obs`` or ``obsm`` (a reference file may hold
     millions of cells). ``what`` names the file in the errors ("The reference baseline").
     """
-    from scbd_cells.errors import DataError
+    from scbd_cells.core.errors import DataError
 
     path = Path(path)
     if not path.exists():

@@ -42,8 +42,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from scbd_cells.errors import InputError
-from scbd_cells.outputs import (
+from scbd_cells.core.errors import InputError
+from scbd_cells.core.outputs import (
     atomic_path,
     check_not_input,
     check_output,
@@ -58,7 +58,7 @@ from scbd_cells.outputs import (
 
 log = logging.getLogger(__name__)
 
-# the training's stall warning's margin below log B (scbd_cells.training.COLLAPSE_MARGIN;
+# the training's stall warning's margin below log B (scbd_cells.training.loop.COLLAPSE_MARGIN;
 # repeated here so that the rule imports no torch)
 COLLAPSE_MARGIN = 0.001
 
@@ -349,8 +349,8 @@ def _record_request(out_dir: Path, request: dict[str, Any], *, resumed: bool) ->
 
 def _saved_step(checkpoint_path: Path) -> int | None:
     """The step of a checkpoint, or None when there is none (or it cannot be read)."""
-    from scbd_cells.checkpoint import load_checkpoint
-    from scbd_cells.errors import CheckpointError
+    from scbd_cells.core.errors import CheckpointError
+    from scbd_cells.training.checkpoint import load_checkpoint
 
     if not checkpoint_path.is_file():
         return None
@@ -369,9 +369,9 @@ def _train_stage(
     options: dict[str, Any],
 ) -> bool:
     """Train (or resume, or skip) the run of one alpha; True if it was interrupted."""
-    from scbd_cells.checkpoint import checkpoint_path_of
-    from scbd_cells.config import resolve_train_config
-    from scbd_cells.training import train
+    from scbd_cells.core.config import resolve_train_config
+    from scbd_cells.training.checkpoint import checkpoint_path_of
+    from scbd_cells.training.loop import train
 
     steps = resolve_train_config(config_path=config_path, overrides=dict(options, alpha=alpha))
     target = steps.steps
@@ -400,8 +400,8 @@ def _older(path: Path, than: Path) -> bool:
 
 
 def _embed_stage(run_dir: Path, store_path: Path, cells_path: Path, *, options: dict) -> None:
-    from scbd_cells.checkpoint import checkpoint_path_of
-    from scbd_cells.embedding import embed
+    from scbd_cells.embedding.encode import embed
+    from scbd_cells.training.checkpoint import checkpoint_path_of
 
     name = cells_path.stem
     if not _older(cells_path, checkpoint_path_of(run_dir, "best")):
@@ -460,7 +460,7 @@ def _evaluate_stage(
 
 def _val_row(run_dir: Path) -> dict[str, Any]:
     """The validation losses at the embedded (best) checkpoint and at the end of the run."""
-    from scbd_cells.checkpoint import checkpoint_path_of, load_checkpoint
+    from scbd_cells.training.checkpoint import checkpoint_path_of, load_checkpoint
 
     best = load_checkpoint(checkpoint_path_of(run_dir, "best"))
     metrics = pd.read_csv(run_dir / "metrics.csv")
@@ -682,7 +682,7 @@ def sweep(
         Bad alphas or options, an output that holds an input, a folder scbd-cells did not
         write.
     """
-    from scbd_cells.config import resolve_train_config
+    from scbd_cells.core.config import resolve_train_config
     from scbd_cells.data.store import open_store
 
     out_dir = Path(out)

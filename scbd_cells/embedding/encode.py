@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from scbd_cells.anndata_io import (
+from scbd_cells.core.errors import DataError, InputError
+from scbd_cells.core.outputs import check_free_space, location_text, locks_output
+from scbd_cells.core.progress import progress_bar
+from scbd_cells.data import schema
+from scbd_cells.profiles.anndata_io import (
     CellsWriter,
     LazyCells,
     anndata_bytes,
@@ -31,10 +35,6 @@ from scbd_cells.anndata_io import (
     without_none,
     write_any,
 )
-from scbd_cells.data import schema
-from scbd_cells.errors import DataError, InputError
-from scbd_cells.outputs import check_free_space, location_text, locks_output
-from scbd_cells.progress import progress_bar
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
@@ -121,9 +121,9 @@ def embed(
     """
     import torch
 
-    from scbd_cells.checkpoint import check_argument_order, load_trained
+    from scbd_cells.core.distributed import barrier, cleanup, init_distributed
     from scbd_cells.data.store import open_store
-    from scbd_cells.distributed import barrier, cleanup, init_distributed
+    from scbd_cells.training.checkpoint import check_argument_order, load_trained
 
     out_path = Path(out)
     if representation not in REPRESENTATIONS:
@@ -247,8 +247,8 @@ def _embed_cells(
     """
     import torch
 
+    from scbd_cells.core.distributed import gather_pieces
     from scbd_cells.data.loader import images_to_device, iter_cells
-    from scbd_cells.distributed import gather_pieces
     from scbd_cells.model.scbd import device_autocast, run_model
 
     torch_device = dist_info.device
@@ -305,7 +305,7 @@ def _write_profiles(
     tmp_paths: list[Path],
 ) -> dict[str, Path]:
     """Guide and gene profiles of the cells just written, under temporary names."""
-    from scbd_cells.profiles import aggregate_profiles
+    from scbd_cells.profiles.aggregate import aggregate_profiles
 
     cells = LazyCells(cells_path, obs)
     try:

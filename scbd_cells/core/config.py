@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from scbd_cells.errors import InputError
+from scbd_cells.core.errors import InputError
 
 ENV_PREFIX = "SCBD_CELLS_TRAIN_"
 ENCODER_NAMES = ("resnet18", "resnet50", "densenet121", "small", "tiny")

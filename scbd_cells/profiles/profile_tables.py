@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.data import schema
 from scbd_cells.data.store import did_you_mean
-from scbd_cells.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def write_profile_table(frame: pd.DataFrame, out_path: Path, *, overwrite: bool)
     The output's ownership is recorded (``outputs.publish``), and an existing file is
     replaced only with ``overwrite`` and only if scbd-cells wrote it.
     """
-    from scbd_cells.outputs import atomic_path
+    from scbd_cells.core.outputs import atomic_path
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path, kind="table", overwrite=overwrite) as tmp_path:

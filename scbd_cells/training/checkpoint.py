@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from scbd_cells import __version__
+from scbd_cells.core.errors import CheckpointError
 from scbd_cells.data import schema
 from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
-from scbd_cells.errors import CheckpointError
 from scbd_cells.model.preprocess import ImagePreprocessor, preprocessor_for
 from scbd_cells.model.scbd import SCBDModel
 
@@ -42,11 +42,11 @@ def checkpoint_path_of(run_dir: Path, which: str) -> Path:
 
 
 def save_checkpoint(checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
-    """Write ``checkpoint`` atomically (:func:`scbd_cells.outputs.atomic_path`).
+    """Write ``checkpoint`` atomically (:func:`scbd_cells.core.outputs.atomic_path`).
 
     A crash during the write leaves the previous file intact; the file follows the umask.
     """
-    from scbd_cells.outputs import atomic_path
+    from scbd_cells.core.outputs import atomic_path
 
     checkpoint_path = Path(checkpoint_path)
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +72,8 @@ def check_argument_order(run_dir: str | os.PathLike, store_path: str | os.PathLi
     InputError
         ``run_dir`` is a store, or ``store_path`` a training run.
     """
-    from scbd_cells.errors import InputError
-    from scbd_cells.outputs import kind_of
+    from scbd_cells.core.errors import InputError
+    from scbd_cells.core.outputs import kind_of
 
     found = []
     if kind_of(run_dir) == "store":

@@ -1,0 +1,1 @@
+"""Core: what every stage uses (options, errors, safe outputs, progress, torchrun)."""

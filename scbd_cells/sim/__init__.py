@@ -1,0 +1,1 @@
+"""Simulator stage: realistic screens with known biology and batch effects (``simulate``)."""

@@ -1,0 +1,1 @@
+"""Training stage: the SCBD training loop, its checkpoints and the alpha sweep."""
