@@ -1559,10 +1559,35 @@ def _ingest(
             len(border),
             spec.crop_size,
         )
+    return _write_replanning(
+        source, labelled.obs, out_path, spec=spec, record=record, rejected=rejected,
+        rejected_ids=rejected_ids, cell_ids=cell_ids, border=border, workers=workers,
+        overwrite=overwrite, started=started,
+    )  # fmt: skip
 
+
+def _write_replanning(
+    source: ImageSource,
+    labelled_obs: pd.DataFrame,
+    out_path: Path,
+    *,
+    spec: IngestSpec,
+    record: dict,
+    rejected: dict[int, str],
+    rejected_ids: dict[int, str],
+    cell_ids: dict,
+    border: set[int],
+    workers: _Workers,
+    overwrite: bool,
+    started: float,
+) -> IngestResult:
+    """Write the usable cells; with ``skip_bad``, start over without images that fail on the way.
+
+    ``rejected`` gains the rows whose images failed.
+    """
     for _attempt in range(_MAX_REPLANS):
-        keep = ~labelled.obs[TABLE_ROW].isin(set(rejected) | border).to_numpy()
-        obs = labelled.obs[keep]
+        keep = ~labelled_obs[TABLE_ROW].isin(set(rejected) | border).to_numpy()
+        obs = labelled_obs[keep]
         if len(obs) == 0:
             raise DataError(
                 "No usable cells are left after leaving out bad rows "
@@ -1648,65 +1673,12 @@ def _with_default_image_column(spec: IngestSpec, table: pd.DataFrame) -> IngestS
 
 def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: _Workers) -> ImageSource:
     """Pick the image source from the options; check its columns exist."""
-    chosen = [
-        name
-        for name, value in (
-            ("--image-column", spec.image_column),
-            ("--channel-columns", spec.channel_columns),
-            ("--fov-column", spec.fov_column),
-            ("--fov-channel-columns", spec.fov_channel_columns),
-        )
-        if value
-    ]
     pairs = cellprofiler_tables.image_pairs(table.columns)
-    cellprofiler = bool(spec.channels) or (not chosen and bool(pairs))
-    if cellprofiler:
-        chosen.append("--channels (CellProfiler PathName_/FileName_ pairs)")
-    if len(chosen) != 1:
-        hint = ""
-        object_table = cellprofiler_tables.IMAGE_NUMBER in table.columns
-        if not chosen and object_table and not spec.image_table:
-            hint = (
-                " The table looks like a CellProfiler object table: pass its per-image table "
-                "(with the FileName_/PathName_ columns) with --image-table."
-            )
-        raise InputError(
-            "Say where the images are with exactly one of --image-column (a crop file per cell), "
-            "--channel-columns (a file per cell and channel), --fov-column or "
-            "--fov-channel-columns "
-            "(fields of view, with --x-column, --y-column, --crop-size), or --channels "
-            "(CellProfiler's PathName_<image>/FileName_<image> columns); "
-            f"found {chosen or 'none'}.{hint}"
-        )
+    cellprofiler = _image_option(table, spec, pairs) == _CELLPROFILER_IMAGES
     base_dir = Path(spec.image_root) if spec.image_root else spec.table.parent
-    if cellprofiler:
-        if not spec.channels:  # a label image saved beside the channels is no channel
-            pairs = {name: pair for name, pair in pairs.items() if name != spec.mask_column}
-        images = cellprofiler_tables.choose_images(pairs, spec.channels)
-        columns = list(images)
-        paths = [
-            cellprofiler_tables.image_paths(table, pair, image_root=base_dir)
-            for pair in images.values()
-        ]
-        log.info(
-            "CellProfiler images read as channels: %s (choose and order them with --channels).",
-            ", ".join(columns),
-        )
-    else:
-        columns = (
-            [spec.image_column]
-            if spec.image_column
-            else list(spec.channel_columns or spec.fov_channel_columns or [spec.fov_column])
-        )
-        missing = [name for name in columns if name not in table.columns]
-        if missing:
-            raise InputError(
-                f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
-                f"{list(table.columns)}. "
-                f"{''.join(did_you_mean(name, list(table.columns)) for name in missing)}"
-                "Name the image columns with the matching option."
-            )
-        paths = [_column_paths(table, column, base_dir) for column in columns]
+    columns, paths = _image_columns(
+        table, spec, pairs, cellprofiler=cellprofiler, base_dir=base_dir
+    )
     fields = bool(spec.fov_column or spec.fov_channel_columns or cellprofiler)
     per_channel = bool(spec.channel_columns or spec.fov_channel_columns or cellprofiler)
     names = spec.channel_names
@@ -1728,6 +1700,100 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: _Workers) ->
             n_channels=len(names) if names else None,
             workers=workers,
         )
+    return _field_source(
+        table, spec, columns=columns, paths=paths, per_channel=per_channel, base_dir=base_dir,
+        workers=workers,
+    )  # fmt: skip
+
+
+_CELLPROFILER_IMAGES = "--channels (CellProfiler PathName_/FileName_ pairs)"
+
+
+def _image_option(
+    table: pd.DataFrame, spec: IngestSpec, pairs: dict[str, tuple[str, str]]
+) -> str:
+    """The one option that says where the images are (CellProfiler's columns if none does)."""
+    chosen = [
+        name
+        for name, value in (
+            ("--image-column", spec.image_column),
+            ("--channel-columns", spec.channel_columns),
+            ("--fov-column", spec.fov_column),
+            ("--fov-channel-columns", spec.fov_channel_columns),
+        )
+        if value
+    ]
+    if bool(spec.channels) or (not chosen and bool(pairs)):
+        chosen.append(_CELLPROFILER_IMAGES)
+    if len(chosen) != 1:
+        hint = ""
+        object_table = cellprofiler_tables.IMAGE_NUMBER in table.columns
+        if not chosen and object_table and not spec.image_table:
+            hint = (
+                " The table looks like a CellProfiler object table: pass its per-image table "
+                "(with the FileName_/PathName_ columns) with --image-table."
+            )
+        raise InputError(
+            "Say where the images are with exactly one of --image-column (a crop file per cell), "
+            "--channel-columns (a file per cell and channel), --fov-column or "
+            "--fov-channel-columns "
+            "(fields of view, with --x-column, --y-column, --crop-size), or --channels "
+            "(CellProfiler's PathName_<image>/FileName_<image> columns); "
+            f"found {chosen or 'none'}.{hint}"
+        )
+    return chosen[0]
+
+
+def _image_columns(
+    table: pd.DataFrame,
+    spec: IngestSpec,
+    pairs: dict[str, tuple[str, str]],
+    *,
+    cellprofiler: bool,
+    base_dir: Path,
+) -> tuple[list[str], list[list[str | None]]]:
+    """The image (or channel) columns and each one's paths, per row of the table."""
+    if cellprofiler:
+        if not spec.channels:  # a label image saved beside the channels is no channel
+            pairs = {name: pair for name, pair in pairs.items() if name != spec.mask_column}
+        images = cellprofiler_tables.choose_images(pairs, spec.channels)
+        columns = list(images)
+        paths = [
+            cellprofiler_tables.image_paths(table, pair, image_root=base_dir)
+            for pair in images.values()
+        ]
+        log.info(
+            "CellProfiler images read as channels: %s (choose and order them with --channels).",
+            ", ".join(columns),
+        )
+        return columns, paths
+    columns = (
+        [spec.image_column]
+        if spec.image_column
+        else list(spec.channel_columns or spec.fov_channel_columns or [spec.fov_column])
+    )
+    missing = [name for name in columns if name not in table.columns]
+    if missing:
+        raise InputError(
+            f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
+            f"{list(table.columns)}. "
+            f"{''.join(did_you_mean(name, list(table.columns)) for name in missing)}"
+            "Name the image columns with the matching option."
+        )
+    return columns, [_column_paths(table, column, base_dir) for column in columns]
+
+
+def _field_source(
+    table: pd.DataFrame,
+    spec: IngestSpec,
+    *,
+    columns: list[str],
+    paths: list[list[str | None]],
+    per_channel: bool,
+    base_dir: Path,
+    workers: _Workers,
+) -> ImageSource:
+    """Cells cropped from fields of view around their centroids (or their label images')."""
     masks = _masks_of(table, spec, base_dir=base_dir)
     x_column, y_column = _centroid_columns(table, spec, masks=masks)
     if not spec.crop_size:
@@ -1742,6 +1808,7 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: _Workers) ->
             return None
         return pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
 
+    names = spec.channel_names
     return _FieldSource(
         columns=columns,
         paths=paths,
@@ -1920,23 +1987,6 @@ def _write_store(
     store_obs = finalise_obs(obs, split_fractions=spec.split_fractions, seed=spec.seed)
     table_rows = store_obs[TABLE_ROW].to_numpy()
     height, width = (resize, resize) if resize else (reference.height, reference.width)
-    plan = {
-        "arguments": {"table": str(spec.table), **spec.options()},
-        "table_sha256": record["table_sha256"],
-        "rejected": sorted(rejected),
-        "reference": [reference.n_channels, reference.height, reference.width, reference.dtype.str],
-        "format_version": schema.STORE_FORMAT_VERSION,
-        "version": __version__,
-    }
-    plan_key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
-    provenance = {
-        "command": spec.command(out_path),
-        "arguments": {"table": str(spec.table), "out": str(out_path), **spec.options()},
-        "table": str(spec.table),
-        "table_sha256": record["table_sha256"],
-        "version": __version__,
-        "created": pd.Timestamp.now(tz="UTC").isoformat(),
-    }
     writer = StoreWriter(
         out_path,
         obs=store_obs,
@@ -1946,23 +1996,16 @@ def _write_store(
         control=spec.control,
         split_fractions=spec.split_fractions,
         seed=spec.seed,
-        provenance=provenance,
-        plan_key=plan_key,
+        provenance=_store_provenance(spec, out_path, record),
+        plan_key=_plan_key(spec, record, rejected, reference),
         overwrite=overwrite,
     )
     resumed = bool(writer.done_blocks) or (writer.partial_path / FIELDS_DONE_FILE).exists()
     with progress_bar(unit="cells") as bar:
         task = bar.add_task("Ingesting", total=writer.n_cells)
         source.fill(writer, table_rows, resize=resize, bar=bar, task=task)
-    rejected_rows = [
-        (row, rejected_ids.get(row, ""), reason) for row, reason in sorted(rejected.items())
-    ]
-    rejected_rows += [
-        (row, rejected_ids.get(row, ""), "border: the crop leaves the field of view")
-        for row in sorted(border)
-    ]
     writer.finish(
-        rejected=sorted(rejected_rows),
+        rejected=_rejected_rows(rejected, rejected_ids, border),
         extra={
             "n_rejected": len(rejected),
             "n_border": len(border),
@@ -1985,3 +2028,42 @@ def _write_store(
         resumed=resumed,
         n_blank=writer.stats.n_blank,
     )
+
+
+def _plan_key(
+    spec: IngestSpec, record: dict, rejected: dict[int, str], reference: _Reference
+) -> str:
+    """What a partial store must have been planned with to be resumed (a SHA-256)."""
+    plan = {
+        "arguments": {"table": str(spec.table), **spec.options()},
+        "table_sha256": record["table_sha256"],
+        "rejected": sorted(rejected),
+        "reference": [reference.n_channels, reference.height, reference.width, reference.dtype.str],
+        "format_version": schema.STORE_FORMAT_VERSION,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _store_provenance(spec: IngestSpec, out_path: Path, record: dict) -> dict:
+    """The command and input that made the store, for its attributes."""
+    return {
+        "command": spec.command(out_path),
+        "arguments": {"table": str(spec.table), "out": str(out_path), **spec.options()},
+        "table": str(spec.table),
+        "table_sha256": record["table_sha256"],
+        "version": __version__,
+        "created": pd.Timestamp.now(tz="UTC").isoformat(),
+    }
+
+
+def _rejected_rows(
+    rejected: dict[int, str], rejected_ids: dict[int, str], border: set[int]
+) -> list[tuple[int, str, str]]:
+    """``(table row, cell id, reason)`` of every row left out, sorted (``rejected.csv``)."""
+    rows = [(row, rejected_ids.get(row, ""), reason) for row, reason in sorted(rejected.items())]
+    rows += [
+        (row, rejected_ids.get(row, ""), "border: the crop leaves the field of view")
+        for row in sorted(border)
+    ]
+    return sorted(rows)
