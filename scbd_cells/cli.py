@@ -21,6 +21,7 @@ from rich.logging import RichHandler
 from typer.core import TyperCommand, TyperGroup
 
 from scbd_cells import __version__
+from scbd_cells.core.config import DEVICE_HELP, TrainConfig
 from scbd_cells.core.errors import ScbdError
 from scbd_cells.core.progress import set_quiet
 
@@ -28,7 +29,6 @@ from scbd_cells.core.progress import set_quiet
 # (``scbd-cells ingest ... --quiet``).
 GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
 # One wording per option across commands.
-DEVICE_HELP = "auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N."
 STORE_URL_HELP = "A local path, or an s3:// or gs:// URL (docs/scaling.md)."
 
 
@@ -244,6 +244,79 @@ def _split_numbers(value: str | None, *, option: str, expected: str) -> list[flo
         return [float(part) for part in _split_csv(value) or []]
     except ValueError as error:
         raise InputError(f"{option} must be {expected} ({error}).") from None
+
+
+# ---------------------------------------------------------------------------
+# Options derived from the config models: each declared once, as a model field.
+# ---------------------------------------------------------------------------
+
+
+def _flag_of(field: Any) -> Any:
+    from scbd_cells.core.config import Flag
+
+    return next((item for item in field.metadata if isinstance(item, Flag)), Flag())
+
+
+def _shown_default(name: str, default: Any) -> str:
+    """A default as the help shows it; an on/off flag's as click writes it (no-decoder)."""
+    if isinstance(default, bool):
+        return name.replace("_", "-") if default else f"no-{name.replace('_', '-')}"
+    return str(default)
+
+
+def _option_parameter(name: str, field: Any, *, unset: bool) -> inspect.Parameter:
+    """The Typer option of one model field.
+
+    ``unset``: the option defaults to None (so YAML and the environment can apply) and the
+    help names the model's default; otherwise the option's default is the field's.
+    """
+    from pydantic_core import PydanticUndefined
+
+    flag = _flag_of(field)
+    annotation: Any = field.annotation
+    if flag.choices:
+        annotation = Literal[flag.choices]
+    default = flag.cli_default if flag.cli_default is not None else field.default
+    if flag.csv:
+        annotation = str | None
+        default = None if default is None else ",".join(map(str, default))
+    shown = flag.default_text
+    if unset and shown is None and flag.show_default:
+        shown = _shown_default(name, default)
+    help_text = (field.description or "") + (f" \\[default: {shown}]" if shown else "")
+    names = flag.names
+    if annotation is bool and not names:
+        names = (f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",)
+    if unset:
+        annotation, default = annotation | None, None
+    option = typer.Option(*names, help=help_text, hidden=flag.hidden)
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[annotation, option],
+        default=inspect.Parameter.empty if default is PydanticUndefined else default,
+    )
+
+
+def options_from(model: Any, *, exclude: tuple[str, ...] = (), unset: bool = False) -> Any:
+    """Give a command one option per field of ``model`` (but ``exclude``), after its own.
+
+    The command receives them in its ``**options``; Typer reads the options from the
+    command's ``__signature__``. Adding a field to the model adds the option.
+    """
+
+    def decorate(command: Any) -> Any:
+        own = inspect.signature(command, eval_str=True)
+        kept = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+        derived = [
+            _option_parameter(name, field, unset=unset)
+            for name, field in model.model_fields.items()
+            if name not in exclude
+        ]
+        command.__signature__ = own.replace(parameters=[*kept, *derived])
+        return command
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------
@@ -593,18 +666,8 @@ def info(
     stdout.print(table)
 
 
-def _train_default(name: str) -> str:
-    """``[default: X]`` for a train option (options are None so YAML/env can apply)."""
-    from scbd_cells.core.config import TrainConfig
-
-    default = TrainConfig.model_fields[name].default
-    if isinstance(default, bool):  # as click writes an on/off flag's default: no-decoder
-        default = name.replace("_", "-") if default else f"no-{name.replace('_', '-')}"
-    # "\\[" keeps rich from reading "[default: ...]" as markup
-    return f" \\[default: {default}]"
-
-
 @app.command(cls=_Command)
+@options_from(TrainConfig, unset=True)
 def train(
     store_path: Annotated[
         str, typer.Argument(help=f"Store written by `scbd-cells ingest`. {STORE_URL_HELP}")
@@ -616,181 +679,11 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out exactly where it stopped.")
     ] = False,
-    alpha: Annotated[
-        float | None, typer.Option(help="Invariance weight." + _train_default("alpha"))
-    ] = None,
-    invariance: Annotated[
-        Literal["paper", "normalized"] | None,
-        typer.Option(
-            help="paper: the appendix B loss; normalized: self excluded, per-set means."
-            + _train_default("invariance")
-        ),
-    ] = None,
-    batch_target: Annotated[
-        Literal["batch", "perturbation+batch"] | None,
-        typer.Option(
-            help="What z_s learns: the batch label, or the (perturbation, batch) pair."
-            + _train_default("batch_target")
-        ),
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="SupCon temperature." + _train_default("temperature"))
-    ] = None,
-    encoder: Annotated[
-        Literal["resnet18", "resnet50", "densenet121", "small", "tiny"] | None,
-        typer.Option(help="Image encoders (two, random weights)." + _train_default("encoder")),
-    ] = None,
-    z_dim: Annotated[
-        int | None, typer.Option(help="Embedding size." + _train_default("z_dim"))
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Model input px. \\[default: the store's size]")
-    ] = None,
-    classes_per_batch: Annotated[
-        int | None,
-        typer.Option(help="Perturbations per batch." + _train_default("classes_per_batch")),
-    ] = None,
-    cells_per_class: Annotated[
-        int | None, typer.Option(help="Cells per perturbation." + _train_default("cells_per_class"))
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Optimiser steps." + _train_default("steps"))
-    ] = None,
-    val_every: Annotated[
-        int | None, typer.Option(help="Validate every N steps." + _train_default("val_every"))
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="AdamW learning rate." + _train_default("lr"))
-    ] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW weight decay." + _train_default("weight_decay"))
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed." + _train_default("seed"))] = None,
-    device: Annotated[str | None, typer.Option(help=DEVICE_HELP + _train_default("device"))] = None,
-    compile: Annotated[
-        bool | None,
-        typer.Option(
-            "--compile/--no-compile", help="torch.compile the model." + _train_default("compile")
-        ),
-    ] = None,
-    decoder: Annotated[
-        bool | None,
-        typer.Option(
-            "--decoder/--no-decoder",
-            help="Train the additive decoder on detached z (for `scbd-cells reconstruct`; "
-            "changes no embedding). \\[default: no-decoder]",
-        ),
-    ] = None,
-    decoder_width: Annotated[
-        int | None,
-        typer.Option(
-            help="Decoder channels \\[default: sized to the encoder and image: 32 with small/tiny, "
-            "128 at 32 px, 256 at 64 px]"
-        ),
-    ] = None,
-    decoder_lr: Annotated[
-        float | None, typer.Option(help="Decoder learning rate. \\[default: --lr]")
-    ] = None,
-    normalize: Annotated[
-        Literal["batch", "store", "arcsinh"] | None,
-        typer.Option(
-            help="batch: standardise each channel with the statistics of the cell's own well "
-            "(removes brightness and background offsets per well); store: with the whole "
-            "store's; arcsinh: the official SCBD code's (arcsinh(x) - 7) / 7 for every cell "
-            "(docs/training.md)." + _train_default("normalize")
-        ),
-    ] = None,
-    augment: Annotated[
-        Literal["none", "dihedral", "dihedral+shift"] | None,
-        typer.Option(
-            help="none (the paper); dihedral: each train cell turned by a random multiple of 90 "
-            "degrees and mirrored at random (exact, seeded); dihedral+shift: then moved by up "
-            "to 1/8 of the crop (4 px at 32 px), the edge reflected into the gap."
-            + _train_default("augment")
-        ),
-    ] = None,
-    stem: Annotated[
-        Literal["imagenet", "small"] | None,
-        typer.Option(
-            help="First layers of a ResNet/DenseNet: imagenet (7x7 stride 2 + max pool: a 32 px "
-            "crop is 8x8 after them) or small (3x3 stride 1, no pool: 32x32 stays; about 16x "
-            "the compute)." + _train_default("stem")
-        ),
-    ] = None,
-    select: Annotated[
-        Literal["total", "z_c"] | None,
-        typer.Option(
-            help="What keeps checkpoints/best.pt: total, the lowest total val loss (the "
-            "paper); z_c, the lowest val SupCon(z_c; perturbation), ties to the lower well "
-            "F1 of z_c. metrics.csv names both rules' steps." + _train_default("select")
-        ),
-    ] = None,
-    warmup_steps: Annotated[
-        int | None,
-        typer.Option(
-            help="Linear learning-rate warm-up over N steps, then constant (0: none)."
-            + _train_default("warmup_steps")
-        ),
-    ] = None,
-    stratify: Annotated[
-        bool | None,
-        typer.Option(
-            "--stratify/--no-stratify",
-            help="Spread each perturbation's cells in a batch evenly over its batch labels "
-            "(wells), so that every batch holds them in near-equal numbers: the paper's "
-            "invariance loss reads and pushes on that mix. --no-stratify draws uniformly "
-            "within the perturbation (paper A.1). Default: on.",
-        ),
-    ] = None,
-    sampling: Annotated[
-        Literal["cells", "segments"] | None,
-        typer.Option(
-            help="cells: a perturbation's cells come from all its train cells; segments: from "
-            "one store segment (whole chunks) at a time, many times faster on a store larger "
-            "than --cache-gb (the batches depend on this option, never on --cache-gb)."
-            + _train_default("sampling")
-        ),
-    ] = None,
-    cache_gb: Annotated[
-        float | None, typer.Option(help="RAM for caching images." + _train_default("cache_gb"))
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Loader threads." + _train_default("workers"))
-    ] = None,
+    **options: Any,
 ) -> None:
     """Train SCBD: z_c keeps the perturbation, z_s takes the well (docs/training.md)."""
     from scbd_cells.training.loop import train as run_training
 
-    options = dict(
-        alpha=alpha,
-        invariance=invariance,
-        batch_target=batch_target,
-        temperature=temperature,
-        encoder=encoder,
-        z_dim=z_dim,
-        image_size=image_size,
-        classes_per_batch=classes_per_batch,
-        cells_per_class=cells_per_class,
-        steps=steps,
-        val_every=val_every,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        seed=seed,
-        device=device,
-        compile=compile,
-        decoder=decoder,
-        decoder_width=decoder_width,
-        decoder_lr=decoder_lr,
-        normalize=normalize,
-        augment=augment,
-        stem=stem,
-        select=select,
-        stratify=stratify,
-        sampling=sampling,
-        cache_gb=cache_gb,
-        workers=workers,
-    )
     result = run_training(
         store_argument(store_path), out=out, config_path=config, resume=resume, **options
     )
@@ -1361,27 +1254,8 @@ def _print_sweep(result: Any) -> None:
     _print_fitted(_rich_tables(title, pd.DataFrame(rows), columns, arrows=False))
 
 
-def _with_train_options(command: Any) -> Any:
-    """Give a command every option of ``train`` but --out, --resume, --alpha and --config.
-
-    The options are ``train``'s own parameters (type, help, default) spliced into the
-    command's signature, which Typer reads: the two commands cannot drift apart. The
-    command receives the ones the user set in ``**train_options``.
-    """
-    skipped = {"store_path", "out", "config", "resume", "alpha"}
-    own = inspect.signature(command, eval_str=True)
-    shared = [
-        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for name, parameter in inspect.signature(train, eval_str=True).parameters.items()
-        if name not in skipped
-    ]
-    kept = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    command.__signature__ = own.replace(parameters=[*kept, *shared])
-    return command
-
-
 @app.command(cls=_Command)
-@_with_train_options
+@options_from(TrainConfig, exclude=("alpha",), unset=True)
 def sweep(
     store_path: Annotated[Path, typer.Argument(help="Store written by `scbd-cells ingest`.")],
     out: Annotated[

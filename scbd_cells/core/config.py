@@ -1,12 +1,18 @@
-"""Config: the train command's options as one frozen model; defaults < YAML < env < CLI."""
+"""Config: each command's options as one frozen model; defaults < YAML < env < CLI.
+
+A field is declared once: its description is the ``--help`` of the command-line option
+that ``scbd_cells.cli`` derives from it, and :class:`Flag` carries what else the option
+needs (choices, a default shown in words, hidden).
+"""
 
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -22,109 +28,163 @@ from scbd_cells.core.errors import InputError
 
 ENV_PREFIX = "SCBD_CELLS_TRAIN_"
 ENCODER_NAMES = ("resnet18", "resnet50", "densenet121", "small", "tiny")
+# One wording per option across commands.
+DEVICE_HELP = "auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N."
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a config field shows on the command line, beyond its description and default.
+
+    ``scbd_cells.cli`` derives each option from the field (``Annotated[type, Flag(...)]``):
+    the name from the field's, the help from its description, the default from its default.
+
+    Attributes
+    ----------
+    default_text
+        The ``[default: ...]`` in words, for a default the field leaves to the data (None).
+    show_default
+        False: the help says the default itself.
+    choices
+        The values a ``str`` field accepts, offered as choices.
+    hidden
+        Accepted on the command line but left out of ``--help`` (a tuning knob).
+    csv
+        A list field given as comma-separated text (``--batch-columns plate,well``).
+    cli_default
+        The command's default where it differs from the library's.
+    names
+        The option's names where they are not ``--field-name`` (e.g. ``("--json",)``).
+    """
+
+    default_text: str | None = None
+    show_default: bool = True
+    choices: tuple[str, ...] | None = None
+    hidden: bool = False
+    csv: bool = False
+    cli_default: Any = None
+    names: tuple[str, ...] = ()
 
 
 class TrainConfig(BaseModel):
     """Every option of ``scbd-cells train`` (paper A.1 defaults).
 
-    Facts of the data (channels, image size, vocabularies) come from the store,
+    Each field is declared once: its description is the option's ``--help`` and its
+    default the ``[default: ...]`` there; :class:`Flag` says what else the command line
+    needs. Facts of the data (channels, image size, vocabularies) come from the store,
     not from here. A typo in a YAML key or keyword fails (``extra="forbid"``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # model
-    encoder: str = Field("resnet18", description="resnet18, resnet50, densenet121, small or tiny")
-    z_dim: int = Field(64, ge=2, description="Size of z_c and z_s.")
-    image_size: int | None = Field(None, ge=8, description="Model input size; None = the store's.")
-    decoder: bool = Field(False, description="Train the additive decoder on detached z (A.1.1).")
-    decoder_width: int | None = Field(
-        None,
-        ge=4,
-        description="Decoder channels; None = sized to the encoder and image: 32 with small "
-        "or tiny, otherwise 256 (the paper's) at 64 px, 128 at 32 px.",
+    encoder: Annotated[str, Flag(choices=ENCODER_NAMES)] = Field(
+        "resnet18", description="Image encoders (two, random weights)."
     )
-    decoder_lr: float | None = Field(
-        None,
-        gt=0,
-        description="AdamW learning rate of the decoder; None = lr. The decoder learns from "
-        "detached embeddings, so its rate changes no embedding.",
+    z_dim: int = Field(64, ge=2, description="Embedding size.")
+    image_size: Annotated[int | None, Flag(default_text="the store's size")] = Field(
+        None, ge=8, description="Model input px."
+    )
+    decoder: bool = Field(
+        False,
+        description="Train the additive decoder on detached z (for `scbd-cells reconstruct`; "
+        "changes no embedding).",
+    )
+    decoder_width: Annotated[
+        int | None,
+        Flag(
+            default_text="sized to the encoder and image: 32 with small/tiny, 128 at 32 px, "
+            "256 at 64 px"
+        ),
+    ] = Field(None, ge=4, description="Decoder channels")
+    # The decoder learns from detached embeddings, so its rate changes no embedding.
+    decoder_lr: Annotated[float | None, Flag(default_text="--lr")] = Field(
+        None, gt=0, description="Decoder learning rate."
     )
     normalize: Literal["batch", "store", "arcsinh"] = Field(
         "batch",
-        description="batch: each channel standardised with the statistics of the cell's own "
-        "batch label (well); store: with the store's statistics (train split); arcsinh: the "
-        "official SCBD code's transform, (arcsinh(x) - 7) / 7 for every cell.",
+        description="batch: standardise each channel with the statistics of the cell's own well "
+        "(removes brightness and background offsets per well); store: with the whole "
+        "store's; arcsinh: the official SCBD code's (arcsinh(x) - 7) / 7 for every cell "
+        "(docs/training.md).",
     )
+    # A run written with the earlier on/off option reads true as dihedral, false as none.
     augment: Literal["none", "dihedral", "dihedral+shift"] = Field(
         "none",
-        description="none (the paper); dihedral: each train cell turned by a random multiple "
-        "of 90 degrees and mirrored with probability 1/2 (the square's 8 symmetries, exact); "
-        "dihedral+shift: then moved by a random whole number of pixels, at most 1/8 of the "
-        "crop (4 px at 32 px) each way, the edge reflected into the gap. A run written with "
-        "the earlier on/off option reads true as dihedral, false as none.",
+        description="none (the paper); dihedral: each train cell turned by a random multiple of "
+        "90 degrees and mirrored at random (exact, seeded); dihedral+shift: then moved by up "
+        "to 1/8 of the crop (4 px at 32 px), the edge reflected into the gap.",
     )
     stem: Literal["imagenet", "small"] = Field(
         "imagenet",
-        description="First layers of a ResNet/DenseNet encoder: imagenet (7x7 stride 2 + max "
-        "pool, torchvision's; a 32 px crop is 8x8 after them) or small (3x3 stride 1, no "
-        "pool; 32x32 stays 32x32: the usual choice at 32-64 px, about 16x the compute).",
+        description="First layers of a ResNet/DenseNet: imagenet (7x7 stride 2 + max pool: a 32 "
+        "px crop is 8x8 after them) or small (3x3 stride 1, no pool: 32x32 stays; about 16x "
+        "the compute).",
     )
     # objective
-    alpha: float = Field(1.0, ge=0, description="Weight of the invariance loss.")
+    alpha: float = Field(1.0, ge=0, description="Invariance weight.")
     invariance: Literal["paper", "normalized"] = Field(
-        "paper", description="paper: appendix B; normalized: self excluded, per-set means."
+        "paper", description="paper: the appendix B loss; normalized: self excluded, per-set means."
     )
-    temperature: float = Field(0.1, gt=0)
-    batch_target: Literal["batch", "perturbation+batch"] = "batch"
+    temperature: float = Field(0.1, gt=0, description="SupCon temperature.")
+    batch_target: Literal["batch", "perturbation+batch"] = Field(
+        "batch",
+        description="What z_s learns: the batch label, or the (perturbation, batch) pair.",
+    )
     # batches (paper A.1: 256 classes x 8 cells = 2048)
-    classes_per_batch: int = Field(256, ge=1)
-    cells_per_class: int = Field(
-        8, ge=2, description="Cells of each class in a batch: at least 2, SupCon's positive pair."
-    )
-    stratify: bool = Field(
+    classes_per_batch: int = Field(256, ge=1, description="Perturbations per batch.")
+    # at least 2: SupCon's positive pair
+    cells_per_class: int = Field(8, ge=2, description="Cells per perturbation.")
+    stratify: Annotated[bool, Flag(show_default=False)] = Field(
         True,
-        description="Spread each perturbation's cells in a batch evenly over its batch labels, "
-        "so every batch holds them in near-equal numbers; off: uniform within the "
-        "perturbation (paper A.1).",
+        description="Spread each perturbation's cells in a batch evenly over its batch labels "
+        "(wells), so that every batch holds them in near-equal numbers: the paper's "
+        "invariance loss reads and pushes on that mix. --no-stratify draws uniformly "
+        "within the perturbation (paper A.1). Default: on.",
     )
+    # segments: a store larger than --cache-gb is decoded about once per pass
     sampling: Literal["cells", "segments"] = Field(
         "cells",
-        description="cells: each perturbation's cells drawn from all its train cells; segments: "
-        "from one store segment (whole chunks, about 1 MiB) at a time, so that a store larger "
-        "than --cache-gb is decoded about once per pass (many times faster there). The "
-        "batches depend on this option, never on --cache-gb.",
+        description="cells: a perturbation's cells come from all its train cells; segments: from "
+        "one store segment (whole chunks) at a time, many times faster on a store larger "
+        "than --cache-gb (the batches depend on this option, never on --cache-gb).",
     )
     # optimisation
-    steps: int = Field(10_000, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    steps: int = Field(10_000, ge=1, description="Optimiser steps.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    # step s (from 0) trains at lr x (s + 1) / N for s < N, then at lr
     warmup_steps: int = Field(
         0,
         ge=0,
-        description="Linear learning-rate warm-up: step s (from 0) trains at lr x (s + 1) / N "
-        "for s < N, then at lr, constant (0: no warm-up, the paper).",
+        description="Linear learning-rate warm-up over N steps, then constant (0: none).",
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed.")
     # validation and logging
-    val_every: int = Field(500, ge=1)
-    val_batches: int = Field(2, ge=1, description="Class-balanced val batches per val pass.")
+    val_every: int = Field(500, ge=1, description="Validate every N steps.")
+    val_batches: Annotated[int, Flag(hidden=True)] = Field(
+        2, ge=1, description="Class-balanced val batches per val pass."
+    )
     select: Literal["total", "z_c"] = Field(
         "total",
-        description="Which validation keeps checkpoints/best.pt: total, the lowest total val "
-        "loss (the paper's rule); z_c, the lowest val SupCon(z_c; perturbation), ties broken "
-        "by the lower well-probe F1 of z_c. Both rules' steps go to metrics.csv either way.",
+        description="What keeps checkpoints/best.pt: total, the lowest total val loss (the "
+        "paper); z_c, the lowest val SupCon(z_c; perturbation), ties to the lower well "
+        "F1 of z_c. metrics.csv names both rules' steps.",
     )
-    log_every: int = Field(10, ge=1)
-    stall_tolerance: float = Field(
+    log_every: Annotated[int, Flag(hidden=True)] = Field(
+        10, ge=1, description="Log the train losses every N steps."
+    )
+    stall_tolerance: Annotated[float, Flag(hidden=True)] = Field(
         0.02, ge=0, description="Warn if the perturbation loss fell by less than this fraction."
     )
     # hardware and data path
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    compile: bool = False
-    cache_gb: float = Field(4.0, ge=0)
-    workers: int = Field(2, ge=0)
-    prefetch: int = Field(2, ge=0)
+    device: str = Field("auto", description=DEVICE_HELP)
+    compile: bool = Field(False, description="torch.compile the model.")
+    cache_gb: float = Field(4.0, ge=0, description="RAM for caching images.")
+    workers: int = Field(2, ge=0, description="Loader threads.")
+    prefetch: Annotated[int, Flag(hidden=True)] = Field(
+        2, ge=0, description="Batches the loader prepares ahead."
+    )
 
     @field_validator("encoder")
     @classmethod
