@@ -12,6 +12,7 @@ import inspect
 import logging
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,7 +22,7 @@ from rich.logging import RichHandler
 from typer.core import TyperCommand, TyperGroup
 
 from scbd_cells import __version__
-from scbd_cells.core.config import DEVICE_HELP, TrainConfig
+from scbd_cells.core.config import DEVICE_HELP, IngestOptions, TrainConfig
 from scbd_cells.core.errors import ScbdError
 from scbd_cells.core.progress import set_quiet
 
@@ -319,6 +320,23 @@ def options_from(model: Any, *, exclude: tuple[str, ...] = (), unset: bool = Fal
     return decorate
 
 
+
+def _split_lists(model: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The comma-separated options of ``model`` (``Flag(csv=True)``) as lists."""
+    split = dict(options)
+    for name, field in model.model_fields.items():
+        if name not in split or not _flag_of(field).csv:
+            continue
+        if float in typing.get_args(field.annotation):  # tuple[float, ...]
+            flag = "--" + name.replace("_", "-")
+            default = ",".join(map(str, field.default))
+            split[name] = _split_numbers(
+                split[name], option=flag, expected=f"three numbers, e.g. {default}"
+            )
+        else:
+            split[name] = _split_csv(split[name])
+    return split
+
 # ---------------------------------------------------------------------------
 # Subcommands. Keep each one short: parse, call the library, print a summary.
 # ---------------------------------------------------------------------------
@@ -424,6 +442,7 @@ def simulate(
 
 
 @app.command(cls=_Command)
+@options_from(IngestOptions)
 def ingest(
     table: Annotated[
         Path, typer.Argument(help="Cells table: CSV, TSV or Parquet, one row per cell.")
@@ -431,102 +450,7 @@ def ingest(
     out: Annotated[
         str, typer.Option(help="Store to write (STORE.zarr), on a local or shared file system.")
     ],
-    perturbation_column: Annotated[
-        str, typer.Option(help="Column with the perturbation (gene) label.")
-    ],
-    guide_column: Annotated[str | None, typer.Option(help="Column with the guide label.")] = None,
-    batch_columns: Annotated[
-        str, typer.Option(help="Comma-separated columns joined into the batch label.")
-    ] = "plate,well",
-    control: Annotated[
-        str | None, typer.Option(help="Label of the non-targeting control, e.g. nontargeting.")
-    ] = None,
-    image_column: Annotated[
-        str | None,
-        typer.Option(
-            help="Crop file per cell (TIFF (C,H,W)/(H,W,C), NPY, PNG). \\[default: image_path]"
-        ),
-    ] = None,
-    channel_columns: Annotated[
-        str | None, typer.Option(help="Comma-separated columns: one crop file per channel.")
-    ] = None,
-    fov_column: Annotated[
-        str | None, typer.Option(help="Field-of-view file per cell (multi-channel).")
-    ] = None,
-    fov_channel_columns: Annotated[
-        str | None, typer.Option(help="Comma-separated columns: one field file per channel.")
-    ] = None,
-    x_column: Annotated[str | None, typer.Option(help="Centroid column (x = column, px).")] = None,
-    y_column: Annotated[str | None, typer.Option(help="Centroid row (y = row, px).")] = None,
-    crop_size: Annotated[int | None, typer.Option(help="Crop side cut from fields (px).")] = None,
-    channel_names: Annotated[
-        str | None, typer.Option(help="Comma-separated channel names, in channel order.")
-    ] = None,
-    resize: Annotated[
-        int | None, typer.Option(help="Store crops at PX x PX (area average).")
-    ] = None,
-    workers: Annotated[
-        int,
-        typer.Option(help="Workers reading and writing chunks (1: one thread; more: processes)."),
-    ] = 2,
-    split_fractions: Annotated[
-        str, typer.Option(help="Train,val,test fractions (stratified by perturbation).")
-    ] = "0.83,0.02,0.15",
-    seed: Annotated[
-        int, typer.Option(help="Seed of the split and of the order within a class.")
-    ] = 0,
-    skip_bad: Annotated[
-        bool, typer.Option(help="Leave bad rows out (listed in STORE/rejected.csv), don't fail.")
-    ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
-    image_root: Annotated[
-        Path | None,
-        typer.Option(help="Folder relative image paths resolve against. \\[default: the table's]"),
-    ] = None,
-    image_table: Annotated[
-        Path | None,
-        typer.Option(
-            help="CellProfiler per-image table (Image.csv), joined to TABLE (a per-object "
-            "table) on ImageNumber."
-        ),
-    ] = None,
-    channels: Annotated[
-        str | None,
-        typer.Option(
-            help="CellProfiler image names read as channels, in order: their PathName_NAME/"
-            "FileName_NAME columns. \\[default: every such pair, when no other image option]"
-        ),
-    ] = None,
-    cell_id_column: Annotated[
-        str | None,
-        typer.Option(
-            help="Column naming each cell. \\[default: cell_id, else ImageNumber_ObjectNumber, "
-            "else the row number]"
-        ),
-    ] = None,
-    mask_column: Annotated[
-        str | None,
-        typer.Option(
-            help="Label image per field (same grid, 0 = background): a path column, or a "
-            "CellProfiler object/image name. Crops each row's object."
-        ),
-    ] = None,
-    mask_neighbours: Annotated[
-        Literal["zero", "keep"],
-        typer.Option(help="zero: other objects' pixels in a crop set to 0; keep: untouched."),
-    ] = "zero",
-    label_column: Annotated[
-        str | None,
-        typer.Option(help="Column with each row's label in its mask. \\[default: ObjectNumber]"),
-    ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            help="Read and write the cells on a dask.distributed cluster: its address "
-            "(tcp://host:8786) or local:N (N local processes); the table, images and --out on a "
-            "file system every worker sees. Needs scbd-cells[dask] (docs/scaling.md)."
-        ),
-    ] = None,
+    **options: Any,
 ) -> None:
     """Turn a cells table and its images (crops or fields of view) into a store.
 
@@ -535,39 +459,7 @@ def ingest(
     from scbd_cells.data.ingest import ingest as run_ingest
 
     refuse_object_storage_out(out)
-    fractions = _split_numbers(
-        split_fractions, option="--split-fractions", expected="three numbers, e.g. 0.83,0.02,0.15"
-    )
-    result = run_ingest(
-        table,
-        out=Path(out),
-        perturbation_column=perturbation_column,
-        guide_column=guide_column,
-        batch_columns=_split_csv(batch_columns) or [],
-        control=control,
-        image_column=image_column,
-        channel_columns=_split_csv(channel_columns),
-        fov_column=fov_column,
-        fov_channel_columns=_split_csv(fov_channel_columns),
-        x_column=x_column,
-        y_column=y_column,
-        crop_size=crop_size,
-        channel_names=_split_csv(channel_names),
-        resize=resize,
-        workers=workers,
-        split_fractions=fractions,
-        seed=seed,
-        skip_bad=skip_bad,
-        overwrite=overwrite,
-        image_root=image_root,
-        image_table=image_table,
-        channels=_split_csv(channels),
-        cell_id_column=cell_id_column,
-        mask_column=mask_column,
-        mask_neighbours=mask_neighbours,
-        label_column=label_column,
-        scheduler=scheduler,
-    )
+    result = run_ingest(table, out=Path(out), **_split_lists(IngestOptions, options))
     if result.already_complete:
         stdout.print(
             f"[green]Already complete[/]: {result.store_path} holds {result.n_cells:,} cells "

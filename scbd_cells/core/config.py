@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from scbd_cells.core.errors import InputError
+from scbd_cells.data.schema import MASK_NEIGHBOURS_CHOICES
 
 ENV_PREFIX = "SCBD_CELLS_TRAIN_"
 ENCODER_NAMES = ("resnet18", "resnet50", "densenet121", "small", "tiny")
@@ -315,18 +316,7 @@ def resolve_train_config(
         options.update(read_config_file(config_path))
     options.update(_env_options())
     options.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return TrainConfig(**options)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            if e["loc"]
-            else e["msg"].removeprefix("Value error, ")  # a rule across options
-            for e in error.errors()
-        )
-        raise InputError(
-            f"invalid train options ({problems}). See `scbd-cells train --help`."
-        ) from error
+    return validated(TrainConfig, options, command="train")
 
 
 def save_config(config: TrainConfig, config_path: Path) -> None:
@@ -358,3 +348,105 @@ def demo_train_options(n_classes: int) -> dict[str, Any]:
         "invariance": "paper",
         "device": "auto",
     }
+
+
+class IngestOptions(BaseModel):
+    """Every option of ``scbd-cells ingest`` but the table and ``--out`` (what
+    :func:`scbd_cells.data.ingest.ingest` takes as keywords).
+
+    Each field is declared once: its description is the option's ``--help``. The store's
+    content depends on all of them but ``workers``, ``overwrite`` and ``scheduler``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    perturbation_column: str = Field(description="Column with the perturbation (gene) label.")
+    guide_column: str | None = Field(None, description="Column with the guide label.")
+    batch_columns: Annotated[tuple[str, ...], Flag(csv=True)] = Field(
+        ("plate", "well"), description="Comma-separated columns joined into the batch label."
+    )
+    control: str | None = Field(
+        None, description="Label of the non-targeting control, e.g. nontargeting."
+    )
+    image_column: Annotated[str | None, Flag(default_text="image_path")] = Field(
+        None, description="Crop file per cell (TIFF (C,H,W)/(H,W,C), NPY, PNG)."
+    )
+    channel_columns: Annotated[tuple[str, ...] | None, Flag(csv=True)] = Field(
+        None, description="Comma-separated columns: one crop file per channel."
+    )
+    fov_column: str | None = Field(None, description="Field-of-view file per cell (multi-channel).")
+    fov_channel_columns: Annotated[tuple[str, ...] | None, Flag(csv=True)] = Field(
+        None, description="Comma-separated columns: one field file per channel."
+    )
+    x_column: str | None = Field(None, description="Centroid column (x = column, px).")
+    y_column: str | None = Field(None, description="Centroid row (y = row, px).")
+    crop_size: int | None = Field(None, description="Crop side cut from fields (px).")
+    channel_names: Annotated[tuple[str, ...] | None, Flag(csv=True)] = Field(
+        None, description="Comma-separated channel names, in channel order."
+    )
+    resize: int | None = Field(None, description="Store crops at PX x PX (area average).")
+    # the library's default, one thread, needs no `if __name__ == "__main__":` guard
+    workers: Annotated[int, Flag(cli_default=2)] = Field(
+        1, description="Workers reading and writing chunks (1: one thread; more: processes)."
+    )
+    split_fractions: Annotated[tuple[float, ...], Flag(csv=True)] = Field(
+        (0.83, 0.02, 0.15), description="Train,val,test fractions (stratified by perturbation)."
+    )
+    seed: int = Field(0, description="Seed of the split and of the order within a class.")
+    skip_bad: bool = Field(
+        False, description="Leave bad rows out (listed in STORE/rejected.csv), don't fail."
+    )
+    overwrite: bool = Field(False, description="Replace an existing store.")
+    image_root: Annotated[Path | None, Flag(default_text="the table's")] = Field(
+        None, description="Folder relative image paths resolve against."
+    )
+    image_table: Path | None = Field(
+        None,
+        description="CellProfiler per-image table (Image.csv), joined to TABLE (a per-object "
+        "table) on ImageNumber.",
+    )
+    channels: Annotated[
+        tuple[str, ...] | None,
+        Flag(csv=True, default_text="every such pair, when no other image option"),
+    ] = Field(
+        None,
+        description="CellProfiler image names read as channels, in order: their PathName_NAME/"
+        "FileName_NAME columns.",
+    )
+    cell_id_column: Annotated[
+        str | None,
+        Flag(default_text="cell_id, else ImageNumber_ObjectNumber, else the row number"),
+    ] = Field(None, description="Column naming each cell.")
+    mask_column: str | None = Field(
+        None,
+        description="Label image per field (same grid, 0 = background): a path column, or a "
+        "CellProfiler object/image name. Crops each row's object.",
+    )
+    mask_neighbours: Annotated[str, Flag(choices=MASK_NEIGHBOURS_CHOICES)] = Field(
+        "zero", description="zero: other objects' pixels in a crop set to 0; keep: untouched."
+    )
+    label_column: Annotated[str | None, Flag(default_text="ObjectNumber")] = Field(
+        None, description="Column with each row's label in its mask."
+    )
+    scheduler: str | None = Field(
+        None,
+        description="Read and write the cells on a dask.distributed cluster: its address "
+        "(tcp://host:8786) or local:N (N local processes); the table, images and --out on a "
+        "file system every worker sees. Needs scbd-cells[dask] (docs/scaling.md).",
+    )
+
+
+def validated(model: type[BaseModel], options: Mapping[str, Any], *, command: str) -> Any:
+    """``model(**options)``, a bad or unknown option an :class:`InputError` naming it."""
+    try:
+        return model(**options)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            if e["loc"]
+            else e["msg"].removeprefix("Value error, ")  # a rule across options
+            for e in error.errors()
+        )
+        raise InputError(
+            f"invalid {command} options ({problems}). See `scbd-cells {command} --help`."
+        ) from error

@@ -41,20 +41,19 @@ from concurrent.futures import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells import __version__
+from scbd_cells.core.config import IngestOptions, validated
 from scbd_cells.core.errors import DataError, InputError, StoreError
 from scbd_cells.core.outputs import check_not_input, check_output, kind_of, output_lock
 from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import cellprofiler_tables, dask_cluster, schema
 from scbd_cells.data.ome_zarr import describe_ome_zarr, is_ome_zarr, read_ome_zarr
 from scbd_cells.data.store import (
-    DEFAULT_BATCH_COLUMNS,
-    DEFAULT_SPLIT_FRACTIONS,
     TABLE_ROW,
     ChannelStats,
     StoreWriter,
@@ -128,7 +127,8 @@ class IngestResult:
 class IngestSpec:
     """Everything that decides a store's content: the table and the options (not the workers).
 
-    Attributes mirror :func:`ingest`'s arguments; ``table`` is absolute.
+    Attributes are :class:`~scbd_cells.core.config.IngestOptions` fields as the store
+    records them (tuples, absolute paths as text); ``table`` is absolute.
     """
 
     table: Path
@@ -155,6 +155,18 @@ class IngestSpec:
     mask_column: str | None = None
     mask_neighbours: str | None = None  # set with mask_column only
     label_column: str | None = None
+
+    @classmethod
+    def from_options(cls, table_path: Path, options: IngestOptions) -> IngestSpec:
+        """The spec of ``options`` (checked :class:`IngestOptions`) for an absolute table."""
+        content = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)[1:]}
+        for name in ("channel_columns", "fov_channel_columns", "channel_names", "channels"):
+            content[name] = content[name] or None  # () as None
+        for name in ("image_root", "image_table"):
+            content[name] = str(Path(content[name]).resolve()) if content[name] else None
+        content["split_fractions"] = check_split_fractions(options.split_fractions)
+        content["mask_neighbours"] = options.mask_neighbours if options.mask_column else None
+        return cls(table=table_path, **content)
 
     def options(self) -> dict:
         """The options as JSON values (what a store records to recognise a rerun)."""
@@ -1291,37 +1303,13 @@ def _image_failure_message(failures: dict[int, str], cell_ids: dict[int, str]) -
 
 
 def ingest(
-    table_path: str | os.PathLike,
-    *,
-    out: str | os.PathLike,
-    perturbation_column: str,
-    guide_column: str | None = None,
-    batch_columns: Sequence[str] = DEFAULT_BATCH_COLUMNS,
-    control: str | None = None,
-    image_column: str | None = None,
-    channel_columns: Sequence[str] | None = None,
-    fov_column: str | None = None,
-    fov_channel_columns: Sequence[str] | None = None,
-    x_column: str | None = None,
-    y_column: str | None = None,
-    crop_size: int | None = None,
-    channel_names: Sequence[str] | None = None,
-    resize: int | None = None,
-    workers: int = 1,
-    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
-    seed: int = 0,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    image_root: str | os.PathLike | None = None,
-    image_table: str | os.PathLike | None = None,
-    channels: Sequence[str] | None = None,
-    cell_id_column: str | None = None,
-    mask_column: str | None = None,
-    mask_neighbours: str = "zero",
-    label_column: str | None = None,
-    scheduler: str | None = None,
+    table_path: str | os.PathLike, *, out: str | os.PathLike, **options: Any
 ) -> IngestResult:
     """Turn a cells table and its images into a store (``scbd-cells ingest``).
+
+    The keywords are the fields of :class:`~scbd_cells.core.config.IngestOptions` (the
+    options of ``scbd-cells ingest``); an unknown or ill-typed one is an
+    :class:`~scbd_cells.core.errors.InputError`.
 
     Parameters
     ----------
@@ -1399,35 +1387,13 @@ def ingest(
     IngestResult
     """
     started = time.perf_counter()
+    settings = validated(IngestOptions, options, command="ingest")
+    mask_neighbours, workers, resize = settings.mask_neighbours, settings.workers, settings.resize
+    overwrite, scheduler = settings.overwrite, settings.scheduler
     if overwrite and Path(out).is_symlink():  # never replaced through a link (docs/reliability.md)
         check_output(Path(out), kind="store", overwrite=True)
     table_path, out_path = Path(table_path).resolve(), Path(out).resolve()
-    spec = IngestSpec(
-        table=table_path,
-        perturbation_column=perturbation_column,
-        guide_column=guide_column,
-        batch_columns=tuple(batch_columns),
-        control=control,
-        image_column=image_column,
-        channel_columns=tuple(channel_columns) if channel_columns else None,
-        fov_column=fov_column,
-        fov_channel_columns=tuple(fov_channel_columns) if fov_channel_columns else None,
-        x_column=x_column,
-        y_column=y_column,
-        crop_size=crop_size,
-        channel_names=tuple(channel_names) if channel_names else None,
-        resize=resize,
-        split_fractions=check_split_fractions(split_fractions),
-        seed=seed,
-        skip_bad=skip_bad,
-        image_root=str(Path(image_root).resolve()) if image_root else None,
-        image_table=str(Path(image_table).resolve()) if image_table else None,
-        channels=tuple(channels) if channels else None,
-        cell_id_column=cell_id_column,
-        mask_column=mask_column,
-        mask_neighbours=mask_neighbours if mask_column else None,
-        label_column=label_column,
-    )
+    spec = IngestSpec.from_options(table_path, settings)
     if mask_neighbours not in schema.MASK_NEIGHBOURS_CHOICES:
         raise InputError(
             f"--mask-neighbours must be one of {', '.join(schema.MASK_NEIGHBOURS_CHOICES)}; "
