@@ -22,7 +22,20 @@ from rich.logging import RichHandler
 from typer.core import TyperCommand, TyperGroup
 
 from scbd_cells import __version__
-from scbd_cells.core.config import DEVICE_HELP, IngestOptions, TrainConfig
+from scbd_cells.core.config import (
+    BaselineOptions,
+    CorrectOptions,
+    DemoOptions,
+    EmbedOptions,
+    EvaluateOptions,
+    ExportOptions,
+    InfoOptions,
+    IngestOptions,
+    ReconstructOptions,
+    SimulateOptions,
+    SweepOptions,
+    TrainConfig,
+)
 from scbd_cells.core.errors import ScbdError
 from scbd_cells.core.progress import set_quiet
 
@@ -265,6 +278,11 @@ def _shown_default(name: str, default: Any) -> str:
     return str(default)
 
 
+def _csv(values: Any) -> str:
+    """``(0.0, 0.3, 10.0)`` -> ``"0,0.3,10"``: a list option's default as it is typed."""
+    return ",".join(format(v, "g") if isinstance(v, float) else str(v) for v in values)
+
+
 def _option_parameter(name: str, field: Any, *, unset: bool) -> inspect.Parameter:
     """The Typer option of one model field.
 
@@ -280,7 +298,7 @@ def _option_parameter(name: str, field: Any, *, unset: bool) -> inspect.Paramete
     default = flag.cli_default if flag.cli_default is not None else field.default
     if flag.csv:
         annotation = str | None
-        default = None if default is None else ",".join(map(str, default))
+        default = None if default is None else _csv(default)
     shown = flag.default_text
     if unset and shown is None and flag.show_default:
         shown = _shown_default(name, default)
@@ -328,10 +346,10 @@ def _split_lists(model: Any, options: dict[str, Any]) -> dict[str, Any]:
         if name not in split or not _flag_of(field).csv:
             continue
         if float in typing.get_args(field.annotation):  # tuple[float, ...]
-            flag = "--" + name.replace("_", "-")
-            default = ",".join(map(str, field.default))
             split[name] = _split_numbers(
-                split[name], option=flag, expected=f"three numbers, e.g. {default}"
+                split[name],
+                option="--" + name.replace("_", "-"),
+                expected=f"numbers separated by commas, e.g. {_csv(field.default)}",
             )
         else:
             split[name] = _split_csv(split[name])
@@ -343,95 +361,17 @@ def _split_lists(model: Any, options: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.command(cls=_Command)
+@options_from(SimulateOptions)
 def simulate(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the screen to (new or empty).")],
-    preset: Annotated[
-        Literal["tiny", "demo", "large"],
-        typer.Option(help="tiny (tests, 1.4k cells), demo (15k cells, 64 px), large (1M, 32 px)."),
-    ] = "demo",
-    layout: Annotated[
-        Literal["crops", "fields", "arrayed"],
-        typer.Option(
-            help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y; arrayed: an "
-            "arrayed screen (compound x concentration per well, DMSO wells, plates in batches, "
-            "moa.gmt) as crops."
-        ),
-    ] = "crops",
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, identical files.")] = 0,
-    workers: Annotated[int, typer.Option(help="Processes drawing and writing images at once.")] = 2,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing simulated screen in OUT_DIR.")
-    ] = False,
-    preview: Annotated[
-        bool, typer.Option(help="Also write OUT_DIR/preview.png (example cells).")
-    ] = False,
-    n_genes: Annotated[
-        int | None, typer.Option(help="Targeted genes \\[default: set by --preset]")
-    ] = None,
-    n_complexes: Annotated[
-        int | None, typer.Option(help="Protein complexes \\[default: set by --preset]")
-    ] = None,
-    guides_per_gene: Annotated[
-        int | None, typer.Option(help="Guides per gene \\[default: set by --preset]")
-    ] = None,
-    control_guides: Annotated[
-        int | None, typer.Option(help="Control guides \\[default: set by --preset]")
-    ] = None,
-    cells_per_guide: Annotated[
-        int | None, typer.Option(help="Cells per targeting guide \\[default: set by --preset]")
-    ] = None,
-    control_cells_per_guide: Annotated[
-        int | None, typer.Option(help="Cells per non-targeting guide \\[default: set by --preset]")
-    ] = None,
-    plates: Annotated[int | None, typer.Option(help="Plates \\[default: set by --preset]")] = None,
-    wells_per_plate: Annotated[
-        int | None, typer.Option(help="Wells per plate \\[default: set by --preset]")
-    ] = None,
-    crop_size: Annotated[
-        int | None, typer.Option(help="Crop side in px, >= 16 \\[default: set by --preset]")
-    ] = None,
-    effect_strength: Annotated[
-        float | None,
-        typer.Option(
-            help="Gene effect multiplier (0 = no biology). \\[default: demo 3, other presets 1]"
-        ),
-    ] = None,
-    batch_strength: Annotated[
-        float | None, typer.Option(help="Well effect multiplier (1 = default, 0 = none).")
-    ] = None,
-    holdout_plates: Annotated[
-        int | None,
-        typer.Option(
-            help="Hold out the last K plates: technical effects unlike any other plate's (a new "
-            "plate); cells.csv gets a 'holdout' column (docs/new-plates.md). \\[default: 0]"
-        ),
-    ] = None,
+    **options: Any,
 ) -> None:
     """Write a synthetic optical pooled screen: cells.csv, images, complexes.txt, truth.json."""
     from scbd_cells.sim.screen import simulate as run_simulation
 
-    result = run_simulation(
-        out_dir,
-        preset=preset,
-        layout=layout,
-        seed=seed,
-        overwrite=overwrite,
-        preview=preview,
-        workers=workers,
-        n_genes=n_genes,
-        n_complexes=n_complexes,
-        guides_per_gene=guides_per_gene,
-        control_guides=control_guides,
-        cells_per_guide=cells_per_guide,
-        control_cells_per_guide=control_cells_per_guide,
-        plates=plates,
-        wells_per_plate=wells_per_plate,
-        crop_size=crop_size,
-        effect_strength=effect_strength,
-        batch_strength=batch_strength,
-        holdout_plates=holdout_plates,
-    )
-    genes, groups = ("compounds", "mechanisms") if layout == "arrayed" else ("genes", "complexes")
+    result = run_simulation(out_dir, **options)
+    arrayed = options["layout"] == "arrayed"
+    genes, groups = ("compounds", "mechanisms") if arrayed else ("genes", "complexes")
     stdout.print(
         f"[green]Simulated[/] {result.n_cells:,} cells ({result.n_genes} {genes} in "
         f"{result.n_complexes} {groups} + control, {result.n_wells} wells, {result.layout}) "
@@ -483,21 +423,12 @@ def ingest(
 
 
 @app.command(cls=_Command)
+@options_from(InfoOptions)
 def info(
     store: Annotated[
         str, typer.Argument(help=f"A store written by `scbd-cells ingest`. {STORE_URL_HELP}")
     ],
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print JSON instead of a table.")
-    ] = False,
-    verify: Annotated[
-        bool,
-        typer.Option(
-            help="Read every chunk and check its checksum; list damaged cell ranges "
-            "(exit 1 if any)."
-        ),
-    ] = False,
-    workers: Annotated[int, typer.Option(help="Threads reading chunks (with --verify).")] = 2,
+    **options: Any,
 ) -> None:
     """What is in a store: cells, channels, labels, split, size, format version."""
     import json
@@ -506,6 +437,7 @@ def info(
 
     from scbd_cells.data.store import open_store
 
+    json_output, verify, workers = options["json_output"], options["verify"], options["workers"]
     opened = open_store(store_argument(store))
     summary = opened.summary()
     damaged = opened.verify(workers=workers) if verify else None
@@ -599,100 +531,34 @@ def train(
 
 
 @app.command(cls=_Command)
+@options_from(EmbedOptions)
 def embed(
     run_dir: Annotated[Path, typer.Argument(help="Training run folder (or a checkpoint .pt).")],
     store: Annotated[
         str,
         typer.Argument(help=f"Store to embed (channels must fit the model). {STORE_URL_HELP}"),
     ],
-    out: Annotated[Path, typer.Option(help="Cells AnnData to write: .h5ad or .zarr.")],
-    aggregate: Annotated[
-        bool, typer.Option(help="Also write guides.h5ad and genes.h5ad beside --out.")
-    ] = False,
-    representation: Annotated[
-        Literal["projection", "encoder"],
-        typer.Option(help="projection (z only) or encoder (also r_c, r_s in obsm)."),
-    ] = "projection",
-    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 1024,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    which: Annotated[
-        Literal["best", "last"],
-        typer.Option(help="Checkpoint of the run: best (lowest val loss) or last."),
-    ] = "best",
-    workers: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    **options: Any,
 ) -> None:
     """Embed every cell: X = z_c, obsm["X_scbd_batch"] = z_s, obs = the store's cell table."""
     from scbd_cells.embedding.encode import embed as run_embed
 
-    result = run_embed(
-        run_dir,
-        store_argument(store),
-        out=out,
-        aggregate=aggregate,
-        representation=representation,
-        batch_size=batch_size,
-        device=device,
-        which=which,
-        workers=workers,
-        overwrite=overwrite,
-    )
+    result = run_embed(run_dir, store_argument(store), **options)
     stdout.print(f"[green]Embedded[/] {result.n_cells:,} cells -> {result.out_path}")
     if result.genes_path is not None:
         stdout.print(f"Profiles: {result.guides_path}, {result.genes_path}")
 
 
 @app.command(cls=_Command)
+@options_from(BaselineOptions)
 def baseline(
     store: Annotated[str, typer.Argument(help=f"Store to measure. {STORE_URL_HELP}")],
-    out: Annotated[Path, typer.Option(help="AnnData to write: .h5ad or .zarr.")],
-    n_components: Annotated[int, typer.Option(help="PCA dimensions.")] = 64,
-    nucleus_channel: Annotated[
-        str | None,
-        typer.Option(help="Channel to segment nuclei on. \\[default: one named dna/dapi/hoechst]"),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Cells measured at a time.")] = 4096,
-    normalize: Annotated[
-        Literal["store", "batch"],
-        typer.Option(
-            help="store: standardise each feature over all cells (no batch correction); "
-            "batch: within each well (the usual CellProfiler post-processing)."
-        ),
-    ] = "store",
-    features: Annotated[
-        Literal["handcrafted", "cellprofiler"],
-        typer.Option(
-            help="handcrafted: 78 numpy measurements (fast); cellprofiler: CellProfiler's own "
-            "size/shape, intensity and texture measurements with cp-measure (slower)."
-        ),
-    ] = "handcrafted",
-    reference: Annotated[
-        Path | None,
-        typer.Option(
-            help="An earlier baseline (e.g. of the training plates): measure this store in "
-            "its space, with its channel ranges, standardisation and PCA loadings, none "
-            "refitted (a new plate beside earlier ones; `correct --reference`). Default: fit "
-            "them on this store."
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the PCA solver.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    **options: Any,
 ) -> None:
     """CellProfiler-style reference: intensity, shape and texture features per cell, then PCA."""
     from scbd_cells.profiles.features import baseline as run_baseline
 
-    result = run_baseline(
-        store_argument(store),
-        out=out,
-        n_components=n_components,
-        nucleus_channel=nucleus_channel,
-        batch_size=batch_size,
-        normalize=normalize,
-        features=features,
-        reference=reference,
-        seed=seed,
-        overwrite=overwrite,
-    )
+    result = run_baseline(store_argument(store), **options)
     stdout.print(
         f"[green]Baseline[/] {result.n_cells:,} cells x {result.n_features} features -> PCA "
         f"{result.n_components} ({100 * result.explained_variance:.0f}% variance) -> "
@@ -790,6 +656,7 @@ def _rich_tables(
 
 
 @app.command(cls=_Command)
+@options_from(EvaluateOptions)
 def evaluate(
     embeddings: Annotated[
         list[Path],
@@ -798,115 +665,12 @@ def evaluate(
             "to compare."
         ),
     ],
-    corum: Annotated[
-        Path,
-        typer.Option(
-            help="Complexes file (CORUM 3.x/4.x/5.x) or any relationship groups, e.g. "
-            "mechanisms of action (GMT or two-column; reported as 'relationships (FILE)')."
-        ),
-    ],
-    out: Annotated[Path, typer.Option(help="Report folder to write.")],
-    key: Annotated[
-        list[str] | None,
-        typer.Option(help="X or an obsm key, once for all files or once per file. \\[default: X]"),
-    ] = None,
-    label: Annotated[
-        list[str] | None,
-        typer.Option(help="Name in the table, once per file. \\[default: the file stem]"),
-    ] = None,
-    control: Annotated[
-        str | None,
-        typer.Option(
-            help="Non-targeting control label. \\[default: from the file or nontargeting]"
-        ),
-    ] = None,
-    perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = "perturbation",
-    guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
-    batch_key: Annotated[str, typer.Option(help="obs column of the batch (well).")] = "batch",
-    max_cells: Annotated[
-        int | None, typer.Option(help="Cells (seeded subsample) for the well classifier.")
-    ] = 50_000,
-    mixing_cells: Annotated[
-        int | None,
-        typer.Option(help="Cells (seeded subsample) for iLISI, kBET, silhouette, connectivity."),
-    ] = 10_000,
-    max_replicates: Annotated[
-        int | None,
-        typer.Option(help="Guide x well profiles per gene (and controls per well) for mAP."),
-    ] = 16,
-    null_size: Annotated[
-        int, typer.Option(help="Permutations for the mAP p-values (copairs).")
-    ] = 10_000,
-    umap: Annotated[
-        bool, typer.Option("--umap/--no-umap", help="Draw umap.png (about 30 s on 2 cores).")
-    ] = True,
-    holdout_batches: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated values of --holdout-key marking held-out cells (a new plate): "
-            "CORUM from their cells alone, well F1 among their wells and how they mix with "
-            "the rest, reported apart (docs/new-plates.md)."
-        ),
-    ] = None,
-    holdout_key: Annotated[
-        str | None,
-        typer.Option(help="obs column of --holdout-batches, e.g. plate. \\[default: --batch-key]"),
-    ] = None,
-    replicate_key: Annotated[
-        str | None,
-        typer.Option(
-            help="The replicate unit in place of the guide, e.g. plate,well in an arrayed "
-            "screen (one perturbation per well). \\[default: --guide-key]"
-        ),
-    ] = None,
-    compound_key: Annotated[
-        str | None,
-        typer.Option(
-            help="obs column of the compound: adds NSC and NSCB (1-NN accuracy of the "
-            "relationship group on treatment profiles, not the same compound / batch)."
-        ),
-    ] = None,
-    concentration_key: Annotated[
-        str | None,
-        typer.Option(help="obs column of the concentration: treatment = compound x concentration."),
-    ] = None,
-    standardize_key: Annotated[
-        str | None,
-        typer.Option(
-            help="Standardise NSC/NSCB profiles to the control cells of the same COLUMN value "
-            "(e.g. plate). \\[default: not standardised]"
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of every subsample, split and draw.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    **options: Any,
 ) -> None:
     """The paper's tasks (CORUM, well F1) and the field's metrics (mAP, batch mixing, overall)."""
     from scbd_cells.evaluation.report import evaluate as run_evaluate
 
-    result = run_evaluate(
-        embeddings,
-        corum=corum,
-        out=out,
-        keys=key,
-        labels=label,
-        control=control,
-        perturbation_key=perturbation_key,
-        guide_key=guide_key,
-        batch_key=batch_key,
-        max_cells=max_cells,
-        mixing_cells=mixing_cells,
-        max_replicates=max_replicates,
-        null_size=null_size,
-        umap=umap,
-        holdout_batches=_split_csv(holdout_batches),
-        holdout_key=holdout_key,
-        replicate_key=replicate_key,
-        compound_key=compound_key,
-        concentration_key=concentration_key,
-        standardize_key=standardize_key,
-        seed=seed,
-        overwrite=overwrite,
-    )
+    result = run_evaluate(embeddings, **_split_lists(EvaluateOptions, options))
     _print_table(result.table, relationships=result.metrics["settings"]["relationships"])
     for text in result.metrics.get("warnings", {}).values():
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
@@ -914,6 +678,7 @@ def evaluate(
 
 
 @app.command(cls=_Command)
+@options_from(CorrectOptions)
 def correct(
     profiles: Annotated[
         Path,
@@ -922,41 +687,7 @@ def correct(
             "table (.parquet/.csv)."
         ),
     ],
-    method: Annotated[
-        Literal["harmony", "sphering", "combat", "center-scale"],
-        typer.Option(help="harmony, sphering (ZCA on the controls), combat, center-scale."),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            help="Corrected AnnData to write (.h5ad or .zarr); from a table, also a table "
-            "(.parquet/.csv)."
-        ),
-    ],
-    batch_key: Annotated[
-        str, typer.Option(help="obs column of the batch corrected for (not used by sphering).")
-    ] = "batch",
-    key: Annotated[str, typer.Option(help="X or the obsm key to correct (e.g. X_features).")] = (
-        "X"
-    ),
-    control: Annotated[
-        str | None,
-        typer.Option(help="Control label for sphering. \\[default: from the file or nontargeting]"),
-    ] = None,
-    perturbation_key: Annotated[
-        str, typer.Option(help="obs column holding the control label.")
-    ] = "perturbation",
-    reference: Annotated[
-        Path | None,
-        typer.Option(
-            help="harmony only: an earlier `correct --method harmony` output (the reference "
-            "plates). PROFILES (a new plate, in the same space: `baseline --reference`, or the "
-            "same SCBD run) are mapped onto that fit, Symphony-style, instead of refitting; "
-            "the reference's profiles never change. Default: fit Harmony on PROFILES."
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of Harmony.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    **options: Any,
 ) -> None:
     """A standard batch correction of cell profiles (the JUMP benchmark's comparators).
 
@@ -965,18 +696,8 @@ def correct(
     """
     from scbd_cells.profiles.corrections import correct as run_correct
 
-    result = run_correct(
-        profiles,
-        method=method,
-        out=out,
-        batch_key=batch_key,
-        key=key,
-        control=control,
-        perturbation_key=perturbation_key,
-        reference=reference,
-        seed=seed,
-        overwrite=overwrite,
-    )
+    result = run_correct(profiles, **options)
+    reference = options["reference"]
     mapped = f" mapped onto {reference}" if reference is not None else ""
     stdout.print(
         f"[green]Corrected[/] {result.n_cells:,} cells x {result.n_features} features with "
@@ -985,37 +706,18 @@ def correct(
 
 
 @app.command(cls=_Command)
+@options_from(ExportOptions)
 def export(
     embedding: Annotated[
         Path,
         typer.Argument(help="Cell-level AnnData (.h5ad/.zarr), or a pycytominer .parquet/.csv."),
     ],
-    level: Annotated[
-        Literal["cell", "well", "guide", "gene"],
-        typer.Option(help="cell, well, guide (guide x well) or gene (gene x well)."),
-    ],
-    out: Annotated[Path, typer.Option(help="Table to write: .parquet or .csv.")],
-    key: Annotated[str, typer.Option(help="X or an obsm key (e.g. X_features).")] = "X",
-    perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = (
-        "perturbation"
-    ),
-    guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
-    batch_key: Annotated[str, typer.Option(help="obs column of the batch (well).")] = "batch",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing table.")] = False,
+    **options: Any,
 ) -> None:
     """Profiles with Metadata_ columns, for pycytominer and copairs (docs/evaluation.md)."""
     from scbd_cells.profiles.exports import export as run_export
 
-    result = run_export(
-        embedding,
-        level=level,
-        out=out,
-        key=key,
-        perturbation_key=perturbation_key,
-        guide_key=guide_key,
-        batch_key=batch_key,
-        overwrite=overwrite,
-    )
+    result = run_export(embedding, **options)
     stdout.print(
         f"[green]Exported[/] {result.n_rows:,} {result.level} profiles x {result.n_features} "
         f"features -> {result.out_path}"
@@ -1023,37 +725,14 @@ def export(
 
 
 @app.command(cls=_Command)
+@options_from(DemoOptions)
 def demo(
-    out: Annotated[Path, typer.Option(help="Demo folder (new or empty).")] = Path("scbd-demo"),
-    preset: Annotated[
-        Literal["demo", "tiny"], typer.Option(help="Simulator preset: demo, or tiny (smoke test).")
-    ] = "demo",
-    seed: Annotated[int, typer.Option(help="Seed of everything; same seed, same table.")] = 0,
-    alpha: Annotated[
-        float | None,
-        typer.Option(help="Invariance weight of the SCBD model. \\[default: the demo's own]"),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(help="Training steps per model. \\[default: the demo training options]"),
-    ] = None,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    workers: Annotated[int, typer.Option(help="Processes simulating, threads reading images.")] = 2,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = False,
+    **options: Any,
 ) -> None:
     """Simulate -> ingest -> train (alpha=0 and default) -> embed -> baseline -> evaluate."""
     from scbd_cells.pipeline import demo as run_demo
 
-    result = run_demo(
-        out=out,
-        preset=preset,
-        seed=seed,
-        alpha=alpha,
-        steps=steps,
-        device=device,
-        workers=workers,
-        overwrite=overwrite,
-    )
+    result = run_demo(**options)
     _print_table(result.table)
     stdout.print(
         f"Report: {result.report_path.with_name('report.html')} (and report.md; total "
@@ -1062,32 +741,13 @@ def demo(
 
 
 @app.command(cls=_Command)
+@options_from(ReconstructOptions)
 def reconstruct(
     run_dir: Annotated[
         Path, typer.Argument(help="Training run folder trained with --decoder (or its .pt).")
     ],
     store: Annotated[Path, typer.Argument(help="Store whose cells are drawn (any plate).")],
-    out: Annotated[Path, typer.Option(help="Folder for the PNG grids and index.csv.")],
-    cells: Annotated[
-        int, typer.Option(help="Cells per perturbation in the reconstruction grid.")
-    ] = 4,
-    seed: Annotated[int, typer.Option(help="Seed of the cells and wells chosen.")] = 0,
-    perturbations: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated perturbations to show (the control is added). Default: the "
-            "4 whose mean z_c lies farthest from the control's."
-        ),
-    ] = None,
-    wells: Annotated[int, typer.Option(help="Other wells whose z_s is swapped in.")] = 5,
-    which: Annotated[
-        Literal["best", "last"],
-        typer.Option(help="Checkpoint of the run: best (lowest val loss) or last."),
-    ] = "best",
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace pictures an earlier reconstruct wrote in --out.")
-    ] = False,
+    **options: Any,
 ) -> None:
     """Pictures of what z_c and z_s hold: reconstructions and swaps from the decoder.
 
@@ -1097,18 +757,7 @@ def reconstruct(
     """
     from scbd_cells.embedding.reconstruction import reconstruct as run_reconstruct
 
-    result = run_reconstruct(
-        run_dir,
-        store,
-        out=out,
-        cells=cells,
-        seed=seed,
-        perturbations=_split_csv(perturbations),
-        wells=wells,
-        which=which,
-        device=device,
-        overwrite=overwrite,
-    )
+    result = run_reconstruct(run_dir, store, **_split_lists(ReconstructOptions, options))
     stdout.print(
         f"[green]Drew[/] {', '.join(result.perturbations)} -> {result.out_dir} "
         f"({', '.join(path.name for path in result.figure_paths.values())}, index.csv)"
@@ -1148,53 +797,10 @@ def _print_sweep(result: Any) -> None:
 
 @app.command(cls=_Command)
 @options_from(TrainConfig, exclude=("alpha",), unset=True)
+@options_from(SweepOptions)
 def sweep(
     store_path: Annotated[Path, typer.Argument(help="Store written by `scbd-cells ingest`.")],
-    out: Annotated[
-        Path,
-        typer.Option(
-            help="Sweep folder: one run per alpha, embeddings, reports, sweep.csv, tradeoff.png, "
-            "sweep.md. Rerun the same command to continue an unfinished sweep."
-        ),
-    ],
-    corum: Annotated[
-        Path,
-        typer.Option(
-            help="Complexes file for the evaluation (CORUM 3.x/4.x/5.x, two-column or GMT); "
-            "reporting only, the recommended alpha never reads it."
-        ),
-    ],
-    alpha: Annotated[
-        str, typer.Option(help="Comma-separated alphas to train (0 is added when missing).")
-    ] = "0,0.3,1,3,10",
-    reference: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="AnnData of a conventional pipeline (baseline, correct), drawn beside the "
-            "alphas; repeat for several."
-        ),
-    ] = None,
-    margin: Annotated[
-        float,
-        typer.Option(
-            help="Recommend the largest alpha whose val perturbation SupCon loss keeps at least "
-            "1 - MARGIN of the sweep's largest fall below log(val batch size) "
-            "(docs/training.md, Choosing alpha)."
-        ),
-    ] = 0.5,
-    control: Annotated[
-        str | None,
-        typer.Option(
-            help="Non-targeting control label for the evaluation. \\[default: the store's]"
-        ),
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="YAML train options (e.g. a run's config.yaml); CLI wins.")
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Start over: replace an earlier sweep in --out.")
-    ] = False,
-    **train_options: Any,
+    **options: Any,
 ) -> None:
     """Train, embed and evaluate SCBD at several alphas; draw the trade-off, recommend one.
 
@@ -1202,21 +808,9 @@ def sweep(
     """
     from scbd_cells.training.sweeping import sweep as run_sweep
 
-    alphas = _split_numbers(
-        alpha, option="--alpha", expected="numbers separated by commas, e.g. 0,0.3,1,3,10"
-    )
-    result = run_sweep(
-        store_path,
-        out=out,
-        corum=corum,
-        alpha=alphas,
-        reference=reference or [],
-        margin=margin,
-        control=control,
-        config_path=config,
-        overwrite=overwrite,
-        **train_options,
-    )
+    options = _split_lists(SweepOptions, options)
+    options["reference"] = options["reference"] or []
+    result = run_sweep(store_path, **options)
     if result.interrupted:
         stdout.print("[yellow]Interrupted[/]; run the same command again to continue.")
         raise typer.Exit(130)

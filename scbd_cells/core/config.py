@@ -450,3 +450,327 @@ def validated(model: type[BaseModel], options: Mapping[str, Any], *, command: st
         raise InputError(
             f"invalid {command} options ({problems}). See `scbd-cells {command} --help`."
         ) from error
+
+
+# --- the other commands: one model each, from which scbd_cells.cli derives the options ---
+class SimulateOptions(BaseModel):
+    """The options of ``scbd-cells simulate``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: Literal["tiny", "demo", "large"] = Field(
+        "demo", description="tiny (tests, 1.4k cells), demo (15k cells, 64 px), large (1M, 32 px)."
+    )
+    layout: Literal["crops", "fields", "arrayed"] = Field(
+        "crops",
+        description="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y; arrayed: an "
+        "arrayed screen (compound x concentration per well, DMSO wells, plates in "
+        "batches, moa.gmt) as crops.",
+    )
+    seed: int = Field(0, description="Random seed; same seed, identical files.")
+    workers: int = Field(2, description="Processes drawing and writing images at once.")
+    overwrite: bool = Field(False, description="Replace an existing simulated screen in OUT_DIR.")
+    preview: bool = Field(False, description="Also write OUT_DIR/preview.png (example cells).")
+    n_genes: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Targeted genes"
+    )
+    n_complexes: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Protein complexes"
+    )
+    guides_per_gene: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Guides per gene"
+    )
+    control_guides: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Control guides"
+    )
+    cells_per_guide: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Cells per targeting guide"
+    )
+    control_cells_per_guide: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Cells per non-targeting guide"
+    )
+    plates: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Plates"
+    )
+    wells_per_plate: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Wells per plate"
+    )
+    crop_size: Annotated[int | None, Flag(default_text="set by --preset")] = Field(
+        None, description="Crop side in px, >= 16"
+    )
+    effect_strength: Annotated[float | None, Flag(default_text="demo 3, other presets 1")] = Field(
+        None, description="Gene effect multiplier (0 = no biology)."
+    )
+    batch_strength: float | None = Field(
+        None, description="Well effect multiplier (1 = default, 0 = none)."
+    )
+    holdout_plates: Annotated[int | None, Flag(default_text="0")] = Field(
+        None,
+        description="Hold out the last K plates: technical effects unlike any other plate's (a new "
+        "plate); cells.csv gets a 'holdout' column (docs/new-plates.md).",
+    )
+
+
+class InfoOptions(BaseModel):
+    """The options of ``scbd-cells info``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    json_output: Annotated[bool, Flag(names=("--json",))] = Field(
+        False, description="Print JSON instead of a table."
+    )
+    verify: bool = Field(
+        False,
+        description="Read every chunk and check its checksum; list damaged cell ranges (exit 1 if "
+        "any).",
+    )
+    workers: int = Field(2, description="Threads reading chunks (with --verify).")
+
+
+class EmbedOptions(BaseModel):
+    """The options of ``scbd-cells embed``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path = Field(description="Cells AnnData to write: .h5ad or .zarr.")
+    aggregate: bool = Field(
+        False, description="Also write guides.h5ad and genes.h5ad beside --out."
+    )
+    representation: Literal["projection", "encoder"] = Field(
+        "projection", description="projection (z only) or encoder (also r_c, r_s in obsm)."
+    )
+    batch_size: int = Field(1024, description="Cells per forward pass.")
+    device: str = Field("auto", description=DEVICE_HELP)
+    which: Literal["best", "last"] = Field(
+        "best", description="Checkpoint of the run: best (lowest val loss) or last."
+    )
+    workers: int = Field(2, description="Threads reading the store.")
+    overwrite: bool = Field(False, description="Replace existing outputs.")
+
+
+class BaselineOptions(BaseModel):
+    """The options of ``scbd-cells baseline``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path = Field(description="AnnData to write: .h5ad or .zarr.")
+    n_components: int = Field(64, description="PCA dimensions.")
+    nucleus_channel: Annotated[str | None, Flag(default_text="one named dna/dapi/hoechst")] = Field(
+        None, description="Channel to segment nuclei on."
+    )
+    batch_size: int = Field(4096, description="Cells measured at a time.")
+    normalize: Literal["store", "batch"] = Field(
+        "store",
+        description="store: standardise each feature over all cells (no batch correction); batch: "
+        "within each well (the usual CellProfiler post-processing).",
+    )
+    features: Literal["handcrafted", "cellprofiler"] = Field(
+        "handcrafted",
+        description="handcrafted: 78 numpy measurements (fast); cellprofiler: CellProfiler's own "
+        "size/shape, intensity and texture measurements with cp-measure (slower).",
+    )
+    reference: Path | None = Field(
+        None,
+        description="An earlier baseline (e.g. of the training plates): measure this store in its "
+        "space, with its channel ranges, standardisation and PCA loadings, none "
+        "refitted (a new plate beside earlier ones; `correct --reference`). Default: "
+        "fit them on this store.",
+    )
+    seed: int = Field(0, description="Seed of the PCA solver.")
+    overwrite: bool = Field(False, description="Replace an existing output.")
+
+
+class EvaluateOptions(BaseModel):
+    """The options of ``scbd-cells evaluate``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    corum: Path = Field(
+        description="Complexes file (CORUM 3.x/4.x/5.x) or any relationship groups, e.g. "
+        "mechanisms of action (GMT or two-column; reported as 'relationships (FILE)')."
+    )
+    out: Path = Field(description="Report folder to write.")
+    keys: Annotated[list[str] | None, Flag(default_text="X", names=("--key",))] = Field(
+        None, description="X or an obsm key, once for all files or once per file."
+    )
+    labels: Annotated[list[str] | None, Flag(default_text="the file stem", names=("--label",))] = (
+        Field(None, description="Name in the table, once per file.")
+    )
+    control: Annotated[str | None, Flag(default_text="from the file or nontargeting")] = Field(
+        None, description="Non-targeting control label."
+    )
+    perturbation_key: str = Field("perturbation", description="obs column of the gene.")
+    guide_key: str = Field("guide", description="obs column of the guide.")
+    batch_key: str = Field("batch", description="obs column of the batch (well).")
+    max_cells: int | None = Field(
+        50000, description="Cells (seeded subsample) for the well classifier."
+    )
+    mixing_cells: int | None = Field(
+        10000, description="Cells (seeded subsample) for iLISI, kBET, silhouette, connectivity."
+    )
+    max_replicates: int | None = Field(
+        16, description="Guide x well profiles per gene (and controls per well) for mAP."
+    )
+    null_size: int = Field(10000, description="Permutations for the mAP p-values (copairs).")
+    umap: bool = Field(True, description="Draw umap.png (about 30 s on 2 cores).")
+    holdout_batches: Annotated[list[str] | None, Flag(csv=True)] = Field(
+        None,
+        description="Comma-separated values of --holdout-key marking held-out cells (a new plate): "
+        "CORUM from their cells alone, well F1 among their wells and how they mix with "
+        "the rest, reported apart (docs/new-plates.md).",
+    )
+    holdout_key: Annotated[str | None, Flag(default_text="--batch-key")] = Field(
+        None, description="obs column of --holdout-batches, e.g. plate."
+    )
+    replicate_key: Annotated[str | None, Flag(default_text="--guide-key")] = Field(
+        None,
+        description="The replicate unit in place of the guide, e.g. plate,well in an arrayed "
+        "screen (one perturbation per well).",
+    )
+    compound_key: str | None = Field(
+        None,
+        description="obs column of the compound: adds NSC and NSCB (1-NN accuracy of the "
+        "relationship group on treatment profiles, not the same compound / batch).",
+    )
+    concentration_key: str | None = Field(
+        None, description="obs column of the concentration: treatment = compound x concentration."
+    )
+    standardize_key: Annotated[str | None, Flag(default_text="not standardised")] = Field(
+        None,
+        description="Standardise NSC/NSCB profiles to the control cells of the same COLUMN value "
+        "(e.g. plate).",
+    )
+    seed: int = Field(0, description="Seed of every subsample, split and draw.")
+    overwrite: bool = Field(False, description="Replace an existing report folder.")
+
+
+class CorrectOptions(BaseModel):
+    """The options of ``scbd-cells correct``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["harmony", "sphering", "combat", "center-scale"] = Field(
+        description="harmony, sphering (ZCA on the controls), combat, center-scale."
+    )
+    out: Path = Field(
+        description="Corrected AnnData to write (.h5ad or .zarr); from a table, also a table "
+        "(.parquet/.csv)."
+    )
+    batch_key: str = Field(
+        "batch", description="obs column of the batch corrected for (not used by sphering)."
+    )
+    key: str = Field("X", description="X or the obsm key to correct (e.g. X_features).")
+    control: Annotated[str | None, Flag(default_text="from the file or nontargeting")] = Field(
+        None, description="Control label for sphering."
+    )
+    perturbation_key: str = Field(
+        "perturbation", description="obs column holding the control label."
+    )
+    reference: Path | None = Field(
+        None,
+        description="harmony only: an earlier `correct --method harmony` output (the reference "
+        "plates). PROFILES (a new plate, in the same space: `baseline --reference`, or "
+        "the same SCBD run) are mapped onto that fit, Symphony-style, instead of "
+        "refitting; the reference's profiles never change. Default: fit Harmony on "
+        "PROFILES.",
+    )
+    seed: int = Field(0, description="Seed of Harmony.")
+    overwrite: bool = Field(False, description="Replace an existing output.")
+
+
+class ExportOptions(BaseModel):
+    """The options of ``scbd-cells export``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    level: Literal["cell", "well", "guide", "gene"] = Field(
+        description="cell, well, guide (guide x well) or gene (gene x well)."
+    )
+    out: Path = Field(description="Table to write: .parquet or .csv.")
+    key: str = Field("X", description="X or an obsm key (e.g. X_features).")
+    perturbation_key: str = Field("perturbation", description="obs column of the gene.")
+    guide_key: str = Field("guide", description="obs column of the guide.")
+    batch_key: str = Field("batch", description="obs column of the batch (well).")
+    overwrite: bool = Field(False, description="Replace an existing table.")
+
+
+class DemoOptions(BaseModel):
+    """The options of ``scbd-cells demo``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path = Field(Path("scbd-demo"), description="Demo folder (new or empty).")
+    preset: Literal["demo", "tiny"] = Field(
+        "demo", description="Simulator preset: demo, or tiny (smoke test)."
+    )
+    seed: int = Field(0, description="Seed of everything; same seed, same table.")
+    alpha: Annotated[float | None, Flag(default_text="the demo's own")] = Field(
+        None, description="Invariance weight of the SCBD model."
+    )
+    steps: Annotated[int | None, Flag(default_text="the demo training options")] = Field(
+        None, description="Training steps per model."
+    )
+    device: str = Field("auto", description=DEVICE_HELP)
+    workers: int = Field(2, description="Processes simulating, threads reading images.")
+    overwrite: bool = Field(False, description="Replace an earlier demo in --out.")
+
+
+class ReconstructOptions(BaseModel):
+    """The options of ``scbd-cells reconstruct``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path = Field(description="Folder for the PNG grids and index.csv.")
+    cells: int = Field(4, description="Cells per perturbation in the reconstruction grid.")
+    seed: int = Field(0, description="Seed of the cells and wells chosen.")
+    perturbations: Annotated[list[str] | None, Flag(csv=True)] = Field(
+        None,
+        description="Comma-separated perturbations to show (the control is added). Default: the 4 "
+        "whose mean z_c lies farthest from the control's.",
+    )
+    wells: int = Field(5, description="Other wells whose z_s is swapped in.")
+    which: Literal["best", "last"] = Field(
+        "best", description="Checkpoint of the run: best (lowest val loss) or last."
+    )
+    device: str = Field("auto", description=DEVICE_HELP)
+    overwrite: bool = Field(
+        False, description="Replace pictures an earlier reconstruct wrote in --out."
+    )
+
+
+class SweepOptions(BaseModel):
+    """The options of ``scbd-cells sweep``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    out: Path = Field(
+        description="Sweep folder: one run per alpha, embeddings, reports, sweep.csv, "
+        "tradeoff.png, sweep.md. Rerun the same command to continue an unfinished "
+        "sweep."
+    )
+    corum: Path = Field(
+        description="Complexes file for the evaluation (CORUM 3.x/4.x/5.x, two-column or GMT); "
+        "reporting only, the recommended alpha never reads it."
+    )
+    alpha: Annotated[tuple[float, ...], Flag(csv=True)] = Field(
+        (0.0, 0.3, 1.0, 3.0, 10.0),
+        description="Comma-separated alphas to train (0 is added when missing).",
+    )
+    reference: list[Path] | None = Field(
+        None,
+        description="AnnData of a conventional pipeline (baseline, correct), drawn beside the "
+        "alphas; repeat for several.",
+    )
+    margin: float = Field(
+        0.5,
+        description="Recommend the largest alpha whose val perturbation SupCon loss keeps at least "
+        "1 - MARGIN of the sweep's largest fall below log(val batch size) "
+        "(docs/training.md, Choosing alpha).",
+    )
+    control: Annotated[str | None, Flag(default_text="the store's")] = Field(
+        None, description="Non-targeting control label for the evaluation."
+    )
+    config_path: Annotated[Path | None, Flag(names=("--config",))] = Field(
+        None, description="YAML train options (e.g. a run's config.yaml); CLI wins."
+    )
+    overwrite: bool = Field(False, description="Start over: replace an earlier sweep in --out.")
