@@ -8,20 +8,17 @@ raises, logs and never exits.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import sys
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from typer.core import TyperCommand, TyperGroup
 
 from scbd_cells import __version__
+from scbd_cells.core.commandline import Command, Group, options_from, split_lists
 from scbd_cells.core.config import (
     BaselineOptions,
     CorrectOptions,
@@ -39,108 +36,13 @@ from scbd_cells.core.config import (
 from scbd_cells.core.errors import ScbdError
 from scbd_cells.core.progress import set_quiet
 
-# Options of the whole program that are also accepted after the subcommand
-# (``scbd-cells ingest ... --quiet``).
-GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
 # One wording per option across commands.
 STORE_URL_HELP = "A local path, or an s3:// or gs:// URL (docs/scaling.md)."
 
 
-class _Group(TyperGroup):
-    """The program: moves -q/-v given after the subcommand in front of it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _conventional_metavars(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        end = args.index("--") if "--" in args else len(args)
-        flags = [arg for arg in args[:end] if arg in GLOBAL_FLAGS]
-        rest = [arg for arg in args[:end] if arg not in GLOBAL_FLAGS]
-        return super().parse_args(ctx, flags + rest + args[end:])
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except typer.BadParameter as error:
-            error.message = _did_you_mean_choice(error.message)
-            raise
-
-
-def _did_you_mean_choice(message: str) -> str:
-    """``'harmoni' is not one of 'harmony', ...`` gains ``Did you mean 'harmony'?``."""
-    import difflib
-
-    found = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
-    if found is None:
-        return message
-    choices = re.findall(r"'([^']*)'", found.group(2))
-    close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
-    return f"{message} Did you mean {close[0]!r}?" if close else message
-
-
-# Typer's type names (<int>, <list[Path]>) as the usual upper-case metavars
-_METAVARS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH", "Path": "PATH",
-             "bool": "", "file": "FILE", "dir": "DIRECTORY"}  # fmt: skip
-
-
-def _no_type(ctx: Any) -> None:
-    return None
-
-
-def _conventional_metavars(params: list[Any]) -> None:
-    """Upper-case names for arguments and values, none for on/off flags, choices in brackets."""
-    for param in params:
-        if param.metavar is not None:
-            continue
-        if param.param_type_name == "argument":
-            param.metavar = param.name.upper()
-            param.display_type_rich = _no_type  # the upper-case name says it, as in click
-        elif getattr(param, "is_flag", False):
-            param.metavar = ""
-        else:
-            label = param.display_type(None).strip("<>")
-            inner = re.fullmatch(r"list\[(.*)\]", label)
-            label = inner.group(1) if inner else label
-            param.metavar = _METAVARS.get(label, f"[{label}]" if "|" in label else label.upper())
-
-
-class _Command(TyperCommand):
-    """A subcommand whose help follows the usual conventions.
-
-    Arguments show as upper-case names (``TABLE``, ``OUT_DIR``), on the usage line
-    too; on/off flags show no type.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _conventional_metavars(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name != "argument":
-                continue
-            name = param.metavar + ("..." if param.nargs != 1 else "")
-            pieces.append(name if param.required else f"[{name}]")
-        return pieces
-
-
 app = typer.Typer(
     name="scbd-cells",
-    cls=_Group,
+    cls=Group,
     help=(
         "Batch correction for single-cell image screens (optical pooled screens, Cell Painting) "
         "with Supervised Contrastive Block Disentanglement.\n\n"
@@ -219,11 +121,10 @@ def configure_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
 
-def _split_csv(value: str | None) -> list[str] | None:
-    """``"a,b, c"`` -> ``["a", "b", "c"]``; None stays None."""
-    if value is None:
-        return None
-    return [part.strip() for part in value.split(",") if part.strip()]
+def _print_all(views: list) -> None:
+    """Rich tables, one after another, on stdout."""
+    for view in views:
+        stdout.print(view)
 
 
 def store_argument(value: str) -> Path | str:
@@ -250,117 +151,12 @@ def refuse_object_storage_out(out: str) -> None:
         )
 
 
-def _split_numbers(value: str | None, *, option: str, expected: str) -> list[float]:
-    """``"0.3,1"`` -> ``[0.3, 1.0]``; a word is a usage error naming ``option``."""
-    from scbd_cells.core.errors import InputError
-
-    try:
-        return [float(part) for part in _split_csv(value) or []]
-    except ValueError as error:
-        raise InputError(f"{option} must be {expected} ({error}).") from None
-
-
-# ---------------------------------------------------------------------------
-# Options derived from the config models: each declared once, as a model field.
-# ---------------------------------------------------------------------------
-
-
-def _flag_of(field: Any) -> Any:
-    from scbd_cells.core.config import Flag
-
-    return next((item for item in field.metadata if isinstance(item, Flag)), Flag())
-
-
-def _shown_default(name: str, default: Any) -> str:
-    """A default as the help shows it; an on/off flag's as click writes it (no-decoder)."""
-    if isinstance(default, bool):
-        return name.replace("_", "-") if default else f"no-{name.replace('_', '-')}"
-    return str(default)
-
-
-def _csv(values: Any) -> str:
-    """``(0.0, 0.3, 10.0)`` -> ``"0,0.3,10"``: a list option's default as it is typed."""
-    return ",".join(format(v, "g") if isinstance(v, float) else str(v) for v in values)
-
-
-def _option_parameter(name: str, field: Any, *, unset: bool) -> inspect.Parameter:
-    """The Typer option of one model field.
-
-    ``unset``: the option defaults to None (so YAML and the environment can apply) and the
-    help names the model's default; otherwise the option's default is the field's.
-    """
-    from pydantic_core import PydanticUndefined
-
-    flag = _flag_of(field)
-    annotation: Any = field.annotation
-    if flag.choices:
-        annotation = Literal[flag.choices]
-    default = flag.cli_default if flag.cli_default is not None else field.default
-    if flag.csv:
-        annotation = str | None
-        default = None if default is None else _csv(default)
-    shown = flag.default_text
-    if unset and shown is None and flag.show_default:
-        shown = _shown_default(name, default)
-    help_text = (field.description or "") + (f" \\[default: {shown}]" if shown else "")
-    names = flag.names
-    if annotation is bool and not names:
-        names = (f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",)
-    if unset:
-        annotation, default = annotation | None, None
-    option = typer.Option(*names, help=help_text, hidden=flag.hidden)
-    return inspect.Parameter(
-        name,
-        inspect.Parameter.KEYWORD_ONLY,
-        annotation=Annotated[annotation, option],
-        default=inspect.Parameter.empty if default is PydanticUndefined else default,
-    )
-
-
-def options_from(model: Any, *, exclude: tuple[str, ...] = (), unset: bool = False) -> Any:
-    """Give a command one option per field of ``model`` (but ``exclude``), after its own.
-
-    The command receives them in its ``**options``; Typer reads the options from the
-    command's ``__signature__``. Adding a field to the model adds the option.
-    """
-
-    def decorate(command: Any) -> Any:
-        own = inspect.signature(command, eval_str=True)
-        kept = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-        derived = [
-            _option_parameter(name, field, unset=unset)
-            for name, field in model.model_fields.items()
-            if name not in exclude
-        ]
-        command.__signature__ = own.replace(parameters=[*kept, *derived])
-        return command
-
-    return decorate
-
-
-
-def _split_lists(model: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """The comma-separated options of ``model`` (``Flag(csv=True)``) as lists."""
-    split = dict(options)
-    for name, field in model.model_fields.items():
-        if name not in split or not _flag_of(field).csv:
-            continue
-        if float in typing.get_args(field.annotation):  # tuple[float, ...]
-            split[name] = _split_numbers(
-                split[name],
-                option="--" + name.replace("_", "-"),
-                expected=f"numbers separated by commas, e.g. {_csv(field.default)}",
-            )
-        else:
-            split[name] = _split_csv(split[name])
-    return split
-
 # ---------------------------------------------------------------------------
 # Subcommands. Keep each one short: parse, call the library, print a summary.
 # ---------------------------------------------------------------------------
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(SimulateOptions)
 def simulate(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the screen to (new or empty).")],
@@ -381,7 +177,7 @@ def simulate(
         stdout.print(f"Preview: {result.preview_path}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(IngestOptions)
 def ingest(
     table: Annotated[
@@ -399,7 +195,7 @@ def ingest(
     from scbd_cells.data.ingest import ingest as run_ingest
 
     refuse_object_storage_out(out)
-    result = run_ingest(table, out=Path(out), **_split_lists(IngestOptions, options))
+    result = run_ingest(table, out=Path(out), **split_lists(IngestOptions, options))
     if result.already_complete:
         stdout.print(
             f"[green]Already complete[/]: {result.store_path} holds {result.n_cells:,} cells "
@@ -422,7 +218,7 @@ def ingest(
         stdout.print(f"[yellow]{result.n_blank:,} cells are entirely zero[/] (kept; check them).")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(InfoOptions)
 def info(
     store: Annotated[
@@ -490,7 +286,7 @@ def info(
     stdout.print(table)
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(TrainConfig, unset=True)
 def train(
     store_path: Annotated[
@@ -530,7 +326,7 @@ def train(
     stdout.print(f"[green]Trained[/] -> {result.best_checkpoint_path}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(EmbedOptions)
 def embed(
     run_dir: Annotated[Path, typer.Argument(help="Training run folder (or a checkpoint .pt).")],
@@ -549,7 +345,7 @@ def embed(
         stdout.print(f"Profiles: {result.guides_path}, {result.genes_path}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(BaselineOptions)
 def baseline(
     store: Annotated[str, typer.Argument(help=f"Store to measure. {STORE_URL_HELP}")],
@@ -566,96 +362,7 @@ def baseline(
     )
 
 
-def _print_table(table, *, relationships: str = "CORUM") -> None:
-    from scbd_cells.evaluation.pages import FIELD_COLUMNS
-
-    paper = [
-        ("embedding", "embedding", "s"),
-        ("corum_auprc", "AUPRC", ".4f"),
-        ("corum_recall_5_95", "recall@5/95", ".3f"),
-        ("well_f1", "well F1", ".3f"),
-        ("well_f1_chance", "chance", ".3f"),
-        ("n_genes", "genes", "d"),
-        ("n_cells", "cells", ",d"),
-    ]
-    title = f"Evaluation ({relationships} AUPRC, recall: higher is better; well F1: lower)"
-    _print_fitted(_rich_tables(title, table, paper, arrows=False))
-    if "overall" in table:
-        title = "The field's metrics (JUMP benchmark; all: higher is better)"
-        _print_fitted(_rich_tables(title, table, FIELD_COLUMNS, arrows=False))
-    if "nsc" in table:
-        from scbd_cells.evaluation.moa import MOA_COLUMNS
-
-        title = "Mechanism of action: 1-NN accuracy, not same compound (NSC) / or batch (NSCB)"
-        _print_fitted(_rich_tables(title, table, MOA_COLUMNS, arrows=True))
-    if "heldout_corum_auprc" in table:
-        from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS
-
-        title = "Held-out batches, apart from the rest"
-        _print_fitted(_rich_tables(title, table, HOLDOUT_COLUMNS, arrows=True))
-
-
-def _print_fitted(views: list) -> None:
-    for view in views:
-        stdout.print(view)
-
-
-def _rich_tables(
-    title: str,
-    table,
-    columns: list[tuple[str, str, str]],
-    *,
-    arrows: bool,
-    width: int | None = None,
-) -> list:
-    """``table``'s ``(column, header, format)`` as Rich tables that fit ``width`` columns.
-
-    No number is squeezed to ``0.…`` and no name is cut: when the columns do not fit the
-    console (80 columns in a log or a pipe) the table is split into parts of whole columns,
-    each repeating the first (the embedding's name).
-    """
-    from rich.table import Table
-
-    width = width or stdout.width
-    headers = [header if arrows else header.replace(" ↑", "") for _, header, _ in columns]
-    cells = [
-        [
-            str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
-            for c, _, f in columns
-        ]
-        for _, row in table.iterrows()
-    ]
-
-    def needed(i: int) -> int:  # the widest value or header word, plus the borders
-        words = [len(word) for word in headers[i].split()]
-        return max([*words, *(len(row[i]) for row in cells)]) + 3
-
-    parts: list[list[int]] = [[]]
-    used = 1 + needed(0)
-    for i in range(1, len(columns)):
-        if parts[-1] and used + needed(i) > width:
-            parts.append([])
-            used = 1 + needed(0)
-        parts[-1].append(i)
-        used += needed(i)
-    views = []
-    for number, part in enumerate(parts, start=1):
-        suffix = f" ({number}/{len(parts)})" if len(parts) > 1 else ""
-        view = Table(title=title + suffix)
-        for i in [0, *part]:
-            view.add_column(
-                headers[i],
-                justify="left" if i == 0 else "right",
-                no_wrap=i == 0,
-                width=needed(i) - 3,  # headers wrap between words, values stay whole
-            )
-        for row in cells:
-            view.add_row(*[row[i] for i in [0, *part]])
-        views.append(view)
-    return views
-
-
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(EvaluateOptions)
 def evaluate(
     embeddings: Annotated[
@@ -668,16 +375,18 @@ def evaluate(
     **options: Any,
 ) -> None:
     """The paper's tasks (CORUM, well F1) and the field's metrics (mAP, batch mixing, overall)."""
+    from scbd_cells.evaluation.console import result_tables
     from scbd_cells.evaluation.report import evaluate as run_evaluate
 
-    result = run_evaluate(embeddings, **_split_lists(EvaluateOptions, options))
-    _print_table(result.table, relationships=result.metrics["settings"]["relationships"])
+    result = run_evaluate(embeddings, **split_lists(EvaluateOptions, options))
+    relationships = result.metrics["settings"]["relationships"]
+    _print_all(result_tables(result.table, relationships=relationships, width=stdout.width))
     for text in result.metrics.get("warnings", {}).values():
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     stdout.print(f"Report: {result.out_dir / 'report.html'} (and report.md, metrics.json)")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(CorrectOptions)
 def correct(
     profiles: Annotated[
@@ -705,7 +414,7 @@ def correct(
     )
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(ExportOptions)
 def export(
     embedding: Annotated[
@@ -724,23 +433,24 @@ def export(
     )
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(DemoOptions)
 def demo(
     **options: Any,
 ) -> None:
     """Simulate -> ingest -> train (alpha=0 and default) -> embed -> baseline -> evaluate."""
+    from scbd_cells.evaluation.console import result_tables
     from scbd_cells.pipeline import demo as run_demo
 
     result = run_demo(**options)
-    _print_table(result.table)
+    _print_all(result_tables(result.table, width=stdout.width))
     stdout.print(
         f"Report: {result.report_path.with_name('report.html')} (and report.md; total "
         f"{sum(result.seconds.values()) / 60:.1f} min)"
     )
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(ReconstructOptions)
 def reconstruct(
     run_dir: Annotated[
@@ -757,45 +467,14 @@ def reconstruct(
     """
     from scbd_cells.embedding.reconstruction import reconstruct as run_reconstruct
 
-    result = run_reconstruct(run_dir, store, **_split_lists(ReconstructOptions, options))
+    result = run_reconstruct(run_dir, store, **split_lists(ReconstructOptions, options))
     stdout.print(
         f"[green]Drew[/] {', '.join(result.perturbations)} -> {result.out_dir} "
         f"({', '.join(path.name for path in result.figure_paths.values())}, index.csv)"
     )
 
 
-def _print_sweep(result: Any) -> None:
-    """One line per alpha (and reference): what the rule read and what the evaluation found."""
-    import pandas as pd
-
-    def number(value: Any, fmt: str) -> str:
-        return "–" if value is None or value != value else format(value, fmt)
-
-    rows = [
-        {
-            "alpha": f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
-            "supcon": number(row.val_supcon_perturbation, ".4f"),
-            "kept": number(row.retained, ".0%"),
-            "auprc": number(row.corum_auprc, ".4f"),
-            "well": number(row.well_f1_over_chance, ".2f"),
-            "overall": number(row.overall, ".3f"),
-        }
-        for row in result.table.itertuples(index=False)
-    ]
-    rows += [
-        {"alpha": str(row.embedding), "supcon": "", "kept": "",
-         "auprc": number(row.corum_auprc, ".4f"), "well": number(row.well_f1_over_chance, ".2f"),
-         "overall": number(row.overall, ".3f")}
-        for row in result.references.itertuples(index=False)
-    ]  # fmt: skip
-    columns = [("alpha", "alpha", "s"), ("supcon", "val SupCon(z_c)", "s"),
-               ("kept", "fall kept", "s"), ("auprc", "CORUM AUPRC", "s"),
-               ("well", "well F1 / chance", "s"), ("overall", "overall", "s")]  # fmt: skip
-    title = "Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)"
-    _print_fitted(_rich_tables(title, pd.DataFrame(rows), columns, arrows=False))
-
-
-@app.command(cls=_Command)
+@app.command(cls=Command)
 @options_from(TrainConfig, exclude=("alpha",), unset=True)
 @options_from(SweepOptions)
 def sweep(
@@ -807,14 +486,15 @@ def sweep(
     Every train option below applies to each alpha's run (docs/training.md, Choosing alpha).
     """
     from scbd_cells.training.sweeping import sweep as run_sweep
+    from scbd_cells.training.sweeping import sweep_tables
 
-    options = _split_lists(SweepOptions, options)
+    options = split_lists(SweepOptions, options)
     options["reference"] = options["reference"] or []
     result = run_sweep(store_path, **options)
     if result.interrupted:
         stdout.print("[yellow]Interrupted[/]; run the same command again to continue.")
         raise typer.Exit(130)
-    _print_sweep(result)
+    _print_all(sweep_tables(result, width=stdout.width))
     stdout.print(f"[green]Recommended alpha[/]: {result.reason}")
     stdout.print(f"Sweep: {result.summary_path} (figure {result.figure_path.name})")
 

@@ -866,6 +866,39 @@ def _write_results(
     )
 
 
+def sweep_tables(result: SweepResult, *, width: int) -> list:
+    """The sweep as Rich tables ``width`` columns wide: one line per alpha (and reference),
+    what the rule read and what the evaluation found.
+    """
+    from scbd_cells.evaluation.console import rich_tables
+
+    def number(value: Any, fmt: str) -> str:
+        return "–" if value is None or value != value else format(value, fmt)
+
+    rows = [
+        {
+            "alpha": f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
+            "supcon": number(row.val_supcon_perturbation, ".4f"),
+            "kept": number(row.retained, ".0%"),
+            "auprc": number(row.corum_auprc, ".4f"),
+            "well": number(row.well_f1_over_chance, ".2f"),
+            "overall": number(row.overall, ".3f"),
+        }
+        for row in result.table.itertuples(index=False)
+    ]
+    rows += [
+        {"alpha": str(row.embedding), "supcon": "", "kept": "",
+         "auprc": number(row.corum_auprc, ".4f"), "well": number(row.well_f1_over_chance, ".2f"),
+         "overall": number(row.overall, ".3f")}
+        for row in result.references.itertuples(index=False)
+    ]  # fmt: skip
+    columns = [("alpha", "alpha", "s"), ("supcon", "val SupCon(z_c)", "s"),
+               ("kept", "fall kept", "s"), ("auprc", "CORUM AUPRC", "s"),
+               ("well", "well F1 / chance", "s"), ("overall", "overall", "s")]  # fmt: skip
+    title = "Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)"
+    return rich_tables(title, pd.DataFrame(rows), columns, arrows=False, width=width)
+
+
 def _interrupted(out_dir: Path) -> SweepResult:
     return SweepResult(
         out_dir=out_dir,
