@@ -356,6 +356,67 @@ class IngestOptions(BaseModel):
 
     Each field is declared once: its description is the option's ``--help``. The store's
     content depends on all of them but ``workers``, ``overwrite`` and ``scheduler``.
+
+    Attributes
+    ----------
+    perturbation_column, guide_column, batch_columns, control
+        Label columns (batch columns joined with ``_``) and the control label.
+    image_column
+        Crops: a path per cell to a multi-channel TIFF ((C, H, W) or (H, W, C)),
+        NPY or PNG. Used by default when the table has an ``image_path`` column.
+    channel_columns
+        Crops: one single-channel file per cell and channel.
+    fov_column, fov_channel_columns
+        Fields of view: a multi-channel file per field, or one file per field
+        and channel; needs ``x_column``, ``y_column`` (pixels; x = column) and
+        ``crop_size``. The crop spans ``rint(y) - S // 2`` ... ``+ S - 1``;
+        cells whose crop leaves the field are skipped and counted.
+    channel_names
+        One name per channel (default: the channel columns without ``_path``,
+        else ``ch0, ch1, ...``).
+    resize
+        Store crops at ``resize`` x ``resize`` px (area average when shrinking).
+    workers
+        Parallel workers, each reading, writing and summarising whole chunks:
+        1 is one thread; more are processes (guard a calling script with
+        ``if __name__ == "__main__":``).
+    split_fractions, seed
+        Train/val/test fractions (stratified by perturbation) and the seed of
+        the split and of the order of cells within a class.
+    skip_bad
+        Leave bad rows out (recorded in ``rejected.csv``) instead of stopping.
+    overwrite
+        Replace an existing store.
+    image_root
+        The folder relative image paths resolve against (default: the table's).
+    image_table
+        CellProfiler's per-image table, joined to ``table_path`` (its per-object
+        table) on ``ImageNumber``.
+    channels
+        CellProfiler image names whose ``PathName_<name>``/``FileName_<name>`` columns
+        (also ``Image_``-prefixed) are read as fields, one channel each, in this order.
+        Without any image option, every such pair of the table is read. The centroids
+        are ``[<Object>_]Location_Center_X/Y`` unless ``x_column``/``y_column`` say.
+    cell_id_column
+        The column naming each cell (kept as text).
+    mask_column
+        Fields: a label image per row's field (same grid; 0 = background), a path column
+        or a CellProfiler object/image name. Each row's object is ``label_column``
+        (default ``ObjectNumber``); without centroid columns, its centroid is the mean
+        pixel position of its label. Rows whose label is not in the mask are bad rows.
+    mask_neighbours
+        ``zero``: other objects' pixels in a crop are set to 0 (background kept);
+        ``keep``: crops as cut. Recorded in the store's attributes.
+    label_column
+        The column holding each row's label in its mask.
+    scheduler
+        Read and write the cells on a ``dask.distributed`` cluster instead of
+        this machine's processes: a scheduler address (``tcp://host:8786``), or
+        ``local:N`` for a local cluster of N processes. Its workers write the
+        store directly, so the table, the images and ``out`` must be on a file
+        system every worker sees; ``workers`` then only checks files here.
+        Needs ``pip install "scbd-cells[dask]"``. The store is the one the
+        single-machine path writes (docs/scaling.md).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
