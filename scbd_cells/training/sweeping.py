@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from scbd_cells.core.config import SweepOptions
 from scbd_cells.core.errors import InputError
 from scbd_cells.core.outputs import (
     atomic_path,
@@ -68,9 +69,10 @@ COLLAPSE_MARGIN = 0.001
 # fell 0.0067 at best. The demo's 300-step runs fall 0.07-0.13 at alpha 0-3.
 LEARNED_MARGIN = 0.01
 
-DEFAULT_ALPHAS = (0.0, 0.3, 1.0, 3.0, 10.0)
+# The defaults of `scbd-cells sweep`, declared once on its options
+DEFAULT_ALPHAS: tuple[float, ...] = SweepOptions.model_fields["alpha"].default
 #: Fraction of the sweep's largest fall below log(val batch size) that an alpha may lose.
-DEFAULT_MARGIN = 0.5
+DEFAULT_MARGIN: float = SweepOptions.model_fields["margin"].default
 SWEEP_ENTRIES = (
     "sweep.yaml",
     "runs",
