@@ -41,20 +41,19 @@ from concurrent.futures import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells import __version__
+from scbd_cells.core.config import IngestOptions, validated
 from scbd_cells.core.errors import DataError, InputError, StoreError
 from scbd_cells.core.outputs import check_not_input, check_output, kind_of, output_lock
 from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import cellprofiler_tables, dask_cluster, schema
 from scbd_cells.data.ome_zarr import describe_ome_zarr, is_ome_zarr, read_ome_zarr
 from scbd_cells.data.store import (
-    DEFAULT_BATCH_COLUMNS,
-    DEFAULT_SPLIT_FRACTIONS,
     TABLE_ROW,
     ChannelStats,
     StoreWriter,
@@ -128,7 +127,8 @@ class IngestResult:
 class IngestSpec:
     """Everything that decides a store's content: the table and the options (not the workers).
 
-    Attributes mirror :func:`ingest`'s arguments; ``table`` is absolute.
+    Attributes are :class:`~scbd_cells.core.config.IngestOptions` fields as the store
+    records them (tuples, absolute paths as text); ``table`` is absolute.
     """
 
     table: Path
@@ -155,6 +155,18 @@ class IngestSpec:
     mask_column: str | None = None
     mask_neighbours: str | None = None  # set with mask_column only
     label_column: str | None = None
+
+    @classmethod
+    def from_options(cls, table_path: Path, options: IngestOptions) -> IngestSpec:
+        """The spec of ``options`` (checked :class:`IngestOptions`) for an absolute table."""
+        content = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)[1:]}
+        for name in ("channel_columns", "fov_channel_columns", "channel_names", "channels"):
+            content[name] = content[name] or None  # () as None
+        for name in ("image_root", "image_table"):
+            content[name] = str(Path(content[name]).resolve()) if content[name] else None
+        content["split_fractions"] = check_split_fractions(options.split_fractions)
+        content["mask_neighbours"] = options.mask_neighbours if options.mask_column else None
+        return cls(table=table_path, **content)
 
     def options(self) -> dict:
         """The options as JSON values (what a store records to recognise a rerun)."""
@@ -1291,37 +1303,11 @@ def _image_failure_message(failures: dict[int, str], cell_ids: dict[int, str]) -
 
 
 def ingest(
-    table_path: str | os.PathLike,
-    *,
-    out: str | os.PathLike,
-    perturbation_column: str,
-    guide_column: str | None = None,
-    batch_columns: Sequence[str] = DEFAULT_BATCH_COLUMNS,
-    control: str | None = None,
-    image_column: str | None = None,
-    channel_columns: Sequence[str] | None = None,
-    fov_column: str | None = None,
-    fov_channel_columns: Sequence[str] | None = None,
-    x_column: str | None = None,
-    y_column: str | None = None,
-    crop_size: int | None = None,
-    channel_names: Sequence[str] | None = None,
-    resize: int | None = None,
-    workers: int = 1,
-    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
-    seed: int = 0,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    image_root: str | os.PathLike | None = None,
-    image_table: str | os.PathLike | None = None,
-    channels: Sequence[str] | None = None,
-    cell_id_column: str | None = None,
-    mask_column: str | None = None,
-    mask_neighbours: str = "zero",
-    label_column: str | None = None,
-    scheduler: str | None = None,
+    table_path: str | os.PathLike, *, out: str | os.PathLike, **options: Any
 ) -> IngestResult:
     """Turn a cells table and its images into a store (``scbd-cells ingest``).
+
+    An unknown or ill-typed keyword is an :class:`~scbd_cells.core.errors.InputError`.
 
     Parameters
     ----------
@@ -1335,99 +1321,23 @@ def ingest(
         The store to write (``STORE.zarr``); written as ``STORE.zarr.partial``
         and renamed when complete. Rerunning the same command after a crash
         resumes it.
-    perturbation_column, guide_column, batch_columns, control
-        Label columns (batch columns joined with ``_``) and the control label.
-    image_column
-        Crops: a path per cell to a multi-channel TIFF ((C, H, W) or (H, W, C)),
-        NPY or PNG. Used by default when the table has an ``image_path`` column.
-    channel_columns
-        Crops: one single-channel file per cell and channel.
-    fov_column, fov_channel_columns
-        Fields of view: a multi-channel file per field, or one file per field
-        and channel; needs ``x_column``, ``y_column`` (pixels; x = column) and
-        ``crop_size``. The crop spans ``rint(y) - S // 2`` ... ``+ S - 1``;
-        cells whose crop leaves the field are skipped and counted.
-    channel_names
-        One name per channel (default: the channel columns without ``_path``,
-        else ``ch0, ch1, ...``).
-    resize
-        Store crops at ``resize`` x ``resize`` px (area average when shrinking).
-    workers
-        Parallel workers, each reading, writing and summarising whole chunks:
-        1 is one thread; more are processes (guard a calling script with
-        ``if __name__ == "__main__":``).
-    split_fractions, seed
-        Train/val/test fractions (stratified by perturbation) and the seed of
-        the split and of the order of cells within a class.
-    skip_bad
-        Leave bad rows out (recorded in ``rejected.csv``) instead of stopping.
-    overwrite
-        Replace an existing store.
-    image_root
-        The folder relative image paths resolve against (default: the table's).
-    image_table
-        CellProfiler's per-image table, joined to ``table_path`` (its per-object
-        table) on ``ImageNumber``.
-    channels
-        CellProfiler image names whose ``PathName_<name>``/``FileName_<name>`` columns
-        (also ``Image_``-prefixed) are read as fields, one channel each, in this order.
-        Without any image option, every such pair of the table is read. The centroids
-        are ``[<Object>_]Location_Center_X/Y`` unless ``x_column``/``y_column`` say.
-    cell_id_column
-        The column naming each cell (kept as text).
-    mask_column
-        Fields: a label image per row's field (same grid; 0 = background), a path column
-        or a CellProfiler object/image name. Each row's object is ``label_column``
-        (default ``ObjectNumber``); without centroid columns, its centroid is the mean
-        pixel position of its label. Rows whose label is not in the mask are bad rows.
-    mask_neighbours
-        ``zero``: other objects' pixels in a crop are set to 0 (background kept);
-        ``keep``: crops as cut. Recorded in the store's attributes.
-    label_column
-        The column holding each row's label in its mask.
-    scheduler
-        Read and write the cells on a ``dask.distributed`` cluster instead of
-        this machine's processes: a scheduler address (``tcp://host:8786``), or
-        ``local:N`` for a local cluster of N processes. Its workers write the
-        store directly, so the table, the images and ``out`` must be on a file
-        system every worker sees; ``workers`` then only checks files here.
-        Needs ``pip install "scbd-cells[dask]"``. The store is the one the
-        single-machine path writes (docs/scaling.md).
+    **options
+        Any :class:`~scbd_cells.core.config.IngestOptions` field (its docstring says
+        what each does), e.g. ``perturbation_column="gene"``, ``batch_columns=["plate",
+        "well"]``, ``workers=4``; ``perturbation_column`` is required.
 
     Returns
     -------
     IngestResult
     """
     started = time.perf_counter()
+    settings = validated(IngestOptions, options, command="ingest")
+    mask_neighbours, workers, resize = settings.mask_neighbours, settings.workers, settings.resize
+    overwrite, scheduler = settings.overwrite, settings.scheduler
     if overwrite and Path(out).is_symlink():  # never replaced through a link (docs/reliability.md)
         check_output(Path(out), kind="store", overwrite=True)
     table_path, out_path = Path(table_path).resolve(), Path(out).resolve()
-    spec = IngestSpec(
-        table=table_path,
-        perturbation_column=perturbation_column,
-        guide_column=guide_column,
-        batch_columns=tuple(batch_columns),
-        control=control,
-        image_column=image_column,
-        channel_columns=tuple(channel_columns) if channel_columns else None,
-        fov_column=fov_column,
-        fov_channel_columns=tuple(fov_channel_columns) if fov_channel_columns else None,
-        x_column=x_column,
-        y_column=y_column,
-        crop_size=crop_size,
-        channel_names=tuple(channel_names) if channel_names else None,
-        resize=resize,
-        split_fractions=check_split_fractions(split_fractions),
-        seed=seed,
-        skip_bad=skip_bad,
-        image_root=str(Path(image_root).resolve()) if image_root else None,
-        image_table=str(Path(image_table).resolve()) if image_table else None,
-        channels=tuple(channels) if channels else None,
-        cell_id_column=cell_id_column,
-        mask_column=mask_column,
-        mask_neighbours=mask_neighbours if mask_column else None,
-        label_column=label_column,
-    )
+    spec = IngestSpec.from_options(table_path, settings)
     if mask_neighbours not in schema.MASK_NEIGHBOURS_CHOICES:
         raise InputError(
             f"--mask-neighbours must be one of {', '.join(schema.MASK_NEIGHBOURS_CHOICES)}; "
