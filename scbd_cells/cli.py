@@ -135,22 +135,6 @@ def store_argument(value: str) -> Path | str:
     return object_url(value) or Path(value)
 
 
-def refuse_object_storage_out(out: str) -> None:
-    """Refuse ``ingest --out s3://...``: ingest writes a local store (docs/scaling.md)."""
-    from scbd_cells.core.errors import InputError
-    from scbd_cells.core.outputs import object_url
-
-    url = object_url(out)
-    if url is not None:
-        raise InputError(
-            f"ingest writes stores to a local or shared file system, not to {url}: object "
-            "storage has no atomic rename or file lock, which the unfinished-store, resume and "
-            "one-writer guarantees rely on. Ingest into a local STORE.zarr, then copy it, e.g. "
-            f"`aws s3 sync STORE.zarr {url}`; info, train, embed and baseline read it there "
-            '(docs/scaling.md, "Stores on object storage").'
-        )
-
-
 # ---------------------------------------------------------------------------
 # Subcommands. Keep each one short: parse, call the library, print a summary.
 # ---------------------------------------------------------------------------
@@ -184,7 +168,11 @@ def ingest(
         Path, typer.Argument(help="Cells table: CSV, TSV or Parquet, one row per cell.")
     ],
     out: Annotated[
-        str, typer.Option(help="Store to write (STORE.zarr), on a local or shared file system.")
+        str,
+        typer.Option(
+            help="Store to write (STORE.zarr): a local path, or s3://bucket/key.zarr (built "
+            "locally, then uploaded to an empty key)."
+        ),
     ],
     **options: Any,
 ) -> None:
@@ -194,8 +182,7 @@ def ingest(
     """
     from scbd_cells.data.ingest import ingest as run_ingest
 
-    refuse_object_storage_out(out)
-    result = run_ingest(table, out=Path(out), **split_lists(IngestOptions, options))
+    result = run_ingest(table, out=store_argument(out), **split_lists(IngestOptions, options))
     if result.already_complete:
         stdout.print(
             f"[green]Already complete[/]: {result.store_path} holds {result.n_cells:,} cells "
@@ -212,7 +199,7 @@ def ingest(
     if result.n_rejected or result.n_border:
         stdout.print(
             f"Left out {result.n_rejected:,} bad rows and {result.n_border:,} border cells "
-            f"(listed in {result.store_path / 'rejected.csv'})."
+            f"(listed in {result.store_path}/rejected.csv)."
         )
     if result.n_blank:
         stdout.print(f"[yellow]{result.n_blank:,} cells are entirely zero[/] (kept; check them).")

@@ -28,6 +28,7 @@ LAYERS = {
     "scbd_cells.data.sampler": 1,
     "scbd_cells.data.loader": 1,
     "scbd_cells.data.dask_cluster": 1,
+    "scbd_cells.data.object_store": 1,
     "scbd_cells.sim": 1,
     "scbd_cells.model": 1,
     "scbd_cells.evaluation.well_probe": 1,  # a metric training's validation uses too

@@ -156,20 +156,107 @@ def test_missing_and_unfinished_stores_on_s3_say_so(uploaded: tuple[Path, str]) 
         open_store("http://example.org/screen.zarr")
 
 
-def test_ingest_to_object_storage_is_refused_and_writes_nothing(
-    uploaded: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _ingest_arguments(table: Path, out: str) -> list[str]:
+    return [
+        "ingest", str(table), "--out", out, "--perturbation-column", "gene", "--workers", "1",
+        "--split-fractions", "0.5,0.4,0.1",  # enough validation controls for train's well probe
+    ]  # fmt: skip
+
+
+def _objects(fs: object, key: str) -> dict[str, bytes]:
+    """``{path inside the store: bytes}`` of every object under ``bucket/key``."""
+    fs.invalidate_cache()
+    return {name[len(key) + 1 :]: fs.cat_file(name) for name in fs.find(key)}
+
+
+def test_ingest_to_s3_uploads_the_same_store_as_a_local_ingest(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_ingest import write_crops
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the staging folder's disk
+    (tmp_path / "tmp").mkdir()
+    table, _ = write_crops(tmp_path / "screen", n=160)
+    url = f"s3://{BUCKET}/ingested/screen.zarr"
+    _run(_ingest_arguments(table, url))
+    assert list((tmp_path / "tmp").iterdir()) == []  # the staging folder is removed
+    info = json.loads(_run(["info", url, "--json", "--verify"]))
+    assert info["n_cells"] == 160 and info["damaged_ranges"] == []
+    _run(["train", url, "--out", str(tmp_path / "run"), *TRAIN])
+    local = tmp_path / "local.zarr"
+    _run(_ingest_arguments(table, str(local)))
+    remote = _objects(s3fs.S3FileSystem(), f"{BUCKET}/ingested/screen.zarr")
+    files = {
+        path.relative_to(local).as_posix(): path.read_bytes()
+        for path in local.rglob("*")
+        if path.is_file()
+    }
+    assert sorted(remote) == sorted(files)
+    chunks = [name for name in files if name.startswith("images/c/")]
+    assert len(chunks) >= 1
+    assert all(remote[name] == files[name] for name in chunks)
+    assert remote["obs.parquet"] == files["obs.parquet"]
+    recorded = json.loads(remote["zarr.json"])["attributes"]["provenance"]
+    assert recorded["arguments"]["out"] == url  # not the staging folder
+    assert str(tmp_path / "tmp") not in remote["zarr.json"].decode()
+    np.testing.assert_array_equal(open_store(url).images[:], open_store(local).images[:])
+
+
+def test_ingest_to_s3_is_refused_where_objects_exist_and_deletes_nothing(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     table = tmp_path / "cells.csv"
     table.write_text("gene,plate,well,image_path\n")
-    target = f"s3://{BUCKET}/new.zarr"
-    result = CliRunner().invoke(
-        app, ["ingest", str(table), "--out", target, "--perturbation-column", "gene"]
-    )
-    assert isinstance(result.exception, InputError), result.output  # exit 2 under main()
-    assert "aws s3 sync STORE.zarr s3://lab/new.zarr" in str(result.exception)
+    fs = s3fs.S3FileSystem()
+    for key in ("taken.zarr/notes.txt", "half.zarr.partial/zarr.json"):
+        fs.pipe(f"{BUCKET}/{key}", b"someone else's")
+        target = f"s3://{BUCKET}/{key.split('.zarr')[0]}.zarr"
+        for extra in ([], ["--overwrite"]):
+            result = CliRunner().invoke(app, [*_ingest_arguments(table, target), *extra])
+            assert isinstance(result.exception, InputError), result.output  # exit 2 under main()
+            assert "never deletes" in str(result.exception), result.exception
+            assert fs.cat_file(f"{BUCKET}/{key}") == b"someone else's"
+    assert _objects(fs, f"{BUCKET}/taken.zarr") == {"notes.txt": b"someone else's"}
     assert list(tmp_path.iterdir()) == [table]  # no local s3: folder
-    assert not s3fs.S3FileSystem().exists(f"{BUCKET}/new.zarr")
+
+
+def test_an_upload_without_its_root_zarr_json_is_refused_as_unfinished(
+    uploaded: tuple[Path, str],
+) -> None:
+    _, url = uploaded
+    half = _copy(url, "half_uploaded")
+    s3fs.S3FileSystem().rm(f"{half}/zarr.json")
+    with pytest.raises(StoreError, match="unfinished: objects are under it but not its root"):
+        open_store(half)
+
+
+def test_an_object_written_by_another_during_the_upload_stops_it_before_the_root(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_ingest import write_crops
+
+    from scbd_cells.data import object_store
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    table, _ = write_crops(tmp_path / "screen", n=20)
+    url = f"s3://{BUCKET}/raced/screen.zarr"
+    fs = s3fs.S3FileSystem()
+    check = object_store._check_only_ours
+
+    def another_writer_first(*args: object) -> None:
+        fs.pipe(f"{BUCKET}/raced/screen.zarr/images/extra", b"x")
+        check(*args)
+
+    monkeypatch.setattr(object_store, "_check_only_ours", another_writer_first)
+    result = CliRunner().invoke(app, _ingest_arguments(table, url))
+    assert isinstance(result.exception, StoreError), result.output
+    assert "images/extra" in str(result.exception)
+    left = _objects(fs, f"{BUCKET}/raced/screen.zarr")
+    assert "zarr.json" not in left and left["images/extra"] == b"x"  # nothing deleted
+    with pytest.raises(StoreError, match="unfinished"):
+        open_store(url)
 
 
 def test_the_loader_reads_a_store_on_s3_with_tensorstore(uploaded: tuple[Path, str]) -> None:
@@ -202,3 +289,30 @@ def test_without_s3fs_the_error_names_the_extra(
     monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)
     with pytest.raises(InputError, match=r"pip install 'scbd-cells\[s3\]'"):
         open_store(url)
+
+
+def test_a_key_taken_by_another_writer_is_never_overwritten(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_ingest import write_crops
+
+    from scbd_cells.data import object_store
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    table, _ = write_crops(tmp_path / "screen", n=20)
+    url = f"s3://{BUCKET}/taken_during/screen.zarr"
+    fs = s3fs.S3FileSystem()
+    verify = object_store._verify
+
+    def another_writer_first(*args: object, **kwargs: object) -> None:
+        verify(*args, **kwargs)  # after the start's check, before the upload
+        fs.pipe(f"{BUCKET}/taken_during/screen.zarr/obs.parquet", b"theirs")
+
+    monkeypatch.setattr(object_store, "_verify", another_writer_first)
+    result = CliRunner().invoke(app, _ingest_arguments(table, url))
+    assert isinstance(result.exception, StoreError), result.output
+    assert "Nothing was deleted" in str(result.exception)
+    left = _objects(fs, f"{BUCKET}/taken_during/screen.zarr")
+    assert left["obs.parquet"] == b"theirs"  # If-None-Match: their object stays
+    assert "zarr.json" not in left

@@ -49,9 +49,15 @@ import pandas as pd
 from scbd_cells import __version__
 from scbd_cells.core.config import IngestOptions, validated
 from scbd_cells.core.errors import DataError, InputError, StoreError
-from scbd_cells.core.outputs import check_not_input, check_output, kind_of, output_lock
+from scbd_cells.core.outputs import (
+    check_not_input,
+    check_output,
+    kind_of,
+    object_url,
+    output_lock,
+)
 from scbd_cells.core.progress import progress_bar
-from scbd_cells.data import cellprofiler_tables, dask_cluster, schema
+from scbd_cells.data import cellprofiler_tables, dask_cluster, object_store, schema
 from scbd_cells.data.ome_zarr import describe_ome_zarr, is_ome_zarr, read_ome_zarr
 from scbd_cells.data.store import (
     TABLE_ROW,
@@ -109,7 +115,7 @@ class IngestResult:
         Cells whose every pixel is zero (kept, but worth a look).
     """
 
-    store_path: Path
+    store_path: Path | str  # a str: the URL of a store on object storage
     n_cells: int
     n_rejected: int
     n_border: int
@@ -1320,7 +1326,8 @@ def ingest(
     out
         The store to write (``STORE.zarr``); written as ``STORE.zarr.partial``
         and renamed when complete. Rerunning the same command after a crash
-        resumes it.
+        resumes it. A ``str`` URL ``s3://bucket/key.zarr`` (or ``gs://``) is built
+        on a local disk and uploaded (:mod:`scbd_cells.data.object_store`).
     **options
         Any :class:`~scbd_cells.core.config.IngestOptions` field (its docstring says
         what each does), e.g. ``perturbation_column="gene"``, ``batch_columns=["plate",
@@ -1330,6 +1337,8 @@ def ingest(
     -------
     IngestResult
     """
+    if (url := object_url(out)) is not None:  # built on a local disk, verified, uploaded
+        return object_store.ingest_to_url(ingest, table_path, url, options)
     started = time.perf_counter()
     settings = validated(IngestOptions, options, command="ingest")
     mask_neighbours, workers, resize = settings.mask_neighbours, settings.workers, settings.resize

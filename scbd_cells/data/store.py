@@ -1597,6 +1597,13 @@ def _exists(target: Path | str) -> bool:
     return target.exists() if isinstance(target, Path) else _filesystem(target).exists(target)
 
 
+def _has_objects(url: str) -> bool:
+    """Whether any object is at or under ``url`` (a fresh listing, not s3fs's cache)."""
+    fs = _filesystem(url)
+    fs.invalidate_cache()
+    return bool(fs.find(url))
+
+
 def _table_source(location: Path | str, name: str) -> Path | Any:
     """What pandas and pyarrow read a store's table file from (its path, or its bytes)."""
     import io
@@ -1610,6 +1617,8 @@ def _open_remote_store(url: str) -> Store:
     try:
         exists = _exists(f"{url}/zarr.json")
         partial_exists = not exists and _exists(f"{url}{PARTIAL_SUFFIX}/zarr.json")
+        # an upload puts the root zarr.json last: objects without it are an unfinished store
+        uploading = not exists and not partial_exists and _has_objects(url)
     except InputError:
         raise
     except Exception as error:  # botocore: no credentials, access denied, endpoint unreachable
@@ -1624,9 +1633,14 @@ def _open_remote_store(url: str) -> Store:
                 f"The store {url} is unfinished: an ingest into it was interrupted or is still "
                 f"running ({url}{PARTIAL_SUFFIX} exists)."
             )
+        if uploading:
+            raise StoreError(
+                f"The store {url} is unfinished: objects are under it but not its root "
+                "zarr.json, which `scbd-cells ingest` uploads last (an upload was interrupted or "
+                'is still running; docs/scaling.md, "Stores on object storage").'
+            )
         raise StoreError(
-            f"No store at {url}. Ingest the table into a local store, then copy it there "
-            '(docs/scaling.md, "Stores on object storage").'
+            f"No store at {url}. Create one with `scbd-cells ingest TABLE --out {url}`."
         )
     try:
         zarr_store = CheckedFsspecStore.from_url(url, read_only=True)

@@ -1,0 +1,194 @@
+"""Ingest into a store on object storage: built on a local disk, verified, then uploaded.
+
+``ingest --out s3://bucket/key.zarr`` (or ``gs://``) runs the local ingest into a
+hidden staging folder, checks every chunk as ``info --verify`` does, and uploads
+the store with the commit object last (docs/scaling.md, "Stores on object storage"):
+
+1. refused at once when any object exists under ``key.zarr/`` or
+   ``key.zarr.partial/`` (no ``--overwrite``: scbd-cells never deletes on object
+   storage);
+2. every chunk object, the cell table and the array metadata, then the ownership
+   marker where the store has one, then the group's root ``zarr.json``: a reader
+   sees no store (:func:`~scbd_cells.data.store.open_store` refuses a prefix without
+   root ``zarr.json`` as unfinished) or a whole one;
+3. on S3 each object is written only if its key is free (``If-None-Match: *``), and
+   the prefix is listed again just before the root ``zarr.json``: objects this run
+   did not upload abort it, and nothing is deleted.
+
+Credentials and endpoint come from the environment of s3fs (botocore) or gcsfs only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scbd_cells.core.errors import DiskFullError, InputError, StoreError
+from scbd_cells.core.outputs import MARKER_NAME
+from scbd_cells.data.store import PARTIAL_SUFFIX, _filesystem, open_store
+
+if TYPE_CHECKING:
+    from scbd_cells.data.ingest import IngestResult
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".scbd-cells-upload-"  # + a digest of the URL, under the system temp folder
+ROOT_METADATA = "zarr.json"  # the group's metadata: the commit object, uploaded last
+_SHOWN = 5  # keys named in a message
+
+
+def staging_path(url: str) -> Path:
+    """The local folder a store for ``url`` is built in: the same for the same URL, so that
+    rerunning a killed command resumes there (``TMPDIR`` chooses the disk)."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"{STAGING_PREFIX}{digest}" / url.rsplit("/", 1)[-1]
+
+
+def ingest_to_url(
+    run_ingest: Callable[..., IngestResult], table_path: Any, url: str, options: dict
+) -> IngestResult:
+    """``run_ingest(table_path, out=STAGED, **options)``, then upload the store to ``url``.
+
+    Raises
+    ------
+    InputError
+        ``overwrite`` was asked for, or objects already exist under the store's key.
+    StoreError
+        The staged store fails verification, or the upload failed or met objects it
+        did not write (nothing is deleted on object storage).
+    """
+    if options.get("overwrite"):
+        raise InputError(
+            f"--overwrite is refused for {url}: scbd-cells never deletes on object storage. "
+            "Remove the old store with your storage's tools, or choose another --out."
+        )
+    fs = _filesystem(url)
+    found = _objects_under(fs, url)
+    if found:
+        raise InputError(
+            f"{url} is taken: {_listed(found)} already exist(s) under it. scbd-cells writes "
+            "a store on object storage only under an empty key and never deletes there: "
+            "choose another --out, or remove those objects with your storage's tools."
+        )
+    staged = staging_path(url)
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    log.info("Building the store for %s in %s before uploading it.", url, staged)
+    try:
+        result = run_ingest(table_path, out=staged, **options)
+    except DiskFullError as error:
+        raise DiskFullError(
+            f"{error} (The store for {url} is built in {staged.parent} before its upload: "
+            "set TMPDIR to a folder on a disk with room, then rerun the command.)"
+        ) from error
+    _verify(staged, url, workers=int(options.get("workers") or 2))
+    _upload(fs, staged, url)
+    shutil.rmtree(staged.parent)
+    return dataclasses.replace(result, store_path=url, already_complete=False)
+
+
+def _verify(staged: Path, url: str, *, workers: int) -> None:
+    """Every chunk of the staged store reads back with its checksum (``info --verify``)."""
+    damaged = open_store(staged).verify(workers=workers)
+    if damaged:
+        cells = sum(stop - start for start, stop in damaged)
+        raise StoreError(
+            f"The store built for {url} in {staged} is damaged ({cells:,} cells cannot be "
+            "read back); nothing was uploaded. Check that disk, then remove that folder and "
+            "rerun the command."
+        )
+
+
+def _keys(url: str) -> tuple[str, str]:
+    """The object keys (``bucket/key.zarr``) of the store and of its unfinished sibling."""
+    path = url.split("://", 1)[1]
+    return path, path + PARTIAL_SUFFIX
+
+
+def _objects_under(fs: Any, url: str) -> dict[str, int]:
+    """``{key: size}`` of every object at or under the store's key and its ``.partial`` key."""
+    fs.invalidate_cache()  # s3fs caches listings: a listing must be today's
+    found: dict[str, int] = {}
+    try:
+        for path in _keys(url):
+            found.update(
+                (key, int(info.get("size") or 0))
+                for key, info in fs.find(path, detail=True).items()
+                if key == path or key.startswith(path + "/")
+            )
+    except Exception as error:  # botocore: no credentials, access denied, endpoint unreachable
+        raise StoreError(
+            f"Cannot list {url} ({type(error).__name__}: {error}). Check the credentials and "
+            "endpoint in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL or ~/.aws/; docs/scaling.md)."
+        ) from None
+    return found
+
+
+def _listed(keys: dict[str, int] | list[str]) -> str:
+    names = sorted(keys)
+    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _upload(fs: Any, staged: Path, url: str) -> None:
+    """Upload the staged store: the data and array metadata, the marker, then the root last."""
+    files = {
+        path.relative_to(staged).as_posix(): path for path in staged.rglob("*") if path.is_file()
+    }
+    first = [name for name in files if name not in (ROOT_METADATA, MARKER_NAME)]
+    base = _keys(url)[0]
+    expected = {f"{base}/{name}": path.stat().st_size for name, path in files.items()}
+    # the root metadata records the command and --out: the URL, not the staging folder
+    root = (staged / ROOT_METADATA).read_text()
+    root = root.replace(json.dumps(str(staged))[1:-1], url).encode()
+    expected[f"{base}/{ROOT_METADATA}"] = len(root)
+    # If-None-Match: * on S3: an object is written only where none is (docs/scaling.md)
+    exclusive = {"mode": "create"} if url.startswith("s3://") else {}
+    log.info("Uploading %d objects to %s (root zarr.json last).", len(files), url)
+    try:
+        fs.put([str(files[name]) for name in first], [f"{base}/{name}" for name in first],
+               **exclusive)  # fmt: skip
+        if MARKER_NAME in files:
+            fs.put_file(str(files[MARKER_NAME]), f"{base}/{MARKER_NAME}", **exclusive)
+        _check_only_ours(fs, url, expected, ROOT_METADATA)
+        fs.pipe_file(f"{base}/{ROOT_METADATA}", root, **exclusive)
+    except StoreError:
+        raise
+    except Exception as error:  # botocore, network, a key taken by another writer
+        raise StoreError(
+            f"Uploading the store to {url} failed ({type(error).__name__}: {error}). Nothing "
+            f"was deleted: what was uploaded stays under {url}/ without its root zarr.json, "
+            "which readers refuse as unfinished. Remove it with your storage's tools and rerun "
+            f"the same command: the store built in {staged} is uploaded again."
+        ) from error
+    log.info("Uploaded %s.", url)
+
+
+def _check_only_ours(fs: Any, url: str, expected: dict[str, int], last: str) -> None:
+    """Just before the commit object: under the prefix are exactly the objects uploaded."""
+    found = _objects_under(fs, url)
+    final = f"{_keys(url)[0]}/{last}"
+    foreign = [key for key, size in found.items() if expected.get(key) != size or key == final]
+    missing = [key for key in expected if key not in found and key != final]
+    if foreign or missing:
+        what = "; ".join(
+            part
+            for part in (
+                foreign and f"objects this run did not upload (or changed): {_listed(foreign)}",
+                missing and f"objects it uploaded are gone: {_listed(missing)}",
+            )
+            if part
+        )
+        raise StoreError(
+            f"Another writer is at {url}: {what}. The upload stopped before the root "
+            "zarr.json, so readers refuse the store as unfinished; nothing was deleted. "
+            f"Sort out the objects under {url}/ with your storage's tools, then rerun."
+        )
+
