@@ -178,7 +178,8 @@ def test_ingest_to_s3_uploads_the_same_store_as_a_local_ingest(
     (tmp_path / "tmp").mkdir()
     table, _ = write_crops(tmp_path / "screen", n=160)
     url = f"s3://{BUCKET}/ingested/screen.zarr"
-    _run(_ingest_arguments(table, url))
+    output = _run(["-v", *_ingest_arguments(table, url)])
+    assert f"-> {url}" in output and SECRET not in output
     assert list((tmp_path / "tmp").iterdir()) == []  # the staging folder is removed
     info = json.loads(_run(["info", url, "--json", "--verify"]))
     assert info["n_cells"] == 160 and info["damaged_ranges"] == []
@@ -199,6 +200,7 @@ def test_ingest_to_s3_uploads_the_same_store_as_a_local_ingest(
     recorded = json.loads(remote["zarr.json"])["attributes"]["provenance"]
     assert recorded["arguments"]["out"] == url  # not the staging folder
     assert str(tmp_path / "tmp") not in remote["zarr.json"].decode()
+    assert all(SECRET.encode() not in content for content in remote.values())
     np.testing.assert_array_equal(open_store(url).images[:], open_store(local).images[:])
 
 
