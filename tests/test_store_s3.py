@@ -169,18 +169,27 @@ def _objects(fs: object, key: str) -> dict[str, bytes]:
     return {name[len(key) + 1 :]: fs.cat_file(name) for name in fs.find(key)}
 
 
+def _staging_under(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The system temp folder, where ingest builds a store before uploading it, in tmp_path."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))  # what TMPDIR sets at start-up
+    return folder
+
+
 def test_ingest_to_s3_uploads_the_same_store_as_a_local_ingest(
     s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from test_ingest import write_crops
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the staging folder's disk
-    (tmp_path / "tmp").mkdir()
+    staging = _staging_under(tmp_path, monkeypatch)
     table, _ = write_crops(tmp_path / "screen", n=160)
     url = f"s3://{BUCKET}/ingested/screen.zarr"
     output = _run(["-v", *_ingest_arguments(table, url)])
     assert f"-> {url}" in output and SECRET not in output
-    assert list((tmp_path / "tmp").iterdir()) == []  # the staging folder is removed
+    assert list(staging.iterdir()) == []  # the staging folder is removed
     info = json.loads(_run(["info", url, "--json", "--verify"]))
     assert info["n_cells"] == 160 and info["damaged_ranges"] == []
     _run(["train", url, "--out", str(tmp_path / "run"), *TRAIN])
@@ -199,7 +208,7 @@ def test_ingest_to_s3_uploads_the_same_store_as_a_local_ingest(
     assert remote["obs.parquet"] == files["obs.parquet"]
     recorded = json.loads(remote["zarr.json"])["attributes"]["provenance"]
     assert recorded["arguments"]["out"] == url  # not the staging folder
-    assert str(tmp_path / "tmp") not in remote["zarr.json"].decode()
+    assert str(staging) not in remote["zarr.json"].decode()
     assert all(SECRET.encode() not in content for content in remote.values())
     np.testing.assert_array_equal(open_store(url).images[:], open_store(local).images[:])
 
@@ -240,8 +249,7 @@ def test_an_object_written_by_another_during_the_upload_stops_it_before_the_root
 
     from scbd_cells.data import object_store
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    _staging_under(tmp_path, monkeypatch)
     table, _ = write_crops(tmp_path / "screen", n=20)
     url = f"s3://{BUCKET}/raced/screen.zarr"
     fs = s3fs.S3FileSystem()
@@ -300,8 +308,7 @@ def test_a_key_taken_by_another_writer_is_never_overwritten(
 
     from scbd_cells.data import object_store
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    _staging_under(tmp_path, monkeypatch)
     table, _ = write_crops(tmp_path / "screen", n=20)
     url = f"s3://{BUCKET}/taken_during/screen.zarr"
     fs = s3fs.S3FileSystem()
@@ -318,3 +325,26 @@ def test_a_key_taken_by_another_writer_is_never_overwritten(
     left = _objects(fs, f"{BUCKET}/taken_during/screen.zarr")
     assert left["obs.parquet"] == b"theirs"  # If-None-Match: their object stays
     assert "zarr.json" not in left
+
+
+def test_a_rerun_uploads_the_store_a_killed_run_left_on_the_local_disk(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_ingest import write_crops
+
+    from scbd_cells import ingest
+    from scbd_cells.data.object_store import staging_path
+
+    staging = _staging_under(tmp_path, monkeypatch)
+    table, _ = write_crops(tmp_path / "screen", n=20)
+    url = f"s3://{BUCKET}/rerun/screen.zarr"
+    staged = staging_path(url)
+    assert staged.parent.parent == staging and staged.name == "screen.zarr"
+    arguments = _ingest_arguments(table, url)
+    options = {"perturbation_column": "gene", "workers": 1, "split_fractions": [0.5, 0.4, 0.1]}
+    ingest(table, out=staged, **options)  # a run killed after building, before uploading
+    store_id = open_store(staged).store_id
+    output = _run(arguments)
+    assert "Ingested" in output and f"-> {url}" in output
+    assert open_store(url).store_id == store_id  # the staged store, not a second ingest
+    assert list(staging.iterdir()) == []
