@@ -25,14 +25,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from scbd_cells.core.outputs import locks_output, prepare_folder
 from scbd_cells.data import schema
+
+if TYPE_CHECKING:  # the stages import their commands when they run
+    from scbd_cells.embedding.reconstruction import ReconstructResult
+    from scbd_cells.evaluation.report import EvaluationResult
+    from scbd_cells.sim.screen import SimulationResult
 
 log = logging.getLogger(__name__)
 
@@ -118,46 +125,83 @@ def demo(
     -------
     DemoResult
     """
-    from scbd_cells.core.config import demo_train_options
-    from scbd_cells.data.ingest import ingest
-    from scbd_cells.data.store import open_store
-    from scbd_cells.embedding.encode import embed
-    from scbd_cells.embedding.reconstruction import reconstruct
-    from scbd_cells.evaluation.report import evaluate
-    from scbd_cells.profiles.corrections import correct
-    from scbd_cells.profiles.features import baseline
-    from scbd_cells.sim.screen import simulate
-    from scbd_cells.training.loop import train
-
     out_dir = Path(out)
     # only what a demo wrote is replaced (its marker lists it); anything else in the folder stays
     prepare_folder(out_dir, kind="demo", overwrite=overwrite, entries=DEMO_OUTPUTS)
     embed_device = None if device == "auto" else device
-    seconds: dict[str, float] = {}
-
-    def stage(name: str, started: float) -> None:
-        seconds[name] = time.perf_counter() - started
-        log.info("demo: %s done in %.1f s", name, seconds[name])
-
-    started = time.perf_counter()
-    screen = simulate(out_dir / "screen", preset=preset, seed=seed, workers=workers)
-    stage("simulate", started)
-
-    started = time.perf_counter()
-    store_path = out_dir / "screen.zarr"
-    ingest(
-        Path(screen.cells_path),
-        out=store_path,
-        perturbation_column="gene",
-        guide_column="guide",
-        control=schema.CONTROL_LABEL,
-        channel_names=list(schema.SIM_CHANNELS),
-        resize=DEMO_IMAGE_SIZE,
-        split_fractions=DEMO_SPLIT_FRACTIONS,
-        workers=workers,
-        seed=seed,
+    clock = _StageClock()
+    screen, store_path = _simulate_and_ingest(
+        out_dir, preset=preset, seed=seed, workers=workers, clock=clock
     )
-    stage("ingest", started)
+    options, alpha = _train_options(store_path, seed=seed, device=device, alpha=alpha, steps=steps)
+    cells_paths: dict[str, Path] = {}
+    for name, run_alpha in {"scbd": alpha, "scbd_alpha0": 0.0}.items():
+        cells_paths[name] = _train_and_embed(
+            name, store_path, out_dir=out_dir, options=dict(options, alpha=run_alpha),
+            embed_device=embed_device, clock=clock,
+        )  # fmt: skip
+    pictures = _reconstruct(out_dir, store_path, seed=seed, embed_device=embed_device, clock=clock)
+    cells_paths.update(_baselines(out_dir, store_path, seed=seed, clock=clock))
+    result = _evaluate(out_dir, cells_paths, screen=screen, seed=seed, clock=clock)
+    _link_pictures(result.report_path, pictures)
+    return DemoResult(
+        out_dir=out_dir,
+        table=result.table,
+        report_path=result.report_path,
+        seconds=clock.seconds,
+        pictures_dir=pictures.out_dir,
+    )
+
+
+# --- the demo's stages ----------------------------------------------------------------------
+
+
+class _StageClock:
+    """The wall time of each stage (:attr:`DemoResult.seconds`), logged as each ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - started
+        log.info("demo: %s done in %.1f s", name, self.seconds[name])
+
+
+def _simulate_and_ingest(
+    out_dir: Path, *, preset: str, seed: int, workers: int, clock: _StageClock
+) -> tuple[SimulationResult, Path]:
+    """Simulate the screen into ``screen/`` and ingest it into ``screen.zarr``."""
+    from scbd_cells.data.ingest import ingest
+    from scbd_cells.sim.screen import simulate
+
+    with clock.stage("simulate"):
+        screen = simulate(out_dir / "screen", preset=preset, seed=seed, workers=workers)
+    store_path = out_dir / "screen.zarr"
+    with clock.stage("ingest"):
+        ingest(
+            Path(screen.cells_path),
+            out=store_path,
+            perturbation_column="gene",
+            guide_column="guide",
+            control=schema.CONTROL_LABEL,
+            channel_names=list(schema.SIM_CHANNELS),
+            resize=DEMO_IMAGE_SIZE,
+            split_fractions=DEMO_SPLIT_FRACTIONS,
+            workers=workers,
+            seed=seed,
+        )
+    return screen, store_path
+
+
+def _train_options(
+    store_path: Path, *, seed: int, device: str, alpha: float | None, steps: int | None
+) -> tuple[dict[str, Any], float]:
+    """The demo's training options for this store, and the SCBD model's alpha."""
+    from scbd_cells.core.config import demo_train_options
+    from scbd_cells.data.store import open_store
 
     store = open_store(store_path)
     train_split = store.obs[schema.SPLIT].astype(str) == "train"
@@ -167,60 +211,89 @@ def demo(
     alpha = float(options.get("alpha", _default_alpha())) if alpha is None else float(alpha)
     if steps is not None:
         options["steps"] = steps
-    runs = {"scbd": alpha, "scbd_alpha0": 0.0}
+    return options, alpha
+
+
+def _train_and_embed(
+    name: str,
+    store_path: Path,
+    *,
+    out_dir: Path,
+    options: dict[str, Any],
+    embed_device: str | None,
+    clock: _StageClock,
+) -> Path:
+    """Train one model into ``runs/NAME`` and embed the store's cells with it; their file."""
+    from scbd_cells.embedding.encode import embed
+    from scbd_cells.training.loop import train
+
+    run_dir = out_dir / "runs" / name
+    decoder = DEMO_DECODER if name == "scbd" else {}
+    with clock.stage(f"train {name} (alpha={options['alpha']:g})"):
+        train(store_path, out=run_dir, **dict(options, **decoder))
+    cells_path = out_dir / "embeddings" / name / "cells.h5ad"
+    with clock.stage(f"embed {name}"):
+        embed(run_dir, store_path, out=cells_path, aggregate=True, device=embed_device)
+    return cells_path
+
+
+def _reconstruct(
+    out_dir: Path, store_path: Path, *, seed: int, embed_device: str | None, clock: _StageClock
+) -> ReconstructResult:
+    """The SCBD model's pictures of what z_c and z_s hold, into ``reconstruct/``."""
+    from scbd_cells.embedding.reconstruction import reconstruct
+
+    with clock.stage("reconstruct scbd"):
+        return reconstruct(
+            out_dir / "runs" / "scbd", store_path, out=out_dir / "reconstruct", seed=seed,
+            device=embed_device,
+        )  # fmt: skip
+
+
+def _baselines(
+    out_dir: Path, store_path: Path, *, seed: int, clock: _StageClock
+) -> dict[str, Path]:
+    """The conventional pipeline's cell files: as is, standardised per well, and Harmony."""
+    from scbd_cells.profiles.corrections import correct
+    from scbd_cells.profiles.features import baseline
+
     cells_paths = {}
-    for name, run_alpha in runs.items():
-        started = time.perf_counter()
-        run_dir = out_dir / "runs" / name
-        decoder = DEMO_DECODER if name == "scbd" else {}
-        train(store_path, out=run_dir, **dict(options, alpha=run_alpha, **decoder))
-        stage(f"train {name} (alpha={run_alpha:g})", started)
-        started = time.perf_counter()
-        cells_paths[name] = out_dir / "embeddings" / name / "cells.h5ad"
-        embed(run_dir, store_path, out=cells_paths[name], aggregate=True, device=embed_device)
-        stage(f"embed {name}", started)
-
-    started = time.perf_counter()
-    pictures = reconstruct(
-        out_dir / "runs" / "scbd", store_path, out=out_dir / "reconstruct", seed=seed,
-        device=embed_device,
-    )  # fmt: skip
-    stage("reconstruct scbd", started)
-
     # the conventional pipeline as is, and with its features standardised within each well
     # (the per-well correction SCBD's pixels get by default)
     for name, normalize in (("baseline", "store"), ("baseline_per_well", "batch")):
-        started = time.perf_counter()
         cells_paths[name] = out_dir / "embeddings" / f"{name}.h5ad"
-        baseline(store_path, out=cells_paths[name], normalize=normalize, seed=seed)
-        stage(name, started)
+        with clock.stage(name):
+            baseline(store_path, out=cells_paths[name], normalize=normalize, seed=seed)
     # the field's standard: Harmony on the uncorrected baseline's PCA, batch = well
-    started = time.perf_counter()
     cells_paths["baseline_harmony"] = out_dir / "embeddings" / "baseline_harmony.h5ad"
-    correct(
-        cells_paths["baseline"], method="harmony", out=cells_paths["baseline_harmony"],
-        batch_key=schema.BATCH, seed=seed,
-    )
-    stage("baseline_harmony", started)
+    with clock.stage("baseline_harmony"):
+        correct(
+            cells_paths["baseline"], method="harmony", out=cells_paths["baseline_harmony"],
+            batch_key=schema.BATCH, seed=seed,
+        )  # fmt: skip
+    return cells_paths
 
-    started = time.perf_counter()
-    result = evaluate(
-        list(cells_paths.values()),
-        corum=Path(screen.complexes_path),
-        out=out_dir / "report",
-        labels=list(cells_paths),
-        control=schema.CONTROL_LABEL,
-        seed=seed,
-    )
-    stage("evaluate", started)
-    _link_pictures(result.report_path, pictures)
-    return DemoResult(
-        out_dir=out_dir,
-        table=result.table,
-        report_path=result.report_path,
-        seconds=seconds,
-        pictures_dir=pictures.out_dir,
-    )
+
+def _evaluate(
+    out_dir: Path,
+    cells_paths: dict[str, Path],
+    *,
+    screen: SimulationResult,
+    seed: int,
+    clock: _StageClock,
+) -> EvaluationResult:
+    """Evaluate every cell file side by side into ``report/``."""
+    from scbd_cells.evaluation.report import evaluate
+
+    with clock.stage("evaluate"):
+        return evaluate(
+            list(cells_paths.values()),
+            corum=Path(screen.complexes_path),
+            out=out_dir / "report",
+            labels=list(cells_paths),
+            control=schema.CONTROL_LABEL,
+            seed=seed,
+        )
 
 
 def _link_pictures(report_path: Path, pictures: Any) -> None:

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells.core.errors import DataError
 from scbd_cells.data import schema
-from scbd_cells.evaluation.biology import guide_biology
+from scbd_cells.evaluation.biology import BiologyResult, guide_biology
 from scbd_cells.evaluation.cells import read_rows
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.evaluation.map import (
     MapResult,
+    ReplicateProfiles,
     phenotypic_activity,
     phenotypic_consistency,
     replicate_profiles,
@@ -149,7 +150,6 @@ def benchmark_metrics(
     settings
         Sizes and seed.
     """
-    seed = settings.seed
     replicates = replicate_profiles(
         adata,
         use_rep=key,
@@ -158,36 +158,89 @@ def benchmark_metrics(
         batch_key=batch_key,
         control=control,
         max_replicates=settings.max_replicates,
-        seed=seed,
-    )
-    activity = _or_undefined(
-        "phenotypic activity", phenotypic_activity, replicates, control=control,
-        null_size=settings.null_size, seed=seed,
+        seed=settings.seed,
     )
     genes = profiles.genes
     gene_names = [str(g) for g in genes.obs_names]
-    consistency = _or_undefined(
-        "phenotypic consistency", phenotypic_consistency, np.asarray(genes.X), gene_names,
-        complexes, null_size=settings.null_size, seed=seed,
+    activity, consistency = _map_metrics(
+        replicates, np.asarray(genes.X), gene_names, complexes, control=control, settings=settings
     )
-    biology = guide_biology(profiles.guides, complexes, control=control, seed=seed)
-
-    positions = subsample(adata.n_obs, max_cells=settings.mixing_cells, seed=seed)
-    cells = _rows(adata, key, positions)
-    batches = adata.obs[batch_key].iloc[positions].astype(str).to_numpy()
-    perturbations = adata.obs[perturbation_key].iloc[positions].astype(str).to_numpy()
-    mixing = _or_undefined("batch mixing", batch_mixing, cells, batches, perturbations)
+    biology = guide_biology(profiles.guides, complexes, control=control, seed=settings.seed)
+    cells = _mixing_cells(
+        adata, key=key, batch_key=batch_key, perturbation_key=perturbation_key, settings=settings
+    )
+    mixing = _or_undefined("batch mixing", batch_mixing, *cells)
     if mixing is None:
         nan = float("nan")
-        mixing = MixingResult(nan, nan, nan, nan, n_cells=len(batches))
+        mixing = MixingResult(nan, nan, nan, nan, n_cells=len(cells.batches))
     empty = MapResult(table=pd.DataFrame(), mean_map=float("nan"), fraction_retrieved=float("nan"))
     activity = activity or empty
     consistency = consistency or empty
-    shown = np.sort(
-        np.random.default_rng(seed).choice(
-            len(positions), size=min(UMAP_CELLS, len(positions)), replace=False
-        )
+    shown = _umap_cells(len(cells.batches), seed=settings.seed)
+    return BenchmarkResult(
+        values=_values(activity, consistency, mixing, biology),
+        activity=activity,
+        consistency=consistency,
+        n_mixing_cells=mixing.n_cells,
+        n_replicates=len(replicates.meta),
+        umap_cells=cells.embedding[shown],
+        umap_batches=cells.batches[shown],
+        gene_profiles=np.asarray(genes.X, dtype=np.float32),
+        genes=gene_names,
     )
+
+
+def _map_metrics(
+    replicates: ReplicateProfiles,
+    gene_profiles: np.ndarray,
+    gene_names: list[str],
+    complexes: Complexes,
+    *,
+    control: str,
+    settings: BenchmarkSettings,
+) -> tuple[MapResult | None, MapResult | None]:
+    """copairs' phenotypic activity (replicates vs controls) and consistency (complexes)."""
+    activity = _or_undefined(
+        "phenotypic activity", phenotypic_activity, replicates, control=control,
+        null_size=settings.null_size, seed=settings.seed,
+    )
+    consistency = _or_undefined(
+        "phenotypic consistency", phenotypic_consistency, gene_profiles, gene_names,
+        complexes, null_size=settings.null_size, seed=settings.seed,
+    )
+    return activity, consistency
+
+
+class _MixingCells(NamedTuple):
+    """The seeded cell subsample of the batch-mixing metrics (``batch_mixing``'s arguments)."""
+
+    embedding: np.ndarray
+    batches: np.ndarray
+    perturbations: np.ndarray
+
+
+def _mixing_cells(
+    adata: Any, *, key: str, batch_key: str, perturbation_key: str, settings: BenchmarkSettings
+) -> _MixingCells:
+    positions = subsample(adata.n_obs, max_cells=settings.mixing_cells, seed=settings.seed)
+    return _MixingCells(
+        embedding=_rows(adata, key, positions),
+        batches=adata.obs[batch_key].iloc[positions].astype(str).to_numpy(),
+        perturbations=adata.obs[perturbation_key].iloc[positions].astype(str).to_numpy(),
+    )
+
+
+def _umap_cells(n_cells: int, *, seed: int) -> np.ndarray:
+    """Sorted positions of up to :data:`UMAP_CELLS` of the subsample's cells, seeded."""
+    return np.sort(
+        np.random.default_rng(seed).choice(n_cells, size=min(UMAP_CELLS, n_cells), replace=False)
+    )
+
+
+def _values(
+    activity: MapResult, consistency: MapResult, mixing: MixingResult, biology: BiologyResult
+) -> dict[str, float]:
+    """The :data:`BENCHMARK_KEYS` of one embedding, as floats."""
     values = {
         "map_activity": activity.mean_map,
         "fraction_active": activity.fraction_retrieved,
@@ -201,17 +254,7 @@ def benchmark_metrics(
         "leiden_nmi": biology.leiden_nmi,
         "leiden_ari": biology.leiden_ari,
     }
-    return BenchmarkResult(
-        values={k: float(v) for k, v in values.items()},
-        activity=activity,
-        consistency=consistency,
-        n_mixing_cells=mixing.n_cells,
-        n_replicates=len(replicates.meta),
-        umap_cells=cells[shown],
-        umap_batches=batches[shown],
-        gene_profiles=np.asarray(genes.X, dtype=np.float32),
-        genes=gene_names,
-    )
+    return {k: float(v) for k, v in values.items()}
 
 
 def group_tables(results: dict[str, BenchmarkResult]) -> tuple[pd.DataFrame, pd.DataFrame]:

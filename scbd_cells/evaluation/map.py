@@ -115,30 +115,10 @@ def replicate_profiles(
     groups = cell_groups(
         adata, keys, what={perturbation_key: "perturbation", batch_key: "batch", guide_key: "guide"}
     )
-    labels = groups.labels
-    is_control = (labels[perturbation_key] == control).to_numpy()
-    if not is_control.any():
-        raise DataError(
-            f"The control label {control!r} is not among the embedding's perturbations; "
-            "pass the label of the non-targeting control with --control."
-        )
-    targeting = np.flatnonzero(~is_control)
-    controls = np.flatnonzero(is_control)
-    kept = np.concatenate(
-        [
-            targeting[
-                cap_groups(
-                    labels.iloc[targeting], by=perturbation_key, max_groups=max_replicates,
-                    seed=seed,
-                )
-            ],
-            controls[
-                cap_groups(
-                    labels.iloc[controls], by=batch_key, max_groups=max_replicates, seed=seed
-                )
-            ],
-        ]
-    )
+    kept = _capped_replicates(
+        groups.labels, perturbation_key=perturbation_key, batch_key=batch_key, control=control,
+        max_replicates=max_replicates, seed=seed,
+    )  # fmt: skip
     groups = groups.keep(kept)
     values = group_means(adata, groups, use_rep=use_rep).astype(np.float64)
     labels = groups.labels
@@ -156,6 +136,32 @@ def replicate_profiles(
         }
     )
     return ReplicateProfiles(meta=meta, values=values.astype(np.float32))
+
+
+def _capped_replicates(
+    labels: pd.DataFrame,
+    *,
+    perturbation_key: str,
+    batch_key: str,
+    control: str,
+    max_replicates: int | None,
+    seed: int,
+) -> np.ndarray:
+    """Positions of the replicates kept: at most ``max_replicates`` per targeting gene, and
+    per well of the controls (seeded)."""
+    is_control = (labels[perturbation_key] == control).to_numpy()
+    if not is_control.any():
+        raise DataError(
+            f"The control label {control!r} is not among the embedding's perturbations; "
+            "pass the label of the non-targeting control with --control."
+        )
+    targeting = np.flatnonzero(~is_control)
+    controls = np.flatnonzero(is_control)
+    by_gene = cap_groups(
+        labels.iloc[targeting], by=perturbation_key, max_groups=max_replicates, seed=seed
+    )
+    by_well = cap_groups(labels.iloc[controls], by=batch_key, max_groups=max_replicates, seed=seed)
+    return np.concatenate([targeting[by_gene], controls[by_well]])
 
 
 def _summary(table: pd.DataFrame, group: str) -> MapResult:

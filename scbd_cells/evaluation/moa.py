@@ -284,22 +284,7 @@ def treatment_profiles(
     TreatmentProfiles
         Controls left out.
     """
-    keys = [
-        settings.compound_key,
-        *([settings.concentration_key] if settings.concentration_key else []),
-        settings.batch_key,
-        *([settings.standardize_key] if settings.standardize_key else []),
-        *([settings.replicate_key] if settings.replicate_key else []),
-        settings.perturbation_key,
-    ]
-    keys = list(dict.fromkeys(keys))  # a column named twice (compound = perturbation) once
-    what = {
-        settings.compound_key: "compound",
-        settings.batch_key: "batch",
-        settings.perturbation_key: "perturbation",
-    }
-    if settings.concentration_key:
-        what[settings.concentration_key] = "concentration"
+    keys, what = _replicate_columns(settings)
     groups = cell_groups(adata, keys, what=what)
     means = group_means(adata, groups, use_rep=use_rep).astype(np.float64)
     labels = groups.labels
@@ -321,27 +306,53 @@ def treatment_profiles(
             f"Every cell is a control ({settings.perturbation_key} = {settings.control!r}): no "
             "treatment to profile. Check --control."
         )
+    profiles = _treatment_medians(treated, means, settings=settings)
+    log.info(
+        "Treatment profiles: %d (treatment x batch) from %d replicates",
+        len(profiles.meta),
+        len(treated),
+    )
+    return profiles
+
+
+def _replicate_columns(settings: MoaSettings) -> tuple[list[str], dict[str, str]]:
+    """The obs columns whose combinations are the replicates, and the option of each (for
+    error messages)."""
+    keys = [
+        settings.compound_key,
+        *([settings.concentration_key] if settings.concentration_key else []),
+        settings.batch_key,
+        *([settings.standardize_key] if settings.standardize_key else []),
+        *([settings.replicate_key] if settings.replicate_key else []),
+        settings.perturbation_key,
+    ]
+    keys = list(dict.fromkeys(keys))  # a column named twice (compound = perturbation) once
+    what = {
+        settings.compound_key: "compound",
+        settings.batch_key: "batch",
+        settings.perturbation_key: "perturbation",
+    }
+    if settings.concentration_key:
+        what[settings.concentration_key] = "concentration"
+    return keys, what
+
+
+def _treatment_medians(
+    treated: pd.DataFrame, means: np.ndarray, *, settings: MoaSettings
+) -> TreatmentProfiles:
+    """The median of each treatment's replicate profiles per batch (pandas' group median)."""
     treatment = treated[settings.compound_key].astype(str)
     if settings.concentration_key:
         treatment = treatment + TREATMENT_SEPARATOR + treated[settings.concentration_key]
-    profile_keys = pd.DataFrame(
-        {
-            "treatment": treatment,
-            "compound": treated[settings.compound_key],
-            "batch": treated[settings.batch_key],
-        }
-    )
-    grouped = profile_keys.groupby(list(profile_keys.columns), sort=True)
-    codes = grouped.ngroup().to_numpy()
-    meta = grouped.size().index.to_frame(index=False)
-    values = np.stack([np.median(means[codes == k], axis=0) for k in range(len(meta))])
-    meta["n_replicates"] = np.bincount(codes, minlength=len(meta)).astype(np.int64)
-    meta["n_cells"] = np.bincount(
-        codes, weights=treated["n_cells"].to_numpy(), minlength=len(meta)
-    ).astype(np.int64)
-    log.info(
-        "Treatment profiles: %d (treatment x batch) from %d replicates", len(meta), len(treated)
-    )
+    by = [
+        treatment.rename("treatment"),
+        treated[settings.compound_key].rename("compound"),
+        treated[settings.batch_key].rename("batch"),
+    ]
+    values = pd.DataFrame(means).groupby(by, sort=True).median().to_numpy(dtype=np.float64)
+    replicates = treated["n_cells"].groupby(by, sort=True)
+    meta = replicates.size().astype(np.int64).reset_index(name="n_replicates")
+    meta["n_cells"] = replicates.sum().to_numpy().astype(np.int64)
     return TreatmentProfiles(meta=meta, values=values)
 
 

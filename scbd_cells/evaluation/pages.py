@@ -209,6 +209,15 @@ def write_extras(
     activity, consistency = group_tables(extras.benchmarks)
     activity.to_csv(folder / "map_activity.csv", index=False)
     consistency.to_csv(folder / "map_consistency.csv", index=False)
+    images = _figures(folder, table=table, extras=extras)
+    page = report_html(
+        title="scbd-cells evaluation", sections=_html_sections(metrics, table), images=images
+    )
+    (folder / "report.html").write_text(page, encoding="utf-8")
+
+
+def _figures(folder: Path, *, table: pd.DataFrame, extras: ReportExtras) -> list[tuple[Path, str]]:
+    """Draw ``tradeoff.png`` (and ``umap.png``); every figure of the page with its caption."""
     plot_tradeoff(table, folder / "tradeoff.png")
     images = [
         (
@@ -222,10 +231,53 @@ def write_extras(
     if extras.umap:
         plot_umaps(_umap_panels(extras), folder / "umap.png", seed=extras.seed)
         images.append((folder / "umap.png", "UMAPs: gene profiles by complex, cells by well"))
+    return images
+
+
+def _html_sections(metrics: dict[str, Any], table: pd.DataFrame) -> list[tuple[str, str]]:
+    """``report.html``'s sections in order: warnings, the paper's tasks, NSC/NSCB, the
+    field's metrics, held-out batches, provenance."""
+    import markdown_it  # rich's dependency: renders the explanation lists
+
+    render = markdown_it.MarkdownIt().render
     settings = metrics["settings"]
     label = settings.get("relationships", "CORUM")
+    sections = [
+        ("Warning", f"<p><strong>{html.escape(text)}</strong></p>")
+        for text in metrics.get("warnings", {}).values()
+    ]
+    paper = html_table(table, paper_columns(label), best=BEST) + _paper_text(settings)
+    sections.append(("The paper's tasks", paper))
+    if settings.get("moa"):
+        moa = html_table(table, MOA_COLUMNS, best=MOA_BEST)
+        sections.append(
+            ("Mechanism of action: NSC / NSCB", moa + render(moa_explanation(settings["moa"])))
+        )
+    field = html_table(table, FIELD_COLUMNS, best=BEST)
+    sections.append(
+        (
+            "The field's metrics (JUMP batch-correction benchmark)",
+            field + render(field_explanation(settings, table)),
+        )
+    )
+    if metrics.get("holdout"):
+        sections.append(
+            (
+                "Held-out batches",
+                render(holdout_intro(metrics["holdout"]))
+                + html_table(table, HOLDOUT_COLUMNS, best=HOLDOUT_BEST)
+                + render(HOLDOUT_EXPLANATION),
+            )
+        )
+    sections.append(("Provenance", provenance_html(metrics["provenance"])))
+    return sections
+
+
+def _paper_text(settings: dict[str, Any]) -> str:
+    """What the paper's columns mean (the HTML page's note under their table)."""
+    label = settings.get("relationships", "CORUM")
     pair = "genes share a complex" if label == "CORUM" else "perturbations share a group"
-    paper_text = (
+    return (
         f"<p class='note'>{html.escape(label)} AUPRC: area under the precision-recall curve "
         f"of predicting 'the two {pair}' from the cosine similarity of their profiles "
         "(thresholds at the p-th / (100 − p)-th percentiles, p = 80..99; paper appendix "
@@ -234,53 +286,6 @@ def write_extras(
         f"cells (at most {settings['max_cells']} cells, seed {settings['seed']}); chance = "
         "the expected F1 of guessing.</p>"
     )
-    import markdown_it  # rich's dependency: renders the explanation list
-
-    explanation = markdown_it.MarkdownIt().render(field_explanation(settings, table))
-    warnings = [
-        ("Warning", f"<p><strong>{html.escape(text)}</strong></p>")
-        for text in metrics.get("warnings", {}).values()
-    ]
-    moa_section = []
-    if settings.get("moa"):
-        render = markdown_it.MarkdownIt().render
-        moa_section.append(
-            (
-                "Mechanism of action: NSC / NSCB",
-                html_table(table, MOA_COLUMNS, best=MOA_BEST)
-                + render(moa_explanation(settings["moa"])),
-            )
-        )
-    holdout_section = []
-    if metrics.get("holdout"):
-        render = markdown_it.MarkdownIt().render
-        holdout_section.append(
-            (
-                "Held-out batches",
-                render(holdout_intro(metrics["holdout"]))
-                + html_table(table, HOLDOUT_COLUMNS, best=HOLDOUT_BEST)
-                + render(HOLDOUT_EXPLANATION),
-            )
-        )
-    page = report_html(
-        title="scbd-cells evaluation",
-        sections=[
-            *warnings,
-            (
-                "The paper's tasks",
-                html_table(table, paper_columns(label), best=BEST) + paper_text,
-            ),
-            *moa_section,
-            (
-                "The field's metrics (JUMP batch-correction benchmark)",
-                html_table(table, FIELD_COLUMNS, best=BEST) + explanation,
-            ),
-            *holdout_section,
-            ("Provenance", provenance_html(metrics["provenance"])),
-        ],
-        images=images,
-    )
-    (folder / "report.html").write_text(page, encoding="utf-8")
 
 
 def holdout_markdown(table: pd.DataFrame, holdout: dict[str, Any]) -> str:

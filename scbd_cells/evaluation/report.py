@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from scbd_cells.evaluation.cells import (
     read_embedding,
     read_rows,
 )
-from scbd_cells.evaluation.complexes import read_complexes
+from scbd_cells.evaluation.complexes import Complexes, read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
 from scbd_cells.evaluation.holdout import HOLDOUT_KEYS, Holdout, holdout_metrics
 from scbd_cells.evaluation.map import DEFAULT_MAX_REPLICATES, DEFAULT_NULL_SIZE
@@ -63,7 +64,7 @@ from scbd_cells.evaluation.pages import (
     write_extras,
 )
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
-from scbd_cells.evaluation.well_probe import batch_prediction_f1, subsample
+from scbd_cells.evaluation.well_probe import BatchF1, batch_prediction_f1, subsample
 from scbd_cells.profiles.aggregate import aggregate_profiles
 from scbd_cells.profiles.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.profiles.replicates import batch_column
@@ -106,79 +107,6 @@ class EvaluationResult:
     table: pd.DataFrame
     out_dir: Path
     report_path: Path
-
-
-def _names(paths: list[Path], keys: list[str], labels: list[str] | None) -> list[str]:
-    if labels is not None:
-        if len(labels) != len(paths):
-            raise InputError(
-                f"Got {len(labels)} label(s) for {len(paths)} embedding(s); give one --label "
-                "per embedding, in the same order."
-            )
-        names = list(labels)
-    else:
-        names = [p.stem if k == "X" else f"{p.stem}:{k}" for p, k in zip(paths, keys, strict=True)]
-    if len(set(names)) != len(names):
-        raise InputError(
-            f"Embedding names are not unique ({', '.join(names)}). Name them with --label."
-        )
-    return names
-
-
-def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
-    return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
-
-
-def _check_cell_level(path: Path, adata: Any) -> None:
-    """Refuse a guide- or gene-level profile file: evaluate aggregates cells itself."""
-    if isinstance(adata, CellsFile):
-        level = adata.provenance().get("level")
-    else:
-        provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
-        level = provenance.get("level") if hasattr(provenance, "get") else None
-    if level is None and schema.N_CELLS in adata.obs.columns:
-        level = "profiles"  # one row per group with a cell count: not cells
-    if level is not None and level != "cells":
-        raise DataError(
-            f"{path} holds {level} (one row per {str(level).rstrip('s')}, e.g. embed "
-            "--aggregate's guides.h5ad or genes.h5ad); evaluate needs the cell-level file (one "
-            "row per cell, e.g. the cells.h5ad of `scbd-cells embed`, or a baseline), and builds "
-            "guide and gene profiles from it itself."
-        )
-
-
-def _check_values(
-    paths: list[Path], names: list[str], keys: list[str], datasets: list[Any]
-) -> dict[str, str]:
-    """Refuse NaN/infinite values; return a warning per embedding that is constant."""
-    found_warnings = {}
-    for path, name, key, adata in zip(paths, names, keys, datasets, strict=True):
-        found = check_values(adata.X if key == "X" else adata.obsm[key])
-        if found.n_nonfinite:
-            raise DataError(
-                f"{path} holds {found.n_nonfinite:,} NaN or infinite values (float64 beyond "
-                f"float32's ±3.4e38 counted) in {key}: no metric "
-                "is defined on them. Re-embed the cells (embed now refuses a model that gives "
-                "them), or remove the affected cells from the file."
-            )
-        if found.constant:
-            found_warnings[name] = (
-                f"every cell of {name} has the same embedding ({key} has zero variance in all "
-                f"{found.n_columns} dimensions): its metrics measure nothing (a collapsed or "
-                "untrained model?)."
-            )
-            log.warning("%s", found_warnings[name])
-    return found_warnings
-
-
-def _control(adata: Any, control: str | None) -> str:
-    if control is not None:
-        return control
-    if isinstance(adata, CellsFile):
-        return adata.control or schema.CONTROL_LABEL
-    provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
-    found = provenance.get("control") if hasattr(provenance, "get") else None
-    return str(found) if found else schema.CONTROL_LABEL
 
 
 @locks_output("out")
@@ -270,8 +198,111 @@ def evaluate(
     -------
     EvaluationResult
     """
-    paths = [Path(p) for p in embedding_paths]
     out_dir = Path(out)
+    paths, keys = _paths_and_keys(embedding_paths, keys)
+    names = _names(paths, keys, labels)
+    holdout = None
+    if holdout_batches:
+        holdout = Holdout(column=holdout_key or batch_key, values=tuple(holdout_batches))
+    options = _Options(
+        corum=corum, control=control, perturbation_key=perturbation_key, guide_key=guide_key,
+        batch_key=batch_key, replicate_key=replicate_key, holdout=holdout,
+        compound_key=compound_key, concentration_key=concentration_key,
+        standardize_key=standardize_key, max_cells=max_cells, mixing_cells=mixing_cells,
+        max_replicates=max_replicates, null_size=null_size, umap=umap, seed=seed,
+    )  # fmt: skip
+    check_output(out_dir, kind="report", overwrite=overwrite, inputs=[*paths, corum])
+    complexes = read_complexes(corum)
+    _check_moa_options(options)
+    read = _read_embeddings(paths, keys, names, options=options)
+    try:
+        measured = _measure_all(read, complexes=complexes, options=options)
+    finally:
+        close_all(read.datasets)
+    table = _table(measured.rows)
+    metrics = _metrics(table, read=read, measured=measured, complexes=complexes, options=options)
+    extras = ReportExtras(benchmarks=measured.benchmarks, complexes=complexes, umap=umap, seed=seed)
+    _write_report(
+        out_dir, metrics=metrics, table=table, curves=pd.concat(measured.curves),
+        overwrite=overwrite, extras=extras,
+    )  # fmt: skip
+    return EvaluationResult(
+        metrics=metrics, table=table, out_dir=out_dir, report_path=out_dir / "report.md"
+    )
+
+
+# --- the inputs, read and checked ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What :func:`evaluate` was asked, as given (columns named as on the command line)."""
+
+    corum: str | Path
+    control: str | None
+    perturbation_key: str
+    guide_key: str
+    batch_key: str
+    replicate_key: str | None
+    holdout: Holdout | None
+    compound_key: str | None
+    concentration_key: str | None
+    standardize_key: str | None
+    max_cells: int | None
+    mixing_cells: int | None
+    max_replicates: int | None
+    null_size: int
+    umap: bool
+    seed: int
+
+    @property
+    def moa_columns(self) -> dict[str, str | None]:
+        """The obs column each NSC/NSCB option names (None when not given)."""
+        return {
+            "--compound-key": self.compound_key,
+            "--concentration-key": self.concentration_key,
+            "--standardize-key": self.standardize_key,
+        }
+
+    @property
+    def benchmark_settings(self) -> BenchmarkSettings:
+        """The sizes and seed of the field's metrics."""
+        return BenchmarkSettings(
+            null_size=self.null_size, max_replicates=self.max_replicates,
+            mixing_cells=self.mixing_cells, seed=self.seed,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Embedding:
+    """One input file, read and checked: what every metric of it needs."""
+
+    name: str
+    path: Path
+    key: str
+    adata: Any
+    replicate: str  # the replicate column (the guide's, or --replicate-key's)
+    held: np.ndarray | None  # the held-out cells, or None without --holdout-batches
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Every embedding, read and checked, in the order given."""
+
+    embeddings: list[_Embedding]
+    batch_key: str  # the batch column as the files name it (the last file's)
+    value_warnings: dict[str, str]  # per embedding, when every cell has the same embedding
+
+    @property
+    def datasets(self) -> list[Any]:
+        return [embedding.adata for embedding in self.embeddings]
+
+
+def _paths_and_keys(
+    embedding_paths: list[str | Path], keys: list[str] | None
+) -> tuple[list[Path], list[str]]:
+    """The input files and the embedding key of each (one key stands for all)."""
+    paths = [Path(p) for p in embedding_paths]
     if not paths:
         raise InputError("No embedding given. Pass one or more .h5ad/.zarr files.")
     keys = list(keys) if keys else ["X"]
@@ -282,256 +313,309 @@ def evaluate(
             f"Got {len(keys)} --key values for {len(paths)} embeddings; give one for all or "
             "one per embedding."
         )
-    names = _names(paths, keys, labels)
-    holdout = None
-    if holdout_batches:
-        holdout = Holdout(column=holdout_key or batch_key, values=tuple(holdout_batches))
-    check_output(out_dir, kind="report", overwrite=overwrite, inputs=[*paths, corum])
-    complexes = read_complexes(corum)
-    moa_columns = {
-        "--compound-key": compound_key,
-        "--concentration-key": concentration_key,
-        "--standardize-key": standardize_key,
-    }
-    if compound_key is None and (concentration_key or standardize_key):
+    return paths, keys
+
+
+def _names(paths: list[Path], keys: list[str], labels: list[str] | None) -> list[str]:
+    if labels is not None:
+        if len(labels) != len(paths):
+            raise InputError(
+                f"Got {len(labels)} label(s) for {len(paths)} embedding(s); give one --label "
+                "per embedding, in the same order."
+            )
+        names = list(labels)
+    else:
+        names = [p.stem if k == "X" else f"{p.stem}:{k}" for p, k in zip(paths, keys, strict=True)]
+    if len(set(names)) != len(names):
+        raise InputError(
+            f"Embedding names are not unique ({', '.join(names)}). Name them with --label."
+        )
+    return names
+
+
+def _check_moa_options(options: _Options) -> None:
+    if options.compound_key is None and (options.concentration_key or options.standardize_key):
         raise InputError(
             "--concentration-key and --standardize-key shape the NSC/NSCB treatment profiles; "
             "they need --compound-key (the obs column of the compound)."
         )
 
+
+def _check_cell_level(path: Path, adata: Any) -> None:
+    """Refuse a guide- or gene-level profile file: evaluate aggregates cells itself."""
+    if isinstance(adata, CellsFile):
+        level = adata.provenance().get("level")
+    else:
+        provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
+        level = provenance.get("level") if hasattr(provenance, "get") else None
+    if level is None and schema.N_CELLS in adata.obs.columns:
+        level = "profiles"  # one row per group with a cell count: not cells
+    if level is not None and level != "cells":
+        raise DataError(
+            f"{path} holds {level} (one row per {str(level).rstrip('s')}, e.g. embed "
+            "--aggregate's guides.h5ad or genes.h5ad); evaluate needs the cell-level file (one "
+            "row per cell, e.g. the cells.h5ad of `scbd-cells embed`, or a baseline), and builds "
+            "guide and gene profiles from it itself."
+        )
+
+
+def _some_columns(adata: Any) -> str:
+    """The first obs columns, for an error message."""
+    return ", ".join(map(str, adata.obs.columns[:12]))
+
+
+def _no_column(path: Path, adata: Any, column: str, option: str, fix: str = "") -> DataError:
+    return DataError(
+        f"{path} has no column {column!r} in obs for {option} (columns: "
+        f"{_some_columns(adata)}). {fix}".rstrip()
+    )
+
+
+def _read_embeddings(
+    paths: list[Path], keys: list[str], names: list[str], *, options: _Options
+) -> _Inputs:
+    """Read every file and check it before any work (a bad input fails first); the files
+    stay open for the metrics, closed here only on failure."""
     datasets: list[Any] = []
-    replicates: list[str] = []  # the replicate column of each file (the guide's by default)
-    requested_batch_key = batch_key
     try:
+        replicates, batch_key = [], options.batch_key
         for path, key in zip(paths, keys, strict=True):
             adata = read_embedding(path)
             datasets.append(adata)
-            if is_profile_table(path):
-                check_profile_columns(
-                    adata,
-                    {
-                        "--perturbation-key": perturbation_key,
-                        "--guide-key": guide_key if guide_key != schema.GUIDE else None,
-                        "--batch-key": requested_batch_key,
-                    },
-                    source=path,
-                )
-            if key == "X" and adata.X is None:
-                raise DataError(
-                    f"{path} has no X. Name the embedding's obsm key with --key (keys: "
-                    f"{', '.join(adata.obsm.keys()) or 'none'})."
-                )
-            if key != "X" and key not in adata.obsm:
-                raise DataError(
-                    f"{path} has no obsm key {key!r} (keys: "
-                    f"{', '.join(adata.obsm.keys()) or 'none'}). Choose one of them or 'X' "
-                    "with --key."
-                )
-            _check_cell_level(path, adata)
-            batch_key = batch_column(adata, requested_batch_key)
-            if batch_key not in adata.obs.columns:
-                raise DataError(
-                    f"{path} has no batch column {batch_key!r} in obs (columns: "
-                    f"{', '.join(map(str, adata.obs.columns[:12]))}). "
-                    f"{did_you_mean(batch_key, list(adata.obs.columns))}Well prediction needs "
-                    "it: embed from a store (which carries 'batch'), or name the column with "
-                    "--batch-key."
-                )
-            replicates.append(batch_column(adata, replicate_key) if replicate_key else guide_key)
-            for option, column in moa_columns.items():
-                if column and column not in adata.obs.columns:
-                    raise DataError(
-                        f"{path} has no column {column!r} in obs for {option} (columns: "
-                        f"{', '.join(map(str, adata.obs.columns[:12]))})."
-                    )
-            if replicate_key and replicates[-1] not in adata.obs.columns:
-                raise DataError(
-                    f"{path} has no column {replicate_key!r} in obs for --replicate-key "
-                    f"(columns: {', '.join(map(str, adata.obs.columns[:12]))}). Name the "
-                    "replicate unit, e.g. plate,well in an arrayed screen."
-                )
-        held = []
-        for path, adata in zip(paths, datasets, strict=True):
-            if holdout is None:
-                held.append(None)
-                continue
-            column = batch_column(adata, holdout.column)
-            if column not in adata.obs.columns:
-                raise DataError(
-                    f"{path} has no column {holdout.column!r} in obs for --holdout-key (columns: "
-                    f"{', '.join(map(str, adata.obs.columns[:12]))}). "
-                    f"{did_you_mean(column, list(adata.obs.columns))}".rstrip()
-                )
-            held.append(holdout.mask(adata.obs[column], path=path))
+            batch_key, replicate = _check_embedding(path, key, adata, options=options)
+            replicates.append(replicate)
+        held = [
+            _held_cells(path, adata, options.holdout)
+            for path, adata in zip(paths, datasets, strict=True)
+        ]
         value_warnings = _check_values(paths, names, keys, datasets)
     except BaseException:
         close_all(datasets)
         raise
+    embeddings = [
+        _Embedding(*fields)
+        for fields in zip(names, paths, keys, datasets, replicates, held, strict=True)
+    ]
+    return _Inputs(embeddings=embeddings, batch_key=batch_key, value_warnings=value_warnings)
 
-    rows, curves = [], []
-    settings = BenchmarkSettings(
-        null_size=null_size, max_replicates=max_replicates, mixing_cells=mixing_cells, seed=seed
-    )
-    benchmarks: dict[str, BenchmarkResult] = {}
 
-    def labels_of(adata: Any, replicate: str) -> dict[str, Any]:
-        """What every metric of one file needs to know of its labels and complexes."""
-        return {
-            "complexes": complexes,
-            "control": _control(adata, control),
-            "perturbation_key": perturbation_key,
-            "guide_key": replicate,  # the guide, or the replicate unit (--replicate-key)
-            "batch_key": batch_key,
-        }
-
-    inputs: dict[str, dict[str, Any]] = {}
-    try:
-        with progress_bar(unit="cells") as bar:  # off a terminal: a line every 30 s
-            task = bar.add_task("Evaluating", total=sum(int(a.n_obs) for a in datasets))
-            for name, key, adata, path, held_cells, replicate in zip(
-                names, keys, datasets, paths, held, replicates, strict=True
-            ):
-                log.info("Evaluating %s (%s, %d cells)", name, key, adata.n_obs)
-                inputs[name] = input_provenance(path, key=key, adata=adata)
-                profiles = aggregate_profiles(
-                    adata,
-                    use_rep=key,
-                    perturbation_key=perturbation_key,
-                    guide_key=replicate,
-                    control=_control(adata, control),
-                )
-                genes = profiles.genes
-                corum_result: CorumResult = corum_pr(
-                    genes.X, list(genes.obs_names), complexes, percentiles=DEFAULT_PERCENTILES
-                )
-                positions = subsample(adata.n_obs, max_cells=max_cells, seed=seed)
-                batches = adata.obs[batch_key].iloc[positions].astype(str).to_numpy()
-                well = batch_prediction_f1(_rows(adata, key, positions), batches, seed=seed)
-                # a constant embedding (warned about) has zero-norm profiles: its cosine-based
-                # metrics are NaN, reported as undefined, not as numpy's divide warnings
-                with warnings.catch_warnings():  # process-wide: copairs computes in threads
-                    if name in value_warnings:
-                        warnings.filterwarnings("ignore", "invalid value", RuntimeWarning)
-                    benchmarks[name] = benchmark_metrics(
-                        adata,
-                        key=key,
-                        profiles=profiles,
-                        settings=settings,
-                        **labels_of(adata, replicate),
-                    )
-                rows.append(
-                    {
-                        "embedding": name,
-                        "corum_auprc": corum_result.auprc,
-                        "corum_recall_5_95": corum_result.recall_5_95,
-                        "well_f1": well.f1,
-                        "well_f1_chance": well.chance,
-                        "n_genes": corum_result.n_genes,
-                        "n_cells": int(adata.n_obs),
-                        "corum_recall_10_90": _recall_at(corum_result, 90),
-                        **benchmarks[name].values,
-                        "corum_prevalence": corum_result.n_positive_pairs / corum_result.n_pairs,
-                        "n_replicates": benchmarks[name].n_replicates,
-                        "n_mixing_cells": benchmarks[name].n_mixing_cells,
-                    }
-                )
-                if held_cells is not None:
-                    log.info("Evaluating %s on its %d held-out cells", name, int(held_cells.sum()))
-                    rows[-1].update(
-                        holdout_metrics(
-                            adata, key=key, held=held_cells, max_cells=max_cells,
-                            mixing_cells=mixing_cells, seed=seed, **labels_of(adata, replicate),
-                        )  # fmt: skip
-                    )
-                if compound_key is not None:
-                    moa_settings = MoaSettings(
-                        compound_key=compound_key,
-                        batch_key=batch_key,
-                        perturbation_key=perturbation_key,
-                        control=_control(adata, control),
-                        concentration_key=concentration_key,
-                        replicate_key=replicate if replicate in adata.obs.columns else None,
-                        standardize_key=standardize_key,
-                    )
-                    rows[-1].update(
-                        moa_metrics(
-                            adata, relationships=complexes, settings=moa_settings, use_rep=key
-                        )
-                    )
-                curves.append(
-                    pd.DataFrame(
-                        {
-                            "embedding": name,
-                            "percentile": corum_result.percentiles,
-                            "precision": corum_result.precision,
-                            "recall": corum_result.recall,
-                        }
-                    )
-                )
-                bar.advance(task, int(adata.n_obs))
-    finally:
-        close_all(datasets)
-
-    table = pd.DataFrame(rows)
-    table = pd.concat([table, overall_scores(table)], axis=1)
-    extra_keys = ("corum_prevalence", "n_replicates", "n_mixing_cells")
-    if compound_key is not None:
-        extra_keys += MOA_KEYS
-    metrics = {
-        "embeddings": {
-            row["embedding"]: {k: _json_number(row[k]) for k in (*METRIC_KEYS, *extra_keys)}
-            for row in table.to_dict("records")
-        },
-        "warnings": value_warnings,
-        "holdout": {}
-        if holdout is None
-        else {
-            "column": holdout.column,
-            "values": list(holdout.values),
-            "embeddings": {
-                row["embedding"]: {k: _json_number(row[k]) for k in HOLDOUT_KEYS}
-                for row in table.to_dict("records")
+def _check_embedding(path: Path, key: str, adata: Any, *, options: _Options) -> tuple[str, str]:
+    """Refuse a file the metrics cannot read; return its batch and replicate columns."""
+    if is_profile_table(path):
+        check_profile_columns(
+            adata,
+            {
+                "--perturbation-key": options.perturbation_key,
+                "--guide-key": options.guide_key if options.guide_key != schema.GUIDE else None,
+                "--batch-key": options.batch_key,
             },
-        },
-        "settings": {
-            "corum": str(Path(corum)),
-            "complexes_format": complexes.format,
-            "relationships": complexes.label,
-            "replicate_key": replicate_key,
-            "moa": None
-            if compound_key is None
-            else {
-                "compound_key": compound_key,
-                "concentration_key": concentration_key,
-                "batch_key": batch_key,
-                "replicate_key": replicate_key,
-                "standardize_key": standardize_key,
-                "profiles": "median of the replicates' cell means per treatment and batch",
-                "distance": "cosine",
-            },
-            "percentiles": list(DEFAULT_PERCENTILES),
-            "keys": dict(zip(names, keys, strict=True)),
-            "files": {n: str(p) for n, p in zip(names, paths, strict=True)},
-            "batch_key": batch_key,
-            "max_cells": max_cells,
-            "mixing_cells": mixing_cells,
-            "max_replicates": max_replicates,
-            "null_size": null_size,
-            "umap": umap,
-            "seed": seed,
-        },
-        "provenance": report_provenance(inputs, complexes_path=Path(corum)),
+            source=path,
+        )
+    if key == "X" and adata.X is None:
+        raise DataError(
+            f"{path} has no X. Name the embedding's obsm key with --key (keys: "
+            f"{', '.join(adata.obsm.keys()) or 'none'})."
+        )
+    if key != "X" and key not in adata.obsm:
+        raise DataError(
+            f"{path} has no obsm key {key!r} (keys: "
+            f"{', '.join(adata.obsm.keys()) or 'none'}). Choose one of them or 'X' "
+            "with --key."
+        )
+    _check_cell_level(path, adata)
+    batch_key = batch_column(adata, options.batch_key)
+    if batch_key not in adata.obs.columns:
+        raise DataError(
+            f"{path} has no batch column {batch_key!r} in obs (columns: {_some_columns(adata)}). "
+            f"{did_you_mean(batch_key, list(adata.obs.columns))}Well prediction needs "
+            "it: embed from a store (which carries 'batch'), or name the column with "
+            "--batch-key."
+        )
+    replicate_key = options.replicate_key
+    replicate = batch_column(adata, replicate_key) if replicate_key else options.guide_key
+    for option, column in options.moa_columns.items():
+        if column and column not in adata.obs.columns:
+            raise _no_column(path, adata, column, option)
+    if replicate_key and replicate not in adata.obs.columns:
+        raise _no_column(
+            path, adata, replicate_key, "--replicate-key",
+            "Name the replicate unit, e.g. plate,well in an arrayed screen.",
+        )  # fmt: skip
+    return batch_key, replicate
+
+
+def _held_cells(path: Path, adata: Any, holdout: Holdout | None) -> np.ndarray | None:
+    """The held-out cells of one file (None without --holdout-batches)."""
+    if holdout is None:
+        return None
+    column = batch_column(adata, holdout.column)
+    if column not in adata.obs.columns:
+        raise _no_column(
+            path, adata, holdout.column, "--holdout-key",
+            did_you_mean(column, list(adata.obs.columns)),
+        )  # fmt: skip
+    return holdout.mask(adata.obs[column], path=path)
+
+
+def _check_values(
+    paths: list[Path], names: list[str], keys: list[str], datasets: list[Any]
+) -> dict[str, str]:
+    """Refuse NaN/infinite values; return a warning per embedding that is constant."""
+    found_warnings = {}
+    for path, name, key, adata in zip(paths, names, keys, datasets, strict=True):
+        found = check_values(adata.X if key == "X" else adata.obsm[key])
+        if found.n_nonfinite:
+            raise DataError(
+                f"{path} holds {found.n_nonfinite:,} NaN or infinite values (float64 beyond "
+                f"float32's ±3.4e38 counted) in {key}: no metric "
+                "is defined on them. Re-embed the cells (embed now refuses a model that gives "
+                "them), or remove the affected cells from the file."
+            )
+        if found.constant:
+            found_warnings[name] = (
+                f"every cell of {name} has the same embedding ({key} has zero variance in all "
+                f"{found.n_columns} dimensions): its metrics measure nothing (a collapsed or "
+                "untrained model?)."
+            )
+            log.warning("%s", found_warnings[name])
+    return found_warnings
+
+
+def _control(adata: Any, control: str | None) -> str:
+    if control is not None:
+        return control
+    if isinstance(adata, CellsFile):
+        return adata.control or schema.CONTROL_LABEL
+    provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
+    found = provenance.get("control") if hasattr(provenance, "get") else None
+    return str(found) if found else schema.CONTROL_LABEL
+
+
+# --- the metrics of each embedding --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """The metrics of every embedding: table rows, CORUM curves, the field's, provenance."""
+
+    rows: list[dict[str, Any]]
+    curves: list[pd.DataFrame]
+    benchmarks: dict[str, BenchmarkResult]
+    inputs: dict[str, dict[str, Any]]
+
+
+def _measure_all(read: _Inputs, *, complexes: Complexes, options: _Options) -> _Measured:
+    """Every embedding's metrics, one file after the other (a progress line by cells)."""
+    measured = _Measured(rows=[], curves=[], benchmarks={}, inputs={})
+    with progress_bar(unit="cells") as bar:  # off a terminal: a line every 30 s
+        task = bar.add_task("Evaluating", total=sum(int(a.n_obs) for a in read.datasets))
+        for embedding in read.embeddings:
+            _measure(embedding, measured, read=read, complexes=complexes, options=options)
+            bar.advance(task, int(embedding.adata.n_obs))
+    return measured
+
+
+def _measure(
+    embedding: _Embedding,
+    measured: _Measured,
+    *,
+    read: _Inputs,
+    complexes: Complexes,
+    options: _Options,
+) -> None:
+    """One embedding: CORUM and well F1 (the paper's), the field's metrics, the held-out
+    cells and NSC/NSCB when asked; added to ``measured``."""
+    name, key, adata = embedding.name, embedding.key, embedding.adata
+    log.info("Evaluating %s (%s, %d cells)", name, key, adata.n_obs)
+    measured.inputs[name] = input_provenance(embedding.path, key=key, adata=adata)
+    control = _control(adata, options.control)
+    labels = {  # what every metric of this file needs to know of its labels and complexes
+        "complexes": complexes,
+        "control": control,
+        "perturbation_key": options.perturbation_key,
+        "guide_key": embedding.replicate,  # the guide, or the replicate unit (--replicate-key)
+        "batch_key": read.batch_key,
     }
-    _write_report(
-        out_dir,
-        metrics=metrics,
-        table=table,
-        curves=pd.concat(curves),
-        overwrite=overwrite,
-        extras=ReportExtras(benchmarks=benchmarks, complexes=complexes, umap=umap, seed=seed),
+    profiles = aggregate_profiles(
+        adata,
+        use_rep=key,
+        perturbation_key=options.perturbation_key,
+        guide_key=embedding.replicate,
+        control=control,
     )
-    return EvaluationResult(
-        metrics=metrics, table=table, out_dir=out_dir, report_path=out_dir / "report.md"
+    genes = profiles.genes
+    corum_result: CorumResult = corum_pr(
+        genes.X, list(genes.obs_names), complexes, percentiles=DEFAULT_PERCENTILES
+    )
+    positions = subsample(adata.n_obs, max_cells=options.max_cells, seed=options.seed)
+    batches = adata.obs[read.batch_key].iloc[positions].astype(str).to_numpy()
+    well = batch_prediction_f1(_rows(adata, key, positions), batches, seed=options.seed)
+    # a constant embedding (warned about) has zero-norm profiles: its cosine-based
+    # metrics are NaN, reported as undefined, not as numpy's divide warnings
+    with warnings.catch_warnings():  # process-wide: copairs computes in threads
+        if name in read.value_warnings:
+            warnings.filterwarnings("ignore", "invalid value", RuntimeWarning)
+        benchmark = benchmark_metrics(
+            adata, key=key, profiles=profiles, settings=options.benchmark_settings, **labels
+        )
+    measured.benchmarks[name] = benchmark
+    row = _row(name, adata, corum_result, well, benchmark)
+    if embedding.held is not None:
+        log.info("Evaluating %s on its %d held-out cells", name, int(embedding.held.sum()))
+        row.update(
+            holdout_metrics(
+                adata, key=key, held=embedding.held, max_cells=options.max_cells,
+                mixing_cells=options.mixing_cells, seed=options.seed, **labels,
+            )  # fmt: skip
+        )
+    if options.compound_key is not None:
+        moa_settings = MoaSettings(
+            compound_key=options.compound_key,
+            batch_key=read.batch_key,
+            perturbation_key=options.perturbation_key,
+            control=control,
+            concentration_key=options.concentration_key,
+            replicate_key=embedding.replicate if embedding.replicate in adata.obs.columns else None,
+            standardize_key=options.standardize_key,
+        )
+        row.update(moa_metrics(adata, relationships=complexes, settings=moa_settings, use_rep=key))
+    measured.rows.append(row)
+    measured.curves.append(_curve(name, corum_result))
+
+
+def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
+    return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
+
+
+def _row(
+    name: str, adata: Any, corum: CorumResult, well: BatchF1, benchmark: BenchmarkResult
+) -> dict[str, Any]:
+    """One embedding's row of the table (its first columns; held-out and NSC/NSCB follow)."""
+    return {
+        "embedding": name,
+        "corum_auprc": corum.auprc,
+        "corum_recall_5_95": corum.recall_5_95,
+        "well_f1": well.f1,
+        "well_f1_chance": well.chance,
+        "n_genes": corum.n_genes,
+        "n_cells": int(adata.n_obs),
+        "corum_recall_10_90": _recall_at(corum, 90),
+        **benchmark.values,
+        "corum_prevalence": corum.n_positive_pairs / corum.n_pairs,
+        "n_replicates": benchmark.n_replicates,
+        "n_mixing_cells": benchmark.n_mixing_cells,
+    }
+
+
+def _curve(name: str, corum: CorumResult) -> pd.DataFrame:
+    """One embedding's CORUM precision-recall points (``corum_pr.csv``)."""
+    return pd.DataFrame(
+        {
+            "embedding": name,
+            "percentile": corum.percentiles,
+            "precision": corum.precision,
+            "recall": corum.recall,
+        }
     )
 
 
@@ -539,6 +623,86 @@ def _recall_at(result: CorumResult, percentile: int) -> float:
     """Recall at the two-tailed (100 - p) % / p % threshold, from the curve's points."""
     at = np.flatnonzero(np.asarray(result.percentiles) == percentile)
     return float(result.recall[at[0]]) if at.size else float("nan")
+
+
+# --- the table and metrics.json ---------------------------------------------------------------
+
+
+def _table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per embedding, the overall scores (relative to this table) appended."""
+    table = pd.DataFrame(rows)
+    return pd.concat([table, overall_scores(table)], axis=1)
+
+
+def _per_embedding(table: pd.DataFrame, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{embedding: {key: number}}`` of the table's rows, for ``metrics.json``."""
+    return {
+        row["embedding"]: {k: _json_number(row[k]) for k in keys}
+        for row in table.to_dict("records")
+    }
+
+
+def _metrics(
+    table: pd.DataFrame,
+    *,
+    read: _Inputs,
+    measured: _Measured,
+    complexes: Complexes,
+    options: _Options,
+) -> dict[str, Any]:
+    """The content of ``metrics.json``: the numbers, warnings, settings and provenance."""
+    extra_keys = ("corum_prevalence", "n_replicates", "n_mixing_cells")
+    if options.compound_key is not None:
+        extra_keys += MOA_KEYS
+    holdout = options.holdout
+    return {
+        "embeddings": _per_embedding(table, (*METRIC_KEYS, *extra_keys)),
+        "warnings": read.value_warnings,
+        "holdout": {}
+        if holdout is None
+        else {
+            "column": holdout.column,
+            "values": list(holdout.values),
+            "embeddings": _per_embedding(table, HOLDOUT_KEYS),
+        },
+        "settings": _settings(read, complexes=complexes, options=options),
+        "provenance": report_provenance(measured.inputs, complexes_path=Path(options.corum)),
+    }
+
+
+def _settings(read: _Inputs, *, complexes: Complexes, options: _Options) -> dict[str, Any]:
+    """What the report was computed with (``metrics.json``'s ``settings``)."""
+    embeddings = read.embeddings
+    return {
+        "corum": str(Path(options.corum)),
+        "complexes_format": complexes.format,
+        "relationships": complexes.label,
+        "replicate_key": options.replicate_key,
+        "moa": None
+        if options.compound_key is None
+        else {
+            "compound_key": options.compound_key,
+            "concentration_key": options.concentration_key,
+            "batch_key": read.batch_key,
+            "replicate_key": options.replicate_key,
+            "standardize_key": options.standardize_key,
+            "profiles": "median of the replicates' cell means per treatment and batch",
+            "distance": "cosine",
+        },
+        "percentiles": list(DEFAULT_PERCENTILES),
+        "keys": {e.name: e.key for e in embeddings},
+        "files": {e.name: str(e.path) for e in embeddings},
+        "batch_key": read.batch_key,
+        "max_cells": options.max_cells,
+        "mixing_cells": options.mixing_cells,
+        "max_replicates": options.max_replicates,
+        "null_size": options.null_size,
+        "umap": options.umap,
+        "seed": options.seed,
+    }
+
+
+# --- the report's files ----------------------------------------------------------------------
 
 
 def _json_number(value: Any) -> Any:
