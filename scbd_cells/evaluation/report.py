@@ -39,13 +39,7 @@ from scbd_cells.evaluation.benchmark import (
     BenchmarkSettings,
     benchmark_metrics,
 )
-from scbd_cells.evaluation.cells import (
-    CellsFile,
-    check_values,
-    close_all,
-    read_embedding,
-    read_rows,
-)
+from scbd_cells.evaluation.cells import check_values
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
 from scbd_cells.evaluation.holdout import HOLDOUT_KEYS, Holdout, holdout_metrics
@@ -65,6 +59,7 @@ from scbd_cells.evaluation.pages import (
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
 from scbd_cells.evaluation.well_probe import batch_prediction_f1, subsample
 from scbd_cells.profiles.aggregate import aggregate_profiles
+from scbd_cells.profiles.cells import Cells, close_all, open_cells, read_rows
 from scbd_cells.profiles.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.profiles.replicates import batch_column
 
@@ -125,17 +120,13 @@ def _names(paths: list[Path], keys: list[str], labels: list[str] | None) -> list
     return names
 
 
-def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
+def _rows(adata: Cells, key: str, positions: np.ndarray) -> np.ndarray:
     return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
 
 
-def _check_cell_level(path: Path, adata: Any) -> None:
+def _check_cell_level(path: Path, adata: Cells) -> None:
     """Refuse a guide- or gene-level profile file: evaluate aggregates cells itself."""
-    if isinstance(adata, CellsFile):
-        level = adata.provenance().get("level")
-    else:
-        provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
-        level = provenance.get("level") if hasattr(provenance, "get") else None
+    level = adata.provenance().get("level")
     if level is None and schema.N_CELLS in adata.obs.columns:
         level = "profiles"  # one row per group with a cell count: not cells
     if level is not None and level != "cells":
@@ -148,7 +139,7 @@ def _check_cell_level(path: Path, adata: Any) -> None:
 
 
 def _check_values(
-    paths: list[Path], names: list[str], keys: list[str], datasets: list[Any]
+    paths: list[Path], names: list[str], keys: list[str], datasets: list[Cells]
 ) -> dict[str, str]:
     """Refuse NaN/infinite values; return a warning per embedding that is constant."""
     found_warnings = {}
@@ -171,14 +162,10 @@ def _check_values(
     return found_warnings
 
 
-def _control(adata: Any, control: str | None) -> str:
+def _control(adata: Cells, control: str | None) -> str:
     if control is not None:
         return control
-    if isinstance(adata, CellsFile):
-        return adata.control or schema.CONTROL_LABEL
-    provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
-    found = provenance.get("control") if hasattr(provenance, "get") else None
-    return str(found) if found else schema.CONTROL_LABEL
+    return adata.control or schema.CONTROL_LABEL
 
 
 @locks_output("out")
@@ -299,12 +286,12 @@ def evaluate(
             "they need --compound-key (the obs column of the compound)."
         )
 
-    datasets: list[Any] = []
+    datasets: list[Cells] = []
     replicates: list[str] = []  # the replicate column of each file (the guide's by default)
     requested_batch_key = batch_key
     try:
         for path, key in zip(paths, keys, strict=True):
-            adata = read_embedding(path)
+            adata = open_cells(path)
             datasets.append(adata)
             if is_profile_table(path):
                 check_profile_columns(
@@ -316,17 +303,7 @@ def evaluate(
                     },
                     source=path,
                 )
-            if key == "X" and adata.X is None:
-                raise DataError(
-                    f"{path} has no X. Name the embedding's obsm key with --key (keys: "
-                    f"{', '.join(adata.obsm.keys()) or 'none'})."
-                )
-            if key != "X" and key not in adata.obsm:
-                raise DataError(
-                    f"{path} has no obsm key {key!r} (keys: "
-                    f"{', '.join(adata.obsm.keys()) or 'none'}). Choose one of them or 'X' "
-                    "with --key."
-                )
+            adata.rep(key)  # refuses a missing X or obsm key
             _check_cell_level(path, adata)
             batch_key = batch_column(adata, requested_batch_key)
             if batch_key not in adata.obs.columns:
@@ -374,7 +351,7 @@ def evaluate(
     )
     benchmarks: dict[str, BenchmarkResult] = {}
 
-    def labels_of(adata: Any, replicate: str) -> dict[str, Any]:
+    def labels_of(adata: Cells, replicate: str) -> dict[str, Any]:
         """What every metric of one file needs to know of its labels and complexes."""
         return {
             "complexes": complexes,
