@@ -41,6 +41,7 @@ LAYERS = {
     "scbd_cells.training.checkpoint": 2,
     "scbd_cells.profiles.anndata_io": 2,
     "scbd_cells.profiles.profile_tables": 2,
+    "scbd_cells.profiles.cells": 2,
     # 3: the commands that make embeddings
     "scbd_cells.training.loop": 3,
     "scbd_cells.embedding": 3,

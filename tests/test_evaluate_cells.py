@@ -15,13 +15,13 @@ import scipy.sparse as sp
 import zarr
 
 from scbd_cells.core.errors import DataError
-from scbd_cells.evaluation.cells import CellsFile, open_cells, read_rows
 from scbd_cells.evaluation.complexes import read_complexes
 from scbd_cells.evaluation.corum import corum_pr
 from scbd_cells.evaluation.report import evaluate
 from scbd_cells.evaluation.well_probe import batch_prediction_f1, subsample
 from scbd_cells.profiles.aggregate import aggregate_profiles, factorize_labels
 from scbd_cells.profiles.anndata_io import write_anndata
+from scbd_cells.profiles.cells import Cells, open_cells, read_rows
 
 COMPLEXES = {"cA": ["g0", "g1", "g2"], "cB": ["g3", "g4", "g5"], "cC": ["g6", "g7"]}
 
@@ -97,7 +97,7 @@ def test_cells_file_reads_what_anndata_reads(tmp_path: Path, suffix: str) -> Non
     else:
         write_anndata(adata, path, overwrite=False)
     cells = open_cells(path)
-    assert isinstance(cells, CellsFile)
+    assert isinstance(cells, Cells)
     try:
         assert (cells.n_obs, cells.n_vars, cells.control) == (900, 12, "NTC")
         assert list(cells.obs.columns) == list(adata.obs.columns)

@@ -148,41 +148,6 @@ def _has_scbd_provenance(path: Path) -> bool:
         return False
 
 
-def read_recorded(path: str | os.PathLike, *, what: str) -> dict:
-    """What scbd-cells recorded in an AnnData file (its ``uns["scbd"]``), or ``{}``.
-
-    Reads that element only, never ``X``, ``obs`` or ``obsm`` (a reference file may hold
-    millions of cells). ``what`` names the file in the errors ("The reference baseline").
-    """
-    from scbd_cells.core.errors import DataError
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} {path} does not exist. Pass an AnnData scbd-cells wrote.")
-    try:
-        try:
-            from anndata.io import read_elem
-        except ImportError:  # anndata < 0.11
-            from anndata.experimental import read_elem
-        if path.suffix == ".zarr":
-            import zarr
-
-            root = zarr.open_group(path, mode="r")
-            uns = root["uns"] if "uns" in root else {}
-            found = read_elem(uns[_UNS_KEY]) if _UNS_KEY in uns else {}
-        else:
-            import h5py
-
-            with h5py.File(path, "r") as handle:
-                key = f"uns/{_UNS_KEY}"
-                found = read_elem(handle[key]) if key in handle else {}
-    except Exception as error:  # h5py/zarr/anndata raise many types for a bad file
-        raise DataError(
-            f"Could not read {what.lower()} {path} as AnnData ({type(error).__name__}: {error})."
-        ) from None
-    return dict(found) if isinstance(found, dict) else {}
-
-
 def kind_of(path: str | os.PathLike) -> str | None:
     """What scbd-cells wrote at ``path`` (a key of :data:`KIND_NAMES`), or None.
 

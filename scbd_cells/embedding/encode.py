@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.core.outputs import check_free_space, location_text, locks_output
@@ -24,7 +23,6 @@ from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import schema
 from scbd_cells.profiles.anndata_io import (
     CellsWriter,
-    LazyCells,
     anndata_bytes,
     check_output_path,
     move_into_place,
@@ -38,6 +36,7 @@ from scbd_cells.profiles.anndata_io import (
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
+    from scbd_cells.training.checkpoint import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ def embed(
             return EmbedResult(out_path=out_path, n_cells=store.n_cells)
         if aggregate:
             result_paths = _write_profiles(
-                cells_tmp, obs, uns, control=control, paths=aggregate_paths, tmp_paths=tmp_paths
+                cells_tmp, uns, control=control, paths=aggregate_paths, tmp_paths=tmp_paths
             )
         move_into_place(cells_tmp, out_path, overwrite=overwrite)
         for level, tmp in result_paths.items():
@@ -297,7 +296,6 @@ def _embed_cells(
 
 def _write_profiles(
     cells_path: Path,
-    obs: pd.DataFrame,
     uns: dict,
     *,
     control: str,
@@ -306,12 +304,10 @@ def _write_profiles(
 ) -> dict[str, Path]:
     """Guide and gene profiles of the cells just written, under temporary names."""
     from scbd_cells.profiles.aggregate import aggregate_profiles
+    from scbd_cells.profiles.cells import open_cells
 
-    cells = LazyCells(cells_path, obs)
-    try:
+    with open_cells(cells_path) as cells:
         profiles = aggregate_profiles(cells, control=control)
-    finally:
-        cells.close()
     written = {}
     for level, adata in (("guides", profiles.guides), ("genes", profiles.genes)):
         adata.uns[schema.UNS_SCBD] = dict(uns[schema.UNS_SCBD], level=level)
@@ -323,7 +319,12 @@ def _write_profiles(
 
 
 def _provenance(
-    trained: Any, store: Store, store_path: str | Path, *, control: str, representation: str
+    trained: TrainedModel,
+    store: Store,
+    store_path: str | Path,
+    *,
+    control: str,
+    representation: str,
 ) -> dict[str, Any]:
     """``uns["scbd"]`` of the files embed writes."""
     from scbd_cells import __version__

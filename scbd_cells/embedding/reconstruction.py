@@ -36,6 +36,7 @@ from scbd_cells.data import schema
 
 if TYPE_CHECKING:
     from scbd_cells.data.store import Store
+    from scbd_cells.training.checkpoint import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class EncodedCells:
 
 
 def encode_cells(
-    trained: Any, store: Store, rows: Sequence[int] | np.ndarray, *, batch_size: int = 512
+    trained: TrainedModel, store: Store, rows: Sequence[int] | np.ndarray, *, batch_size: int = 512
 ) -> EncodedCells:
     """Preprocess and embed some cells of ``store`` with a trained model (as ``embed`` does).
 
@@ -223,7 +224,7 @@ def encode_cells(
 
 
 def decode(
-    trained: Any, z_perturbation: np.ndarray, z_batch: np.ndarray, *, batch_size: int = 512
+    trained: TrainedModel, z_perturbation: np.ndarray, z_batch: np.ndarray, *, batch_size: int = 512
 ) -> np.ndarray:
     """The additive decoder's image ``d_c(z_c) + d_s(z_s)`` for each pair of rows.
 
@@ -253,7 +254,7 @@ def decode(
     return np.concatenate(pieces)
 
 
-def check_decoder(trained: Any) -> None:
+def check_decoder(trained: TrainedModel) -> None:
     """Raise :class:`CheckpointError` when the run was trained without ``--decoder``."""
     if not trained.model_args.get("decoder") or trained.model.decoder_perturbation is None:
         raise CheckpointError(
@@ -461,7 +462,7 @@ class _GridBuilder:
             "store_row": store_row,
         }
 
-    def finish(self, trained: Any, encoded: EncodedCells) -> Grid:
+    def finish(self, trained: TrainedModel, encoded: EncodedCells) -> Grid:
         if self.decodes:
             z_c_rows = encoded.position([d[2] for d in self.decodes])
             z_s_rows = encoded.position([d[3] for d in self.decodes])
@@ -480,7 +481,7 @@ class _GridBuilder:
 
 
 def _build_grids(
-    plan: _Plan, labels: _Labels, encoded: EncodedCells, trained: Any, *, cells: int
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, trained: TrainedModel, *, cells: int
 ) -> tuple[list[Grid], list[dict[str, Any]]]:
     shape = encoded.inputs.shape[1:]
     pname = labels.perturbation_names

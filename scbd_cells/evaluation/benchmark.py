@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,6 @@ import pandas as pd
 from scbd_cells.core.errors import DataError
 from scbd_cells.data import schema
 from scbd_cells.evaluation.biology import BiologyResult, guide_biology
-from scbd_cells.evaluation.cells import read_rows
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.evaluation.map import (
     MapResult,
@@ -31,6 +30,12 @@ from scbd_cells.evaluation.map import (
 )
 from scbd_cells.evaluation.mixing import MixingResult, batch_mixing
 from scbd_cells.evaluation.well_probe import subsample
+from scbd_cells.profiles.cells import read_rows
+
+if TYPE_CHECKING:
+    import anndata
+
+    from scbd_cells.profiles.cells import Cells
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +120,12 @@ def _or_undefined(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         return None
 
 
-def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
+def _rows(adata: anndata.AnnData | Cells, key: str, positions: np.ndarray) -> np.ndarray:
     return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
 
 
 def benchmark_metrics(
-    adata: Any,
+    adata: anndata.AnnData | Cells,
     *,
     key: str,
     profiles: Any,
@@ -136,7 +141,7 @@ def benchmark_metrics(
     Parameters
     ----------
     adata
-        The cells (``CellsFile`` or AnnData, backed or not).
+        The cells (:class:`~scbd_cells.profiles.cells.Cells` or AnnData, backed or not).
     key
         ``"X"`` or the obsm key of the embedding.
     profiles

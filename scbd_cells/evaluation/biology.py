@@ -20,12 +20,15 @@ import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.evaluation.mixing import WORKING_MEMORY_MB
+
+if TYPE_CHECKING:
+    import anndata
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def silhouette_label(profiles: np.ndarray, labels: np.ndarray) -> float:
     return float((score + 1) / 2)
 
 
-def scanpy_neighbors(adata: Any, *, n_neighbors: int, metric: str, seed: int) -> None:
+def scanpy_neighbors(adata: anndata.AnnData, *, n_neighbors: int, metric: str, seed: int) -> None:
     """``scanpy.pp.neighbors`` on ``X`` with exact neighbours (sklearn, brute force).
 
     scanpy 1.11 cannot read the ``csr_array`` that sklearn >= 1.9 and scipy 1.17 hand back

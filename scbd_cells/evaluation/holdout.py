@@ -15,17 +15,22 @@ cells against the others:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells.core.errors import DataError
-from scbd_cells.evaluation.cells import read_rows
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, corum_pr
 from scbd_cells.evaluation.mixing import batch_mixing
 from scbd_cells.evaluation.well_probe import batch_prediction_f1, subsample
+from scbd_cells.profiles.cells import read_rows
+
+if TYPE_CHECKING:
+    import anndata
+
+    from scbd_cells.profiles.cells import Cells
 
 # (column, header, format) of the report's held-out table
 HOLDOUT_COLUMNS = [
@@ -73,7 +78,7 @@ class Holdout:
 
 
 def holdout_metrics(
-    adata: Any,
+    adata: anndata.AnnData | Cells,
     *,
     key: str,
     held: np.ndarray,

@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,11 @@ from scbd_cells.core.errors import DataError
 from scbd_cells.data import schema
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.profiles.replicates import cap_groups, cell_groups, group_means
+
+if TYPE_CHECKING:
+    import anndata
+
+    from scbd_cells.profiles.cells import Cells
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ class MapResult:
 
 
 def replicate_profiles(
-    adata: Any,
+    adata: anndata.AnnData | Cells,
     *,
     use_rep: str = "X",
     perturbation_key: str = schema.PERTURBATION,
@@ -95,7 +100,7 @@ def replicate_profiles(
     Parameters
     ----------
     adata
-        Cell-level AnnData (in memory or backed) or a ``CellsFile``.
+        Cell-level AnnData (in memory or backed) or :class:`~scbd_cells.profiles.cells.Cells`.
     use_rep
         ``"X"`` or an obsm key.
     perturbation_key, guide_key, batch_key

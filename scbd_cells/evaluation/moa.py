@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,11 @@ import pandas as pd
 from scbd_cells.core.errors import DataError
 from scbd_cells.evaluation.complexes import Complexes
 from scbd_cells.profiles.replicates import CellGroups, cell_groups, group_means
+
+if TYPE_CHECKING:
+    import anndata
+
+    from scbd_cells.profiles.cells import Cells
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +206,12 @@ def nearest_moa_accuracy(
     )
 
 
-def _embedding(adata: Any, use_rep: str) -> Any:
+def _embedding(adata: anndata.AnnData | Cells, use_rep: str) -> Any:
     return adata.X if use_rep == "X" else adata.obsm[use_rep]
 
 
 def _control_moments(
-    adata: Any, *, use_rep: str, plate_codes: np.ndarray, n_plates: int
+    adata: anndata.AnnData | Cells, *, use_rep: str, plate_codes: np.ndarray, n_plates: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per plate, the mean and standard deviation of its control cells (``plate_codes`` -1: not
     a control cell), read ``ROW_CHUNK`` rows at a time."""
@@ -236,7 +241,7 @@ def _control_moments(
 
 
 def _standardise(
-    adata: Any,
+    adata: anndata.AnnData | Cells,
     groups: CellGroups,
     means: np.ndarray,
     is_control: np.ndarray,
@@ -266,14 +271,14 @@ def _standardise(
 
 
 def treatment_profiles(
-    adata: Any, *, settings: MoaSettings, use_rep: str = "X"
+    adata: anndata.AnnData | Cells, *, settings: MoaSettings, use_rep: str = "X"
 ) -> TreatmentProfiles:
     """One profile per treatment and batch: the median of its replicate profiles.
 
     Parameters
     ----------
     adata
-        Cell-level AnnData (in memory or backed) or a ``CellsFile``.
+        Cell-level AnnData (in memory or backed) or :class:`~scbd_cells.profiles.cells.Cells`.
     settings
         The columns (:class:`MoaSettings`).
     use_rep
@@ -366,7 +371,11 @@ def compound_groups(compounds: list[str], relationships: Complexes) -> list[froz
 
 
 def moa_retrieval(
-    adata: Any, *, relationships: Complexes, settings: MoaSettings, use_rep: str = "X"
+    adata: anndata.AnnData | Cells,
+    *,
+    relationships: Complexes,
+    settings: MoaSettings,
+    use_rep: str = "X",
 ) -> tuple[NearestMoaResult, TreatmentProfiles]:
     """NSC and NSCB of one cell embedding: :func:`treatment_profiles`, :func:`nearest_moa_accuracy`.
 
@@ -407,7 +416,11 @@ def moa_retrieval(
 
 
 def moa_metrics(
-    adata: Any, *, relationships: Complexes, settings: MoaSettings, use_rep: str = "X"
+    adata: anndata.AnnData | Cells,
+    *,
+    relationships: Complexes,
+    settings: MoaSettings,
+    use_rep: str = "X",
 ) -> dict[str, float | int]:
     """:data:`MOA_KEYS` of one cell embedding, for its row of the report (:func:`moa_retrieval`)."""
     result, profiles = moa_retrieval(

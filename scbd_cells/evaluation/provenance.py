@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from scbd_cells.evaluation.cells import CellsFile
+from scbd_cells.profiles.cells import Cells
 
 
 def path_bytes(path: Path) -> int:
@@ -22,15 +22,11 @@ def path_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def _recorded(adata: Any) -> dict[str, Any]:
-    if isinstance(adata, CellsFile):
-        return adata.provenance()
-    uns = getattr(adata, "uns", {})
-    found = uns.get("scbd", {}) if hasattr(uns, "get") else {}
-    return dict(found) if hasattr(found, "items") else {}
+def _recorded(adata: Cells) -> dict[str, Any]:
+    return adata.provenance()
 
 
-def input_provenance(path: Path, *, key: str, adata: Any) -> dict[str, Any]:
+def input_provenance(path: Path, *, key: str, adata: Cells) -> dict[str, Any]:
     """One input's entry: path, bytes, cells, key, and the training facts it carries."""
     recorded = _recorded(adata)
     config = recorded.get("config") or {}

@@ -40,13 +40,7 @@ from scbd_cells.evaluation.benchmark import (
     BenchmarkSettings,
     benchmark_metrics,
 )
-from scbd_cells.evaluation.cells import (
-    CellsFile,
-    check_values,
-    close_all,
-    read_embedding,
-    read_rows,
-)
+from scbd_cells.evaluation.cells import check_values
 from scbd_cells.evaluation.complexes import Complexes, read_complexes
 from scbd_cells.evaluation.corum import DEFAULT_PERCENTILES, CorumResult, corum_pr
 from scbd_cells.evaluation.holdout import HOLDOUT_KEYS, Holdout, holdout_metrics
@@ -66,6 +60,7 @@ from scbd_cells.evaluation.pages import (
 from scbd_cells.evaluation.provenance import input_provenance, report_provenance
 from scbd_cells.evaluation.well_probe import BatchF1, batch_prediction_f1, subsample
 from scbd_cells.profiles.aggregate import aggregate_profiles
+from scbd_cells.profiles.cells import Cells, close_all, open_cells, read_rows
 from scbd_cells.profiles.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.profiles.replicates import batch_column
 
@@ -280,7 +275,7 @@ class _Embedding:
     name: str
     path: Path
     key: str
-    adata: Any
+    adata: Cells
     replicate: str  # the replicate column (the guide's, or --replicate-key's)
     held: np.ndarray | None  # the held-out cells, or None without --holdout-batches
 
@@ -294,7 +289,7 @@ class _Inputs:
     value_warnings: dict[str, str]  # per embedding, when every cell has the same embedding
 
     @property
-    def datasets(self) -> list[Any]:
+    def datasets(self) -> list[Cells]:
         return [embedding.adata for embedding in self.embeddings]
 
 
@@ -341,13 +336,9 @@ def _check_moa_options(options: _Options) -> None:
         )
 
 
-def _check_cell_level(path: Path, adata: Any) -> None:
+def _check_cell_level(path: Path, adata: Cells) -> None:
     """Refuse a guide- or gene-level profile file: evaluate aggregates cells itself."""
-    if isinstance(adata, CellsFile):
-        level = adata.provenance().get("level")
-    else:
-        provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
-        level = provenance.get("level") if hasattr(provenance, "get") else None
+    level = adata.provenance().get("level")
     if level is None and schema.N_CELLS in adata.obs.columns:
         level = "profiles"  # one row per group with a cell count: not cells
     if level is not None and level != "cells":
@@ -359,12 +350,12 @@ def _check_cell_level(path: Path, adata: Any) -> None:
         )
 
 
-def _some_columns(adata: Any) -> str:
+def _some_columns(adata: Cells) -> str:
     """The first obs columns, for an error message."""
     return ", ".join(map(str, adata.obs.columns[:12]))
 
 
-def _no_column(path: Path, adata: Any, column: str, option: str, fix: str = "") -> DataError:
+def _no_column(path: Path, adata: Cells, column: str, option: str, fix: str = "") -> DataError:
     return DataError(
         f"{path} has no column {column!r} in obs for {option} (columns: "
         f"{_some_columns(adata)}). {fix}".rstrip()
@@ -376,11 +367,11 @@ def _read_embeddings(
 ) -> _Inputs:
     """Read every file and check it before any work (a bad input fails first); the files
     stay open for the metrics, closed here only on failure."""
-    datasets: list[Any] = []
+    datasets: list[Cells] = []
     try:
         replicates, batch_key = [], options.batch_key
         for path, key in zip(paths, keys, strict=True):
-            adata = read_embedding(path)
+            adata = open_cells(path)
             datasets.append(adata)
             batch_key, replicate = _check_embedding(path, key, adata, options=options)
             replicates.append(replicate)
@@ -399,7 +390,7 @@ def _read_embeddings(
     return _Inputs(embeddings=embeddings, batch_key=batch_key, value_warnings=value_warnings)
 
 
-def _check_embedding(path: Path, key: str, adata: Any, *, options: _Options) -> tuple[str, str]:
+def _check_embedding(path: Path, key: str, adata: Cells, *, options: _Options) -> tuple[str, str]:
     """Refuse a file the metrics cannot read; return its batch and replicate columns."""
     if is_profile_table(path):
         check_profile_columns(
@@ -411,17 +402,7 @@ def _check_embedding(path: Path, key: str, adata: Any, *, options: _Options) -> 
             },
             source=path,
         )
-    if key == "X" and adata.X is None:
-        raise DataError(
-            f"{path} has no X. Name the embedding's obsm key with --key (keys: "
-            f"{', '.join(adata.obsm.keys()) or 'none'})."
-        )
-    if key != "X" and key not in adata.obsm:
-        raise DataError(
-            f"{path} has no obsm key {key!r} (keys: "
-            f"{', '.join(adata.obsm.keys()) or 'none'}). Choose one of them or 'X' "
-            "with --key."
-        )
+    adata.rep(key)  # refuses a missing X or obsm key
     _check_cell_level(path, adata)
     batch_key = batch_column(adata, options.batch_key)
     if batch_key not in adata.obs.columns:
@@ -444,7 +425,7 @@ def _check_embedding(path: Path, key: str, adata: Any, *, options: _Options) -> 
     return batch_key, replicate
 
 
-def _held_cells(path: Path, adata: Any, holdout: Holdout | None) -> np.ndarray | None:
+def _held_cells(path: Path, adata: Cells, holdout: Holdout | None) -> np.ndarray | None:
     """The held-out cells of one file (None without --holdout-batches)."""
     if holdout is None:
         return None
@@ -458,7 +439,7 @@ def _held_cells(path: Path, adata: Any, holdout: Holdout | None) -> np.ndarray |
 
 
 def _check_values(
-    paths: list[Path], names: list[str], keys: list[str], datasets: list[Any]
+    paths: list[Path], names: list[str], keys: list[str], datasets: list[Cells]
 ) -> dict[str, str]:
     """Refuse NaN/infinite values; return a warning per embedding that is constant."""
     found_warnings = {}
@@ -481,14 +462,10 @@ def _check_values(
     return found_warnings
 
 
-def _control(adata: Any, control: str | None) -> str:
+def _control(adata: Cells, control: str | None) -> str:
     if control is not None:
         return control
-    if isinstance(adata, CellsFile):
-        return adata.control or schema.CONTROL_LABEL
-    provenance = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
-    found = provenance.get("control") if hasattr(provenance, "get") else None
-    return str(found) if found else schema.CONTROL_LABEL
+    return adata.control or schema.CONTROL_LABEL
 
 
 # --- the metrics of each embedding --------------------------------------------------------------
@@ -583,12 +560,12 @@ def _measure(
     measured.curves.append(_curve(name, corum_result))
 
 
-def _rows(adata: Any, key: str, positions: np.ndarray) -> np.ndarray:
+def _rows(adata: Cells, key: str, positions: np.ndarray) -> np.ndarray:
     return read_rows(adata.X if key == "X" else adata.obsm[key], positions)
 
 
 def _row(
-    name: str, adata: Any, corum: CorumResult, well: BatchF1, benchmark: BenchmarkResult
+    name: str, adata: Cells, corum: CorumResult, well: BatchF1, benchmark: BenchmarkResult
 ) -> dict[str, Any]:
     """One embedding's row of the table (its first columns; held-out and NSC/NSCB follow)."""
     return {

@@ -13,14 +13,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells.core.errors import DataError
 from scbd_cells.data import schema
-from scbd_cells.data.store import did_you_mean
+from scbd_cells.profiles.replicates import (
+    check_no_missing,
+    factorize_labels,
+    group_sums,
+    obs_column,
+    representation,
+)
+
+if TYPE_CHECKING:
+    import anndata
+
+    from scbd_cells.profiles.cells import Cells
 
 log = logging.getLogger(__name__)
 
@@ -29,43 +40,11 @@ log = logging.getLogger(__name__)
 class Profiles:
     """Guide- and gene-level AnnData made by :func:`aggregate_profiles`."""
 
-    guides: Any  # anndata.AnnData
-    genes: Any  # anndata.AnnData
+    guides: anndata.AnnData
+    genes: anndata.AnnData
 
 
-def _rows(adata: Any, use_rep: str, start: int, stop: int) -> np.ndarray:
-    data = adata.X if use_rep == "X" else adata.obsm[use_rep]
-    block = data[start:stop]
-    if hasattr(block, "toarray"):
-        block = block.toarray()
-    return np.asarray(block, dtype=np.float64)
-
-
-def group_means(
-    adata: Any, codes: np.ndarray, n_groups: int, *, use_rep: str = "X", chunk_size: int = 65536
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of the rows of each group and the group sizes, reading ``chunk_size`` rows at a time.
-
-    Works on in-memory and backed (``read_h5ad(backed="r")``) AnnData alike.
-    """
-    import scipy.sparse as sp
-
-    n_obs = adata.n_obs
-    width = adata.n_vars if use_rep == "X" else adata.obsm[use_rep].shape[1]
-    sums = np.zeros((n_groups, width), dtype=np.float64)
-    for start in range(0, n_obs, chunk_size):
-        stop = min(start + chunk_size, n_obs)
-        chunk_codes = codes[start:stop]
-        indicator = sp.csr_matrix(
-            (np.ones(stop - start), (chunk_codes, np.arange(stop - start))),
-            shape=(n_groups, stop - start),
-        )
-        sums += indicator @ _rows(adata, use_rep, start, stop)
-    counts = np.bincount(codes, minlength=n_groups)
-    return sums / np.maximum(counts, 1)[:, None], counts
-
-
-def _feature_names(adata: Any, use_rep: str, width: int) -> list[str]:
+def _feature_names(adata: anndata.AnnData | Cells, use_rep: str, width: int) -> list[str]:
     """The profiles' var names: the cells' own for ``X`` (``z0...`` from embed), else numbered."""
     names = list(getattr(adata, "var_names", [])) if use_rep == "X" else []
     if len(names) == width:
@@ -82,112 +61,30 @@ def standardise(values: np.ndarray, *, reference: np.ndarray | None = None) -> n
     return (values - mean) / np.where(std > 0, std, 1.0)
 
 
-def check_no_missing(adata: Any, key: str, *, what: str) -> None:
-    """Refuse a label column with missing values (NaN), naming the rows that lack one.
-
-    Read as text, a missing label would become a batch (or group) named ``"nan"``,
-    silently pooling unrelated cells.
-    """
-    missing = np.flatnonzero(pd.isna(adata.obs[key]).to_numpy())
-    if not len(missing):
-        return
-    if isinstance(adata.obs, pd.DataFrame):
-        names = [str(adata.obs.index[i]) for i in missing[:5]]
-    else:  # a lazily read cells file (ObsColumns)
-        names = adata.obs.names_at(missing[:5])
-    shown = ", ".join(map(repr, names)) + (
-        f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
-    )
-    raise DataError(
-        f"The {what} column {key!r} is missing for {len(missing):,} of {adata.n_obs:,} cells "
-        f"(rows {shown}). Fill in their {what} label, or drop those cells first (e.g. "
-        f"adata[adata.obs[{key!r}].notna()].copy())."
-    )
-
-
-def _labels(adata: Any, key: str, what: str) -> pd.Series:
-    if key not in adata.obs.columns:
-        raise DataError(
-            f"The embedding has no {what} column {key!r} in obs (columns: "
-            f"{', '.join(map(str, adata.obs.columns[:12]))}). "
-            f"{did_you_mean(key, list(adata.obs.columns))}Embed with `scbd-cells embed`, "
-            f"which copies the store's cell table, or name the column with the {what} option."
-        )
+def _complete_labels(adata: anndata.AnnData | Cells, key: str, what: str) -> pd.Series:
+    labels = obs_column(adata, key, what)
     check_no_missing(adata, key, what=what)
-    return adata.obs[key]
+    return labels
 
 
-def factorize_labels(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """``pd.factorize(values.astype(str).to_numpy(), sort=True)`` without a string per cell.
+@dataclass(frozen=True)
+class _Guides:
+    """Each cell's guide, and each guide's gene (one gene per guide, checked)."""
 
-    A categorical column (what ``embed`` writes) is factorised through its categories, so
-    memory holds its codes and one int64 per cell rather than a Python string per cell
-    (about 70 bytes); other columns take the string path. Missing values become ``"nan"``
-    as ``astype(str)`` makes them in pandas 2.
-    """
-    if not isinstance(values.dtype, pd.CategoricalDtype):
-        return pd.factorize(values.astype(str).to_numpy(), sort=True)
-    codes = values.cat.codes.to_numpy().astype(np.int64)
-    labels = values.cat.categories.astype(str).to_numpy(dtype=object)
-    if (codes < 0).any():
-        labels = np.append(labels, "nan")
-        codes[codes < 0] = len(labels) - 1
-    used = np.bincount(codes, minlength=len(labels)) > 0
-    label_codes, names = pd.factorize(labels[used], sort=True)  # two categories may read alike
-    mapping = np.full(len(labels), -1, dtype=np.int64)
-    mapping[used] = label_codes
-    return mapping[codes], names
+    codes: np.ndarray  # (n_cells,) the guide of each cell
+    names: np.ndarray  # (n_guides,)
+    gene_of_guide: np.ndarray  # (n_guides,) object
 
 
-def aggregate_profiles(
-    adata: Any,
-    *,
-    use_rep: str = "X",
-    perturbation_key: str = schema.PERTURBATION,
-    guide_key: str | None = schema.GUIDE,
-    control: str = schema.CONTROL_LABEL,
-    chunk_size: int = 65536,
-) -> Profiles:
-    """Guide and gene profiles of a cell embedding (paper appendix A.3).
-
-    Parameters
-    ----------
-    adata
-        Cell-level AnnData (in memory or backed) with the perturbation (and guide) in obs.
-    use_rep
-        ``"X"`` or an ``obsm`` key holding the embedding to aggregate.
-    perturbation_key, guide_key
-        obs columns; without a guide column (None or absent) each gene counts as one guide.
-    control
-        Label of the non-targeting control; its profile is subtracted.
-    chunk_size
-        Cells read at a time (memory stays bounded for backed files).
-
-    Returns
-    -------
-    Profiles
-        ``guides``: one row per guide, obs ``perturbation, guide, n_cells``; ``genes``:
-        one row per targeting gene, obs ``perturbation, n_guides, n_cells``. ``X`` float32,
-        control-subtracted and standardised.
-
-    Raises
-    ------
-    DataError
-        Missing columns, the control label absent, a guide assigned to two genes, or
-        fewer than two targeting genes.
-    """
-    import anndata as ad
-
-    if use_rep != "X" and use_rep not in adata.obsm:
-        raise DataError(
-            f"The embedding has no obsm key {use_rep!r} (keys: {', '.join(adata.obsm.keys())}). "
-            "Pick one of those (or 'X') with --key."
-        )
+def _guides_of_cells(
+    adata: anndata.AnnData | Cells, *, perturbation_key: str, guide_key: str | None, control: str
+) -> _Guides:
+    """Factorise the perturbation and guide columns; refuse a guide of two genes, no control."""
     gene_codes_of_cells, gene_labels = factorize_labels(
-        _labels(adata, perturbation_key, "perturbation")
+        _complete_labels(adata, perturbation_key, "perturbation")
     )
     if guide_key is not None and guide_key in adata.obs.columns:
-        guide_codes, guide_names = factorize_labels(_labels(adata, guide_key, "guide"))
+        guide_codes, guide_names = factorize_labels(_complete_labels(adata, guide_key, "guide"))
     else:
         guide_codes, guide_names = gene_codes_of_cells, gene_labels
     # distinct (guide, gene) pairs, sorted by guide: one gene per guide is required
@@ -209,11 +106,24 @@ def aggregate_profiles(
             f"(e.g. {', '.join(sorted(set(gene_of_guide))[:5])}). Pass the label of the "
             "non-targeting control (--control), as given at ingest."
         )
+    return _Guides(codes=guide_codes, names=guide_names, gene_of_guide=gene_of_guide)
 
-    guide_means, guide_cells = group_means(
-        adata, guide_codes, len(guide_names), use_rep=use_rep, chunk_size=chunk_size
-    )
-    gene_codes, gene_names = pd.factorize(gene_of_guide, sort=True)
+
+def _profile_tables(
+    guide_means: np.ndarray,
+    guide_cells: np.ndarray,
+    guides: _Guides,
+    *,
+    control: str,
+    feature_names: list[str],
+) -> tuple[anndata.AnnData, anndata.AnnData]:
+    """Gene means of guide means, control subtracted, standardised: the two AnnData."""
+    import anndata as ad
+
+    # the mean of a gene's guides, by hand: pandas' groupby mean sums with Kahan
+    # compensation (last bits differ, ~1e-15: the published tables would move);
+    # scanpy.get.aggregate gives these very bits but wants an AnnData around the guides
+    gene_codes, gene_names = pd.factorize(guides.gene_of_guide, sort=True)
     gene_means = np.zeros((len(gene_names), guide_means.shape[1]))
     np.add.at(gene_means, gene_codes, guide_means)
     n_guides = np.bincount(gene_codes, minlength=len(gene_names))
@@ -230,23 +140,24 @@ def aggregate_profiles(
         )
     genes_x = standardise(gene_means[targeting] - control_profile)
     guides_centred = guide_means - control_profile
-    targeting_guides = gene_of_guide != control
+    targeting_guides = guides.gene_of_guide != control
     guides_x = standardise(guides_centred, reference=guides_centred[targeting_guides])
 
-    guides = ad.AnnData(
+    guide_index = np.asarray(guides.names, dtype=str)
+    guide_table = ad.AnnData(
         X=guides_x.astype(np.float32),
         obs=pd.DataFrame(
             {
-                schema.PERTURBATION: pd.Categorical(gene_of_guide),
-                schema.GUIDE: np.asarray(guide_names, dtype=str),
+                schema.PERTURBATION: pd.Categorical(guides.gene_of_guide),
+                schema.GUIDE: guide_index,
                 schema.N_CELLS: guide_cells.astype(np.int64),
             },
-            index=pd.Index(np.asarray(guide_names, dtype=str), name=None),
+            index=pd.Index(guide_index, name=None),
         ),
     )
-    guides.var_names = _feature_names(adata, use_rep, guides.n_vars)
+    guide_table.var_names = feature_names
     gene_index = np.asarray(gene_names, dtype=str)[targeting]
-    genes = ad.AnnData(
+    gene_table = ad.AnnData(
         X=genes_x.astype(np.float32),
         obs=pd.DataFrame(
             {
@@ -257,15 +168,70 @@ def aggregate_profiles(
             index=pd.Index(gene_index, name=None),
         ),
     )
-    genes.var_names = guides.var_names
+    gene_table.var_names = guide_table.var_names
+    return guide_table, gene_table
+
+
+def aggregate_profiles(
+    adata: anndata.AnnData | Cells,
+    *,
+    use_rep: str = "X",
+    perturbation_key: str = schema.PERTURBATION,
+    guide_key: str | None = schema.GUIDE,
+    control: str = schema.CONTROL_LABEL,
+    chunk_size: int = 65536,
+) -> Profiles:
+    """Guide and gene profiles of a cell embedding (paper appendix A.3).
+
+    Parameters
+    ----------
+    adata
+        Cell-level AnnData (in memory or backed), or
+        :class:`~scbd_cells.profiles.cells.Cells`, with the perturbation (and guide) in obs.
+    use_rep
+        ``"X"`` or an ``obsm`` key holding the embedding to aggregate.
+    perturbation_key, guide_key
+        obs columns; without a guide column (None or absent) each gene counts as one guide.
+    control
+        Label of the non-targeting control; its profile is subtracted.
+    chunk_size
+        Cells read at a time (memory stays bounded for backed files).
+
+    Returns
+    -------
+    Profiles
+        ``guides``: one row per guide, obs ``perturbation, guide, n_cells``; ``genes``:
+        one row per targeting gene, obs ``perturbation, n_guides, n_cells``. ``X`` float32,
+        control-subtracted and standardised.
+
+    Raises
+    ------
+    DataError
+        Missing columns or key, the control label absent, a guide assigned to two genes,
+        or fewer than two targeting genes.
+    """
+    data = representation(adata, use_rep)
+    guides = _guides_of_cells(
+        adata, perturbation_key=perturbation_key, guide_key=guide_key, control=control
+    )
+    sums, guide_cells = group_sums(data, guides.codes, len(guides.names), chunk_size=chunk_size)
+    guide_means = sums / np.maximum(guide_cells, 1)[:, None]
+    guide_table, gene_table = _profile_tables(
+        guide_means,
+        guide_cells,
+        guides,
+        control=control,
+        feature_names=_feature_names(adata, use_rep, guide_means.shape[1]),
+    )
     info = {
         "control": control,
         "use_rep": use_rep,
         "method": "paper A.3: guide mean, gene mean of guides, control subtracted, standardised",
     }
-    guides.uns["profiles"] = dict(info, level="guide")
-    genes.uns["profiles"] = dict(info, level="gene")
+    guide_table.uns["profiles"] = dict(info, level="guide")
+    gene_table.uns["profiles"] = dict(info, level="gene")
     log.info(
-        "Aggregated %d cells into %d guides and %d genes", adata.n_obs, guides.n_obs, genes.n_obs
-    )
-    return Profiles(guides=guides, genes=genes)
+        "Aggregated %d cells into %d guides and %d genes",
+        adata.n_obs, guide_table.n_obs, gene_table.n_obs,
+    )  # fmt: skip
+    return Profiles(guides=guide_table, genes=gene_table)

@@ -7,8 +7,7 @@
   (``embed``);
 - :func:`check_output_path` is the ownership rule for AnnData outputs
   (:mod:`scbd_cells.core.outputs`); :func:`store_obs_for_anndata` the store's cell table as
-  ``obs``, :func:`store_label_columns` the columns its labels came from;
-  :class:`LazyCells` reads a cells file's arrays without loading them.
+  ``obs``, :func:`store_label_columns` the columns its labels came from.
 """
 
 from __future__ import annotations
@@ -38,6 +37,8 @@ from scbd_cells.core.outputs import (
 from scbd_cells.data import schema
 
 if TYPE_CHECKING:
+    import anndata
+
     from scbd_cells.data.store import Store
 
 OUTPUT_SUFFIXES = (".h5ad", ".zarr")
@@ -133,7 +134,7 @@ def _quiet_zarr_consolidation() -> Iterator[None]:
         yield
 
 
-def _plain_strings(adata: Any) -> None:
+def _plain_strings(adata: anndata.AnnData) -> None:
     """Text in obs and var as plain object strings, in place, before writing.
 
     pandas 3 gives text columns and indexes its ``str`` dtype; anndata writes those as
@@ -185,7 +186,7 @@ def rows_named(names: Sequence[Any], rows: np.ndarray, *, limit: int = 5) -> str
     return shown + (f" and {len(rows) - limit:,} more" if len(rows) > limit else "")
 
 
-def check_finite(adata: Any, *, shown_as: Path) -> None:
+def check_finite(adata: anndata.AnnData, *, shown_as: Path) -> None:
     """Refuse to write profiles that hold NaN or infinity, naming the rows and the array.
 
     Every AnnData scbd-cells writes goes through here (:func:`write_any`): a
@@ -208,7 +209,7 @@ def check_finite(adata: Any, *, shown_as: Path) -> None:
             )
 
 
-def write_any(adata: Any, path: Path, *, shown_as: Path | None = None) -> None:
+def write_any(adata: anndata.AnnData, path: Path, *, shown_as: Path | None = None) -> None:
     """Write ``adata`` to ``path`` (by extension); refused if it holds NaN or infinity.
 
     ``shown_as`` is the output named in messages (``path`` may be a temporary name).
@@ -231,7 +232,7 @@ def write_any(adata: Any, path: Path, *, shown_as: Path | None = None) -> None:
         adata.write_h5ad(path)
 
 
-def write_anndata(adata: Any, out_path: Path, *, overwrite: bool) -> None:
+def write_anndata(adata: anndata.AnnData, out_path: Path, *, overwrite: bool) -> None:
     """Write AnnData (``.h5ad`` or ``.zarr``) under a temporary name, then rename into place."""
     check_output_path(out_path, overwrite=overwrite)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,30 +404,3 @@ def _reserve(path: Path, n_bytes: int) -> None:
             os.posix_fallocate(handle.fileno(), 0, n_bytes)
         except (AttributeError, OSError):  # no fallocate here: random bytes do not compress
             handle.write(os.urandom(n_bytes))
-
-
-class LazyCells:
-    """A read-only, AnnData-like view of a cells file's ``X``/``obsm`` arrays (no full load).
-
-    Has what :func:`scbd_cells.profiles.aggregate.aggregate_profiles` reads: ``obs``,
-    ``X``, ``obsm``, ``n_obs``, ``n_vars``.
-    """
-
-    def __init__(self, path: Path, obs: pd.DataFrame) -> None:
-        if path.suffix == ".zarr":
-            import zarr
-
-            self._root = zarr.open_group(path, mode="r")
-        else:
-            import h5py
-
-            self._root = h5py.File(path, "r")
-        self.obs = obs
-        self.X = self._root["X"]
-        self.obsm = {key: self._root["obsm"][key] for key in self._root["obsm"].keys()}
-        self.n_obs = int(self.X.shape[0])
-        self.n_vars = int(self.X.shape[1])
-
-    def close(self) -> None:
-        if hasattr(self._root, "close"):
-            self._root.close()

@@ -33,23 +33,26 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells.core.errors import DataError, InputError
-from scbd_cells.core.outputs import check_output, locks_output, read_recorded
+from scbd_cells.core.outputs import check_output, locks_output
 from scbd_cells.data import schema
 from scbd_cells.data.store import did_you_mean
+from scbd_cells.profiles.cells import open_cells, read_recorded
 from scbd_cells.profiles.profile_tables import (
     check_profile_columns,
     is_profile_table,
     profile_table_frame,
-    read_profile_table,
     write_profile_table,
 )
 from scbd_cells.profiles.replicates import batch_column
+
+if TYPE_CHECKING:
+    import anndata
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +358,21 @@ def harmony_map(
         )
     codes, _ = pd.factorize(np.asarray(batches).astype(str))
     n_batches = int(codes.max()) + 1 if len(codes) else 0
+    counts, sums = _query_moments(reference, values, codes, n_batches)
+    if ridge_lambda is None:
+        share = np.bincount(codes, minlength=n_batches) / max(len(codes), 1)
+        penalty = reference.ridge_alpha * np.outer(counts.sum(axis=1), share)  # (K, B)
+    else:
+        penalty = np.full((len(reference.centroids), n_batches), float(ridge_lambda))
+    offsets = _batch_offsets(reference, counts, sums, penalty)
+    return _move_cells(reference, values, codes, offsets)
+
+
+def _query_moments(
+    reference: HarmonyReference, values: np.ndarray, codes: np.ndarray, n_batches: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster and batch, the soft counts (K, B) and the summed profiles (K, B, D)."""
     n_clusters, n_features = reference.centroids.shape
-    # pass 1: per cluster and batch, the soft counts and the summed profiles
     counts = np.zeros((n_clusters, n_batches))  # sum_{i in b} R_ik
     sums = np.zeros((n_clusters, n_batches, n_features))  # sum_{i in b} R_ik z_i
     for start in range(0, len(values), MAP_CHUNK):
@@ -366,11 +382,14 @@ def harmony_map(
             rows = codes[chunk] == batch
             counts[:, batch] += weights[rows].sum(axis=0)
             sums[:, batch] += weights[rows].T @ values[chunk][rows]
-    if ridge_lambda is None:
-        share = np.bincount(codes, minlength=n_batches) / max(len(codes), 1)
-        penalty = reference.ridge_alpha * np.outer(counts.sum(axis=1), share)  # (K, B)
-    else:
-        penalty = np.full((n_clusters, n_batches), float(ridge_lambda))
+    return counts, sums
+
+
+def _batch_offsets(
+    reference: HarmonyReference, counts: np.ndarray, sums: np.ndarray, penalty: np.ndarray
+) -> np.ndarray:
+    """(K, B, D) each batch's offset in each cluster: the anchored ridge regression."""
+    n_clusters, n_batches, n_features = sums.shape
     # per cluster, the (1 + B) x (1 + B) system: intercept row/column first
     offsets = np.empty((n_clusters, n_batches, n_features))
     for k in range(n_clusters):
@@ -382,7 +401,13 @@ def harmony_map(
             [(sums[k].sum(axis=0) + reference.cluster_sums[k])[None], sums[k]]
         )  # (1 + B, D)
         offsets[k] = np.linalg.solve(system, target)[1:]  # the intercept is not removed
-    # pass 2: each cell moves by its batch's offsets, weighted by its clusters
+    return offsets
+
+
+def _move_cells(
+    reference: HarmonyReference, values: np.ndarray, codes: np.ndarray, offsets: np.ndarray
+) -> np.ndarray:
+    """Each cell moved by its batch's offsets, weighted by its clusters (a copy)."""
     mapped = values.copy()
     for start in range(0, len(values), MAP_CHUNK):
         chunk = slice(start, start + MAP_CHUNK)
@@ -442,25 +467,6 @@ def combat(values: np.ndarray, batches: np.ndarray) -> np.ndarray:
         warnings.simplefilter("ignore", RuntimeWarning)  # constant features within a batch
         sc.pp.combat(adata, key="batch")
     return np.asarray(adata.X)
-
-
-def _read(path: Path) -> Any:
-    import anndata as ad
-
-    if is_profile_table(path):
-        return read_profile_table(path)
-    if not path.exists():
-        raise InputError(
-            f"Profiles {path} do not exist. Pass a cell-level AnnData written by `scbd-cells "
-            "embed`, `scbd-cells baseline` or another tool (.h5ad or .zarr), or a pycytominer "
-            "table (.parquet, .csv)."
-        )
-    try:
-        return ad.read_zarr(path) if path.suffix == ".zarr" else ad.read_h5ad(path)
-    except Exception as error:  # anndata/h5py/zarr raise many types for a bad file
-        raise DataError(
-            f"Could not read {path} as AnnData ({type(error).__name__}: {error})."
-        ) from None
 
 
 def profile_space(recorded: dict[str, Any], *, key: str) -> dict[str, str]:
@@ -576,13 +582,46 @@ def correct(
     -------
     CorrectResult
     """
-    from scbd_cells import __version__
-    from scbd_cells.profiles.anndata_io import (
-        check_output_path,
-        non_finite_rows,
-        rows_named,
-        write_anndata,
+    source, out_path = Path(profiles_path), Path(out)
+    reference_path = Path(reference) if reference is not None else None
+    _check_request(
+        method, source=source, out=out_path, reference=reference_path, overwrite=overwrite
     )
+    adata, values = _read_profiles(
+        source, key=key, method=method, batch_key=batch_key, perturbation_key=perturbation_key
+    )
+    input_columns = [str(c) for c in adata.obs.columns]  # before a joined batch column
+    recorded = dict(adata.uns.get(schema.UNS_SCBD, {}))
+    if method == "sphering":
+        label = control or str(recorded.get("control") or schema.CONTROL_LABEL)
+        corrected = _sphere(adata, values, source=source, label=label, key=perturbation_key)
+        n_batches = 0
+    else:
+        batch_key = batch_column(adata, batch_key)
+        corrected, n_batches = _correct_batches(
+            method, adata, values, recorded=recorded, batch_key=batch_key,
+            reference_path=reference_path, key=key, source=source, seed=seed,
+        )  # fmt: skip
+    recorded.update(_correction_record(
+        recorded, method=method, source=source, key=key, batch_key=batch_key, seed=seed
+    ))  # fmt: skip
+    result = _corrected_anndata(adata, corrected, recorded=recorded, key=key)
+    _write_result(result, out_path, input_columns=input_columns, overwrite=overwrite)
+    log.info(
+        "Corrected %s (%s) with %s%s -> %s", source, key, method,
+        f" mapped onto {reference_path}" if reference_path is not None else "", out_path,
+    )  # fmt: skip
+    return CorrectResult(
+        out_path=out_path, method=method, n_cells=result.n_obs, n_features=result.n_vars,
+        n_batches=n_batches,
+    )  # fmt: skip
+
+
+def _check_request(
+    method: str, *, source: Path, out: Path, reference: Path | None, overwrite: bool
+) -> None:
+    """Refuse options that do not go together, and an output in the way."""
+    from scbd_cells.profiles.anndata_io import check_output_path
 
     if method not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}; found {method!r}.")
@@ -591,41 +630,36 @@ def correct(
             f"--reference maps new cells onto an earlier Harmony fit; it does not apply to "
             f"--method {method}. Use --method harmony, or leave out --reference."
         )
-    source = Path(profiles_path)
-    out_path = Path(out)
-    reference_path = Path(reference) if reference is not None else None
-    inputs = [source] if reference_path is None else [source, reference_path]
-    table_out = is_profile_table(out_path)
+    inputs = [source] if reference is None else [source, reference]
+    table_out = is_profile_table(out)
     if table_out and not is_profile_table(source):
         raise InputError(
-            f"--out {out_path} is a table, but {source} is an AnnData: `correct` writes a table "
+            f"--out {out} is a table, but {source} is an AnnData: `correct` writes a table "
             "only for a table it read. Write an AnnData (.h5ad) and make a pycytominer table "
             "of it with `scbd-cells export`."
         )
     if table_out:
-        check_output(out_path, kind="table", overwrite=overwrite, inputs=inputs)
+        check_output(out, kind="table", overwrite=overwrite, inputs=inputs)
     else:
-        check_output_path(out_path, overwrite=overwrite, inputs=inputs)
-    adata = _read(source)
-    input_columns = [str(c) for c in adata.obs.columns]  # before a joined batch column
-    if is_profile_table(source):
-        check_profile_columns(
-            adata,
-            {
+        check_output_path(out, overwrite=overwrite, inputs=inputs)
+
+
+def _read_profiles(
+    source: Path, *, key: str, method: str, batch_key: str, perturbation_key: str
+) -> tuple[anndata.AnnData, np.ndarray]:
+    """The whole file in memory, and its profiles under ``key`` as float64 (finite, not empty)."""
+    from scbd_cells.profiles.anndata_io import non_finite_rows, rows_named
+
+    with open_cells(source) as cells:
+        if is_profile_table(source):  # the column the method reads must be there
+            named = {
                 "--perturbation-key": perturbation_key if method == "sphering" else None,
                 "--batch-key": batch_key if method != "sphering" else None,
-            },
-            source=source,
-        )
-    if key == "X":
-        values = adata.X
-    elif key in adata.obsm:
-        values = adata.obsm[key]
-    else:
-        raise DataError(
-            f"{source} has no obsm key {key!r} (keys: {', '.join(adata.obsm.keys()) or 'none'})."
-            " Choose one of them or 'X' with --key."
-        )
+            }
+            check_profile_columns(cells, named, source=source)
+        cells.rep(key)  # refuses a missing X or obsm key before the whole file is read
+        adata = cells.to_anndata()
+    values = adata.X if key == "X" else adata.obsm[key]
     values = np.asarray(values.toarray() if hasattr(values, "toarray") else values, np.float64)
     if values.shape[0] == 0 or values.shape[1] == 0:
         raise DataError(
@@ -640,48 +674,103 @@ def correct(
             f"{len(bad):,} of {len(values):,} cells (cells {rows_named(adata.obs_names, bad)}); "
             f"{method} needs finite numbers. Drop or impute those cells or features first."
         )
-    recorded = dict(adata.uns.get(schema.UNS_SCBD, {}))
-    space = profile_space(recorded, key=key)
-    n_batches = 0
-    if method == "sphering":
-        label = control or str(recorded.get("control") or schema.CONTROL_LABEL)
-        if perturbation_key not in adata.obs.columns:
-            raise DataError(
-                f"{source} has no column {perturbation_key!r} in obs; sphering needs it to "
-                f"find the control cells. {did_you_mean(perturbation_key, list(adata.obs.columns))}"
-                "Name it with --perturbation-key."
-            )
-        is_control = adata.obs[perturbation_key].astype(str).to_numpy() == label
-        corrected = zca_sphering(values, values[is_control])
-    else:
-        batch_key = batch_column(adata, batch_key)
-        if batch_key not in adata.obs.columns:
-            raise DataError(
-                f"{source} has no batch column {batch_key!r} in obs (columns: "
-                f"{', '.join(map(str, adata.obs.columns[:12]))}). "
-                f"{did_you_mean(batch_key, list(adata.obs.columns))}Name it with --batch-key."
-            )
-        batches = adata.obs[batch_key].astype(str).to_numpy()
-        n_batches = len(np.unique(batches))
-        if n_batches < 2 and reference_path is None:  # one new well can be mapped
-            raise DataError(
-                f"The batch column {batch_key!r} holds one batch only; nothing to correct."
-            )
-        if reference_path is not None:
-            fitted = read_harmony_reference(reference_path)
-            _check_space(fitted, space, source=source)
-            corrected = harmony_map(fitted, values, batches=batches)
-            recorded[UNS_HARMONY_REFERENCE] = fitted.to_uns()
-            recorded["harmony_reference_path"] = str(reference_path.resolve())
-        elif method == "harmony":
-            fit = harmony_fit(values, batches, seed=seed, space=space)
-            corrected = fit.corrected
-            recorded[UNS_HARMONY_REFERENCE] = fit.reference.to_uns()
-        elif method == "combat":
-            corrected = combat(values, batches)
-        else:
-            corrected = center_scale(values, batches)
+    return adata, values
 
+
+def _sphere(
+    adata: anndata.AnnData, values: np.ndarray, *, source: Path, label: str, key: str
+) -> np.ndarray:
+    """ZCA sphering fitted on the cells whose ``key`` column is the control ``label``."""
+    if key not in adata.obs.columns:
+        raise DataError(
+            f"{source} has no column {key!r} in obs; sphering needs it to "
+            f"find the control cells. {did_you_mean(key, list(adata.obs.columns))}"
+            "Name it with --perturbation-key."
+        )
+    is_control = adata.obs[key].astype(str).to_numpy() == label
+    return zca_sphering(values, values[is_control])
+
+
+def _batches(
+    adata: anndata.AnnData, *, source: Path, batch_key: str, mapping: Path | None
+) -> np.ndarray:
+    """The batch of each cell (as text); at least two batches unless mapping onto a reference."""
+    if batch_key not in adata.obs.columns:
+        raise DataError(
+            f"{source} has no batch column {batch_key!r} in obs (columns: "
+            f"{', '.join(map(str, adata.obs.columns[:12]))}). "
+            f"{did_you_mean(batch_key, list(adata.obs.columns))}Name it with --batch-key."
+        )
+    batches = adata.obs[batch_key].astype(str).to_numpy()
+    if len(np.unique(batches)) < 2 and mapping is None:  # one new well can be mapped
+        raise DataError(
+            f"The batch column {batch_key!r} holds one batch only; nothing to correct."
+        )
+    return batches
+
+
+def _correct_batches(
+    method: str,
+    adata: anndata.AnnData,
+    values: np.ndarray,
+    *,
+    recorded: dict[str, Any],
+    batch_key: str,
+    reference_path: Path | None,
+    key: str,
+    source: Path,
+    seed: int,
+) -> tuple[np.ndarray, int]:
+    """Harmony (fitted, or mapped onto ``reference_path``), ComBat or center-scale.
+
+    Returns the corrected values and the number of batches; a Harmony fit (or the
+    reference mapped onto) goes into ``recorded``.
+    """
+    batches = _batches(adata, source=source, batch_key=batch_key, mapping=reference_path)
+    n_batches = len(np.unique(batches))
+    space = profile_space(recorded, key=key)
+    if reference_path is not None:
+        fitted = read_harmony_reference(reference_path)
+        _check_space(fitted, space, source=source)
+        corrected = harmony_map(fitted, values, batches=batches)
+        recorded[UNS_HARMONY_REFERENCE] = fitted.to_uns()
+        recorded["harmony_reference_path"] = str(reference_path.resolve())
+    elif method == "harmony":
+        fit = harmony_fit(values, batches, seed=seed, space=space)
+        corrected = fit.corrected
+        recorded[UNS_HARMONY_REFERENCE] = fit.reference.to_uns()
+    elif method == "combat":
+        corrected = combat(values, batches)
+    else:
+        corrected = center_scale(values, batches)
+    return corrected, n_batches
+
+
+def _correction_record(
+    recorded: dict[str, Any], *, method: str, source: Path, key: str, batch_key: str, seed: int
+) -> dict[str, Any]:
+    """What ``uns["scbd"]`` adds about this correction to the input's record."""
+    from scbd_cells import __version__
+
+    source_kind = str(recorded.get("kind", ""))
+    return {
+        "kind": f"correct:{method}",
+        "method": method,
+        "source": str(source.resolve()),
+        "source_kind": str(recorded.get("source_kind", ""))
+        if source_kind.startswith("correct:")
+        else source_kind,
+        "source_key": key,
+        "batch_key": batch_key,
+        "seed": seed,
+        "version": __version__,
+    }
+
+
+def _corrected_anndata(
+    adata: anndata.AnnData, corrected: np.ndarray, *, recorded: dict[str, Any], key: str
+) -> anndata.AnnData:
+    """``X`` = the corrected values (float32), the input's obs and var names, the record."""
     import anndata as ad
 
     result = ad.AnnData(X=corrected.astype(np.float32), obs=adata.obs.copy())
@@ -690,35 +779,18 @@ def correct(
         result.var_names = adata.var_names
     elif names is not None and len(names) == corrected.shape[1]:  # a baseline's X_features
         result.var_names = [str(n) for n in names]
-    source_kind = str(recorded.get("kind", ""))
-    recorded.update(
-        {
-            "kind": f"correct:{method}",
-            "method": method,
-            "source": str(source.resolve()),
-            "source_kind": str(recorded.get("source_kind", ""))
-            if source_kind.startswith("correct:")
-            else source_kind,
-            "source_key": key,
-            "batch_key": batch_key,
-            "seed": seed,
-            "version": __version__,
-        }
-    )
     result.uns[schema.UNS_SCBD] = recorded
-    if table_out:
+    return result
+
+
+def _write_result(
+    result: anndata.AnnData, out_path: Path, *, input_columns: list[str], overwrite: bool
+) -> None:
+    """An AnnData, or for a table read, a table: its columns as read, then the features."""
+    if is_profile_table(out_path):
         table = profile_table_frame(result, result.X)[[*input_columns, *result.var_names]]
         write_profile_table(table, out_path, overwrite=overwrite)
     else:
+        from scbd_cells.profiles.anndata_io import write_anndata
+
         write_anndata(result, out_path, overwrite=overwrite)
-    log.info(
-        "Corrected %s (%s) with %s%s -> %s", source, key, method,
-        f" mapped onto {reference_path}" if reference_path is not None else "", out_path,
-    )  # fmt: skip
-    return CorrectResult(
-        out_path=out_path,
-        method=method,
-        n_cells=result.n_obs,
-        n_features=result.n_vars,
-        n_batches=n_batches,
-    )

@@ -61,10 +61,11 @@ from scbd_cells.core.outputs import (
     temporary_name,
 )
 from scbd_cells.data import schema
-from scbd_cells.evaluation.cells import CellsFile
+from scbd_cells.profiles.cells import Cells, open_cells, read_rows
 from scbd_cells.profiles.profile_tables import check_profile_columns, is_profile_table
 from scbd_cells.profiles.replicates import (
     ROW_CHUNK,
+    CellGroups,
     batch_column,
     cell_groups,
     group_means,
@@ -98,35 +99,22 @@ class ExportResult:
     n_features: int
 
 
-def feature_columns(adata: Any, key: str, width: int) -> list[str]:
+def feature_columns(cells: Cells, key: str, width: int) -> list[str]:
     """Names of the feature columns: var_names, recorded feature names, or ``{key}_{i}``."""
     if key == "X":
-        names = [str(n) for n in adata.var_names] if hasattr(adata, "var_names") else []
+        names = [str(n) for n in cells.var_names]
         if len(names) == width:
             return names
-    recorded = {}
-    if hasattr(adata, "provenance"):
-        recorded = adata.provenance()
-    elif hasattr(adata, "uns"):
-        recorded = dict(adata.uns.get(schema.UNS_SCBD, {}))
-    names = recorded.get("feature_names")
+    names = cells.provenance().get("feature_names")
     if key == schema.OBSM_FEATURES and names is not None and len(names) == width:
         return [str(n) for n in names]
     return [f"{key}_{i}" for i in range(width)]
 
 
-def _recorded(adata: Any) -> dict:
-    """``uns["scbd"]`` of a CellsFile or an AnnData, or ``{}``."""
-    if isinstance(adata, CellsFile):
-        return adata.provenance()
-    found = adata.uns.get(schema.UNS_SCBD, {}) if hasattr(adata, "uns") else {}
-    return dict(found) if hasattr(found, "items") else {}
-
-
-def _plate_well_columns(adata: Any, batch_key: str) -> tuple[str | None, str | None]:
+def _plate_well_columns(adata: Cells, batch_key: str) -> tuple[str | None, str | None]:
     """The obs columns of the plate and the well (see the module docstring), or None."""
     columns = [str(c) for c in adata.obs.columns]
-    labels = _recorded(adata).get(schema.UNS_LABEL_COLUMNS) or {}
+    labels = adata.provenance().get(schema.UNS_LABEL_COLUMNS) or {}
     recorded = labels.get("batch") if hasattr(labels, "get") else None
     sources = [str(c) for c in np.atleast_1d(recorded if recorded is not None else [])]
     sources += [part.strip() for part in batch_key.split(",") if part.strip()]
@@ -164,7 +152,7 @@ def _per_group(
     return first.to_numpy(dtype=object), constant.to_numpy(dtype=bool)
 
 
-def _plate_well(adata: Any, groups: Any, keys: dict) -> tuple[np.ndarray, np.ndarray]:
+def _plate_well(adata: Cells, groups: CellGroups, keys: dict) -> tuple[np.ndarray, np.ndarray]:
     """Plate and well of each group: its cells' one value, ``"mixed"`` if several."""
     n = len(groups.labels)
     found = []
@@ -178,7 +166,7 @@ def _plate_well(adata: Any, groups: Any, keys: dict) -> tuple[np.ndarray, np.nda
     return found[0], found[1]
 
 
-def _carried_columns(adata: Any, *, key_columns: set[str]) -> list[str]:
+def _carried_columns(adata: Cells, *, key_columns: set[str]) -> list[str]:
     """obs ``Metadata_*`` columns carried as they are (not the ones export fills itself).
 
     A column named like one export fills (``Metadata_Batch``, e.g. a table scbd-cells
@@ -202,7 +190,7 @@ def _carried_columns(adata: Any, *, key_columns: set[str]) -> list[str]:
     return carried
 
 
-def _cell_ids(adata: Any) -> dict[str, np.ndarray]:
+def _cell_ids(adata: Cells) -> dict[str, np.ndarray]:
     """``Metadata_Cell_ID`` / ``Metadata_ImageNumber`` / ``Metadata_ObjectNumber`` per cell."""
     columns = set(map(str, adata.obs.columns))
     found = {}
@@ -236,7 +224,7 @@ def _metadata(
     )
 
 
-def _single_or_mixed(adata: Any, key: str, batch_key: str, batches: pd.Series) -> np.ndarray:
+def _single_or_mixed(adata: Cells, key: str, batch_key: str, batches: pd.Series) -> np.ndarray:
     groups = cell_groups(adata, [batch_key, key]).labels
     per_batch = groups.groupby(batch_key, sort=True)[key]
     first = per_batch.first()
@@ -252,14 +240,12 @@ def _write(frame: pd.DataFrame, path: Path) -> None:
         frame.to_parquet(path, index=False)
 
 
-def _cell_table(adata: Any, key: str, out_path: Path, names: list[str], keys: dict) -> int:
+def _cell_table(adata: Cells, key: str, out_path: Path, names: list[str], keys: dict) -> int:
     """Write the cell level chunk by chunk (a 1 M-cell table is never built whole)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from scbd_cells.evaluation.cells import read_rows
-
-    data = adata.X if key == "X" else adata.obsm[key]
+    data = adata.rep(key)
     n_obs = int(data.shape[0])
 
     def column(name: str | None) -> np.ndarray:
@@ -335,8 +321,6 @@ def export(
     -------
     ExportResult
     """
-    from scbd_cells.evaluation.cells import close_all, read_embedding
-
     if level not in LEVELS:
         raise InputError(f"--level must be one of {', '.join(LEVELS)}; found {level!r}.")
     out_path = Path(out)
@@ -344,67 +328,76 @@ def export(
         raise InputError(f"--out {out_path} must end in .parquet or .csv.")
     source = Path(embedding_path)
     check_output(out_path, kind="table", overwrite=overwrite, inputs=[source])
-    adata = read_embedding(source)
-    if is_profile_table(source):
+    named = {"perturbation": perturbation_key, "guide": guide_key, "batch": batch_key}
+    with _open_source(source, level=level, named=named) as cells:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = temporary_name(out_path)
         try:
-            check_profile_columns(adata, _named_keys(
-                level=level, batch_key=batch_key, perturbation_key=perturbation_key,
-                guide_key=guide_key,
-            ), source=source)  # fmt: skip
+            data = _profile_values(cells, key, source=source)
+            names = feature_columns(cells, key, int(data.shape[1]))
+            keys = _export_keys(cells, **named)
+            _refuse_non_finite(cells, data, source=source, key=key)
+            if level == "cell":
+                n_rows = _cell_table(cells, key, tmp_path, names, keys)
+            else:
+                frame = _group_table(cells, key, level, names, keys)
+                _write(frame, tmp_path)
+                n_rows = len(frame)
+            publish(tmp_path, out_path, kind="table", overwrite=overwrite)
         except BaseException:
-            close_all([adata])
+            remove_temporary(tmp_path)
             raise
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = temporary_name(out_path)
-    try:
-        if key != "X" and key not in adata.obsm:
-            raise DataError(
-                f"{source} has no obsm key {key!r} (keys: "
-                f"{', '.join(adata.obsm.keys()) or 'none'}). Choose one of them or 'X'."
-            )
-        data = adata.X if key == "X" else adata.obsm[key]
-        if data is None:
-            raise DataError(f"{source} has no X; name an obsm key with --key.")
-        if int(data.shape[0]) == 0 or int(data.shape[1]) == 0:
-            raise DataError(
-                f"{source} holds no profiles to export: {int(data.shape[0]):,} cells x "
-                f"{int(data.shape[1]):,} features in {key}. Export the cell-level file that "
-                "embed, baseline or correct wrote."
-            )
-        names = feature_columns(adata, key, int(data.shape[1]))
-        # before batch_column adds a joined column
-        carried = _carried_columns(
-            adata, key_columns={batch_key, perturbation_key, guide_key}
-        )
-        plate, well = _plate_well_columns(adata, batch_key)
-        batch_key = batch_column(adata, batch_key)
-        obs_column(adata, batch_key, "batch")
-        keys = {
-            "batch": batch_key,
-            "perturbation": perturbation_key if perturbation_key in adata.obs.columns else None,
-            "guide": guide_key if guide_key in adata.obs.columns else None,
-            "plate": plate,
-            "well": well,
-            "carried": carried,
-        }
-        _refuse_non_finite(adata, data, source=source, key=key)
-        if level == "cell":
-            n_rows = _cell_table(adata, key, tmp_path, names, keys)
-        else:
-            frame = _group_table(adata, key, level, names, keys)
-            _write(frame, tmp_path)
-            n_rows = len(frame)
-        publish(tmp_path, out_path, kind="table", overwrite=overwrite)
-    except BaseException:
-        remove_temporary(tmp_path)
-        raise
-    finally:
-        close_all([adata])
     log.info("Exported %d %s profiles x %d features -> %s", n_rows, level, len(names), out_path)
     return ExportResult(out_path=out_path, level=level, n_rows=n_rows, n_features=len(names))
 
 
-def _refuse_non_finite(adata: Any, data: Any, *, source: Path, key: str) -> None:
+def _open_source(source: Path, *, level: str, named: dict[str, str]) -> Cells:
+    """The cells to export; a profile table must have the key columns named."""
+    cells = open_cells(source)
+    if is_profile_table(source):
+        try:
+            check_profile_columns(cells, _named_keys(
+                level=level, batch_key=named["batch"],
+                perturbation_key=named["perturbation"], guide_key=named["guide"],
+            ), source=source)  # fmt: skip
+        except BaseException:
+            cells.close()
+            raise
+    return cells
+
+
+def _profile_values(cells: Cells, key: str, *, source: Path) -> Any:
+    """The representation to export (on disk for an AnnData); refuse an empty one."""
+    data = cells.rep(key)
+    if int(data.shape[0]) == 0 or int(data.shape[1]) == 0:
+        raise DataError(
+            f"{source} holds no profiles to export: {int(data.shape[0]):,} cells x "
+            f"{int(data.shape[1]):,} features in {key}. Export the cell-level file that "
+            "embed, baseline or correct wrote."
+        )
+    return data
+
+
+def _export_keys(
+    cells: Cells, *, perturbation: str, guide: str, batch: str
+) -> dict[str, Any]:
+    """The obs columns of each ``Metadata_*`` label, and the columns carried as they are."""
+    # before batch_column adds a joined column
+    carried = _carried_columns(cells, key_columns={batch, perturbation, guide})
+    plate, well = _plate_well_columns(cells, batch)
+    batch = batch_column(cells, batch)
+    obs_column(cells, batch, "batch")
+    return {
+        "batch": batch,
+        "perturbation": perturbation if perturbation in cells.obs.columns else None,
+        "guide": guide if guide in cells.obs.columns else None,
+        "plate": plate,
+        "well": well,
+        "carried": carried,
+    }
+
+
+def _refuse_non_finite(adata: Cells, data: Any, *, source: Path, key: str) -> None:
     """Refuse NaN or infinite values, naming the first cells that hold them (one pass)."""
     from scbd_cells.profiles.anndata_io import non_finite_rows, rows_named
 
@@ -449,7 +442,7 @@ def _refuse_guides_that_are_wells(rows: pd.DataFrame, *, guide: str, batch: str)
     )
 
 
-def _group_table(adata: Any, key: str, level: str, names: list[str], keys: dict) -> pd.DataFrame:
+def _group_table(adata: Cells, key: str, level: str, names: list[str], keys: dict) -> pd.DataFrame:
     batch_key = keys["batch"]
     if level in ("guide", "gene") and keys["perturbation"] is None:
         raise DataError(
@@ -492,7 +485,9 @@ def _group_table(adata: Any, key: str, level: str, names: list[str], keys: dict)
     return pd.concat([meta, carried, pd.DataFrame(values, columns=names)], axis=1)
 
 
-def _constant_columns(adata: Any, groups: Any, names: list[str], *, level: str) -> pd.DataFrame:
+def _constant_columns(
+    adata: Cells, groups: CellGroups, names: list[str], *, level: str
+) -> pd.DataFrame:
     """The carried ``Metadata_*`` columns that are constant within every group, one row each."""
     n = len(groups.labels)
     kept, dropped = {}, []

@@ -35,9 +35,10 @@ import numpy as np
 import pandas as pd
 
 from scbd_cells.core.errors import DataError, InputError
-from scbd_cells.core.outputs import check_free_space, location_text, locks_output, read_recorded
+from scbd_cells.core.outputs import check_free_space, location_text, locks_output
 from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import schema
+from scbd_cells.profiles.cells import read_recorded
 
 if TYPE_CHECKING:
     import anndata as ad

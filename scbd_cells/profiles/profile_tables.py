@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,11 @@ import pandas as pd
 from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.data import schema
 from scbd_cells.data.store import did_you_mean
+
+if TYPE_CHECKING:
+    import anndata
+
+    from scbd_cells.profiles.cells import Cells
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +105,7 @@ def _read_frame(path: Path) -> pd.DataFrame:
     return frame
 
 
-def read_profile_table(path: str | Path) -> Any:
+def read_profile_table(path: str | Path) -> anndata.AnnData:
     """Read a pycytominer profile table (Parquet or CSV) as an in-memory AnnData.
 
     Parameters
@@ -192,7 +197,9 @@ def read_profile_table(path: str | Path) -> Any:
     return adata
 
 
-def check_profile_columns(adata: Any, keys: Mapping[str, str | None], *, source: Path) -> None:
+def check_profile_columns(
+    adata: anndata.AnnData | Cells, keys: Mapping[str, str | None], *, source: Path
+) -> None:
     """Refuse an option that names a column the profiles do not have; name the close ones.
 
     Parameters
@@ -221,7 +228,7 @@ def check_profile_columns(adata: Any, keys: Mapping[str, str | None], *, source:
             )
 
 
-def profile_table_frame(adata: Any, values: np.ndarray) -> pd.DataFrame:
+def profile_table_frame(adata: anndata.AnnData, values: np.ndarray) -> pd.DataFrame:
     """``obs`` (text as plain strings, nulls kept) then one column per feature of ``values``."""
     obs = adata.obs
     columns: dict[str, Any] = {}

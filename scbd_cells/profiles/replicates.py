@@ -1,23 +1,30 @@
-"""Profiles: the mean embedding of each group of cells (guide x well, well, gene x well).
+"""Profiles: label columns and the mean embedding of each group of cells (guide x well, ...).
 
-Shared by ``evaluate`` (replicate profiles for copairs' mAP) and ``export`` (profiles for
-pycytominer and copairs). Labels are factorised through their categories and cells are
-summed in row chunks, so a backed 1 M-cell file is never loaded whole and memory holds a
-few integers a cell besides the groups kept.
+Shared by ``aggregate_profiles`` (guides and genes), ``evaluate`` (replicate profiles for
+copairs' mAP) and ``export`` (profiles for pycytominer and copairs). The one place that
+reads a label column (:func:`obs_column`) or a representation by key
+(:func:`representation`) and says what is missing. Labels are factorised through their
+categories and cells are summed in row chunks, so a backed 1 M-cell file is never loaded
+whole and memory holds a few integers a cell besides the groups kept.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells.core.errors import DataError
+from scbd_cells.data import schema
 from scbd_cells.data.store import did_you_mean
-from scbd_cells.profiles.aggregate import check_no_missing, factorize_labels
+
+if TYPE_CHECKING:
+    import anndata
+
+    from scbd_cells.profiles.cells import Cells
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ class CellGroups:
         return CellGroups(codes=codes, labels=self.labels.iloc[groups].reset_index(drop=True))
 
 
-def obs_column(adata: Any, key: str, what: str) -> pd.Series:
+def obs_column(adata: anndata.AnnData | Cells, key: str, what: str) -> pd.Series:
     """``adata.obs[key]``, or a one-paragraph error naming the columns there are."""
     if key not in adata.obs.columns:
         raise DataError(
@@ -62,7 +69,80 @@ def obs_column(adata: Any, key: str, what: str) -> pd.Series:
     return adata.obs[key]
 
 
-def batch_column(adata: Any, batch_key: str) -> str:
+def check_no_missing(adata: anndata.AnnData | Cells, key: str, *, what: str) -> None:
+    """Refuse a label column with missing values (NaN), naming the rows that lack one.
+
+    Read as text, a missing label would become a batch (or group) named ``"nan"``,
+    silently pooling unrelated cells.
+    """
+    missing = np.flatnonzero(pd.isna(adata.obs[key]).to_numpy())
+    if not len(missing):
+        return
+    if isinstance(adata.obs, pd.DataFrame):
+        names = [str(adata.obs.index[i]) for i in missing[:5]]
+    else:  # a lazily read cells file (ObsColumns)
+        names = adata.obs.names_at(missing[:5])
+    shown = ", ".join(map(repr, names)) + (
+        f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
+    )
+    raise DataError(
+        f"The {what} column {key!r} is missing for {len(missing):,} of {adata.n_obs:,} cells "
+        f"(rows {shown}). Fill in their {what} label, or drop those cells first (e.g. "
+        f"adata[adata.obs[{key!r}].notna()].copy())."
+    )
+
+
+def factorize_labels(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """``pd.factorize(values.astype(str).to_numpy(), sort=True)`` without a string per cell.
+
+    A categorical column (what ``embed`` writes) is factorised through its categories, so
+    memory holds its codes and one int64 per cell rather than a Python string per cell
+    (about 70 bytes); other columns take the string path. Missing values become ``"nan"``
+    as ``astype(str)`` makes them in pandas 2.
+    """
+    if not isinstance(values.dtype, pd.CategoricalDtype):
+        return pd.factorize(values.astype(str).to_numpy(), sort=True)
+    codes = values.cat.codes.to_numpy().astype(np.int64)
+    labels = values.cat.categories.astype(str).to_numpy(dtype=object)
+    if (codes < 0).any():
+        labels = np.append(labels, "nan")
+        codes[codes < 0] = len(labels) - 1
+    used = np.bincount(codes, minlength=len(labels)) > 0
+    label_codes, names = pd.factorize(labels[used], sort=True)  # two categories may read alike
+    mapping = np.full(len(labels), -1, dtype=np.int64)
+    mapping[used] = label_codes
+    return mapping[codes], names
+
+
+def representation(
+    adata: anndata.AnnData | Cells, key: str, *, source: str = "The embedding"
+) -> Any:
+    """``X`` (``key="X"``) or ``obsm[key]`` as stored, or the one error naming the keys there are.
+
+    ``source`` names the file in the message.
+    """
+    keys = ", ".join(map(str, adata.obsm.keys())) or "none"
+    makers = (
+        f"`scbd-cells embed` writes z_c as X and z_s as {schema.OBSM_BATCH_EMBEDDING!r}; "
+        f"`scbd-cells baseline` writes the PCA as X and {schema.OBSM_PCA!r}, the features as "
+        f"{schema.OBSM_FEATURES!r}"
+    )
+    if key == "X":
+        if adata.X is None:
+            raise DataError(
+                f"{source} has no X. Name the embedding's obsm key with --key (keys: {keys}); "
+                f"{makers}."
+            )
+        return adata.X
+    if key not in adata.obsm:
+        raise DataError(
+            f"{source} has no obsm key {key!r} (keys: {keys}). Choose one of them or 'X' with "
+            f"--key ({makers})."
+        )
+    return adata.obsm[key]
+
+
+def batch_column(adata: anndata.AnnData | Cells, batch_key: str) -> str:
     """The obs column that holds the batch label: ``batch_key``, or a comma list joined.
 
     ``"plate,well"`` names the batch by several columns, as ``ingest --batch-columns``
@@ -86,14 +166,16 @@ def batch_column(adata: Any, batch_key: str) -> str:
     return name
 
 
-def cell_groups(adata: Any, keys: list[str], *, what: dict[str, str] | None = None) -> CellGroups:
+def cell_groups(
+    adata: anndata.AnnData | Cells, keys: list[str], *, what: dict[str, str] | None = None
+) -> CellGroups:
     """Group the cells by the distinct combinations of the obs columns ``keys``.
 
     Parameters
     ----------
     adata
-        Cell-level AnnData (in memory or backed) or a
-        :class:`~scbd_cells.evaluation.cells.CellsFile`.
+        Cell-level AnnData (in memory or backed) or
+        :class:`~scbd_cells.profiles.cells.Cells`.
     keys
         obs columns; their values are compared as strings.
     what
@@ -118,43 +200,47 @@ def cell_groups(adata: Any, keys: list[str], *, what: dict[str, str] | None = No
     return CellGroups(codes=inverse.astype(np.int64, copy=False), labels=table)
 
 
-def _embedding(adata: Any, use_rep: str) -> Any:
-    if use_rep == "X":
-        if adata.X is None:
-            raise DataError("The embedding has no X; name an obsm key with --key.")
-        return adata.X
-    if use_rep not in adata.obsm:
-        raise DataError(
-            f"The embedding has no obsm key {use_rep!r} (keys: "
-            f"{', '.join(adata.obsm.keys()) or 'none'}). Pick one of those (or 'X') with --key."
-        )
-    return adata.obsm[use_rep]
+def group_sums(
+    data: Any, codes: np.ndarray, n_groups: int, *, chunk_size: int = ROW_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n_groups, D) float64 sum of the rows of each group, and the group sizes.
 
-
-def group_means(
-    adata: Any, groups: CellGroups, *, use_rep: str = "X", chunk_size: int = ROW_CHUNK
-) -> np.ndarray:
-    """(n_groups, D) float32 mean of the cells of each group, read ``chunk_size`` rows at a time."""
+    ``data`` is read ``chunk_size`` rows at a time (numpy, h5py, zarr or anndata sparse);
+    a row whose code is ``-1`` is in no group. Written by hand rather than with
+    ``pandas.DataFrame.groupby`` or ``scanpy.get.aggregate``: both take the whole matrix in
+    memory, where a backed 1 M-cell file holds one chunk at a time here.
+    """
     import scipy.sparse as sp
 
-    data = _embedding(adata, use_rep)
     n_obs, width = int(data.shape[0]), int(data.shape[1])
-    n_groups = len(groups.labels)
     sums = np.zeros((n_groups, width), dtype=np.float64)
     for start in range(0, n_obs, chunk_size):
         stop = min(start + chunk_size, n_obs)
-        codes = groups.codes[start:stop]
-        used = np.flatnonzero(codes >= 0)
+        chunk_codes = codes[start:stop]
+        used = np.flatnonzero(chunk_codes >= 0)
         if used.size == 0:
             continue
         block = data[start:stop]
         if hasattr(block, "toarray"):
             block = block.toarray()
         indicator = sp.csr_matrix(
-            (np.ones(used.size), (codes[used], used)), shape=(n_groups, stop - start)
+            (np.ones(used.size), (chunk_codes[used], used)), shape=(n_groups, stop - start)
         )
         sums += indicator @ np.asarray(block, dtype=np.float64)
-    counts = np.bincount(groups.codes[groups.codes >= 0], minlength=n_groups)
+    counts = np.bincount(codes[codes >= 0], minlength=n_groups)
+    return sums, counts
+
+
+def group_means(
+    adata: anndata.AnnData | Cells,
+    groups: CellGroups,
+    *,
+    use_rep: str = "X",
+    chunk_size: int = ROW_CHUNK,
+) -> np.ndarray:
+    """(n_groups, D) float32 mean of the cells of each group, read ``chunk_size`` rows at a time."""
+    data = representation(adata, use_rep)
+    sums, counts = group_sums(data, groups.codes, len(groups.labels), chunk_size=chunk_size)
     return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
