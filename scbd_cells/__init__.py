@@ -35,6 +35,7 @@ _LAZY = {
     "reconstruct": "scbd_cells.embedding.reconstruction",
     "sweep": "scbd_cells.training.sweeping",
     "read_profile_table": "scbd_cells.profiles.profile_tables",
+    "open_cells": "scbd_cells.profiles.cells",
 }
 
 __all__ = ["__version__", *_LAZY]

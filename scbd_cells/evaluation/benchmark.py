@@ -225,7 +225,7 @@ class _MixingCells(NamedTuple):
 
 
 def _mixing_cells(
-    adata: Any, *, key: str, batch_key: str, perturbation_key: str, settings: BenchmarkSettings
+    adata: Cells, *, key: str, batch_key: str, perturbation_key: str, settings: BenchmarkSettings
 ) -> _MixingCells:
     positions = subsample(adata.n_obs, max_cells=settings.mixing_cells, seed=settings.seed)
     return _MixingCells(
