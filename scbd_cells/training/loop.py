@@ -73,7 +73,7 @@ from scbd_cells.model.scbd import (
     run_model,
 )
 from scbd_cells.model.schedule import set_learning_rates
-from scbd_cells.model.selection import CheckpointSelection
+from scbd_cells.model.selection import COLLAPSE_MARGIN, CheckpointSelection
 from scbd_cells.training.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_path_of,
@@ -264,7 +264,7 @@ class _Run:
         return self.dist.device.type == "cuda"
 
     def checkpoint(self) -> dict[str, Any]:
-        """The plain-dict checkpoint of the run as it is now (``training/checkpoint.py`` documents it)."""
+        """The plain-dict checkpoint of the run now (``training/checkpoint.py`` documents it)."""
         return {
             "model": self.model.state_dict(),
             "model_args": dict(self.model.model_args),
@@ -1075,12 +1075,6 @@ class _ValidationSet:
 
 
 # --- monitoring, signals, metrics ---------------------------------------------------------------
-
-
-# Below log B by less than this fraction of log B counts as "at the collapsed level":
-# 0.005 for B = 128 (an alpha = 10 demo run sat 0.001 above it, alpha = 3 reached 0.007
-# below it by a third of its steps; docs/training.md). The alpha sweep's rule uses it too.
-COLLAPSE_MARGIN = 0.001
 
 
 class _StallMonitor:
