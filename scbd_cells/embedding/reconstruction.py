@@ -270,7 +270,10 @@ def _choose_perturbations(
         distance = np.linalg.norm(means - reference, axis=1)
         ranked = [int(present[i]) for i in np.argsort(-distance, kind="stable")]
         chosen = [c for c in ranked if c != control][:DEFAULT_N_PERTURBATIONS]
-    return ([control] if control is not None else []) + chosen
+    chosen = ([control] if control is not None else []) + chosen
+    if not chosen:
+        raise InputError("no perturbation to show; name some with --perturbations.")
+    return chosen
 
 
 def _typical_cell(sample: EncodedCells, rows: np.ndarray) -> int:
@@ -296,6 +299,18 @@ class _Plan:
     well_donors: list[int]  # per donor well: the cell whose z_s is used
     style_rows: list[int]  # rows of swap_perturbation: cells whose z_s is kept, one per well
     perturbation_donors: list[int]  # per non-control perturbation: a typical cell (z_c)
+
+    def rows_needed(self) -> np.ndarray:
+        """Every store row the grids draw or take an embedding from."""
+        return np.concatenate(
+            [
+                *self.recon_rows,
+                self.well_rows,
+                self.well_donors,
+                self.style_rows,
+                self.perturbation_donors,
+            ]
+        ).astype(np.int64)
 
 
 def _plan(
@@ -412,13 +427,27 @@ class _GridBuilder:
 def _build_grids(
     plan: _Plan, labels: _Labels, encoded: EncodedCells, trained: Any, *, cells: int
 ) -> tuple[list[Grid], list[dict[str, Any]]]:
+    """The three grids, decoded, and the records of every panel's cells (for index.csv)."""
     shape = encoded.inputs.shape[1:]
-    pname = labels.perturbation_names
-    bname = labels.batch_names
+    builders = (
+        _reconstruction_grid(plan, labels, encoded, shape, cells=cells),
+        _swap_well_grid(plan, labels, encoded, shape),
+        _swap_perturbation_grid(plan, labels, encoded, shape),
+    )
+    grids = [builder.finish(trained, encoded) for builder in builders]
+    return grids, [record for builder in builders for record in builder.records]
 
-    def describe(row: int) -> str:
-        return f"{pname[labels.perturbation_codes[row]]}\n{bname[labels.batch_codes[row]]}"
 
+def _describe(labels: _Labels, row: int) -> str:
+    """A row label: the cell's perturbation over its well."""
+    perturbation = labels.perturbation_names[labels.perturbation_codes[row]]
+    return f"{perturbation}\n{labels.batch_names[labels.batch_codes[row]]}"
+
+
+def _reconstruction_grid(
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, shape: tuple, *, cells: int
+) -> _GridBuilder:
+    """A row per perturbation: each cell's original beside its reconstruction."""
     recon = _GridBuilder(
         "reconstructions",
         "Cells and their reconstructions from (z_c, z_s)",
@@ -431,15 +460,21 @@ def _build_grids(
         recon.column_labels[2 * j] = f"cell {j + 1}\noriginal"
         recon.column_labels[2 * j + 1] = f"cell {j + 1}\nreconstruction"
     for i, (p, rows) in enumerate(zip(plan.perturbations, plan.recon_rows, strict=True)):
-        recon.row_labels[i] = pname[p]
+        recon.row_labels[i] = labels.perturbation_names[p]
         for j, row in enumerate(rows):
             recon.original(i, 2 * j, int(row), encoded)
             recon.decoded(i, 2 * j + 1, int(row), int(row))
+    return recon
 
-    home = bname[plan.home_batch]
+
+def _swap_well_grid(
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, shape: tuple
+) -> _GridBuilder:
+    """z_c of cells from well A with z_s of cells from other wells (the donors on top)."""
+    bname = labels.batch_names
     swap_well = _GridBuilder(
         "swap_well",
-        f"z_c of cells from well {home} with z_s of cells from other wells: "
+        f"z_c of cells from well {bname[plan.home_batch]} with z_s of cells from other wells: "
         "each cell as if imaged in that well",
         1 + len(plan.well_rows),
         2 + len(plan.donor_wells),
@@ -452,39 +487,40 @@ def _build_grids(
         swap_well.column_labels[2 + j] = f"z_s of\n{bname[batch]}"
         swap_well.original(0, 2 + j, donor, encoded)
     for i, row in enumerate(plan.well_rows, start=1):
-        swap_well.row_labels[i] = describe(row)
+        swap_well.row_labels[i] = _describe(labels, row)
         swap_well.original(i, 0, row, encoded)
         swap_well.decoded(i, 1, row, row)
         for j, donor in enumerate(plan.well_donors):
             swap_well.decoded(i, 2 + j, row, donor)
+    return swap_well
 
-    source = pname[plan.perturbations[0]]
-    swap_perturbation = _GridBuilder(
+
+def _swap_perturbation_grid(
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, shape: tuple
+) -> _GridBuilder:
+    """z_s of cells from several wells with z_c of typical cells of other perturbations."""
+    pname = labels.perturbation_names
+    swap = _GridBuilder(
         "swap_perturbation",
-        f"z_s of {source} cells from several wells with z_c of typical cells of other "
-        "perturbations: each well's look with that perturbation",
+        f"z_s of {pname[plan.perturbations[0]]} cells from several wells with z_c of typical "
+        "cells of other perturbations: each well's look with that perturbation",
         1 + len(plan.style_rows),
         2 + len(plan.perturbation_donors),
         shape,
     )
-    swap_perturbation.row_breaks, swap_perturbation.column_breaks = (0,), (1,)
-    swap_perturbation.row_labels[0] = "z_c donors\n(originals)"
-    swap_perturbation.column_labels[:2] = ["original", "reconstruction"]
+    swap.row_breaks, swap.column_breaks = (0,), (1,)
+    swap.row_labels[0] = "z_c donors\n(originals)"
+    swap.column_labels[:2] = ["original", "reconstruction"]
     for j, donor in enumerate(plan.perturbation_donors):
-        swap_perturbation.column_labels[2 + j] = (
-            f"z_c of\n{pname[labels.perturbation_codes[donor]]}"
-        )
-        swap_perturbation.original(0, 2 + j, donor, encoded)
+        swap.column_labels[2 + j] = f"z_c of\n{pname[labels.perturbation_codes[donor]]}"
+        swap.original(0, 2 + j, donor, encoded)
     for i, row in enumerate(plan.style_rows, start=1):
-        swap_perturbation.row_labels[i] = describe(row)
-        swap_perturbation.original(i, 0, row, encoded)
-        swap_perturbation.decoded(i, 1, row, row)
+        swap.row_labels[i] = _describe(labels, row)
+        swap.original(i, 0, row, encoded)
+        swap.decoded(i, 1, row, row)
         for j, donor in enumerate(plan.perturbation_donors):
-            swap_perturbation.decoded(i, 2 + j, donor, row)
-
-    builders = (recon, swap_well, swap_perturbation)
-    grids = [builder.finish(trained, encoded) for builder in builders]
-    return grids, [record for builder in builders for record in builder.records]
+            swap.decoded(i, 2 + j, donor, row)
+    return swap
 
 
 # --------------------------------------------------------------------------- drawing
@@ -774,14 +810,55 @@ def reconstruct(
     InputError
         Bad option values, unknown perturbations, an output folder that is not ours.
     """
+    out_dir = Path(out)
+    store, trained, labels = _open_run_and_store(
+        run_dir, store_path, cells=cells, wells=wells, which=which, device=device
+    )
+    prepare_folder(
+        out_dir, kind="pictures", overwrite=overwrite, entries=OUTPUT_FILES,
+        inputs=[run_dir, store_path],
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    sample = encode_cells(trained, store, _sample_rows(labels, perturbations, rng, store=store))
+    chosen = _choose_perturbations(labels, sample, perturbations)
+    plan = _plan(labels, sample, chosen, cells=cells, wells=wells, rng=rng)
+    encoded = encode_cells(trained, store, plan.rows_needed())
+    grids, records = _build_grids(plan, labels, encoded, trained, cells=cells)
+    figure_paths, channel_figure_paths, index_path = _write_pictures(
+        grids, _index_table(records, store.obs), out_dir,
+        channel_names=store.channel_names, normalize=trained.normalize,
+    )  # fmt: skip
+    shown = [labels.perturbation_names[p] for p in chosen]
+    log.info("Drew %s -> %s", ", ".join(shown), out_dir)
+    return ReconstructResult(
+        out_dir=out_dir,
+        figure_paths=figure_paths,
+        channel_figure_paths=channel_figure_paths,
+        index_path=index_path,
+        perturbations=shown,
+        grids={grid.name: grid for grid in grids},
+    )
 
+
+# --------------------------------------------------------------------------- reconstruct's stages
+
+
+def _open_run_and_store(
+    run_dir: str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    cells: int,
+    wells: int,
+    which: str,
+    device: str | None,
+) -> tuple[Store, Any, _Labels]:
+    """The store, the trained model (with its decoder) and the labels; the options checked."""
     from scbd_cells.core.distributed import resolve_device
     from scbd_cells.data.store import open_store
     from scbd_cells.training.checkpoint import check_argument_order, load_trained
 
     if cells < 1 or wells < 1:
         raise InputError(f"--cells and --wells must be at least 1; found {cells} and {wells}.")
-    out_dir = Path(out)
     check_argument_order(run_dir, store_path)
     store = open_store(store_path)
     if cells > min(MAX_GRID_CELLS, store.n_cells):
@@ -800,12 +877,18 @@ def reconstruct(
         raise DataError(
             f"the store {store.path} has one batch label; swaps need cells from at least two wells."
         )
-    prepare_folder(
-        out_dir, kind="pictures", overwrite=overwrite, entries=OUTPUT_FILES,
-        inputs=[run_dir, store_path],
-    )  # fmt: skip
-    rng = np.random.default_rng(seed)
+    return store, trained, labels
 
+
+def _sample_rows(
+    labels: _Labels,
+    perturbations: Sequence[str] | None,
+    rng: np.random.Generator,
+    *,
+    store: Store,
+) -> np.ndarray:
+    """Cells to embed first, to choose perturbations and typical cells: up to 16 of each
+    named perturbation, or of every one."""
     if perturbations:
         unknown = [p for p in perturbations if p not in labels.perturbation_names]
         if unknown:
@@ -815,50 +898,34 @@ def reconstruct(
                 f"{', '.join(labels.perturbation_names[:8])}."
             )
         requested = [labels.perturbation_names.index(p) for p in perturbations]
-        sample_rows = np.concatenate(
+        rows = np.concatenate(
             [_pick(labels.rows_of(p), SAMPLE_PER_PERTURBATION, rng) for p in requested]
         )
     else:
-        sample_rows = _sample_per_class(
+        rows = _sample_per_class(
             labels.perturbation_codes,
             np.flatnonzero(labels.pool),
             SAMPLE_PER_PERTURBATION,
             rng,
         )
-    log.info(
-        "Embedding %d sampled cells to choose perturbations and typical cells", len(sample_rows)
-    )
-    sample = encode_cells(trained, store, sample_rows)
-    chosen = _choose_perturbations(labels, sample, perturbations)
-    if not chosen:
-        raise InputError("no perturbation to show; name some with --perturbations.")
-    plan = _plan(labels, sample, chosen, cells=cells, wells=wells, rng=rng)
-    needed = np.concatenate(
-        [
-            *plan.recon_rows,
-            plan.well_rows,
-            plan.well_donors,
-            plan.style_rows,
-            plan.perturbation_donors,
-        ]
-    ).astype(np.int64)
-    encoded = encode_cells(trained, store, needed)
-    grids, records = _build_grids(plan, labels, encoded, trained, cells=cells)
+    log.info("Embedding %d sampled cells to choose perturbations and typical cells", len(rows))
+    return rows
 
-    obs = store.obs
-    index = pd.DataFrame.from_records(records)
-    rows = index["store_row"].to_numpy()
-    for column in (schema.CELL_ID, schema.PERTURBATION, schema.GUIDE, schema.BATCH, schema.SPLIT):
-        values = obs[column].astype(str).to_numpy() if column in obs.columns else None
-        index[column] = values[rows] if values is not None else ""
-    index = index[INDEX_COLUMNS]
+
+def _write_pictures(
+    grids: Sequence[Grid],
+    index: pd.DataFrame,
+    out_dir: Path,
+    *,
+    channel_names: Sequence[str],
+    normalize: str,
+) -> tuple[dict[str, Path], dict[str, Path], Path]:
+    """Each grid as a composite and as one block per channel, on one display range; the
+    index of the cells drawn."""
     low, high = display_ranges(grids, index)
-
     figure_paths, channel_figure_paths = {}, {}
     for grid in grids:
-        common = dict(
-            channel_names=store.channel_names, low=low, high=high, normalize=trained.normalize
-        )
+        common = dict(channel_names=channel_names, low=low, high=high, normalize=normalize)
         figure_paths[grid.name] = draw_grid(grid, out_dir / f"{grid.name}.png", **common)
         channel_figure_paths[grid.name] = draw_grid(
             grid, out_dir / f"{grid.name}_channels.png", channels=True, **common
@@ -866,13 +933,14 @@ def reconstruct(
     index_path = out_dir / INDEX_FILE
     with atomic_path(index_path) as tmp_path:
         index.to_csv(tmp_path, index=False)
-    shown = [labels.perturbation_names[p] for p in chosen]
-    log.info("Drew %s -> %s", ", ".join(shown), out_dir)
-    return ReconstructResult(
-        out_dir=out_dir,
-        figure_paths=figure_paths,
-        channel_figure_paths=channel_figure_paths,
-        index_path=index_path,
-        perturbations=shown,
-        grids={grid.name: grid for grid in grids},
-    )
+    return figure_paths, channel_figure_paths, index_path
+
+
+def _index_table(records: list[dict[str, Any]], obs: pd.DataFrame) -> pd.DataFrame:
+    """index.csv: each panel's cells with their labels from the store's cell table."""
+    index = pd.DataFrame.from_records(records)
+    rows = index["store_row"].to_numpy()
+    for column in (schema.CELL_ID, schema.PERTURBATION, schema.GUIDE, schema.BATCH, schema.SPLIT):
+        values = obs[column].astype(str).to_numpy() if column in obs.columns else None
+        index[column] = values[rows] if values is not None else ""
+    return index[INDEX_COLUMNS]
