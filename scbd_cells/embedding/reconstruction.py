@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,10 +32,13 @@ import pandas as pd
 from scbd_cells.core.errors import CheckpointError, DataError, InputError
 from scbd_cells.core.outputs import atomic_path, locks_output, prepare_folder
 from scbd_cells.data import schema
-from scbd_cells.embedding.encode import EncodedCells, encode_cells
+from scbd_cells.embedding.forward import EncodedCells, encode_cells
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure, SubFigure
+
     from scbd_cells.data.store import Store
+    from scbd_cells.training.checkpoint import TrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,7 @@ class ReconstructResult:
 
 
 def decode(
-    trained: Any, z_perturbation: np.ndarray, z_batch: np.ndarray, *, batch_size: int = 512
+    trained: TrainedModel, z_perturbation: np.ndarray, z_batch: np.ndarray, *, batch_size: int = 512
 ) -> np.ndarray:
     """The additive decoder's image ``d_c(z_c) + d_s(z_s)`` for each pair of rows.
 
@@ -183,7 +186,7 @@ def decode(
     return np.concatenate(pieces)
 
 
-def check_decoder(trained: Any) -> None:
+def check_decoder(trained: TrainedModel) -> None:
     """Raise :class:`CheckpointError` when the run was trained without ``--decoder``."""
     if not trained.model_args.get("decoder") or trained.model.decoder_perturbation is None:
         raise CheckpointError(
@@ -406,7 +409,7 @@ class _GridBuilder:
             "store_row": store_row,
         }
 
-    def finish(self, trained: Any, encoded: EncodedCells) -> Grid:
+    def finish(self, trained: TrainedModel, encoded: EncodedCells) -> Grid:
         if self.decodes:
             z_c_rows = encoded.position([d[2] for d in self.decodes])
             z_s_rows = encoded.position([d[3] for d in self.decodes])
@@ -425,7 +428,7 @@ class _GridBuilder:
 
 
 def _build_grids(
-    plan: _Plan, labels: _Labels, encoded: EncodedCells, trained: Any, *, cells: int
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, trained: TrainedModel, *, cells: int
 ) -> tuple[list[Grid], list[dict[str, Any]]]:
     """The three grids, decoded, and the records of every panel's cells (for index.csv)."""
     shape = encoded.inputs.shape[1:]
@@ -596,7 +599,7 @@ def _slots(n: int, breaks: Sequence[int]) -> tuple[list[float], list[int]]:
     return ratios, slot_of
 
 
-def _panel_axes(figure: Any, grid: Grid) -> np.ndarray:
+def _panel_axes(figure: Figure | SubFigure, grid: Grid) -> np.ndarray:
     """(rows, columns) axes on one GridSpec, a wider gap after each of the grid's breaks."""
     height_ratios, row_slots = _slots(grid.images.shape[0], grid.row_breaks)
     width_ratios, column_slots = _slots(grid.images.shape[1], grid.column_breaks)
@@ -611,7 +614,9 @@ def _panel_axes(figure: Any, grid: Grid) -> np.ndarray:
     return axes
 
 
-def _draw_block(figure: Any, grid: Grid, render: Any) -> None:
+def _draw_block(
+    figure: Figure | SubFigure, grid: Grid, render: Callable[[np.ndarray], np.ndarray]
+) -> None:
     """Panels of one grid with row labels beside and column labels above them."""
     axes = _panel_axes(figure, grid)
     for (i, j), axis in np.ndenumerate(axes):
@@ -631,7 +636,7 @@ def _draw_block(figure: Any, grid: Grid, render: Any) -> None:
             )  # fmt: skip
 
 
-def _save(figure: Any, path: Path) -> None:
+def _save(figure: Figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
@@ -664,7 +669,7 @@ def _note(channel_names: Sequence[str], low: np.ndarray, high: np.ndarray, norma
 
 
 def _title_and_legend(
-    figure: Any, title: str, note: str, channel_names: Sequence[str], colours: np.ndarray
+    figure: Figure, title: str, note: str, channel_names: Sequence[str], colours: np.ndarray
 ) -> None:
     """The title above the panels; below them, the channel colours under ``note``."""
     from matplotlib.patches import Patch
@@ -851,7 +856,7 @@ def _open_run_and_store(
     wells: int,
     which: str,
     device: str | None,
-) -> tuple[Store, Any, _Labels]:
+) -> tuple[Store, TrainedModel, _Labels]:
     """The store, the trained model (with its decoder) and the labels; the options checked."""
     from scbd_cells.core.distributed import resolve_device
     from scbd_cells.data.store import open_store
