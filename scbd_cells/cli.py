@@ -8,125 +8,41 @@ raises, logs and never exits.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from typer.core import TyperCommand, TyperGroup
 
 from scbd_cells import __version__
+from scbd_cells.core.commandline import Command, Group, options_from, split_lists
+from scbd_cells.core.config import (
+    BaselineOptions,
+    CorrectOptions,
+    DemoOptions,
+    EmbedOptions,
+    EvaluateOptions,
+    ExportOptions,
+    InfoOptions,
+    IngestOptions,
+    ReconstructOptions,
+    SimulateOptions,
+    SweepOptions,
+    TrainConfig,
+)
 from scbd_cells.core.errors import ScbdError
 from scbd_cells.core.progress import set_quiet
 
-# Options of the whole program that are also accepted after the subcommand
-# (``scbd-cells ingest ... --quiet``).
-GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
 # One wording per option across commands.
-DEVICE_HELP = "auto (a CUDA GPU when there is one, else cpu), cpu, cuda or cuda:N."
 STORE_URL_HELP = "A local path, or an s3:// or gs:// URL (docs/scaling.md)."
-
-
-class _Group(TyperGroup):
-    """The program: moves -q/-v given after the subcommand in front of it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _conventional_metavars(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        end = args.index("--") if "--" in args else len(args)
-        flags = [arg for arg in args[:end] if arg in GLOBAL_FLAGS]
-        rest = [arg for arg in args[:end] if arg not in GLOBAL_FLAGS]
-        return super().parse_args(ctx, flags + rest + args[end:])
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except typer.BadParameter as error:
-            error.message = _did_you_mean_choice(error.message)
-            raise
-
-
-def _did_you_mean_choice(message: str) -> str:
-    """``'harmoni' is not one of 'harmony', ...`` gains ``Did you mean 'harmony'?``."""
-    import difflib
-
-    found = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
-    if found is None:
-        return message
-    choices = re.findall(r"'([^']*)'", found.group(2))
-    close = difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6)
-    return f"{message} Did you mean {close[0]!r}?" if close else message
-
-
-# Typer's type names (<int>, <list[Path]>) as the usual upper-case metavars
-_METAVARS = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "path": "PATH", "Path": "PATH",
-             "bool": "", "file": "FILE", "dir": "DIRECTORY"}  # fmt: skip
-
-
-def _no_type(ctx: Any) -> None:
-    return None
-
-
-def _conventional_metavars(params: list[Any]) -> None:
-    """Upper-case names for arguments and values, none for on/off flags, choices in brackets."""
-    for param in params:
-        if param.metavar is not None:
-            continue
-        if param.param_type_name == "argument":
-            param.metavar = param.name.upper()
-            param.display_type_rich = _no_type  # the upper-case name says it, as in click
-        elif getattr(param, "is_flag", False):
-            param.metavar = ""
-        else:
-            label = param.display_type(None).strip("<>")
-            inner = re.fullmatch(r"list\[(.*)\]", label)
-            label = inner.group(1) if inner else label
-            param.metavar = _METAVARS.get(label, f"[{label}]" if "|" in label else label.upper())
-
-
-class _Command(TyperCommand):
-    """A subcommand whose help follows the usual conventions.
-
-    Arguments show as upper-case names (``TABLE``, ``OUT_DIR``), on the usage line
-    too; on/off flags show no type.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _conventional_metavars(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name != "argument":
-                continue
-            name = param.metavar + ("..." if param.nargs != 1 else "")
-            pieces.append(name if param.required else f"[{name}]")
-        return pieces
 
 
 app = typer.Typer(
     name="scbd-cells",
-    cls=_Group,
+    cls=Group,
     help=(
         "Batch correction for single-cell image screens (optical pooled screens, Cell Painting) "
         "with Supervised Contrastive Block Disentanglement.\n\n"
@@ -205,11 +121,10 @@ def configure_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     logging.getLogger("matplotlib").setLevel(logging.ERROR)
 
 
-def _split_csv(value: str | None) -> list[str] | None:
-    """``"a,b, c"`` -> ``["a", "b", "c"]``; None stays None."""
-    if value is None:
-        return None
-    return [part.strip() for part in value.split(",") if part.strip()]
+def _print_all(views: list) -> None:
+    """Rich tables, one after another, on stdout."""
+    for view in views:
+        stdout.print(view)
 
 
 def store_argument(value: str) -> Path | str:
@@ -236,111 +151,23 @@ def refuse_object_storage_out(out: str) -> None:
         )
 
 
-def _split_numbers(value: str | None, *, option: str, expected: str) -> list[float]:
-    """``"0.3,1"`` -> ``[0.3, 1.0]``; a word is a usage error naming ``option``."""
-    from scbd_cells.core.errors import InputError
-
-    try:
-        return [float(part) for part in _split_csv(value) or []]
-    except ValueError as error:
-        raise InputError(f"{option} must be {expected} ({error}).") from None
-
-
 # ---------------------------------------------------------------------------
 # Subcommands. Keep each one short: parse, call the library, print a summary.
 # ---------------------------------------------------------------------------
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(SimulateOptions)
 def simulate(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the screen to (new or empty).")],
-    preset: Annotated[
-        Literal["tiny", "demo", "large"],
-        typer.Option(help="tiny (tests, 1.4k cells), demo (15k cells, 64 px), large (1M, 32 px)."),
-    ] = "demo",
-    layout: Annotated[
-        Literal["crops", "fields", "arrayed"],
-        typer.Option(
-            help="crops: one (C,H,W) TIFF per cell; fields: fields of view + x/y; arrayed: an "
-            "arrayed screen (compound x concentration per well, DMSO wells, plates in batches, "
-            "moa.gmt) as crops."
-        ),
-    ] = "crops",
-    seed: Annotated[int, typer.Option(help="Random seed; same seed, identical files.")] = 0,
-    workers: Annotated[int, typer.Option(help="Processes drawing and writing images at once.")] = 2,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace an existing simulated screen in OUT_DIR.")
-    ] = False,
-    preview: Annotated[
-        bool, typer.Option(help="Also write OUT_DIR/preview.png (example cells).")
-    ] = False,
-    n_genes: Annotated[
-        int | None, typer.Option(help="Targeted genes \\[default: set by --preset]")
-    ] = None,
-    n_complexes: Annotated[
-        int | None, typer.Option(help="Protein complexes \\[default: set by --preset]")
-    ] = None,
-    guides_per_gene: Annotated[
-        int | None, typer.Option(help="Guides per gene \\[default: set by --preset]")
-    ] = None,
-    control_guides: Annotated[
-        int | None, typer.Option(help="Control guides \\[default: set by --preset]")
-    ] = None,
-    cells_per_guide: Annotated[
-        int | None, typer.Option(help="Cells per targeting guide \\[default: set by --preset]")
-    ] = None,
-    control_cells_per_guide: Annotated[
-        int | None, typer.Option(help="Cells per non-targeting guide \\[default: set by --preset]")
-    ] = None,
-    plates: Annotated[int | None, typer.Option(help="Plates \\[default: set by --preset]")] = None,
-    wells_per_plate: Annotated[
-        int | None, typer.Option(help="Wells per plate \\[default: set by --preset]")
-    ] = None,
-    crop_size: Annotated[
-        int | None, typer.Option(help="Crop side in px, >= 16 \\[default: set by --preset]")
-    ] = None,
-    effect_strength: Annotated[
-        float | None,
-        typer.Option(
-            help="Gene effect multiplier (0 = no biology). \\[default: demo 3, other presets 1]"
-        ),
-    ] = None,
-    batch_strength: Annotated[
-        float | None, typer.Option(help="Well effect multiplier (1 = default, 0 = none).")
-    ] = None,
-    holdout_plates: Annotated[
-        int | None,
-        typer.Option(
-            help="Hold out the last K plates: technical effects unlike any other plate's (a new "
-            "plate); cells.csv gets a 'holdout' column (docs/new-plates.md). \\[default: 0]"
-        ),
-    ] = None,
+    **options: Any,
 ) -> None:
     """Write a synthetic optical pooled screen: cells.csv, images, complexes.txt, truth.json."""
     from scbd_cells.sim.screen import simulate as run_simulation
 
-    result = run_simulation(
-        out_dir,
-        preset=preset,
-        layout=layout,
-        seed=seed,
-        overwrite=overwrite,
-        preview=preview,
-        workers=workers,
-        n_genes=n_genes,
-        n_complexes=n_complexes,
-        guides_per_gene=guides_per_gene,
-        control_guides=control_guides,
-        cells_per_guide=cells_per_guide,
-        control_cells_per_guide=control_cells_per_guide,
-        plates=plates,
-        wells_per_plate=wells_per_plate,
-        crop_size=crop_size,
-        effect_strength=effect_strength,
-        batch_strength=batch_strength,
-        holdout_plates=holdout_plates,
-    )
-    genes, groups = ("compounds", "mechanisms") if layout == "arrayed" else ("genes", "complexes")
+    result = run_simulation(out_dir, **options)
+    arrayed = options["layout"] == "arrayed"
+    genes, groups = ("compounds", "mechanisms") if arrayed else ("genes", "complexes")
     stdout.print(
         f"[green]Simulated[/] {result.n_cells:,} cells ({result.n_genes} {genes} in "
         f"{result.n_complexes} {groups} + control, {result.n_wells} wells, {result.layout}) "
@@ -350,7 +177,8 @@ def simulate(
         stdout.print(f"Preview: {result.preview_path}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(IngestOptions)
 def ingest(
     table: Annotated[
         Path, typer.Argument(help="Cells table: CSV, TSV or Parquet, one row per cell.")
@@ -358,102 +186,7 @@ def ingest(
     out: Annotated[
         str, typer.Option(help="Store to write (STORE.zarr), on a local or shared file system.")
     ],
-    perturbation_column: Annotated[
-        str, typer.Option(help="Column with the perturbation (gene) label.")
-    ],
-    guide_column: Annotated[str | None, typer.Option(help="Column with the guide label.")] = None,
-    batch_columns: Annotated[
-        str, typer.Option(help="Comma-separated columns joined into the batch label.")
-    ] = "plate,well",
-    control: Annotated[
-        str | None, typer.Option(help="Label of the non-targeting control, e.g. nontargeting.")
-    ] = None,
-    image_column: Annotated[
-        str | None,
-        typer.Option(
-            help="Crop file per cell (TIFF (C,H,W)/(H,W,C), NPY, PNG). \\[default: image_path]"
-        ),
-    ] = None,
-    channel_columns: Annotated[
-        str | None, typer.Option(help="Comma-separated columns: one crop file per channel.")
-    ] = None,
-    fov_column: Annotated[
-        str | None, typer.Option(help="Field-of-view file per cell (multi-channel).")
-    ] = None,
-    fov_channel_columns: Annotated[
-        str | None, typer.Option(help="Comma-separated columns: one field file per channel.")
-    ] = None,
-    x_column: Annotated[str | None, typer.Option(help="Centroid column (x = column, px).")] = None,
-    y_column: Annotated[str | None, typer.Option(help="Centroid row (y = row, px).")] = None,
-    crop_size: Annotated[int | None, typer.Option(help="Crop side cut from fields (px).")] = None,
-    channel_names: Annotated[
-        str | None, typer.Option(help="Comma-separated channel names, in channel order.")
-    ] = None,
-    resize: Annotated[
-        int | None, typer.Option(help="Store crops at PX x PX (area average).")
-    ] = None,
-    workers: Annotated[
-        int,
-        typer.Option(help="Workers reading and writing chunks (1: one thread; more: processes)."),
-    ] = 2,
-    split_fractions: Annotated[
-        str, typer.Option(help="Train,val,test fractions (stratified by perturbation).")
-    ] = "0.83,0.02,0.15",
-    seed: Annotated[
-        int, typer.Option(help="Seed of the split and of the order within a class.")
-    ] = 0,
-    skip_bad: Annotated[
-        bool, typer.Option(help="Leave bad rows out (listed in STORE/rejected.csv), don't fail.")
-    ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
-    image_root: Annotated[
-        Path | None,
-        typer.Option(help="Folder relative image paths resolve against. \\[default: the table's]"),
-    ] = None,
-    image_table: Annotated[
-        Path | None,
-        typer.Option(
-            help="CellProfiler per-image table (Image.csv), joined to TABLE (a per-object "
-            "table) on ImageNumber."
-        ),
-    ] = None,
-    channels: Annotated[
-        str | None,
-        typer.Option(
-            help="CellProfiler image names read as channels, in order: their PathName_NAME/"
-            "FileName_NAME columns. \\[default: every such pair, when no other image option]"
-        ),
-    ] = None,
-    cell_id_column: Annotated[
-        str | None,
-        typer.Option(
-            help="Column naming each cell. \\[default: cell_id, else ImageNumber_ObjectNumber, "
-            "else the row number]"
-        ),
-    ] = None,
-    mask_column: Annotated[
-        str | None,
-        typer.Option(
-            help="Label image per field (same grid, 0 = background): a path column, or a "
-            "CellProfiler object/image name. Crops each row's object."
-        ),
-    ] = None,
-    mask_neighbours: Annotated[
-        Literal["zero", "keep"],
-        typer.Option(help="zero: other objects' pixels in a crop set to 0; keep: untouched."),
-    ] = "zero",
-    label_column: Annotated[
-        str | None,
-        typer.Option(help="Column with each row's label in its mask. \\[default: ObjectNumber]"),
-    ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option(
-            help="Read and write the cells on a dask.distributed cluster: its address "
-            "(tcp://host:8786) or local:N (N local processes); the table, images and --out on a "
-            "file system every worker sees. Needs scbd-cells[dask] (docs/scaling.md)."
-        ),
-    ] = None,
+    **options: Any,
 ) -> None:
     """Turn a cells table and its images (crops or fields of view) into a store.
 
@@ -462,39 +195,7 @@ def ingest(
     from scbd_cells.data.ingest import ingest as run_ingest
 
     refuse_object_storage_out(out)
-    fractions = _split_numbers(
-        split_fractions, option="--split-fractions", expected="three numbers, e.g. 0.83,0.02,0.15"
-    )
-    result = run_ingest(
-        table,
-        out=Path(out),
-        perturbation_column=perturbation_column,
-        guide_column=guide_column,
-        batch_columns=_split_csv(batch_columns) or [],
-        control=control,
-        image_column=image_column,
-        channel_columns=_split_csv(channel_columns),
-        fov_column=fov_column,
-        fov_channel_columns=_split_csv(fov_channel_columns),
-        x_column=x_column,
-        y_column=y_column,
-        crop_size=crop_size,
-        channel_names=_split_csv(channel_names),
-        resize=resize,
-        workers=workers,
-        split_fractions=fractions,
-        seed=seed,
-        skip_bad=skip_bad,
-        overwrite=overwrite,
-        image_root=image_root,
-        image_table=image_table,
-        channels=_split_csv(channels),
-        cell_id_column=cell_id_column,
-        mask_column=mask_column,
-        mask_neighbours=mask_neighbours,
-        label_column=label_column,
-        scheduler=scheduler,
-    )
+    result = run_ingest(table, out=Path(out), **split_lists(IngestOptions, options))
     if result.already_complete:
         stdout.print(
             f"[green]Already complete[/]: {result.store_path} holds {result.n_cells:,} cells "
@@ -517,22 +218,13 @@ def ingest(
         stdout.print(f"[yellow]{result.n_blank:,} cells are entirely zero[/] (kept; check them).")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(InfoOptions)
 def info(
     store: Annotated[
         str, typer.Argument(help=f"A store written by `scbd-cells ingest`. {STORE_URL_HELP}")
     ],
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print JSON instead of a table.")
-    ] = False,
-    verify: Annotated[
-        bool,
-        typer.Option(
-            help="Read every chunk and check its checksum; list damaged cell ranges "
-            "(exit 1 if any)."
-        ),
-    ] = False,
-    workers: Annotated[int, typer.Option(help="Threads reading chunks (with --verify).")] = 2,
+    **options: Any,
 ) -> None:
     """What is in a store: cells, channels, labels, split, size, format version."""
     import json
@@ -541,6 +233,7 @@ def info(
 
     from scbd_cells.data.store import open_store
 
+    json_output, verify, workers = options["json_output"], options["verify"], options["workers"]
     opened = open_store(store_argument(store))
     summary = opened.summary()
     damaged = opened.verify(workers=workers) if verify else None
@@ -593,18 +286,8 @@ def info(
     stdout.print(table)
 
 
-def _train_default(name: str) -> str:
-    """``[default: X]`` for a train option (options are None so YAML/env can apply)."""
-    from scbd_cells.core.config import TrainConfig
-
-    default = TrainConfig.model_fields[name].default
-    if isinstance(default, bool):  # as click writes an on/off flag's default: no-decoder
-        default = name.replace("_", "-") if default else f"no-{name.replace('_', '-')}"
-    # "\\[" keeps rich from reading "[default: ...]" as markup
-    return f" \\[default: {default}]"
-
-
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(TrainConfig, unset=True)
 def train(
     store_path: Annotated[
         str, typer.Argument(help=f"Store written by `scbd-cells ingest`. {STORE_URL_HELP}")
@@ -616,181 +299,11 @@ def train(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out exactly where it stopped.")
     ] = False,
-    alpha: Annotated[
-        float | None, typer.Option(help="Invariance weight." + _train_default("alpha"))
-    ] = None,
-    invariance: Annotated[
-        Literal["paper", "normalized"] | None,
-        typer.Option(
-            help="paper: the appendix B loss; normalized: self excluded, per-set means."
-            + _train_default("invariance")
-        ),
-    ] = None,
-    batch_target: Annotated[
-        Literal["batch", "perturbation+batch"] | None,
-        typer.Option(
-            help="What z_s learns: the batch label, or the (perturbation, batch) pair."
-            + _train_default("batch_target")
-        ),
-    ] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="SupCon temperature." + _train_default("temperature"))
-    ] = None,
-    encoder: Annotated[
-        Literal["resnet18", "resnet50", "densenet121", "small", "tiny"] | None,
-        typer.Option(help="Image encoders (two, random weights)." + _train_default("encoder")),
-    ] = None,
-    z_dim: Annotated[
-        int | None, typer.Option(help="Embedding size." + _train_default("z_dim"))
-    ] = None,
-    image_size: Annotated[
-        int | None, typer.Option(help="Model input px. \\[default: the store's size]")
-    ] = None,
-    classes_per_batch: Annotated[
-        int | None,
-        typer.Option(help="Perturbations per batch." + _train_default("classes_per_batch")),
-    ] = None,
-    cells_per_class: Annotated[
-        int | None, typer.Option(help="Cells per perturbation." + _train_default("cells_per_class"))
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help="Optimiser steps." + _train_default("steps"))
-    ] = None,
-    val_every: Annotated[
-        int | None, typer.Option(help="Validate every N steps." + _train_default("val_every"))
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option(help="AdamW learning rate." + _train_default("lr"))
-    ] = None,
-    weight_decay: Annotated[
-        float | None, typer.Option(help="AdamW weight decay." + _train_default("weight_decay"))
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed." + _train_default("seed"))] = None,
-    device: Annotated[str | None, typer.Option(help=DEVICE_HELP + _train_default("device"))] = None,
-    compile: Annotated[
-        bool | None,
-        typer.Option(
-            "--compile/--no-compile", help="torch.compile the model." + _train_default("compile")
-        ),
-    ] = None,
-    decoder: Annotated[
-        bool | None,
-        typer.Option(
-            "--decoder/--no-decoder",
-            help="Train the additive decoder on detached z (for `scbd-cells reconstruct`; "
-            "changes no embedding). \\[default: no-decoder]",
-        ),
-    ] = None,
-    decoder_width: Annotated[
-        int | None,
-        typer.Option(
-            help="Decoder channels \\[default: sized to the encoder and image: 32 with small/tiny, "
-            "128 at 32 px, 256 at 64 px]"
-        ),
-    ] = None,
-    decoder_lr: Annotated[
-        float | None, typer.Option(help="Decoder learning rate. \\[default: --lr]")
-    ] = None,
-    normalize: Annotated[
-        Literal["batch", "store", "arcsinh"] | None,
-        typer.Option(
-            help="batch: standardise each channel with the statistics of the cell's own well "
-            "(removes brightness and background offsets per well); store: with the whole "
-            "store's; arcsinh: the official SCBD code's (arcsinh(x) - 7) / 7 for every cell "
-            "(docs/training.md)." + _train_default("normalize")
-        ),
-    ] = None,
-    augment: Annotated[
-        Literal["none", "dihedral", "dihedral+shift"] | None,
-        typer.Option(
-            help="none (the paper); dihedral: each train cell turned by a random multiple of 90 "
-            "degrees and mirrored at random (exact, seeded); dihedral+shift: then moved by up "
-            "to 1/8 of the crop (4 px at 32 px), the edge reflected into the gap."
-            + _train_default("augment")
-        ),
-    ] = None,
-    stem: Annotated[
-        Literal["imagenet", "small"] | None,
-        typer.Option(
-            help="First layers of a ResNet/DenseNet: imagenet (7x7 stride 2 + max pool: a 32 px "
-            "crop is 8x8 after them) or small (3x3 stride 1, no pool: 32x32 stays; about 16x "
-            "the compute)." + _train_default("stem")
-        ),
-    ] = None,
-    select: Annotated[
-        Literal["total", "z_c"] | None,
-        typer.Option(
-            help="What keeps checkpoints/best.pt: total, the lowest total val loss (the "
-            "paper); z_c, the lowest val SupCon(z_c; perturbation), ties to the lower well "
-            "F1 of z_c. metrics.csv names both rules' steps." + _train_default("select")
-        ),
-    ] = None,
-    warmup_steps: Annotated[
-        int | None,
-        typer.Option(
-            help="Linear learning-rate warm-up over N steps, then constant (0: none)."
-            + _train_default("warmup_steps")
-        ),
-    ] = None,
-    stratify: Annotated[
-        bool | None,
-        typer.Option(
-            "--stratify/--no-stratify",
-            help="Spread each perturbation's cells in a batch evenly over its batch labels "
-            "(wells), so that every batch holds them in near-equal numbers: the paper's "
-            "invariance loss reads and pushes on that mix. --no-stratify draws uniformly "
-            "within the perturbation (paper A.1). Default: on.",
-        ),
-    ] = None,
-    sampling: Annotated[
-        Literal["cells", "segments"] | None,
-        typer.Option(
-            help="cells: a perturbation's cells come from all its train cells; segments: from "
-            "one store segment (whole chunks) at a time, many times faster on a store larger "
-            "than --cache-gb (the batches depend on this option, never on --cache-gb)."
-            + _train_default("sampling")
-        ),
-    ] = None,
-    cache_gb: Annotated[
-        float | None, typer.Option(help="RAM for caching images." + _train_default("cache_gb"))
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Loader threads." + _train_default("workers"))
-    ] = None,
+    **options: Any,
 ) -> None:
     """Train SCBD: z_c keeps the perturbation, z_s takes the well (docs/training.md)."""
     from scbd_cells.training.loop import train as run_training
 
-    options = dict(
-        alpha=alpha,
-        invariance=invariance,
-        batch_target=batch_target,
-        temperature=temperature,
-        encoder=encoder,
-        z_dim=z_dim,
-        image_size=image_size,
-        classes_per_batch=classes_per_batch,
-        cells_per_class=cells_per_class,
-        steps=steps,
-        val_every=val_every,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        seed=seed,
-        device=device,
-        compile=compile,
-        decoder=decoder,
-        decoder_width=decoder_width,
-        decoder_lr=decoder_lr,
-        normalize=normalize,
-        augment=augment,
-        stem=stem,
-        select=select,
-        stratify=stratify,
-        sampling=sampling,
-        cache_gb=cache_gb,
-        workers=workers,
-    )
     result = run_training(
         store_argument(store_path), out=out, config_path=config, resume=resume, **options
     )
@@ -813,101 +326,35 @@ def train(
     stdout.print(f"[green]Trained[/] -> {result.best_checkpoint_path}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(EmbedOptions)
 def embed(
     run_dir: Annotated[Path, typer.Argument(help="Training run folder (or a checkpoint .pt).")],
     store: Annotated[
         str,
         typer.Argument(help=f"Store to embed (channels must fit the model). {STORE_URL_HELP}"),
     ],
-    out: Annotated[Path, typer.Option(help="Cells AnnData to write: .h5ad or .zarr.")],
-    aggregate: Annotated[
-        bool, typer.Option(help="Also write guides.h5ad and genes.h5ad beside --out.")
-    ] = False,
-    representation: Annotated[
-        Literal["projection", "encoder"],
-        typer.Option(help="projection (z only) or encoder (also r_c, r_s in obsm)."),
-    ] = "projection",
-    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 1024,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    which: Annotated[
-        Literal["best", "last"],
-        typer.Option(help="Checkpoint of the run: best (lowest val loss) or last."),
-    ] = "best",
-    workers: Annotated[int, typer.Option(help="Threads reading the store.")] = 2,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    **options: Any,
 ) -> None:
     """Embed every cell: X = z_c, obsm["X_scbd_batch"] = z_s, obs = the store's cell table."""
     from scbd_cells.embedding.encode import embed as run_embed
 
-    result = run_embed(
-        run_dir,
-        store_argument(store),
-        out=out,
-        aggregate=aggregate,
-        representation=representation,
-        batch_size=batch_size,
-        device=device,
-        which=which,
-        workers=workers,
-        overwrite=overwrite,
-    )
+    result = run_embed(run_dir, store_argument(store), **options)
     stdout.print(f"[green]Embedded[/] {result.n_cells:,} cells -> {result.out_path}")
     if result.genes_path is not None:
         stdout.print(f"Profiles: {result.guides_path}, {result.genes_path}")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(BaselineOptions)
 def baseline(
     store: Annotated[str, typer.Argument(help=f"Store to measure. {STORE_URL_HELP}")],
-    out: Annotated[Path, typer.Option(help="AnnData to write: .h5ad or .zarr.")],
-    n_components: Annotated[int, typer.Option(help="PCA dimensions.")] = 64,
-    nucleus_channel: Annotated[
-        str | None,
-        typer.Option(help="Channel to segment nuclei on. \\[default: one named dna/dapi/hoechst]"),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Cells measured at a time.")] = 4096,
-    normalize: Annotated[
-        Literal["store", "batch"],
-        typer.Option(
-            help="store: standardise each feature over all cells (no batch correction); "
-            "batch: within each well (the usual CellProfiler post-processing)."
-        ),
-    ] = "store",
-    features: Annotated[
-        Literal["handcrafted", "cellprofiler"],
-        typer.Option(
-            help="handcrafted: 78 numpy measurements (fast); cellprofiler: CellProfiler's own "
-            "size/shape, intensity and texture measurements with cp-measure (slower)."
-        ),
-    ] = "handcrafted",
-    reference: Annotated[
-        Path | None,
-        typer.Option(
-            help="An earlier baseline (e.g. of the training plates): measure this store in "
-            "its space, with its channel ranges, standardisation and PCA loadings, none "
-            "refitted (a new plate beside earlier ones; `correct --reference`). Default: fit "
-            "them on this store."
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the PCA solver.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    **options: Any,
 ) -> None:
     """CellProfiler-style reference: intensity, shape and texture features per cell, then PCA."""
     from scbd_cells.profiles.features import baseline as run_baseline
 
-    result = run_baseline(
-        store_argument(store),
-        out=out,
-        n_components=n_components,
-        nucleus_channel=nucleus_channel,
-        batch_size=batch_size,
-        normalize=normalize,
-        features=features,
-        reference=reference,
-        seed=seed,
-        overwrite=overwrite,
-    )
+    result = run_baseline(store_argument(store), **options)
     stdout.print(
         f"[green]Baseline[/] {result.n_cells:,} cells x {result.n_features} features -> PCA "
         f"{result.n_components} ({100 * result.explained_variance:.0f}% variance) -> "
@@ -915,96 +362,8 @@ def baseline(
     )
 
 
-def _print_table(table, *, relationships: str = "CORUM") -> None:
-    from scbd_cells.evaluation.pages import FIELD_COLUMNS
-
-    paper = [
-        ("embedding", "embedding", "s"),
-        ("corum_auprc", "AUPRC", ".4f"),
-        ("corum_recall_5_95", "recall@5/95", ".3f"),
-        ("well_f1", "well F1", ".3f"),
-        ("well_f1_chance", "chance", ".3f"),
-        ("n_genes", "genes", "d"),
-        ("n_cells", "cells", ",d"),
-    ]
-    title = f"Evaluation ({relationships} AUPRC, recall: higher is better; well F1: lower)"
-    _print_fitted(_rich_tables(title, table, paper, arrows=False))
-    if "overall" in table:
-        title = "The field's metrics (JUMP benchmark; all: higher is better)"
-        _print_fitted(_rich_tables(title, table, FIELD_COLUMNS, arrows=False))
-    if "nsc" in table:
-        from scbd_cells.evaluation.moa import MOA_COLUMNS
-
-        title = "Mechanism of action: 1-NN accuracy, not same compound (NSC) / or batch (NSCB)"
-        _print_fitted(_rich_tables(title, table, MOA_COLUMNS, arrows=True))
-    if "heldout_corum_auprc" in table:
-        from scbd_cells.evaluation.holdout import HOLDOUT_COLUMNS
-
-        title = "Held-out batches, apart from the rest"
-        _print_fitted(_rich_tables(title, table, HOLDOUT_COLUMNS, arrows=True))
-
-
-def _print_fitted(views: list) -> None:
-    for view in views:
-        stdout.print(view)
-
-
-def _rich_tables(
-    title: str,
-    table,
-    columns: list[tuple[str, str, str]],
-    *,
-    arrows: bool,
-    width: int | None = None,
-) -> list:
-    """``table``'s ``(column, header, format)`` as Rich tables that fit ``width`` columns.
-
-    No number is squeezed to ``0.…`` and no name is cut: when the columns do not fit the
-    console (80 columns in a log or a pipe) the table is split into parts of whole columns,
-    each repeating the first (the embedding's name).
-    """
-    from rich.table import Table
-
-    width = width or stdout.width
-    headers = [header if arrows else header.replace(" ↑", "") for _, header, _ in columns]
-    cells = [
-        [
-            str(row[c]) if f == "s" else ("–" if row[c] != row[c] else format(row[c], f))
-            for c, _, f in columns
-        ]
-        for _, row in table.iterrows()
-    ]
-
-    def needed(i: int) -> int:  # the widest value or header word, plus the borders
-        words = [len(word) for word in headers[i].split()]
-        return max([*words, *(len(row[i]) for row in cells)]) + 3
-
-    parts: list[list[int]] = [[]]
-    used = 1 + needed(0)
-    for i in range(1, len(columns)):
-        if parts[-1] and used + needed(i) > width:
-            parts.append([])
-            used = 1 + needed(0)
-        parts[-1].append(i)
-        used += needed(i)
-    views = []
-    for number, part in enumerate(parts, start=1):
-        suffix = f" ({number}/{len(parts)})" if len(parts) > 1 else ""
-        view = Table(title=title + suffix)
-        for i in [0, *part]:
-            view.add_column(
-                headers[i],
-                justify="left" if i == 0 else "right",
-                no_wrap=i == 0,
-                width=needed(i) - 3,  # headers wrap between words, values stay whole
-            )
-        for row in cells:
-            view.add_row(*[row[i] for i in [0, *part]])
-        views.append(view)
-    return views
-
-
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(EvaluateOptions)
 def evaluate(
     embeddings: Annotated[
         list[Path],
@@ -1013,122 +372,22 @@ def evaluate(
             "to compare."
         ),
     ],
-    corum: Annotated[
-        Path,
-        typer.Option(
-            help="Complexes file (CORUM 3.x/4.x/5.x) or any relationship groups, e.g. "
-            "mechanisms of action (GMT or two-column; reported as 'relationships (FILE)')."
-        ),
-    ],
-    out: Annotated[Path, typer.Option(help="Report folder to write.")],
-    key: Annotated[
-        list[str] | None,
-        typer.Option(help="X or an obsm key, once for all files or once per file. \\[default: X]"),
-    ] = None,
-    label: Annotated[
-        list[str] | None,
-        typer.Option(help="Name in the table, once per file. \\[default: the file stem]"),
-    ] = None,
-    control: Annotated[
-        str | None,
-        typer.Option(
-            help="Non-targeting control label. \\[default: from the file or nontargeting]"
-        ),
-    ] = None,
-    perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = "perturbation",
-    guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
-    batch_key: Annotated[str, typer.Option(help="obs column of the batch (well).")] = "batch",
-    max_cells: Annotated[
-        int | None, typer.Option(help="Cells (seeded subsample) for the well classifier.")
-    ] = 50_000,
-    mixing_cells: Annotated[
-        int | None,
-        typer.Option(help="Cells (seeded subsample) for iLISI, kBET, silhouette, connectivity."),
-    ] = 10_000,
-    max_replicates: Annotated[
-        int | None,
-        typer.Option(help="Guide x well profiles per gene (and controls per well) for mAP."),
-    ] = 16,
-    null_size: Annotated[
-        int, typer.Option(help="Permutations for the mAP p-values (copairs).")
-    ] = 10_000,
-    umap: Annotated[
-        bool, typer.Option("--umap/--no-umap", help="Draw umap.png (about 30 s on 2 cores).")
-    ] = True,
-    holdout_batches: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated values of --holdout-key marking held-out cells (a new plate): "
-            "CORUM from their cells alone, well F1 among their wells and how they mix with "
-            "the rest, reported apart (docs/new-plates.md)."
-        ),
-    ] = None,
-    holdout_key: Annotated[
-        str | None,
-        typer.Option(help="obs column of --holdout-batches, e.g. plate. \\[default: --batch-key]"),
-    ] = None,
-    replicate_key: Annotated[
-        str | None,
-        typer.Option(
-            help="The replicate unit in place of the guide, e.g. plate,well in an arrayed "
-            "screen (one perturbation per well). \\[default: --guide-key]"
-        ),
-    ] = None,
-    compound_key: Annotated[
-        str | None,
-        typer.Option(
-            help="obs column of the compound: adds NSC and NSCB (1-NN accuracy of the "
-            "relationship group on treatment profiles, not the same compound / batch)."
-        ),
-    ] = None,
-    concentration_key: Annotated[
-        str | None,
-        typer.Option(help="obs column of the concentration: treatment = compound x concentration."),
-    ] = None,
-    standardize_key: Annotated[
-        str | None,
-        typer.Option(
-            help="Standardise NSC/NSCB profiles to the control cells of the same COLUMN value "
-            "(e.g. plate). \\[default: not standardised]"
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of every subsample, split and draw.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing report folder.")] = False,
+    **options: Any,
 ) -> None:
     """The paper's tasks (CORUM, well F1) and the field's metrics (mAP, batch mixing, overall)."""
+    from scbd_cells.evaluation.console import result_tables
     from scbd_cells.evaluation.report import evaluate as run_evaluate
 
-    result = run_evaluate(
-        embeddings,
-        corum=corum,
-        out=out,
-        keys=key,
-        labels=label,
-        control=control,
-        perturbation_key=perturbation_key,
-        guide_key=guide_key,
-        batch_key=batch_key,
-        max_cells=max_cells,
-        mixing_cells=mixing_cells,
-        max_replicates=max_replicates,
-        null_size=null_size,
-        umap=umap,
-        holdout_batches=_split_csv(holdout_batches),
-        holdout_key=holdout_key,
-        replicate_key=replicate_key,
-        compound_key=compound_key,
-        concentration_key=concentration_key,
-        standardize_key=standardize_key,
-        seed=seed,
-        overwrite=overwrite,
-    )
-    _print_table(result.table, relationships=result.metrics["settings"]["relationships"])
+    result = run_evaluate(embeddings, **split_lists(EvaluateOptions, options))
+    relationships = result.metrics["settings"]["relationships"]
+    _print_all(result_tables(result.table, relationships=relationships, width=stdout.width))
     for text in result.metrics.get("warnings", {}).values():
         console.print(f"[yellow]warning:[/] {text}", highlight=False, soft_wrap=True)
     stdout.print(f"Report: {result.out_dir / 'report.html'} (and report.md, metrics.json)")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(CorrectOptions)
 def correct(
     profiles: Annotated[
         Path,
@@ -1137,41 +396,7 @@ def correct(
             "table (.parquet/.csv)."
         ),
     ],
-    method: Annotated[
-        Literal["harmony", "sphering", "combat", "center-scale"],
-        typer.Option(help="harmony, sphering (ZCA on the controls), combat, center-scale."),
-    ],
-    out: Annotated[
-        Path,
-        typer.Option(
-            help="Corrected AnnData to write (.h5ad or .zarr); from a table, also a table "
-            "(.parquet/.csv)."
-        ),
-    ],
-    batch_key: Annotated[
-        str, typer.Option(help="obs column of the batch corrected for (not used by sphering).")
-    ] = "batch",
-    key: Annotated[str, typer.Option(help="X or the obsm key to correct (e.g. X_features).")] = (
-        "X"
-    ),
-    control: Annotated[
-        str | None,
-        typer.Option(help="Control label for sphering. \\[default: from the file or nontargeting]"),
-    ] = None,
-    perturbation_key: Annotated[
-        str, typer.Option(help="obs column holding the control label.")
-    ] = "perturbation",
-    reference: Annotated[
-        Path | None,
-        typer.Option(
-            help="harmony only: an earlier `correct --method harmony` output (the reference "
-            "plates). PROFILES (a new plate, in the same space: `baseline --reference`, or the "
-            "same SCBD run) are mapped onto that fit, Symphony-style, instead of refitting; "
-            "the reference's profiles never change. Default: fit Harmony on PROFILES."
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of Harmony.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    **options: Any,
 ) -> None:
     """A standard batch correction of cell profiles (the JUMP benchmark's comparators).
 
@@ -1180,18 +405,8 @@ def correct(
     """
     from scbd_cells.profiles.corrections import correct as run_correct
 
-    result = run_correct(
-        profiles,
-        method=method,
-        out=out,
-        batch_key=batch_key,
-        key=key,
-        control=control,
-        perturbation_key=perturbation_key,
-        reference=reference,
-        seed=seed,
-        overwrite=overwrite,
-    )
+    result = run_correct(profiles, **options)
+    reference = options["reference"]
     mapped = f" mapped onto {reference}" if reference is not None else ""
     stdout.print(
         f"[green]Corrected[/] {result.n_cells:,} cells x {result.n_features} features with "
@@ -1199,110 +414,50 @@ def correct(
     )
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(ExportOptions)
 def export(
     embedding: Annotated[
         Path,
         typer.Argument(help="Cell-level AnnData (.h5ad/.zarr), or a pycytominer .parquet/.csv."),
     ],
-    level: Annotated[
-        Literal["cell", "well", "guide", "gene"],
-        typer.Option(help="cell, well, guide (guide x well) or gene (gene x well)."),
-    ],
-    out: Annotated[Path, typer.Option(help="Table to write: .parquet or .csv.")],
-    key: Annotated[str, typer.Option(help="X or an obsm key (e.g. X_features).")] = "X",
-    perturbation_key: Annotated[str, typer.Option(help="obs column of the gene.")] = (
-        "perturbation"
-    ),
-    guide_key: Annotated[str, typer.Option(help="obs column of the guide.")] = "guide",
-    batch_key: Annotated[str, typer.Option(help="obs column of the batch (well).")] = "batch",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing table.")] = False,
+    **options: Any,
 ) -> None:
     """Profiles with Metadata_ columns, for pycytominer and copairs (docs/evaluation.md)."""
     from scbd_cells.profiles.exports import export as run_export
 
-    result = run_export(
-        embedding,
-        level=level,
-        out=out,
-        key=key,
-        perturbation_key=perturbation_key,
-        guide_key=guide_key,
-        batch_key=batch_key,
-        overwrite=overwrite,
-    )
+    result = run_export(embedding, **options)
     stdout.print(
         f"[green]Exported[/] {result.n_rows:,} {result.level} profiles x {result.n_features} "
         f"features -> {result.out_path}"
     )
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(DemoOptions)
 def demo(
-    out: Annotated[Path, typer.Option(help="Demo folder (new or empty).")] = Path("scbd-demo"),
-    preset: Annotated[
-        Literal["demo", "tiny"], typer.Option(help="Simulator preset: demo, or tiny (smoke test).")
-    ] = "demo",
-    seed: Annotated[int, typer.Option(help="Seed of everything; same seed, same table.")] = 0,
-    alpha: Annotated[
-        float | None,
-        typer.Option(help="Invariance weight of the SCBD model. \\[default: the demo's own]"),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        typer.Option(help="Training steps per model. \\[default: the demo training options]"),
-    ] = None,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    workers: Annotated[int, typer.Option(help="Processes simulating, threads reading images.")] = 2,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = False,
+    **options: Any,
 ) -> None:
     """Simulate -> ingest -> train (alpha=0 and default) -> embed -> baseline -> evaluate."""
+    from scbd_cells.evaluation.console import result_tables
     from scbd_cells.pipeline import demo as run_demo
 
-    result = run_demo(
-        out=out,
-        preset=preset,
-        seed=seed,
-        alpha=alpha,
-        steps=steps,
-        device=device,
-        workers=workers,
-        overwrite=overwrite,
-    )
-    _print_table(result.table)
+    result = run_demo(**options)
+    _print_all(result_tables(result.table, width=stdout.width))
     stdout.print(
         f"Report: {result.report_path.with_name('report.html')} (and report.md; total "
         f"{sum(result.seconds.values()) / 60:.1f} min)"
     )
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
+@options_from(ReconstructOptions)
 def reconstruct(
     run_dir: Annotated[
         Path, typer.Argument(help="Training run folder trained with --decoder (or its .pt).")
     ],
     store: Annotated[Path, typer.Argument(help="Store whose cells are drawn (any plate).")],
-    out: Annotated[Path, typer.Option(help="Folder for the PNG grids and index.csv.")],
-    cells: Annotated[
-        int, typer.Option(help="Cells per perturbation in the reconstruction grid.")
-    ] = 4,
-    seed: Annotated[int, typer.Option(help="Seed of the cells and wells chosen.")] = 0,
-    perturbations: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated perturbations to show (the control is added). Default: the "
-            "4 whose mean z_c lies farthest from the control's."
-        ),
-    ] = None,
-    wells: Annotated[int, typer.Option(help="Other wells whose z_s is swapped in.")] = 5,
-    which: Annotated[
-        Literal["best", "last"],
-        typer.Option(help="Checkpoint of the run: best (lowest val loss) or last."),
-    ] = "best",
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace pictures an earlier reconstruct wrote in --out.")
-    ] = False,
+    **options: Any,
 ) -> None:
     """Pictures of what z_c and z_s hold: reconstructions and swaps from the decoder.
 
@@ -1312,149 +467,34 @@ def reconstruct(
     """
     from scbd_cells.embedding.reconstruction import reconstruct as run_reconstruct
 
-    result = run_reconstruct(
-        run_dir,
-        store,
-        out=out,
-        cells=cells,
-        seed=seed,
-        perturbations=_split_csv(perturbations),
-        wells=wells,
-        which=which,
-        device=device,
-        overwrite=overwrite,
-    )
+    result = run_reconstruct(run_dir, store, **split_lists(ReconstructOptions, options))
     stdout.print(
         f"[green]Drew[/] {', '.join(result.perturbations)} -> {result.out_dir} "
         f"({', '.join(path.name for path in result.figure_paths.values())}, index.csv)"
     )
 
 
-def _print_sweep(result: Any) -> None:
-    """One line per alpha (and reference): what the rule read and what the evaluation found."""
-    import pandas as pd
-
-    def number(value: Any, fmt: str) -> str:
-        return "–" if value is None or value != value else format(value, fmt)
-
-    rows = [
-        {
-            "alpha": f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
-            "supcon": number(row.val_supcon_perturbation, ".4f"),
-            "kept": number(row.retained, ".0%"),
-            "auprc": number(row.corum_auprc, ".4f"),
-            "well": number(row.well_f1_over_chance, ".2f"),
-            "overall": number(row.overall, ".3f"),
-        }
-        for row in result.table.itertuples(index=False)
-    ]
-    rows += [
-        {"alpha": str(row.embedding), "supcon": "", "kept": "",
-         "auprc": number(row.corum_auprc, ".4f"), "well": number(row.well_f1_over_chance, ".2f"),
-         "overall": number(row.overall, ".3f")}
-        for row in result.references.itertuples(index=False)
-    ]  # fmt: skip
-    columns = [("alpha", "alpha", "s"), ("supcon", "val SupCon(z_c)", "s"),
-               ("kept", "fall kept", "s"), ("auprc", "CORUM AUPRC", "s"),
-               ("well", "well F1 / chance", "s"), ("overall", "overall", "s")]  # fmt: skip
-    title = "Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)"
-    _print_fitted(_rich_tables(title, pd.DataFrame(rows), columns, arrows=False))
-
-
-def _with_train_options(command: Any) -> Any:
-    """Give a command every option of ``train`` but --out, --resume, --alpha and --config.
-
-    The options are ``train``'s own parameters (type, help, default) spliced into the
-    command's signature, which Typer reads: the two commands cannot drift apart. The
-    command receives the ones the user set in ``**train_options``.
-    """
-    skipped = {"store_path", "out", "config", "resume", "alpha"}
-    own = inspect.signature(command, eval_str=True)
-    shared = [
-        parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for name, parameter in inspect.signature(train, eval_str=True).parameters.items()
-        if name not in skipped
-    ]
-    kept = [p for p in own.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
-    command.__signature__ = own.replace(parameters=[*kept, *shared])
-    return command
-
-
-@app.command(cls=_Command)
-@_with_train_options
+@app.command(cls=Command)
+@options_from(TrainConfig, exclude=("alpha",), unset=True)
+@options_from(SweepOptions)
 def sweep(
     store_path: Annotated[Path, typer.Argument(help="Store written by `scbd-cells ingest`.")],
-    out: Annotated[
-        Path,
-        typer.Option(
-            help="Sweep folder: one run per alpha, embeddings, reports, sweep.csv, tradeoff.png, "
-            "sweep.md. Rerun the same command to continue an unfinished sweep."
-        ),
-    ],
-    corum: Annotated[
-        Path,
-        typer.Option(
-            help="Complexes file for the evaluation (CORUM 3.x/4.x/5.x, two-column or GMT); "
-            "reporting only, the recommended alpha never reads it."
-        ),
-    ],
-    alpha: Annotated[
-        str, typer.Option(help="Comma-separated alphas to train (0 is added when missing).")
-    ] = "0,0.3,1,3,10",
-    reference: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="AnnData of a conventional pipeline (baseline, correct), drawn beside the "
-            "alphas; repeat for several."
-        ),
-    ] = None,
-    margin: Annotated[
-        float,
-        typer.Option(
-            help="Recommend the largest alpha whose val perturbation SupCon loss keeps at least "
-            "1 - MARGIN of the sweep's largest fall below log(val batch size) "
-            "(docs/training.md, Choosing alpha)."
-        ),
-    ] = 0.5,
-    control: Annotated[
-        str | None,
-        typer.Option(
-            help="Non-targeting control label for the evaluation. \\[default: the store's]"
-        ),
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="YAML train options (e.g. a run's config.yaml); CLI wins.")
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Start over: replace an earlier sweep in --out.")
-    ] = False,
-    **train_options: Any,
+    **options: Any,
 ) -> None:
     """Train, embed and evaluate SCBD at several alphas; draw the trade-off, recommend one.
 
     Every train option below applies to each alpha's run (docs/training.md, Choosing alpha).
     """
     from scbd_cells.training.sweeping import sweep as run_sweep
+    from scbd_cells.training.sweeping import sweep_tables
 
-    alphas = _split_numbers(
-        alpha, option="--alpha", expected="numbers separated by commas, e.g. 0,0.3,1,3,10"
-    )
-    result = run_sweep(
-        store_path,
-        out=out,
-        corum=corum,
-        alpha=alphas,
-        reference=reference or [],
-        margin=margin,
-        control=control,
-        config_path=config,
-        overwrite=overwrite,
-        **train_options,
-    )
+    options = split_lists(SweepOptions, options)
+    options["reference"] = options["reference"] or []
+    result = run_sweep(store_path, **options)
     if result.interrupted:
         stdout.print("[yellow]Interrupted[/]; run the same command again to continue.")
         raise typer.Exit(130)
-    _print_sweep(result)
+    _print_all(sweep_tables(result, width=stdout.width))
     stdout.print(f"[green]Recommended alpha[/]: {result.reason}")
     stdout.print(f"Sweep: {result.summary_path} (figure {result.figure_path.name})")
 

@@ -289,7 +289,7 @@ def test_results_tables_read_at_80_columns() -> None:
 
     from rich.console import Console
 
-    from scbd_cells.cli import _rich_tables
+    from scbd_cells.evaluation.console import rich_tables
     from scbd_cells.evaluation.pages import FIELD_COLUMNS
 
     rng = np.random.default_rng(0)
@@ -297,7 +297,7 @@ def test_results_tables_read_at_80_columns() -> None:
                          columns=[c for c, _, _ in FIELD_COLUMNS[1:]])  # fmt: skip
     table.insert(0, "embedding", ["scbd_alpha0_a_long_name", "baseline_harmony", "scbd"])
     table.loc[1, "kbet"] = np.nan
-    views = _rich_tables("The field's metrics", table, FIELD_COLUMNS, arrows=False, width=80)
+    views = rich_tables("The field's metrics", table, FIELD_COLUMNS, arrows=False, width=80)
     assert len(views) > 1
     out = io.StringIO()
     console = Console(file=out, width=80)

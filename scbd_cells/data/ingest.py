@@ -41,20 +41,19 @@ from concurrent.futures import (
 )
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 
 from scbd_cells import __version__
+from scbd_cells.core.config import IngestOptions, validated
 from scbd_cells.core.errors import DataError, InputError, StoreError
 from scbd_cells.core.outputs import check_not_input, check_output, kind_of, output_lock
 from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import cellprofiler_tables, dask_cluster, schema
 from scbd_cells.data.ome_zarr import describe_ome_zarr, is_ome_zarr, read_ome_zarr
 from scbd_cells.data.store import (
-    DEFAULT_BATCH_COLUMNS,
-    DEFAULT_SPLIT_FRACTIONS,
     TABLE_ROW,
     ChannelStats,
     StoreWriter,
@@ -128,7 +127,8 @@ class IngestResult:
 class IngestSpec:
     """Everything that decides a store's content: the table and the options (not the workers).
 
-    Attributes mirror :func:`ingest`'s arguments; ``table`` is absolute.
+    Attributes are :class:`~scbd_cells.core.config.IngestOptions` fields as the store
+    records them (tuples, absolute paths as text); ``table`` is absolute.
     """
 
     table: Path
@@ -155,6 +155,18 @@ class IngestSpec:
     mask_column: str | None = None
     mask_neighbours: str | None = None  # set with mask_column only
     label_column: str | None = None
+
+    @classmethod
+    def from_options(cls, table_path: Path, options: IngestOptions) -> IngestSpec:
+        """The spec of ``options`` (checked :class:`IngestOptions`) for an absolute table."""
+        content = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls)[1:]}
+        for name in ("channel_columns", "fov_channel_columns", "channel_names", "channels"):
+            content[name] = content[name] or None  # () as None
+        for name in ("image_root", "image_table"):
+            content[name] = str(Path(content[name]).resolve()) if content[name] else None
+        content["split_fractions"] = check_split_fractions(options.split_fractions)
+        content["mask_neighbours"] = options.mask_neighbours if options.mask_column else None
+        return cls(table=table_path, **content)
 
     def options(self) -> dict:
         """The options as JSON values (what a store records to recognise a rerun)."""
@@ -1291,37 +1303,11 @@ def _image_failure_message(failures: dict[int, str], cell_ids: dict[int, str]) -
 
 
 def ingest(
-    table_path: str | os.PathLike,
-    *,
-    out: str | os.PathLike,
-    perturbation_column: str,
-    guide_column: str | None = None,
-    batch_columns: Sequence[str] = DEFAULT_BATCH_COLUMNS,
-    control: str | None = None,
-    image_column: str | None = None,
-    channel_columns: Sequence[str] | None = None,
-    fov_column: str | None = None,
-    fov_channel_columns: Sequence[str] | None = None,
-    x_column: str | None = None,
-    y_column: str | None = None,
-    crop_size: int | None = None,
-    channel_names: Sequence[str] | None = None,
-    resize: int | None = None,
-    workers: int = 1,
-    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
-    seed: int = 0,
-    skip_bad: bool = False,
-    overwrite: bool = False,
-    image_root: str | os.PathLike | None = None,
-    image_table: str | os.PathLike | None = None,
-    channels: Sequence[str] | None = None,
-    cell_id_column: str | None = None,
-    mask_column: str | None = None,
-    mask_neighbours: str = "zero",
-    label_column: str | None = None,
-    scheduler: str | None = None,
+    table_path: str | os.PathLike, *, out: str | os.PathLike, **options: Any
 ) -> IngestResult:
     """Turn a cells table and its images into a store (``scbd-cells ingest``).
+
+    An unknown or ill-typed keyword is an :class:`~scbd_cells.core.errors.InputError`.
 
     Parameters
     ----------
@@ -1335,99 +1321,23 @@ def ingest(
         The store to write (``STORE.zarr``); written as ``STORE.zarr.partial``
         and renamed when complete. Rerunning the same command after a crash
         resumes it.
-    perturbation_column, guide_column, batch_columns, control
-        Label columns (batch columns joined with ``_``) and the control label.
-    image_column
-        Crops: a path per cell to a multi-channel TIFF ((C, H, W) or (H, W, C)),
-        NPY or PNG. Used by default when the table has an ``image_path`` column.
-    channel_columns
-        Crops: one single-channel file per cell and channel.
-    fov_column, fov_channel_columns
-        Fields of view: a multi-channel file per field, or one file per field
-        and channel; needs ``x_column``, ``y_column`` (pixels; x = column) and
-        ``crop_size``. The crop spans ``rint(y) - S // 2`` ... ``+ S - 1``;
-        cells whose crop leaves the field are skipped and counted.
-    channel_names
-        One name per channel (default: the channel columns without ``_path``,
-        else ``ch0, ch1, ...``).
-    resize
-        Store crops at ``resize`` x ``resize`` px (area average when shrinking).
-    workers
-        Parallel workers, each reading, writing and summarising whole chunks:
-        1 is one thread; more are processes (guard a calling script with
-        ``if __name__ == "__main__":``).
-    split_fractions, seed
-        Train/val/test fractions (stratified by perturbation) and the seed of
-        the split and of the order of cells within a class.
-    skip_bad
-        Leave bad rows out (recorded in ``rejected.csv``) instead of stopping.
-    overwrite
-        Replace an existing store.
-    image_root
-        The folder relative image paths resolve against (default: the table's).
-    image_table
-        CellProfiler's per-image table, joined to ``table_path`` (its per-object
-        table) on ``ImageNumber``.
-    channels
-        CellProfiler image names whose ``PathName_<name>``/``FileName_<name>`` columns
-        (also ``Image_``-prefixed) are read as fields, one channel each, in this order.
-        Without any image option, every such pair of the table is read. The centroids
-        are ``[<Object>_]Location_Center_X/Y`` unless ``x_column``/``y_column`` say.
-    cell_id_column
-        The column naming each cell (kept as text).
-    mask_column
-        Fields: a label image per row's field (same grid; 0 = background), a path column
-        or a CellProfiler object/image name. Each row's object is ``label_column``
-        (default ``ObjectNumber``); without centroid columns, its centroid is the mean
-        pixel position of its label. Rows whose label is not in the mask are bad rows.
-    mask_neighbours
-        ``zero``: other objects' pixels in a crop are set to 0 (background kept);
-        ``keep``: crops as cut. Recorded in the store's attributes.
-    label_column
-        The column holding each row's label in its mask.
-    scheduler
-        Read and write the cells on a ``dask.distributed`` cluster instead of
-        this machine's processes: a scheduler address (``tcp://host:8786``), or
-        ``local:N`` for a local cluster of N processes. Its workers write the
-        store directly, so the table, the images and ``out`` must be on a file
-        system every worker sees; ``workers`` then only checks files here.
-        Needs ``pip install "scbd-cells[dask]"``. The store is the one the
-        single-machine path writes (docs/scaling.md).
+    **options
+        Any :class:`~scbd_cells.core.config.IngestOptions` field (its docstring says
+        what each does), e.g. ``perturbation_column="gene"``, ``batch_columns=["plate",
+        "well"]``, ``workers=4``; ``perturbation_column`` is required.
 
     Returns
     -------
     IngestResult
     """
     started = time.perf_counter()
+    settings = validated(IngestOptions, options, command="ingest")
+    mask_neighbours, workers, resize = settings.mask_neighbours, settings.workers, settings.resize
+    overwrite, scheduler = settings.overwrite, settings.scheduler
     if overwrite and Path(out).is_symlink():  # never replaced through a link (docs/reliability.md)
         check_output(Path(out), kind="store", overwrite=True)
     table_path, out_path = Path(table_path).resolve(), Path(out).resolve()
-    spec = IngestSpec(
-        table=table_path,
-        perturbation_column=perturbation_column,
-        guide_column=guide_column,
-        batch_columns=tuple(batch_columns),
-        control=control,
-        image_column=image_column,
-        channel_columns=tuple(channel_columns) if channel_columns else None,
-        fov_column=fov_column,
-        fov_channel_columns=tuple(fov_channel_columns) if fov_channel_columns else None,
-        x_column=x_column,
-        y_column=y_column,
-        crop_size=crop_size,
-        channel_names=tuple(channel_names) if channel_names else None,
-        resize=resize,
-        split_fractions=check_split_fractions(split_fractions),
-        seed=seed,
-        skip_bad=skip_bad,
-        image_root=str(Path(image_root).resolve()) if image_root else None,
-        image_table=str(Path(image_table).resolve()) if image_table else None,
-        channels=tuple(channels) if channels else None,
-        cell_id_column=cell_id_column,
-        mask_column=mask_column,
-        mask_neighbours=mask_neighbours if mask_column else None,
-        label_column=label_column,
-    )
+    spec = IngestSpec.from_options(table_path, settings)
     if mask_neighbours not in schema.MASK_NEIGHBOURS_CHOICES:
         raise InputError(
             f"--mask-neighbours must be one of {', '.join(schema.MASK_NEIGHBOURS_CHOICES)}; "
@@ -1559,10 +1469,35 @@ def _ingest(
             len(border),
             spec.crop_size,
         )
+    return _write_replanning(
+        source, labelled.obs, out_path, spec=spec, record=record, rejected=rejected,
+        rejected_ids=rejected_ids, cell_ids=cell_ids, border=border, workers=workers,
+        overwrite=overwrite, started=started,
+    )  # fmt: skip
 
+
+def _write_replanning(
+    source: ImageSource,
+    labelled_obs: pd.DataFrame,
+    out_path: Path,
+    *,
+    spec: IngestSpec,
+    record: dict,
+    rejected: dict[int, str],
+    rejected_ids: dict[int, str],
+    cell_ids: dict,
+    border: set[int],
+    workers: _Workers,
+    overwrite: bool,
+    started: float,
+) -> IngestResult:
+    """Write the usable cells; with ``skip_bad``, start over without images that fail on the way.
+
+    ``rejected`` gains the rows whose images failed.
+    """
     for _attempt in range(_MAX_REPLANS):
-        keep = ~labelled.obs[TABLE_ROW].isin(set(rejected) | border).to_numpy()
-        obs = labelled.obs[keep]
+        keep = ~labelled_obs[TABLE_ROW].isin(set(rejected) | border).to_numpy()
+        obs = labelled_obs[keep]
         if len(obs) == 0:
             raise DataError(
                 "No usable cells are left after leaving out bad rows "
@@ -1648,65 +1583,12 @@ def _with_default_image_column(spec: IngestSpec, table: pd.DataFrame) -> IngestS
 
 def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: _Workers) -> ImageSource:
     """Pick the image source from the options; check its columns exist."""
-    chosen = [
-        name
-        for name, value in (
-            ("--image-column", spec.image_column),
-            ("--channel-columns", spec.channel_columns),
-            ("--fov-column", spec.fov_column),
-            ("--fov-channel-columns", spec.fov_channel_columns),
-        )
-        if value
-    ]
     pairs = cellprofiler_tables.image_pairs(table.columns)
-    cellprofiler = bool(spec.channels) or (not chosen and bool(pairs))
-    if cellprofiler:
-        chosen.append("--channels (CellProfiler PathName_/FileName_ pairs)")
-    if len(chosen) != 1:
-        hint = ""
-        object_table = cellprofiler_tables.IMAGE_NUMBER in table.columns
-        if not chosen and object_table and not spec.image_table:
-            hint = (
-                " The table looks like a CellProfiler object table: pass its per-image table "
-                "(with the FileName_/PathName_ columns) with --image-table."
-            )
-        raise InputError(
-            "Say where the images are with exactly one of --image-column (a crop file per cell), "
-            "--channel-columns (a file per cell and channel), --fov-column or "
-            "--fov-channel-columns "
-            "(fields of view, with --x-column, --y-column, --crop-size), or --channels "
-            "(CellProfiler's PathName_<image>/FileName_<image> columns); "
-            f"found {chosen or 'none'}.{hint}"
-        )
+    cellprofiler = _image_option(table, spec, pairs) == _CELLPROFILER_IMAGES
     base_dir = Path(spec.image_root) if spec.image_root else spec.table.parent
-    if cellprofiler:
-        if not spec.channels:  # a label image saved beside the channels is no channel
-            pairs = {name: pair for name, pair in pairs.items() if name != spec.mask_column}
-        images = cellprofiler_tables.choose_images(pairs, spec.channels)
-        columns = list(images)
-        paths = [
-            cellprofiler_tables.image_paths(table, pair, image_root=base_dir)
-            for pair in images.values()
-        ]
-        log.info(
-            "CellProfiler images read as channels: %s (choose and order them with --channels).",
-            ", ".join(columns),
-        )
-    else:
-        columns = (
-            [spec.image_column]
-            if spec.image_column
-            else list(spec.channel_columns or spec.fov_channel_columns or [spec.fov_column])
-        )
-        missing = [name for name in columns if name not in table.columns]
-        if missing:
-            raise InputError(
-                f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
-                f"{list(table.columns)}. "
-                f"{''.join(did_you_mean(name, list(table.columns)) for name in missing)}"
-                "Name the image columns with the matching option."
-            )
-        paths = [_column_paths(table, column, base_dir) for column in columns]
+    columns, paths = _image_columns(
+        table, spec, pairs, cellprofiler=cellprofiler, base_dir=base_dir
+    )
     fields = bool(spec.fov_column or spec.fov_channel_columns or cellprofiler)
     per_channel = bool(spec.channel_columns or spec.fov_channel_columns or cellprofiler)
     names = spec.channel_names
@@ -1728,6 +1610,100 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: _Workers) ->
             n_channels=len(names) if names else None,
             workers=workers,
         )
+    return _field_source(
+        table, spec, columns=columns, paths=paths, per_channel=per_channel, base_dir=base_dir,
+        workers=workers,
+    )  # fmt: skip
+
+
+_CELLPROFILER_IMAGES = "--channels (CellProfiler PathName_/FileName_ pairs)"
+
+
+def _image_option(
+    table: pd.DataFrame, spec: IngestSpec, pairs: dict[str, tuple[str, str]]
+) -> str:
+    """The one option that says where the images are (CellProfiler's columns if none does)."""
+    chosen = [
+        name
+        for name, value in (
+            ("--image-column", spec.image_column),
+            ("--channel-columns", spec.channel_columns),
+            ("--fov-column", spec.fov_column),
+            ("--fov-channel-columns", spec.fov_channel_columns),
+        )
+        if value
+    ]
+    if bool(spec.channels) or (not chosen and bool(pairs)):
+        chosen.append(_CELLPROFILER_IMAGES)
+    if len(chosen) != 1:
+        hint = ""
+        object_table = cellprofiler_tables.IMAGE_NUMBER in table.columns
+        if not chosen and object_table and not spec.image_table:
+            hint = (
+                " The table looks like a CellProfiler object table: pass its per-image table "
+                "(with the FileName_/PathName_ columns) with --image-table."
+            )
+        raise InputError(
+            "Say where the images are with exactly one of --image-column (a crop file per cell), "
+            "--channel-columns (a file per cell and channel), --fov-column or "
+            "--fov-channel-columns "
+            "(fields of view, with --x-column, --y-column, --crop-size), or --channels "
+            "(CellProfiler's PathName_<image>/FileName_<image> columns); "
+            f"found {chosen or 'none'}.{hint}"
+        )
+    return chosen[0]
+
+
+def _image_columns(
+    table: pd.DataFrame,
+    spec: IngestSpec,
+    pairs: dict[str, tuple[str, str]],
+    *,
+    cellprofiler: bool,
+    base_dir: Path,
+) -> tuple[list[str], list[list[str | None]]]:
+    """The image (or channel) columns and each one's paths, per row of the table."""
+    if cellprofiler:
+        if not spec.channels:  # a label image saved beside the channels is no channel
+            pairs = {name: pair for name, pair in pairs.items() if name != spec.mask_column}
+        images = cellprofiler_tables.choose_images(pairs, spec.channels)
+        columns = list(images)
+        paths = [
+            cellprofiler_tables.image_paths(table, pair, image_root=base_dir)
+            for pair in images.values()
+        ]
+        log.info(
+            "CellProfiler images read as channels: %s (choose and order them with --channels).",
+            ", ".join(columns),
+        )
+        return columns, paths
+    columns = (
+        [spec.image_column]
+        if spec.image_column
+        else list(spec.channel_columns or spec.fov_channel_columns or [spec.fov_column])
+    )
+    missing = [name for name in columns if name not in table.columns]
+    if missing:
+        raise InputError(
+            f"The cells table has no column {', '.join(map(repr, missing))}; its columns are "
+            f"{list(table.columns)}. "
+            f"{''.join(did_you_mean(name, list(table.columns)) for name in missing)}"
+            "Name the image columns with the matching option."
+        )
+    return columns, [_column_paths(table, column, base_dir) for column in columns]
+
+
+def _field_source(
+    table: pd.DataFrame,
+    spec: IngestSpec,
+    *,
+    columns: list[str],
+    paths: list[list[str | None]],
+    per_channel: bool,
+    base_dir: Path,
+    workers: _Workers,
+) -> ImageSource:
+    """Cells cropped from fields of view around their centroids (or their label images')."""
     masks = _masks_of(table, spec, base_dir=base_dir)
     x_column, y_column = _centroid_columns(table, spec, masks=masks)
     if not spec.crop_size:
@@ -1742,6 +1718,7 @@ def _make_source(table: pd.DataFrame, spec: IngestSpec, *, workers: _Workers) ->
             return None
         return pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
 
+    names = spec.channel_names
     return _FieldSource(
         columns=columns,
         paths=paths,
@@ -1920,23 +1897,6 @@ def _write_store(
     store_obs = finalise_obs(obs, split_fractions=spec.split_fractions, seed=spec.seed)
     table_rows = store_obs[TABLE_ROW].to_numpy()
     height, width = (resize, resize) if resize else (reference.height, reference.width)
-    plan = {
-        "arguments": {"table": str(spec.table), **spec.options()},
-        "table_sha256": record["table_sha256"],
-        "rejected": sorted(rejected),
-        "reference": [reference.n_channels, reference.height, reference.width, reference.dtype.str],
-        "format_version": schema.STORE_FORMAT_VERSION,
-        "version": __version__,
-    }
-    plan_key = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
-    provenance = {
-        "command": spec.command(out_path),
-        "arguments": {"table": str(spec.table), "out": str(out_path), **spec.options()},
-        "table": str(spec.table),
-        "table_sha256": record["table_sha256"],
-        "version": __version__,
-        "created": pd.Timestamp.now(tz="UTC").isoformat(),
-    }
     writer = StoreWriter(
         out_path,
         obs=store_obs,
@@ -1946,23 +1906,16 @@ def _write_store(
         control=spec.control,
         split_fractions=spec.split_fractions,
         seed=spec.seed,
-        provenance=provenance,
-        plan_key=plan_key,
+        provenance=_store_provenance(spec, out_path, record),
+        plan_key=_plan_key(spec, record, rejected, reference),
         overwrite=overwrite,
     )
     resumed = bool(writer.done_blocks) or (writer.partial_path / FIELDS_DONE_FILE).exists()
     with progress_bar(unit="cells") as bar:
         task = bar.add_task("Ingesting", total=writer.n_cells)
         source.fill(writer, table_rows, resize=resize, bar=bar, task=task)
-    rejected_rows = [
-        (row, rejected_ids.get(row, ""), reason) for row, reason in sorted(rejected.items())
-    ]
-    rejected_rows += [
-        (row, rejected_ids.get(row, ""), "border: the crop leaves the field of view")
-        for row in sorted(border)
-    ]
     writer.finish(
-        rejected=sorted(rejected_rows),
+        rejected=_rejected_rows(rejected, rejected_ids, border),
         extra={
             "n_rejected": len(rejected),
             "n_border": len(border),
@@ -1985,3 +1938,42 @@ def _write_store(
         resumed=resumed,
         n_blank=writer.stats.n_blank,
     )
+
+
+def _plan_key(
+    spec: IngestSpec, record: dict, rejected: dict[int, str], reference: _Reference
+) -> str:
+    """What a partial store must have been planned with to be resumed (a SHA-256)."""
+    plan = {
+        "arguments": {"table": str(spec.table), **spec.options()},
+        "table_sha256": record["table_sha256"],
+        "rejected": sorted(rejected),
+        "reference": [reference.n_channels, reference.height, reference.width, reference.dtype.str],
+        "format_version": schema.STORE_FORMAT_VERSION,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _store_provenance(spec: IngestSpec, out_path: Path, record: dict) -> dict:
+    """The command and input that made the store, for its attributes."""
+    return {
+        "command": spec.command(out_path),
+        "arguments": {"table": str(spec.table), "out": str(out_path), **spec.options()},
+        "table": str(spec.table),
+        "table_sha256": record["table_sha256"],
+        "version": __version__,
+        "created": pd.Timestamp.now(tz="UTC").isoformat(),
+    }
+
+
+def _rejected_rows(
+    rejected: dict[int, str], rejected_ids: dict[int, str], border: set[int]
+) -> list[tuple[int, str, str]]:
+    """``(table row, cell id, reason)`` of every row left out, sorted (``rejected.csv``)."""
+    rows = [(row, rejected_ids.get(row, ""), reason) for row, reason in sorted(rejected.items())]
+    rows += [
+        (row, rejected_ids.get(row, ""), "border: the crop leaves the field of view")
+        for row in sorted(border)
+    ]
+    return sorted(rows)

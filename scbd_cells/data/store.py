@@ -158,13 +158,45 @@ def label_table(
         ``obs`` (string labels, not yet categorical, rejected rows dropped) and
         the rejected rows.
     """
+    batch_columns = list(batch_columns)
+    label_columns = [perturbation_column, *([guide_column] if guide_column else []), *batch_columns]
+    _check_label_columns(table, label_columns, cell_id_column=cell_id_column)
+    id_column = cell_id_column or (schema.CELL_ID if schema.CELL_ID in table.columns else None)
+    table = table.reset_index(drop=True)
+    cell_id, bad, rejected = _bad_rows(table, label_columns, id_column, skip_bad=skip_bad)
+    perturbation = table[perturbation_column].astype(str)
+    if control is not None and not (perturbation[~bad] == str(control)).any():
+        known = perturbation[~bad].unique().tolist()
+        raise InputError(
+            f"The control label {control!r} does not occur in column {perturbation_column!r} "
+            f"({len(known):,} labels). {did_you_mean(str(control), known)}Pass the control's "
+            "exact label with --control (or leave it out)."
+        )
+    canonical = {
+        schema.CELL_ID: cell_id,
+        schema.PERTURBATION: perturbation,
+        schema.GUIDE: table[guide_column].astype(str) if guide_column else perturbation,
+        schema.BATCH: _batch_labels(table, batch_columns),
+    }
+    sources = {
+        schema.CELL_ID: id_column,
+        schema.PERTURBATION: perturbation_column,
+        schema.GUIDE: guide_column,
+    }
+    obs = _with_table_columns(canonical, table, sources=sources)
+    obs = obs[~bad].reset_index(drop=True)
+    return LabelledTable(obs=obs, rejected=sorted(rejected))
+
+
+def _check_label_columns(
+    table: pd.DataFrame, label_columns: list[str], *, cell_id_column: str | None
+) -> None:
+    """The table has rows, the label columns and the cell id column, else a named error."""
     if len(table) == 0:
         raise DataError(
             "The cells table is empty: expected one row per cell, found none. "
             "Check the file (and any filter that produced it)."
         )
-    batch_columns = list(batch_columns)
-    label_columns = [perturbation_column, *([guide_column] if guide_column else []), *batch_columns]
     missing = [name for name in label_columns if name not in table.columns]
     if missing:
         raise InputError(
@@ -179,8 +211,15 @@ def label_table(
             f"{did_you_mean(cell_id_column, list(map(str, table.columns)))}"
             "Name the column that holds each cell's id."
         )
-    id_column = cell_id_column or (schema.CELL_ID if schema.CELL_ID in table.columns else None)
-    table = table.reset_index(drop=True)
+
+
+def _bad_rows(
+    table: pd.DataFrame, label_columns: list[str], id_column: str | None, *, skip_bad: bool
+) -> tuple[pd.Series, np.ndarray, list[tuple[int, str, str]]]:
+    """Each row's cell id, which rows are bad and why (null labels or ids, repeated ids).
+
+    Without ``skip_bad`` the first kind of bad row found raises instead.
+    """
     rejected: list[tuple[int, str, str]] = []
     if id_column is not None:
         cell_id = table[id_column].astype(str)
@@ -224,34 +263,27 @@ def label_table(
             )
         rejected.extend((row, cell_id[row], "duplicate cell id") for row in rows)
         bad |= duplicated
+    return cell_id, bad, rejected
 
-    perturbation = table[perturbation_column].astype(str)
-    if control is not None and not (perturbation[~bad] == str(control)).any():
-        known = perturbation[~bad].unique().tolist()
-        raise InputError(
-            f"The control label {control!r} does not occur in column {perturbation_column!r} "
-            f"({len(known):,} labels). {did_you_mean(str(control), known)}Pass the control's "
-            "exact label with --control (or leave it out)."
-        )
-    guide = table[guide_column].astype(str) if guide_column else perturbation
-    if batch_columns:
-        batch = table[batch_columns[0]].astype(str)
-        for name in batch_columns[1:]:
-            batch = batch + BATCH_SEPARATOR + table[name].astype(str)
-    else:
-        batch = pd.Series(["all"] * len(table))
 
-    canonical = {
-        schema.CELL_ID: cell_id,
-        schema.PERTURBATION: perturbation,
-        schema.GUIDE: guide,
-        schema.BATCH: batch,
-    }
-    sources = {
-        schema.CELL_ID: id_column,
-        schema.PERTURBATION: perturbation_column,
-        schema.GUIDE: guide_column,
-    }
+def _batch_labels(table: pd.DataFrame, batch_columns: list[str]) -> pd.Series:
+    """The batch columns joined with :data:`BATCH_SEPARATOR`; ``all`` without any."""
+    if not batch_columns:
+        return pd.Series(["all"] * len(table))
+    batch = table[batch_columns[0]].astype(str)
+    for name in batch_columns[1:]:
+        batch = batch + BATCH_SEPARATOR + table[name].astype(str)
+    return batch
+
+
+def _with_table_columns(
+    canonical: dict[str, pd.Series], table: pd.DataFrame, *, sources: dict[str, str | None]
+) -> pd.DataFrame:
+    """The canonical columns, then every column of the table, then ``table_row``.
+
+    A table column named like a store label is kept as ``<name>_input``, unless it is
+    the one the canonical column was read from (``sources``).
+    """
     obs = pd.DataFrame({name: values.to_numpy(dtype=object) for name, values in canonical.items()})
     for name in table.columns:
         target = str(name)
@@ -264,8 +296,7 @@ def label_table(
             )
         obs[target] = table[name]  # same RangeIndex; keeps categoricals and nullable dtypes
     obs[TABLE_ROW] = np.arange(len(table), dtype=np.int64)
-    obs = obs[~bad].reset_index(drop=True)
-    return LabelledTable(obs=obs, rejected=sorted(rejected))
+    return obs
 
 
 def check_split_fractions(split_fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -954,13 +985,6 @@ def create_store(
     )
     store_obs = finalise_obs(labelled.obs, split_fractions=split_fractions, seed=seed)
     order = store_obs[TABLE_ROW].to_numpy()
-    provenance = {
-        "command": "create_store",
-        "table_sha256": None,
-        "version": __version__,
-        "created": pd.Timestamp.now(tz="UTC").isoformat(),
-        "source": "in-memory arrays",
-    }
     writer = StoreWriter(
         path,
         obs=store_obs,
@@ -970,7 +994,7 @@ def create_store(
         control=control,
         split_fractions=split_fractions,
         seed=seed,
-        provenance=provenance,
+        provenance=_in_memory_provenance(),
         plan_key=uuid.uuid4().hex,  # in-memory input: never resumed
         overwrite=overwrite,
         chunk_cells=chunk_cells,
@@ -980,6 +1004,17 @@ def create_store(
         start, stop = writer.block_bounds(block)
         writer.write_block(block, images[order[start:stop]])
     return open_store(writer.finish())
+
+
+def _in_memory_provenance() -> dict[str, Any]:
+    """What :func:`create_store` records as the store's source: arrays, no table."""
+    return {
+        "command": "create_store",
+        "table_sha256": None,
+        "version": __version__,
+        "created": pd.Timestamp.now(tz="UTC").isoformat(),
+        "source": "in-memory arrays",
+    }
 
 
 # ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,11 @@ from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.core.outputs import check_free_space, location_text, locks_output, read_recorded
 from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import schema
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from scbd_cells.data.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -372,18 +377,46 @@ def baseline(
     -------
     BaselineResult
     """
-    import anndata as ad
-    from sklearn.decomposition import PCA
+    from scbd_cells.profiles.anndata_io import write_anndata
 
-    from scbd_cells.data.loader import iter_cells
-    from scbd_cells.data.store import open_store
-    from scbd_cells.profiles.anndata_io import (
-        anndata_bytes,
-        check_output_path,
-        store_label_columns,
-        store_obs_for_anndata,
-        write_anndata,
+    store, out_path, reference_path = _open_inputs(
+        store_path, out, reference, normalize=normalize, features=features, overwrite=overwrite
     )
+    space = _measuring_space(
+        store, reference_path, features=features, normalize=normalize,
+        nucleus_channel=nucleus_channel, n_components=n_components,
+    )  # fmt: skip
+    measured = _measure_store(
+        store, space, features, out_path=out_path, batch_size=batch_size, n_components=n_components
+    )
+    scaling = _standardise_store(measured.values, store, normalize=normalize, fitted=space.fitted)
+    projection = _project(scaling.values, space.fitted, n_components=n_components, seed=seed)
+    adata = _baseline_anndata(measured, scaling, projection)
+    adata.uns[schema.UNS_SCBD] = _provenance(
+        store, store_path, space, measured, scaling, projection, features=features,
+        normalize=normalize, seed=seed, reference_path=reference_path,
+    )  # fmt: skip
+    write_anndata(adata, out_path, overwrite=overwrite)
+    log.info("Baseline: %d cells x %d features -> PCA %d (%.0f%% variance) -> %s", store.n_cells,
+             len(measured.names), projection.components, 100 * projection.explained, out_path)
+    return BaselineResult(
+        out_path=out_path, n_cells=store.n_cells, n_features=len(measured.names),
+        n_components=projection.components, explained_variance=projection.explained,
+    )  # fmt: skip
+
+
+def _open_inputs(
+    store_path: str | Path,
+    out: str | Path,
+    reference: str | Path | None,
+    *,
+    normalize: str,
+    features: str,
+    overwrite: bool,
+) -> tuple[Store, Path, Path | None]:
+    """The store, the output path and the reference's, after checking the options and paths."""
+    from scbd_cells.data.store import open_store
+    from scbd_cells.profiles.anndata_io import check_output_path
 
     if normalize not in ("batch", "store"):
         raise InputError(f"--normalize must be batch or store; found {normalize!r}.")
@@ -395,7 +428,28 @@ def baseline(
     reference_path = Path(reference) if reference is not None else None
     inputs = [store_path] if reference_path is None else [store_path, reference_path]
     check_output_path(out_path, overwrite=overwrite, inputs=inputs)
-    store = open_store(store_path)
+    return open_store(store_path), out_path, reference_path
+
+
+class _MeasuringSpace(NamedTuple):
+    """How :func:`baseline` measures: the reference's transforms (if any) and channel ranges."""
+
+    fitted: ReferenceSpace | None
+    nucleus_at: int  # the nucleus channel's index
+    low: np.ndarray  # (C,) each channel's 1st percentile
+    high: np.ndarray  # (C,) 99th percentile, above ``low``
+
+
+def _measuring_space(
+    store: Store,
+    reference_path: Path | None,
+    *,
+    features: str,
+    normalize: str,
+    nucleus_channel: str | None,
+    n_components: int,
+) -> _MeasuringSpace:
+    """The reference baseline's space, else the store's channel ranges."""
     fitted = None
     if reference_path is not None:
         fitted = _reference_space(
@@ -416,7 +470,28 @@ def baseline(
         low = np.array(stats["p01"], dtype=np.float32)
         high = np.array(stats["p99"], dtype=np.float32)
         high = np.where(high > low, high, low + 1)
-    feature_set = features
+    return _MeasuringSpace(fitted, nucleus_at, low, high)
+
+
+class _Measured(NamedTuple):
+    values: np.ndarray  # (N, F) float32, in store order
+    names: list[str]  # F feature names
+    obs: pd.DataFrame  # the store's cell table, for the AnnData
+
+
+def _measure_store(
+    store: Store,
+    space: _MeasuringSpace,
+    feature_set: str,
+    *,
+    out_path: Path,
+    batch_size: int,
+    n_components: int,
+) -> _Measured:
+    """Every cell's measurements, batch by batch (the output's free space checked first)."""
+    from scbd_cells.data.loader import iter_cells
+    from scbd_cells.profiles.anndata_io import anndata_bytes, store_obs_for_anndata
+
     names = feature_names(store.channel_names) if feature_set == "handcrafted" else None
     features = None
     obs = store_obs_for_anndata(store)
@@ -426,9 +501,9 @@ def baseline(
             store, np.arange(store.n_cells), batch_size=batch_size, workers=1
         ):
             values, names = _measure(
-                images, feature_set, nucleus_channel=nucleus_at, channel_low=low,
-                channel_high=high, channel_names=store.channel_names, names=names,
-            )
+                images, feature_set, nucleus_channel=space.nucleus_at, channel_low=space.low,
+                channel_high=space.high, channel_names=store.channel_names, names=names,
+            )  # fmt: skip
             if features is None:  # the feature count is known from the first batch on
                 # X and obsm["X_pca"] hold the PCA, obsm["X_features"] the features
                 size = store.n_cells * (len(names) + 2 * n_components)
@@ -438,6 +513,19 @@ def baseline(
             bar.advance(task, len(indices))
     if feature_set == "cellprofiler":
         _fill_undefined(features)
+    return _Measured(features, names, obs)
+
+
+class _Scaling(NamedTuple):
+    values: np.ndarray  # (N, F) the standardised features
+    mean: np.ndarray | None  # (F,) what was subtracted; None when standardised per batch
+    std: np.ndarray | None  # (F,) what it was divided by
+
+
+def _standardise_store(
+    features: np.ndarray, store: Store, *, normalize: str, fitted: ReferenceSpace | None
+) -> _Scaling:
+    """The features standardised (in place) per batch label, by the reference, or over all."""
     feature_mean = feature_std = None
     if normalize == "batch":
         codes, _ = store.codes(schema.BATCH)
@@ -453,46 +541,96 @@ def baseline(
         spread = features.std(axis=0, dtype=np.float64)
         feature_std = np.where(spread > 0, spread, 1.0).astype(np.float32)
         features = _standardised(features)
-    if fitted is not None:  # the reference's loadings, as sklearn's PCA.transform
+    return _Scaling(features, feature_mean, feature_std)
+
+
+class _Projection(NamedTuple):
+    reduced: np.ndarray  # (N, components) float32
+    mean: np.ndarray  # (F,) float32 PCA mean
+    loadings: np.ndarray  # (components, F) float32
+    variance: np.ndarray  # (components,)
+    variance_ratio: np.ndarray  # (components,)
+    components: int
+
+    @property
+    def explained(self) -> float:
+        return float(np.sum(self.variance_ratio))
+
+
+def _project(
+    features: np.ndarray, fitted: ReferenceSpace | None, *, n_components: int, seed: int
+) -> _Projection:
+    """PCA of the features: fitted here, or the reference's loadings (as sklearn's transform)."""
+    from sklearn.decomposition import PCA
+
+    if fitted is not None:
         pca_mean, pca_components = fitted.pca_mean, fitted.pca_components
-        components = len(pca_components)
         reduced = ((features - pca_mean) @ pca_components.T).astype(np.float32)
         variance = reduced.var(axis=0, dtype=np.float64, ddof=1)
         variance_ratio = variance / max(float(features.var(axis=0, ddof=1).sum()), 1e-12)
-    else:
-        components = min(n_components, features.shape[1], store.n_cells)
-        # copy=False: the covariance_eigh solver reads the features without changing them,
-        # so no second N x F matrix; the projection is float32 already (no copy either).
-        pca = PCA(
-            n_components=components, svd_solver="covariance_eigh", random_state=seed, copy=False
+        return _Projection(
+            reduced, pca_mean, pca_components, variance, variance_ratio, len(pca_components)
         )
-        reduced = pca.fit_transform(features).astype(np.float32, copy=False)
-        pca_mean = pca.mean_.astype(np.float32)
-        pca_components = pca.components_.astype(np.float32)
-        variance, variance_ratio = pca.explained_variance_, pca.explained_variance_ratio_
-    explained = float(np.sum(variance_ratio))
-
-    adata = ad.AnnData(
-        X=reduced, obs=obs, var=pd.DataFrame(index=[f"PC{i + 1}" for i in range(components)])
+    components = min(n_components, features.shape[1], features.shape[0])
+    # copy=False: the covariance_eigh solver reads the features without changing them,
+    # so no second N x F matrix; the projection is float32 already (no copy either).
+    pca = PCA(n_components=components, svd_solver="covariance_eigh", random_state=seed, copy=False)
+    reduced = pca.fit_transform(features).astype(np.float32, copy=False)
+    return _Projection(
+        reduced,
+        pca.mean_.astype(np.float32),
+        pca.components_.astype(np.float32),
+        pca.explained_variance_,
+        pca.explained_variance_ratio_,
+        components,
     )
-    adata.obsm[schema.OBSM_FEATURES] = features
-    adata.obsm[schema.OBSM_PCA] = reduced  # where scanpy looks for a PCA
+
+
+def _baseline_anndata(
+    measured: _Measured, scaling: _Scaling, projection: _Projection
+) -> ad.AnnData:
+    """``X`` and ``obsm["X_pca"]`` the PCA, ``obsm["X_features"]`` the standardised features."""
+    import anndata
+
+    var = pd.DataFrame(index=[f"PC{i + 1}" for i in range(projection.components)])
+    adata = anndata.AnnData(X=projection.reduced, obs=measured.obs, var=var)
+    adata.obsm[schema.OBSM_FEATURES] = scaling.values
+    adata.obsm[schema.OBSM_PCA] = projection.reduced  # where scanpy looks for a PCA
     adata.uns["pca"] = {  # as scanpy.pp.pca writes it
-        "variance": np.asarray(variance, dtype=np.float32),
-        "variance_ratio": np.asarray(variance_ratio, dtype=np.float32),
+        "variance": np.asarray(projection.variance, dtype=np.float32),
+        "variance_ratio": np.asarray(projection.variance_ratio, dtype=np.float32),
         "params": {"zero_center": True, "use_highly_variable": False},
     }
+    return adata
+
+
+def _provenance(
+    store: Store,
+    store_path: str | Path,
+    space: _MeasuringSpace,
+    measured: _Measured,
+    scaling: _Scaling,
+    projection: _Projection,
+    *,
+    features: str,
+    normalize: str,
+    seed: int,
+    reference_path: Path | None,
+) -> dict[str, Any]:
+    """``uns["scbd"]``: what was measured how, and the space another store can be put in."""
+    from scbd_cells.profiles.anndata_io import store_label_columns
+
     # what puts another store's cells into this baseline's space (baseline --reference)
-    space = {
+    recorded_space = {
         "channel_names": list(store.channel_names),
-        "channel_low": np.asarray(low, dtype=np.float32),
-        "channel_high": np.asarray(high, dtype=np.float32),
-        "pca_mean": pca_mean,
-        "pca_components": pca_components,
+        "channel_low": np.asarray(space.low, dtype=np.float32),
+        "channel_high": np.asarray(space.high, dtype=np.float32),
+        "pca_mean": projection.mean,
+        "pca_components": projection.loadings,
     }
-    if feature_mean is not None:
-        space.update(feature_mean=feature_mean, feature_std=feature_std)
-    adata.uns[schema.UNS_SCBD] = {
+    if scaling.mean is not None:
+        recorded_space.update(feature_mean=scaling.mean, feature_std=scaling.std)
+    return {
         "kind": "baseline",
         "store": location_text(store_path),
         "store_id": store.store_id,
@@ -500,38 +638,22 @@ def baseline(
         schema.UNS_LABEL_COLUMNS: store_label_columns(store),
         "method": (
             "CellProfiler-style intensity, shape and Haralick texture features"
-            if feature_set == "handcrafted"
+            if features == "handcrafted"
             else "CellProfiler measurements (cp-measure): size/shape, intensity, texture"
         )
         + f", standardised per {'batch label' if normalize == 'batch' else 'store'}, PCA",
-        "features": feature_set,
+        "features": features,
         "normalize": normalize,
-        "feature_names": names,
-        "nucleus_channel": store.channel_names[nucleus_at],
-        "n_components": components,
-        "explained_variance": explained,
+        "feature_names": measured.names,
+        "nucleus_channel": store.channel_names[space.nucleus_at],
+        "n_components": projection.components,
+        "explained_variance": projection.explained,
         "seed": seed,
         "version": _version(),
-        **space,
-        "space_id": space_id(feature_set, normalize, space),
+        **recorded_space,
+        "space_id": space_id(features, normalize, recorded_space),
         "reference": str(reference_path.resolve()) if reference_path is not None else "",
     }
-    write_anndata(adata, out_path, overwrite=overwrite)
-    log.info(
-        "Baseline: %d cells x %d features -> PCA %d (%.0f%% variance) -> %s",
-        store.n_cells,
-        len(names),
-        components,
-        100 * explained,
-        out_path,
-    )
-    return BaselineResult(
-        out_path=out_path,
-        n_cells=store.n_cells,
-        n_features=len(names),
-        n_components=components,
-        explained_variance=explained,
-    )
 
 
 FEATURE_SETS = ("handcrafted", "cellprofiler")

@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -350,36 +350,104 @@ def _well_name(index: int) -> str:
 
 
 def _design(params: SimulationParams, rng: np.random.Generator) -> _Design:
+    """Genes in complexes with their effects, guides, wells, then the cells of every guide.
+
+    The stages draw from ``rng`` in this order; changing it changes every simulated screen.
+    """
+    genes = [f"GENE{i + 1:04d}" for i in range(params.n_genes)] + [CONTROL_LABEL]
+    gene_complex = _complexes(params, rng)
+    complex_effects, gene_effects = _gene_effects(params, gene_complex, rng)
+    guides, guide_gene, guide_efficacy = _guides(params, genes, rng)
+    plates = [f"plate{p + 1}" for p in range(params.plates)]
+    wells = [_well_name(w) for _p in range(params.plates) for w in range(params.wells_per_plate)]
+    well_plate = np.repeat(np.arange(params.plates), params.wells_per_plate)
+    well_effects = _well_effects(params, rng, well_plate)
+    cell_guide, cell_well = _pooled_cells(params, guide_gene, n_wells=len(wells), rng=rng)
+    placement = _place_cells(cell_well, crop_size=params.crop_size, grid=params.field_grid, rng=rng)
+    # Edited or not, per cell (a guide's efficacy is the fraction of its cells edited).
+    edited = rng.random(cell_guide.size) < guide_efficacy[cell_guide]
+    cell_shift = (gene_effects[guide_gene[cell_guide]] * edited[:, None]).astype(np.float32)
+    return _placed(
+        placement,
+        genes=genes,
+        gene_complex=gene_complex.tolist(),
+        gene_effects=gene_effects,
+        complex_names=[f"Simulated complex {i + 1}" for i in range(params.n_complexes)],
+        complex_effects=complex_effects,
+        guides=guides,
+        guide_gene=guide_gene,
+        guide_efficacy=guide_efficacy,
+        plates=plates,
+        wells=wells,
+        well_plate=well_plate,
+        well_effects=well_effects,
+        cell_guide=cell_guide,
+        cell_well=cell_well,
+        cell_shift=cell_shift,
+    )
+
+
+def _placed(placement: _Placement, **design: Any) -> _Design:
+    """A :class:`_Design` of ``design``'s fields, its cells where ``placement`` puts them."""
+    return _Design(
+        **design,
+        cell_tile=placement.tile,
+        cell_field=placement.field,
+        cell_x=placement.x,
+        cell_y=placement.y,
+        field_size=placement.field_size,
+        fields=placement.fields,
+    )
+
+
+def _complexes(params: SimulationParams, rng: np.random.Generator) -> np.ndarray:
+    """Complex index per gene, -1 if none: a fraction of the genes, in groups (>= 2 each)."""
     n_genes, n_complexes = params.n_genes, params.n_complexes
-    n_params = len(MORPHOLOGY)
-    genes = [f"GENE{i + 1:04d}" for i in range(n_genes)] + [CONTROL_LABEL]
-
-    # Complexes: a fraction of the genes, split into groups of random size (>= 2).
+    if not n_complexes:
+        return np.full(n_genes, -1, dtype=int)
     n_members = min(n_genes, max(2 * n_complexes, round(params.fraction_in_complexes * n_genes)))
-    members = rng.permutation(n_genes)[:n_members] if n_complexes else np.array([], dtype=int)
-    sizes = np.array([], dtype=int)
-    if n_complexes:
-        cuts = np.sort(rng.choice(np.arange(1, n_members), size=n_complexes - 1, replace=False))
-        # Re-balance so that every complex has at least two members (checked: n_genes >= 2 x).
-        sizes = _at_least(np.diff(np.concatenate([[0], cuts, [n_members]])), 2)
-    gene_complex = np.full(n_genes, -1, dtype=int)
+    return _random_groups(rng.permutation(n_genes)[:n_members], n_complexes, n_genes, rng)
+
+
+def _random_groups(
+    members: np.ndarray, n_groups: int, n_items: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Group index per item, -1 outside ``members``: ``members`` in turn, in groups of random size.
+
+    Every group gets at least two members (the callers check there are enough).
+    """
+    n_members = members.size
+    cuts = np.sort(rng.choice(np.arange(1, n_members), size=n_groups - 1, replace=False))
+    sizes = _at_least(np.diff(np.concatenate([[0], cuts, [n_members]])), 2)
+    group = np.full(n_items, -1, dtype=int)
     start = 0
-    for complex_index, size in enumerate(sizes):
-        gene_complex[members[start : start + size]] = complex_index
+    for index, size in enumerate(sizes):
+        group[members[start : start + size]] = index
         start += size
+    return group
 
-    # Effects: a complex shifts 2-4 interpretable parameters; its members share the
-    # direction with their own strength (some members none); genes outside
-    # complexes mostly have no effect, a few have one of their own.
-    def random_effect() -> np.ndarray:
-        vector = np.zeros(n_params)
-        chosen = rng.choice(n_params, size=int(rng.integers(2, 5)), replace=False)
-        vector[chosen] = rng.normal(size=chosen.size)
-        return vector / np.linalg.norm(vector)
 
+def _random_direction(rng: np.random.Generator) -> np.ndarray:
+    """A unit vector over :data:`MORPHOLOGY` that moves 2-4 of the parameters."""
+    vector = np.zeros(len(MORPHOLOGY))
+    chosen = rng.choice(len(MORPHOLOGY), size=int(rng.integers(2, 5)), replace=False)
+    vector[chosen] = rng.normal(size=chosen.size)
+    return vector / np.linalg.norm(vector)
+
+
+def _gene_effects(
+    params: SimulationParams, gene_complex: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Effects of the complexes (n_complexes, P) and of the genes (n_genes + 1, P).
+
+    A complex shifts 2-4 interpretable parameters; its members share the direction with
+    their own strength (some members none); genes outside complexes mostly have no
+    effect, a few have one of their own. The control's row is zero.
+    """
+    n_genes, n_complexes, n_params = params.n_genes, params.n_complexes, len(MORPHOLOGY)
     complex_strength = rng.uniform(0.5, 1.5, size=n_complexes) * params.effect_strength
     complex_effects = (
-        np.stack([random_effect() * s for s in complex_strength])
+        np.stack([_random_direction(rng) * s for s in complex_strength])
         if n_complexes
         else (np.zeros((0, n_params)))
     )
@@ -391,74 +459,48 @@ def _design(params: SimulationParams, rng: np.random.Generator) -> _Design:
             gene_effects[gene_index] = loading * complex_effects[complex_index]
         elif rng.random() < params.fraction_unassigned_with_effect:
             gene_effects[gene_index] = (
-                random_effect() * rng.uniform(0.4, 1.2) * params.effect_strength
+                _random_direction(rng) * rng.uniform(0.4, 1.2) * params.effect_strength
             )
-    complex_names = [f"Simulated complex {i + 1}" for i in range(n_complexes)]
+    return complex_effects, gene_effects
 
-    # Guides: most cut well, about one in six barely works (efficacy < 0.15).
+
+def _guides(
+    params: SimulationParams, genes: list[str], rng: np.random.Generator
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Guide names, their gene index and efficacy: most cut well, one in six barely works."""
     guides, guide_gene, guide_efficacy = [], [], []
     for gene_index, gene in enumerate(genes[:-1]):
         for k in range(params.guides_per_gene):
             guides.append(f"{gene}_{k + 1}")
             guide_gene.append(gene_index)
-            inactive = rng.random() < 1 / 6
+            inactive = rng.random() < 1 / 6  # efficacy < 0.15
             guide_efficacy.append(rng.uniform(0.0, 0.15) if inactive else rng.uniform(0.6, 1.0))
     for k in range(params.control_guides):
         guides.append(f"{CONTROL_LABEL}_{k:04d}")
-        guide_gene.append(n_genes)
+        guide_gene.append(params.n_genes)
         guide_efficacy.append(0.0)
-    guide_gene_array = np.asarray(guide_gene)
-    guide_efficacy_array = np.asarray(guide_efficacy)
+    return guides, np.asarray(guide_gene), np.asarray(guide_efficacy)
 
-    plates = [f"plate{p + 1}" for p in range(params.plates)]
-    wells = [_well_name(w) for _p in range(params.plates) for w in range(params.wells_per_plate)]
-    well_plate = np.repeat(np.arange(params.plates), params.wells_per_plate)
-    well_effects = _well_effects(params, rng, well_plate)
 
-    # Cells: each guide's cells go round-robin over the wells from a random start,
-    # so every well holds every guide (pooled screen); then shuffled within wells.
-    n_wells = len(wells)
+def _pooled_cells(
+    params: SimulationParams, guide_gene: np.ndarray, *, n_wells: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Guide and well of each cell, ordered by well.
+
+    Each guide's cells go round-robin over the wells from a random start, so every well
+    holds every guide (pooled screen); then shuffled within wells.
+    """
     cells_per = np.where(
-        guide_gene_array == n_genes, params.control_cells_per_guide, params.cells_per_guide
+        guide_gene == params.n_genes, params.control_cells_per_guide, params.cells_per_guide
     )
-    cell_guide = np.repeat(np.arange(len(guides)), cells_per)
-    offsets = rng.integers(0, n_wells, size=len(guides))
+    cell_guide = np.repeat(np.arange(guide_gene.size), cells_per)
+    offsets = rng.integers(0, n_wells, size=guide_gene.size)
     rank_in_guide = np.arange(cell_guide.size) - np.repeat(
         np.cumsum(cells_per) - cells_per, cells_per
     )
     cell_well = (offsets[cell_guide] + rank_in_guide) % n_wells
     order = np.lexsort((rng.random(cell_guide.size), cell_well))
-    cell_guide, cell_well = cell_guide[order], cell_well[order]
-
-    placement = _place_cells(cell_well, crop_size=params.crop_size, grid=params.field_grid, rng=rng)
-
-    # Edited or not, per cell (a guide's efficacy is the fraction of its cells edited).
-    edited = rng.random(cell_guide.size) < guide_efficacy_array[cell_guide]
-    cell_shift = (gene_effects[guide_gene_array[cell_guide]] * edited[:, None]).astype(np.float32)
-
-    return _Design(
-        genes=genes,
-        gene_complex=gene_complex.tolist(),
-        gene_effects=gene_effects,
-        complex_names=complex_names,
-        complex_effects=complex_effects,
-        guides=guides,
-        guide_gene=guide_gene_array,
-        guide_efficacy=guide_efficacy_array,
-        plates=plates,
-        wells=wells,
-        well_plate=well_plate,
-        well_effects=well_effects,
-        cell_guide=cell_guide,
-        cell_well=cell_well,
-        cell_tile=placement.tile,
-        cell_field=placement.field,
-        cell_x=placement.x,
-        cell_y=placement.y,
-        cell_shift=cell_shift,
-        field_size=placement.field_size,
-        fields=placement.fields,
-    )
+    return cell_guide[order], cell_well[order]
 
 
 @dataclass(frozen=True)
@@ -628,14 +670,6 @@ def _arrayed_well_name(index: int) -> str:
     return f"{'ABCDEFGHIJKLMNOP'[index // 24]}{index % 24 + 1:02d}"
 
 
-def _random_direction(rng: np.random.Generator) -> np.ndarray:
-    """A unit vector over :data:`MORPHOLOGY` that moves 2-4 of the parameters."""
-    vector = np.zeros(len(MORPHOLOGY))
-    chosen = rng.choice(len(MORPHOLOGY), size=int(rng.integers(2, 5)), replace=False)
-    vector[chosen] = rng.normal(size=chosen.size)
-    return vector / np.linalg.norm(vector)
-
-
 def _arrayed_design(
     params: ArrayedParams, rng: np.random.Generator
 ) -> tuple[_Design, _ArrayedFacts]:
@@ -646,64 +680,25 @@ def _arrayed_design(
     response ``c / (c + EC50)`` to the concentration. Each plate holds every treatment
     once and ``control_wells`` vehicle wells, in a random order of its own; plates of
     one batch share a batch part of their technical effects on top of the plate part.
+    The stages draw from ``rng`` in this order; changing it changes every simulated screen.
     """
     n_compounds, n_mechanisms = params.n_compounds, params.n_mechanisms
     compounds = [f"CPD{i + 1:04d}" for i in range(n_compounds)] + [ARRAYED_CONTROL]
-
-    # Mechanisms: the compounds split into groups of random size (>= 2).
-    order = rng.permutation(n_compounds)
-    cuts = np.sort(rng.choice(np.arange(1, n_compounds), size=n_mechanisms - 1, replace=False))
-    sizes = _at_least(np.diff(np.concatenate([[0], cuts, [n_compounds]])), 2)
-    mechanism = np.empty(n_compounds, dtype=int)
-    start = 0
-    for index, size in enumerate(sizes):
-        mechanism[order[start : start + size]] = index
-        start += size
-    strength = params.effect_strength
-    mechanism_effects = np.stack(
-        [_random_direction(rng) * rng.uniform(0.6, 1.4) * strength for _ in range(n_mechanisms)]
-    )
-    compound_effects = np.zeros((n_compounds + 1, len(MORPHOLOGY)))  # the control's row: zero
-    for index in range(n_compounds):
-        own = _random_direction(rng) * 0.25 * strength
-        compound_effects[index] = rng.uniform(0.7, 1.3) * mechanism_effects[mechanism[index]] + own
+    mechanism = _random_groups(rng.permutation(n_compounds), n_mechanisms, n_compounds, rng)
+    mechanism_effects, compound_effects = _compound_effects(params, mechanism, rng)
     concentrations = np.asarray(params.concentrations, dtype=float)
     middle = float(np.exp(np.log(concentrations).mean()))
     ec50 = middle * np.exp(rng.normal(0, 0.7, size=n_compounds))
+    treatments = _treatments(compounds, concentrations, ec50)
 
-    # Treatments (the design's "guides"): each compound at each concentration, then the control.
-    treatments = [f"{c}@{x:g}" for c in compounds[:-1] for x in concentrations] + [ARRAYED_CONTROL]
-    treatment_compound = np.append(
-        np.repeat(np.arange(n_compounds), concentrations.size), n_compounds
-    )
-    treatment_concentration = np.append(np.tile(concentrations, n_compounds), 0.0)
-    response = np.append(
-        treatment_concentration[:-1]
-        / (treatment_concentration[:-1] + ec50[treatment_compound[:-1]]),
-        0.0,
-    )
-
-    # Plates: every treatment once and the control wells, in a random order per plate.
     plates = [f"plate{p + 1}" for p in range(params.plates)]
     plate_batch = np.arange(params.plates) // params.plates_per_batch
     batches = [f"batch{b + 1}" for b in range(int(plate_batch.max()) + 1)]
-    on_plate = np.append(
-        np.arange(len(treatments) - 1), np.full(params.control_wells, len(treatments) - 1)
-    )
-    well_treatment = np.concatenate([rng.permutation(on_plate) for _ in plates])
-    wells_per_plate = on_plate.size
+    well_treatment = _plate_maps(params, n_treatments=len(treatments.names), rng=rng)
+    wells_per_plate = well_treatment.size // params.plates
     wells = [_arrayed_well_name(w) for _ in plates for w in range(wells_per_plate)]
     well_plate = np.repeat(np.arange(params.plates), wells_per_plate)
-    well_effects = _well_effects(params, rng, well_plate)
-    batch_strength, n_channels = params.batch_strength, len(SIM_CHANNELS)
-    batch_gain = rng.normal(0, 0.2 * batch_strength, size=(len(batches), n_channels))
-    batch_offset = rng.normal(0, 100 * batch_strength, size=(len(batches), n_channels))
-    for well, effect in enumerate(well_effects):
-        batch = plate_batch[well_plate[well]]
-        effect["gain"] = (np.asarray(effect["gain"]) * np.exp(batch_gain[batch])).tolist()
-        effect["offset"] = np.maximum(
-            50.0, np.asarray(effect["offset"]) + batch_offset[batch]
-        ).tolist()
+    well_effects = _batched_well_effects(params, rng, well_plate, plate_batch, len(batches))
 
     # Cells: cells_per_well in every well; about one in ten does not respond.
     cell_well = np.repeat(np.arange(len(wells)), params.cells_per_well)
@@ -711,41 +706,115 @@ def _arrayed_design(
     cell_treatment = well_treatment[cell_well]
     responds = rng.random(cell_well.size) < 0.9
     cell_shift = (
-        compound_effects[treatment_compound[cell_treatment]]
-        * (response[cell_treatment] * responds)[:, None]
+        compound_effects[treatments.compound[cell_treatment]]
+        * (treatments.response[cell_treatment] * responds)[:, None]
     ).astype(np.float32)
 
-    design = _Design(
+    design = _placed(
+        placement,
         genes=compounds,
         gene_complex=mechanism.tolist(),
         gene_effects=compound_effects,
         complex_names=[f"Simulated mechanism {k + 1}" for k in range(n_mechanisms)],
         complex_effects=mechanism_effects,
-        guides=treatments,
-        guide_gene=treatment_compound,
-        guide_efficacy=response,
+        guides=treatments.names,
+        guide_gene=treatments.compound,
+        guide_efficacy=treatments.response,
         plates=plates,
         wells=wells,
         well_plate=well_plate,
         well_effects=well_effects,
         cell_guide=cell_treatment,
         cell_well=cell_well,
-        cell_tile=placement.tile,
-        cell_field=placement.field,
-        cell_x=placement.x,
-        cell_y=placement.y,
         cell_shift=cell_shift,
-        field_size=placement.field_size,
-        fields=placement.fields,
     )
     facts = _ArrayedFacts(
-        concentrations=treatment_concentration,
+        concentrations=treatments.concentration,
         ec50=ec50,
         well_treatment=well_treatment,
         batches=batches,
         plate_batch=plate_batch,
     )
     return design, facts
+
+
+def _compound_effects(
+    params: ArrayedParams, mechanism: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Effects of the mechanisms (n_mechanisms, P) and of the compounds (n_compounds + 1, P).
+
+    A compound shares its mechanism's direction with its own strength, plus a smaller
+    part of its own. The control's row is zero.
+    """
+    strength = params.effect_strength
+    mechanism_effects = np.stack(
+        [
+            _random_direction(rng) * rng.uniform(0.6, 1.4) * strength
+            for _ in range(params.n_mechanisms)
+        ]
+    )
+    compound_effects = np.zeros((params.n_compounds + 1, len(MORPHOLOGY)))
+    for index in range(params.n_compounds):
+        own = _random_direction(rng) * 0.25 * strength
+        compound_effects[index] = rng.uniform(0.7, 1.3) * mechanism_effects[mechanism[index]] + own
+    return mechanism_effects, compound_effects
+
+
+class _Treatments(NamedTuple):
+    """An arrayed screen's treatments (the design's "guides"), the control last."""
+
+    names: list[str]  # "<compound>@<concentration>"
+    compound: np.ndarray  # (n_treatments,) compound index
+    concentration: np.ndarray  # (n_treatments,) µM, 0 for the control
+    response: np.ndarray  # (n_treatments,) Hill response c / (c + EC50), 0 for the control
+
+
+def _treatments(compounds: list[str], concentrations: np.ndarray, ec50: np.ndarray) -> _Treatments:
+    """Each compound at each concentration, then the control (``compounds``' last)."""
+    n_compounds = len(compounds) - 1
+    names = [f"{c}@{x:g}" for c in compounds[:-1] for x in concentrations] + [ARRAYED_CONTROL]
+    compound = np.append(np.repeat(np.arange(n_compounds), concentrations.size), n_compounds)
+    concentration = np.append(np.tile(concentrations, n_compounds), 0.0)
+    response = np.append(
+        concentration[:-1] / (concentration[:-1] + ec50[compound[:-1]]),
+        0.0,
+    )
+    return _Treatments(names, compound, concentration, response)
+
+
+def _plate_maps(
+    params: ArrayedParams, *, n_treatments: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Treatment index per well, plate after plate.
+
+    Every plate holds every treatment once and the control wells (the last treatment), in
+    a random order per plate.
+    """
+    on_plate = np.append(
+        np.arange(n_treatments - 1), np.full(params.control_wells, n_treatments - 1)
+    )
+    return np.concatenate([rng.permutation(on_plate) for _ in range(params.plates)])
+
+
+def _batched_well_effects(
+    params: ArrayedParams,
+    rng: np.random.Generator,
+    well_plate: np.ndarray,
+    plate_batch: np.ndarray,
+    n_batches: int,
+) -> list[dict[str, Any]]:
+    """:func:`_well_effects` with a batch part of the gain and offset shared by its plates."""
+    well_effects = _well_effects(params, rng, well_plate)
+    batch_strength, n_channels = params.batch_strength, len(SIM_CHANNELS)
+    batch_gain = rng.normal(0, 0.2 * batch_strength, size=(n_batches, n_channels))
+    batch_offset = rng.normal(0, 100 * batch_strength, size=(n_batches, n_channels))
+    for well, effect in enumerate(well_effects):
+        batch = plate_batch[well_plate[well]]
+        effect["gain"] = (np.asarray(effect["gain"]) * np.exp(batch_gain[batch])).tolist()
+        effect["offset"] = np.maximum(
+            50.0, np.asarray(effect["offset"]) + batch_offset[batch]
+        ).tolist()
+    return well_effects
 
 
 def _arrayed_cells_table(design: _Design, facts: _ArrayedFacts) -> pd.DataFrame:
@@ -910,17 +979,58 @@ def draw_cells(
         (N, 4, S, S) float32 photon counts before gain, blur and noise, channels
         in :data:`scbd_cells.data.schema.SIM_CHANNELS` order.
     """
+    # The stages draw from ``rng`` in this order; changing it changes every simulated screen.
+    cells = _cell_geometry(shift, crop_size=crop_size, subpixel=subpixel, rng=rng)
+    body = _cell_body(cells, rng)
+    nucleus, chromatin = _nucleus(cells, body, rng)
+    images = np.empty((cells.n, 4, cells.size, cells.size), dtype=np.float32)
+    # dna: Hoechst/DAPI-like nuclear stain.
+    dna_level = 5000 * np.exp(0.18 * cells.p["dna_intensity"] + 0.1 * cells.cycle)
+    images[:, 2] = _per_cell(dna_level) * chromatin
+    images[:, 0] = _dna_damage(cells, nucleus, rng)
+    images[:, 1] = _actin(cells, body, rng)
+    images[:, 3] = _microtubules(cells, body, nucleus, rng)
+    return images
+
+
+def _per_cell(values: np.ndarray) -> np.ndarray:
+    """(N,) values as float32 (N, 1, 1), to broadcast over a crop."""
+    return values.astype(np.float32)[:, None, None]
+
+
+@dataclass(frozen=True)
+class _CellGeometry:
+    """The per-cell draws of :func:`draw_cells`: morphology and where cell and nucleus sit."""
+
+    n: int
+    size: int  # crop side
+    u: float  # crop side / REFERENCE_CROP: lengths scale with it
+    p: dict[str, np.ndarray]  # (N,) per MORPHOLOGY parameter
+    cycle: np.ndarray  # (N,) shared "cell cycle" factor
+    major: np.ndarray
+    minor: np.ndarray
+    angle: np.ndarray
+    nucleus_radius: np.ndarray
+    nucleus_aspect: np.ndarray
+    nucleus_angle: np.ndarray
+    nucleus_y: np.ndarray
+    nucleus_x: np.ndarray
+    cell_y: np.ndarray
+    cell_x: np.ndarray
+    rows: np.ndarray  # (1, S, 1) float32
+    cols: np.ndarray  # (1, 1, S) float32
+
+
+def _cell_geometry(
+    shift: np.ndarray, *, crop_size: int, subpixel: np.ndarray, rng: np.random.Generator
+) -> _CellGeometry:
+    """Morphology of each cell (its shift plus noise) and the ellipses of cell and nucleus."""
     n, size = shift.shape[0], crop_size
     u = size / REFERENCE_CROP
     z = rng.standard_normal((n, len(MORPHOLOGY))).astype(np.float32) + shift
     # A shared "cell cycle" factor: bigger cells have bigger, brighter nuclei.
     cycle = rng.standard_normal(n).astype(np.float32)
     p = {name: z[:, i] for i, name in enumerate(MORPHOLOGY)}
-
-    def per_cell(values: np.ndarray) -> np.ndarray:
-        return values.astype(np.float32)[:, None, None]
-
-    # Geometry ------------------------------------------------------------
     radius = 16.0 * u * np.exp(0.13 * p["cell_size"] + 0.06 * cycle)
     aspect = np.exp(0.18 + 0.22 * p["cell_elongation"])
     major = np.minimum(radius * np.sqrt(aspect), 0.44 * size)
@@ -937,19 +1047,36 @@ def draw_cells(
     centre = size // 2
     nucleus_y = centre + subpixel[:, 0]
     nucleus_x = centre + subpixel[:, 1]
-    cell_y = nucleus_y - sign * nucleus_offset * np.sin(angle)
-    cell_x = nucleus_x - sign * nucleus_offset * np.cos(angle)
+    return _CellGeometry(
+        n=n, size=size, u=u, p=p, cycle=cycle, major=major, minor=minor, angle=angle,
+        nucleus_radius=nucleus_radius, nucleus_aspect=nucleus_aspect,
+        nucleus_angle=nucleus_angle, nucleus_y=nucleus_y, nucleus_x=nucleus_x,
+        cell_y=nucleus_y - sign * nucleus_offset * np.sin(angle),
+        cell_x=nucleus_x - sign * nucleus_offset * np.cos(angle),
+        rows=np.arange(size, dtype=np.float32)[None, :, None],
+        cols=np.arange(size, dtype=np.float32)[None, None, :],
+    )  # fmt: skip
 
-    rows = np.arange(size, dtype=np.float32)[None, :, None]
-    cols = np.arange(size, dtype=np.float32)[None, None, :]
 
-    # Cell body: an ellipse with a wavy outline (harmonics 2-5 of the polar angle).
-    dy, dx = rows - per_cell(cell_y), cols - per_cell(cell_x)
-    cos_a, sin_a = per_cell(np.cos(angle)), per_cell(np.sin(angle))
+@dataclass(frozen=True)
+class _CellBody:
+    """The cell body's mask and the coordinates the actin channel reuses, each (N, S, S)."""
+
+    body: np.ndarray  # 1 inside the cell, fading to 0 at the outline and the crop border
+    relative: np.ndarray  # distance from the centre relative to the outline (1 on it)
+    dy: np.ndarray
+    dx: np.ndarray
+
+
+def _cell_body(cells: _CellGeometry, rng: np.random.Generator) -> _CellBody:
+    """Cell body: an ellipse with a wavy outline (harmonics 2-5 of the polar angle)."""
+    n, size, u, rows, cols = cells.n, cells.size, cells.u, cells.rows, cells.cols
+    dy, dx = rows - _per_cell(cells.cell_y), cols - _per_cell(cells.cell_x)
+    cos_a, sin_a = _per_cell(np.cos(cells.angle)), _per_cell(np.sin(cells.angle))
     along = dx * cos_a + dy * sin_a  # (N, S, S)
     across = -dx * sin_a + dy * cos_a
-    along /= per_cell(major)
-    across /= per_cell(minor)
+    along /= _per_cell(cells.major)
+    across /= _per_cell(cells.minor)
     rho = np.sqrt(np.square(along) + np.square(across)) + 1e-6
     cos_phi, sin_phi = along / rho, across / rho
     outline = np.ones_like(rho)
@@ -959,8 +1086,8 @@ def draw_cells(
         amplitude = rng.normal(0, 0.07 / k**0.5, n)
         phase = rng.uniform(0, 2 * np.pi, n)
         outline += (
-            per_cell(amplitude * np.cos(phase)) * cos_k
-            + per_cell(amplitude * np.sin(phase)) * sin_k
+            _per_cell(amplitude * np.cos(phase)) * cos_k
+            + _per_cell(amplitude * np.sin(phase)) * sin_k
         )
     relative = rho / outline  # 1 on the cell outline
     edge = 0.08
@@ -968,15 +1095,23 @@ def draw_cells(
     # Fade to zero at the crop border so that nothing is cut off sharply.
     border = np.minimum(np.minimum(rows, size - 1 - rows), np.minimum(cols, size - 1 - cols))
     body *= np.clip(border / (2 * u + 1), 0, 1)
+    return _CellBody(body=body, relative=relative, dy=dy, dx=dx)
 
-    # Nucleus: a smaller ellipse with chromatin texture.
-    ny, nx = rows - per_cell(nucleus_y), cols - per_cell(nucleus_x)
-    cos_n, sin_n = per_cell(np.cos(nucleus_angle)), per_cell(np.sin(nucleus_angle))
-    n_along = (nx * cos_n + ny * sin_n) / per_cell(nucleus_radius * np.sqrt(nucleus_aspect))
-    n_across = (-nx * sin_n + ny * cos_n) / per_cell(nucleus_radius / np.sqrt(nucleus_aspect))
+
+def _nucleus(
+    cells: _CellGeometry, body: _CellBody, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus: a smaller ellipse (its mask) with chromatin texture (the stained nucleus)."""
+    n, size, u, rows, cols = cells.n, cells.size, cells.u, cells.rows, cells.cols
+    ny, nx = rows - _per_cell(cells.nucleus_y), cols - _per_cell(cells.nucleus_x)
+    cos_n, sin_n = _per_cell(np.cos(cells.nucleus_angle)), _per_cell(np.sin(cells.nucleus_angle))
+    semi_major = cells.nucleus_radius * np.sqrt(cells.nucleus_aspect)
+    semi_minor = cells.nucleus_radius / np.sqrt(cells.nucleus_aspect)
+    n_along = (nx * cos_n + ny * sin_n) / _per_cell(semi_major)
+    n_across = (-nx * sin_n + ny * cos_n) / _per_cell(semi_minor)
     n_rho2 = np.square(n_along) + np.square(n_across)
     nucleus = _sigmoid((1 - np.sqrt(n_rho2)) / 0.07)
-    texture = np.zeros_like(rho)
+    texture = np.zeros_like(body.relative)
     for _ in range(3):
         wavelength = rng.uniform(3, 7, n) * u
         direction = rng.uniform(0, 2 * np.pi, n)
@@ -987,15 +1122,13 @@ def draw_cells(
         texture += (np.cos(along_y)[:, :, None] * np.cos(along_x)[:, None, :]).astype(np.float32)
         texture -= (np.sin(along_y)[:, :, None] * np.sin(along_x)[:, None, :]).astype(np.float32)
     chromatin = nucleus * (1 + 0.12 * texture) * (1 + 0.25 * (1 - n_rho2).clip(0, 1))
+    return nucleus, chromatin
 
-    images = np.empty((n, 4, size, size), dtype=np.float32)
 
-    # dna: Hoechst/DAPI-like nuclear stain.
-    dna_level = 5000 * np.exp(0.18 * p["dna_intensity"] + 0.1 * cycle)
-    images[:, 2] = per_cell(dna_level) * chromatin
-
-    # dna_damage: faint pan-nuclear signal plus foci (Poisson count, inside the nucleus).
-    foci_rate = 3.0 * np.exp(0.45 * p["foci_count"])
+def _dna_damage(cells: _CellGeometry, nucleus: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """dna_damage: faint pan-nuclear signal plus foci (Poisson count, inside the nucleus)."""
+    n, size, u = cells.n, cells.size, cells.u
+    foci_rate = 3.0 * np.exp(0.45 * cells.p["foci_count"])
     counts = np.minimum(rng.poisson(foci_rate), 40)
     foci = np.zeros((n, size, size), dtype=np.float32)
     total = int(counts.sum())
@@ -1004,64 +1137,72 @@ def draw_cells(
         r = np.sqrt(rng.random(total)) * 0.85
         theta = rng.uniform(0, 2 * np.pi, total)
         a, b = r * np.cos(theta), r * np.sin(theta)
-        semi_major = (nucleus_radius * np.sqrt(nucleus_aspect))[owner]
-        semi_minor = (nucleus_radius / np.sqrt(nucleus_aspect))[owner]
-        ca, sa = np.cos(nucleus_angle[owner]), np.sin(nucleus_angle[owner])
-        fy = np.rint(nucleus_y[owner] + a * semi_major * sa + b * semi_minor * ca).astype(int)
-        fx = np.rint(nucleus_x[owner] + a * semi_major * ca - b * semi_minor * sa).astype(int)
-        fy, fx = np.clip(fy, 0, size - 1), np.clip(fx, 0, size - 1)
+        semi_major = (cells.nucleus_radius * np.sqrt(cells.nucleus_aspect))[owner]
+        semi_minor = (cells.nucleus_radius / np.sqrt(cells.nucleus_aspect))[owner]
+        ca, sa = np.cos(cells.nucleus_angle[owner]), np.sin(cells.nucleus_angle[owner])
+        fy = np.rint(cells.nucleus_y[owner] + a * semi_major * sa + b * semi_minor * ca)
+        fx = np.rint(cells.nucleus_x[owner] + a * semi_major * ca - b * semi_minor * sa)
+        fy = np.clip(fy.astype(int), 0, size - 1)
+        fx = np.clip(fx.astype(int), 0, size - 1)
         brightness = rng.lognormal(np.log(2500), 0.4, total)
         np.add.at(foci, (owner, fy, fx), brightness)
         foci = ndimage.gaussian_filter(
             foci, sigma=(0, 1.0 * u + 0.3, 1.0 * u + 0.3), mode="constant"
         )
         foci *= 2 * np.pi * (1.0 * u + 0.3) ** 2 / 2  # peak ~ brightness / 2
-    damage_level = 500 * np.exp(0.3 * p["damage_intensity"])
-    images[:, 0] = per_cell(damage_level) * nucleus + foci * nucleus
+    damage_level = 500 * np.exp(0.3 * cells.p["damage_intensity"])
+    return _per_cell(damage_level) * nucleus + foci * nucleus
 
-    # actin: cortex at the cell outline plus stress fibres along the long axis.
+
+def _actin(cells: _CellGeometry, body: _CellBody, rng: np.random.Generator) -> np.ndarray:
+    """actin: cortex at the cell outline plus stress fibres along the long axis."""
+    n, u, p, dx, dy = cells.n, cells.u, cells.p, body.dx, body.dy
     actin_level = 2500 * np.exp(0.22 * p["actin_intensity"])
-    cortex = np.exp(-np.square((relative - 0.97) / 0.06))
-    fibre_angle = angle + rng.normal(0, 0.25, n)
+    cortex = np.exp(-np.square((body.relative - 0.97) / 0.06))
+    fibre_angle = cells.angle + rng.normal(0, 0.25, n)
     spacing = 5.0 * u * np.exp(-0.25 * p["fibre_density"])
-    fibre_along = dx * per_cell(np.cos(fibre_angle)) + dy * per_cell(np.sin(fibre_angle))
-    fibre_across = -dx * per_cell(np.sin(fibre_angle)) + dy * per_cell(np.cos(fibre_angle))
+    fibre_along = dx * _per_cell(np.cos(fibre_angle)) + dy * _per_cell(np.sin(fibre_angle))
+    fibre_across = -dx * _per_cell(np.sin(fibre_angle)) + dy * _per_cell(np.cos(fibre_angle))
     stripes = 0.5 + 0.5 * np.cos(
-        per_cell(2 * np.pi / spacing) * fibre_across
-        + per_cell(0.6 / u * rng.normal(0, 1, n)) * np.sin(fibre_along / (6 * u))
-        + per_cell(rng.uniform(0, 2 * np.pi, n))
+        _per_cell(2 * np.pi / spacing) * fibre_across
+        + _per_cell(0.6 / u * rng.normal(0, 1, n)) * np.sin(fibre_along / (6 * u))
+        + _per_cell(rng.uniform(0, 2 * np.pi, n))
     )
     stripes = np.square(stripes) * np.square(
         np.square(stripes)
     )  # ** 6, without the slow generic power
-    fibres = stripes * body * (0.6 + 0.4 * relative.clip(0, 1))
-    images[:, 1] = per_cell(actin_level) * (0.25 * body + 0.8 * cortex * body + 0.7 * fibres)
+    fibres = stripes * body.body * (0.6 + 0.4 * body.relative.clip(0, 1))
+    return _per_cell(actin_level) * (
+        0.25 * body.body + 0.8 * cortex * body.body + 0.7 * fibres
+    )
 
-    # microtubules: filaments radiating from the centrosome next to the nucleus, curving.
+
+def _microtubules(
+    cells: _CellGeometry, body: _CellBody, nucleus: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """microtubules: filaments radiating from the centrosome next to the nucleus, curving."""
+    n, u, p, rows, cols = cells.n, cells.u, cells.p, cells.rows, cells.cols
     mt_level = 2000 * np.exp(0.22 * p["microtubule_intensity"])
     spokes = np.round(20 * np.exp(0.25 * p["microtubule_density"])).clip(6, 48)
-    centrosome_y = nucleus_y + (cell_y - nucleus_y) * 0.5
-    centrosome_x = nucleus_x + (cell_x - nucleus_x) * 0.5
-    cy, cx = rows - per_cell(centrosome_y), cols - per_cell(centrosome_x)
+    centrosome_y = cells.nucleus_y + (cells.cell_y - cells.nucleus_y) * 0.5
+    centrosome_x = cells.nucleus_x + (cells.cell_x - cells.nucleus_x) * 0.5
+    cy, cx = rows - _per_cell(centrosome_y), cols - _per_cell(centrosome_x)
     distance = np.sqrt(np.square(cy) + np.square(cx))
     polar = np.arctan2(cy, cx)
     curl = rng.normal(0, 0.12, n) / u
     # Irregular spacing: the polar angle is warped by a low harmonic before the spokes.
-    warp = per_cell(rng.uniform(0.5, 1.5, n)) * np.sin(
-        3 * polar + per_cell(rng.uniform(0, 2 * np.pi, n))
+    warp = _per_cell(rng.uniform(0.5, 1.5, n)) * np.sin(
+        3 * polar + _per_cell(rng.uniform(0, 2 * np.pi, n))
     )
     filaments = 0.5 + 0.5 * np.cos(
-        per_cell(spokes) * polar
+        _per_cell(spokes) * polar
         + warp
-        + per_cell(curl) * distance
-        + per_cell(rng.uniform(0, 2 * np.pi, n))
+        + _per_cell(curl) * distance
+        + _per_cell(rng.uniform(0, 2 * np.pi, n))
     )
     filaments = np.square(filaments) * np.square(np.square(filaments))  # ** 6
     aster = distance / (distance + 3 * u)
-    images[:, 3] = (
-        per_cell(mt_level) * body * (0.35 + 0.8 * filaments * aster) * (1 - 0.5 * nucleus)
-    )
-    return images
+    return _per_cell(mt_level) * body.body * (0.35 + 0.8 * filaments * aster) * (1 - 0.5 * nucleus)
 
 
 def _sigmoid(values: np.ndarray) -> np.ndarray:
@@ -1294,6 +1435,31 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
         Paths and sizes of what was written.
     """
     started = time.perf_counter()
+    overrides = dict(
+        n_genes=n_genes, n_complexes=n_complexes, guides_per_gene=guides_per_gene,
+        control_guides=control_guides, cells_per_guide=cells_per_guide,
+        control_cells_per_guide=control_cells_per_guide, plates=plates,
+        wells_per_plate=wells_per_plate, crop_size=crop_size, effect_strength=effect_strength,
+        batch_strength=batch_strength, holdout_plates=holdout_plates,
+    )  # fmt: skip
+    params = _screen_params(preset, layout, overrides, preview=preview, workers=workers)
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, overwrite=overwrite)
+    design, facts = _draw_design(params, seed=seed)
+    _render_images(
+        design, facts, params, seed=seed, layout=layout, out_dir=out_dir, workers=workers
+    )
+    tables = _write_tables(out_dir, design, facts, params, seed=seed, layout=layout)
+    preview_path = write_preview(out_dir, out_path=out_dir / "preview.png") if preview else None
+    return _finished(
+        out_dir, design, params, tables, preview_path=preview_path, layout=layout, started=started
+    )
+
+
+def _screen_params(
+    preset: str, layout: str, overrides: dict[str, Any], *, preview: bool, workers: int
+) -> SimulationParams | ArrayedParams:
+    """The preset with the given (not None) ``overrides``, checked."""
     if preset not in PRESETS:
         raise InputError(
             f"Unknown preset {preset!r}: expected one of {', '.join(PRESETS)}. "
@@ -1301,23 +1467,8 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
         )
     if layout not in LAYOUTS:
         raise InputError(f"Unknown layout {layout!r}: expected 'crops', 'fields' or 'arrayed'.")
-    overrides = {
-        "n_genes": n_genes,
-        "n_complexes": n_complexes,
-        "guides_per_gene": guides_per_gene,
-        "control_guides": control_guides,
-        "cells_per_guide": cells_per_guide,
-        "control_cells_per_guide": control_cells_per_guide,
-        "plates": plates,
-        "wells_per_plate": wells_per_plate,
-        "crop_size": crop_size,
-        "effect_strength": effect_strength,
-        "batch_strength": batch_strength,
-        "holdout_plates": holdout_plates,
-    }
     given = {k: v for k, v in overrides.items() if v is not None}
     params: SimulationParams | ArrayedParams
-    facts = None
     if layout == "arrayed":
         if preview:
             raise InputError(
@@ -1328,29 +1479,57 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
     else:
         params = replace(PRESETS[preset], **given)
         _check_params(params, workers=workers)
-    out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, overwrite=overwrite)
+    return params
 
+
+class _Sizes(NamedTuple):
+    """How many genes and complexes a screen has (compounds and mechanisms when arrayed)."""
+
+    n_genes: int  # compounds in an arrayed screen
+    n_complexes: int  # mechanisms in an arrayed screen
+
+
+def _sizes(params: SimulationParams | ArrayedParams) -> _Sizes:
+    """The :class:`_Sizes` of ``params``."""
+    if isinstance(params, ArrayedParams):
+        return _Sizes(params.n_compounds, params.n_mechanisms)
+    return _Sizes(params.n_genes, params.n_complexes)
+
+
+def _draw_design(
+    params: SimulationParams | ArrayedParams, *, seed: int
+) -> tuple[_Design, _ArrayedFacts | None]:
+    """The screen's design drawn from ``seed``; the arrayed facts for an arrayed screen."""
     rng = np.random.default_rng(seed)
     if isinstance(params, ArrayedParams):
-        design, facts = _arrayed_design(params, rng)
-        n_genes, n_groups = params.n_compounds, params.n_mechanisms
-    else:
-        design = _design(params, rng)
-        _hold_out_plates(design, params, seed=seed)
-        n_genes, n_groups = params.n_genes, params.n_complexes
-    n_cells = design.cell_guide.size
+        return _arrayed_design(params, rng)
+    design = _design(params, rng)
+    _hold_out_plates(design, params, seed=seed)
+    return design, None
+
+
+def _render_images(
+    design: _Design,
+    facts: _ArrayedFacts | None,
+    params: SimulationParams | ArrayedParams,
+    *,
+    seed: int,
+    layout: str,
+    out_dir: Path,
+    workers: int,
+) -> None:
+    """Draw and write every cell's (or field's) images, in chunks, over ``workers`` processes."""
+    n_cells, sizes = design.cell_guide.size, _sizes(params)
     logger.info(
         "Simulating %s cells (%d %s in %d groups, %d wells) at %d px into %s",
         f"{n_cells:,}",
-        n_genes,
+        sizes.n_genes,
         "compounds" if facts is not None else "genes",
-        n_groups,
+        sizes.n_complexes,
         len(design.wells),
         params.crop_size,
         out_dir,
     )
-
     chunks = list(_chunks(design, params, seed=seed, layout=layout, out_dir=out_dir))
     with progress_bar(unit="cells") as bar:
         task = bar.add_task("Simulating", total=n_cells)
@@ -1362,6 +1541,25 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
                 for done in pool.map(_render_chunk, chunks):
                     bar.advance(task, done)
 
+
+class _Tables(NamedTuple):
+    """The tables :func:`simulate` writes beside the images."""
+
+    cells_path: Path
+    complexes_path: Path
+    truth_path: Path
+
+
+def _write_tables(
+    out_dir: Path,
+    design: _Design,
+    facts: _ArrayedFacts | None,
+    params: SimulationParams | ArrayedParams,
+    *,
+    seed: int,
+    layout: str,
+) -> _Tables:
+    """``truth.json``, ``cells.csv`` and the complexes (or mechanisms) file."""
     truth_path = out_dir / "truth.json"
     if facts is not None:
         complexes_path = out_dir / ARRAYED_RELATIONSHIPS
@@ -1376,11 +1574,22 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
     truth_path.write_text(json.dumps(truth, indent=1) + "\n")
     cells_path = out_dir / "cells.csv"
     table.to_csv(cells_path, index=False, float_format="%.3f", lineterminator="\n")
+    return _Tables(cells_path=cells_path, complexes_path=complexes_path, truth_path=truth_path)
 
-    preview_path = None
-    if preview:
-        preview_path = write_preview(out_dir, out_path=out_dir / "preview.png")
+
+def _finished(
+    out_dir: Path,
+    design: _Design,
+    params: SimulationParams | ArrayedParams,
+    tables: _Tables,
+    *,
+    preview_path: Path | None,
+    layout: str,
+    started: float,
+) -> SimulationResult:
+    """Log the time taken since ``started`` and say what :func:`simulate` wrote."""
     seconds = time.perf_counter() - started
+    n_cells, sizes = design.cell_guide.size, _sizes(params)
     logger.info(
         "Wrote %s cells in %.1f s (%s cells/s)",
         f"{n_cells:,}",
@@ -1389,14 +1598,14 @@ control_cells_per_guide, plates, wells_per_plate, crop_size, effect_strength, ba
     )
     return SimulationResult(
         out_dir=out_dir,
-        cells_path=cells_path,
-        complexes_path=complexes_path,
-        truth_path=truth_path,
+        cells_path=tables.cells_path,
+        complexes_path=tables.complexes_path,
+        truth_path=tables.truth_path,
         preview_path=preview_path,
         layout=layout,
         n_cells=n_cells,
-        n_genes=n_genes,
-        n_complexes=n_groups,
+        n_genes=sizes.n_genes,
+        n_complexes=sizes.n_complexes,
         n_wells=len(design.wells),
         n_fields=len(design.fields),
         params=params,

@@ -264,7 +264,7 @@ class _Run:
         return self.dist.device.type == "cuda"
 
     def checkpoint(self) -> dict[str, Any]:
-        """The plain-dict checkpoint of the run now (``training/checkpoint.py`` documents it)."""
+        """The plain-dict checkpoint of the run as it is now (see ``training/checkpoint.py``)."""
         return {
             "model": self.model.state_dict(),
             "model_args": dict(self.model.model_args),

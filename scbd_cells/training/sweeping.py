@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from scbd_cells.core.config import SweepOptions
 from scbd_cells.core.errors import InputError
 from scbd_cells.core.outputs import (
     atomic_path,
@@ -65,9 +66,10 @@ log = logging.getLogger(__name__)
 # fell 0.0067 at best. The demo's 300-step runs fall 0.07-0.13 at alpha 0-3.
 LEARNED_MARGIN = 0.01
 
-DEFAULT_ALPHAS = (0.0, 0.3, 1.0, 3.0, 10.0)
+# The defaults of `scbd-cells sweep`, declared once on its options
+DEFAULT_ALPHAS: tuple[float, ...] = SweepOptions.model_fields["alpha"].default
 #: Fraction of the sweep's largest fall below log(val batch size) that an alpha may lose.
-DEFAULT_MARGIN = 0.5
+DEFAULT_MARGIN: float = SweepOptions.model_fields["margin"].default
 SWEEP_ENTRIES = (
     "sweep.yaml",
     "runs",
@@ -679,13 +681,43 @@ def sweep(
         Bad alphas or options, an output that holds an input, a folder scbd-cells did not
         write.
     """
-    from scbd_cells.core.config import resolve_train_config
-    from scbd_cells.data.store import open_store
-
-    out_dir = Path(out)
-    store_path = Path(store_path)
-    corum = Path(corum)
+    out_dir, store_path, corum = Path(out), Path(store_path), Path(corum)
     config_path = Path(config_path) if config_path is not None else None
+    options, alphas, references = _checked_request(
+        options, alpha=alpha, reference=reference, corum=corum, margin=margin,
+        config_path=config_path,
+    )  # fmt: skip
+    seed = _start_sweep(
+        out_dir, store_path, corum, alphas=alphas, references=references, margin=margin,
+        control=control, config_path=config_path, overwrite=overwrite, options=options,
+    )  # fmt: skip
+    rows = []
+    for value in alphas:
+        row = _alpha_row(out_dir, store_path, value, corum=corum, control=control, seed=seed,
+                         config_path=config_path, options=options)  # fmt: skip
+        if row is None:
+            log.warning("sweep: interrupted; run the same command again to continue.")
+            return _interrupted(out_dir)
+        rows.append(row)
+    reference_rows = [
+        _reference_row(out_dir, stem, path, corum=corum, control=control, seed=seed)
+        for stem, path in references.items()
+    ]
+    return _write_results(out_dir, rows, reference_rows, margin=margin)
+
+
+def _checked_request(
+    options: dict[str, Any],
+    *,
+    alpha: Sequence[float],
+    reference: Sequence[str | os.PathLike],
+    corum: Path,
+    margin: float,
+    config_path: Path | None,
+) -> tuple[dict[str, Any], list[float], dict[str, Path]]:
+    """The train options that were set, the alphas and the references; a bad one fails now."""
+    from scbd_cells.core.config import resolve_train_config
+
     clashing = sorted(set(options) & set(NOT_TRAIN_OPTIONS))
     if clashing:
         raise InputError(
@@ -703,6 +735,26 @@ def sweep(
         )
     if not 0 <= margin < 1:
         raise InputError(f"--margin must be at least 0 and below 1; found {margin}.")
+    return options, alphas, references
+
+
+def _start_sweep(
+    out_dir: Path,
+    store_path: Path,
+    corum: Path,
+    *,
+    alphas: list[float],
+    references: dict[str, Path],
+    margin: float,
+    control: str | None,
+    config_path: Path | None,
+    overwrite: bool,
+    options: dict[str, Any],
+) -> int:
+    """Open (or continue) the sweep folder and record the request; returns the seed."""
+    from scbd_cells.core.config import resolve_train_config
+    from scbd_cells.data.store import open_store
+
     inputs = [store_path, corum, config_path, *references.values()]
     store_id = open_store(store_path).store_id  # which store the runs are trained on
     resumed = _open_sweep_folder(out_dir, overwrite=overwrite, inputs=inputs)
@@ -729,46 +781,62 @@ def sweep(
         out_dir,
         ", continuing an earlier sweep" if resumed else "",
     )
+    return seed
 
-    rows = []
-    for value in alphas:
-        name = alpha_name(value)
-        run_dir = out_dir / "runs" / name
-        _mark(out_dir / "runs", [name])
-        if _train_stage(store_path, run_dir, alpha=value, config_path=config_path,
-                        options=options):  # fmt: skip
-            log.warning("sweep: interrupted; run the same command again to continue.")
-            return _interrupted(out_dir)
-        cells_path = out_dir / "embeddings" / f"{name}.h5ad"
-        _mark(out_dir / "embeddings", [cells_path.name])
-        _embed_stage(run_dir, store_path, cells_path, options=options)
-        _mark(out_dir / "reports", [name])
-        metrics = _evaluate_stage(
-            cells_path, out_dir / "reports" / name, label=name, corum=corum,
-            control=control, seed=seed,
-        )  # fmt: skip
-        rows.append(
-            {
-                "alpha": value,
-                **_val_row(run_dir),
-                **_metric_row(metrics),
-                "embedding": name,
-                "run_dir": str(run_dir),
-                "embedding_path": str(cells_path),
-            }
-        )
-    reference_rows = []
-    for stem, path in references.items():
-        folder = f"ref_{stem}"
-        _mark(out_dir / "reports", [folder])
-        metrics = _evaluate_stage(
-            path, out_dir / "reports" / folder, label=stem, corum=corum, control=control,
-            seed=seed,
-        )  # fmt: skip
-        reference_rows.append(
-            {"embedding": stem, **_metric_row(metrics), "embedding_path": str(path)}
-        )
 
+def _alpha_row(
+    out_dir: Path,
+    store_path: Path,
+    value: float,
+    *,
+    corum: Path,
+    control: str | None,
+    seed: int,
+    config_path: Path | None,
+    options: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Train, embed and evaluate at one alpha: its row of sweep.csv (None: interrupted)."""
+    name = alpha_name(value)
+    run_dir = out_dir / "runs" / name
+    _mark(out_dir / "runs", [name])
+    if _train_stage(store_path, run_dir, alpha=value, config_path=config_path, options=options):
+        return None
+    cells_path = out_dir / "embeddings" / f"{name}.h5ad"
+    _mark(out_dir / "embeddings", [cells_path.name])
+    _embed_stage(run_dir, store_path, cells_path, options=options)
+    _mark(out_dir / "reports", [name])
+    metrics = _evaluate_stage(
+        cells_path, out_dir / "reports" / name, label=name, corum=corum,
+        control=control, seed=seed,
+    )  # fmt: skip
+    return {
+        "alpha": value,
+        **_val_row(run_dir),
+        **_metric_row(metrics),
+        "embedding": name,
+        "run_dir": str(run_dir),
+        "embedding_path": str(cells_path),
+    }
+
+
+def _reference_row(
+    out_dir: Path, stem: str, path: Path, *, corum: Path, control: str | None, seed: int
+) -> dict[str, Any]:
+    """Evaluate one reference embedding: its row of references.csv."""
+    folder = f"ref_{stem}"
+    _mark(out_dir / "reports", [folder])
+    metrics = _evaluate_stage(
+        path, out_dir / "reports" / folder, label=stem, corum=corum, control=control,
+        seed=seed,
+    )  # fmt: skip
+    return {"embedding": stem, **_metric_row(metrics), "embedding_path": str(path)}
+
+
+def _write_results(
+    out_dir: Path, rows: list[dict[str, Any]], reference_rows: list[dict[str, Any]], *,
+    margin: float,
+) -> SweepResult:  # fmt: skip
+    """Score the rows, recommend an alpha; write sweep.csv, references.csv, the figure, sweep.md."""
     table, reference_table = _with_overall(pd.DataFrame(rows), pd.DataFrame(reference_rows))
     recommendation = recommend_alpha(table, margin=margin)
     table.insert(table.columns.get_loc("log_val_batch_size") + 1, "retained",
@@ -795,6 +863,39 @@ def sweep(
         table_path=table_path,
         summary_path=summary_path,
     )
+
+
+def sweep_tables(result: SweepResult, *, width: int) -> list:
+    """The sweep as Rich tables ``width`` columns wide: one line per alpha (and reference),
+    what the rule read and what the evaluation found.
+    """
+    from scbd_cells.evaluation.console import rich_tables
+
+    def number(value: Any, fmt: str) -> str:
+        return "–" if value is None or value != value else format(value, fmt)
+
+    rows = [
+        {
+            "alpha": f"{row.alpha:g}" + (" (recommended)" if row.recommended else ""),
+            "supcon": number(row.val_supcon_perturbation, ".4f"),
+            "kept": number(row.retained, ".0%"),
+            "auprc": number(row.corum_auprc, ".4f"),
+            "well": number(row.well_f1_over_chance, ".2f"),
+            "overall": number(row.overall, ".3f"),
+        }
+        for row in result.table.itertuples(index=False)
+    ]
+    rows += [
+        {"alpha": str(row.embedding), "supcon": "", "kept": "",
+         "auprc": number(row.corum_auprc, ".4f"), "well": number(row.well_f1_over_chance, ".2f"),
+         "overall": number(row.overall, ".3f")}
+        for row in result.references.itertuples(index=False)
+    ]  # fmt: skip
+    columns = [("alpha", "alpha", "s"), ("supcon", "val SupCon(z_c)", "s"),
+               ("kept", "fall kept", "s"), ("auprc", "CORUM AUPRC", "s"),
+               ("well", "well F1 / chance", "s"), ("overall", "overall", "s")]  # fmt: skip
+    title = "Alpha sweep (AUPRC, overall: higher is better; well F1 / chance: lower)"
+    return rich_tables(title, pd.DataFrame(rows), columns, arrows=False, width=width)
 
 
 def _interrupted(out_dir: Path) -> SweepResult:
