@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from scbd_cells.core.errors import InputError
+from scbd_cells.core.rank import launched_rank
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +106,9 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo:
     DistInfo
         Rank, local rank, world size, device, and whether this is rank 0.
     """
-    if "RANK" not in os.environ:
+    rank = launched_rank()
+    if rank is None:
         return DistInfo(0, 0, 1, _resolve_device(device, 0), True)
-    rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     resolved = _resolve_device(device, local_rank)

@@ -48,6 +48,7 @@ from typing import TypeVar
 
 from scbd_cells import __version__
 from scbd_cells.core.errors import DiskFullError, InputError
+from scbd_cells.core.rank import is_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -725,7 +726,7 @@ def locks_output(parameter: str = "out") -> Callable[[Function], Function]:
         @functools.wraps(function)
         def locked(*args: object, **kwargs: object) -> object:
             target = signature.bind_partial(*args, **kwargs).arguments.get(parameter)
-            if target is None or int(os.environ.get("RANK", "0")) != 0:
+            if target is None or not is_rank_zero():
                 return function(*args, **kwargs)
             with output_lock(Path(target)):
                 return function(*args, **kwargs)

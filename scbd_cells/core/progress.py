@@ -8,7 +8,6 @@ plain ``Training: 1,200/10,000 steps (12 %), 3.4 steps/s, ETA 43 min`` line at m
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +25,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+from scbd_cells.core.rank import is_rank_zero
 
 # Set by the command line's --quiet (the entry point configures output, as it does logging).
 _settings = {"quiet": False}
@@ -50,7 +51,7 @@ def progress_enabled() -> bool:
 
 def _progress_reported() -> bool:
     """Whether progress is reported at all: on rank 0, without --quiet."""
-    return not _settings["quiet"] and int(os.environ.get("RANK", "0")) == 0
+    return not _settings["quiet"] and is_rank_zero()
 
 
 def set_quiet(quiet: bool) -> None:

@@ -21,6 +21,7 @@ from scbd_cells.core.errors import DataError, InputError
 from scbd_cells.core.outputs import check_free_space, location_text, locks_output
 from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import schema
+from scbd_cells.embedding.forward import encode_pieces
 from scbd_cells.profiles.anndata_io import (
     CellsWriter,
     anndata_bytes,
@@ -35,7 +36,12 @@ from scbd_cells.profiles.anndata_io import (
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from scbd_cells.core.distributed import DistInfo
     from scbd_cells.data.store import Store
+    from scbd_cells.model.preprocess import ImagePreprocessor
     from scbd_cells.training.checkpoint import TrainedModel
 
 log = logging.getLogger(__name__)
@@ -118,13 +124,58 @@ def embed(
     -------
     EmbedResult
     """
-    import torch
-
     from scbd_cells.core.distributed import barrier, cleanup, init_distributed
     from scbd_cells.data.store import open_store
     from scbd_cells.training.checkpoint import check_argument_order, load_trained
 
     out_path = Path(out)
+    profile_paths = _check_options(  # None without --aggregate
+        out_path, inputs=[run_dir, store_path], representation=representation,
+        batch_size=batch_size, aggregate=aggregate, overwrite=overwrite,
+    )  # fmt: skip
+    check_argument_order(run_dir, store_path)
+    store = open_store(store_path)
+    # Under torchrun each rank embeds every world_size-th piece; rank 0 gathers and writes.
+    dist_info = init_distributed(device or _default_device())
+    trained = load_trained(run_dir, which=which, device=str(dist_info.device))
+    trained.check_store(store)
+    preprocessor = trained.preprocessor_for(store)
+    control = _control(store, aggregate=profile_paths is not None)
+    cells = _CellsOutput.plan(trained, store, dist_info.device, representation=representation)
+    uns = _uns(trained, store, store_path, control=control, representation=representation)
+    written = _embed_and_write(
+        store, preprocessor, cells, uns, out_path=out_path, dist_info=dist_info,
+        profile_paths=profile_paths, control=control,
+        representation=representation, batch_size=batch_size, workers=workers,
+        overwrite=overwrite,
+    )  # fmt: skip
+    barrier()  # rank 0 writes the one result
+    if dist_info.distributed:
+        cleanup()
+    if written:
+        log.info("Embedded %d cells -> %s", store.n_cells, out_path)
+    paths = profile_paths if written and profile_paths else {}
+    return EmbedResult(
+        out_path=out_path,
+        n_cells=store.n_cells,
+        guides_path=paths.get("guides"),
+        genes_path=paths.get("genes"),
+    )
+
+
+# --------------------------------------------------------------------------- embed's stages
+
+
+def _check_options(
+    out_path: Path,
+    *,
+    inputs: list[str | Path],
+    representation: str,
+    batch_size: int,
+    aggregate: bool,
+    overwrite: bool,
+) -> dict[str, Path] | None:
+    """Refuse bad option values and outputs that are not ours; the profile paths (aggregate)."""
     if representation not in REPRESENTATIONS:
         raise InputError(
             f"--representation must be one of {', '.join(REPRESENTATIONS)}; found "
@@ -132,58 +183,87 @@ def embed(
         )
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1; found {batch_size}.")
-    inputs = [run_dir, store_path]
     check_output_path(out_path, overwrite=overwrite, inputs=inputs)
-    aggregate_paths = {
+    if not aggregate:
+        return None
+    profile_paths = {
         "guides": out_path.parent / "guides.h5ad",
         "genes": out_path.parent / "genes.h5ad",
     }
-    if aggregate:
-        for path in aggregate_paths.values():
-            check_output_path(path, overwrite=overwrite, inputs=inputs)
+    for path in profile_paths.values():
+        check_output_path(path, overwrite=overwrite, inputs=inputs)
+    return profile_paths
 
-    check_argument_order(run_dir, store_path)
-    store = open_store(store_path)
-    # Under torchrun each rank embeds every world_size-th piece; rank 0 gathers and writes.
-    dist_info = init_distributed(device or _default_device())
-    device = str(dist_info.device)
-    trained = load_trained(run_dir, which=which, device=device)
-    trained.check_store(store)
-    preprocessor = trained.preprocessor_for(store)
+
+def _control(store: Store, *, aggregate: bool) -> str:
+    """The store's control label; ``--aggregate`` subtracts it, so refuse a store without it
+    (before the long pass, not after it)."""
     control = store.control or schema.CONTROL_LABEL
-    if aggregate:  # fail before the long pass, not after it
-        _, perturbations = store.codes(schema.PERTURBATION)
-        if control not in perturbations:
-            raise DataError(
-                f"--aggregate subtracts the non-targeting control, but the store {store.path} "
-                f"has no perturbation {control!r} (it records control "
-                f"{store.control!r}). Re-ingest with --control LABEL, or embed without "
-                "--aggregate and aggregate later with scbd_cells.aggregate_profiles(control=...)."
-            )
-
-    torch_device = torch.device(device)
-    on_cuda = torch_device.type == "cuda"
-    model = trained.model.to(memory_format=torch.channels_last) if on_cuda else trained.model
-    z_dim = int(trained.model_args["z_dim"])
-    widths = {"X": z_dim, schema.OBSM_BATCH_EMBEDDING: z_dim}
-    if representation == "encoder":
-        with torch.inference_mode():
-            probe = torch.zeros(
-                (1, store.n_channels, *[int(trained.model_args["image_size"])] * 2),
-                device=torch_device,
-            )
-            r_width = int(model(probe).r_perturbation.shape[1])
-        widths[schema.OBSM_ENCODER] = r_width
-        widths[schema.OBSM_BATCH_ENCODER] = r_width
-
-    obs = store_obs_for_anndata(store)
-    if dist_info.is_main:  # HDF5 cannot recover from a full disk mid-write: check first
-        check_free_space(out_path, anndata_bytes(obs, store.n_cells * sum(widths.values())))
-    uns = {
-        schema.UNS_SCBD: _provenance(
-            trained, store, store_path, control=control, representation=representation
+    if aggregate and control not in store.codes(schema.PERTURBATION)[1]:
+        raise DataError(
+            f"--aggregate subtracts the non-targeting control, but the store {store.path} "
+            f"has no perturbation {control!r} (it records control "
+            f"{store.control!r}). Re-ingest with --control LABEL, or embed without "
+            "--aggregate and aggregate later with scbd_cells.aggregate_profiles(control=...)."
         )
-    }
+    return control
+
+
+@dataclass(frozen=True)
+class _CellsOutput:
+    """The model as embed runs it and the cells file's layout (obs, value widths)."""
+
+    model: torch.nn.Module
+    obs: pd.DataFrame
+    widths: dict[str, int]
+
+    @property
+    def n_values(self) -> int:
+        return sum(self.widths.values())
+
+    @classmethod
+    def plan(
+        cls, trained: TrainedModel, store: Store, device: torch.device, *, representation: str
+    ) -> _CellsOutput:
+        import torch
+
+        on_cuda = torch.device(device).type == "cuda"
+        model = trained.model.to(memory_format=torch.channels_last) if on_cuda else trained.model
+        z_dim = int(trained.model_args["z_dim"])
+        widths = {"X": z_dim, schema.OBSM_BATCH_EMBEDDING: z_dim}
+        if representation == "encoder":
+            with torch.inference_mode():
+                probe = torch.zeros(
+                    (1, store.n_channels, *[int(trained.model_args["image_size"])] * 2),
+                    device=device,
+                )
+                r_width = int(model(probe).r_perturbation.shape[1])
+            widths[schema.OBSM_ENCODER] = r_width
+            widths[schema.OBSM_BATCH_ENCODER] = r_width
+        return cls(model, store_obs_for_anndata(store), widths)
+
+
+def _embed_and_write(
+    store: Store,
+    preprocessor: ImagePreprocessor,
+    cells: _CellsOutput,
+    uns: dict,
+    *,
+    out_path: Path,
+    dist_info: DistInfo,
+    profile_paths: dict[str, Path] | None,
+    control: str,
+    representation: str,
+    batch_size: int,
+    workers: int,
+    overwrite: bool,
+) -> bool:
+    """Embed into temporary files and move them into place (rank 0); True where written.
+
+    Every rank embeds its pieces; an error on the way removes what was written.
+    """
+    if dist_info.is_main:  # HDF5 cannot recover from a full disk mid-write: check first
+        check_free_space(out_path, anndata_bytes(cells.obs, store.n_cells * cells.n_values))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_paths: list[Path] = []
     try:
@@ -191,54 +271,41 @@ def embed(
         writer = None
         if dist_info.is_main:
             tmp_paths += [cells_tmp, cells_tmp.with_name(cells_tmp.name + ".reserve")]
-            writer = CellsWriter(cells_tmp, obs=obs, widths=widths, uns=uns, shown_as=out_path)
+            writer = CellsWriter(
+                cells_tmp, obs=cells.obs, widths=cells.widths, uns=uns, shown_as=out_path
+            )
         _embed_cells(
-            model, store, preprocessor, writer,
+            cells.model, store, preprocessor, writer,
             representation=representation, batch_size=batch_size, workers=workers,
             dist_info=dist_info,
         )  # fmt: skip
-        result_paths: dict[str, Path] = {}
         if not dist_info.is_main:
-            barrier()  # rank 0 writes the one result
-            if dist_info.distributed:
-                cleanup()
-            return EmbedResult(out_path=out_path, n_cells=store.n_cells)
-        if aggregate:
+            return False
+        result_paths: dict[str, Path] = {}
+        if profile_paths is not None:
             result_paths = _write_profiles(
-                cells_tmp, uns, control=control, paths=aggregate_paths, tmp_paths=tmp_paths
+                cells_tmp, uns, control=control, paths=profile_paths, tmp_paths=tmp_paths
             )
         move_into_place(cells_tmp, out_path, overwrite=overwrite)
         for level, tmp in result_paths.items():
-            move_into_place(tmp, aggregate_paths[level], overwrite=overwrite)
+            move_into_place(tmp, profile_paths[level], overwrite=overwrite)
     except BaseException:
         for path in tmp_paths:
             remove_path(path)
         raise
-    barrier()
-    if dist_info.distributed:
-        cleanup()
-    log.info("Embedded %d cells -> %s", store.n_cells, out_path)
-    return EmbedResult(
-        out_path=out_path,
-        n_cells=store.n_cells,
-        guides_path=aggregate_paths["guides"] if aggregate else None,
-        genes_path=aggregate_paths["genes"] if aggregate else None,
-    )
-
-
-# --------------------------------------------------------------------------- embed's stages
+    return True
 
 
 def _embed_cells(
-    model: Any,
+    model: torch.nn.Module,
     store: Store,
-    preprocessor: Any,
+    preprocessor: ImagePreprocessor,
     writer: CellsWriter | None,
     *,
     representation: str,
     batch_size: int,
     workers: int,
-    dist_info: Any,
+    dist_info: DistInfo,
 ) -> None:
     """Every cell through the model, in store order, into ``writer`` (rank 0's).
 
@@ -247,30 +314,19 @@ def _embed_cells(
     import torch
 
     from scbd_cells.core.distributed import gather_pieces
-    from scbd_cells.data.loader import images_to_device, iter_cells
-    from scbd_cells.model.scbd import device_autocast, run_model
 
     torch_device = dist_info.device
-    batch_codes = torch.from_numpy(np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64))
     with ExitStack() as stack:
         if writer is not None:
             stack.push(writer.finish)  # closes, or discards after an error
         bar = stack.enter_context(progress_bar(unit="cells"))
         task = bar.add_task("Embedding cells", total=store.n_cells)
-        autocast = device_autocast(torch_device)
-        stack.enter_context(torch.inference_mode())
-        for indices, images in iter_cells(
-            store,
-            np.arange(store.n_cells),
-            batch_size=batch_size,
-            workers=workers,
-            rank=dist_info.rank,
+        for piece in encode_pieces(
+            model, store, preprocessor, np.arange(store.n_cells), device=torch_device,
+            batch_size=batch_size, workers=workers, rank=dist_info.rank,
             world_size=dist_info.world_size,
-        ):
-            pixels = images_to_device(images, torch_device)
-            codes = batch_codes[torch.from_numpy(np.asarray(indices, dtype=np.int64))]
-            inputs = preprocessor(pixels, codes)  # (B, C, S, S) float32
-            output = run_model(model, inputs, autocast=autocast)
+        ):  # fmt: skip
+            output = piece.output
             values = {
                 "X": output.z_perturbation,
                 schema.OBSM_BATCH_EMBEDDING: output.z_batch,
@@ -278,7 +334,7 @@ def _embed_cells(
             if representation == "encoder":
                 values[schema.OBSM_ENCODER] = output.r_perturbation
                 values[schema.OBSM_BATCH_ENCODER] = output.r_batch
-            gathered = gather_pieces(torch.as_tensor(indices, device=torch_device), values)
+            gathered = gather_pieces(torch.as_tensor(piece.rows, device=torch_device), values)
             if writer is None or gathered is None or len(gathered[0]) == 0:
                 continue
             indices, values = gathered
@@ -318,7 +374,7 @@ def _write_profiles(
     return written
 
 
-def _provenance(
+def _uns(
     trained: TrainedModel,
     store: Store,
     store_path: str | Path,
@@ -326,10 +382,10 @@ def _provenance(
     control: str,
     representation: str,
 ) -> dict[str, Any]:
-    """``uns["scbd"]`` of the files embed writes."""
+    """``uns`` of the files embed writes: the provenance under ``uns["scbd"]``."""
     from scbd_cells import __version__
 
-    return {
+    provenance = {
         "kind": "scbd",
         "checkpoint": str(Path(trained.checkpoint_path).resolve()),
         "step": int(trained.step),
@@ -343,3 +399,4 @@ def _provenance(
         "version": __version__,
         schema.UNS_LABEL_COLUMNS: store_label_columns(store),
     }
+    return {schema.UNS_SCBD: provenance}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,10 +31,12 @@ import pandas as pd
 
 from scbd_cells.core.errors import CheckpointError, DataError, InputError
 from scbd_cells.core.outputs import atomic_path, locks_output, prepare_folder
-from scbd_cells.core.progress import progress_bar
 from scbd_cells.data import schema
+from scbd_cells.embedding.forward import EncodedCells, encode_cells
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure, SubFigure
+
     from scbd_cells.data.store import Store
     from scbd_cells.training.checkpoint import TrainedModel
 
@@ -150,77 +152,7 @@ class ReconstructResult:
     grids: dict[str, Grid]
 
 
-@dataclass(frozen=True)
-class EncodedCells:
-    """Store rows with their model inputs and embeddings (row i of each array is ``rows[i]``).
-
-    Attributes
-    ----------
-    rows
-        (n,) store rows, sorted and unique.
-    inputs
-        (n, C, S, S) float32 preprocessed images (what the decoder reproduces).
-    z_perturbation, z_batch
-        (n, z) float32 unit-norm z_c and z_s.
-    """
-
-    rows: np.ndarray
-    inputs: np.ndarray
-    z_perturbation: np.ndarray
-    z_batch: np.ndarray
-
-    def position(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Positions of store ``rows`` in the arrays."""
-        return np.searchsorted(self.rows, np.asarray(rows, dtype=np.int64))
-
-
 # --------------------------------------------------------------------------- model pieces
-
-
-def encode_cells(
-    trained: TrainedModel, store: Store, rows: Sequence[int] | np.ndarray, *, batch_size: int = 512
-) -> EncodedCells:
-    """Preprocess and embed some cells of ``store`` with a trained model (as ``embed`` does).
-
-    Parameters
-    ----------
-    trained
-        A :class:`~scbd_cells.training.checkpoint.TrainedModel`.
-    store
-        An open store (its own per-well statistics when it is not the training store).
-    rows
-        Store rows (any order, repeats allowed).
-    batch_size
-        Cells per forward pass.
-    """
-    import torch
-
-    unique = np.unique(np.asarray(rows, dtype=np.int64))
-    preprocessor = trained.preprocessor_for(store)
-    batch_codes = np.asarray(store.codes(schema.BATCH)[0], dtype=np.int64)
-    device = next(trained.model.parameters()).device
-    inputs, z_c, z_s = [], [], []
-    with torch.inference_mode(), progress_bar(unit="cells") as bar:
-        task = bar.add_task("Embedding cells to draw", total=unique.size)
-        for start in range(0, unique.size, batch_size):
-            part = unique[start : start + batch_size]
-            pixels = torch.from_numpy(store.read(part).astype(np.float32)).to(device)
-            codes = torch.from_numpy(batch_codes[part]).to(device)
-            images = preprocessor(pixels, codes)  # (b, C, S, S)
-            output = trained.model(images)
-            inputs.append(images.float().cpu().numpy())
-            z_c.append(output.z_perturbation.float().cpu().numpy())
-            z_s.append(output.z_batch.float().cpu().numpy())
-            bar.advance(task, part.size)
-    size = int(trained.model_args["image_size"])
-    z_dim = int(trained.model_args["z_dim"])
-    empty = (np.empty((0, store.n_channels, size, size), np.float32), np.empty((0, z_dim)))
-    return EncodedCells(
-        rows=unique,
-        inputs=np.concatenate(inputs) if inputs else empty[0],
-        z_perturbation=np.concatenate(z_c).astype(np.float32) if z_c else empty[1],
-        z_batch=np.concatenate(z_s).astype(np.float32) if z_s else empty[1],
-    )
 
 
 def decode(
@@ -341,7 +273,10 @@ def _choose_perturbations(
         distance = np.linalg.norm(means - reference, axis=1)
         ranked = [int(present[i]) for i in np.argsort(-distance, kind="stable")]
         chosen = [c for c in ranked if c != control][:DEFAULT_N_PERTURBATIONS]
-    return ([control] if control is not None else []) + chosen
+    chosen = ([control] if control is not None else []) + chosen
+    if not chosen:
+        raise InputError("no perturbation to show; name some with --perturbations.")
+    return chosen
 
 
 def _typical_cell(sample: EncodedCells, rows: np.ndarray) -> int:
@@ -367,6 +302,18 @@ class _Plan:
     well_donors: list[int]  # per donor well: the cell whose z_s is used
     style_rows: list[int]  # rows of swap_perturbation: cells whose z_s is kept, one per well
     perturbation_donors: list[int]  # per non-control perturbation: a typical cell (z_c)
+
+    def rows_needed(self) -> np.ndarray:
+        """Every store row the grids draw or take an embedding from."""
+        return np.concatenate(
+            [
+                *self.recon_rows,
+                self.well_rows,
+                self.well_donors,
+                self.style_rows,
+                self.perturbation_donors,
+            ]
+        ).astype(np.int64)
 
 
 def _plan(
@@ -483,13 +430,27 @@ class _GridBuilder:
 def _build_grids(
     plan: _Plan, labels: _Labels, encoded: EncodedCells, trained: TrainedModel, *, cells: int
 ) -> tuple[list[Grid], list[dict[str, Any]]]:
+    """The three grids, decoded, and the records of every panel's cells (for index.csv)."""
     shape = encoded.inputs.shape[1:]
-    pname = labels.perturbation_names
-    bname = labels.batch_names
+    builders = (
+        _reconstruction_grid(plan, labels, encoded, shape, cells=cells),
+        _swap_well_grid(plan, labels, encoded, shape),
+        _swap_perturbation_grid(plan, labels, encoded, shape),
+    )
+    grids = [builder.finish(trained, encoded) for builder in builders]
+    return grids, [record for builder in builders for record in builder.records]
 
-    def describe(row: int) -> str:
-        return f"{pname[labels.perturbation_codes[row]]}\n{bname[labels.batch_codes[row]]}"
 
+def _describe(labels: _Labels, row: int) -> str:
+    """A row label: the cell's perturbation over its well."""
+    perturbation = labels.perturbation_names[labels.perturbation_codes[row]]
+    return f"{perturbation}\n{labels.batch_names[labels.batch_codes[row]]}"
+
+
+def _reconstruction_grid(
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, shape: tuple, *, cells: int
+) -> _GridBuilder:
+    """A row per perturbation: each cell's original beside its reconstruction."""
     recon = _GridBuilder(
         "reconstructions",
         "Cells and their reconstructions from (z_c, z_s)",
@@ -502,15 +463,21 @@ def _build_grids(
         recon.column_labels[2 * j] = f"cell {j + 1}\noriginal"
         recon.column_labels[2 * j + 1] = f"cell {j + 1}\nreconstruction"
     for i, (p, rows) in enumerate(zip(plan.perturbations, plan.recon_rows, strict=True)):
-        recon.row_labels[i] = pname[p]
+        recon.row_labels[i] = labels.perturbation_names[p]
         for j, row in enumerate(rows):
             recon.original(i, 2 * j, int(row), encoded)
             recon.decoded(i, 2 * j + 1, int(row), int(row))
+    return recon
 
-    home = bname[plan.home_batch]
+
+def _swap_well_grid(
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, shape: tuple
+) -> _GridBuilder:
+    """z_c of cells from well A with z_s of cells from other wells (the donors on top)."""
+    bname = labels.batch_names
     swap_well = _GridBuilder(
         "swap_well",
-        f"z_c of cells from well {home} with z_s of cells from other wells: "
+        f"z_c of cells from well {bname[plan.home_batch]} with z_s of cells from other wells: "
         "each cell as if imaged in that well",
         1 + len(plan.well_rows),
         2 + len(plan.donor_wells),
@@ -523,39 +490,40 @@ def _build_grids(
         swap_well.column_labels[2 + j] = f"z_s of\n{bname[batch]}"
         swap_well.original(0, 2 + j, donor, encoded)
     for i, row in enumerate(plan.well_rows, start=1):
-        swap_well.row_labels[i] = describe(row)
+        swap_well.row_labels[i] = _describe(labels, row)
         swap_well.original(i, 0, row, encoded)
         swap_well.decoded(i, 1, row, row)
         for j, donor in enumerate(plan.well_donors):
             swap_well.decoded(i, 2 + j, row, donor)
+    return swap_well
 
-    source = pname[plan.perturbations[0]]
-    swap_perturbation = _GridBuilder(
+
+def _swap_perturbation_grid(
+    plan: _Plan, labels: _Labels, encoded: EncodedCells, shape: tuple
+) -> _GridBuilder:
+    """z_s of cells from several wells with z_c of typical cells of other perturbations."""
+    pname = labels.perturbation_names
+    swap = _GridBuilder(
         "swap_perturbation",
-        f"z_s of {source} cells from several wells with z_c of typical cells of other "
-        "perturbations: each well's look with that perturbation",
+        f"z_s of {pname[plan.perturbations[0]]} cells from several wells with z_c of typical "
+        "cells of other perturbations: each well's look with that perturbation",
         1 + len(plan.style_rows),
         2 + len(plan.perturbation_donors),
         shape,
     )
-    swap_perturbation.row_breaks, swap_perturbation.column_breaks = (0,), (1,)
-    swap_perturbation.row_labels[0] = "z_c donors\n(originals)"
-    swap_perturbation.column_labels[:2] = ["original", "reconstruction"]
+    swap.row_breaks, swap.column_breaks = (0,), (1,)
+    swap.row_labels[0] = "z_c donors\n(originals)"
+    swap.column_labels[:2] = ["original", "reconstruction"]
     for j, donor in enumerate(plan.perturbation_donors):
-        swap_perturbation.column_labels[2 + j] = (
-            f"z_c of\n{pname[labels.perturbation_codes[donor]]}"
-        )
-        swap_perturbation.original(0, 2 + j, donor, encoded)
+        swap.column_labels[2 + j] = f"z_c of\n{pname[labels.perturbation_codes[donor]]}"
+        swap.original(0, 2 + j, donor, encoded)
     for i, row in enumerate(plan.style_rows, start=1):
-        swap_perturbation.row_labels[i] = describe(row)
-        swap_perturbation.original(i, 0, row, encoded)
-        swap_perturbation.decoded(i, 1, row, row)
+        swap.row_labels[i] = _describe(labels, row)
+        swap.original(i, 0, row, encoded)
+        swap.decoded(i, 1, row, row)
         for j, donor in enumerate(plan.perturbation_donors):
-            swap_perturbation.decoded(i, 2 + j, donor, row)
-
-    builders = (recon, swap_well, swap_perturbation)
-    grids = [builder.finish(trained, encoded) for builder in builders]
-    return grids, [record for builder in builders for record in builder.records]
+            swap.decoded(i, 2 + j, donor, row)
+    return swap
 
 
 # --------------------------------------------------------------------------- drawing
@@ -594,9 +562,13 @@ def _composite(image: np.ndarray, colours: np.ndarray, low: np.ndarray, high: np
     return np.clip(np.einsum("chw,ck->hwk", _scaled(image, low, high), colours), 0, 1)
 
 
-# Figure geometry, in inches.
-_PANEL, _GAP, _BREAK, _LEFT, _RIGHT = 0.62, 0.04, 0.12, 1.15, 0.1
-_COLUMN_LABELS, _BLOCK_TITLE, _BLOCK_GAP = 0.36, 0.26, 0.3
+# The figure's size, from its panels and labels (inches); matplotlib's compressed layout
+# (constrained layout for grids of images) places every panel, label and title within it.
+_PANEL_INCHES = 0.62
+_PANEL_PAD = 0.02  # around each panel (the layout's w_pad, h_pad)
+_BREAK_SPACE = 0.2  # the wider gap after a grid's breaks, in panels
+_ROW_LABELS_INCHES, _COLUMN_LABELS_INCHES, _BLOCK_TITLE_INCHES = 0.95, 0.35, 0.3
+_EDGE_INCHES = 0.12  # right of the last column: its labels are wider than a panel
 
 
 def _space_note(normalize: str) -> str:
@@ -607,82 +579,64 @@ def _space_note(normalize: str) -> str:
     return "each channel standardised with the store's statistics"
 
 
-def _wrap(text: str, width_in: float, points: float) -> list[str]:
+def _wrap(text: str, width_in: float, points: float) -> str:
+    """``text`` in lines that fit ``width_in`` inches at ``points`` (about 0.6 em a character)."""
     import textwrap
 
-    return textwrap.wrap(text, max(30, int(width_in * 120 / points)))
+    return "\n".join(textwrap.wrap(text, max(30, int(width_in * 120 / points))))
+
+
+def _slots(n: int, breaks: Sequence[int]) -> tuple[list[float], list[int]]:
+    """Along one axis: the GridSpec's slot ratios (a panel is 1, a thin empty slot follows
+    each break) and the slot of each of the ``n`` panels."""
+    ratios: list[float] = []
+    slot_of = []
+    for k in range(n):
+        slot_of.append(len(ratios))
+        ratios.append(1.0)
+        if k in breaks and k < n - 1:
+            ratios.append(_BREAK_SPACE)
+    return ratios, slot_of
+
+
+def _panel_axes(figure: Figure | SubFigure, grid: Grid) -> np.ndarray:
+    """(rows, columns) axes on one GridSpec, a wider gap after each of the grid's breaks."""
+    height_ratios, row_slots = _slots(grid.images.shape[0], grid.row_breaks)
+    width_ratios, column_slots = _slots(grid.images.shape[1], grid.column_breaks)
+    spec = figure.add_gridspec(
+        len(height_ratios), len(width_ratios),
+        height_ratios=height_ratios, width_ratios=width_ratios, hspace=0, wspace=0,
+    )  # fmt: skip
+    axes = np.empty(grid.images.shape[:2], dtype=object)
+    for i, row in enumerate(row_slots):
+        for j, column in enumerate(column_slots):
+            axes[i, j] = figure.add_subplot(spec[row, column])
+    return axes
 
 
 def _draw_block(
-    figure: Any,
-    grid: Grid,
-    render: Any,
-    *,
-    origin: tuple[float, float],
-    size: tuple[float, float],
-    title: str | None,
-    title_colour: Any,
+    figure: Figure | SubFigure, grid: Grid, render: Callable[[np.ndarray], np.ndarray]
 ) -> None:
-    """Panels of one grid with row and column labels; ``origin`` = top-left corner (inches)."""
-    width, height = size
-    x0, y0 = origin
-    n_rows, n_columns = grid.images.shape[:2]
-    top = y0
-    if title:
-        figure.text(
-            (x0 + _LEFT) / width,
-            (top - 0.04) / height,
-            title,
-            fontsize=8.5,
-            color=title_colour,
-            va="top",
-        )
-        top -= _BLOCK_TITLE
-    top -= _COLUMN_LABELS
-    row_tops = _offsets(n_rows, grid.row_breaks)
-    column_lefts = _offsets(n_columns, grid.column_breaks)
-    for i in range(n_rows):
-        bottom = top - row_tops[i] - _PANEL
-        figure.text(
-            (x0 + _LEFT - 0.06) / width,
-            (bottom + _PANEL / 2) / height,
-            grid.row_labels[i],
-            fontsize=6.5,
-            color="white",
-            ha="right",
-            va="center",
-        )
-        for j in range(n_columns):
-            left = x0 + _LEFT + column_lefts[j]
-            axis = figure.add_axes((left / width, bottom / height, _PANEL / width, _PANEL / height))
-            axis.set_axis_off()
-            if not np.isnan(grid.images[i, j]).all():
-                axis.imshow(render(grid.images[i, j]), interpolation="nearest")
-            if i == 0:
-                axis.set_title(grid.column_labels[j], fontsize=6.5, color="white", pad=3)
+    """Panels of one grid with row labels beside and column labels above them."""
+    axes = _panel_axes(figure, grid)
+    for (i, j), axis in np.ndenumerate(axes):
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_frame_on(False)
+        if np.isnan(grid.images[i, j]).all():
+            axis.set_aspect("equal")  # an empty panel keeps its square
+        else:
+            axis.imshow(render(grid.images[i, j]), interpolation="nearest")
+        if i == 0:
+            axis.set_title(grid.column_labels[j], fontsize=6.5, color="white", pad=3)
+        if j == 0:
+            axis.set_ylabel(
+                grid.row_labels[i], fontsize=6.5, color="white", rotation=0,
+                ha="right", va="center", labelpad=4,
+            )  # fmt: skip
 
 
-def _offsets(n: int, breaks: Sequence[int]) -> np.ndarray:
-    """Start of each of ``n`` panels along one axis (inches), wider gaps after ``breaks``."""
-    gaps = np.full(n, _GAP)
-    gaps[[b for b in breaks if b < n - 1]] += _BREAK
-    return np.concatenate([[0.0], np.cumsum(_PANEL + gaps)[:-1]])
-
-
-def _block_size(grid: Grid, *, titled: bool) -> tuple[float, float]:
-    n_rows, n_columns = grid.images.shape[:2]
-    width = _LEFT + _offsets(n_columns, grid.column_breaks)[-1] + _PANEL + _GAP + _RIGHT
-    height = (
-        _COLUMN_LABELS
-        + _offsets(n_rows, grid.row_breaks)[-1]
-        + _PANEL
-        + _GAP
-        + (_BLOCK_TITLE if titled else 0.0)
-    )
-    return width, height
-
-
-def _save(figure: Any, path: Path) -> None:
+def _save(figure: Figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
@@ -690,6 +644,54 @@ def _save(figure: Any, path: Path) -> None:
             figure.savefig(tmp_path, dpi=100, facecolor="black", metadata={"Software": None})
     finally:
         plt.close(figure)
+
+
+def _block_size(grid: Grid, *, titled: bool) -> tuple[float, float]:
+    """Inches a block of panels wants: the panels, their gaps and breaks, the labels."""
+    n_rows, n_columns = grid.images.shape[:2]
+    panel = _PANEL_INCHES + 2 * _PANEL_PAD
+    breaks = _BREAK_SPACE * _PANEL_INCHES
+    width = _ROW_LABELS_INCHES + n_columns * panel + len(grid.column_breaks) * breaks
+    height = _COLUMN_LABELS_INCHES + n_rows * panel + len(grid.row_breaks) * breaks
+    return width, height + _BLOCK_TITLE_INCHES * titled
+
+
+def _note(channel_names: Sequence[str], low: np.ndarray, high: np.ndarray, normalize: str) -> str:
+    ranges = ", ".join(
+        f"{name} {a:.2f} to {b:.2f}" for name, a, b in zip(channel_names, low, high, strict=True)
+    )
+    return (
+        f"All panels are in the model's normalised space ({_space_note(normalize)}), the "
+        "decoder's target; originals and decoder outputs share one display range per channel "
+        f"(p{DISPLAY_PERCENTILES[0]:g} to p{DISPLAY_PERCENTILES[1]:g} of the originals shown): "
+        f"{ranges}."
+    )
+
+
+def _title_and_legend(
+    figure: Figure, title: str, note: str, channel_names: Sequence[str], colours: np.ndarray
+) -> None:
+    """The title above the panels; below them, the channel colours under ``note``."""
+    from matplotlib.patches import Patch
+
+    figure.suptitle(title, x=0.01, ha="left", fontsize=10, color="white")
+    patches = [
+        Patch(color=tuple(colour), label=name)
+        for name, colour in zip(channel_names, colours, strict=True)
+    ]
+    legend = figure.legend(
+        handles=patches,
+        loc="outside lower left",
+        ncols=len(channel_names),
+        title=note,
+        alignment="left",
+        fontsize=7.5,
+        title_fontsize=6.5,
+        labelcolor=[tuple(c) for c in colours],
+        frameon=False,
+        handlelength=0.8,
+    )
+    legend.get_title().set_color("0.75")
 
 
 def draw_grid(
@@ -717,67 +719,38 @@ def draw_grid(
     block_columns = 2 if n_blocks > 1 else 1
     block_rows = math.ceil(n_blocks / block_columns)
     block_width, block_height = _block_size(grid, titled=channels)
-    width = block_width * block_columns
-
-    ranges = ", ".join(
-        f"{name} {a:.2f} to {b:.2f}" for name, a, b in zip(channel_names, low, high, strict=True)
+    width = block_width * block_columns + _EDGE_INCHES
+    title = _wrap(grid.title, width - 0.2, 10)
+    note = _wrap(_note(channel_names, low, high, normalize), width - 0.2, 6.5)
+    header = 0.2 + 0.19 * (title.count("\n") + 1) + 0.12 * (note.count("\n") + 1) + 0.25
+    figure = plt.figure(
+        figsize=(width, header + block_height * block_rows),
+        facecolor="black",
+        layout="compressed",
     )
-    note = (
-        f"All panels are in the model's normalised space ({_space_note(normalize)}), the "
-        "decoder's target; originals and decoder outputs share one display range per channel "
-        f"(p{DISPLAY_PERCENTILES[0]:g} to p{DISPLAY_PERCENTILES[1]:g} of the originals shown): "
-        f"{ranges}."
-    )
-    title_lines = _wrap(grid.title, width - 0.2, 10)
-    note_lines = _wrap(note, width - 0.2, 6.5)
-    header = 0.12 + 0.19 * len(title_lines) + 0.12 * len(note_lines) + 0.3
-    height = header + block_rows * block_height + (block_rows - 1) * _BLOCK_GAP + 0.1
-    figure = plt.figure(figsize=(width, height), facecolor="black")
-
-    y = height - 0.1
-    figure.text(
-        0.1 / width, y / height, "\n".join(title_lines), fontsize=10, color="white", va="top"
-    )
-    y -= 0.19 * len(title_lines) + 0.04
-    figure.text(
-        0.1 / width, y / height, "\n".join(note_lines), fontsize=6.5, color="0.75", va="top"
-    )
-    y -= 0.12 * len(note_lines) + 0.06
-    x = 0.1
-    figure.text(x / width, y / height, "colours:", fontsize=7.5, color="0.75", va="top")
-    x += 0.6
-    for name, colour in zip(channel_names, colours, strict=True):
-        figure.text(x / width, y / height, name, fontsize=7.5, color=tuple(colour), va="top")
-        x += 0.12 + 0.075 * len(name)
-    top = height - header
-
+    figure.get_layout_engine().set(
+        w_pad=_PANEL_PAD, h_pad=_PANEL_PAD, wspace=0, hspace=0,
+        rect=(0, 0, 1 - _EDGE_INCHES / width, 1),
+    )  # fmt: skip
+    _title_and_legend(figure, title, note, channel_names, colours)
     if not channels:
-        _draw_block(
-            figure,
-            grid,
-            lambda image: _composite(image, colours, low, high),
-            origin=(0.0, top),
-            size=(width, height),
-            title=None,
-            title_colour="white",
-        )
+        _draw_block(figure, grid, lambda image: _composite(image, colours, low, high))
     else:
-        for c, name in enumerate(channel_names):
-            row, column = divmod(c, block_columns)
+        blocks = figure.subfigures(
+            block_rows, block_columns, squeeze=False, wspace=0.03, hspace=0.02,
+            facecolor="black",
+        )  # fmt: skip
+        for c, (name, block) in enumerate(zip(channel_names, blocks.flat, strict=False)):
 
             def render(image: np.ndarray, c: int = c) -> np.ndarray:
                 level = _scaled(image[c : c + 1], low[c : c + 1], high[c : c + 1])[0]
                 return level[:, :, None] * colours[c][None, None, :]
 
-            _draw_block(
-                figure,
-                grid,
-                render,
-                origin=(column * block_width, top - row * (block_height + _BLOCK_GAP)),
-                size=(width, height),
-                title=f"{name} (display {low[c]:.2f} to {high[c]:.2f})",
-                title_colour=tuple(colours[c]),
-            )
+            block.suptitle(
+                f"{name} (display {low[c]:.2f} to {high[c]:.2f})", x=0.02, ha="left",
+                fontsize=8.5, color=tuple(colours[c]),
+            )  # fmt: skip
+            _draw_block(block, grid, render)
     _save(figure, figure_path)
     return figure_path
 
@@ -842,14 +815,55 @@ def reconstruct(
     InputError
         Bad option values, unknown perturbations, an output folder that is not ours.
     """
+    out_dir = Path(out)
+    store, trained, labels = _open_run_and_store(
+        run_dir, store_path, cells=cells, wells=wells, which=which, device=device
+    )
+    prepare_folder(
+        out_dir, kind="pictures", overwrite=overwrite, entries=OUTPUT_FILES,
+        inputs=[run_dir, store_path],
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    sample = encode_cells(trained, store, _sample_rows(labels, perturbations, rng, store=store))
+    chosen = _choose_perturbations(labels, sample, perturbations)
+    plan = _plan(labels, sample, chosen, cells=cells, wells=wells, rng=rng)
+    encoded = encode_cells(trained, store, plan.rows_needed())
+    grids, records = _build_grids(plan, labels, encoded, trained, cells=cells)
+    figure_paths, channel_figure_paths, index_path = _write_pictures(
+        grids, _index_table(records, store.obs), out_dir,
+        channel_names=store.channel_names, normalize=trained.normalize,
+    )  # fmt: skip
+    shown = [labels.perturbation_names[p] for p in chosen]
+    log.info("Drew %s -> %s", ", ".join(shown), out_dir)
+    return ReconstructResult(
+        out_dir=out_dir,
+        figure_paths=figure_paths,
+        channel_figure_paths=channel_figure_paths,
+        index_path=index_path,
+        perturbations=shown,
+        grids={grid.name: grid for grid in grids},
+    )
 
+
+# --------------------------------------------------------------------------- reconstruct's stages
+
+
+def _open_run_and_store(
+    run_dir: str | os.PathLike,
+    store_path: str | os.PathLike,
+    *,
+    cells: int,
+    wells: int,
+    which: str,
+    device: str | None,
+) -> tuple[Store, TrainedModel, _Labels]:
+    """The store, the trained model (with its decoder) and the labels; the options checked."""
     from scbd_cells.core.distributed import resolve_device
     from scbd_cells.data.store import open_store
     from scbd_cells.training.checkpoint import check_argument_order, load_trained
 
     if cells < 1 or wells < 1:
         raise InputError(f"--cells and --wells must be at least 1; found {cells} and {wells}.")
-    out_dir = Path(out)
     check_argument_order(run_dir, store_path)
     store = open_store(store_path)
     if cells > min(MAX_GRID_CELLS, store.n_cells):
@@ -868,12 +882,18 @@ def reconstruct(
         raise DataError(
             f"the store {store.path} has one batch label; swaps need cells from at least two wells."
         )
-    prepare_folder(
-        out_dir, kind="pictures", overwrite=overwrite, entries=OUTPUT_FILES,
-        inputs=[run_dir, store_path],
-    )  # fmt: skip
-    rng = np.random.default_rng(seed)
+    return store, trained, labels
 
+
+def _sample_rows(
+    labels: _Labels,
+    perturbations: Sequence[str] | None,
+    rng: np.random.Generator,
+    *,
+    store: Store,
+) -> np.ndarray:
+    """Cells to embed first, to choose perturbations and typical cells: up to 16 of each
+    named perturbation, or of every one."""
     if perturbations:
         unknown = [p for p in perturbations if p not in labels.perturbation_names]
         if unknown:
@@ -883,50 +903,34 @@ def reconstruct(
                 f"{', '.join(labels.perturbation_names[:8])}."
             )
         requested = [labels.perturbation_names.index(p) for p in perturbations]
-        sample_rows = np.concatenate(
+        rows = np.concatenate(
             [_pick(labels.rows_of(p), SAMPLE_PER_PERTURBATION, rng) for p in requested]
         )
     else:
-        sample_rows = _sample_per_class(
+        rows = _sample_per_class(
             labels.perturbation_codes,
             np.flatnonzero(labels.pool),
             SAMPLE_PER_PERTURBATION,
             rng,
         )
-    log.info(
-        "Embedding %d sampled cells to choose perturbations and typical cells", len(sample_rows)
-    )
-    sample = encode_cells(trained, store, sample_rows)
-    chosen = _choose_perturbations(labels, sample, perturbations)
-    if not chosen:
-        raise InputError("no perturbation to show; name some with --perturbations.")
-    plan = _plan(labels, sample, chosen, cells=cells, wells=wells, rng=rng)
-    needed = np.concatenate(
-        [
-            *plan.recon_rows,
-            plan.well_rows,
-            plan.well_donors,
-            plan.style_rows,
-            plan.perturbation_donors,
-        ]
-    ).astype(np.int64)
-    encoded = encode_cells(trained, store, needed)
-    grids, records = _build_grids(plan, labels, encoded, trained, cells=cells)
+    log.info("Embedding %d sampled cells to choose perturbations and typical cells", len(rows))
+    return rows
 
-    obs = store.obs
-    index = pd.DataFrame.from_records(records)
-    rows = index["store_row"].to_numpy()
-    for column in (schema.CELL_ID, schema.PERTURBATION, schema.GUIDE, schema.BATCH, schema.SPLIT):
-        values = obs[column].astype(str).to_numpy() if column in obs.columns else None
-        index[column] = values[rows] if values is not None else ""
-    index = index[INDEX_COLUMNS]
+
+def _write_pictures(
+    grids: Sequence[Grid],
+    index: pd.DataFrame,
+    out_dir: Path,
+    *,
+    channel_names: Sequence[str],
+    normalize: str,
+) -> tuple[dict[str, Path], dict[str, Path], Path]:
+    """Each grid as a composite and as one block per channel, on one display range; the
+    index of the cells drawn."""
     low, high = display_ranges(grids, index)
-
     figure_paths, channel_figure_paths = {}, {}
     for grid in grids:
-        common = dict(
-            channel_names=store.channel_names, low=low, high=high, normalize=trained.normalize
-        )
+        common = dict(channel_names=channel_names, low=low, high=high, normalize=normalize)
         figure_paths[grid.name] = draw_grid(grid, out_dir / f"{grid.name}.png", **common)
         channel_figure_paths[grid.name] = draw_grid(
             grid, out_dir / f"{grid.name}_channels.png", channels=True, **common
@@ -934,13 +938,14 @@ def reconstruct(
     index_path = out_dir / INDEX_FILE
     with atomic_path(index_path) as tmp_path:
         index.to_csv(tmp_path, index=False)
-    shown = [labels.perturbation_names[p] for p in chosen]
-    log.info("Drew %s -> %s", ", ".join(shown), out_dir)
-    return ReconstructResult(
-        out_dir=out_dir,
-        figure_paths=figure_paths,
-        channel_figure_paths=channel_figure_paths,
-        index_path=index_path,
-        perturbations=shown,
-        grids={grid.name: grid for grid in grids},
-    )
+    return figure_paths, channel_figure_paths, index_path
+
+
+def _index_table(records: list[dict[str, Any]], obs: pd.DataFrame) -> pd.DataFrame:
+    """index.csv: each panel's cells with their labels from the store's cell table."""
+    index = pd.DataFrame.from_records(records)
+    rows = index["store_row"].to_numpy()
+    for column in (schema.CELL_ID, schema.PERTURBATION, schema.GUIDE, schema.BATCH, schema.SPLIT):
+        values = obs[column].astype(str).to_numpy() if column in obs.columns else None
+        index[column] = values[rows] if values is not None else ""
+    return index[INDEX_COLUMNS]

@@ -30,6 +30,12 @@ SELECTION_RULES: dict[str, tuple[str, ...]] = {
 }
 SELECT_CHOICES = tuple(SELECTION_RULES)
 
+# Below log B by less than this fraction of log B counts as "at the collapsed level":
+# 0.005 for B = 128 (an alpha = 10 demo run sat 0.001 above it, alpha = 3 reached 0.007
+# below it by a third of its steps; docs/training.md). Training's stall warning and the
+# alpha sweep's rule both use it (here, beside the val-loss rules, so neither needs torch).
+COLLAPSE_MARGIN = 0.001
+
 
 def best_step_column(rule: str) -> str:
     """The ``metrics.csv`` column of the step ``rule`` keeps so far (``best_step_z_c``)."""

@@ -73,7 +73,7 @@ from scbd_cells.model.scbd import (
     run_model,
 )
 from scbd_cells.model.schedule import set_learning_rates
-from scbd_cells.model.selection import CheckpointSelection
+from scbd_cells.model.selection import COLLAPSE_MARGIN, CheckpointSelection
 from scbd_cells.training.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_path_of,
@@ -348,8 +348,79 @@ def _set_up(
     dist_info = init_distributed(config.device)
     device = dist_info.device
     torch.manual_seed(config.seed)
+    config, labels, sampler = _labels_and_sampler(store, config, world_size=dist_info.world_size)
+    resumed_from, changes = _resume_point(run_dir, config, resume=resume)
+    if dist_info.is_main:  # only now, with the options and the store checked
+        _prepare_run_dir(run_dir)
+    loader = BalancedLoader(
+        store,
+        sampler,
+        device=device,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        cache_gb=config.cache_gb,
+        workers=config.workers,
+        prefetch=config.prefetch,
+    )
+    model, preprocessor, batch_stats = _model_and_preprocessor(store, config, labels, device)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, decoder_lr=config.decoder_lr),
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    run = _Run(
+        config=config,
+        run_dir=run_dir,
+        store=store,
+        dist=dist_info,
+        model=model,
+        forward_model=model,
+        optimizer=optimizer,
+        preprocessor=preprocessor,
+        loader=loader,
+        val_set=_ValidationSet.build(
+            store, config, labels.perturbation_codes, labels.batch_codes, labels.val_rows
+        ),
+        batch_stats=batch_stats,
+        vocab={
+            schema.PERTURBATION: list(labels.perturbation_names),
+            schema.BATCH: list(labels.batch_names),
+        },
+        autocast=device_autocast(device),
+        base_lrs=[group["lr"] for group in optimizer.param_groups],  # before a resume loads
+    )
+    if resumed_from is not None:
+        _resume(run, resumed_from, changes)
+    if dist_info.distributed:  # wrapped after the resume: DDP broadcasts rank 0's weights
+        run.forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if run.cuda else None
+        )
+    if config.compile:
+        run.forward_model = torch.compile(run.forward_model)
+    if dist_info.is_main:
+        save_config(config, run_dir / "config.yaml")
+        _write_option_history(run.option_history, run_dir)
+        _log_start(run, labels)
+    return run
 
-    # --- labels, splits and the class-balanced sampler -----------------------------------
+
+@dataclass(frozen=True)
+class _TrainLabels:
+    """The store's labels as codes and names, and its train and val rows."""
+
+    perturbation_codes: np.ndarray
+    perturbation_names: list[str]
+    batch_codes: np.ndarray
+    batch_names: list[str]
+    train_rows: np.ndarray
+    val_rows: np.ndarray  # the train rows when the store has no val split
+
+
+def _labels_and_sampler(
+    store: Store, config: TrainConfig, *, world_size: int
+) -> tuple[TrainConfig, _TrainLabels, BalancedBatchSampler]:
+    """Labels, splits and the class-balanced sampler; the options checked against the store
+    (``classes_per_batch`` fitted to the train perturbations)."""
     perturbation_codes, perturbation_names = store.codes(schema.PERTURBATION)
     batch_codes, batch_names = store.codes(schema.BATCH)
     split = store.obs[schema.SPLIT].astype(str).to_numpy()
@@ -370,7 +441,7 @@ def _set_up(
         batch_codes=batch_codes if config.stratify else None,
     )
     if config.sampling == "segments":
-        sampler.use_segments(segment_cells_of(store), world_size=dist_info.world_size)
+        sampler.use_segments(segment_cells_of(store), world_size=world_size)
     if sampler.n_small_classes:
         logger.info(
             "%d perturbation classes have fewer than %d train cells; they are sampled with "
@@ -379,6 +450,16 @@ def _set_up(
             config.cells_per_class,
         )
     _check_wells_per_batch(perturbation_codes, train_rows, config, batch_codes)
+    labels = _TrainLabels(
+        perturbation_codes, perturbation_names, batch_codes, batch_names, train_rows, val_rows
+    )
+    return config, labels, sampler
+
+
+def _resume_point(
+    run_dir: Path, config: TrainConfig, *, resume: bool
+) -> tuple[dict[str, Any] | None, dict[str, tuple[Any, Any]]]:
+    """``last.pt`` to continue from (None for a new run) and the options the resume changes."""
     last_path = checkpoint_path_of(run_dir, "last")
     resumed_from = load_checkpoint(last_path) if resume else None
     if resumed_from is not None and (broken := non_finite_tensors(resumed_from["model"])):
@@ -389,20 +470,13 @@ def _set_up(
             "lower --lr or a higher --temperature if its loss diverged)."
         )
     changes = _resume_changes(resumed_from, config, last_path) if resumed_from else {}
-    if dist_info.is_main:  # only now, with the options and the store checked
-        _prepare_run_dir(run_dir)
-    loader = BalancedLoader(
-        store,
-        sampler,
-        device=device,
-        rank=dist_info.rank,
-        world_size=dist_info.world_size,
-        cache_gb=config.cache_gb,
-        workers=config.workers,
-        prefetch=config.prefetch,
-    )
+    return resumed_from, changes
 
-    # --- model, preprocessing, optimiser ---------------------------------------------------
+
+def _model_and_preprocessor(
+    store: Store, config: TrainConfig, labels: _TrainLabels, device: torch.device
+) -> tuple[SCBDModel, ImagePreprocessor, BatchChannelStats | None]:
+    """The model on ``device`` (channels-last on CUDA) and the input transform it trains on."""
     image_size = config.image_size or int(store.image_size[0])
     model_args = {
         "encoder": config.encoder,
@@ -414,64 +488,36 @@ def _set_up(
         "stem": config.stem,
     }
     model = SCBDModel(model_args).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     batch_stats = _batch_stats(store, config)
     preprocessor = preprocessor_for(
-        batch_names,
+        labels.batch_names,
         channel_stats=store.channel_stats,
         image_size=image_size,
         batch_stats=batch_stats,
         normalize=config.normalize,
     )
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, decoder_lr=config.decoder_lr),
-        lr=config.lr,
-        weight_decay=config.weight_decay,
+    return model, preprocessor, batch_stats
+
+
+def _log_start(run: _Run, labels: _TrainLabels) -> None:
+    """One line on what is trained on what."""
+    config = run.config
+    logger.info(
+        "Training %s x2 (%s) on %s: %d train cells, %d perturbations, "
+        "%d batch labels, batches of %d x %d = %d cells, %d steps",
+        config.encoder,
+        _parameter_counts(run.model),
+        run.dist.device,
+        labels.train_rows.size,
+        len(np.unique(labels.perturbation_codes[labels.train_rows])),
+        len(labels.batch_names),
+        config.classes_per_batch,
+        config.cells_per_class,
+        config.batch_size,
+        config.steps,
     )
-    run = _Run(
-        config=config,
-        run_dir=run_dir,
-        store=store,
-        dist=dist_info,
-        model=model,
-        forward_model=model,
-        optimizer=optimizer,
-        preprocessor=preprocessor,
-        loader=loader,
-        val_set=_ValidationSet.build(store, config, perturbation_codes, batch_codes, val_rows),
-        batch_stats=batch_stats,
-        vocab={schema.PERTURBATION: list(perturbation_names), schema.BATCH: list(batch_names)},
-        autocast=device_autocast(device),
-        base_lrs=[group["lr"] for group in optimizer.param_groups],  # before a resume loads
-    )
-    if resumed_from is not None:
-        _resume(run, resumed_from, changes)
-    if dist_info.distributed:  # wrapped after the resume: DDP broadcasts rank 0's weights
-        run.forward_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if cuda else None
-        )
-    if config.compile:
-        run.forward_model = torch.compile(run.forward_model)
-    if dist_info.is_main:
-        save_config(config, run_dir / "config.yaml")
-        _write_option_history(run.option_history, run_dir)
-        logger.info(
-            "Training %s x2 (%s) on %s: %d train cells, %d perturbations, "
-            "%d batch labels, batches of %d x %d = %d cells, %d steps",
-            config.encoder,
-            _parameter_counts(model),
-            device,
-            train_rows.size,
-            len(np.unique(perturbation_codes[train_rows])),
-            len(batch_names),
-            config.classes_per_batch,
-            config.cells_per_class,
-            config.batch_size,
-            config.steps,
-        )
-    return run
 
 
 def _resume(run: _Run, checkpoint: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
@@ -1075,12 +1121,6 @@ class _ValidationSet:
 
 
 # --- monitoring, signals, metrics ---------------------------------------------------------------
-
-
-# Below log B by less than this fraction of log B counts as "at the collapsed level":
-# 0.005 for B = 128 (an alpha = 10 demo run sat 0.001 above it, alpha = 3 reached 0.007
-# below it by a third of its steps; docs/training.md). The alpha sweep's rule uses it too.
-COLLAPSE_MARGIN = 0.001
 
 
 class _StallMonitor:

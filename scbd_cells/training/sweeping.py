@@ -56,12 +56,9 @@ from scbd_cells.core.outputs import (
     write_marker,
     write_text_atomic,
 )
+from scbd_cells.model.selection import COLLAPSE_MARGIN as COLLAPSE_MARGIN  # stall level
 
 log = logging.getLogger(__name__)
-
-# the training's stall warning's margin below log B (scbd_cells.training.loop.COLLAPSE_MARGIN;
-# repeated here so that the rule imports no torch)
-COLLAPSE_MARGIN = 0.001
 
 # "Clearly learned": a fall below log B of at least this fraction of log B (0.049 for B = 128).
 # The validation loss moves by 0.01-0.04 between validations of one run (docs/training.md,
