@@ -26,8 +26,10 @@ from scbd_cells.core.errors import InputError
 GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
 
 
-class Group(TyperGroup):
-    """The program: moves -q/-v given after the subcommand in front of it."""
+class _ConventionalHelp:
+    """Upper-case metavars and a bare ``--help``, for the program and each subcommand."""
+
+    params: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -38,6 +40,10 @@ class Group(TyperGroup):
         if option is not None:
             option.metavar = ""
         return option
+
+
+class Group(_ConventionalHelp, TyperGroup):
+    """The program: moves -q/-v given after the subcommand in front of it."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
@@ -91,22 +97,12 @@ def _conventional_metavars(params: list[Any]) -> None:
             param.metavar = _METAVARS.get(label, f"[{label}]" if "|" in label else label.upper())
 
 
-class Command(TyperCommand):
+class Command(_ConventionalHelp, TyperCommand):
     """A subcommand whose help follows the usual conventions.
 
     Arguments show as upper-case names (``TABLE``, ``OUT_DIR``), on the usage line
     too; on/off flags show no type.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _conventional_metavars(self.params)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
