@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from scbd_cells.core.errors import DiskFullError, InputError, StoreError
 from scbd_cells.core.outputs import MARKER_NAME
-from scbd_cells.data.store import PARTIAL_SUFFIX, _filesystem, open_store
+from scbd_cells.data.store import PARTIAL_SUFFIX, _filesystem, open_store, unreachable
 
 if TYPE_CHECKING:
     from scbd_cells.data.ingest import IngestResult
@@ -123,11 +123,7 @@ def _objects_under(fs: Any, url: str) -> dict[str, int]:
                 if key == path or key.startswith(path + "/")
             )
     except Exception as error:  # botocore: no credentials, access denied, endpoint unreachable
-        raise StoreError(
-            f"Cannot list {url} ({type(error).__name__}: {error}). Check the credentials and "
-            "endpoint in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-            "AWS_ENDPOINT_URL or ~/.aws/; docs/scaling.md)."
-        ) from None
+        raise unreachable(url, error, doing="list") from None
     return found
 
 

@@ -1612,6 +1612,16 @@ def _table_source(location: Path | str, name: str) -> Path | Any:
     return target if isinstance(target, Path) else io.BytesIO(_read_bytes(target))
 
 
+def unreachable(url: str, error: Exception, *, doing: str) -> StoreError:
+    """The error for object storage that did not answer (no credentials, access denied,
+    endpoint unreachable): what failed, and where the credentials come from."""
+    return StoreError(
+        f"Cannot {doing} {url} ({type(error).__name__}: {error}). Check the credentials and "
+        "endpoint in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_ENDPOINT_URL or ~/.aws/; docs/scaling.md)."
+    )
+
+
 def _open_remote_store(url: str) -> Store:
     """:func:`open_store` for a store on object storage (read-only, through zarr's fsspec store)."""
     try:
@@ -1622,11 +1632,7 @@ def _open_remote_store(url: str) -> Store:
     except InputError:
         raise
     except Exception as error:  # botocore: no credentials, access denied, endpoint unreachable
-        raise StoreError(
-            f"Cannot reach the store {url} ({type(error).__name__}: {error}). Check the "
-            "credentials and endpoint in the environment (AWS_ACCESS_KEY_ID, "
-            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or ~/.aws/; docs/scaling.md)."
-        ) from None
+        raise unreachable(url, error, doing="reach the store") from None
     if not exists:
         if partial_exists:
             raise StoreError(
