@@ -11,9 +11,9 @@ the store with the commit object last (docs/scaling.md, "Stores on object storag
    marker where the store has one, then the group's root ``zarr.json``: a reader
    sees no store (:func:`~scbd_cells.data.store.open_store` refuses a prefix without
    root ``zarr.json`` as unfinished) or a whole one;
-3. on S3 each object is written only if its key is free (``If-None-Match: *``), and
-   the prefix is listed again just before the root ``zarr.json``: objects this run
-   did not upload abort it, and nothing is deleted.
+3. each object is written only if its key is free (S3: ``If-None-Match: *``; GCS:
+   ``ifGenerationMatch=0``), and the prefix is listed again just before the root
+   ``zarr.json``: objects this run did not upload abort it, and nothing is deleted.
 
 Credentials and endpoint come from the environment of s3fs (botocore) or gcsfs only.
 """
@@ -145,8 +145,9 @@ def _upload(fs: Any, staged: Path, url: str) -> None:
     root = (staged / ROOT_METADATA).read_text()
     root = root.replace(json.dumps(str(staged))[1:-1], url).encode()
     expected[f"{base}/{ROOT_METADATA}"] = len(root)
-    # If-None-Match: * on S3: an object is written only where none is (docs/scaling.md)
-    exclusive = {"mode": "create"} if url.startswith("s3://") else {}
+    # an object is written only where none is (docs/scaling.md): s3fs sends If-None-Match: *,
+    # gcsfs ifGenerationMatch=0
+    exclusive = {"mode": "create"}
     log.info("Uploading %d objects to %s (root zarr.json last).", len(files), url)
     try:
         fs.put([str(files[name]) for name in first], [f"{base}/{name}" for name in first],

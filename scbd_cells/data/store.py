@@ -842,9 +842,10 @@ def _chunk_file_key(array: zarr.Array, index: int) -> str:
 
 
 def _file_tail(path: Path | str) -> int:
-    if isinstance(path, str):  # a chunk file on object storage
-        return int.from_bytes(_read_bytes(path, start=-4), "little")
     """The last 4 bytes of a file, as the little-endian CRC32C zarr's codec appends."""
+    if isinstance(path, str):  # a chunk file on object storage
+        # [-4:]: a server that ignores suffix ranges (the GCS emulator) sends the whole object
+        return int.from_bytes(_read_bytes(path, start=-4)[-4:], "little")
     with open(path, "rb") as handle:
         handle.seek(-4, os.SEEK_END)
         return int.from_bytes(handle.read(4), "little")
@@ -1556,8 +1557,9 @@ def _check_consistent(store: Store) -> None:
 # ---------------------------------------------------------------------------
 
 _S3_EXTRA = (
-    "Reading stores on object storage needs the optional dependencies: "
-    "`pip install 'scbd-cells[s3]'` (s3fs; gcsfs for gs://)."
+    "Stores on object storage need an optional dependency: "
+    "`pip install 'scbd-cells[s3]'` (s3fs) for s3://, `pip install 'scbd-cells[gs]'` "
+    "(gcsfs) for gs://."
 )
 
 
@@ -1566,7 +1568,9 @@ def _filesystem(url: str) -> Any:
 
     s3fs (botocore) reads ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
     ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE`` and ``~/.aws/``;
-    scbd-cells passes none of them itself.
+    gcsfs reads Google's application default credentials
+    (``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth application-default login``) and
+    ``STORAGE_EMULATOR_HOST``; scbd-cells passes none of them itself.
     """
     import fsspec
 
