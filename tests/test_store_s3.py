@@ -348,3 +348,64 @@ def test_a_rerun_uploads_the_store_a_killed_run_left_on_the_local_disk(
     assert "Ingested" in output and f"-> {url}" in output
     assert open_store(url).store_id == store_id  # the staged store, not a second ingest
     assert list(staging.iterdir()) == []
+
+
+def _killed_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str) -> tuple:
+    """A store staged for ``s3://lab/KEY/screen.zarr`` with part of it uploaded, as a run
+    killed during its upload leaves it: the table, the URL, the staged store and the names
+    uploaded."""
+    from test_ingest import write_crops
+
+    from scbd_cells import ingest
+    from scbd_cells.data.object_store import staging_path
+
+    _staging_under(tmp_path, monkeypatch)
+    table, _ = write_crops(tmp_path / "screen", n=20)
+    url = f"s3://{BUCKET}/{key}/screen.zarr"
+    staged = staging_path(url)
+    options = {"perturbation_column": "gene", "workers": 1, "split_fractions": [0.5, 0.4, 0.1]}
+    ingest(table, out=staged, **options)
+    uploaded = ["images/zarr.json", "images/c/0/0/0/0", "obs.parquet"]
+    fs = s3fs.S3FileSystem()
+    for name in uploaded:
+        fs.put_file(str(staged / name), f"{BUCKET}/{key}/screen.zarr/{name}")
+    return table, url, staged, uploaded
+
+
+def test_a_rerun_finishes_an_upload_a_killed_run_left(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table, url, staged, uploaded = _killed_upload(tmp_path, monkeypatch, "killed_upload")
+    store_id = open_store(staged).store_id
+    files = {
+        path.relative_to(staged).as_posix(): path.read_bytes()
+        for path in staged.rglob("*")
+        if path.is_file()
+    }
+    with pytest.raises(StoreError, match="unfinished"):
+        open_store(url)
+    output = _run(["-v", *_ingest_arguments(table, url)])
+    assert "Resuming the upload" in output and f"-> {url}" in output
+    assert f"Uploading {len(files) - len(uploaded)} objects" in output
+    assert open_store(url).store_id == store_id
+    remote = _objects(s3fs.S3FileSystem(), f"{BUCKET}/killed_upload/screen.zarr")
+    assert sorted(remote) == sorted(files)
+    assert all(remote[name] == files[name] for name in files if name != "zarr.json")
+    assert not staged.exists()
+
+
+def test_a_killed_upload_with_an_object_changed_is_refused_and_kept(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table, url, staged, _ = _killed_upload(tmp_path, monkeypatch, "changed_upload")
+    fs = s3fs.S3FileSystem()
+    key = f"{BUCKET}/changed_upload/screen.zarr/images/c/0/0/0/0"
+    changed = bytes(255 - byte for byte in fs.cat_file(key))  # same size, other bytes
+    fs.pipe_file(key, changed)
+    result = CliRunner().invoke(app, _ingest_arguments(table, url))
+    assert isinstance(result.exception, InputError), result.output
+    assert "is taken" in str(result.exception) and "images/c/0/0/0/0" in str(result.exception)
+    assert "obs.parquet" not in str(result.exception)  # the objects equal to ours are not named
+    assert fs.cat_file(key) == changed  # nothing overwritten or deleted
+    assert not fs.exists(f"{BUCKET}/changed_upload/screen.zarr/zarr.json")
+    assert staged.is_dir()  # the staged store is kept for a rerun
