@@ -117,8 +117,11 @@ def synthetic_store(
     )
 
 
-def simulated_store(path: Path, *, preset: str, cells_per_guide: int | None, workers: int):
-    """Simulate (``scbd_cells.simulate``) and ingest a screen, or open it if it exists."""
+def simulated_store(
+    path: Path, *, preset: str, cells_per_guide: int | None, workers: int, resize: int | None = None
+):
+    """Simulate (``scbd_cells.simulate``) and ingest a screen (crops resized to ``resize``
+    px if given), or open it if it exists."""
     from scbd_cells import ingest, open_store, simulate
 
     if (path / "zarr.json").exists():
@@ -140,6 +143,7 @@ def simulated_store(path: Path, *, preset: str, cells_per_guide: int | None, wor
         guide_column="guide",
         control="nontargeting",
         workers=workers,
+        resize=resize,
     )
     return open_store(path)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The `large` preset (~1 M cells) end to end on this machine, each stage timed with its peak
-# memory (GNU time): simulate -> ingest -> info --verify -> train (a few steps, cache smaller
-# than the store) -> embed -> evaluate. Figures for docs/scaling.md's projection.
+# memory (GNU time): simulate -> ingest -> info --verify -> the loader's read rates (store
+# larger than the cache) -> train (a few steps, cache smaller than the store) -> embed ->
+# evaluate. Figures for docs/scaling.md's projection. PYTHON: the interpreter with scbd-cells.
 #
 #   bash benchmarks/large_end_to_end.sh WORK_DIR [TRAIN_STEPS]
 #
@@ -29,6 +30,8 @@ stage ingest "$cli" ingest "$work/screen/cells.csv" --out "$work/screen.zarr" \
     --workers 2
 stage verify "$cli" info "$work/screen.zarr" --verify
 du -sb "$work/screen.zarr" | awk '{printf "store: %.2f GiB on disk\n", $1 / 2^30}' >> "$work/sizes.txt"
+# the loader alone, store larger than its cache: segment and row reads against in memory
+stage loader "${PYTHON:-python}" "$(dirname "$0")/loader.py" --store "$work/screen.zarr" --repeats 2
 stage train "$cli" train "$work/screen.zarr" --out "$work/run" --steps "$steps" \
     --val-every "$steps" --cache-gb 0.25 --device cpu
 stage embed "$cli" embed "$work/run" "$work/screen.zarr" --out "$work/cells.h5ad" --aggregate

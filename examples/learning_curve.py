@@ -221,9 +221,11 @@ def plot(table: pd.DataFrame, figure_path: Path) -> None:
     scbd, refs = table[table["budget_steps"].notna()], table[table["budget_steps"].isna()]
     for ax, (column, label) in zip(axes, PANELS, strict=True):
         for (variant, alpha), rows in scbd.groupby(["variant", "alpha"], sort=True):
-            mean = rows.groupby("budget_steps")[column].mean()  # over seeds
-            label = f"SCBD α = {alpha:g}" + ("" if variant == "default" else f", {variant}")
-            ax.plot(mean.index, mean.to_numpy(), "o-", label=label)
+            by_budget = rows.groupby("budget_steps")[column]  # over seeds: mean and sd
+            mean, spread = by_budget.mean(), by_budget.std().fillna(0.0)
+            name = f"SCBD α = {alpha:g}" + ("" if variant == "default" else f", {variant}")
+            ax.errorbar(mean.index, mean.to_numpy(), yerr=spread.to_numpy(), fmt="o-",
+                        capsize=3, label=name)  # fmt: skip
         for (_, row), style in zip(refs.iterrows(), ("--", "-.", ":"), strict=False):
             ax.axhline(row[column], color="0.35", ls=style, lw=1.2, label=row["embedding"])
         if column == "well_f1_over_chance":
@@ -236,7 +238,10 @@ def plot(table: pd.DataFrame, figure_path: Path) -> None:
         ax.set_xlabel("training steps (SCBD)")
         ax.set_title(label, fontsize=9)
     axes[0].legend(frameon=False, fontsize=7)
-    figure.suptitle("SCBD against the conventional pipeline, per training budget (demo screen)")
+    figure.suptitle(
+        "SCBD against the conventional pipeline, per training budget "
+        "(demo screen; mean ± sd over seeds)"
+    )
     figure.tight_layout()
     figure.savefig(figure_path)
     plt.close(figure)

@@ -152,6 +152,25 @@ def test_codes(store) -> None:
         store.codes("nope")
 
 
+def test_labels_are_read_without_the_rest_of_the_cell_table(store) -> None:
+    fresh = open_store(store.path)
+    codes, categories = fresh.codes(schema.PERTURBATION)
+    split = fresh.labels[schema.SPLIT]
+    assert "obs" not in fresh.__dict__  # training's reads leave the whole table unread
+    assert list(fresh.labels.columns) == [schema.PERTURBATION, schema.GUIDE, schema.BATCH,
+                                          schema.SPLIT]  # fmt: skip
+    whole = open_store(store.path)
+    expected_codes, expected_categories = whole.codes(schema.PERTURBATION)
+    np.testing.assert_array_equal(codes, expected_codes)
+    assert categories == expected_categories
+    assert split.equals(whole.obs[schema.SPLIT].reset_index(drop=True))
+    assert isinstance(split.dtype, pd.CategoricalDtype)
+    read_after = open_store(store.path)
+    read_after.obs  # noqa: B018 (the whole table first: labels come from it)
+    for labels in (whole.labels, read_after.labels):
+        assert labels.equals(whole.obs[list(labels.columns)].reset_index(drop=True))
+
+
 def test_split_is_seeded_and_stratified(cells, tmp_path: Path) -> None:
     images, table = cells
     table = pd.concat([table] * 10, ignore_index=True)

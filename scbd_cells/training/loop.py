@@ -423,9 +423,12 @@ def _labels_and_sampler(
     (``classes_per_batch`` fitted to the train perturbations)."""
     perturbation_codes, perturbation_names = store.codes(schema.PERTURBATION)
     batch_codes, batch_names = store.codes(schema.BATCH)
-    split = store.obs[schema.SPLIT].astype(str).to_numpy()
-    train_rows = np.flatnonzero(split == "train")
-    val_rows = np.flatnonzero(split == "val")
+    split_codes, split_names = store.codes(schema.SPLIT)  # codes: no string per cell
+    train_rows, val_rows = (
+        np.flatnonzero(split_codes == split_names.index(name)) if name in split_names
+        else np.zeros(0, dtype=np.int64)
+        for name in ("train", "val")
+    )  # fmt: skip
     _check_image_size(config, store)
     config = _fit_classes_per_batch(config, perturbation_codes[train_rows])
     _check_labels(store, config, perturbation_codes, batch_codes, batch_names, train_rows)
