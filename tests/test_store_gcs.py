@@ -17,7 +17,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from test_store_s3 import TRAIN, _ingest_arguments, _objects, _run, _staging_under
+from test_store_s3 import TRAIN, _files, _ingest_arguments, _objects, _run, ingest_crops
 from typer.testing import CliRunner
 
 from scbd_cells.cli import app
@@ -75,23 +75,15 @@ def _fs() -> gcsfs.GCSFileSystem:
 def test_ingest_to_gcs_uploads_the_same_store_and_every_command_reads_it(
     gcs: _Requests, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_ingest import write_crops
-
-    staging = _staging_under(tmp_path, monkeypatch)
-    table, _ = write_crops(tmp_path / "screen", n=160)
     url = f"gs://{BUCKET}/ingested/screen.zarr"
     gcs.lines.clear()
-    output = _run(["-v", *_ingest_arguments(table, url)])
+    table, staging, output = ingest_crops(url, tmp_path, monkeypatch)
     assert f"-> {url}" in output
     assert list(staging.iterdir()) == []  # the staging folder is removed
     local = tmp_path / "local.zarr"
     _run(_ingest_arguments(table, str(local)))
     remote = _objects(_fs(), f"{BUCKET}/ingested/screen.zarr")
-    files = {
-        path.relative_to(local).as_posix(): path.read_bytes()
-        for path in local.rglob("*")
-        if path.is_file()
-    }
+    files = _files(local)
     assert sorted(remote) == sorted(files)
     assert all(remote[name] == files[name] for name in files if name.startswith("images/c/"))
     assert remote["obs.parquet"] == files["obs.parquet"]

@@ -169,6 +169,12 @@ def _objects(fs: object, key: str) -> dict[str, bytes]:
     return {name[len(key) + 1 :]: fs.cat_file(name) for name in fs.find(key)}
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    """``{path inside the folder: bytes}`` of every file of a local store."""
+    files = (path for path in folder.rglob("*") if path.is_file())
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in files}
+
+
 def _staging_under(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The system temp folder, where ingest builds a store before uploading it, in tmp_path."""
     import tempfile
@@ -179,15 +185,20 @@ def _staging_under(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def test_ingest_to_s3_uploads_the_same_store_as_a_local_ingest(
-    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def ingest_crops(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``ingest -v`` of 160 crops to ``url``: the table, the staging folder and the output."""
     from test_ingest import write_crops
 
     staging = _staging_under(tmp_path, monkeypatch)
     table, _ = write_crops(tmp_path / "screen", n=160)
+    return table, staging, _run(["-v", *_ingest_arguments(table, url)])
+
+
+def test_ingest_to_s3_uploads_the_same_store_as_a_local_ingest(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = f"s3://{BUCKET}/ingested/screen.zarr"
-    output = _run(["-v", *_ingest_arguments(table, url)])
+    table, staging, output = ingest_crops(url, tmp_path, monkeypatch)
     assert f"-> {url}" in output and SECRET not in output
     assert list(staging.iterdir()) == []  # the staging folder is removed
     info = json.loads(_run(["info", url, "--json", "--verify"]))
@@ -196,11 +207,7 @@ def test_ingest_to_s3_uploads_the_same_store_as_a_local_ingest(
     local = tmp_path / "local.zarr"
     _run(_ingest_arguments(table, str(local)))
     remote = _objects(s3fs.S3FileSystem(), f"{BUCKET}/ingested/screen.zarr")
-    files = {
-        path.relative_to(local).as_posix(): path.read_bytes()
-        for path in local.rglob("*")
-        if path.is_file()
-    }
+    files = _files(local)
     assert sorted(remote) == sorted(files)
     chunks = [name for name in files if name.startswith("images/c/")]
     assert len(chunks) >= 1
@@ -377,11 +384,7 @@ def test_a_rerun_finishes_an_upload_a_killed_run_left(
 ) -> None:
     table, url, staged, uploaded = _killed_upload(tmp_path, monkeypatch, "killed_upload")
     store_id = open_store(staged).store_id
-    files = {
-        path.relative_to(staged).as_posix(): path.read_bytes()
-        for path in staged.rglob("*")
-        if path.is_file()
-    }
+    files = _files(staged)
     with pytest.raises(StoreError, match="unfinished"):
         open_store(url)
     output = _run(["-v", *_ingest_arguments(table, url)])
