@@ -1271,7 +1271,8 @@ class Store:
 
         Read without the rest of the cell table when that is not in memory yet: training
         needs only these, and the whole table (ids, paths, the lab's metadata as text) holds
-        about 440 bytes a cell, 11 GiB per rank for a 26 M-cell screen.
+        about 440 bytes a cell; reading it made training's set-up 514 bytes a cell, 12 GiB
+        per rank for a 26 M-cell screen (92 bytes without it; docs/scaling.md).
         """
         if "obs" in self.__dict__:  # the whole table is read already
             columns = [c for c in LABEL_COLUMNS if c in self.obs.columns]
