@@ -70,7 +70,6 @@ def probe_setup(store_path: str, cache_gb: float) -> None:
 
     from scbd_cells.core.config import TrainConfig
     from scbd_cells.data.loader import BalancedLoader
-    from scbd_cells.data.store import open_store
     from scbd_cells.training.loop import _labels_and_sampler
 
     before = _rss_gib()
@@ -133,8 +132,7 @@ def main() -> None:
         measured = train_peak(
             store, steps=args.steps, classes_per_batch=classes, cache_gb=args.cache_gb
         )
-        n_cells = open_store(store).n_cells
-        setup = setups[stores.index(store)]
+        n_cells, setup = cells[stores.index(store)], setups[stores.index(store)]
         peaks.append(measured["peak_gib"])
         rows.append([f"{n_cells:,}", f"{setup:.3f}", f"{classes} × 8 = {classes * 8:,}",
                      f"{measured['peak_gib']:.2f}", f"{measured['wall_s']:.0f}"])  # fmt: skip

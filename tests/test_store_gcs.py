@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
-from test_store_s3 import TRAIN, _files, _ingest_arguments, _objects, _run, ingest_crops
+from test_store_s3 import (
+    TRAIN,
+    _files,
+    _free_port,
+    _ingest_arguments,
+    _objects,
+    _run,
+    ingest_crops,
+)
 from typer.testing import CliRunner
 
 from scbd_cells.cli import app
@@ -28,12 +35,6 @@ emulator = pytest.importorskip("gcp_storage_emulator.server")
 gcsfs = pytest.importorskip("gcsfs")
 
 BUCKET = "lab"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class _Requests(logging.Handler):
