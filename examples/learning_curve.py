@@ -33,8 +33,10 @@ Nothing here is tuned on the evaluation's complexes file: alpha and the options 
 demo's. ``--no-report`` only trains and embeds, ``--report`` only evaluates and draws;
 ``--cells-per-class`` / ``--classes-per-batch`` change the batch (use another ``--out``).
 ``curves.md`` also gives, per option set, budget and alpha, the mean and the spread over
-seeds, and for each run the step ``best.pt`` holds and the step each selection rule
-(``--select total`` / ``z_c``) would keep.
+seeds, and for each run the step embedded and the step each selection rule
+(``--select total`` / ``z_c``) would keep. ``--both-rules`` also embeds, from the same
+runs, the step ``--select z_c`` keeps (``checkpoints/best_z_c.pt``) as the curve
+``zc`` (``NAME-zc`` for a variant): model selection compared without training twice.
 """
 
 from __future__ import annotations
@@ -140,18 +142,42 @@ def run(args: argparse.Namespace) -> None:
         run_dir, cells = args.out / "runs" / name, args.out / "embeddings" / f"{name}.h5ad"
         if cells.exists():
             print(f"{name}: embedded, skipped", flush=True)
-            continue
-        started = time.perf_counter()
-        resume = (run_dir / "checkpoints" / "last.pt").exists()
-        # validation every 1/6 of the run, as the demo's 50 of 300
-        trained = scbd_cells.train(
-            store, out=run_dir, resume=resume,
-            **dict(run_options, steps=steps, alpha=alpha, val_every=max(10, steps // 6)),
-        )  # fmt: skip
-        if trained.interrupted:  # Ctrl-C: leave it unembedded, so a rerun resumes it
-            raise SystemExit(f"{name}: interrupted; rerun the same command to continue")
-        scbd_cells.embed(run_dir, store, out=cells, workers=2)
-        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+        else:
+            train_and_embed(store, run_dir, cells, dict(run_options, steps=steps, alpha=alpha))
+        if args.both_rules:
+            embed_other_rule(run_dir, store, args.out, (steps, alpha, variant, seed))
+
+
+def train_and_embed(store: Path, run_dir: Path, cells: Path, options: dict) -> None:
+    """Train one run (resuming a killed one) and embed its ``best.pt``."""
+    started = time.perf_counter()
+    resume = (run_dir / "checkpoints" / "last.pt").exists()
+    # validation every 1/6 of the run, as the demo's 50 of 300
+    options = dict(options, val_every=max(10, options["steps"] // 6))
+    trained = scbd_cells.train(store, out=run_dir, resume=resume, **options)
+    if trained.interrupted:  # Ctrl-C: leave it unembedded, so a rerun resumes it
+        raise SystemExit(f"{run_dir.name}: interrupted; rerun the same command to continue")
+    scbd_cells.embed(run_dir, store, out=cells, workers=2)
+    print(f"{run_dir.name}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def zc_variant(variant: str) -> str:
+    """The curve of a variant's runs embedded at the step ``--select z_c`` keeps."""
+    return "zc" if variant == "default" else f"{variant}-zc"
+
+
+def embed_other_rule(run_dir: Path, store: Path, out: Path, key: tuple) -> None:
+    """Embed ``best_z_c.pt``, the step ``--select z_c`` keeps in the same run, as its own curve.
+
+    A run kept ``best.pt`` by the total val loss (the default rule); training writes the
+    step z_c's rule keeps beside it, so that rule's embedding needs no second run.
+    """
+    steps, alpha, variant, seed = key
+    if not (run_dir / "checkpoints" / "best_z_c.pt").is_file():
+        return  # the run's own rule is z_c: best.pt is that step already
+    cells = out / "embeddings" / f"{run_name(steps, alpha, zc_variant(variant), seed)}.h5ad"
+    if not cells.exists():
+        scbd_cells.embed(run_dir, store, out=cells, which="best_z_c", workers=2)
 
 
 def evaluate_all(args: argparse.Namespace) -> pd.DataFrame:
@@ -180,22 +206,32 @@ def evaluate_all(args: argparse.Namespace) -> pd.DataFrame:
     table["variant"] = parsed[2].where(parsed[2].notna() | ~is_run, "default")
     table["seed"] = pd.to_numeric(parsed[3]).where(parsed[3].notna() | ~is_run, 0)
     table["well_f1_over_chance"] = table["well_f1"] / table["well_f1_chance"]
-    steps = [selection_steps(args.out / "runs" / name) if run else {}
+    steps = [selection_steps(args.out / "runs", name) if run else {}
              for name, run in zip(table["embedding"], is_run, strict=True)]  # fmt: skip
     return pd.concat([table, pd.DataFrame(steps, index=table.index)], axis=1)
 
 
-def selection_steps(run_dir: Path) -> dict:
-    """The run's rule, the step its best.pt holds, and the step each rule would keep."""
+def selection_steps(runs: Path, name: str) -> dict:
+    """The rule that chose the embedded step, that step, and the step each rule would keep.
+
+    A ``-zc`` curve's embedding is its source run's ``best_z_c.pt`` (``--both-rules``).
+    """
     import torch
     import yaml
 
+    checkpoint, rule = "best.pt", None
+    steps, alpha, variant, seed = RUN_NAME.match(name).groups()
+    if not (runs / name).is_dir() and variant and (variant == "zc" or variant.endswith("-zc")):
+        source = variant.removesuffix("zc").removesuffix("-") or "default"
+        name = run_name(int(steps), float(alpha), source, int(seed or 0))
+        checkpoint, rule = "best_z_c.pt", "z_c"
+    run_dir = runs / name
     val = pd.read_csv(run_dir / "metrics.csv").query("phase == 'val'")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    best = torch.load(run_dir / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    kept = torch.load(run_dir / "checkpoints" / checkpoint, map_location="cpu", weights_only=True)
     return {
-        "select": config.get("select", "total"),
-        "best_pt_step": int(best["step"]),
+        "select": rule or config.get("select", "total"),
+        "best_pt_step": int(kept["step"]),
         "best_step_total": val["best_step_total"].iloc[-1] if len(val) else None,
         "best_step_z_c": val["best_step_z_c"].iloc[-1] if len(val) else None,
     }
@@ -259,7 +295,7 @@ def report(args: argparse.Namespace) -> None:
     runs = table[table["budget_steps"].notna()]
     selection = markdown_table(
         runs, [("embedding", "run", "s"), ("select", "--select", "s"),
-               ("best_pt_step", "best.pt step", ".0f"),
+               ("best_pt_step", "embedded step", ".0f"),
                ("best_step_total", "lowest total val loss", ".0f"),
                ("best_step_z_c", "lowest val SupCon(z_c)", ".0f")],
     )  # fmt: skip
@@ -295,6 +331,10 @@ def main() -> None:
     parser.add_argument("--classes-per-batch", type=int, default=None)
     parser.add_argument("--cells-per-class", type=int, default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--both-rules", action="store_true",
+        help="also embed each run's best_z_c.pt (the step --select z_c keeps) as the curve NAME-zc",
+    )  # fmt: skip
     parser.add_argument("--report", action="store_true", help="only evaluate and draw")
     parser.add_argument("--no-report", action="store_true", help="only train and embed")
     args = parser.parse_args()

@@ -32,7 +32,7 @@ def test_learning_curve_on_the_tiny_demo(tmp_path: Path) -> None:
     common = ["--demo", str(tmp_path / "demo"), "--out", str(tmp_path / "curves")]
     _curve(*common, "--steps", "2", "3", "--alphas", "0", "--device", "cpu", "--no-report")
     assert not (tmp_path / "curves" / "curves.csv").exists()
-    again = _curve(*common, "--steps", "2", "--alphas", "0", "--device", "cpu")
+    again = _curve(*common, "--steps", "2", "--alphas", "0", "--device", "cpu", "--both-rules")
     assert "steps_2_alpha_0: embedded, skipped" in again.stdout  # a rerun trains nothing
 
     for steps in (2, 3):  # each budget is its own run, trained to its own number of steps
@@ -41,9 +41,18 @@ def test_learning_curve_on_the_tiny_demo(tmp_path: Path) -> None:
         assert metrics["step"].max() == steps
     table = pd.read_csv(tmp_path / "curves" / "curves.csv")
     assert list(table["embedding"]) == [
-        "steps_2_alpha_0", "steps_3_alpha_0", "baseline", "baseline_per_well", "baseline_harmony",
+        "steps_2_alpha_0", "steps_3_alpha_0", "steps_2_alpha_0_zc",  # z_c's rule, same run
+        "baseline", "baseline_per_well", "baseline_harmony",
     ]  # fmt: skip
-    assert list(table["budget_steps"].iloc[:2]) == [2, 3] and table["budget_steps"][2:].isna().all()
+    assert list(table["budget_steps"].iloc[:3]) == [2, 3, 2] and table["budget_steps"][3:].isna().all()
+    # one validation, at step 2: both rules keep it, so the zc curve embeds the same weights
+    runs = table.set_index("embedding")
+    assert runs.loc["steps_2_alpha_0_zc", "variant"] == "zc"
+    assert runs.loc["steps_2_alpha_0_zc", "select"] == "z_c"
+    assert runs.loc["steps_2_alpha_0_zc", "best_pt_step"] == 2
+    for metric in ("corum_auprc", "well_f1"):
+        zc, total = runs.loc["steps_2_alpha_0_zc", metric], runs.loc["steps_2_alpha_0", metric]
+        assert zc == pytest.approx(total)
     # the references are the demo's own files, scored as the demo scored them
     scored = json.loads((tmp_path / "demo" / "report" / "metrics.json").read_text())
     for name in ("baseline", "baseline_per_well", "baseline_harmony"):

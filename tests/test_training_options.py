@@ -13,7 +13,7 @@ from stores import FAST, well_store
 
 from scbd_cells import train
 from scbd_cells.core.config import resolve_train_config
-from scbd_cells.core.errors import InputError
+from scbd_cells.core.errors import CheckpointError, InputError
 from scbd_cells.model.encoders import build_encoder
 from scbd_cells.model.preprocess import augment_images, max_shift_for, random_shift
 from scbd_cells.model.scbd import SCBDModel
@@ -290,6 +290,16 @@ def test_select_keeps_the_step_its_rule_names(
     assert load_checkpoint(run.best_checkpoint_path)["step"] == EXPECTED[select][-1]
     assert run.best_val_loss == 6.0  # the lowest total, whichever rule keeps best.pt
     assert resolve_train_config(config_path=run.run_dir / "config.yaml").select == select
+    # the other rule's step is kept beside best.pt, and --which names either rule's
+    other = "z_c" if select == "total" else "total"
+    checkpoints = sorted(path.name for path in (run.run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["best.pt", f"best_{other}.pt", "last.pt"]
+    for rule in ("total", "z_c"):
+        assert load_trained(run.run_dir, which=f"best_{rule}").step == EXPECTED[rule][-1]
+    # a run trained before the second file existed: refused with what to do, not best.pt
+    (run.run_dir / "checkpoints" / f"best_{other}.pt").unlink()
+    with pytest.raises(CheckpointError, match=f"--select {other}.*best_step_{other}"):
+        load_trained(run.run_dir, which=f"best_{other}")
 
 
 def test_select_survives_a_resume(

@@ -114,7 +114,8 @@ def embed(
     device
         ``cuda``, ``cuda:1``, ``cpu``...; default CUDA when available.
     which
-        Checkpoint of the run: ``best`` or ``last``.
+        Checkpoint of the run: ``best``, ``last``, ``best_total`` or ``best_z_c``
+        (:func:`scbd_cells.training.checkpoint.load_trained`).
     workers
         Store reader threads.
     overwrite

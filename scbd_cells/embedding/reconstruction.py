@@ -798,7 +798,8 @@ def reconstruct(
         Other wells whose z_s is swapped in (columns of ``swap_well``, rows of
         ``swap_perturbation`` after the first well).
     which
-        Checkpoint of the run: ``best`` or ``last``.
+        Checkpoint of the run: ``best``, ``last``, ``best_total`` or ``best_z_c``
+        (:func:`scbd_cells.training.checkpoint.load_trained`).
     device
         ``cuda``, ``cpu``...; default CUDA when available.
     overwrite

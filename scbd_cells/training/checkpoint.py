@@ -1,6 +1,7 @@
 """Checkpoint: atomic save of plain-dict checkpoints, safe loading, and the trained model for embed.
 
-A checkpoint (``RUN_DIR/checkpoints/{best,last}.pt``) is a plain dict that
+A checkpoint (``RUN_DIR/checkpoints/{best,last}.pt``, and ``best_<rule>.pt`` for the
+``--select`` rule that does not keep ``best.pt``) is a plain dict that
 ``torch.load(path, weights_only=True)`` reads: ``model`` (state dict),
 ``model_args``, ``optimizer``, ``step``, ``best_val_loss``, ``config`` (dict),
 ``store_fingerprint``, ``vocab`` (``perturbation``, ``batch`` category lists),
@@ -36,9 +37,38 @@ CHECKPOINT_DIR = "checkpoints"
 RESUME_ONLY = ("optimizer", "sampler")
 
 
+#: ``embed``/``reconstruct --which`` choices: ``best`` (``--select``'s rule), ``last``, and
+#: the step a named rule keeps (``best_z_c``), whichever rule kept ``best.pt``.
+WHICH_CHOICES = ("best", "last", "best_total", "best_z_c")
+
+
 def checkpoint_path_of(run_dir: Path, which: str) -> Path:
     """``RUN_DIR/checkpoints/<which>.pt``."""
     return Path(run_dir) / CHECKPOINT_DIR / f"{which}.pt"
+
+
+def rule_checkpoint_path(run_dir: Path, which: str) -> Path:
+    """The file ``--which`` names in a run folder.
+
+    ``best_<rule>`` is ``best.pt`` where the run kept it by that rule (its ``--select``),
+    else ``best_<rule>.pt``, which training writes beside it; a run trained before training
+    wrote that file has none and is refused with what to do.
+    """
+    if which not in WHICH_CHOICES:
+        raise CheckpointError(f"unknown checkpoint {which!r}; choose one of {WHICH_CHOICES}.")
+    own = checkpoint_path_of(run_dir, which)
+    if which in ("best", "last") or own.is_file():
+        return own
+    rule = which.removeprefix("best_")
+    best = checkpoint_path_of(run_dir, "best")
+    if best.is_file() and load_checkpoint(best)["config"].get("select", "total") == rule:
+        return best
+    raise CheckpointError(
+        f"{run_dir} has no checkpoint kept by --select {rule}: {own.name} is missing (the "
+        "run was trained before train kept one per rule, or resumed from such a run and "
+        "the rule never improved since). Use --which best, or train again with --select "
+        f"{rule}; metrics.csv's best_step_{rule} names the step that rule keeps."
+    )
 
 
 def save_checkpoint(checkpoint: dict[str, Any], checkpoint_path: Path) -> None:
@@ -218,12 +248,13 @@ def load_trained(
     run_dir_or_checkpoint
         A run folder (``RUN_DIR`` of ``scbd-cells train``) or a ``.pt`` file.
     which
-        ``best`` (lowest validation loss) or ``last``, for a run folder.
+        For a run folder: ``best`` (kept by the run's ``--select`` rule), ``last``, or
+        ``best_total``/``best_z_c`` (the step that rule keeps, either way).
     device
         Where to put the model.
     """
     path = Path(run_dir_or_checkpoint)
-    checkpoint_path = path if path.is_file() else checkpoint_path_of(path, which)
+    checkpoint_path = path if path.is_file() else rule_checkpoint_path(path, which)
     checkpoint = load_checkpoint(checkpoint_path)
     model = SCBDModel(checkpoint["model_args"])
     try:

@@ -599,7 +599,7 @@ def _train_step(run: _Run, batch: Any) -> dict[str, float]:
 
 
 def _validate_and_save(run: _Run, stall: _StallMonitor, *, elapsed_s: float) -> None:
-    """Validate, keep ``best.pt`` (lowest val loss) and ``last.pt``, rewrite the metrics."""
+    """Validate, keep ``best.pt``, ``best_<other rule>.pt`` and ``last.pt``, rewrite the metrics."""
     val = run.val_set.evaluate(
         run.model, run.preprocessor, run.config, run.autocast, run.dist.device
     )
@@ -613,8 +613,9 @@ def _validate_and_save(run: _Run, stall: _StallMonitor, *, elapsed_s: float) -> 
     improved = run.selection.update(val, step=run.step)  # every rule, whichever keeps best.pt
     val.update(run.selection.columns())
     run.best_val_loss = min(run.best_val_loss, val["loss"])
-    if run.config.select in improved:
-        save_checkpoint(for_embedding(run.checkpoint()), run.best_path)
+    for rule in sorted(improved):  # best.pt for --select's rule, best_<rule>.pt for the other
+        which = "best" if rule == run.config.select else f"best_{rule}"
+        save_checkpoint(for_embedding(run.checkpoint()), checkpoint_path_of(run.run_dir, which))
     save_checkpoint(run.checkpoint(), run.last_path)
     run.write_metrics()
 
