@@ -44,7 +44,8 @@ def test_learning_curve_on_the_tiny_demo(tmp_path: Path) -> None:
         "steps_2_alpha_0", "steps_3_alpha_0", "steps_2_alpha_0_zc",  # z_c's rule, same run
         "baseline", "baseline_per_well", "baseline_harmony",
     ]  # fmt: skip
-    assert list(table["budget_steps"].iloc[:3]) == [2, 3, 2] and table["budget_steps"][3:].isna().all()
+    assert list(table["budget_steps"].iloc[:3]) == [2, 3, 2]
+    assert table["budget_steps"][3:].isna().all()
     # one validation, at step 2: both rules keep it, so the zc curve embeds the same weights
     runs = table.set_index("embedding")
     assert runs.loc["steps_2_alpha_0_zc", "variant"] == "zc"
