@@ -524,6 +524,8 @@ WHICH_HELP = (
     "keeps whichever kept best.pt: best_total (lowest total val loss), best_z_c (lowest "
     "val SupCon of z_c)."
 )
+
+
 class SimulateOptions(BaseModel):
     """The options of ``scbd-cells simulate``."""
 
