@@ -519,6 +519,9 @@ def validated(model: type[BaseModel], options: Mapping[str, Any], *, command: st
 
 # --- the other commands: one model each, from which scbd_cells.cli derives the options ---
 
+#: ``embed``/``reconstruct --which``: ``best`` (kept by the run's ``--select`` rule), ``last``,
+#: and the step a named rule keeps, whichever rule kept ``best.pt``.
+WhichCheckpoint = Literal["best", "last", "best_total", "best_z_c"]
 WHICH_HELP = (
     "Checkpoint of the run: best (kept by its --select rule), last, or the step a rule "
     "keeps whichever kept best.pt: best_total (lowest total val loss), best_z_c (lowest "
@@ -614,9 +617,7 @@ class EmbedOptions(BaseModel):
     )
     batch_size: int = Field(1024, description="Cells per forward pass.")
     device: str = Field("auto", description=DEVICE_HELP)
-    which: Literal["best", "last", "best_total", "best_z_c"] = Field(
-        "best", description=WHICH_HELP
-    )
+    which: WhichCheckpoint = Field("best", description=WHICH_HELP)
     workers: int = Field(2, description="Threads reading the store.")
     overwrite: bool = Field(False, description="Replace existing outputs.")
 
@@ -802,9 +803,7 @@ class ReconstructOptions(BaseModel):
         "whose mean z_c lies farthest from the control's.",
     )
     wells: int = Field(5, description="Other wells whose z_s is swapped in.")
-    which: Literal["best", "last", "best_total", "best_z_c"] = Field(
-        "best", description=WHICH_HELP
-    )
+    which: WhichCheckpoint = Field("best", description=WHICH_HELP)
     device: str = Field("auto", description=DEVICE_HELP)
     overwrite: bool = Field(
         False, description="Replace pictures an earlier reconstruct wrote in --out."

@@ -17,11 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 
 from scbd_cells import __version__
+from scbd_cells.core.config import WhichCheckpoint, read_config_file
 from scbd_cells.core.errors import CheckpointError
 from scbd_cells.data import schema
 from scbd_cells.data.batch_stats import BatchChannelStats, batch_channel_stats
@@ -37,9 +38,8 @@ CHECKPOINT_DIR = "checkpoints"
 RESUME_ONLY = ("optimizer", "sampler")
 
 
-#: ``embed``/``reconstruct --which`` choices: ``best`` (``--select``'s rule), ``last``, and
-#: the step a named rule keeps (``best_z_c``), whichever rule kept ``best.pt``.
-WHICH_CHOICES = ("best", "last", "best_total", "best_z_c")
+#: ``embed``/``reconstruct --which`` choices (:data:`scbd_cells.core.config.WhichCheckpoint`).
+WHICH_CHOICES = get_args(WhichCheckpoint)
 
 
 def checkpoint_path_of(run_dir: Path, which: str) -> Path:
@@ -61,7 +61,7 @@ def rule_checkpoint_path(run_dir: Path, which: str) -> Path:
         return own
     rule = which.removeprefix("best_")
     best = checkpoint_path_of(run_dir, "best")
-    if best.is_file() and load_checkpoint(best)["config"].get("select", "total") == rule:
+    if best.is_file() and _recorded_select(Path(run_dir), best) == rule:
         return best
     raise CheckpointError(
         f"{run_dir} has no checkpoint kept by --select {rule}: {own.name} is missing (the "
@@ -69,6 +69,14 @@ def rule_checkpoint_path(run_dir: Path, which: str) -> Path:
         "the rule never improved since). Use --which best, or train again with --select "
         f"{rule}; metrics.csv's best_step_{rule} names the step that rule keeps."
     )
+
+
+def _recorded_select(run_dir: Path, best: Path) -> str:
+    """The run's ``--select``: from its ``config.yaml``, so ``best.pt`` is not loaded twice."""
+    config_path = run_dir / "config.yaml"
+    if config_path.is_file():
+        return read_config_file(config_path).get("select", "total")
+    return load_checkpoint(best)["config"].get("select", "total")
 
 
 def save_checkpoint(checkpoint: dict[str, Any], checkpoint_path: Path) -> None:

@@ -613,10 +613,11 @@ def _validate_and_save(run: _Run, stall: _StallMonitor, *, elapsed_s: float) -> 
     improved = run.selection.update(val, step=run.step)  # every rule, whichever keeps best.pt
     val.update(run.selection.columns())
     run.best_val_loss = min(run.best_val_loss, val["loss"])
+    state = run.checkpoint()
     for rule in sorted(improved):  # best.pt for --select's rule, best_<rule>.pt for the other
         which = "best" if rule == run.config.select else f"best_{rule}"
-        save_checkpoint(for_embedding(run.checkpoint()), checkpoint_path_of(run.run_dir, which))
-    save_checkpoint(run.checkpoint(), run.last_path)
+        save_checkpoint(for_embedding(state), checkpoint_path_of(run.run_dir, which))
+    save_checkpoint(state, run.last_path)
     run.write_metrics()
 
 
